@@ -1,0 +1,31 @@
+"""tokopt: a compiler for trained transformer models.
+
+    import tokopt
+    result = tokopt.compile("path/to/hf-folder", passes="canonicalize", out="bundle")
+    print(result)                     # the measured report
+    run = tokopt.load("bundle")
+    outputs = run(input_ids=ids, attention_mask=mask)
+"""
+__version__ = "0.1.0"
+
+from . import backends, passes  # noqa: F401  (importing them registers passes and backends)
+from .backends.targets import TARGETS
+from .optimizer.capture import capture
+from .optimizer.compile import CompileResult, compile
+from .optimizer.errors import (BackendError, BundleError, CaptureError, PassError, TokoptError,
+                               UnsupportedModelError, UsageError)
+from .optimizer.pass_manager import PASSES
+from .optimizer.runtime import load
+
+__all__ = ["compile", "load", "capture", "list_passes", "list_targets", "CompileResult", "TokoptError",
+           "UsageError", "CaptureError", "UnsupportedModelError", "PassError", "BackendError",
+           "BundleError", "__version__"]
+
+
+def list_passes() -> dict[str, str]:
+    """Registered pass names -> one-line summaries."""
+    return {name: cls.summary for name, cls in sorted(PASSES.items())}
+
+
+def list_targets() -> dict[str, str]:
+    return {name: t.description for name, t in TARGETS.items()}

@@ -1,0 +1,185 @@
+"""ONNX Runtime backend: Program -> model.onnx (+ external data above 2 GB) -> a runner.
+
+Lowering: ``torch.onnx.export(ep, dynamo=True, opset 23)`` with every tokopt op lowered by its
+registered onnxscript function (``tokopt.attention`` -> the standard ONNX ``Attention`` op, GQA
+included), then onnxscript's optimizer and, for targets that allow contrib ops, its ONNX
+Runtime fusions (SkipLayerNormalization, BiasGelu, RotaryEmbedding, ...).
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from ..optimizer.errors import BackendError
+from ..optimizer.ops import OPSET, onnx_translation_table
+from ..optimizer.program import Program
+from ..optimizer.report import bench_inputs, time_calls
+from ..optimizer.runtime import Backend, Runner, register_backend
+from .targets import Target, get_target, require_providers
+
+__all__ = ["OnnxRuntimeBackend", "OnnxRuntimeRunner", "export_onnx", "export_baseline", "make_session",
+           "MODEL_FILE"]
+
+MODEL_FILE = "model.onnx"
+_TWO_GB = 2 * 1024 ** 3
+
+
+@contextlib.contextmanager
+def _quiet():
+    """torch.onnx prints progress lines to stdout; tokopt has its own progress display."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        yield
+
+
+def _save(model, path: Path) -> None:
+    import onnx_ir as ir
+    size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if size > _TWO_GB:
+        ir.save(model, path, external_data=path.name + ".data")
+    else:
+        ir.save(model, path)
+
+
+def _disagreement(session, feeds: list[dict], reference) -> str | None:
+    """None if ``session`` reproduces ``reference(feed)`` on every feed, else what went wrong."""
+    for feed in feeds:
+        try:
+            got = session.run(None, feed)
+        except Exception as e:
+            return f"it fails at {_shapes(feed)}: {str(e).strip().splitlines()[0][:300]}"
+        for x, y in zip(reference(feed), got):
+            if x.shape != y.shape:
+                return f"output shape {list(y.shape)} instead of {list(x.shape)} at {_shapes(feed)}"
+            if x.dtype.kind == "f" and not np.allclose(x, y, rtol=1e-3, atol=1e-4):
+                return f"outputs differ by up to {float(np.abs(x - y).max()):.3g} at {_shapes(feed)}"
+    return None
+
+
+def _shapes(feed: dict) -> str:
+    return ", ".join(f"{k} {list(v.shape)}" for k, v in feed.items())
+
+
+def export_onnx(program: Program, path: Path, *, fusions: bool = True, check_feeds: list[dict] | None = None) -> dict:
+    """Export ``program`` to ``path`` with tokopt's lowerings and onnxscript's optimizer.
+
+    The exported graph is checked against the program itself on ``check_feeds`` (a lowering
+    that disagrees is a tokopt bug and fails the compile). With ``fusions``, ONNX Runtime
+    contrib fusions are applied and checked the same way; a fused graph that fails or
+    disagrees is not shipped and the reason is recorded. (torch.onnx's own post-export
+    optimizer is not used: at opset 23 it rewrites RoPE into a RotaryEmbedding whose
+    batch-1 cos/sin caches ONNX Runtime refuses for batch > 1.)
+    Returns {"fusions": counts} or {"fusions_rejected": reason}."""
+    import torch
+    import onnxscript.optimizer
+    try:
+        with _quiet():
+            onnx_program = torch.onnx.export(
+                program.ep, dynamo=True, opset_version=OPSET, verbose=False, optimize=False,
+                input_names=program.input_names, output_names=program.output_names,
+                custom_translation_table=onnx_translation_table())
+    except Exception as e:
+        raise BackendError(f"torch.onnx.export failed: {str(e).strip().splitlines()[0]}. "
+                           "Run with --debug for the exporter's report.") from e
+    model = onnx_program.model
+    onnxscript.optimizer.optimize(model)
+    _save(model, path)
+    feeds = check_feeds or []
+
+    def reference(feed):
+        import torch
+        out = program.run({k: torch.from_numpy(v) for k, v in feed.items()})
+        return [out[n].numpy() for n in program.output_names]
+
+    why = _disagreement(make_session(path, ["CPUExecutionProvider"]), feeds, reference)
+    if why is not None:
+        raise BackendError(f"the ONNX lowering does not reproduce the graph: {why}. This is a tokopt "
+                           "bug; rerun with --debug and report it.")
+    if not fusions:
+        return {"fusions": {}}
+    from onnxscript.rewriter import ort_fusions
+    model, fused = ort_fusions.optimize_for_ort(model)
+    with tempfile.TemporaryDirectory() as tmp:
+        candidate = Path(tmp) / path.name
+        _save(model, candidate)
+        why = _disagreement(make_session(candidate, ["CPUExecutionProvider"]), feeds, reference)
+        if why is not None:
+            return {"fusions_rejected": why}
+        for f in Path(tmp).iterdir():
+            shutil.move(str(f), path.parent / f.name)
+    return {"fusions": {k: v for k, v in fused.items() if v}}
+
+
+def export_baseline(program: Program, path: Path) -> None:
+    """What a user writes without tokopt: ``torch.onnx.export(ep, dynamo=True)``, defaults."""
+    import torch
+    try:
+        with _quiet():
+            torch.onnx.export(program.ep, dynamo=True, verbose=False, input_names=program.input_names,
+                              output_names=program.output_names).save(str(path))
+    except Exception as e:
+        raise BackendError(f"the baseline torch.onnx.export failed: {str(e).strip().splitlines()[0]}") from e
+
+
+def make_session(path: Path, providers: list[str], threads: int | None = None):
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+    try:
+        return ort.InferenceSession(str(path), so, providers=providers)
+    except Exception as e:
+        raise BackendError(f"ONNX Runtime cannot load {path}: {str(e).strip().splitlines()[0]}") from e
+
+
+class OnnxRuntimeRunner(Runner):
+    def __init__(self, bundle: Path, manifest: dict, threads: int | None = None):
+        super().__init__(bundle, manifest)
+        self.providers = require_providers(get_target(manifest["target"]))
+        self.session = make_session(bundle / MODEL_FILE, self.providers, threads)
+
+    def _run(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self.session.run(None, feed)
+
+
+@register_backend
+class OnnxRuntimeBackend(Backend):
+    name = "onnxruntime"
+    runner_cls = OnnxRuntimeRunner
+
+    def target(self, name: str) -> Target:
+        target = get_target(name)
+        require_providers(target)
+        return target
+
+    def lower(self, program: Program, out_dir: Path, target: Target) -> dict:
+        feeds = [{k: v.numpy() for k, v in program.probe.items()}]
+        if program.seq_range:  # and one at a batch and length the export never saw
+            feeds.append(bench_inputs(program, min(program.seq_range[1] or 23, 23), batch=3))
+        info = export_onnx(program, out_dir / MODEL_FILE, fusions=target.contrib_fusions, check_feeds=feeds)
+        return {"model": MODEL_FILE, **info}
+
+    def latency(self, captured: Program, bundle_dir: Path, target: Target, runs: int, length: int,
+                threads: int | None) -> dict:
+        """Median/p90 of the bundle and of the plain-export baseline: same feed, same run."""
+        providers = require_providers(target)
+        feed = bench_inputs(captured, length)
+        with tempfile.TemporaryDirectory() as tmp:
+            base_path = Path(tmp) / "baseline.onnx"
+            export_baseline(captured, base_path)
+            base = make_session(base_path, providers, threads)
+            ours = make_session(bundle_dir / MODEL_FILE, providers, threads)
+            result = {"feed": {k: list(v.shape) for k, v in feed.items()}, "threads": threads,
+                      "providers": providers,
+                      "tokopt": time_calls(lambda: ours.run(None, feed), runs),
+                      "baseline": time_calls(lambda: base.run(None, feed), runs),
+                      "size_bytes": {"baseline": sum(p.stat().st_size for p in Path(tmp).iterdir())}}
+        result["speedup_median"] = result["baseline"]["median_ms"] / result["tokopt"]["median_ms"]
+        return result
+

@@ -1,0 +1,1 @@
+"""Calibration data and statistics for the passes that need them."""

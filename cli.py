@@ -1,0 +1,240 @@
+"""``tokopt`` on the command line: a thin face over the Python API.
+
+    tokopt compile MODEL [--passes …] [--recipe …] [--backend …] [--target …] [--out DIR] …
+    tokopt run BUNDLE --text "…" | --input-ids 1,2,3
+    tokopt inspect MODEL|BUNDLE
+    tokopt passes | targets
+
+Errors print one paragraph and exit with the error's code (2 usage, 3 unreadable model,
+4 unsupported model, 5 pass failed, 6 backend, 7 bundle, 1 internal); ``--debug`` shows the
+traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+__all__ = ["main", "build_parser"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="tokopt", description="Compile trained transformers to do less work per token.")
+    ap.add_argument("--debug", action="store_true", help="show tracebacks and library warnings")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("compile", help="capture, rewrite, lower and measure a model into a bundle")
+    c.add_argument("model", help="Hugging Face folder, .pt2 file, or package.module:callable")
+    c.add_argument("--passes", default=None, help="e.g. 'canonicalize' or 'name:opt=value,opt2=v,other'")
+    c.add_argument("--recipe", default=None, help="YAML file with a 'passes:' list")
+    c.add_argument("--backend", default="onnxruntime")
+    c.add_argument("--target", default="x86-cpu")
+    c.add_argument("--calib", default=None, help="calibration data: text file, JSONL of texts, or .npy ids")
+    c.add_argument("--out", default=None, help="bundle folder (default: ./<model name>.tokopt)")
+    c.add_argument("--force", action="store_true", help="replace an existing --out folder")
+    c.add_argument("--verify-each", action="store_true", help="lint, verify and check numerics after every pass")
+    c.add_argument("--seq-len", type=int, default=16, help="example sequence length used for export")
+    c.add_argument("--max-seq-len", type=int, default=None, help="longest sequence the bundle accepts")
+    c.add_argument("--trust-pickle", action="store_true", help="allow .bin/.pt pickle weights")
+    c.add_argument("--attn", choices=("sdpa", "eager"), default="sdpa", help="attention implementation to load")
+    c.add_argument("--no-measure", action="store_true", help="skip the quality and latency report")
+    c.add_argument("--bench-runs", type=int, default=20)
+    c.add_argument("--bench-len", type=int, default=128, help="tokens per sequence for the latency probe")
+    c.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    c.add_argument("--json", action="store_true", help="print the report as JSON")
+    c.add_argument("--quiet", action="store_true", help="no progress lines")
+
+    r = sub.add_parser("run", help="run a bundle on text or token ids")
+    r.add_argument("bundle")
+    g = r.add_mutually_exclusive_group(required=True)
+    g.add_argument("--text")
+    g.add_argument("--input-ids", help="comma-separated token ids")
+    r.add_argument("--top-k", type=int, default=5)
+    r.add_argument("--json", action="store_true")
+
+    i = sub.add_parser("inspect", help="show a model's attention index, or a bundle's manifest and report")
+    i.add_argument("target", metavar="MODEL|BUNDLE")
+    i.add_argument("--attn", choices=("sdpa", "eager"), default="sdpa")
+    i.add_argument("--trust-pickle", action="store_true")
+    i.add_argument("--json", action="store_true")
+
+    sub.add_parser("passes", help="list the passes and their options")
+    sub.add_parser("targets", help="list the deployment targets")
+    return ap
+
+
+def _cmd_compile(args) -> int:
+    import tokopt
+    out = args.out or f"{Path(args.model.rstrip('/')).name.replace(':', '_')}.tokopt"
+    result = tokopt.compile(
+        args.model, out=out, passes=args.passes, recipe=args.recipe, backend=args.backend, target=args.target,
+        calib=args.calib, force=args.force, verify_each=args.verify_each, seq_len=args.seq_len,
+        max_seq_len=args.max_seq_len, trust_pickle=args.trust_pickle, attn_implementation=args.attn,
+        measure=not args.no_measure, bench_runs=args.bench_runs, bench_len=args.bench_len,
+        threads=args.threads, progress=not (args.quiet or args.json))
+    if args.json:
+        print(json.dumps(result.report, indent=1, default=float))
+    else:
+        print(result)
+        print(f"bundle written to {result.bundle}")
+    return 0
+
+
+def _tokenizer(bundle: Path, manifest: dict):
+    from .optimizer.errors import UsageError
+    if not manifest.get("tokenizer"):
+        raise UsageError(f"{bundle} has no tokenizer, so --text cannot be used; pass --input-ids.")
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(bundle / manifest["tokenizer"], local_files_only=True)
+
+
+def _cmd_run(args) -> int:
+    import numpy as np
+    import tokopt
+    from .optimizer.errors import UsageError
+    runner = tokopt.load(args.bundle)
+    m = runner.manifest
+    if "input_ids" not in runner.inputs:
+        raise UsageError(f"this bundle takes {', '.join(runner.inputs)}, not text; run it from Python "
+                         "with tokopt.load(BUNDLE)(**inputs).")
+    tok = _tokenizer(Path(args.bundle), m) if args.text is not None or m.get("tokenizer") else None
+    if args.text is not None:
+        ids = tok(args.text)["input_ids"]
+    else:
+        try:
+            ids = [int(x) for x in args.input_ids.replace(" ", "").split(",") if x]
+        except ValueError:
+            raise UsageError("--input-ids must be comma-separated integers, e.g. 1,2,3.") from None
+    if not ids:
+        raise UsageError("the input is empty: give at least one token.")
+    feed = {"input_ids": np.array([ids], dtype=np.int64)}
+    for name in runner.inputs:
+        if name != "input_ids":
+            feed[name] = np.ones_like(feed["input_ids"]) if name == "attention_mask" else np.zeros_like(feed["input_ids"])
+    out = runner(**feed)
+    summary = {"tokens": len(ids), "outputs": {k: list(v.shape) for k, v in out.items()}}
+    if "logits" in out:
+        last = out["logits"][0, -1]
+        top = np.argsort(-last)[: args.top_k]
+        p = np.exp(last - last.max())
+        p /= p.sum()
+        summary["next_token"] = [{"id": int(t), "p": float(p[t]), **({"text": tok.decode([int(t)])} if tok else {})}
+                                 for t in top]
+    elif "last_hidden_state" in out:
+        emb = out["last_hidden_state"][0].mean(0)
+        summary["embedding"] = {"dim": int(emb.shape[0]), "norm": float(np.linalg.norm(emb)),
+                                "head": [round(float(x), 4) for x in emb[:8]]}
+    if args.json:
+        print(json.dumps(summary, indent=1))
+        return 0
+    print(f"{len(ids)} tokens -> " + ", ".join(f"{k} {v}" for k, v in summary["outputs"].items()))
+    for t in summary.get("next_token", []):
+        print(f"  next token {t['id']:>6}  p={t['p']:.3f}  {t.get('text', '')!r}")
+    if "embedding" in summary:
+        e = summary["embedding"]
+        print(f"  mean-pooled embedding: dim {e['dim']}, norm {e['norm']:.4f}, first values {e['head']}")
+    return 0
+
+
+def _table(rows: list[dict], cols: list[str]) -> str:
+    widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in cols}
+    lines = ["  ".join(c.ljust(widths[c]) for c in cols)]
+    lines += ["  ".join(str(r.get(c, "")).ljust(widths[c]) for c in cols) for r in rows]
+    return "\n".join(lines)
+
+
+def _cmd_inspect(args) -> int:
+    target = Path(args.target)
+    if (target / "manifest.json").exists():
+        from .optimizer.bundle import verify_bundle
+        from .optimizer.report import format_report
+        manifest = verify_bundle(target)
+        report = json.loads((target / "report.json").read_text()) if (target / "report.json").exists() else {}
+        if args.json:
+            print(json.dumps({"manifest": manifest, "report": report}, indent=1))
+            return 0
+        print(f"bundle {target}: {manifest['backend']} / {manifest['target']}, task {manifest.get('task')}")
+        print(f"  source  {manifest['source'].get('path', manifest['source'].get('class'))}")
+        print(f"  passes  {', '.join(p['name'] for p in manifest['passes'])}")
+        for io in ("inputs", "outputs"):
+            print(f"  {io:<7} " + "; ".join(f"{x['name']} {x['dtype']} {x['shape']}" for x in manifest[io]))
+        if report:
+            print(format_report(report))
+        return 0
+    import tokopt
+    prog = tokopt.capture(args.target, attn_implementation=args.attn, trust_pickle=args.trust_pickle)
+    rows = [b.row() for b in prog.attention]
+    if args.json:
+        print(json.dumps({"attention": rows, "refused": [r.__dict__ for r in prog.rejected],
+                          "inputs": prog.input_names, "outputs": prog.output_names, "task": prog.task}, indent=1))
+        return 0
+    print(f"{args.target}: {prog.source.get('class', '')} ({prog.task}), inputs {prog.input_names}, "
+          f"outputs {prog.output_names}")
+    print(f"{len(rows)} attention blocks recognised")
+    if rows:
+        for r in rows:
+            r["projections"] = "fused qkv" if r["fused_qkv"] else ("q/k/v" if r["q_proj"] else "?")
+            r["o"] = "yes" if r["o_proj"] else "?"
+        print(_table(rows, ["layer", "module", "spelling", "heads", "kv_heads", "head_dim", "causal",
+                            "rope", "projections", "o"]))
+    for r in prog.rejected:
+        print(f"not recognised: {r.module} ({r.node}): {r.reason}")
+    return 0
+
+
+def _cmd_passes(args) -> int:
+    import tokopt
+    from .optimizer.pass_manager import PASSES
+    for name, summary in tokopt.list_passes().items():
+        opts = dataclasses.fields(PASSES[name].Options)
+        print(f"{name:<14} {summary}")
+        for f in opts:
+            print(f"{'':<16}{f.name}={f.default!r}")
+    return 0
+
+
+def _cmd_targets(args) -> int:
+    import tokopt
+    for name, desc in tokopt.list_targets().items():
+        print(f"{name:<12} {desc}")
+    return 0
+
+
+def _quiet_libraries():
+    warnings.filterwarnings("ignore")
+    for name in ("torch", "torch.onnx", "torch.export", "torch._dynamo", "onnxscript", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if not args.debug:
+        _quiet_libraries()
+    from .optimizer.errors import TokoptError
+    handler = {"compile": _cmd_compile, "run": _cmd_run, "inspect": _cmd_inspect,
+               "passes": _cmd_passes, "targets": _cmd_targets}[args.command]
+    try:
+        return handler(args)
+    except TokoptError as e:
+        if args.debug:
+            raise
+        print(textwrap.fill(f"tokopt: error: {e}", width=100), file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("tokopt: interrupted; nothing was written.", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if args.debug:
+            raise
+        print(textwrap.fill(f"tokopt: internal error: {type(e).__name__}: {e}. This is a bug in tokopt; "
+                            "rerun with --debug for the traceback and report it.", width=100), file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

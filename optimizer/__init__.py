@@ -1,0 +1,1 @@
+"""The core: IR, capture, patterns, op set, pass manager, pipeline, bundle, report."""

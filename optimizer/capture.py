@@ -1,0 +1,328 @@
+"""Capture: a model source -> ``Program`` (a ``torch.export`` graph with dynamic batch/sequence).
+
+Sources:
+    HF folder       config.json + safetensors; the class from ``architectures`` (else the Auto
+                    class for ``model_type``); ``attn_implementation="sdpa"`` unless asked
+    nn.Module       with example inputs (Python API)
+    *.pt2           a saved ``ExportedProgram``
+    "pkg.mod:fn"    a callable returning ``(module, example_inputs)``
+
+Refused with a message naming the file: a missing config, truncated or corrupt safetensors,
+pickle weights without ``trust_pickle``, an unknown architecture, a graph torch.export rejects.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import inspect
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.export import Dim
+
+from .errors import CaptureError, UnsupportedModelError, UsageError
+from .patterns import index_attention
+from .program import Program
+
+__all__ = ["capture", "sha256_files", "DEFAULT_SEQ_LEN"]
+
+DEFAULT_SEQ_LEN = 16
+_WRAPPER_PREFIX = "model."
+_SKIP_OUTPUTS = {"past_key_values", "hidden_states", "attentions", "cross_attentions", "loss"}
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+class _Entry(torch.nn.Module):
+    """Calls the model with named inputs and returns a flat tuple of the chosen outputs."""
+
+    def __init__(self, model: torch.nn.Module, names: list[str], outputs: list[str] | None,
+                 extra: dict[str, Any]):
+        super().__init__()
+        self.model, self.names, self.outputs, self.extra = model, names, outputs, extra
+
+    def forward(self, *args):
+        out = self.model(**dict(zip(self.names, args)), **self.extra)
+        if self.outputs is None:
+            return out
+        if isinstance(out, torch.Tensor):
+            return (out,)
+        if isinstance(out, dict):
+            return tuple(out[k] for k in self.outputs)
+        return tuple(out[i] for i in range(len(self.outputs)))
+
+
+def sha256_files(paths) -> str:
+    h = hashlib.sha256()
+    for p in sorted(Path(p) for p in paths):
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _output_names(out) -> list[str]:
+    if isinstance(out, torch.Tensor):
+        return ["output"]
+    if isinstance(out, dict):
+        return [k for k, v in out.items() if isinstance(v, torch.Tensor) and k not in _SKIP_OUTPUTS]
+    return [f"output_{i}" for i, v in enumerate(out) if isinstance(v, torch.Tensor)]
+
+
+def _default_dynamic(name: str, t: torch.Tensor) -> dict[int, str]:
+    if name == "pixel_values" or t.dim() == 0:
+        return {0: "batch"} if t.dim() else {}
+    axes = {0: "batch"}
+    if t.dim() >= 2 and (not t.is_floating_point() or t.dim() == 3):
+        axes[1] = "sequence"
+    return axes
+
+
+def _export(entry: torch.nn.Module, names, inputs, dynamic_axes) -> torch.export.ExportedProgram:
+    spec = tuple({ax: Dim.AUTO for ax in dynamic_axes.get(n, {})} or None for n in names)
+    try:
+        with torch.no_grad():
+            return torch.export.export(entry, tuple(inputs[n] for n in names), dynamic_shapes=(spec,),
+                                       strict=False)
+    except Exception as e:  # torch raises many types here; the user needs the first line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UnsupportedModelError(
+            f"torch.export could not capture the model: {first}. tokopt needs a model that "
+            "torch.export can trace; try --attn eager, or export it yourself and pass the .pt2.") from e
+
+
+def _actual_axes(ep, names, wanted) -> dict[str, dict[int, str]]:
+    """Which requested axes stayed symbolic after export (a model may specialise one)."""
+    placeholders = [n for n in ep.graph.nodes if n.op == "placeholder"]
+    user = placeholders[len(placeholders) - len(names):]
+    got = {}
+    for name, node in zip(names, user):
+        shape = node.meta["val"].shape
+        got[name] = {ax: kind for ax, kind in wanted.get(name, {}).items()
+                     if not isinstance(shape[ax], int)}
+    return got
+
+
+def _from_module(model: torch.nn.Module, example: dict[str, torch.Tensor], *, source: dict,
+                 task: str = "generic", extra: dict | None = None, seq_range=None,
+                 tokenizer_dir=None, dynamic_axes=None) -> Program:
+    model.eval()
+    names = list(example)
+    extra = extra or {}
+    with torch.no_grad():
+        out = model(**example, **extra)
+    outputs = _output_names(out)
+    if not outputs:
+        raise UnsupportedModelError("the model returns no tensors; tokopt compiles models that "
+                                    "return a tensor, a tuple of tensors or a ModelOutput.")
+    entry = _Entry(model, names, outputs, extra)
+    wanted = dynamic_axes or {n: _default_dynamic(n, t) for n, t in example.items()}
+    ep = _export(entry, names, example, wanted)
+    prog = Program(ep=ep, input_names=names, output_names=outputs,
+                   dynamic_axes=_actual_axes(ep, names, wanted), probe=dict(example), task=task,
+                   source={**source, "module_prefix": _WRAPPER_PREFIX}, module=model,
+                   seq_range=seq_range, tokenizer_dir=tokenizer_dir)
+    prog.attention, prog.rejected = index_attention(prog)
+    return prog
+
+
+# --- Hugging Face folders -------------------------------------------------------------------
+
+def _check_weights(folder: Path, trust_pickle: bool) -> list[Path]:
+    safet = sorted(folder.glob("*.safetensors"))
+    pickles = sorted(p for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+    if not safet and not pickles:
+        raise CaptureError(f"{folder} has no weights (no *.safetensors file). Save the model with "
+                           "model.save_pretrained(folder) and try again.")
+    if not safet and not trust_pickle:
+        raise CaptureError(f"{pickles[0]} is a pickle file, which can run arbitrary code when "
+                           "loaded. Convert it to safetensors, or pass --trust-pickle if you "
+                           "trust where it came from.")
+    from safetensors import safe_open
+    for f in safet:
+        try:
+            with safe_open(str(f), "pt") as h:
+                h.keys()
+        except Exception as e:
+            raise CaptureError(f"{f} is not a readable safetensors file ({e}). The file is "
+                               "truncated or corrupt: copy or save it again.") from e
+    return safet or pickles
+
+
+def _model_class(config, folder: Path):
+    import transformers
+    for arch in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, arch, None)
+        if cls is not None:
+            return cls
+    try:
+        return transformers.AutoModel._model_mapping[type(config)]
+    except KeyError:
+        archs = getattr(config, "architectures", None)
+        raise UnsupportedModelError(
+            f"{folder / 'config.json'}: architecture {archs or config.model_type!r} is not one "
+            "transformers provides. Use a model class from transformers, or pass an nn.Module "
+            "through the Python API.") from None
+
+
+def _example_text(config, forward_params, batch: int, seq: int, gen: torch.Generator):
+    vocab = int(getattr(config, "vocab_size", 0) or 1000)
+    # Stay clear of the low ids, where special tokens usually live.
+    ids = torch.randint(min(10, vocab - 1), vocab, (batch, seq), generator=gen)
+    ex = {"input_ids": ids}
+    if "attention_mask" in forward_params:
+        ex["attention_mask"] = torch.ones_like(ids)
+    return ex
+
+
+def _example_image(config, batch: int, gen: torch.Generator):
+    size = getattr(config, "image_size", 224)
+    size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+    return {"pixel_values": torch.randn(batch, getattr(config, "num_channels", 3), *size, generator=gen)}
+
+
+def _task(model, cls_name: str) -> str:
+    if cls_name.endswith(("ForCausalLM", "LMHeadModel")):
+        return "causal-lm"
+    if getattr(model, "main_input_name", "") == "pixel_values":
+        return "vision"
+    return "encoder"
+
+
+def _from_hf_folder(folder: Path, *, seq_len: int, max_seq_len: int | None, trust_pickle: bool,
+                    attn_implementation: str) -> Program:
+    cfg_path = folder / "config.json"
+    if not cfg_path.exists():
+        raise CaptureError(f"{folder} has no config.json, so it is not a Hugging Face model "
+                           "folder. Save the model with save_pretrained(), or pass a .pt2 file.")
+    try:
+        json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise CaptureError(f"{cfg_path} is not valid JSON ({e}). Restore the file.") from e
+    weights = _check_weights(folder, trust_pickle)
+    import transformers
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    try:
+        config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+    except (ValueError, KeyError) as e:
+        raise UnsupportedModelError(f"{cfg_path}: transformers does not know this model type "
+                                    f"({str(e).splitlines()[0]}). Upgrade transformers or use a "
+                                    "supported architecture.") from e
+    cls = _model_class(config, folder)
+    try:
+        model = cls.from_pretrained(folder, local_files_only=True, attn_implementation=attn_implementation)
+    except Exception as e:
+        raise CaptureError(f"{folder}: loading the weights into {cls.__name__} failed "
+                           f"({str(e).strip().splitlines()[0]}). Check that the weights belong "
+                           "to this config.") from e
+    model.eval()
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if max_seq_len is not None and limit is not None and max_seq_len > limit:
+        raise UsageError(f"--max-seq-len {max_seq_len} is longer than the model's "
+                         f"max_position_embeddings ({limit}). Pass at most {limit}.")
+    max_len = max_seq_len or limit
+    if max_len is not None and seq_len > max_len:
+        raise UsageError(f"--seq-len {seq_len} exceeds the maximum sequence length {max_len}.")
+    gen = torch.Generator().manual_seed(0)
+    params = inspect.signature(model.forward).parameters
+    if getattr(model, "main_input_name", "input_ids") == "pixel_values":
+        example, seq_range = _example_image(config, 2, gen), None
+    else:
+        example, seq_range = _example_text(config, params, 2, seq_len, gen), (1, max_len)
+    extra = {"return_dict": True}
+    if "use_cache" in params:
+        extra["use_cache"] = False
+    tok = folder if any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json",
+                                                        "vocab.txt")) else None
+    source = {"kind": "hf-folder", "path": str(folder.resolve()), "class": cls.__name__,
+              "sha256": sha256_files(weights), "attn_implementation": attn_implementation}
+    return _from_module(model, example, source=source, task=_task(model, cls.__name__), extra=extra,
+                        seq_range=seq_range, tokenizer_dir=str(tok) if tok else None)
+
+
+# --- other sources --------------------------------------------------------------------------
+
+def _example_from_placeholder(node) -> torch.Tensor:
+    val = node.meta["val"]
+    shape = [int(s.node.hint) if isinstance(s, torch.SymInt) else int(s) for s in val.shape]
+    if val.dtype.is_floating_point:
+        return torch.randn(shape, dtype=val.dtype, generator=torch.Generator().manual_seed(0))
+    return torch.zeros(shape, dtype=val.dtype)
+
+
+def _from_pt2(path: Path) -> Program:
+    try:
+        ep = torch.export.load(str(path))
+    except Exception as e:
+        raise CaptureError(f"{path} is not a loadable torch.export archive ({e}). Save it with "
+                           "torch.export.save(exported_program, path).") from e
+    user = ep.graph_signature.user_inputs
+    placeholders = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
+    probe = {name: _example_from_placeholder(placeholders[name]) for name in user}
+    axes = {}
+    for name in user:
+        shape = placeholders[name].meta["val"].shape
+        axes[name] = {i: ("batch" if i == 0 else "sequence") for i, s in enumerate(shape)
+                      if isinstance(s, torch.SymInt)}
+    n_out = len(ep.graph_signature.user_outputs)
+    outs = ["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)]
+    prog = Program(ep=ep, input_names=list(user), output_names=outs, dynamic_axes=axes, probe=probe,
+                   source={"kind": "pt2", "path": str(path.resolve()), "sha256": sha256_files([path])})
+    prog.attention, prog.rejected = index_attention(prog)
+    return prog
+
+
+def _names_for(module: torch.nn.Module, example) -> dict[str, torch.Tensor]:
+    if isinstance(example, dict):
+        return dict(example)
+    example = example if isinstance(example, (tuple, list)) else (example,)
+    params = [p for p in inspect.signature(module.forward).parameters.values()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(params) < len(example):
+        raise UsageError("more example inputs than the module's forward() takes.")
+    return {p.name: t for p, t in zip(params, example)}
+
+
+def _from_callable(spec: str, **kw) -> Program:
+    mod_name, _, fn_name = spec.partition(":")
+    try:
+        fn = getattr(importlib.import_module(mod_name), fn_name)
+    except (ImportError, AttributeError) as e:
+        raise CaptureError(f"cannot import {spec!r} ({e}). Give 'package.module:callable' "
+                           "importable from the current environment.") from e
+    got = fn()
+    if not (isinstance(got, tuple) and len(got) == 2 and isinstance(got[0], torch.nn.Module)):
+        raise CaptureError(f"{spec} must return (module, example_inputs); it returned {type(got).__name__}.")
+    return capture(got[0], got[1], **kw)
+
+
+def capture(source, example_inputs=None, *, seq_len: int = DEFAULT_SEQ_LEN, max_seq_len: int | None = None,
+            trust_pickle: bool = False, attn_implementation: str = "sdpa",
+            dynamic_axes: dict[str, dict[int, str]] | None = None) -> Program:
+    """Capture ``source`` into a Program (see the module docstring for the accepted sources)."""
+    if isinstance(source, torch.export.ExportedProgram):
+        raise UsageError("pass a saved .pt2 path (torch.export.save), not an ExportedProgram object.")
+    if isinstance(source, torch.nn.Module):
+        if example_inputs is None:
+            raise UsageError("an nn.Module needs example_inputs (a dict name -> tensor, or a tuple).")
+        example = _names_for(source, example_inputs)
+        return _from_module(source, example, source={"kind": "module", "class": type(source).__name__},
+                            dynamic_axes=dynamic_axes)
+    text = str(source)
+    path = Path(text)
+    if path.suffix == ".pt2":
+        if not path.exists():
+            raise CaptureError(f"{path} does not exist.")
+        return _from_pt2(path)
+    if path.is_dir():
+        return _from_hf_folder(path, seq_len=seq_len, max_seq_len=max_seq_len, trust_pickle=trust_pickle,
+                               attn_implementation=attn_implementation)
+    if ":" in text and not path.exists() and not text.startswith((".", "/")):
+        return _from_callable(text, seq_len=seq_len, max_seq_len=max_seq_len)
+    if path.exists():
+        raise CaptureError(f"{path} is a file, not a model folder. Pass the Hugging Face folder that "
+                           "holds config.json, a .pt2 file, or 'package.module:callable'.")
+    raise CaptureError(f"{text} does not exist. Pass a Hugging Face model folder, a .pt2 file or "
+                       "'package.module:callable'.")

@@ -1,0 +1,179 @@
+"""The pipeline: validate -> capture -> passes -> lower -> measure -> bundle.
+
+Everything a user can get wrong (pass names and options, target, provider, ``--out``) is
+checked before the model is loaded, so a bad command fails in a second and writes nothing.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .bundle import atomic_bundle, check_out, write_manifest
+from .capture import DEFAULT_SEQ_LEN, capture
+from .errors import UsageError
+from .pass_manager import PassManager, PassSpec, load_recipe, parse_pass_spec, resolve
+from .program import Program
+from .report import format_report, probe_inputs, quality
+from .runtime import get_backend
+
+__all__ = ["compile", "CompileResult", "io_spec", "plan_passes"]
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
+                    "merges.txt", "vocab.json", "tokenizer.model", "added_tokens.json")
+
+
+@dataclass
+class CompileResult:
+    bundle: Path
+    manifest: dict
+    report: dict
+    program: Program
+
+    def __str__(self) -> str:
+        return format_report(self.report)
+
+
+class _Progress:
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+
+    def step(self, what: str):
+        if self.enabled:
+            print(f"tokopt: {what} ...", file=sys.stderr, flush=True)
+        return _Timer(self.enabled)
+
+
+class _Timer:
+    def __init__(self, enabled):
+        self.enabled, self.t = enabled, time.perf_counter()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.enabled and exc[0] is None:
+            print(f"tokopt:   done in {time.perf_counter() - self.t:.1f} s", file=sys.stderr, flush=True)
+
+
+def plan_passes(passes=None, recipe=None) -> list[PassSpec]:
+    specs: list[PassSpec] = []
+    if recipe is not None:
+        specs += load_recipe(recipe)
+    if isinstance(passes, str):
+        specs += parse_pass_spec(passes)
+    elif passes:
+        specs += [p if isinstance(p, PassSpec) else parse_pass_spec(p)[0] for p in passes]
+    if not any(s.name == "canonicalize" for s in specs):
+        specs.insert(0, PassSpec("canonicalize", {}))
+    return specs
+
+
+def _axis_names(program: Program) -> dict[str, str]:
+    names = {}
+    placeholders = [n for n in program.graph.nodes if n.op == "placeholder"]
+    user = placeholders[len(placeholders) - len(program.input_names):]
+    for name, node in zip(program.input_names, user):
+        for ax, kind in program.dynamic_axes.get(name, {}).items():
+            names.setdefault(str(node.meta["val"].shape[ax]), kind)
+    return names
+
+
+def _dims(shape, axis_names) -> list:
+    return [int(d) if isinstance(d, int) else axis_names.get(str(d), str(d)) for d in shape]
+
+
+def io_spec(program: Program) -> tuple[list[dict], list[dict]]:
+    names = _axis_names(program)
+    placeholders = [n for n in program.graph.nodes if n.op == "placeholder"]
+    user = placeholders[len(placeholders) - len(program.input_names):]
+    inputs = [{"name": n, "dtype": str(node.meta["val"].dtype).removeprefix("torch."),
+               "shape": _dims(node.meta["val"].shape, names),
+               "axes": {str(a): k for a, k in program.dynamic_axes.get(n, {}).items()}}
+              for n, node in zip(program.input_names, user)]
+    out_node = next(n for n in program.graph.nodes if n.op == "output")
+    vals = [a.meta["val"] for a in out_node.args[0]]
+    outputs = [{"name": n, "dtype": str(v.dtype).removeprefix("torch."), "shape": _dims(v.shape, names)}
+               for n, v in zip(program.output_names, vals)]
+    return inputs, outputs
+
+
+def _default_texts() -> list[str]:
+    from ..calibration.data import default_texts
+    return default_texts()
+
+
+def compile(model, example_inputs=None, *, out=None, passes=None, recipe=None, backend: str = "onnxruntime",
+            target: str = "x86-cpu", calib=None, force: bool = False, verify_each: bool = False,
+            seq_len: int = DEFAULT_SEQ_LEN, max_seq_len: int | None = None, trust_pickle: bool = False,
+            attn_implementation: str = "sdpa", measure: bool = True, bench_runs: int = 20,
+            bench_len: int = 128, threads: int | None = None, texts: list[str] | None = None,
+            progress: bool = False) -> CompileResult:
+    """Compile ``model`` into a bundle at ``out`` and measure it. See ``tokopt compile --help``."""
+    progress_ = _Progress(progress)
+    specs = plan_passes(passes, recipe)
+    pass_list = resolve(specs)
+    be = get_backend(backend)
+    tgt = be.target(target)
+    out = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="tokopt-")) / "bundle"
+    check_out(out, force)
+    if calib is not None and not Path(calib).exists():
+        raise UsageError(f"--calib {calib} does not exist. Give a text file, a JSONL of texts or a .npy of token ids.")
+    if seq_len < 2:
+        raise UsageError("--seq-len must be at least 2 (a length of 1 would be specialised by torch.export).")
+
+    with progress_.step(f"capturing {model if isinstance(model, (str, Path)) else type(model).__name__}"):
+        captured = capture(model, example_inputs, seq_len=seq_len, max_seq_len=max_seq_len,
+                           trust_pickle=trust_pickle, attn_implementation=attn_implementation)
+    with progress_.step(f"running passes: {', '.join(p.name for p in pass_list)}"):
+        program = PassManager(pass_list, verify=verify_each, source_hint=str(model)).run(captured)
+
+    with atomic_bundle(out, force) as tmp:
+        with progress_.step(f"lowering to {be.name} for {tgt.name}"):
+            lowered = be.lower(program, tmp, tgt)
+        if program.tokenizer_dir:
+            (tmp / "tokenizer").mkdir()
+            for name in _TOKENIZER_FILES:
+                if (Path(program.tokenizer_dir) / name).exists():
+                    shutil.copy2(Path(program.tokenizer_dir) / name, tmp / "tokenizer" / name)
+        inputs, outputs = io_spec(program)
+        source = {k: v for k, v in program.source.items() if k != "module_prefix"}
+        data = {"source": source, "backend": be.name, "target": tgt.name, "task": program.task,
+                "passes": [{"name": p.name, "options": h["options"]} for p, h in zip(pass_list, program.history)],
+                "inputs": inputs, "outputs": outputs, "seq_range": program.seq_range,
+                "tokenizer": "tokenizer" if program.tokenizer_dir else None,
+                "lowering": lowered, "calib": str(calib) if calib else None}
+        report = {"source": source.get("path", source.get("class", "module")), "backend": be.name,
+                  "target": tgt.name, "passes": program.history,
+                  "attention": [b.row() for b in program.attention],
+                  "attention_refused": [r.__dict__ for r in program.rejected],
+                  "size_bytes": {"tokopt": sum(p.stat().st_size for p in tmp.iterdir()
+                                               if p.name.startswith(lowered["model"]))}}
+        if measure:
+            with progress_.step("measuring quality and latency against the original"):
+                report.update(_measure(be, tgt, captured, tmp, data, texts, bench_runs, bench_len, threads))
+        (tmp / "report.json").write_text(json.dumps(report, indent=1, default=float) + "\n")
+        manifest = write_manifest(tmp, data)
+    return CompileResult(out, manifest, report, program)
+
+
+def _measure(be, tgt, captured: Program, bundle_dir: Path, data: dict, texts, runs: int, length: int,
+             threads) -> dict:
+    runner = be.runner_cls(bundle_dir, data, threads=threads)
+    if texts is None and captured.tokenizer_dir:
+        texts = _default_texts()
+    feed, desc = probe_inputs(captured, texts, length=length)
+    reference = captured.run(feed)
+    got = runner(**{k: v.numpy() for k, v in feed.items()})
+    q = quality(captured, reference, got, feed)
+    q["probe"] = desc
+    result = {"quality": q}
+    lat = be.latency(captured, bundle_dir, tgt, runs, length, threads)
+    if lat is not None:
+        result["latency"] = lat
+    return result
+

@@ -1,0 +1,114 @@
+"""The IR: an ``ExportedProgram`` plus what tokopt knows about it.
+
+``Program`` is what every pass takes and returns. Besides the exported graph it carries the
+attention index (one ``AttentionBlock`` per recognised attention, with the reason for every
+block that was not recognised), the input/output names and dynamic axes the bundle promises,
+a probe batch for numerics, and the eager model when the source had one (the quality oracle).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+__all__ = ["AttentionBlock", "Rejected", "Program", "META_BLOCK", "call_function_nodes",
+           "remove_dead_code"]
+
+# node.meta key under which passes find the block an attention node belongs to
+META_BLOCK = "tokopt.block"
+
+
+@dataclass(frozen=True)
+class AttentionBlock:
+    layer: int | None
+    module: str                    # "model.layers.3.self_attn"
+    node: str                      # name of the attention node in the graph
+    spelling: str                  # "sdpa" | "eager" | "canonical"
+    heads: int
+    kv_heads: int
+    head_dim: int
+    causal: bool | None            # None: decided by a mask tokopt cannot read statically
+    q_proj: str | None = None      # weight names of the projections (fused qkv: same name thrice)
+    k_proj: str | None = None
+    v_proj: str | None = None
+    o_proj: str | None = None
+    fused_qkv: bool = False
+    rope: bool = False
+    mask: str | None = None        # node feeding the mask, if any
+    scale: float | None = None
+
+    def row(self) -> dict:
+        return {k: v for k, v in self.__dict__.items()}
+
+
+@dataclass(frozen=True)
+class Rejected:
+    module: str
+    node: str
+    reason: str
+
+
+@dataclass
+class Program:
+    ep: torch.export.ExportedProgram
+    input_names: list[str]
+    output_names: list[str]
+    dynamic_axes: dict[str, dict[int, str]]       # input name -> {axis: "batch" | "sequence"}
+    probe: dict[str, torch.Tensor]                 # a small batch the passes are verified on
+    task: str = "generic"                          # "causal-lm" | "encoder" | "vision" | "generic"
+    source: dict[str, Any] = field(default_factory=dict)
+    module: torch.nn.Module | None = None          # eager original, when the source had one
+    attention: list[AttentionBlock] = field(default_factory=list)
+    rejected: list[Rejected] = field(default_factory=list)
+    seq_range: tuple[int, int] | None = None       # (min, max) sequence length the bundle accepts
+    tokenizer_dir: str | None = None
+    history: list[dict] = field(default_factory=list)  # passes run so far, with options and stats
+
+    @property
+    def graph(self) -> torch.fx.Graph:
+        return self.ep.graph_module.graph
+
+    def copy(self) -> "Program":
+        """A deep copy of the graph (weights shared), so a pass never edits its input."""
+        ep = self.ep
+        gm = copy.deepcopy(ep.graph_module)
+        new_ep = torch.export.ExportedProgram(
+            root=gm, graph=gm.graph, graph_signature=copy.deepcopy(ep.graph_signature),
+            state_dict=ep.state_dict, range_constraints=copy.copy(ep.range_constraints),
+            module_call_graph=copy.deepcopy(ep.module_call_graph), example_inputs=ep.example_inputs,
+            constants=ep.constants, verifiers=list(getattr(ep, "verifiers", [])) or None)
+        return replace(self, ep=new_ep, attention=list(self.attention), rejected=list(self.rejected),
+                       history=list(self.history))
+
+    def run(self, inputs: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Run the exported graph eagerly (reference kernels for tokopt ops)."""
+        inputs = self.probe if inputs is None else inputs
+        with torch.no_grad():
+            out = self.ep.module()(*[inputs[n] for n in self.input_names])
+        out = out if isinstance(out, (tuple, list)) else (out,)
+        return dict(zip(self.output_names, out))
+
+    def count(self, target) -> int:
+        return sum(1 for n in call_function_nodes(self.graph) if n.target == target)
+
+
+def call_function_nodes(graph: torch.fx.Graph):
+    return (n for n in graph.nodes if n.op == "call_function")
+
+
+def _keeps(node: torch.fx.Node) -> bool:
+    name = str(node.target)
+    return "_assert" in name or "sym_constrain" in name or name.startswith("aten._print")
+
+
+def remove_dead_code(graph: torch.fx.Graph) -> int:
+    """Erase unused call_function nodes. Unlike ``Graph.eliminate_dead_code`` this also drops
+    ops FX deems impure for being random (dropout, SDPA), which are inert in an eval graph."""
+    removed = 0
+    for node in reversed(list(graph.nodes)):
+        if node.op == "call_function" and not node.users and not _keeps(node):
+            graph.erase_node(node)
+            removed += 1
+    return removed

@@ -1,0 +1,150 @@
+"""The report: what a compile cost in quality and bought in speed and size, measured.
+
+Quality compares the bundle, run by its own runtime, with the captured (unrewritten) graph on a
+probe set: real text through the model's tokenizer when the folder has one (with padding, so
+masks are exercised), else token ids or images synthesised from the config. Metrics: max abs
+error per output; for LM logits the KL divergence, top-1 agreement and perplexity on the text;
+for encoders the cosine of mean-pooled embeddings.
+
+Speed and size compare against the baseline a user would build instead: the same captured model
+through a plain ``torch.onnx.export(ep, dynamo=True)`` with default options, on the same
+runtime, providers and threads, in the same run.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+import time
+import numpy as np
+import torch
+
+from .program import Program
+
+__all__ = ["probe_inputs", "quality", "time_calls", "format_report", "bench_inputs"]
+
+
+def _tokenize(program: Program, texts: list[str], max_len: int) -> dict[str, torch.Tensor] | None:
+    from transformers import AutoTokenizer
+    try:
+        tok = AutoTokenizer.from_pretrained(program.tokenizer_dir, local_files_only=True)
+    except Exception:
+        return None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token or tok.unk_token
+    enc = tok(texts, padding=True, truncation=True, max_length=max_len, return_tensors="pt")
+    return {n: enc[n] for n in program.input_names if n in enc} | {
+        n: torch.zeros_like(enc["input_ids"]) for n in program.input_names if n not in enc and n == "token_type_ids"}
+
+
+def probe_inputs(program: Program, texts: list[str] | None = None, length: int = 128,
+                 batch: int = 4) -> tuple[dict[str, torch.Tensor], str]:
+    """Inputs for the quality probe, and a description of where they came from."""
+    lo_hi = program.seq_range
+    length = min(length, lo_hi[1]) if lo_hi and lo_hi[1] else length
+    if texts and program.tokenizer_dir and "input_ids" in program.input_names:
+        feed = _tokenize(program, texts[:batch], length)
+        if feed is not None and set(feed) == set(program.input_names):
+            return feed, f"{len(texts[:batch])} text passages, up to {length} tokens, padded"
+    gen = torch.Generator().manual_seed(1)
+    feed = {}
+    for name in program.input_names:
+        ex = program.probe[name]
+        axes = program.dynamic_axes.get(name, {})
+        shape = [batch if axes.get(i) == "batch" else length if axes.get(i) == "sequence" else s
+                 for i, s in enumerate(ex.shape)]
+        if name == "attention_mask":
+            feed[name] = torch.ones(shape, dtype=ex.dtype)
+        elif ex.is_floating_point():
+            feed[name] = torch.randn(shape, dtype=ex.dtype, generator=gen)
+        else:
+            hi = int(ex.max()) + 1 if ex.numel() else 2
+            feed[name] = torch.randint(0, max(hi, 2), shape, dtype=ex.dtype, generator=gen)
+    return feed, f"synthetic inputs (batch {batch}" + (f", {length} tokens)" if "sequence" in
+                                                         str(program.dynamic_axes) else ")")
+
+
+def quality(program: Program, reference: dict[str, torch.Tensor], got: dict[str, np.ndarray],
+            feed: dict[str, torch.Tensor]) -> dict:
+    out = {"max_abs_error": {k: float(np.abs(np.asarray(got[k]) - reference[k].numpy()).max())
+                             for k in reference if reference[k].is_floating_point()}}
+    mask = feed.get("attention_mask")
+    if program.task == "causal-lm" and "logits" in reference:
+        ref = reference["logits"].double()
+        new = torch.from_numpy(np.asarray(got["logits"])).double()
+        valid = mask.bool() if mask is not None else torch.ones(ref.shape[:2], dtype=torch.bool)
+        lp, lq = ref.log_softmax(-1), new.log_softmax(-1)
+        kl = (lp.exp() * (lp - lq)).sum(-1)[valid]
+        out["logit_kl"] = float(kl.mean())
+        out["top1_agreement"] = float((ref.argmax(-1) == new.argmax(-1))[valid].double().mean())
+        if "input_ids" in feed and ref.shape[1] > 1:
+            ids = feed["input_ids"][:, 1:]
+            pair = valid[:, 1:] & valid[:, :-1]
+            for name, logp in (("original", lp), ("bundle", lq)):
+                nll = -logp[:, :-1].gather(-1, ids[..., None])[..., 0][pair]
+                out[f"perplexity_{name}"] = float(math.exp(nll.mean()))
+    key = "last_hidden_state" if "last_hidden_state" in reference else None
+    if key is not None and program.task in ("encoder", "vision"):
+        ref = reference[key].double()
+        new = torch.from_numpy(np.asarray(got[key])).double()
+        if program.task == "vision" or mask is None:
+            a, b = ref[:, 0], new[:, 0]
+        else:
+            m = mask[..., None].double()
+            a, b = (ref * m).sum(1) / m.sum(1), (new * m).sum(1) / m.sum(1)
+        cos = torch.nn.functional.cosine_similarity(a, b, dim=-1)
+        out["embedding_cosine"] = float(cos.mean())
+        out["embedding_cosine_min"] = float(cos.min())
+    return out
+
+
+def bench_inputs(program: Program, length: int, batch: int = 1) -> dict[str, np.ndarray]:
+    feed, _ = probe_inputs(program, None, length=length, batch=batch)
+    return {k: v.numpy() for k, v in feed.items()}
+
+
+def time_calls(fn, runs: int, warmup: int = 2) -> dict:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1e3)
+    times.sort()
+    return {"median_ms": statistics.median(times), "p90_ms": times[min(len(times) - 1, int(0.9 * len(times)))],
+            "runs": runs}
+
+
+def _fmt(x) -> str:
+    if isinstance(x, float):
+        return f"{x:.3g}" if abs(x) < 1e-3 or abs(x) >= 1e4 else f"{x:.4f}".rstrip("0").rstrip(".")
+    return str(x)
+
+
+def format_report(report: dict) -> str:
+    lines = [f"tokopt report  {report['source']}  ->  {report['backend']} / {report['target']}"]
+    q = report.get("quality")
+    if q:
+        lines.append(f"quality vs the original model ({q['probe']}):")
+        for name, err in q["max_abs_error"].items():
+            lines.append(f"  max abs error [{name}]".ljust(38) + _fmt(err))
+        for key in ("logit_kl", "top1_agreement", "perplexity_original", "perplexity_bundle",
+                    "embedding_cosine", "embedding_cosine_min"):
+            if key in q:
+                lines.append(f"  {key.replace('_', ' ')}".ljust(38) + _fmt(q[key]))
+    lat = report.get("latency")
+    if lat:
+        shape = ", ".join(f"{k} {v}" for k, v in lat["feed"].items())
+        lines.append(f"latency ({shape}; {lat['tokopt']['runs']} runs, {lat['threads'] or 'default'} "
+                     f"threads)".ljust(38) + "tokopt".rjust(10) + "baseline".rjust(10) + "ratio".rjust(8))
+        for key in ("median_ms", "p90_ms"):
+            a, b = lat["tokopt"][key], lat["baseline"][key]
+            lines.append(f"  {key.replace('_', ' ')}".ljust(38) + f"{a:10.2f}{b:10.2f}{b / a:7.2f}x")
+        a, b = report["size_bytes"]["tokopt"], lat["size_bytes"]["baseline"]
+        lines.append("  size MB".ljust(38) + f"{a / 1e6:10.2f}{b / 1e6:10.2f}{a / b:7.2f}x")
+    for p in report.get("passes", []):
+        stats = ", ".join(f"{k}={_fmt(v)}" for k, v in p["stats"].items())
+        lines.append(f"pass {p['name']}: {stats or 'no changes'}")
+    for r in report.get("attention_refused", []):
+        lines.append(f"attention not recognised in {r['module']}: {r['reason']}")
+    return "\n".join(lines)

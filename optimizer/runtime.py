@@ -1,0 +1,118 @@
+"""The backend contract (registry, lowering, runners) and ``load(bundle)``.
+
+The core knows backends only through ``BACKENDS``; a backend module registers itself. A runner
+is what ``tokopt.load`` returns: ``runner(**inputs) -> {output name: np.ndarray}``. It checks
+input names, ranks and the sequence range against the manifest before calling the engine, so a
+wrong input gets a message in tokopt's words instead of one from deep inside the runtime.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+
+from .errors import BackendError, BundleError, UsageError, did_you_mean
+
+__all__ = ["Backend", "Runner", "BACKENDS", "register_backend", "get_backend", "load"]
+
+
+class Runner:
+    def __init__(self, bundle: Path, manifest: dict):
+        self.bundle, self.manifest = Path(bundle), manifest
+        self.inputs = {i["name"]: i for i in manifest["inputs"]}
+        self.output_names = [o["name"] for o in manifest["outputs"]]
+
+    def _run(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        raise NotImplementedError
+
+    def _feed(self, inputs: dict) -> dict[str, np.ndarray]:
+        unknown = set(inputs) - set(self.inputs)
+        if unknown:
+            name = sorted(unknown)[0]
+            raise UsageError(f"the bundle has no input '{name}'.{did_you_mean(name, self.inputs)} "
+                             f"Its inputs: {', '.join(self.inputs)}.")
+        missing = [n for n in self.inputs if n not in inputs]
+        if missing:
+            raise UsageError(f"input '{missing[0]}' is missing; the bundle needs {', '.join(self.inputs)}.")
+        feed = {}
+        lo, hi = self.manifest.get("seq_range") or (None, None)
+        for name, spec in self.inputs.items():
+            arr = np.asarray(inputs[name].numpy() if hasattr(inputs[name], "numpy") else inputs[name])
+            if arr.ndim != len(spec["shape"]):
+                raise UsageError(f"input '{name}' has {arr.ndim} dims; the bundle expects "
+                                 f"{len(spec['shape'])} ({spec['shape']}).")
+            for ax, dim in enumerate(spec["shape"]):
+                if isinstance(dim, int) and arr.shape[ax] != dim:
+                    raise UsageError(f"input '{name}' has size {arr.shape[ax]} on axis {ax}; the "
+                                     f"bundle was compiled for {dim} there.")
+            if hi is not None and arr.ndim >= 2 and "sequence" in spec.get("axes", {}).values() \
+                    and not lo <= arr.shape[1] <= hi:
+                raise UsageError(f"input '{name}' has {arr.shape[1]} tokens; this bundle accepts "
+                                 f"{lo} to {hi}. Recompile with --max-seq-len to change the range.")
+            feed[name] = arr.astype(spec["dtype"], copy=False)
+        return feed
+
+    def __call__(self, **inputs) -> dict[str, np.ndarray]:
+        return dict(zip(self.output_names, self._run(self._feed(inputs))))
+
+
+class Backend:
+    name: ClassVar[str]
+    runner_cls: ClassVar[type[Runner]]
+
+    def target(self, name: str):
+        """The target profile ``name``, checked for this machine (raises if unusable)."""
+        raise NotImplementedError
+
+    def lower(self, program, out_dir: Path, target) -> dict:
+        """Write the engine files into ``out_dir``; return {"model": file, ...details}."""
+        raise NotImplementedError
+
+    def latency(self, captured, bundle_dir: Path, target, runs: int, length: int,
+                threads: int | None) -> dict | None:
+        """Time the bundle against this backend's no-pass baseline; None where it cannot run here."""
+        return None
+
+
+BACKENDS: dict[str, type[Backend]] = {}
+
+
+def register_backend(cls):
+    BACKENDS[cls.name] = cls
+    return cls
+
+
+def get_backend(name: str) -> Backend:
+    if name not in BACKENDS:
+        raise UsageError(f"unknown backend '{name}'.{did_you_mean(name, BACKENDS)} "
+                         f"Known backends: {', '.join(BACKENDS)}.")
+    return BACKENDS[name]()
+
+
+def load(bundle, threads: int | None = None) -> Runner:
+    """Open a bundle written by ``tokopt compile``; refuses a tampered or incompatible one."""
+    from .bundle import verify_bundle
+    path = Path(bundle)
+    manifest = verify_bundle(path)
+    backend = manifest.get("backend")
+    if backend not in BACKENDS:
+        raise BundleError(f"{path} was built for backend '{backend}', which this tokopt does not have.")
+    try:
+        return BACKENDS[backend].runner_cls(path, manifest, threads=threads)
+    except BackendError:
+        raise
+    except Exception as e:
+        raise BundleError(f"{path}: the engine could not be opened ({e}). Rebuild the bundle with "
+                          "tokopt compile.") from e
+
+
+def read_manifest(path: Path) -> dict:
+    try:
+        return json.loads((path / "manifest.json").read_text())
+    except FileNotFoundError:
+        raise BundleError(f"{path} has no manifest.json, so it is not a tokopt bundle. Build one "
+                          "with `tokopt compile MODEL --out DIR`.") from None
+    except json.JSONDecodeError as e:
+        raise BundleError(f"{path / 'manifest.json'} is corrupt ({e}). Rebuild the bundle.") from e

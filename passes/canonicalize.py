@@ -1,0 +1,69 @@
+"""canonicalize: every recognised attention spelling -> one ``tokopt.attention`` op.
+
+    sdpa(q, repeat_kv(k), repeat_kv(v), mask, is_causal, scale)
+        -> tokopt.attention(q, k, v, mask, scale, causal)
+    matmul(dropout(softmax(q @ k^T * c + mask)), v)
+        -> tokopt.attention(q, k, v, mask, c, False)
+
+GQA's repeat_kv (unsqueeze/expand/reshape) is folded into the op, which takes k and v with
+their own kv-head count. Exact: the op's reference is SDPA itself. Blocks the index refused
+(see ``tokopt inspect``) are left as they are. Runs first in every pipeline, so later passes
+match one pattern. Idempotent: a second run finds only canonical nodes.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..optimizer.ops import ATTENTION
+from ..optimizer.pass_manager import Pass, PassResult, register_pass
+from ..optimizer.errors import PassError
+from ..optimizer.patterns import index_attention, match_attention, module_path, unrepeat_kv
+from ..optimizer.program import META_BLOCK, Program, call_function_nodes, remove_dead_code
+
+__all__ = ["CanonicalizePass"]
+
+
+@register_pass
+class CanonicalizePass(Pass):
+    name = "canonicalize"
+    tolerance = 1e-4
+    summary = "every attention spelling (SDPA, eager softmax, GQA repeat_kv) -> tokopt.attention"
+
+    def call(self, program: Program) -> PassResult:
+        graph = program.graph
+        causal = {b.node: b.causal for b in program.attention}
+        prefix = program.source.get("module_prefix", "")
+        counts = {"sdpa": 0, "eager": 0, "gqa_folded": 0}
+        for node in list(call_function_nodes(graph)):
+            m = match_attention(node)
+            if m is None or isinstance(m, str) or m.spelling == "canonical":
+                continue
+            k, rep_k = unrepeat_kv(m.k)
+            v, rep_v = unrepeat_kv(m.v)
+            if rep_k != rep_v:
+                k, v = m.k, m.v  # asymmetric repeat: keep the repeated tensors
+            scale = m.scale if m.scale is not None else m.q.meta["val"].shape[-1] ** -0.5
+            with graph.inserting_before(m.out):
+                new = graph.call_function(ATTENTION.overload, (m.q, k, v, m.mask, float(scale), m.causal_flag))
+            new.meta.update({key: m.out.meta[key] for key in ("val", "nn_module_stack", "stack_trace",
+                                                               "tensor_meta") if key in m.out.meta})
+            new.meta[META_BLOCK] = {"causal": causal.get(m.out.name), "module": module_path(m.out, prefix),
+                                    "spelling": m.spelling}
+            m.out.replace_all_uses_with(new)
+            counts[m.spelling] += 1
+            counts["gqa_folded"] += k is not m.k
+        modified = counts["sdpa"] + counts["eager"] > 0
+        if modified:
+            remove_dead_code(graph)
+            program.ep.graph_module.recompile()
+            program.attention, program.rejected = index_attention(program)
+        return PassResult(program, modified, {"attention_canonicalized": counts["sdpa"] + counts["eager"],
+                                              **counts})
+
+    def ensures(self, program: Program) -> None:
+        left = [b.module for b in program.attention if b.spelling != "canonical"]
+        if left:
+            raise PassError(f"attention blocks still in their original spelling: {left}")
+        if any(n.target == torch.ops.aten.scaled_dot_product_attention.default
+               for n in call_function_nodes(program.graph)):
+            raise PassError("an SDPA node survived canonicalization")
