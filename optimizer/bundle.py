@@ -64,6 +64,7 @@ def atomic_bundle(out: Path, force: bool):
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         yield tmp
+        tmp.chmod(0o755)  # mkdtemp makes it private; a bundle is meant to be shared
         if out.exists():
             old = out.parent / f".{out.name}.old-{os.getpid()}-{time.time_ns()}"
             os.rename(out, old)

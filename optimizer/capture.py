@@ -37,20 +37,30 @@ _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 class _Entry(torch.nn.Module):
     """Calls the model with named inputs and returns a flat tuple of the chosen outputs."""
 
-    def __init__(self, model: torch.nn.Module, names: list[str], outputs: list[str] | None,
-                 extra: dict[str, Any]):
+    def __init__(self, model: torch.nn.Module, outputs: list[str], extra: dict[str, Any]):
         super().__init__()
-        self.model, self.names, self.outputs, self.extra = model, names, outputs, extra
+        self.model, self.outputs, self.extra = model, outputs, extra
 
-    def forward(self, *args):
-        out = self.model(**dict(zip(self.names, args)), **self.extra)
-        if self.outputs is None:
-            return out
+    def call(self, **inputs):
+        out = self.model(**inputs, **self.extra)
         if isinstance(out, torch.Tensor):
             return (out,)
         if isinstance(out, dict):
             return tuple(out[k] for k in self.outputs)
         return tuple(out[i] for i in range(len(self.outputs)))
+
+
+def _entry(model: torch.nn.Module, names: list[str], outputs: list[str], extra: dict) -> _Entry:
+    """An _Entry whose forward takes ``names`` as real parameters, so the exported graph's
+    placeholders (and a saved .pt2's inputs) carry the model's input names."""
+    bad = [n for n in names if not n.isidentifier()]
+    if bad:
+        raise UsageError(f"input names must be Python identifiers; got {bad}.")
+    params = ", ".join(names)
+    scope: dict[str, Any] = {}
+    exec(f"def forward(self, {params}):\n    return self.call({', '.join(f'{n}={n}' for n in names)})", scope)
+    cls = type("_NamedEntry", (_Entry,), {"forward": scope["forward"]})
+    return cls(model, outputs, extra)
 
 
 def sha256_files(paths) -> str:
@@ -80,10 +90,10 @@ def _default_dynamic(name: str, t: torch.Tensor) -> dict[int, str]:
 
 
 def _export(entry: torch.nn.Module, names, inputs, dynamic_axes) -> torch.export.ExportedProgram:
-    spec = tuple({ax: Dim.AUTO for ax in dynamic_axes.get(n, {})} or None for n in names)
+    spec = {n: {ax: Dim.AUTO for ax in dynamic_axes.get(n, {})} or None for n in names}
     try:
         with torch.no_grad():
-            return torch.export.export(entry, tuple(inputs[n] for n in names), dynamic_shapes=(spec,),
+            return torch.export.export(entry, tuple(inputs[n] for n in names), dynamic_shapes=spec,
                                        strict=False)
     except Exception as e:  # torch raises many types here; the user needs the first line
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -116,7 +126,7 @@ def _from_module(model: torch.nn.Module, example: dict[str, torch.Tensor], *, so
     if not outputs:
         raise UnsupportedModelError("the model returns no tensors; tokopt compiles models that "
                                     "return a tensor, a tuple of tensors or a ModelOutput.")
-    entry = _Entry(model, names, outputs, extra)
+    entry = _entry(model, names, outputs, extra)
     wanted = dynamic_axes or {n: _default_dynamic(n, t) for n, t in example.items()}
     ep = _export(entry, names, example, wanted)
     prog = Program(ep=ep, input_names=names, output_names=outputs,

@@ -105,10 +105,17 @@ def _keeps(node: torch.fx.Node) -> bool:
 
 def remove_dead_code(graph: torch.fx.Graph) -> int:
     """Erase unused call_function nodes. Unlike ``Graph.eliminate_dead_code`` this also drops
-    ops FX deems impure for being random (dropout, SDPA), which are inert in an eval graph."""
-    removed = 0
-    for node in reversed(list(graph.nodes)):
-        if node.op == "call_function" and not node.users and not _keeps(node):
+    ops FX deems impure for being random (dropout, SDPA), which are inert in an eval graph, and
+    metadata asserts whose subject nothing else uses."""
+    removed, changed = 0, True
+    while changed:
+        changed = False
+        for node in reversed(list(graph.nodes)):
+            if node.op != "call_function" or node.users:
+                continue
+            if _keeps(node) and not all(all(_keeps(u) for u in a.users) for a in node.all_input_nodes):
+                continue
             graph.erase_node(node)
             removed += 1
+            changed = True
     return removed

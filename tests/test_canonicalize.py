@@ -1,0 +1,80 @@
+"""canonicalize: every spelling -> tokopt.attention, exact, idempotent; and the op contract."""
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.export import Dim
+
+import tokopt
+from tokopt.optimizer.ops import ATTENTION, onnx_translation_table
+from tokopt.optimizer.patterns import SDPA, SOFTMAX
+from tokopt.passes.canonicalize import CanonicalizePass
+
+from .conftest import EXPECT, FAMILIES, feed_for
+from .helpers import prove_pass
+
+TOL = 1e-5  # fp32; the op's reference is SDPA itself, so only summation order differs
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_canonicalize(model_dir, family, attn):
+    prog = tokopt.capture(model_dir(family), attn_implementation=attn)
+    spelled = SDPA if attn == "sdpa" else SOFTMAX[0]
+    out = prove_pass(prog, CanonicalizePass(), target=ATTENTION.overload, before=0, after=2,
+                     tolerance=TOL, feed=feed_for(family, 3, 29))
+    assert out.count(spelled) == 0
+    stats = out.history[-1]["stats"]
+    assert stats["attention_canonicalized"] == 2 and stats[attn] == 2
+    assert stats["gqa_folded"] == (2 if EXPECT[family][0] < 4 else 0)
+    assert all(b.spelling == "canonical" and b.causal is EXPECT[family][1] for b in out.attention)
+    # GQA is folded: the op sees k with the model's own kv-head count
+    node = next(n for n in out.graph.nodes if n.target == ATTENTION.overload)
+    assert node.args[1].meta["val"].shape[1] == EXPECT[family][0]
+
+
+@pytest.mark.parametrize("kv", [4, 2, 1])
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "float", "causal"])
+def test_attention_op_reference_and_onnx(tmp_path, kv, mask_kind):
+    """The op equals SDPA on repeated k/v, and its ONNX lowering (standard Attention) equals both."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, 11, 8, generator=g) for h in (4, kv, kv))
+    mask = {"none": None, "causal": None,
+            "bool": torch.rand(2, 1, 11, 11, generator=g) > 0.3,
+            "float": torch.randn(2, 1, 11, 11, generator=g)}[mask_kind]
+    if mask is not None and mask.dtype == torch.bool:
+        mask[..., 0] = True
+    causal = mask_kind == "causal"
+    ref = F.scaled_dot_product_attention(q, k.repeat_interleave(4 // kv, 1), v.repeat_interleave(4 // kv, 1),
+                                         attn_mask=mask, is_causal=causal, scale=0.3)
+    got = ATTENTION.op(q, k, v, mask, 0.3, causal)
+    assert torch.allclose(got, ref, atol=1e-6)
+
+    class M(torch.nn.Module):
+        def forward(self, q, k, v, m):
+            return ATTENTION.op(q, k, v, m, 0.3, causal)
+
+    class NoMask(torch.nn.Module):
+        def forward(self, q, k, v):
+            return ATTENTION.op(q, k, v, None, 0.3, causal)
+
+    args = (q, k, v) + ((mask,) if mask is not None else ())
+    seq = {0: Dim.AUTO, 2: Dim.AUTO}
+    shapes = (seq, seq, seq) + (({0: Dim.AUTO, 2: Dim.AUTO, 3: Dim.AUTO},) if mask is not None else ())
+    ep = torch.export.export(M() if mask is not None else NoMask(), args, dynamic_shapes=shapes)
+    torch.onnx.export(ep, dynamo=True, opset_version=23, optimize=False,
+                      custom_translation_table=onnx_translation_table()).save(str(tmp_path / "a.onnx"))
+    sess = ort.InferenceSession(str(tmp_path / "a.onnx"), providers=["CPUExecutionProvider"])
+    assert [n.op_type for n in __import__("onnx").load(str(tmp_path / "a.onnx")).graph.node].count("Attention") == 1
+    # run at a new length: the lowering is shape-generic
+    q2, k2, v2 = (torch.randn(3, h, 17, 8, generator=g) for h in (4, kv, kv))
+    m2 = None if mask is None else (torch.rand(3, 1, 17, 17, generator=g) > 0.3 if mask.dtype == torch.bool
+                                     else torch.randn(3, 1, 17, 17, generator=g))
+    if m2 is not None and m2.dtype == torch.bool:
+        m2[..., 0] = True
+    feeds = [q2, k2, v2] + ([m2] if m2 is not None else [])
+    out = sess.run(None, {i.name: t.numpy() for i, t in zip(sess.get_inputs(), feeds)})[0]
+    np.testing.assert_allclose(out, ATTENTION.op(q2, k2, v2, m2, 0.3, causal).numpy(), atol=2e-6)

@@ -1,0 +1,118 @@
+"""Capture of every family, both attention spellings, and every source kind."""
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+import tokopt
+from tokopt.optimizer.errors import CaptureError, UnsupportedModelError, UsageError
+
+from .conftest import EXPECT, FAMILIES, _tiny
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_attention_index(model_dir, family, attn):
+    prog = tokopt.capture(model_dir(family), attn_implementation=attn)
+    kv, causal, rope, fused, task = EXPECT[family]
+    assert prog.task == task
+    assert not prog.rejected
+    assert [b.layer for b in prog.attention] == [0, 1]
+    for b in prog.attention:
+        assert b.spelling == attn
+        assert (b.heads, b.kv_heads, b.head_dim) == (4, kv, 16)
+        assert b.causal is causal and b.rope is rope and b.fused_qkv is fused
+        assert b.q_proj and b.k_proj and b.v_proj and b.o_proj, b
+        assert b.scale == pytest.approx(0.25)
+    if family == "vit":
+        assert prog.dynamic_axes == {"pixel_values": {0: "batch"}}
+    else:
+        assert prog.dynamic_axes["input_ids"] == {0: "batch", 1: "sequence"}
+        assert prog.seq_range == (1, 512)
+
+
+def test_projection_names_are_the_models_own(model_dir):
+    prog = tokopt.capture(model_dir("llama"))
+    b = prog.attention[1]
+    assert b.module == "model.layers.1.self_attn"
+    assert b.q_proj == "model.layers.1.self_attn.q_proj.weight"
+    assert b.o_proj == "model.layers.1.self_attn.o_proj.weight"
+    assert prog.module.get_parameter(b.k_proj).shape == (32, 64)  # 2 kv heads x 16
+
+
+def test_module_source_dict_and_tuple():
+    model = _tiny("bert")
+    ids = torch.randint(0, 256, (2, 12))
+    by_dict = tokopt.capture(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    by_tuple = tokopt.capture(model, (ids,))
+    assert by_dict.input_names == ["input_ids", "attention_mask"] and by_tuple.input_names == ["input_ids"]
+    assert by_dict.output_names[0] == "last_hidden_state"
+    assert len(by_dict.attention) == 2
+
+
+def test_pt2_source(tmp_path, model_dir):
+    prog = tokopt.capture(model_dir("gpt2"))
+    path = tmp_path / "gpt2.pt2"
+    torch.export.save(prog.ep, path)
+    again = tokopt.capture(path)
+    assert again.input_names == prog.input_names
+    assert len(again.attention) == 2 and again.dynamic_axes["input_ids"] == {0: "batch", 1: "sequence"}
+    ids = torch.randint(0, 256, (3, 21))
+    feed = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    assert torch.allclose(again.run(feed)["output"], prog.run(feed)["logits"], atol=1e-6)
+
+
+def test_callable_source(tmp_path, monkeypatch):
+    (tmp_path / "my_models.py").write_text(
+        "import torch\nfrom tests.conftest import _tiny\n"
+        "def build():\n    ids = torch.randint(0, 256, (2, 9))\n"
+        "    return _tiny('llama'), {'input_ids': ids}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    prog = tokopt.capture("my_models:build")
+    assert len(prog.attention) == 2 and prog.output_names == ["logits"]
+    sys.modules.pop("my_models", None)
+
+
+class _OddAttention(torch.nn.Module):
+    """Softmax over the query axis: looks like attention, is not; must be refused with a reason."""
+
+    def __init__(self):
+        super().__init__()
+        self.q = torch.nn.Linear(16, 16)
+
+    def forward(self, x):
+        q = self.q(x).view(x.shape[0], x.shape[1], 2, 8).transpose(1, 2)
+        p = torch.softmax(q @ q.transpose(-2, -1), dim=2)
+        return (p @ q).transpose(1, 2).reshape(x.shape)
+
+
+def test_unrecognised_attention_reports_reason():
+    prog = tokopt.capture(_OddAttention(), (torch.randn(2, 5, 16),))
+    assert prog.attention == []
+    assert len(prog.rejected) == 1 and "softmax over dim 2" in prog.rejected[0].reason
+
+
+def test_bad_sources(tmp_path, model_dir):
+    with pytest.raises(CaptureError, match="does not exist"):
+        tokopt.capture(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CaptureError, match="no config.json"):
+        tokopt.capture(tmp_path / "empty")
+    with pytest.raises(UsageError, match="example_inputs"):
+        tokopt.capture(_tiny("bert"))
+    with pytest.raises(UsageError, match="max_position_embeddings"):
+        tokopt.capture(model_dir("llama"), max_seq_len=4096)
+
+
+def test_unknown_architecture(tmp_path, model_dir):
+    import json
+    import shutil
+    bad = tmp_path / "weird"
+    shutil.copytree(model_dir("bert"), bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["model_type"], cfg["architectures"] = "frobnicator", ["FrobnicatorModel"]
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UnsupportedModelError, match="config.json"):
+        tokopt.capture(bad)
