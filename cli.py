@@ -211,6 +211,10 @@ def _quiet_libraries():
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+def _paragraph(text: str) -> str:
+    return textwrap.fill(text, width=100, break_long_words=False, break_on_hyphens=False)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if not args.debug:
@@ -223,7 +227,7 @@ def main(argv=None) -> int:
     except TokoptError as e:
         if args.debug:
             raise
-        print(textwrap.fill(f"tokopt: error: {e}", width=100), file=sys.stderr)
+        print(_paragraph(f"tokopt: error: {e}"), file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("tokopt: interrupted; nothing was written.", file=sys.stderr)
@@ -231,8 +235,8 @@ def main(argv=None) -> int:
     except Exception as e:
         if args.debug:
             raise
-        print(textwrap.fill(f"tokopt: internal error: {type(e).__name__}: {e}. This is a bug in tokopt; "
-                            "rerun with --debug for the traceback and report it.", width=100), file=sys.stderr)
+        print(_paragraph(f"tokopt: internal error: {type(e).__name__}: {e}. This is a bug in tokopt; "
+                         "rerun with --debug for the traceback and report it."), file=sys.stderr)
         return 1
 
 

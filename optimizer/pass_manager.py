@@ -239,6 +239,7 @@ class PassManager:
             try:
                 ref = program.run() if self.verify else None
                 result = p.call(program.copy())
+                result.program.sync_signature()
                 err = self.check(p, program, result.program, ref) if self.verify else None
             except TokoptError as e:
                 self._fail(program, i, p, str(e).rstrip("."), e)

@@ -90,6 +90,14 @@ class Program:
         out = out if isinstance(out, (tuple, list)) else (out,)
         return dict(zip(self.output_names, out))
 
+    def sync_signature(self) -> None:
+        """Point the signature's output specs at the output node's current arguments, so a
+        pass that rewires an output does not have to edit the signature itself."""
+        out = next(n for n in reversed(self.graph.nodes) if n.op == "output")
+        for spec, arg in zip(self.ep.graph_signature.output_specs, out.args[0]):
+            if isinstance(arg, torch.fx.Node) and hasattr(spec.arg, "name"):
+                spec.arg.name = arg.name
+
     def count(self, target) -> int:
         return sum(1 for n in call_function_nodes(self.graph) if n.target == target)
 
