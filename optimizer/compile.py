@@ -102,8 +102,11 @@ def io_spec(program: Program) -> tuple[list[dict], list[dict]]:
     return inputs, outputs
 
 
-def _default_texts() -> list[str]:
-    from ..calibration.data import default_texts
+def _probe_texts(calib) -> list[str]:
+    """The calibration text when it is text (it is the user's domain), else shipped passages."""
+    from ..calibration.data import default_texts, load_texts
+    if calib is not None and Path(calib).suffix not in (".npy", ".pt"):
+        return load_texts(calib)
     return default_texts()
 
 
@@ -155,6 +158,8 @@ def compile(model, example_inputs=None, *, out=None, passes=None, recipe=None, b
                                                if p.name.startswith(lowered["model"]))}}
         if measure:
             with progress_.step("measuring quality and latency against the original"):
+                if texts is None and captured.tokenizer_dir:
+                    texts = _probe_texts(calib)
                 report.update(_measure(be, tgt, captured, tmp, data, texts, bench_runs, bench_len, threads))
         (tmp / "report.json").write_text(json.dumps(report, indent=1, default=float) + "\n")
         manifest = write_manifest(tmp, data)
@@ -164,8 +169,6 @@ def compile(model, example_inputs=None, *, out=None, passes=None, recipe=None, b
 def _measure(be, tgt, captured: Program, bundle_dir: Path, data: dict, texts, runs: int, length: int,
              threads) -> dict:
     runner = be.runner_cls(bundle_dir, data, threads=threads)
-    if texts is None and captured.tokenizer_dir:
-        texts = _default_texts()
     feed, desc = probe_inputs(captured, texts, length=length)
     reference = captured.run(feed)
     got = runner(**{k: v.numpy() for k, v in feed.items()})

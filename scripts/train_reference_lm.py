@@ -102,6 +102,22 @@ def ngram_baselines(train: torch.Tensor, held: torch.Tensor, vocab: int) -> dict
     return {"unigram": uni_ppl, "bigram": math.exp(-p.log().mean().item())}
 
 
+def evaluate(out: Path, ctx: int, threads: int) -> dict:
+    """Held-out perplexity of the shipped model, with the n-gram baselines, from scratch."""
+    torch.set_num_threads(threads)
+    tok = PreTrainedTokenizerFast.from_pretrained(out)
+    model = LlamaForCausalLM.from_pretrained(out).eval()
+    train_files, held_files = split(corpus_files())
+    held_text = (out / "heldout.txt").read_text(encoding="utf-8")
+    held = torch.tensor(tok(held_text)["input_ids"], dtype=torch.long)
+    train = torch.tensor(tok(read(train_files))["input_ids"], dtype=torch.long)
+    result = {"heldout_ppl": perplexity(model, held, ctx),
+              **{f"{k}_ppl": v for k, v in ngram_baselines(train, held, len(tok)).items()},
+              "heldout_tokens": len(held), "ctx": ctx}
+    print(json.dumps(result, indent=1))
+    return result
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="models/reference-lm")
@@ -114,7 +130,10 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--save-every", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--eval-only", action="store_true", help="re-measure the model in --out; train nothing")
     args = ap.parse_args(argv)
+    if args.eval_only:
+        return evaluate(Path(args.out), args.ctx, args.threads)
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
