@@ -33,10 +33,24 @@ def _tiny(family: str, attn: str = "sdpa"):
         return tf.BertModel(tf.BertConfig(**common, vocab_size=256, max_position_embeddings=512))
     if family == "vit":
         return tf.ViTModel(tf.ViTConfig(**common, image_size=32, patch_size=8))
+    if family == "mistral":
+        return tf.MistralForCausalLM(tf.MistralConfig(**common, num_key_value_heads=2, vocab_size=256,
+                                                      max_position_embeddings=512))
+    if family == "phi":  # partial rotary, dense q/k/v with biases
+        return tf.PhiForCausalLM(tf.PhiConfig(**common, vocab_size=256, max_position_embeddings=512))
+    if family == "gemma":
+        return tf.GemmaForCausalLM(tf.GemmaConfig(**common, num_key_value_heads=1, head_dim=16, vocab_size=256,
+                                                  max_position_embeddings=512))
+    if family == "distilbert":
+        return tf.DistilBertModel(tf.DistilBertConfig(dim=64, hidden_dim=128, n_layers=2, n_heads=4, vocab_size=256,
+                                                      attn_implementation=attn))
+    if family == "roberta":
+        return tf.RobertaModel(tf.RobertaConfig(**common, vocab_size=256, max_position_embeddings=514))
     raise ValueError(family)
 
 
 FAMILIES = ("llama", "qwen2", "gpt2", "bert", "vit")
+MORE_FAMILIES = ("mistral", "phi", "gemma", "distilbert", "roberta")  # no per-architecture code either
 EXPECT = {  # kv heads, causal, rope, fused qkv, task
     "llama": (2, True, True, False, "causal-lm"),
     "qwen2": (1, True, True, False, "causal-lm"),
@@ -74,6 +88,6 @@ def feed_for(family: str, batch: int, length: int) -> dict[str, torch.Tensor]:
         return {"pixel_values": torch.randn(batch, 3, 32, 32, generator=g)}
     ids = torch.randint(10, 256, (batch, length), generator=g)
     mask = torch.ones_like(ids)
-    if family == "bert":  # right padding on the encoder exercises the mask path
+    if family in ("bert", "distilbert", "roberta"):  # right padding on the encoder exercises the mask path
         mask[0, -(length // 3):] = 0
     return {"input_ids": ids, "attention_mask": mask}

@@ -13,12 +13,12 @@ import tokopt
 from tokopt.optimizer.errors import BackendError, BundleError, PassError, UsageError
 from tokopt.optimizer.pass_manager import PASSES
 
-from .conftest import FAMILIES, feed_for
+from .conftest import FAMILIES, MORE_FAMILIES, feed_for
 
 TOL = 1e-4  # fp32 eager vs ORT, through a different attention kernel
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES + MORE_FAMILIES)
 def test_bundle_matches_eager(tmp_path, model_dir, family):
     res = tokopt.compile(model_dir(family), out=tmp_path / "b", measure=False, verify_each=True)
     run = tokopt.load(res.bundle)
@@ -28,7 +28,8 @@ def test_bundle_matches_eager(tmp_path, model_dir, family):
         ref = res.program.module(**feed)
     main = "logits" if "logits" in got else "last_hidden_state"
     assert list(got) == res.program.output_names
-    if family == "bert":  # padded positions carry no meaning; compare real tokens only
+    assert len(res.program.attention) == 2 and not res.program.rejected
+    if "attention_mask" in feed and not feed["attention_mask"].all():  # compare real tokens only
         keep = feed["attention_mask"].bool().numpy()
         err = np.abs(got[main] - ref[main].numpy())[keep].max()
     else:
