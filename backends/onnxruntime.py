@@ -107,7 +107,10 @@ def export_onnx(program: Program, path: Path, *, fusions: bool = True, check_fee
     with tempfile.TemporaryDirectory() as tmp:
         candidate = Path(tmp) / path.name
         _save(model, candidate)
-        why = _disagreement(make_session(candidate, ["CPUExecutionProvider"]), feeds, reference)
+        try:
+            why = _disagreement(make_session(candidate, ["CPUExecutionProvider"]), feeds, reference)
+        except BackendError as e:  # the fused graph does not even load
+            why = str(e)
         if why is not None:
             return {"fusions_rejected": why}
         for f in Path(tmp).iterdir():

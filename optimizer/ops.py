@@ -37,7 +37,14 @@ class OpSpec:
 
     @property
     def overload(self):
-        return self.op.default
+        ns, short = self.name.split("::")
+        return getattr(getattr(torch.ops, ns), short).default
+
+    def matches(self, node) -> bool:
+        """Is ``node`` a call of this op? By schema name: OpOverload objects are not unique
+        across re-registrations and re-exports, names are."""
+        schema = getattr(node.target, "_schema", None) if getattr(node, "op", None) == "call_function" else None
+        return schema is not None and schema.name == self.name
 
 
 OPS: dict[str, OpSpec] = {}

@@ -137,7 +137,7 @@ def match_attention(node: torch.fx.Node) -> AttentionMatch | str | None:
     if node.op != "call_function":
         return None
     from .ops import ATTENTION
-    if node.target == ATTENTION.overload:
+    if ATTENTION.matches(node):
         q, k, v, mask, scale, causal = node.args
         return AttentionMatch("canonical", node, q, k, v, mask, scale, causal)
     if node.target == SDPA:

@@ -99,7 +99,8 @@ class Program:
                 spec.arg.name = arg.name
 
     def count(self, target) -> int:
-        return sum(1 for n in call_function_nodes(self.graph) if n.target == target)
+        """How many calls of ``target`` (compared by name: op overload objects are not unique)."""
+        return sum(1 for n in call_function_nodes(self.graph) if str(n.target) == str(target))
 
 
 def call_function_nodes(graph: torch.fx.Graph):

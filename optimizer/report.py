@@ -20,7 +20,7 @@ import torch
 
 from .program import Program
 
-__all__ = ["probe_inputs", "quality", "time_calls", "format_report", "bench_inputs"]
+__all__ = ["probe_inputs", "quality", "quality_rows", "time_calls", "format_report", "bench_inputs"]
 
 
 def _tokenize(program: Program, texts: list[str], max_len: int) -> dict[str, torch.Tensor] | None:
@@ -97,6 +97,33 @@ def quality(program: Program, reference: dict[str, torch.Tensor], got: dict[str,
     return out
 
 
+def quality_rows(program: Program, run_bundle, feed: dict[str, torch.Tensor]) -> dict:
+    """Quality when the bundle changes the token count (token pruning): each probe row is run
+    alone, unpadded, and compared on what the contract keeps: the last position's logits for a
+    causal LM, the mean-pooled embedding for an encoder."""
+    mask = feed.get("attention_mask")
+    rows = []
+    for i in range(next(iter(feed.values())).shape[0]):
+        n = int(mask[i].sum()) if mask is not None else None
+        row = {k: v[i:i + 1, :n] if v.dim() >= 2 and n is not None else v[i:i + 1] for k, v in feed.items()}
+        ref = program.run(row)
+        got = {k: torch.from_numpy(np.asarray(v)).double() for k, v in run_bundle(row).items()}
+        r = {"tokens_kept": got[program.output_names[0]].shape[1] / ref[program.output_names[0]].shape[1]}
+        if program.task == "causal-lm" and "logits" in ref:
+            lp, lq = ref["logits"][0, -1].double().log_softmax(-1), got["logits"][0, -1].log_softmax(-1)
+            r["last_logit_kl"] = float((lp.exp() * (lp - lq)).sum())
+            r["last_top1_agreement"] = float(lp.argmax() == lq.argmax())
+        if "last_hidden_state" in ref:
+            a, b = ref["last_hidden_state"][0].double().mean(0), got["last_hidden_state"][0].mean(0)
+            r["embedding_cosine"] = float(torch.nn.functional.cosine_similarity(a, b, dim=0))
+        rows.append(r)
+    out = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+    if "embedding_cosine" in out:
+        out["embedding_cosine_min"] = min(r["embedding_cosine"] for r in rows)
+    out["max_abs_error"] = {}
+    return out
+
+
 def bench_inputs(program: Program, length: int, batch: int = 1) -> dict[str, np.ndarray]:
     feed, _ = probe_inputs(program, None, length=length, batch=batch)
     return {k: v.numpy() for k, v in feed.items()}
@@ -128,8 +155,8 @@ def format_report(report: dict) -> str:
         lines.append(f"quality vs the original model ({q['probe']}):")
         for name, err in q["max_abs_error"].items():
             lines.append(f"  max abs error [{name}]".ljust(38) + _fmt(err))
-        for key in ("logit_kl", "top1_agreement", "perplexity_original", "perplexity_bundle",
-                    "embedding_cosine", "embedding_cosine_min"):
+        for key in ("tokens_kept", "logit_kl", "top1_agreement", "last_logit_kl", "last_top1_agreement",
+                    "perplexity_original", "perplexity_bundle", "embedding_cosine", "embedding_cosine_min"):
             if key in q:
                 lines.append(f"  {key.replace('_', ' ')}".ljust(38) + _fmt(q[key]))
     lat = report.get("latency")

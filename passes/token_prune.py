@@ -1,0 +1,344 @@
+"""token_prune: after chosen layers, keep the most attended tokens and run the rest of the
+network on them only (a rewrite of the exported graph; no model code is patched).
+
+    h_l = block_l(h_{l-1})                      (attention of block l: tokopt.attention(q, k, ...))
+    s   = score(q, k, mask)                     [B, N]   from block l's own q and k
+    idx = sort(top_K(s)),  K = ceil(keep * N)   [B, K]   K from the *actual* length
+    every value the later layers read with a token axis -> gathered by idx
+        (hidden states, attention masks on both axes, RoPE cos/sin, position ids)
+    every later use of the symbolic length N -> K
+
+The rewritten graph is re-exported with ``torch.export`` (dynamic batch and sequence), so every
+downstream view, reshape and mask is re-derived on the new length.
+
+Scores: ``cls`` (row of the first token, EViT), ``last`` (row of the last token, FastV; the
+choice for causal models), ``mean`` (attention received, averaged over heads and queries;
+computes this layer's full map once). Always kept: the first token (CLS / attention sink), and
+in causal models the last token. Padded positions score -inf, so they are never kept over real
+tokens.
+
+Contract: for encoders the pooled outputs (CLS row) keep their shape; ``restore=true`` scatters
+the pruned tokens' pre-pruning representations back so ``last_hidden_state`` keeps the input's
+shape. For causal LMs the last position's logits are the contract (``restore`` is refused).
+
+Refused with a reason: a layer past the model's depth, ``score=cls`` on a causal model (its
+first token attends only to itself), a value crossing the cut whose length is an expression of
+N other than N itself. Not built yet: modes ``fuse`` (EViT) and ``merge`` (ToMe), scores
+``head_weighted``, ``debiased`` and ``diverse`` (they are refused by name).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from fractions import Fraction
+
+import torch
+from torch.export import Dim
+
+from ..optimizer.errors import PassError, UsageError
+import onnx_ir as ir
+from onnxscript import opset23 as op23
+
+from ..optimizer.ops import ATTENTION, define_op
+from ..optimizer.pass_manager import Pass, PassResult, register_pass
+from ..optimizer.patterns import index_attention
+from ..optimizer.program import Program
+
+__all__ = ["TokenPrunePass", "TokenPruneOptions", "kept_length"]
+
+SCORES = ("cls", "last", "mean")
+PLANNED_SCORES = ("head_weighted", "debiased", "diverse")
+MODES = ("drop",)
+PLANNED_MODES = ("fuse", "merge")
+
+
+def kept_length(n: int, keep: float) -> int:
+    """Tokens left after one pruning step at length ``n`` (at least 1)."""
+    f = Fraction(keep).limit_denominator(1000)
+    return max(1, (n * f.numerator + f.denominator - 1) // f.denominator)
+
+
+@dataclass(frozen=True)
+class TokenPruneOptions:
+    keep: float = 0.5
+    layers: tuple[int, ...] = (1,)
+    schedule: str = ""          # "0.7@2/0.5@4" (keep@layer, '/'-separated): overrides keep/layers
+    score: str = "cls"
+    mode: str = "drop"
+    restore: bool = False
+
+    def __post_init__(self):
+        for keep, _ in self.steps():
+            if not 0 < keep <= 1:
+                raise ValueError(f"keep={keep} must be in (0, 1]")
+        if self.score in PLANNED_SCORES:
+            raise ValueError(f"score={self.score} is not implemented yet; use one of {', '.join(SCORES)}")
+        if self.score not in SCORES:
+            raise ValueError(f"score={self.score!r} is unknown; choose one of {', '.join(SCORES)}")
+        if self.mode in PLANNED_MODES:
+            raise ValueError(f"mode={self.mode} is not implemented yet; use mode=drop")
+        if self.mode not in MODES:
+            raise ValueError(f"mode={self.mode!r} is unknown; choose drop")
+
+    def steps(self) -> list[tuple[float, int]]:
+        if self.schedule:
+            try:
+                pairs = [item.split("@") for item in self.schedule.replace(" ", "").split("/") if item]
+                steps = [(float(k), int(layer)) for k, layer in pairs]
+            except ValueError:
+                raise ValueError(f"schedule={self.schedule!r} is not 'keep@layer/keep@layer'") from None
+        else:
+            steps = [(self.keep, layer) for layer in self.layers]
+        layers = [layer for _, layer in steps]
+        if layers != sorted(set(layers)):
+            raise ValueError(f"layers {layers} must be distinct and increasing")
+        return steps
+
+
+# --- the functions the rewritten graph calls (traced into ATen ops on re-export) ---------
+
+def _token_scores(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, scale: float, causal: bool,
+                  score: str) -> torch.Tensor:
+    """Attention each token receives at this layer, [B, N], from q and k only. GQA without
+    repeating k: q's heads are grouped by the kv head they share."""
+    b, _, _, d = q.shape
+    rows = {"cls": q[:, :, :1], "last": q[:, :, -1:], "mean": q}[score]
+    r = rows.shape[2]
+    grouped = rows.reshape(b, k.shape[1], -1, d)                  # [B, Hkv, rep*R, d]
+    logits = grouped @ k.transpose(-2, -1) * scale                # [B, Hkv, rep*R, N]
+    if mask is not None:
+        m = {"cls": mask[:, :, :1], "last": mask[:, :, -1:], "mean": mask}[score]
+        m = m.repeat(1, 1, grouped.shape[2] // r, 1)
+        logits = logits.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else logits + m
+    if causal and score != "last":  # the last row sees every key anyway
+        n = k.shape[2]
+        allowed = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()[: r]  # rows of query 0.. r-1
+        logits = logits.masked_fill(~allowed.repeat(grouped.shape[2] // r, 1), float("-inf"))
+    return logits.softmax(-1).mean(dim=(1, 2))
+
+
+def _token_scores_fake(q, k, mask, scale, causal, score):
+    return q.new_empty((q.shape[0], k.shape[2]))
+
+
+def _token_scores_onnx(q, k, mask=None, scale: float = 1.0, causal: bool = False, score: str = "cls"):
+    if score == "cls":
+        q = op23.Slice(q, op23.Constant(value_ints=[0]), op23.Constant(value_ints=[1]), op23.Constant(value_ints=[2]))
+    elif score == "last":
+        q = op23.Slice(q, op23.Constant(value_ints=[-1]), op23.Constant(value_ints=[_BIG]),
+                       op23.Constant(value_ints=[2]))
+    kv_heads = op23.Slice(op23.Shape(k), op23.Constant(value_ints=[1]), op23.Constant(value_ints=[2]))
+    q_shape = op23.Shape(q)
+    target = op23.Concat(op23.Slice(q_shape, op23.Constant(value_ints=[0]), op23.Constant(value_ints=[1])),
+                         kv_heads, op23.Constant(value_ints=[-1]),
+                         op23.Slice(q_shape, op23.Constant(value_ints=[3]), op23.Constant(value_ints=[4])), axis=0)
+    grouped = op23.Reshape(q, target)
+    logits = op23.Mul(op23.MatMul(grouped, op23.Transpose(k, perm=[0, 1, 3, 2])),
+                      op23.CastLike(op23.Constant(value_float=scale), grouped))
+    rep = op23.Div(op23.Slice(op23.Shape(grouped), op23.Constant(value_ints=[2]), op23.Constant(value_ints=[3])),
+                   op23.Slice(op23.Shape(q), op23.Constant(value_ints=[2]), op23.Constant(value_ints=[3])))
+    tiles = op23.Concat(op23.Constant(value_ints=[1, 1]), rep, op23.Constant(value_ints=[1]), axis=0)
+    neg = op23.CastLike(op23.Constant(value_float=float("-inf")), logits)
+    if mask is not None:
+        is_bool = mask.dtype == ir.DataType.BOOL  # read on the input: fresh values carry no dtype yet
+        if score == "cls":
+            mask = op23.Slice(mask, op23.Constant(value_ints=[0]), op23.Constant(value_ints=[1]),
+                              op23.Constant(value_ints=[2]))
+        elif score == "last":
+            mask = op23.Slice(mask, op23.Constant(value_ints=[-1]), op23.Constant(value_ints=[_BIG]),
+                              op23.Constant(value_ints=[2]))
+        mask = op23.Tile(mask, tiles)
+        logits = op23.Where(mask, logits, neg) if is_bool else op23.Add(logits, mask)
+    if causal and score != "last":
+        n = op23.Slice(op23.Shape(k), op23.Constant(value_ints=[2]), op23.Constant(value_ints=[3]))
+        r = op23.Slice(op23.Shape(q), op23.Constant(value_ints=[2]), op23.Constant(value_ints=[3]))
+        ones = op23.ConstantOfShape(op23.Concat(r, n, axis=0), value=_ones_int32())
+        tri = op23.Tile(op23.Trilu(ones, upper=0), op23.Concat(rep, op23.Constant(value_ints=[1]), axis=0))
+        logits = op23.Where(op23.Cast(tri, to=9), logits, neg)
+    return op23.ReduceMean(op23.Softmax(logits, axis=-1), op23.Constant(value_ints=[1, 2]), keepdims=0)
+
+
+_BIG = 2 ** 62
+
+
+def _ones_int32():
+    import onnx
+    return onnx.helper.make_tensor("one", onnx.TensorProto.INT32, [1], [1])
+
+
+TOKEN_SCORES = define_op("tokopt::token_scores", _token_scores, _token_scores_fake, onnx=_token_scores_onnx,
+                         tags=("token_prune",))
+
+
+def _keep_indices(scores, mask, num: int, den: int, keep_last: bool):
+    """Sorted indices of the K = ceil(num/den * N) best tokens; first (and last) forced in.
+    A key no query may attend to (padding) scores -inf, read from the layer's own mask."""
+    n = scores.shape[1]
+    k = (n * num + den - 1) // den
+    s = scores
+    if mask is not None:
+        allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+        valid = allowed.any(dim=-2).any(dim=1).expand(s.shape[0], n)
+        s = s.masked_fill(~valid, float("-inf"))
+    pos = torch.arange(n, device=s.device)
+    forced = (pos == 0) | (pos == n - 1) if keep_last else pos == 0
+    s = s.masked_fill(forced, float("inf"))  # not an in-place store: that lifts a constant tensor
+    idx = s.argsort(dim=1, descending=True)[:, :k]
+    return idx.sort(dim=1).values
+
+
+def _gather_tokens(v, idx, dims: tuple[int, ...]):
+    """``v`` with every axis in ``dims`` (of length N) indexed by idx [B, K], per batch row."""
+    b = idx.shape[0]
+    if v.shape[0] == 1 and b != 1:
+        v = v.expand(b, *v.shape[1:])
+    for d in dims:  # gather, not take_along_dim: the latter's meta specialises symbolic sizes
+        shape = [b] + [1] * (v.dim() - 1)
+        shape[d] = idx.shape[1]
+        size = list(v.shape)
+        size[d] = idx.shape[1]
+        v = v.gather(d, idx.view(shape).expand(size))
+    return v
+
+
+def _restore(full, idx, pruned):
+    """Scatter the pruned stream back into the pre-pruning one: shape [B, N, D] again."""
+    index = idx.unsqueeze(-1).expand(-1, -1, full.shape[-1])
+    return full.scatter(1, index, pruned)
+
+
+# --- the rewrite ---------------------------------------------------------------------------
+
+def _layer_of(node) -> int | None:
+    for path, _ in reversed(list((node.meta.get("nn_module_stack") or {}).values())):
+        m = re.search(r"\.(\d+)(\.|$)", path)
+        if m:
+            return int(m.group(1))
+    return None
+
+
+def _expr(x):
+    """The sympy expression of a size (symbolic or not)."""
+    import sympy
+    return x.node.expr if isinstance(x, torch.SymInt) else sympy.Integer(int(x))
+
+
+def _depends_on(x, seq) -> bool:
+    return bool(_expr(x).free_symbols & seq.free_symbols)
+
+
+def _prune_once(program: Program, gm: torch.fx.GraphModule, layer: int, keep: float,
+                opts: TokenPruneOptions, causal: bool) -> None:
+    graph = gm.graph
+    nodes = list(graph.nodes)
+    in_layer = [i for i, n in enumerate(nodes) if _layer_of(n) == layer]
+    att = [n for n in nodes if ATTENTION.matches(n) and _layer_of(n) == layer]
+    if not in_layer or len(att) != 1:
+        raise PassError(f"token_prune: cannot find exactly one attention in layer {layer} (found {len(att)})")
+    cut = nodes[in_layer[-1] + 1]
+    before = set(nodes[: in_layer[-1] + 1])
+    after = set(nodes[in_layer[-1] + 1:])
+    q, k, _v, mask, scale, is_causal = att[0].args
+    seq = _expr(q.meta["val"].shape[2])  # the token count at this layer (already pruned before?)
+    if not seq.free_symbols:
+        raise UsageError("token_prune needs a dynamic sequence axis; this model was exported with a "
+                         "fixed length.")
+    frac = Fraction(keep).limit_denominator(1000)
+    with graph.inserting_before(cut):
+        scores = graph.call_function(TOKEN_SCORES.overload, (q, k, mask, scale, is_causal, opts.score))
+        idx = graph.call_function(_keep_indices, (scores, mask, frac.numerator, frac.denominator, causal))
+        new_len = graph.call_function(torch.ops.aten.sym_size.int, (idx, 1))
+    crossing = {a for n in after for a in n.all_input_nodes if a in before and a.op != "get_attr"}
+    hidden = None
+    for value in sorted(crossing, key=nodes.index):
+        val = value.meta.get("val")
+        if isinstance(val, torch.SymInt):
+            if _expr(val) == seq:
+                value.replace_all_uses_with(new_len, delete_user_cb=lambda u: u in after)
+            elif _depends_on(val, seq):
+                raise PassError(f"token_prune: {value.name} = {val} depends on the sequence length; "
+                                "this layer cannot be pruned")
+            continue
+        if not isinstance(val, torch.Tensor):
+            continue
+        dims = tuple(i for i, d in enumerate(val.shape) if _expr(d) == seq)
+        if any(_depends_on(d, seq) for i, d in enumerate(val.shape) if i not in dims):
+            raise PassError(f"token_prune: {value.name} has shape {list(val.shape)}, a length that is an "
+                            "expression of the sequence length; this layer cannot be pruned")
+        if not dims:
+            continue
+        with graph.inserting_before(cut):
+            gathered = graph.call_function(_gather_tokens, (value, idx, dims))
+        value.replace_all_uses_with(gathered, delete_user_cb=lambda u, g=gathered: u in after and u is not g)
+        if val.dim() == 3 and dims == (1,) and hidden is None:
+            hidden = value
+    if opts.restore:
+        out = next(n for n in reversed(nodes) if n.op == "output")
+        if hidden is None:
+            raise PassError("token_prune: restore needs the hidden stream crossing the cut")
+        width = hidden.meta["val"].shape[-1]
+        new_args = []
+        for arg in out.args[0]:
+            val = arg.meta.get("val") if isinstance(arg, torch.fx.Node) else None
+            if isinstance(val, torch.Tensor) and val.dim() == 3 and _expr(val.shape[1]) == seq \
+                    and val.shape[-1] == width:
+                with graph.inserting_before(out):
+                    arg = graph.call_function(_restore, (hidden, idx, arg))
+            new_args.append(arg)
+        out.args = (tuple(new_args),)
+    gm.recompile()
+
+
+def _reexport(program: Program, gm: torch.fx.GraphModule) -> torch.export.ExportedProgram:
+    spec = {n: {ax: Dim.AUTO for ax in program.dynamic_axes.get(n, {})} or None for n in program.input_names}
+    try:
+        with torch.no_grad():
+            return torch.export.export(gm, tuple(program.probe[n] for n in program.input_names),
+                                       dynamic_shapes=spec, strict=False)
+    except Exception as e:
+        raise PassError(f"token_prune: the pruned graph does not re-export: {str(e).splitlines()[0]}") from e
+
+
+@register_pass
+class TokenPrunePass(Pass):
+    name = "token_prune"
+    Options = TokenPruneOptions
+    requires = ("canonicalize",)
+    tolerance = None  # approximate by design; keep=1.0 is exact (tested)
+    summary = "keep the most attended tokens after chosen layers; later layers run on fewer tokens"
+
+    def call(self, program: Program) -> PassResult:
+        opts = self.options
+        steps = opts.steps()
+        depth = len(program.attention)
+        causal = program.task == "causal-lm" or any(b.causal for b in program.attention)
+        for _, layer in steps:
+            if not 0 <= layer < depth:
+                raise UsageError(f"token_prune: layer {layer} is past the model's depth ({depth} attention "
+                                 f"layers: 0-{depth - 1}).")
+        if causal and opts.score == "cls":
+            raise UsageError("token_prune: score=cls needs a bidirectional model; in a causal model the first "
+                             "token attends only to itself. Use score=last or score=mean.")
+        if causal and opts.restore:
+            raise UsageError("token_prune: restore=true is for encoders; a causal LM's contract is the last "
+                             "position's logits.")
+        if "input_ids" not in program.input_names:
+            raise UsageError("token_prune works on token sequences; this model takes "
+                             f"{program.input_names}.")
+        if all(keep == 1.0 for keep, _ in steps):
+            return PassResult(program, False, {"pruned_layers": []})
+        for keep, layer in steps:
+            if keep == 1.0:
+                continue
+            gm = program.ep.module()
+            _prune_once(program, gm, layer, keep, opts, causal)
+            program.ep = _reexport(program, gm)
+            program.attention, program.rejected = index_attention(program)
+        n_layers = max(depth, 1)
+        work, frac = 0.0, 1.0
+        for i in range(n_layers):
+            work += frac
+            frac *= dict((layer, keep) for keep, layer in steps).get(i, 1.0)
+        return PassResult(program, True, {"pruned_layers": [layer for _, layer in steps],
+                                          "keep": [keep for keep, _ in steps],
+                                          "token_layer_fraction": round(work / n_layers, 4)})
