@@ -131,6 +131,7 @@ def export_baseline(program: Program, path: Path) -> None:
 
 def make_session(path: Path, providers: list[str], threads: int | None = None):
     import onnxruntime as ort
+    ort.set_default_logger_severity(3)  # failures surface as exceptions with tokopt's message
     so = ort.SessionOptions()
     so.log_severity_level = 3
     if threads:

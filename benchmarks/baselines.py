@@ -20,7 +20,6 @@ import tempfile
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 
 warnings.filterwarnings("ignore")
