@@ -85,6 +85,12 @@ def calibration_batches(source, tokenizer=None, *, seq_len: int = 512, batch_siz
         yield {"input_ids": chunk, "attention_mask": torch.ones_like(chunk)}
 
 
-def default_texts() -> list[str]:
-    """The shipped passages; an empty list if the file is absent."""
-    return load_texts(PASSAGES) if PASSAGES.exists() else []
+def default_texts(split: str = "all") -> list[str]:
+    """The shipped passages: ``"eval"`` is every fifth one (what reports measure on),
+    ``"calib"`` the rest (what calibration and training steps may use), ``"all"`` both."""
+    texts = load_texts(PASSAGES) if PASSAGES.exists() else []
+    if split == "eval":
+        return texts[::5]
+    if split == "calib":
+        return [t for i, t in enumerate(texts) if i % 5]
+    return texts

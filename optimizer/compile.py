@@ -103,11 +103,12 @@ def io_spec(program: Program) -> tuple[list[dict], list[dict]]:
 
 
 def _probe_texts(calib) -> list[str]:
-    """The calibration text when it is text (it is the user's domain), else shipped passages."""
+    """The calibration text when it is text (it is the user's domain), else the shipped
+    passages' evaluation split (never the part a calibration step may train on)."""
     from ..calibration.data import default_texts, load_texts
     if calib is not None and Path(calib).suffix not in (".npy", ".pt"):
         return load_texts(calib)
-    return default_texts()
+    return default_texts("eval")
 
 
 def compile(model, example_inputs=None, *, out=None, passes=None, recipe=None, backend: str = "onnxruntime",

@@ -99,3 +99,22 @@ def _attention_onnx(q, k, v, mask=None, scale: float = 1.0, causal: bool = False
 
 ATTENTION = define_op("tokopt::attention", _attention, _attention_fake, onnx=_attention_onnx,
                       tags=("attention",))
+
+
+def _attention_setup(ctx, inputs, output):
+    q, k, v, mask, scale, causal = inputs
+    ctx.save_for_backward(q, k, v)
+    ctx.mask, ctx.scale, ctx.causal = mask, scale, causal
+
+
+def _attention_backward(ctx, grad):
+    """Gradients through the reference, so passes can fine-tune graphs that hold the op."""
+    q, k, v = ctx.saved_tensors
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        out = attention_reference(*leaves, ctx.mask, ctx.scale, ctx.causal)
+        grads = torch.autograd.grad(out, leaves, grad)
+    return (*grads, None, None, None)
+
+
+torch.library.register_autograd("tokopt::attention", _attention_backward, setup_context=_attention_setup)

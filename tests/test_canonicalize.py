@@ -78,3 +78,19 @@ def test_attention_op_reference_and_onnx(tmp_path, kv, mask_kind):
     feeds = [q2, k2, v2] + ([m2] if m2 is not None else [])
     out = sess.run(None, {i.name: t.numpy() for i, t in zip(sess.get_inputs(), feeds)})[0]
     np.testing.assert_allclose(out, ATTENTION.op(q2, k2, v2, m2, 0.3, causal).numpy(), atol=2e-6)
+
+
+def test_attention_op_gradients_match_sdpa():
+    """The op is differentiable through its reference, so passes can fine-tune graphs holding it."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, 7, 8, generator=g, requires_grad=True) for h in (4, 2, 2))
+    mask = torch.rand(2, 1, 7, 7, generator=g) > 0.3
+    mask[..., 0] = True
+    ATTENTION.op(q, k, v, mask, 0.3, False).square().sum().backward()
+    got = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), attn_mask=mask,
+                                   scale=0.3).square().sum().backward()
+    for a, t in zip(got, (q, k, v)):
+        assert torch.allclose(a, t.grad, atol=1e-5)

@@ -53,3 +53,5 @@ def test_shipped_passages():
     texts = default_texts()
     assert len(texts) >= 150
     assert all(40 <= len(t.split()) <= 200 for t in texts)
+    evaluation, calib = default_texts("eval"), default_texts("calib")
+    assert len(evaluation) + len(calib) == len(texts) and not set(evaluation) & set(calib)
