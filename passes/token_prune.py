@@ -23,22 +23,23 @@ shape. For causal LMs the last position's logits are the contract (``restore`` i
 
 Refused with a reason: a layer past the model's depth, ``score=cls`` on a causal model (its
 first token attends only to itself), a value crossing the cut whose length is an expression of
-N other than N itself. Not built yet: modes ``fuse`` (EViT) and ``merge`` (ToMe), scores
-``head_weighted``, ``debiased`` and ``diverse`` (they are refused by name).
+N other than N itself. Modes: ``drop``, and ``fuse`` (EViT, encoders): the dropped tokens are folded into one extra
+token, their score-weighted mean, appended after the kept ones. Not built yet: ``merge`` (ToMe)
+and scores ``head_weighted``, ``debiased``, ``diverse`` (they are refused by name).
 """
 from __future__ import annotations
 
+import operator
 import re
 from dataclasses import dataclass
 from fractions import Fraction
 
+import onnx_ir as ir
 import torch
+from onnxscript import opset23 as op23
 from torch.export import Dim
 
 from ..optimizer.errors import PassError, UsageError
-import onnx_ir as ir
-from onnxscript import opset23 as op23
-
 from ..optimizer.ops import ATTENTION, define_op
 from ..optimizer.pass_manager import Pass, PassResult, register_pass
 from ..optimizer.patterns import index_attention
@@ -48,8 +49,8 @@ __all__ = ["TokenPrunePass", "TokenPruneOptions", "kept_length"]
 
 SCORES = ("cls", "last", "mean")
 PLANNED_SCORES = ("head_weighted", "debiased", "diverse")
-MODES = ("drop",)
-PLANNED_MODES = ("fuse", "merge")
+MODES = ("drop", "fuse")
+PLANNED_MODES = ("merge",)
 
 
 def kept_length(n: int, keep: float) -> int:
@@ -76,9 +77,9 @@ class TokenPruneOptions:
         if self.score not in SCORES:
             raise ValueError(f"score={self.score!r} is unknown; choose one of {', '.join(SCORES)}")
         if self.mode in PLANNED_MODES:
-            raise ValueError(f"mode={self.mode} is not implemented yet; use mode=drop")
+            raise ValueError(f"mode={self.mode} is not implemented yet; use mode=drop or mode=fuse")
         if self.mode not in MODES:
-            raise ValueError(f"mode={self.mode!r} is unknown; choose drop")
+            raise ValueError(f"mode={self.mode!r} is unknown; choose one of {', '.join(MODES)}")
 
     def steps(self) -> list[tuple[float, int]]:
         if self.schedule:
@@ -201,10 +202,33 @@ def _gather_tokens(v, idx, dims: tuple[int, ...]):
     return v
 
 
+def _fuse_hidden(x, idx, scores):
+    """EViT fusion: the kept tokens, then one token that is the score-weighted mean of the
+    dropped ones (normalised by their total score; EViT's code leaves it unnormalised)."""
+    kept = _gather_tokens(x, idx, (1,))
+    w = scores.scatter(1, idx, torch.zeros_like(idx, dtype=scores.dtype))
+    w = w / w.sum(1, keepdim=True).clamp_min(1e-12)
+    fused = (w.unsqueeze(-1) * x).sum(1, keepdim=True)
+    return torch.cat([kept, fused], 1)
+
+
+def _fuse_mask(mask, idx):
+    """The kept tokens' mask, grown by the fused token: everyone may attend to it, and it
+    attends to what any query may attend to."""
+    m = _gather_tokens(mask, idx, (2, 3))
+    allowed = m if m.dtype == torch.bool else m > torch.finfo(m.dtype).min / 2
+    row = torch.cat([allowed.any(dim=-2, keepdim=True), torch.ones_like(allowed[..., :1, :1])], -1)
+    col = torch.ones_like(allowed[..., :1])
+    grown = torch.cat([torch.cat([allowed, col], -1), row], -2)
+    return grown if m.dtype == torch.bool else torch.zeros_like(grown, dtype=m.dtype).masked_fill(
+        ~grown, torch.finfo(m.dtype).min)
+
+
 def _restore(full, idx, pruned):
-    """Scatter the pruned stream back into the pre-pruning one: shape [B, N, D] again."""
+    """Scatter the pruned stream back into the pre-pruning one: shape [B, N, D] again (a fused
+    token, if any, is dropped: it has no position of its own)."""
     index = idx.unsqueeze(-1).expand(-1, -1, full.shape[-1])
-    return full.scatter(1, index, pruned)
+    return full.scatter(1, index, pruned[:, : idx.shape[1]])
 
 
 # --- the rewrite ---------------------------------------------------------------------------
@@ -248,6 +272,8 @@ def _prune_once(program: Program, gm: torch.fx.GraphModule, layer: int, keep: fl
         scores = graph.call_function(TOKEN_SCORES.overload, (q, k, mask, scale, is_causal, opts.score))
         idx = graph.call_function(_keep_indices, (scores, mask, frac.numerator, frac.denominator, causal))
         new_len = graph.call_function(torch.ops.aten.sym_size.int, (idx, 1))
+        if opts.mode == "fuse":
+            new_len = graph.call_function(operator.add, (new_len, 1))
     crossing = {a for n in after for a in n.all_input_nodes if a in before and a.op != "get_attr"}
     hidden = None
     for value in sorted(crossing, key=nodes.index):
@@ -267,8 +293,17 @@ def _prune_once(program: Program, gm: torch.fx.GraphModule, layer: int, keep: fl
                             "expression of the sequence length; this layer cannot be pruned")
         if not dims:
             continue
+        if opts.mode == "drop":
+            fn, args = _gather_tokens, (value, idx, dims)
+        elif val.dim() == 3 and dims == (1,) and hidden is None:
+            fn, args = _fuse_hidden, (value, idx, scores)
+        elif val.dim() == 4 and dims == (2, 3):
+            fn, args = _fuse_mask, (value, idx)
+        else:
+            raise UsageError(f"token_prune: mode=fuse cannot extend {value.name} (shape {list(val.shape)}) by a "
+                             "fused token; use mode=drop for this model.")
         with graph.inserting_before(cut):
-            gathered = graph.call_function(_gather_tokens, (value, idx, dims))
+            gathered = graph.call_function(fn, args)
         value.replace_all_uses_with(gathered, delete_user_cb=lambda u, g=gathered: u in after and u is not g)
         if val.dim() == 3 and dims == (1,) and hidden is None:
             hidden = value
@@ -319,6 +354,9 @@ class TokenPrunePass(Pass):
         if causal and opts.score == "cls":
             raise UsageError("token_prune: score=cls needs a bidirectional model; in a causal model the first "
                              "token attends only to itself. Use score=last or score=mean.")
+        if causal and opts.mode == "fuse":
+            raise UsageError("token_prune: mode=fuse is for encoders; a fused token has no position in a "
+                             "causal sequence. Use mode=drop.")
         if causal and opts.restore:
             raise UsageError("token_prune: restore=true is for encoders; a causal LM's contract is the last "
                              "position's logits.")

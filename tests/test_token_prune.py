@@ -51,6 +51,18 @@ def test_token_counts_follow_schedule(bert, llama, n):
     assert one.history[-1]["stats"]["token_layer_fraction"] == pytest.approx(0.75)
 
 
+def test_fuse_appends_one_token_and_respects_padding(bert):
+    fused = _run(bert, "token_prune:keep=0.5,layers=0,mode=fuse")
+    drop = _run(bert, "token_prune:keep=0.5,layers=0")
+    feed = feed_for("bert", 2, 24)  # row 0 has 8 padded positions
+    a, b = drop.run(feed)["last_hidden_state"], fused.run(feed)["last_hidden_state"]
+    assert b.shape == (2, kept_length(24, 0.5) + 1, 64)
+    assert torch.isfinite(b).all()
+    assert not torch.allclose(a, b[:, :-1], atol=1e-4)  # later layers attend to the fused token
+    restored = _run(bert, "token_prune:keep=0.5,layers=0,mode=fuse,restore=true")
+    assert restored.run(feed)["last_hidden_state"].shape == (2, 24, 64)
+
+
 def test_restore_keeps_shape_and_cls(bert):
     pruned = _run(bert, "token_prune:keep=0.5,layers=0")
     restored = _run(bert, "token_prune:keep=0.5,layers=0,restore=true")
@@ -119,6 +131,7 @@ def test_score_op_reference_and_onnx(tmp_path, score, kv, mask_kind):
     ("token_prune:keep=1.5", "keep=1.5 must be in (0, 1]"),
     ("token_prune:layers=7", "layer 7 is past the model's depth"),
     ("token_prune:mode=merge", "mode=merge is not implemented yet"),
+    ("token_prune:mode=squash", "mode='squash' is unknown"),
     ("token_prune:score=diverse", "score=diverse is not implemented yet"),
     ("token_prune:schedule=0.5@1/0.7@0", "must be distinct and increasing"),
 ])
@@ -130,10 +143,20 @@ def test_bad_options(bert, spec, message):
 @pytest.mark.parametrize("spec,message", [
     ("token_prune:score=cls", "score=cls needs a bidirectional model"),
     ("token_prune:score=last,restore=true", "restore=true is for encoders"),
+    ("token_prune:score=last,mode=fuse", "mode=fuse is for encoders"),
 ])
 def test_causal_refusals(llama, spec, message):
     with pytest.raises(UsageError, match=message):
         _run(llama, spec)
+
+
+def test_fused_bundle_runs_in_onnxruntime(tmp_path, model_dir):
+    res = tokopt.compile(model_dir("bert"), out=tmp_path / "b", passes="token_prune:keep=0.5,layers=0,mode=fuse",
+                         measure=False)
+    feed = feed_for("bert", 3, 30)
+    got = tokopt.load(res.bundle)(**{k: v.numpy() for k, v in feed.items()})["last_hidden_state"]
+    assert got.shape == (3, kept_length(30, 0.5) + 1, 64)
+    assert np.abs(got - res.program.run(feed)["last_hidden_state"].numpy()).max() < 1e-4
 
 
 def test_pruned_bundle_runs_in_onnxruntime(tmp_path, model_dir):
