@@ -23,9 +23,12 @@ warnings.filterwarnings("ignore")
 
 SCHEDULES = [
     "token_prune:keep=0.7,layers=3,score=cls",
+    "token_prune:keep=0.7,layers=1,score=cls",
     "token_prune:keep=0.5,layers=1,score=cls",
+    "token_prune:keep=0.5,layers=1,score=cls,mode=fuse",
     "token_prune:keep=0.5,layers=1,score=mean",
     "token_prune:keep=0.5,layers=0,score=cls",
+    "token_prune:keep=0.5,layers=0,score=cls,mode=fuse",
     "token_prune:schedule=0.7@0/0.7@2,score=cls",
     "token_prune:schedule=0.5@0/0.5@2,score=mean",
 ]
