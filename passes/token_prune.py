@@ -23,9 +23,12 @@ shape. For causal LMs the last position's logits are the contract (``restore`` i
 
 Refused with a reason: a layer past the model's depth, ``score=cls`` on a causal model (its
 first token attends only to itself), a value crossing the cut whose length is an expression of
-N other than N itself. Modes: ``drop``, and ``fuse`` (EViT, encoders): the dropped tokens are folded into one extra
-token, their score-weighted mean, appended after the kept ones. Not built yet: ``merge`` (ToMe)
-and scores ``head_weighted``, ``debiased``, ``diverse`` (they are refused by name).
+N other than N itself. Modes: ``drop``; ``fuse`` (EViT, encoders): the dropped tokens are folded into one extra token,
+their score-weighted mean, appended after the kept ones; ``merge`` (ToMe, encoders, one layer,
+keep > 0.5): bipartite soft matching on the layer's keys, merged tokens averaged, later
+attentions add log(size) to each key (proportional attention), and ``restore`` gives every
+position its merged token's output. Not built yet: scores ``head_weighted``, ``debiased``,
+``diverse`` (refused by name) and size tracking across several merging layers.
 """
 from __future__ import annotations
 
@@ -49,8 +52,8 @@ __all__ = ["TokenPrunePass", "TokenPruneOptions", "kept_length"]
 
 SCORES = ("cls", "last", "mean")
 PLANNED_SCORES = ("head_weighted", "debiased", "diverse")
-MODES = ("drop", "fuse")
-PLANNED_MODES = ("merge",)
+MODES = ("drop", "fuse", "merge")
+PLANNED_MODES: tuple[str, ...] = ()
 
 
 def kept_length(n: int, keep: float) -> int:
@@ -77,7 +80,13 @@ class TokenPruneOptions:
         if self.score not in SCORES:
             raise ValueError(f"score={self.score!r} is unknown; choose one of {', '.join(SCORES)}")
         if self.mode in PLANNED_MODES:
-            raise ValueError(f"mode={self.mode} is not implemented yet; use mode=drop or mode=fuse")
+            raise ValueError(f"mode={self.mode} is not implemented yet; use mode=drop")
+        if self.mode == "merge" and any(keep <= 0.5 for keep, _ in self.steps()):
+            raise ValueError("mode=merge needs keep > 0.5: ToMe merges at most the a-half of the tokens "
+                             "and the first token never merges")
+        if self.mode == "merge" and len(self.steps()) > 1:
+            raise ValueError("mode=merge supports one merging layer for now (token sizes are not "
+                             "carried across layers yet)")
         if self.mode not in MODES:
             raise ValueError(f"mode={self.mode!r} is unknown; choose one of {', '.join(MODES)}")
 
@@ -224,6 +233,61 @@ def _fuse_mask(mask, idx):
         ~grown, torch.finfo(m.dtype).min)
 
 
+def _merge(x, k, mask, num: int, den: int):
+    """ToMe bipartite soft matching on this layer's keys (mean over heads, cosine): tokens split
+    alternately into a and b; the r = N - K a-tokens most similar to some b-token are averaged
+    into it. CLS (a[0]) and padding never merge. Returns the merged stream, a float mask for the
+    later attentions that adds log(size) to each key's logits (proportional attention) and hides
+    padding, and, per original position, the index of its merged token. The sequence is first
+    padded by one or two invalid tokens to an even length (every size is then a function of
+    N // 2 alone, which keeps the exported shapes free of parity guards); they stay as masked
+    slots in the output."""
+    b, n, d = x.shape
+    metric = k.mean(1)
+    metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    if mask is None:
+        valid = torch.ones(b, n, dtype=torch.bool, device=x.device)
+    else:
+        allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+        valid = allowed.any(dim=-2).any(dim=1).expand(b, n)
+    na = n // 2 + 1
+    extra = 2 * na - n  # 1 or 2, never 0: a zero pad would be specialised away at export
+    pairs = torch.nn.functional.pad(x, (0, 0, 0, extra)).view(b, na, 2, d)
+    mpairs = torch.nn.functional.pad(metric, (0, 0, 0, extra)).view(b, na, 2, metric.shape[-1])
+    vpairs = torch.nn.functional.pad(valid, (0, extra), value=False).view(b, na, 2)
+    xa, xb, ma, mb, va, vb = pairs[:, :, 0], pairs[:, :, 1], mpairs[:, :, 0], mpairs[:, :, 1], vpairs[..., 0], vpairs[..., 1]
+    sim = ma @ mb.transpose(-2, -1)
+    first = torch.arange(na, device=x.device) == 0
+    sim = sim.masked_fill(~vb[:, None, :] | ~va[:, :, None] | first[None, :, None], float("-inf"))
+    best, dst_all = sim.max(dim=-1)
+    order = best.argsort(dim=-1, descending=True)
+    r = n - (n * num + den - 1) // den
+    src = order[:, :r]
+    unm = order[:, r:].sort(dim=-1).values
+    dst = dst_all.gather(1, src)
+    summed = xb.scatter_add(1, dst.unsqueeze(-1).expand(-1, -1, d), xa.gather(1, src.unsqueeze(-1).expand(-1, -1, d)))
+    size_b = torch.ones_like(vb, dtype=x.dtype).scatter_add(1, dst, torch.ones_like(src, dtype=x.dtype))
+    merged = torch.cat([xa.gather(1, unm.unsqueeze(-1).expand(-1, -1, d)), summed / size_b.unsqueeze(-1)], 1)
+    size = torch.cat([torch.ones_like(unm, dtype=x.dtype), size_b], 1)
+    key_valid = torch.cat([va.gather(1, unm), vb], 1)
+    bias = size.log().masked_fill(~key_valid, torch.finfo(x.dtype).min)
+    kk = merged.shape[1]
+    new_mask = bias[:, None, None, :].expand(b, 1, kk, kk)
+    kept_a = unm.shape[1]
+    map_a = torch.zeros_like(va, dtype=torch.long)
+    map_a = map_a.scatter(1, unm, torch.arange(kept_a, device=x.device).expand(b, kept_a))
+    map_a = map_a.scatter(1, src, dst + kept_a)
+    map_b = (torch.arange(na, device=x.device) + kept_a).expand(b, na)
+    mapping = torch.stack([map_a, map_b], dim=-1).view(b, 2 * na)
+    return merged, new_mask, mapping
+
+
+def _unmerge(full, pruned, mapping):
+    """Every original position gets its merged token's output (DyMU's virtual unmerging)."""
+    mapping = mapping.narrow(1, 0, full.shape[1])
+    return pruned.gather(1, mapping.unsqueeze(-1).expand(-1, -1, pruned.shape[-1]))
+
+
 def _restore(full, idx, pruned):
     """Scatter the pruned stream back into the pre-pruning one: shape [B, N, D] again (a fused
     token, if any, is dropped: it has no position of its own)."""
@@ -276,6 +340,17 @@ def _prune_once(program: Program, gm: torch.fx.GraphModule, layer: int, keep: fl
             new_len = graph.call_function(operator.add, (new_len, 1))
     crossing = {a for n in after for a in n.all_input_nodes if a in before and a.op != "get_attr"}
     hidden = None
+    merged = None
+    if opts.mode == "merge":
+        streams = [a for a in crossing if isinstance(a.meta.get("val"), torch.Tensor) and a.meta["val"].dim() == 3
+                   and _expr(a.meta["val"].shape[1]) == seq]
+        if len(streams) != 1:
+            raise UsageError("token_prune: mode=merge needs exactly one hidden stream crossing the cut; "
+                             "use mode=drop for this model.")
+        with graph.inserting_before(cut):
+            merged = graph.call_function(_merge, (streams[0], k, mask, frac.numerator, frac.denominator))
+            merged_parts = [graph.call_function(operator.getitem, (merged, i)) for i in range(3)]
+            new_len = graph.call_function(torch.ops.aten.sym_size.int, (merged_parts[0], 1))
     for value in sorted(crossing, key=nodes.index):
         val = value.meta.get("val")
         if isinstance(val, torch.SymInt):
@@ -292,6 +367,14 @@ def _prune_once(program: Program, gm: torch.fx.GraphModule, layer: int, keep: fl
             raise PassError(f"token_prune: {value.name} has shape {list(val.shape)}, a length that is an "
                             "expression of the sequence length; this layer cannot be pruned")
         if not dims:
+            continue
+        if opts.mode == "merge":
+            part = 0 if val.dim() == 3 and dims == (1,) else 1 if val.dim() == 4 and dims == (2, 3) else None
+            if part is None:
+                raise UsageError(f"token_prune: mode=merge cannot re-derive {value.name} (shape {list(val.shape)}) "
+                                 "for merged tokens; use mode=drop for this model.")
+            value.replace_all_uses_with(merged_parts[part], delete_user_cb=lambda u: u in after)
+            hidden = value if part == 0 else hidden
             continue
         if opts.mode == "drop":
             fn, args = _gather_tokens, (value, idx, dims)
@@ -318,7 +401,8 @@ def _prune_once(program: Program, gm: torch.fx.GraphModule, layer: int, keep: fl
             if isinstance(val, torch.Tensor) and val.dim() == 3 and _expr(val.shape[1]) == seq \
                     and val.shape[-1] == width:
                 with graph.inserting_before(out):
-                    arg = graph.call_function(_restore, (hidden, idx, arg))
+                    arg = graph.call_function(_unmerge, (hidden, arg, merged_parts[2])) if merged is not None else \
+                        graph.call_function(_restore, (hidden, idx, arg))
             new_args.append(arg)
         out.args = (tuple(new_args),)
     gm.recompile()
@@ -354,9 +438,9 @@ class TokenPrunePass(Pass):
         if causal and opts.score == "cls":
             raise UsageError("token_prune: score=cls needs a bidirectional model; in a causal model the first "
                              "token attends only to itself. Use score=last or score=mean.")
-        if causal and opts.mode == "fuse":
-            raise UsageError("token_prune: mode=fuse is for encoders; a fused token has no position in a "
-                             "causal sequence. Use mode=drop.")
+        if causal and opts.mode in ("fuse", "merge"):
+            raise UsageError(f"token_prune: mode={opts.mode} is for encoders; a fused or merged token has no "
+                             "position in a causal sequence. Use mode=drop.")
         if causal and opts.restore:
             raise UsageError("token_prune: restore=true is for encoders; a causal LM's contract is the last "
                              "position's logits.")

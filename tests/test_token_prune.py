@@ -63,6 +63,25 @@ def test_fuse_appends_one_token_and_respects_padding(bert):
     assert restored.run(feed)["last_hidden_state"].shape == (2, 24, 64)
 
 
+def _merged_length(n: int, keep: float) -> int:
+    half = n // 2 + 1
+    return 2 * half - (n - kept_length(n, keep))  # one or two masked padding slots
+
+
+@pytest.mark.parametrize("n", [12, 17, 40])
+def test_merge_lengths_restore_and_padding(bert, n):
+    merged = _run(bert, "token_prune:keep=0.7,layers=0,mode=merge")
+    restored = _run(bert, "token_prune:keep=0.7,layers=0,mode=merge,restore=true")
+    feed = feed_for("bert", 2, n)
+    out = merged.run(feed)["last_hidden_state"]
+    assert out.shape == (2, _merged_length(n, 0.7), 64) and torch.isfinite(out).all()
+    full = restored.run(feed)["last_hidden_state"]
+    assert full.shape == (2, n, 64)
+    # every original position carries one of the merged tokens' outputs
+    rows = {tuple(v.tolist()) for v in out[1].round(decimals=4)}
+    assert all(tuple(v.tolist()) in rows for v in full[1].round(decimals=4))
+
+
 def test_restore_keeps_shape_and_cls(bert):
     pruned = _run(bert, "token_prune:keep=0.5,layers=0")
     restored = _run(bert, "token_prune:keep=0.5,layers=0,restore=true")
@@ -130,7 +149,8 @@ def test_score_op_reference_and_onnx(tmp_path, score, kv, mask_kind):
 @pytest.mark.parametrize("spec,message", [
     ("token_prune:keep=1.5", "keep=1.5 must be in (0, 1]"),
     ("token_prune:layers=7", "layer 7 is past the model's depth"),
-    ("token_prune:mode=merge", "mode=merge is not implemented yet"),
+    ("token_prune:mode=merge,keep=0.5", "mode=merge needs keep > 0.5"),
+    ("token_prune:mode=merge,schedule=0.8@0/0.8@1", "one merging layer"),
     ("token_prune:mode=squash", "mode='squash' is unknown"),
     ("token_prune:score=diverse", "score=diverse is not implemented yet"),
     ("token_prune:schedule=0.5@1/0.7@0", "must be distinct and increasing"),
@@ -144,6 +164,7 @@ def test_bad_options(bert, spec, message):
     ("token_prune:score=cls", "score=cls needs a bidirectional model"),
     ("token_prune:score=last,restore=true", "restore=true is for encoders"),
     ("token_prune:score=last,mode=fuse", "mode=fuse is for encoders"),
+    ("token_prune:score=last,mode=merge,keep=0.7", "mode=merge is for encoders"),
 ])
 def test_causal_refusals(llama, spec, message):
     with pytest.raises(UsageError, match=message):
@@ -156,6 +177,15 @@ def test_fused_bundle_runs_in_onnxruntime(tmp_path, model_dir):
     feed = feed_for("bert", 3, 30)
     got = tokopt.load(res.bundle)(**{k: v.numpy() for k, v in feed.items()})["last_hidden_state"]
     assert got.shape == (3, kept_length(30, 0.5) + 1, 64)
+    assert np.abs(got - res.program.run(feed)["last_hidden_state"].numpy()).max() < 1e-4
+
+
+def test_merged_bundle_runs_in_onnxruntime(tmp_path, model_dir):
+    res = tokopt.compile(model_dir("bert"), out=tmp_path / "b", passes="token_prune:keep=0.7,layers=0,mode=merge",
+                         measure=False)
+    feed = feed_for("bert", 3, 27)
+    got = tokopt.load(res.bundle)(**{k: v.numpy() for k, v in feed.items()})["last_hidden_state"]
+    assert got.shape == (3, _merged_length(27, 0.7), 64)
     assert np.abs(got - res.program.run(feed)["last_hidden_state"].numpy()).max() < 1e-4
 
 
