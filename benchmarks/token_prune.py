@@ -24,6 +24,8 @@ warnings.filterwarnings("ignore")
 SCHEDULES = [
     "token_prune:keep=0.7,layers=3,score=cls",
     "token_prune:keep=0.7,layers=1,score=cls",
+    "token_prune:keep=0.7,layers=1,mode=merge",
+    "token_prune:keep=0.6,layers=1,mode=merge",
     "token_prune:keep=0.5,layers=1,score=cls",
     "token_prune:keep=0.5,layers=1,score=cls,mode=fuse",
     "token_prune:keep=0.5,layers=1,score=mean",
