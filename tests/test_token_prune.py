@@ -171,21 +171,16 @@ def test_causal_refusals(llama, spec, message):
         _run(llama, spec)
 
 
-def test_fused_bundle_runs_in_onnxruntime(tmp_path, model_dir):
-    res = tokopt.compile(model_dir("bert"), out=tmp_path / "b", passes="token_prune:keep=0.5,layers=0,mode=fuse",
-                         measure=False)
-    feed = feed_for("bert", 3, 30)
-    got = tokopt.load(res.bundle)(**{k: v.numpy() for k, v in feed.items()})["last_hidden_state"]
-    assert got.shape == (3, kept_length(30, 0.5) + 1, 64)
-    assert np.abs(got - res.program.run(feed)["last_hidden_state"].numpy()).max() < 1e-4
-
-
-def test_merged_bundle_runs_in_onnxruntime(tmp_path, model_dir):
-    res = tokopt.compile(model_dir("bert"), out=tmp_path / "b", passes="token_prune:keep=0.7,layers=0,mode=merge",
-                         measure=False)
+@pytest.mark.parametrize("mode,keep,length", [
+    ("fuse", 0.5, lambda n: kept_length(n, 0.5) + 1),
+    ("merge", 0.7, lambda n: _merged_length(n, 0.7)),
+])
+def test_encoder_modes_run_in_onnxruntime(tmp_path, model_dir, mode, keep, length):
+    res = tokopt.compile(model_dir("bert"), out=tmp_path / "b", measure=False,
+                         passes=f"token_prune:keep={keep},layers=0,mode={mode}")
     feed = feed_for("bert", 3, 27)
     got = tokopt.load(res.bundle)(**{k: v.numpy() for k, v in feed.items()})["last_hidden_state"]
-    assert got.shape == (3, _merged_length(27, 0.7), 64)
+    assert got.shape == (3, length(27), 64)
     assert np.abs(got - res.program.run(feed)["last_hidden_state"].numpy()).max() < 1e-4
 
 
