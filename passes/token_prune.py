@@ -332,12 +332,14 @@ def _prune_once(program: Program, gm: torch.fx.GraphModule, layer: int, keep: fl
         raise UsageError("token_prune needs a dynamic sequence axis; this model was exported with a "
                          "fixed length.")
     frac = Fraction(keep).limit_denominator(1000)
-    with graph.inserting_before(cut):
-        scores = graph.call_function(TOKEN_SCORES.overload, (q, k, mask, scale, is_causal, opts.score))
-        idx = graph.call_function(_keep_indices, (scores, mask, frac.numerator, frac.denominator, causal))
-        new_len = graph.call_function(torch.ops.aten.sym_size.int, (idx, 1))
-        if opts.mode == "fuse":
-            new_len = graph.call_function(operator.add, (new_len, 1))
+    scores = idx = new_len = None
+    if opts.mode != "merge":  # merge matches on keys instead of scoring
+        with graph.inserting_before(cut):
+            scores = graph.call_function(TOKEN_SCORES.overload, (q, k, mask, scale, is_causal, opts.score))
+            idx = graph.call_function(_keep_indices, (scores, mask, frac.numerator, frac.denominator, causal))
+            new_len = graph.call_function(torch.ops.aten.sym_size.int, (idx, 1))
+            if opts.mode == "fuse":
+                new_len = graph.call_function(operator.add, (new_len, 1))
     crossing = {a for n in after for a in n.all_input_nodes if a in before and a.op != "get_attr"}
     hidden = None
     merged = None
