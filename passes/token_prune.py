@@ -132,16 +132,15 @@ def _token_scores_fake(q, k, mask, scale, causal, score):
 
 
 def _token_scores_onnx(q, k, mask=None, scale: float = 1.0, causal: bool = False, score: str = "cls"):
+    # heads and head_dim are static: a constant reshape target (0 = copy the batch) keeps a
+    # single -1 even after ORT's fusions fold shape arithmetic (a computed one came out with two)
+    kv_heads, head_dim = int(k.shape[1]), int(q.shape[3])
     if score == "cls":
         q = op23.Slice(q, op23.Constant(value_ints=[0]), op23.Constant(value_ints=[1]), op23.Constant(value_ints=[2]))
     elif score == "last":
         q = op23.Slice(q, op23.Constant(value_ints=[-1]), op23.Constant(value_ints=[_BIG]),
                        op23.Constant(value_ints=[2]))
-    kv_heads = op23.Slice(op23.Shape(k), op23.Constant(value_ints=[1]), op23.Constant(value_ints=[2]))
-    q_shape = op23.Shape(q)
-    target = op23.Concat(op23.Slice(q_shape, op23.Constant(value_ints=[0]), op23.Constant(value_ints=[1])),
-                         kv_heads, op23.Constant(value_ints=[-1]),
-                         op23.Slice(q_shape, op23.Constant(value_ints=[3]), op23.Constant(value_ints=[4])), axis=0)
+    target = op23.Constant(value_ints=[0, kv_heads, -1, head_dim])
     grouped = op23.Reshape(q, target)
     logits = op23.Mul(op23.MatMul(grouped, op23.Transpose(k, perm=[0, 1, 3, 2])),
                       op23.CastLike(op23.Constant(value_float=scale), grouped))
