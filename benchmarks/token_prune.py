@@ -92,22 +92,25 @@ def main(argv=None):
     ref = _embeddings(runner["no passes"], tok, texts, names)
     ref_sims = (ref @ ref.T)[np.triu_indices(len(texts), 1)]
     rows = []
-    stream = tok(" ".join(texts), return_tensors="np")
     for name in bundles:
         emb = ref if name == "no passes" else _embeddings(runner[name], tok, texts, names)
         sims = (emb @ emb.T)[np.triu_indices(len(texts), 1)]
-        row = {"candidate": name, "cosine": float((emb * ref).sum(1).mean()),
-               "spearman": _spearman(sims, ref_sims)}
-        for n in args.lengths:
-            feed = {k: stream[k][:, :n].astype(np.int64) for k in names}
-            row[f"ms@{n}"] = time_calls(lambda s=sessions[name], f=feed: s.run(None, f), args.runs)["median_ms"]
-        rows.append(row)
-    for name in others:
-        row = {"candidate": name, "cosine": None, "spearman": None}
-        for n in args.lengths:
-            feed = {k: stream[k][:, :n].astype(np.int64) for k in names}
-            row[f"ms@{n}"] = time_calls(lambda s=sessions[name], f=feed: s.run(None, f), args.runs)["median_ms"]
-        rows.append(row)
+        rows.append({"candidate": name, "cosine": float((emb * ref).sum(1).mean()),
+                     "spearman": _spearman(sims, ref_sims)})
+    rows += [{"candidate": name, "cosine": None, "spearman": None} for name in others]
+    # Timing is interleaved: rounds of a few calls per candidate, so drift in the machine's
+    # speed during the run hits every candidate alike; the median over all rounds is reported.
+    stream = tok(" ".join(texts), return_tensors="np")
+    rounds = 5
+    for n in args.lengths:
+        feed = {k: stream[k][:, :n].astype(np.int64) for k in names}
+        times = {r["candidate"]: [] for r in rows}
+        for _ in range(rounds):
+            for name in times:
+                t = time_calls(lambda s=sessions[name]: s.run(None, feed), max(1, args.runs // rounds), warmup=1)
+                times[name].append(t["median_ms"])
+        for r in rows:
+            r[f"ms@{n}"] = float(np.median(times[r["candidate"]]))
     base = rows[0]
     for r in rows:
         for n in args.lengths:
