@@ -1,7 +1,7 @@
 """``tokopt`` on the command line: a thin face over the Python API.
 
     tokopt compile MODEL [--passes …] [--recipe …] [--backend …] [--target …] [--out DIR] …
-    tokopt run BUNDLE --text "…" | --input-ids 1,2,3
+    tokopt run BUNDLE --text "…" | --input-ids 1,2,3 [--max-new-tokens N [--sample …]]
     tokopt inspect MODEL|BUNDLE
     tokopt passes | targets
 
@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--bench-runs", type=int, default=20)
     c.add_argument("--bench-len", type=int, default=128, help="tokens per sequence for the latency probe")
     c.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    c.add_argument("--generate", action="store_true",
+                   help="causal LMs: compile the prefill/decode graph with a KV cache, for `tokopt run --max-new-tokens`")
     c.add_argument("--json", action="store_true", help="print the report as JSON")
     c.add_argument("--quiet", action="store_true", help="no progress lines")
 
@@ -54,7 +56,15 @@ def build_parser() -> argparse.ArgumentParser:
     g = r.add_mutually_exclusive_group(required=True)
     g.add_argument("--text")
     g.add_argument("--input-ids", help="comma-separated token ids")
-    r.add_argument("--top-k", type=int, default=5)
+    r.add_argument("--show-top", type=int, default=5, help="how many next-token candidates to show")
+    r.add_argument("--max-new-tokens", type=int, default=None,
+                   help="tokens to generate (a --generate bundle; default 32); the text streams as it comes")
+    r.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    r.add_argument("--temperature", type=float, default=1.0)
+    r.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0: all)")
+    r.add_argument("--top-p", type=float, default=1.0, help="sample from the smallest set with this mass")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--stop", default=None, help="comma-separated extra stop token ids")
     r.add_argument("--json", action="store_true")
 
     i = sub.add_parser("inspect", help="show a model's attention index, or a bundle's manifest and report")
@@ -76,7 +86,7 @@ def _cmd_compile(args) -> int:
         calib=args.calib, force=args.force, verify_each=args.verify_each, seq_len=args.seq_len,
         max_seq_len=args.max_seq_len, trust_pickle=args.trust_pickle, attn_implementation=args.attn,
         measure=not args.no_measure, bench_runs=args.bench_runs, bench_len=args.bench_len,
-        threads=args.threads, progress=not (args.quiet or args.json))
+        threads=args.threads, generate=args.generate, progress=not (args.quiet or args.json))
     if args.json:
         print(json.dumps(result.report, indent=1, default=float))
     else:
@@ -85,12 +95,32 @@ def _cmd_compile(args) -> int:
     return 0
 
 
-def _tokenizer(bundle: Path, manifest: dict):
+def _ids(text: str, flag: str) -> list[int]:
     from .optimizer.errors import UsageError
-    if not manifest.get("tokenizer"):
-        raise UsageError(f"{bundle} has no tokenizer, so --text cannot be used; pass --input-ids.")
-    from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(bundle / manifest["tokenizer"], local_files_only=True)
+    try:
+        return [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise UsageError(f"{flag} must be comma-separated integers, e.g. 1,2,3.") from None
+
+
+def _cmd_generate(args, runner, tok, ids: list[int]) -> int:
+    import numpy as np
+    stream = (lambda piece: print(piece, end="", flush=True)) if tok is not None and not args.json else None
+    if stream is not None:
+        print(args.text if args.text is not None else tok.decode(ids), end="", flush=True)
+    out = runner.generate(input_ids=np.array([ids], dtype=np.int64), max_new_tokens=args.max_new_tokens,
+                          do_sample=args.sample, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, seed=args.seed, stop_tokens=_ids(args.stop or "", "--stop"),
+                          on_text=stream)
+    new = [int(t) for t in out[0, len(ids):]]
+    if args.json:
+        print(json.dumps({"prompt_tokens": len(ids), "new_ids": new,
+                          **({"text": tok.decode(new, skip_special_tokens=True)} if tok else {})}, indent=1))
+    elif stream is not None:
+        print()
+    else:
+        print(",".join(str(t) for t in new))
+    return 0
 
 
 def _cmd_run(args) -> int:
@@ -102,16 +132,18 @@ def _cmd_run(args) -> int:
     if "input_ids" not in runner.inputs:
         raise UsageError(f"this bundle takes {', '.join(runner.inputs)}, not text; run it from Python "
                          "with tokopt.load(BUNDLE)(**inputs).")
-    tok = _tokenizer(Path(args.bundle), m) if args.text is not None or m.get("tokenizer") else None
-    if args.text is not None:
-        ids = tok(args.text)["input_ids"]
-    else:
-        try:
-            ids = [int(x) for x in args.input_ids.replace(" ", "").split(",") if x]
-        except ValueError:
-            raise UsageError("--input-ids must be comma-separated integers, e.g. 1,2,3.") from None
+    if args.max_new_tokens is None and m.get("generation"):
+        args.max_new_tokens = 32
+    sampling = args.sample or args.top_k or args.top_p != 1.0 or args.temperature != 1.0 or args.stop
+    if args.max_new_tokens is None and sampling:
+        raise UsageError("--sample, --temperature, --top-k, --top-p and --stop apply to generation; "
+                         "add --max-new-tokens N (the bundle must be compiled with --generate).")
+    tok = runner.tokenizer() if args.text is not None or m.get("tokenizer") else None
+    ids = tok(args.text)["input_ids"] if args.text is not None else _ids(args.input_ids, "--input-ids")
     if not ids:
         raise UsageError("the input is empty: give at least one token.")
+    if args.max_new_tokens is not None:
+        return _cmd_generate(args, runner, tok, ids)
     feed = {"input_ids": np.array([ids], dtype=np.int64)}
     for name in runner.inputs:
         if name != "input_ids":
@@ -120,7 +152,7 @@ def _cmd_run(args) -> int:
     summary = {"tokens": len(ids), "outputs": {k: list(v.shape) for k, v in out.items()}}
     if "logits" in out:
         last = out["logits"][0, -1]
-        top = np.argsort(-last)[: args.top_k]
+        top = np.argsort(-last)[: args.show_top]
         p = np.exp(last - last.max())
         p /= p.sum()
         summary["next_token"] = [{"id": int(t), "p": float(p[t]), **({"text": tok.decode([int(t)])} if tok else {})}

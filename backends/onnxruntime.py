@@ -18,7 +18,7 @@ import numpy as np
 from ..optimizer.errors import BackendError
 from ..optimizer.ops import OPSET, onnx_translation_table
 from ..optimizer.program import Program
-from ..optimizer.report import bench_inputs, time_calls
+from ..optimizer.report import bench_inputs, time_calls, verification_feeds
 from ..optimizer.runtime import Backend, Runner, register_backend
 from .targets import Target, get_target, require_providers
 
@@ -163,10 +163,8 @@ class OnnxRuntimeBackend(Backend):
         return target
 
     def lower(self, program: Program, out_dir: Path, target: Target) -> dict:
-        feeds = [{k: v.numpy() for k, v in program.probe.items()}]
-        if program.seq_range:  # and one at a batch and length the export never saw
-            feeds.append(bench_inputs(program, min(program.seq_range[1] or 23, 23), batch=3))
-        info = export_onnx(program, out_dir / MODEL_FILE, fusions=target.contrib_fusions, check_feeds=feeds)
+        info = export_onnx(program, out_dir / MODEL_FILE, fusions=target.contrib_fusions,
+                           check_feeds=verification_feeds(program))
         return {"model": MODEL_FILE, **info}
 
     def latency(self, captured: Program, bundle_dir: Path, target: Target, runs: int, length: int,

@@ -38,16 +38,14 @@ def require_tensorrt():
     return trt
 
 
+# axis kind -> (min, opt, max) given the longest sequence; a generation graph's cache starts empty
+_RANGES = {"batch": lambda n: (1, 1, 8), "sequence": lambda n: (1, min(128, n), n),
+           "total_sequence": lambda n: (1, min(128, n), n), "past_sequence": lambda n: (0, min(128, n - 1), n - 1)}
+
+
 def _profile_shapes(spec: dict, seq_max: int) -> tuple[tuple, tuple, tuple]:
-    lo, opt, hi = [], [], []
-    for d in spec["shape"]:
-        if d == "batch":
-            lo.append(1), opt.append(1), hi.append(8)
-        elif d == "sequence":
-            lo.append(1), opt.append(min(128, seq_max)), hi.append(seq_max)
-        else:
-            lo.append(d), opt.append(d), hi.append(d)
-    return tuple(lo), tuple(opt), tuple(hi)
+    dims = [_RANGES[d](seq_max) if d in _RANGES else (d, d, d) for d in spec["shape"]]
+    return tuple(zip(*dims)) if dims else ((), (), ())
 
 
 @register_backend

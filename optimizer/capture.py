@@ -23,6 +23,7 @@ import torch
 from torch.export import Dim
 
 from .errors import CaptureError, UnsupportedModelError, UsageError
+from .generation import GenerateEntry, cache_spec, example_feed
 from .patterns import index_attention
 from .program import Program
 
@@ -50,17 +51,17 @@ class _Entry(torch.nn.Module):
         return tuple(out[i] for i in range(len(self.outputs)))
 
 
-def _entry(model: torch.nn.Module, names: list[str], outputs: list[str], extra: dict) -> _Entry:
-    """An _Entry whose forward takes ``names`` as real parameters, so the exported graph's
-    placeholders (and a saved .pt2's inputs) carry the model's input names."""
+def _named(base: type, names: list[str]) -> type:
+    """A subclass of ``base`` whose forward takes ``names`` as real parameters and passes them
+    to ``base.call`` by name, so the exported graph's placeholders (and a saved .pt2's inputs)
+    carry the model's input names."""
     bad = [n for n in names if not n.isidentifier()]
     if bad:
         raise UsageError(f"input names must be Python identifiers; got {bad}.")
     params = ", ".join(names)
     scope: dict[str, Any] = {}
     exec(f"def forward(self, {params}):\n    return self.call({', '.join(f'{n}={n}' for n in names)})", scope)
-    cls = type("_NamedEntry", (_Entry,), {"forward": scope["forward"]})
-    return cls(model, outputs, extra)
+    return type(f"_Named{base.__name__.lstrip('_')}", (base,), {"forward": scope["forward"]})
 
 
 def sha256_files(paths) -> str:
@@ -126,7 +127,7 @@ def _from_module(model: torch.nn.Module, example: dict[str, torch.Tensor], *, so
     if not outputs:
         raise UnsupportedModelError("the model returns no tensors; tokopt compiles models that "
                                     "return a tensor, a tuple of tensors or a ModelOutput.")
-    entry = _entry(model, names, outputs, extra)
+    entry = _named(_Entry, names)(model, outputs, extra)
     wanted = dynamic_axes or {n: _default_dynamic(n, t) for n, t in example.items()}
     ep = _export(entry, names, example, wanted)
     prog = Program(ep=ep, input_names=names, output_names=outputs,
@@ -135,6 +136,32 @@ def _from_module(model: torch.nn.Module, example: dict[str, torch.Tensor], *, so
                    seq_range=seq_range, tokenizer_dir=tokenizer_dir)
     prog.attention, prog.rejected = index_attention(prog)
     return prog
+
+
+def _generate_program(model: torch.nn.Module, *, source: dict, max_len: int | None,
+                      tokenizer_dir=None) -> Program:
+    """The one-graph prefill/decode program of a causal LM (see ``optimizer/generation.py``)."""
+    model.eval()
+    spec = cache_spec(model, max_len)
+    names = ["input_ids", "attention_mask", "position_ids", *spec.input_names]
+    # Distinct example sizes (batch 2, 3 new tokens, 5 cached), so no two axes share a symbol.
+    example = example_feed(spec, batch=2, seq=3, past=5)
+    wanted = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "total_sequence"},
+              "position_ids": {0: "batch", 1: "sequence"},
+              **{n: {0: "batch", 2: "past_sequence"} for n in spec.input_names}}
+    ep = _export(_named(GenerateEntry, names)(model, spec.layers), names, example, wanted)
+    prog = Program(ep=ep, input_names=names, output_names=["logits", *spec.output_names],
+                   dynamic_axes=_actual_axes(ep, names, wanted), probe=example, task="causal-lm",
+                   source={**source, "module_prefix": _WRAPPER_PREFIX}, module=model,
+                   seq_range=(1, max_len), tokenizer_dir=tokenizer_dir, cache=spec)
+    prog.attention, prog.rejected = index_attention(prog)
+    return prog
+
+
+def _require_causal_lm(model: torch.nn.Module, name: str) -> None:
+    if not (hasattr(model, "config") and _task(model, type(model).__name__) == "causal-lm"):
+        raise UsageError(f"--generate needs a causal language model (a transformers *ForCausalLM or "
+                         f"*LMHeadModel); {name} is not one.")
 
 
 # --- Hugging Face folders -------------------------------------------------------------------
@@ -201,7 +228,7 @@ def _task(model, cls_name: str) -> str:
 
 
 def _from_hf_folder(folder: Path, *, seq_len: int, max_seq_len: int | None, trust_pickle: bool,
-                    attn_implementation: str) -> Program:
+                    attn_implementation: str, generate: bool = False) -> Program:
     cfg_path = folder / "config.json"
     if not cfg_path.exists():
         raise CaptureError(f"{folder} has no config.json, so it is not a Hugging Face model "
@@ -235,6 +262,13 @@ def _from_hf_folder(folder: Path, *, seq_len: int, max_seq_len: int | None, trus
     max_len = max_seq_len or limit
     if max_len is not None and seq_len > max_len:
         raise UsageError(f"--seq-len {seq_len} exceeds the maximum sequence length {max_len}.")
+    tok = folder if any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json",
+                                                        "vocab.txt")) else None
+    source = {"kind": "hf-folder", "path": str(folder.resolve()), "class": cls.__name__,
+              "sha256": sha256_files(weights), "attn_implementation": attn_implementation}
+    if generate:
+        _require_causal_lm(model, str(folder))
+        return _generate_program(model, source=source, max_len=max_len, tokenizer_dir=str(tok) if tok else None)
     gen = torch.Generator().manual_seed(0)
     params = inspect.signature(model.forward).parameters
     if getattr(model, "main_input_name", "input_ids") == "pixel_values":
@@ -244,10 +278,6 @@ def _from_hf_folder(folder: Path, *, seq_len: int, max_seq_len: int | None, trus
     extra = {"return_dict": True}
     if "use_cache" in params:
         extra["use_cache"] = False
-    tok = folder if any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json",
-                                                        "vocab.txt")) else None
-    source = {"kind": "hf-folder", "path": str(folder.resolve()), "class": cls.__name__,
-              "sha256": sha256_files(weights), "attn_implementation": attn_implementation}
     return _from_module(model, example, source=source, task=_task(model, cls.__name__), extra=extra,
                         seq_range=seq_range, tokenizer_dir=str(tok) if tok else None)
 
@@ -310,10 +340,17 @@ def _from_callable(spec: str, **kw) -> Program:
 
 def capture(source, example_inputs=None, *, seq_len: int = DEFAULT_SEQ_LEN, max_seq_len: int | None = None,
             trust_pickle: bool = False, attn_implementation: str = "sdpa",
-            dynamic_axes: dict[str, dict[int, str]] | None = None) -> Program:
-    """Capture ``source`` into a Program (see the module docstring for the accepted sources)."""
+            dynamic_axes: dict[str, dict[int, str]] | None = None, generate: bool = False) -> Program:
+    """Capture ``source`` into a Program (see the module docstring for the accepted sources).
+    With ``generate``, a causal LM becomes the prefill/decode graph with a KV cache."""
     if isinstance(source, torch.export.ExportedProgram):
         raise UsageError("pass a saved .pt2 path (torch.export.save), not an ExportedProgram object.")
+    if isinstance(source, torch.nn.Module) and generate:
+        _require_causal_lm(source, type(source).__name__)
+        cfg = source.config
+        limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+        return _generate_program(source, source={"kind": "module", "class": type(source).__name__},
+                                 max_len=max_seq_len or limit)
     if isinstance(source, torch.nn.Module):
         if example_inputs is None:
             raise UsageError("an nn.Module needs example_inputs (a dict name -> tensor, or a tuple).")
@@ -325,12 +362,15 @@ def capture(source, example_inputs=None, *, seq_len: int = DEFAULT_SEQ_LEN, max_
     if path.suffix == ".pt2":
         if not path.exists():
             raise CaptureError(f"{path} does not exist.")
+        if generate:
+            raise UsageError("--generate needs the model itself (a Hugging Face folder or a module): "
+                             "a .pt2 holds one fixed graph with no KV cache to build.")
         return _from_pt2(path)
     if path.is_dir():
         return _from_hf_folder(path, seq_len=seq_len, max_seq_len=max_seq_len, trust_pickle=trust_pickle,
-                               attn_implementation=attn_implementation)
+                               attn_implementation=attn_implementation, generate=generate)
     if ":" in text and not path.exists() and not text.startswith((".", "/")):
-        return _from_callable(text, seq_len=seq_len, max_seq_len=max_seq_len)
+        return _from_callable(text, seq_len=seq_len, max_seq_len=max_seq_len, generate=generate)
     if path.exists():
         raise CaptureError(f"{path} is a file, not a model folder. Pass the Hugging Face folder that "
                            "holds config.json, a .pt2 file, or 'package.module:callable'.")

@@ -6,6 +6,7 @@ checked before the model is loaded, so a bad command fails in a second and write
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 import tempfile
@@ -18,7 +19,7 @@ from .capture import DEFAULT_SEQ_LEN, capture
 from .errors import UsageError
 from .pass_manager import PassManager, PassSpec, load_recipe, parse_pass_spec, resolve
 from .program import Program
-from .report import format_report, probe_inputs, quality, quality_rows
+from .report import format_report, generation_prompts, generation_quality, probe_inputs, quality, quality_rows
 from .runtime import get_backend
 
 __all__ = ["compile", "CompileResult", "io_spec", "plan_passes"]
@@ -84,7 +85,10 @@ def _axis_names(program: Program) -> dict[str, str]:
 
 
 def _dims(shape, axis_names) -> list:
-    return [int(d) if isinstance(d, int) else axis_names.get(str(d), str(d)) for d in shape]
+    """Sizes as ints or axis names; an expression keeps its form ("past_sequence + sequence")."""
+    def name(d):
+        return re.sub(r"\bs\d+\b", lambda m: axis_names.get(m.group(0), m.group(0)), axis_names.get(str(d), str(d)))
+    return [int(d) if isinstance(d, int) else name(d) for d in shape]
 
 
 def io_spec(program: Program) -> tuple[list[dict], list[dict]]:
@@ -116,8 +120,10 @@ def compile(model, example_inputs=None, *, out=None, passes=None, recipe=None, b
             seq_len: int = DEFAULT_SEQ_LEN, max_seq_len: int | None = None, trust_pickle: bool = False,
             attn_implementation: str = "sdpa", measure: bool = True, bench_runs: int = 20,
             bench_len: int = 128, threads: int | None = None, texts: list[str] | None = None,
-            progress: bool = False) -> CompileResult:
-    """Compile ``model`` into a bundle at ``out`` and measure it. See ``tokopt compile --help``."""
+            generate: bool = False, progress: bool = False) -> CompileResult:
+    """Compile ``model`` into a bundle at ``out`` and measure it. See ``tokopt compile --help``.
+    With ``generate``, a causal LM is compiled as one prefill/decode graph with a KV cache and
+    the bundle's runner gets ``generate()``."""
     progress_ = _Progress(progress)
     specs = plan_passes(passes, recipe)
     pass_list = resolve(specs)
@@ -132,7 +138,8 @@ def compile(model, example_inputs=None, *, out=None, passes=None, recipe=None, b
 
     with progress_.step(f"capturing {model if isinstance(model, (str, Path)) else type(model).__name__}"):
         captured = capture(model, example_inputs, seq_len=seq_len, max_seq_len=max_seq_len,
-                           trust_pickle=trust_pickle, attn_implementation=attn_implementation)
+                           trust_pickle=trust_pickle, attn_implementation=attn_implementation,
+                           generate=generate)
     with progress_.step(f"running passes: {', '.join(p.name for p in pass_list)}"):
         program = PassManager(pass_list, verify=verify_each, source_hint=str(model)).run(captured)
 
@@ -151,6 +158,10 @@ def compile(model, example_inputs=None, *, out=None, passes=None, recipe=None, b
                 "inputs": inputs, "outputs": outputs, "seq_range": program.seq_range,
                 "tokenizer": "tokenizer" if program.tokenizer_dir else None,
                 "lowering": lowered, "calib": str(calib) if calib else None}
+        if program.cache is not None:
+            data["generation"] = {"graph": "one graph: prefill = empty cache, decode step = one token",
+                                  "cache": program.cache.to_json(),
+                                  "per_head_cache_length": None}  # None: every head keeps every token
         report = {"source": source.get("path", source.get("class", "module")), "backend": be.name,
                   "target": tgt.name, "passes": program.history,
                   "attention": [b.row() for b in program.attention],
@@ -170,6 +181,8 @@ def compile(model, example_inputs=None, *, out=None, passes=None, recipe=None, b
 def _measure(be, tgt, captured: Program, bundle_dir: Path, data: dict, texts, runs: int, length: int,
              threads) -> dict:
     runner = be.runner_cls(bundle_dir, data, threads=threads)
+    if captured.cache is not None:
+        return _measure_generation(be, tgt, captured, bundle_dir, runner, texts, runs, length, threads)
     feed, desc = probe_inputs(captured, texts, length=length)
     reference = captured.run(feed)
     got = runner(**{k: v.numpy() for k, v in feed.items()})
@@ -184,3 +197,15 @@ def _measure(be, tgt, captured: Program, bundle_dir: Path, data: dict, texts, ru
         result["latency"] = lat
     return result
 
+
+
+def _measure_generation(be, tgt, captured: Program, bundle_dir: Path, runner, texts, runs: int, length: int,
+                        threads, steps: int = 16) -> dict:
+    ids, mask, desc = generation_prompts(captured, texts, length)
+    q = generation_quality(captured, lambda feed: runner(**feed), ids, mask, steps)
+    q["probe"] = f"{desc}, {steps} decode steps"
+    result = {"quality": q, "kv_cache_bytes": {str(n): captured.cache.nbytes(n) for n in (1024, 4096)}}
+    lat = be.latency(captured, bundle_dir, tgt, runs, length, threads)
+    if lat is not None:
+        result["latency"] = {**lat, "label": f"decode step, {length} cached tokens, batch 1"}
+    return result

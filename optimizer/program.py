@@ -65,6 +65,7 @@ class Program:
     seq_range: tuple[int, int] | None = None       # (min, max) sequence length the bundle accepts
     tokenizer_dir: str | None = None
     history: list[dict] = field(default_factory=list)  # passes run so far, with options and stats
+    cache: Any = None                              # generation.CacheSpec of a prefill/decode graph
 
     @property
     def graph(self) -> torch.fx.Graph:
@@ -85,8 +86,10 @@ class Program:
     def run(self, inputs: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """Run the exported graph eagerly (reference kernels for tokopt ops)."""
         inputs = self.probe if inputs is None else inputs
+        # A generation graph is also run with an empty cache and single tokens, sizes that
+        # torch.export's 0/1 specialisation leaves out of its guards but the graph handles.
         with torch.no_grad():
-            out = self.ep.module()(*[inputs[n] for n in self.input_names])
+            out = self.ep.module(check_guards=self.cache is None)(*[inputs[n] for n in self.input_names])
         out = out if isinstance(out, (tuple, list)) else (out,)
         return dict(zip(self.output_names, out))
 

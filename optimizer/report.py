@@ -6,6 +6,11 @@ masks are exercised), else token ids or images synthesised from the config. Metr
 error per output; for LM logits the KL divergence, top-1 agreement and perplexity on the text;
 for encoders the cosine of mean-pooled embeddings.
 
+A generation bundle (``--generate``) is measured on what a user of it sees: prompts prefilled
+and decoded for several steps with the original's tokens fed to both (logit KL and top-1
+agreement at every step), whether the bundle's own greedy continuation equals the original's,
+the decode-step latency at a given context, and the KV-cache bytes per sequence.
+
 Speed and size compare against the baseline a user would build instead: the same captured model
 through a plain ``torch.onnx.export(ep, dynamo=True)`` with default options, on the same
 runtime, providers and threads, in the same run.
@@ -18,9 +23,11 @@ import time
 import numpy as np
 import torch
 
+from .generation import example_feed, generate_ids
 from .program import Program
 
-__all__ = ["probe_inputs", "quality", "quality_rows", "time_calls", "format_report", "bench_inputs"]
+__all__ = ["probe_inputs", "quality", "quality_rows", "time_calls", "format_report", "bench_inputs",
+           "verification_feeds", "generation_prompts", "generation_quality"]
 
 
 def _tokenize(program: Program, texts: list[str], max_len: int) -> dict[str, torch.Tensor] | None:
@@ -125,8 +132,61 @@ def quality_rows(program: Program, run_bundle, feed: dict[str, torch.Tensor]) ->
 
 
 def bench_inputs(program: Program, length: int, batch: int = 1) -> dict[str, np.ndarray]:
-    feed, _ = probe_inputs(program, None, length=length, batch=batch)
+    """A latency feed of ``length`` tokens; for a generation graph, one decode step with
+    ``length`` tokens already in the cache."""
+    if program.cache is not None:
+        feed = example_feed(program.cache, batch, 1, length)
+    else:
+        feed, _ = probe_inputs(program, None, length=length, batch=batch)
     return {k: v.numpy() for k, v in feed.items()}
+
+
+def verification_feeds(program: Program) -> list[dict[str, np.ndarray]]:
+    """The probe, plus shapes the export never saw: a larger batch at another length, or for a
+    generation graph a prefill into an empty cache and a decode step."""
+    feeds = [{k: v.numpy() for k, v in program.probe.items()}]
+    if program.cache is not None:
+        for batch, seq, past in ((1, 7, 0), (3, 1, 9)):
+            feeds.append({k: v.numpy() for k, v in example_feed(program.cache, batch, seq, past, seed=1).items()})
+    elif program.seq_range:
+        feeds.append(bench_inputs(program, min(program.seq_range[1] or 23, 23), batch=3))
+    return feeds
+
+
+def generation_prompts(program: Program, texts: list[str] | None, length: int,
+                       batch: int = 4) -> tuple[np.ndarray, np.ndarray, str]:
+    """Left-padded prompts of at most ``length`` tokens from ``texts``, else random ids."""
+    if texts and program.tokenizer_dir:
+        from transformers import AutoTokenizer
+        tok = AutoTokenizer.from_pretrained(program.tokenizer_dir, local_files_only=True)
+        tok.padding_side = "left"
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token or tok.unk_token
+        enc = tok(texts[:batch], padding=True, truncation=True, max_length=length, return_tensors="np")
+        return enc["input_ids"], enc["attention_mask"], f"{len(texts[:batch])} text prompts, up to {length} tokens"
+    ids = example_feed(program.cache, batch, length, 0, seed=1)["input_ids"].numpy()
+    return ids, np.ones_like(ids), f"synthetic prompts (batch {batch}, {length} tokens)"
+
+
+def generation_quality(program: Program, bundle_step, ids: np.ndarray, mask: np.ndarray, steps: int) -> dict:
+    """Prefill + ``steps`` decode steps, the original's greedy tokens fed to both."""
+    def reference_step(feed):
+        out = program.run({k: torch.from_numpy(np.asarray(v)) for k, v in feed.items()})
+        return {k: v.numpy() for k, v in out.items()}
+
+    ref_logits, got_logits = [], []
+    ref = generate_ids(reference_step, program.cache, ids, mask, max_new_tokens=steps, on_logits=ref_logits.append)
+    generate_ids(bundle_step, program.cache, ids, mask, max_new_tokens=steps, forced=ref[:, ids.shape[1]:],
+                 on_logits=got_logits.append)
+    own = generate_ids(bundle_step, program.cache, ids, mask, max_new_tokens=steps)
+    ref_logits, got_logits = np.stack(ref_logits), np.stack(got_logits)
+    lp = torch.from_numpy(ref_logits).double().log_softmax(-1)
+    lq = torch.from_numpy(got_logits).double().log_softmax(-1)
+    return {"max_abs_error": {"logits": float(np.abs(ref_logits - got_logits).max())},
+            "decode_steps": len(ref_logits),
+            "logit_kl": float((lp.exp() * (lp - lq)).sum(-1).mean()),
+            "top1_agreement": float((lp.argmax(-1) == lq.argmax(-1)).double().mean()),
+            "greedy_match": float(np.mean([np.array_equal(a, b) for a, b in zip(ref, own)]))}
 
 
 def time_calls(fn, runs: int, warmup: int = 2) -> dict:
@@ -155,13 +215,14 @@ def format_report(report: dict) -> str:
         lines.append(f"quality vs the original model ({q['probe']}):")
         for name, err in q["max_abs_error"].items():
             lines.append(f"  max abs error [{name}]".ljust(38) + _fmt(err))
-        for key in ("tokens_kept", "logit_kl", "top1_agreement", "last_logit_kl", "last_top1_agreement",
-                    "perplexity_original", "perplexity_bundle", "embedding_cosine", "embedding_cosine_min"):
+        for key in ("tokens_kept", "decode_steps", "logit_kl", "top1_agreement", "greedy_match", "last_logit_kl",
+                    "last_top1_agreement", "perplexity_original", "perplexity_bundle", "embedding_cosine",
+                    "embedding_cosine_min"):
             if key in q:
                 lines.append(f"  {key.replace('_', ' ')}".ljust(38) + _fmt(q[key]))
     lat = report.get("latency")
     if lat:
-        shape = ", ".join(f"{k} {v}" for k, v in lat["feed"].items())
+        shape = lat.get("label") or ", ".join(f"{k} {v}" for k, v in lat["feed"].items())
         lines.append(f"latency ({shape}; {lat['tokopt']['runs']} runs, {lat['threads'] or 'default'} "
                      f"threads)".ljust(38) + "tokopt".rjust(10) + "baseline".rjust(10) + "ratio".rjust(8))
         for key in ("median_ms", "p90_ms"):
@@ -169,6 +230,10 @@ def format_report(report: dict) -> str:
             lines.append(f"  {key.replace('_', ' ')}".ljust(38) + f"{a:10.2f}{b:10.2f}{b / a:7.2f}x")
         a, b = report["size_bytes"]["tokopt"], lat["size_bytes"]["baseline"]
         lines.append("  size MB".ljust(38) + f"{a / 1e6:10.2f}{b / 1e6:10.2f}{a / b:7.2f}x")
+    kv = report.get("kv_cache_bytes")
+    if kv:
+        lines.append("kv cache per sequence".ljust(38) + ", ".join(f"{int(n) // 1024}K tokens {b / 2**20:.1f} MiB"
+                                                                  for n, b in kv.items()))
     for p in report.get("passes", []):
         stats = ", ".join(f"{k}={_fmt(v)}" for k, v in p["stats"].items())
         lines.append(f"pass {p['name']}: {stats or 'no changes'}")

@@ -3,7 +3,8 @@
 The core knows backends only through ``BACKENDS``; a backend module registers itself. A runner
 is what ``tokopt.load`` returns: ``runner(**inputs) -> {output name: np.ndarray}``. It checks
 input names, ranks and the sequence range against the manifest before calling the engine, so a
-wrong input gets a message in tokopt's words instead of one from deep inside the runtime.
+wrong input gets a message in tokopt's words instead of one from deep inside the runtime. A
+bundle compiled with ``--generate`` also answers ``runner.generate(...)`` on every backend.
 """
 from __future__ import annotations
 
@@ -56,6 +57,66 @@ class Runner:
 
     def __call__(self, **inputs) -> dict[str, np.ndarray]:
         return dict(zip(self.output_names, self._run(self._feed(inputs))))
+
+    def tokenizer(self):
+        if not self.manifest.get("tokenizer"):
+            raise UsageError(f"{self.bundle} has no tokenizer, so it cannot take text; pass token ids.")
+        from transformers import AutoTokenizer
+        return AutoTokenizer.from_pretrained(self.bundle / self.manifest["tokenizer"], local_files_only=True)
+
+    def generate(self, prompt=None, *, input_ids=None, attention_mask=None, max_new_tokens: int = 32,
+                 do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                 seed: int = 0, stop_tokens=None, on_text=None, on_token=None):
+        """Greedy (default) or seeded sampling from a ``--generate`` bundle.
+
+        ``prompt``: a string or a list of strings (needs the bundle's tokenizer; batches are
+        left-padded) -> the generated continuation(s) as text. ``input_ids`` (+ optional
+        ``attention_mask``, zeros on the left for padding) -> ``[B, S + new]`` ids. Generation
+        stops at ``max_new_tokens`` or when every row has produced a stop token (the model's
+        EOS, plus ``stop_tokens``). ``on_text(str)`` receives the first row's text as it grows;
+        ``on_token(ids)`` each step's new token per row."""
+        from .generation import CacheSpec, decode_text, generate_ids
+        gen = self.manifest.get("generation")
+        if gen is None:
+            raise UsageError(f"{self.bundle} has no decode graph: it was compiled without --generate. "
+                             "Recompile it with `tokopt compile MODEL --generate`.")
+        spec = CacheSpec.from_json(gen["cache"])
+        tok = None
+        if prompt is not None:
+            tok = self.tokenizer()
+            tok.padding_side = "left"
+            if tok.pad_token is None:
+                tok.pad_token = tok.eos_token or tok.unk_token
+            enc = tok([prompt] if isinstance(prompt, str) else list(prompt), return_tensors="np", padding=True)
+            input_ids, attention_mask = enc["input_ids"], enc["attention_mask"]
+        elif input_ids is None:
+            raise UsageError("give a prompt (text) or input_ids to generate from.")
+        if on_text is not None:
+            tok = tok or self.tokenizer()
+            on_token = _text_stream(tok, on_text, on_token)
+        ids = generate_ids(lambda feed: self(**feed), spec, input_ids, attention_mask,
+                           max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                           top_k=top_k, top_p=top_p, seed=seed, stop_tokens=stop_tokens, on_token=on_token)
+        if prompt is None:
+            return ids
+        texts = decode_text(tok, ids, np.asarray(input_ids).shape[1])
+        return texts[0] if isinstance(prompt, str) else texts
+
+
+def _text_stream(tok, on_text, on_token):
+    """An on_token callback that hands ``on_text`` each new piece of the first row's text
+    (held back while the bytes decoded so far end inside a character)."""
+    got, shown = [], [""]
+
+    def step(ids):
+        got.append(int(ids[0]))
+        text = tok.decode(got, skip_special_tokens=True)
+        if not text.endswith("\ufffd") and text.startswith(shown[0]):
+            on_text(text[len(shown[0]):])
+            shown[0] = text
+        if on_token is not None:
+            on_token(ids)
+    return step
 
 
 class Backend:

@@ -432,6 +432,10 @@ class TokenPrunePass(Pass):
         steps = opts.steps()
         depth = len(program.attention)
         causal = program.task == "causal-lm" or any(b.causal for b in program.attention)
+        if program.cache is not None:
+            raise UsageError("token_prune cannot run on a --generate graph: a pruned prefill leaves the KV "
+                             "cache without the dropped tokens, which the decode steps then need. Prune the "
+                             "prefill-only graph (compile without --generate).")
         for _, layer in steps:
             if not 0 <= layer < depth:
                 raise UsageError(f"token_prune: layer {layer} is past the model's depth ({depth} attention "

@@ -1,0 +1,213 @@
+"""Generation: a causal LM as one graph with an explicit KV cache, and the decoding loop.
+
+The graph (ONNX Runtime GenAI's and Optimum's ``past_key_values``/``present`` convention, with
+names that are Python identifiers)::
+
+    inputs   input_ids [B, S]   attention_mask [B, P+S]   position_ids [B, S]
+             past_key_i, past_value_i [B, Hkv, P, d]                 for every layer i
+    outputs  logits [B, 1, V] (the last position only)
+             present_key_i, present_value_i [B, Hkv, P+S, d]
+
+Prefill is a call with an empty cache (P = 0), a decode step a call with one token (S = 1).
+One graph serves both: the weights are stored once without external-data sharing between two
+files, every pass rewrites prefill and decode consistently by construction, and an exported
+decode graph would hold the same ops anyway. The cache has a dynamic length (concatenation)
+rather than a static ``max_len`` buffer: with standard ONNX ops a static buffer is copied and
+attended in full at every step, so a step would cost ``max_len`` instead of the current length.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .errors import UsageError
+
+__all__ = ["CacheSpec", "GenerateEntry", "cache_spec", "example_feed", "generate_ids", "decode_text"]
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """The KV cache a generation graph reads and writes."""
+    layers: int
+    vocab_size: int
+    kv_heads: tuple[int, ...]      # per layer
+    head_dim: tuple[int, ...]      # per layer
+    dtype: str
+    max_length: int | None         # prompt + generated tokens the model supports (None: unbounded)
+    eos_token_ids: tuple[int, ...] = ()
+    pad_token_id: int = 0
+
+    @property
+    def input_names(self) -> list[str]:
+        return [f"past_{kv}_{i}" for i in range(self.layers) for kv in ("key", "value")]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [f"present_{kv}_{i}" for i in range(self.layers) for kv in ("key", "value")]
+
+    def nbytes(self, context: int, batch: int = 1) -> int:
+        item = np.dtype(self.dtype).itemsize
+        return sum(2 * batch * h * d * context * item for h, d in zip(self.kv_heads, self.head_dim))
+
+    def empty(self, batch: int, length: int = 0, gen: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        dtype = getattr(torch, self.dtype)
+        out = {}
+        for i, (h, d) in enumerate(zip(self.kv_heads, self.head_dim)):
+            for kv in ("key", "value"):
+                out[f"past_{kv}_{i}"] = torch.randn(batch, h, length, d, generator=gen).to(dtype)
+        return out
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "CacheSpec":
+        return cls(**{**data, "kv_heads": tuple(data["kv_heads"]), "head_dim": tuple(data["head_dim"]),
+                      "eos_token_ids": tuple(data.get("eos_token_ids", ()))})
+
+
+class GenerateEntry(torch.nn.Module):
+    """Calls a transformers causal LM with a cache rebuilt from flat tensors and returns the
+    last position's logits and the flat updated cache."""
+
+    def __init__(self, model: torch.nn.Module, layers: int):
+        super().__init__()
+        self.model, self.layers = model, layers
+        import inspect
+        params = inspect.signature(model.forward).parameters
+        self.cache_kw = "cache" if "cache" in params else "past_key_values"
+        self.extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+
+    def call(self, input_ids, attention_mask, position_ids, **past):
+        from transformers import DynamicCache
+        cache = DynamicCache(config=self.model.config)
+        for i in range(self.layers):
+            cache.update(past[f"past_key_{i}"], past[f"past_value_{i}"], i)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         use_cache=True, return_dict=True, **{self.cache_kw: cache}, **self.extra)
+        present = getattr(out, "cache", None) or out.past_key_values
+        flat = [t for layer in present.layers[: self.layers] for t in (layer.keys, layer.values)]
+        return (out.logits[:, -1:], *flat)
+
+
+def _token_ids(value) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    return tuple(int(v) for v in value) if isinstance(value, (list, tuple)) else (int(value),)
+
+
+def cache_spec(model: torch.nn.Module, max_length: int | None) -> CacheSpec:
+    """Read the cache layout off one eager prefill (no per-architecture code)."""
+    cfg = model.config
+    layers = int(getattr(cfg, "num_hidden_layers", 0) or getattr(cfg, "n_layer", 0))
+    entry = GenerateEntry(model, layers)
+    ids = torch.zeros(1, 2, dtype=torch.long)
+    with torch.no_grad():
+        out = entry.model(input_ids=ids, use_cache=True, return_dict=True)
+    present = getattr(out, "cache", None) or out.past_key_values
+    keys = [layer.keys for layer in present.layers[:layers]]
+    if len(keys) != layers or any(k.dim() != 4 or k.shape[2] != 2 for k in keys):
+        from .errors import UnsupportedModelError
+        raise UnsupportedModelError(
+            f"{type(model).__name__} does not keep a plain per-layer [batch, heads, length, dim] KV "
+            "cache (sliding-window, recurrent or compressed caches are not supported for --generate).")
+    # What transformers' generate() stops on: the generation config, where the model has one.
+    stops = getattr(model, "generation_config", None) or cfg
+    eos = _token_ids(getattr(stops, "eos_token_id", None))
+    pad = getattr(stops, "pad_token_id", None)
+    return CacheSpec(layers=layers, vocab_size=int(cfg.vocab_size), kv_heads=tuple(int(k.shape[1]) for k in keys),
+                     head_dim=tuple(int(k.shape[3]) for k in keys),
+                     dtype=str(keys[0].dtype).removeprefix("torch."), max_length=max_length,
+                     eos_token_ids=eos, pad_token_id=int(pad if pad is not None else (eos or (0,))[0]))
+
+
+def example_feed(spec: CacheSpec, batch: int, seq: int, past: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random token ids and cache: prefill when ``past == 0``, a decode step when ``seq == 1``."""
+    gen = torch.Generator().manual_seed(seed)
+    vocab = spec.vocab_size
+    ids = torch.randint(min(10, vocab - 1), vocab, (batch, seq), generator=gen)
+    return {"input_ids": ids, "attention_mask": torch.ones(batch, past + seq, dtype=torch.long),
+            "position_ids": torch.arange(past, past + seq).expand(batch, seq).contiguous(),
+            **spec.empty(batch, past, gen)}
+
+
+def _pick(logits: np.ndarray, rng: np.random.Generator | None, temperature: float, top_k: int,
+          top_p: float) -> np.ndarray:
+    """Greedy when ``rng`` is None, else a sample after temperature, top-k and top-p."""
+    if rng is None:
+        return logits.argmax(-1)
+    z = logits.astype(np.float64) / temperature
+    if top_k:
+        kth = np.sort(z, -1)[:, -min(top_k, z.shape[-1])][:, None]
+        z = np.where(z < kth, -np.inf, z)
+    p = np.exp(z - z.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    if top_p < 1.0:
+        order = np.argsort(-p, -1)
+        sorted_p = np.take_along_axis(p, order, -1)
+        drop = np.cumsum(sorted_p, -1) - sorted_p >= top_p  # keep the smallest set reaching top_p
+        p = np.zeros_like(p)
+        np.put_along_axis(p, order, np.where(drop, 0.0, sorted_p), -1)
+        p /= p.sum(-1, keepdims=True)
+    return np.array([rng.choice(p.shape[-1], p=row) for row in p])
+
+
+def generate_ids(step: Callable[[dict], dict], spec: CacheSpec, input_ids, attention_mask=None, *,
+                 max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
+                 top_p: float = 1.0, seed: int = 0, stop_tokens=None, forced=None,
+                 on_token: Callable[[np.ndarray], None] | None = None,
+                 on_logits: Callable[[np.ndarray], None] | None = None) -> np.ndarray:
+    """Prefill, then one decode step per new token. ``step(feed) -> {name: array}`` runs the
+    graph (a bundle's runner or the captured program). Left-padded batches are supported
+    (``attention_mask`` zeros on the left). A row that emits a stop token is padded after it;
+    the loop ends when every row has stopped. ``forced`` ([B, T] ids) replaces the choice at
+    each step (teacher forcing, for quality measurement). Returns [B, S + new] ids."""
+    ids = np.asarray(input_ids, dtype=np.int64)
+    ids = ids[None] if ids.ndim == 1 else ids
+    if ids.ndim != 2 or ids.shape[1] == 0:
+        raise UsageError("the prompt is empty: give at least one token.")
+    if max_new_tokens is None or int(max_new_tokens) <= 0:
+        raise UsageError(f"max_new_tokens must be at least 1 (got {max_new_tokens}).")
+    if do_sample and (temperature <= 0 or not 0 < top_p <= 1 or top_k < 0):
+        raise UsageError("sampling needs temperature > 0, 0 < top_p <= 1 and top_k >= 0.")
+    batch, length = ids.shape
+    if spec.max_length is not None and length + max_new_tokens > spec.max_length:
+        raise UsageError(f"the prompt has {length} tokens and {max_new_tokens} new tokens were asked "
+                         f"for, but the model's cache holds at most {spec.max_length} tokens. Shorten "
+                         f"the prompt or ask for at most {max(spec.max_length - length, 0)} new tokens.")
+    mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, dtype=np.int64)
+    if mask.shape != ids.shape:
+        raise UsageError(f"attention_mask has shape {list(mask.shape)}; it must match input_ids {list(ids.shape)}.")
+    pos = np.cumsum(mask, -1) - 1
+    pos[mask == 0] = 1
+    feed = {"input_ids": ids, "attention_mask": mask, "position_ids": pos,
+            **{k: v.numpy() for k, v in spec.empty(batch).items()}}
+    rng = np.random.default_rng(seed) if do_sample else None
+    stop = np.array(sorted(set(_token_ids(stop_tokens)) | set(spec.eos_token_ids)) or [-1])
+    done = np.zeros(batch, dtype=bool)
+    new = []
+    for t in range(int(max_new_tokens)):
+        out = step(feed)
+        logits = np.asarray(out["logits"])[:, -1]
+        if on_logits is not None:
+            on_logits(logits)
+        nxt = np.asarray(forced)[:, t] if forced is not None else _pick(logits, rng, temperature, top_k, top_p)
+        nxt = np.where(done, spec.pad_token_id, nxt).astype(np.int64)
+        new.append(nxt)
+        if on_token is not None:
+            on_token(nxt)
+        done |= np.isin(nxt, stop)
+        if done.all() or t == max_new_tokens - 1:
+            break
+        mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], 1)
+        pos = pos[:, -1:] + 1
+        feed = {"input_ids": nxt[:, None], "attention_mask": mask, "position_ids": pos,
+                **{p: out[o] for p, o in zip(spec.input_names, spec.output_names)}}
+    return np.concatenate([ids, np.stack(new, 1)], 1)
+
+
+def decode_text(tokenizer, ids: np.ndarray, prompt_len: int) -> list[str]:
+    return [tokenizer.decode(row[prompt_len:], skip_special_tokens=True) for row in ids]
