@@ -9,7 +9,10 @@ text cut to each length) greedily for ``--new`` tokens, batch 1, the same thread
                     run by tokopt's decoding loop in ONNX Runtime
     tokopt          the `tokopt compile --generate` bundle (canonicalize: ONNX Attention + ORT
                     fusions) run by ``runner.generate``
-Reported: time to the first token (prefill), decode tokens/s after it, and ratios to tokopt.
+Reported: time to the first token (prefill), decode tokens/s after it, and ratios to tokopt;
+each candidate first runs once at the same prompt length (2 new tokens) so allocation and
+first-call costs are not timed, then candidates take turns for ``--rounds`` rounds (medians
+reported), so a neighbour's busy threads do not favour whoever runs first.
 All three must produce the same tokens (checked). The reference LM was trained on 1024-token
 windows; prompts past that are timed with its RoPE extended (a speed measurement only).
 Prints a table, writes bench-out/decode.json.
@@ -67,6 +70,7 @@ def main(argv=None):
     ap.add_argument("--prompts", type=int, nargs="+", default=[256, 2048])
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default="bench-out/decode.json")
     args = ap.parse_args(argv)
 
@@ -100,18 +104,21 @@ def main(argv=None):
     rows = []
     for length in args.prompts:
         ids = np.array([all_ids[:length]], dtype=np.int64)
-        timings, tokens = {}, {}
-        clock = _Clock()
+        candidates = {
+            "eager": lambda n, clock: model.generate(torch.from_numpy(ids), max_new_tokens=n, do_sample=False,
+                                                     pad_token_id=0, streamer=_Streamer(clock)).numpy(),
+            "onnx-plain": lambda n, clock: generate_ids(plain_step, spec, ids, max_new_tokens=n, on_token=clock.tick),
+            "tokopt": lambda n, clock: runner.generate(input_ids=ids, max_new_tokens=n, on_token=clock.tick)}
+        rounds, tokens = {name: [] for name in candidates}, {}
         with torch.no_grad():
-            out = model.generate(torch.from_numpy(ids), max_new_tokens=args.new, do_sample=False,
-                                 pad_token_id=0, streamer=_Streamer(clock))
-        timings["eager"], tokens["eager"] = clock.result(args.new), out.numpy()
-        clock = _Clock()
-        tokens["onnx-plain"] = generate_ids(plain_step, spec, ids, max_new_tokens=args.new, on_token=clock.tick)
-        timings["onnx-plain"] = clock.result(args.new)
-        clock = _Clock()
-        tokens["tokopt"] = runner.generate(input_ids=ids, max_new_tokens=args.new, on_token=clock.tick)
-        timings["tokopt"] = clock.result(args.new)
+            for name, run in candidates.items():
+                run(2, _Clock())
+            for _ in range(args.rounds):
+                for name, run in candidates.items():
+                    clock = _Clock()
+                    tokens[name] = run(args.new, clock)
+                    rounds[name].append(clock.result(args.new))
+        timings = {name: {k: float(np.median([r[k] for r in rs])) for k in rs[0]} for name, rs in rounds.items()}
         for name, t in tokens.items():
             assert np.array_equal(t, tokens["tokopt"]), f"{name} decoded different tokens at {length}"
         ours = timings["tokopt"]
@@ -128,6 +135,7 @@ def main(argv=None):
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"model": args.model, "threads": args.threads, "new_tokens": args.new,
+                               "rounds": args.rounds,
                                "onnxruntime": ort.__version__, "torch": torch.__version__,
                                "kv_cache_bytes": {str(n): spec.nbytes(n) for n in (1024, 4096)},
                                "rows": rows}, indent=1) + "\n")
