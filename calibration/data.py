@@ -4,8 +4,9 @@
     load_texts("set.jsonl")        the "text" field of each line (or the line, if it is a string)
     calibration_batches(src, tokenizer, seq_len=512, batch_size=4)
                                    token-id batches [B, seq_len] with attention masks; a text
-                                   source is tokenised as one stream and cut into windows, a
-                                   .npy/.pt source of ids is used as it is
+                                   file is tokenised as one stream (a JSONL's texts joined by
+                                   the end-of-text token) and cut into windows, a .npy/.pt
+                                   source of ids is used as it is
 
 Shipped: ``passages.jsonl`` beside this file (English passages of 40-200 words from the
 descriptions installed Python packages ship; ``scripts/extract_passages.py`` rebuilds it).
@@ -69,11 +70,14 @@ def calibration_batches(source, tokenizer=None, *, seq_len: int = 512, batch_siz
     else:
         if tokenizer is None:
             raise UsageError(f"{path} is text; a tokenizer is needed to turn it into token ids.")
-        texts = load_texts(path)
-        sep = [tokenizer.eos_token_id] if getattr(tokenizer, "eos_token_id", None) is not None else []
-        stream = []
-        for t in tqdm(texts, desc="tokenising", disable=not progress, leave=False):
-            stream += tokenizer(t, add_special_tokens=False)["input_ids"] + sep
+        if path.suffix in (".jsonl", ".json"):  # separate texts, joined by the end-of-text token
+            sep = [tokenizer.eos_token_id] if getattr(tokenizer, "eos_token_id", None) is not None else []
+            stream = []
+            for t in tqdm(load_texts(path), desc="tokenising", disable=not progress, leave=False):
+                stream += tokenizer(t, add_special_tokens=False)["input_ids"] + sep
+        else:  # a text file is one stream, blank lines included
+            load_texts(path)  # the same checks: the file exists and holds text
+            stream = tokenizer(path.read_text(encoding="utf-8", errors="replace"), add_special_tokens=False)["input_ids"]
         ids = torch.tensor(stream, dtype=torch.long)
     rows = ids.view(-1)[: ids.numel() // seq_len * seq_len].view(-1, seq_len) if ids.dim() == 1 else ids
     if rows.shape[0] == 0:

@@ -140,6 +140,7 @@ def compile(model, example_inputs=None, *, out=None, passes=None, recipe=None, b
         captured = capture(model, example_inputs, seq_len=seq_len, max_seq_len=max_seq_len,
                            trust_pickle=trust_pickle, attn_implementation=attn_implementation,
                            generate=generate)
+    captured.calib = str(calib) if calib is not None else None
     with progress_.step(f"running passes: {', '.join(p.name for p in pass_list)}"):
         program = PassManager(pass_list, verify=verify_each, source_hint=str(model)).run(captured)
 
@@ -151,6 +152,8 @@ def compile(model, example_inputs=None, *, out=None, passes=None, recipe=None, b
             for name in _TOKENIZER_FILES:
                 if (Path(program.tokenizer_dir) / name).exists():
                     shutil.copy2(Path(program.tokenizer_dir) / name, tmp / "tokenizer" / name)
+        for name, content in program.artifacts.items():
+            (tmp / name).write_text(json.dumps(content, indent=1) + "\n")
         inputs, outputs = io_spec(program)
         source = {k: v for k, v in program.source.items() if k != "module_prefix"}
         data = {"source": source, "backend": be.name, "target": tgt.name, "task": program.task,

@@ -66,6 +66,8 @@ class Program:
     tokenizer_dir: str | None = None
     history: list[dict] = field(default_factory=list)  # passes run so far, with options and stats
     cache: Any = None                              # generation.CacheSpec of a prefill/decode graph
+    calib: str | None = None                       # --calib: the data passes calibrate on
+    artifacts: dict[str, Any] = field(default_factory=dict)  # bundle file name -> JSON a pass ships
 
     @property
     def graph(self) -> torch.fx.Graph:
@@ -81,7 +83,7 @@ class Program:
             module_call_graph=copy.deepcopy(ep.module_call_graph), example_inputs=ep.example_inputs,
             constants=ep.constants, verifiers=list(getattr(ep, "verifiers", [])) or None)
         return replace(self, ep=new_ep, attention=list(self.attention), rejected=list(self.rejected),
-                       history=list(self.history))
+                       history=list(self.history), artifacts=dict(self.artifacts))
 
     def run(self, inputs: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """Run the exported graph eagerly (reference kernels for tokopt ops)."""

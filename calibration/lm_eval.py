@@ -1,0 +1,62 @@
+"""Causal-LM quality probes run on a Program (rewritten ops execute their torch references).
+
+    perplexity(program, windows)           exp(mean NLL) over full [1, N] token windows
+    passkey(program, tokenizer, filler)    fraction of probes whose planted number the model
+                                           predicts back at the end of a long context, and the
+                                           mean log-probability of the number's tokens
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from ..optimizer.program import Program
+
+__all__ = ["perplexity", "passkey", "full_feed"]
+
+
+def full_feed(program: Program, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    feed = {"input_ids": ids}
+    if "attention_mask" in program.input_names:
+        feed["attention_mask"] = torch.ones_like(ids)
+    return feed
+
+
+def _logits(program: Program, ids: torch.Tensor) -> torch.Tensor:
+    return program.run(full_feed(program, ids))["logits"].double()
+
+
+def perplexity(program: Program, windows: list[torch.Tensor]) -> float:
+    nll, n = 0.0, 0
+    for ids in windows:
+        logits = _logits(program, ids)[0, :-1]
+        nll += float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
+        n += ids.shape[1] - 1
+    return math.exp(nll / n)
+
+
+def passkey(program: Program, tokenizer, filler: str, *, probes: int = 8, length: int = 768,
+            seed: int = 0) -> tuple[float, float]:
+    """A 5-digit key planted at 5-25% of a ``length``-token context of ``filler``, asked for at
+    the end; a probe counts when every token of the key is the model's top prediction. The
+    log-probability still tells two graphs apart when a small model retrieves nothing."""
+    rng = np.random.default_rng(seed)
+    filler_ids = tokenizer(filler, add_special_tokens=False)["input_ids"]
+    hits, logp = 0, []
+    for _ in range(probes):
+        key = str(int(rng.integers(10000, 100000)))
+        plant = tokenizer(f"\nPASS_KEY = {key}  # remember the pass key\n", add_special_tokens=False)["input_ids"]
+        ask = tokenizer("\n# the pass key:\nPASS_KEY =", add_special_tokens=False)["input_ids"]
+        answer = tokenizer(f" {key}", add_special_tokens=False)["input_ids"]
+        room = length - len(plant) - len(ask) - len(answer)
+        start = int(rng.integers(0, max(len(filler_ids) - room, 1)))
+        body = filler_ids[start:start + room]
+        at = int(len(body) * rng.uniform(0.05, 0.25))
+        ids = torch.tensor([body[:at] + plant + body[at:] + ask + answer])
+        scores = _logits(program, ids)[0, -len(answer) - 1:-1].log_softmax(-1)
+        target = ids[0, -len(answer):]
+        hits += bool((scores.argmax(-1) == target).all())
+        logp.append(float(scores.gather(-1, target[:, None]).mean()))
+    return hits / probes, float(np.mean(logp))

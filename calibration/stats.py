@@ -1,0 +1,118 @@
+"""One-pass attention statistics, streamed, and the head budgets TCA-Attention derives from them.
+
+``head_errors`` runs the program's exact forward over calibration batches. At every canonical
+attention it also evaluates a candidate sparse attention (``candidate(q, k, v, mask, scale,
+causal, budget)``, ``causal`` the block's own causality, which an explicit mask may carry) for each budget of a grid, one KV-head group at a time (never every head's
+map at once; the dense output comes from SDPA, which never forms the N x N map), and keeps
+running sums of the squared error and the squared norm of each query head's output.
+
+``tca_budgets`` turns them into TCA's head-specific budgets: for each KV head, the smallest
+budget of the grid (a fraction of the context) at which every query head that shares it keeps
+its relative output error ``||O_sparse - O||/||O||`` within ``tolerance``. Results are cached on
+disk keyed by (weights hash, data hash, options), so a second compile does not recompute.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..optimizer.errors import UsageError
+from ..optimizer.ops import ATTENTION, attention_reference
+from ..optimizer.program import Program
+
+__all__ = ["head_errors", "tca_budgets", "weights_hash", "cache_dir", "cached"]
+
+
+def weights_hash(program: Program) -> str:
+    h = hashlib.sha256()
+    for name, t in sorted(program.ep.state_dict.items()):
+        h.update(name.encode())
+        h.update(t.detach().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("TOKOPT_CACHE_DIR") or Path.home() / ".cache" / "tokopt")
+
+
+def cached(kind: str, key: dict, compute: Callable[[], dict]) -> tuple[dict, bool]:
+    """``compute()`` once per key; returns (result, whether it came from the cache)."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+    path = cache_dir() / kind / f"{digest}.json"
+    if path.exists():
+        try:
+            return json.loads(path.read_text()), True
+        except json.JSONDecodeError:
+            pass  # a damaged entry is recomputed
+    result = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({**result, "key": key}, indent=1))
+    tmp.replace(path)
+    return result, False
+
+
+class _Collector(torch.fx.Interpreter):
+    def __init__(self, gm, blocks: dict, grid, candidate, sums):
+        super().__init__(gm)
+        self.blocks, self.grid, self.candidate, self.sums = blocks, grid, candidate, sums
+
+    def run_node(self, node):
+        if ATTENTION.matches(node) and node.name in self.blocks:
+            args, _ = self.fetch_args_kwargs_from_env(node)
+            block = self.blocks[node.name]
+            self._collect(block.layer, bool(block.causal), *args)
+        return super().run_node(node)
+
+    def _collect(self, layer, block_causal, q, k, v, mask, scale, causal):
+        h, hkv = q.shape[1], k.shape[1]
+        g = h // hkv
+        err = torch.zeros(len(self.grid), h, dtype=torch.float64)
+        norm = torch.zeros(h, dtype=torch.float64)
+        for j in range(hkv):  # one KV-head group at a time bounds memory
+            qs, ks, vs = q[:, j * g:(j + 1) * g], k[:, j:j + 1], v[:, j:j + 1]
+            dense = attention_reference(qs, ks, vs, mask, scale, causal).double()
+            norm[j * g:(j + 1) * g] = dense.pow(2).sum((0, 2, 3))
+            for i, budget in enumerate(self.grid):
+                approx = self.candidate(qs, ks, vs, mask, scale, block_causal, budget).double()
+                err[i, j * g:(j + 1) * g] = (approx - dense).pow(2).sum((0, 2, 3))
+        e, n = self.sums.setdefault(layer, (torch.zeros_like(err), torch.zeros_like(norm)))
+        e += err
+        n += norm
+
+
+def head_errors(program: Program, batches, grid: tuple[float, ...], candidate, total: int | None = None,
+                progress: bool = True) -> dict[int, np.ndarray]:
+    """{layer: [len(grid), heads] relative output error} over ``batches`` (see module doc)."""
+    gm = program.ep.module()
+    sums: dict[int, tuple] = {}
+    collector = _Collector(gm, {b.node: b for b in program.attention}, grid, candidate, sums)
+    names = program.input_names
+    with torch.no_grad():
+        for batch in tqdm(batches, total=total, desc="calibrating head budgets", disable=not progress,
+                          leave=False):
+            collector.run(*[batch[n] for n in names])
+    if not sums:
+        raise UsageError("calibration saw no attention: the model's attention was not recognised "
+                         "(see `tokopt inspect MODEL`).")
+    return {layer: (e / n.clamp_min(1e-30)).sqrt().numpy() for layer, (e, n) in sorted(sums.items())}
+
+
+def tca_budgets(errors: dict[int, np.ndarray], grid: tuple[float, ...], kv_heads: int,
+                tolerance: float) -> dict[int, list[float]]:
+    """{layer: per-KV-head budget}: the smallest grid budget meeting ``tolerance`` for every
+    query head of the group (the largest budget, dense, when none does)."""
+    out = {}
+    for layer, err in errors.items():
+        g = err.shape[1] // kv_heads
+        worst = err.reshape(len(grid), kv_heads, g).max(-1)                 # [grid, Hkv]
+        out[layer] = [next((grid[i] for i in range(len(grid)) if worst[i, h] <= tolerance), grid[-1])
+                      for h in range(kv_heads)]
+    return out

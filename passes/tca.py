@@ -1,0 +1,195 @@
+"""tca: TCA-Attention. Per-head budgets calibrated offline in one pass, core tokens chosen online.
+
+    tokopt compile MODEL --passes tca[:tolerance=0.05,sinks=4,window=64] --calib text.txt
+
+Calibration (``calibration/stats.py``): one exact forward over ``calib_windows`` windows of
+``calib_len`` tokens of ``--calib`` (default: the shipped English passages). At every attention
+block and for every budget of ``GRID`` (a fraction of the context: 0 = sinks and window only,
+1 = every key) it measures each query head's relative output error of the sparse attention
+against the exact one. A KV head's budget is the smallest grid value at which every query head
+sharing it stays within ``tolerance``. The budgets are context-adaptive fractions, written to
+the bundle as ``budgets.json`` (layer, kv head, budget, the query heads' errors) and cached.
+
+This simplifies TCA's calibration, whose acceptance rule is not public (see ALGORITHMS.md): a
+head's candidates are uniform densities on a geometric grid rather than per-block retain-count
+distributions; the acceptance rule is the relative output error, the quantity TCA bounds.
+
+Rewrite: the canonical attention of every layer with a budget below 1 becomes
+``tokopt::tca_attention`` (``passes/tca_op.py``); layers whose heads all need every key stay
+dense and are reported. ``uniform=`` gives every head the same budget with no calibration (the
+baselines: ``uniform=0`` is sinks + window only). On a ``--generate`` graph the decode step
+selects among the whole cache at every step; the cache itself is not compacted yet.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..calibration.data import PASSAGES, calibration_batches
+from ..calibration.lm_eval import full_feed, passkey, perplexity
+from ..calibration.stats import cached, head_errors, tca_budgets, weights_hash
+from ..optimizer.errors import UsageError
+from ..optimizer.ops import ATTENTION
+from ..optimizer.pass_manager import Pass, PassResult, register_pass
+from ..optimizer.program import META_BLOCK, Program, call_function_nodes
+from .tca_op import TCA, tca_reference
+
+__all__ = ["TCAPass", "GRID"]
+
+GRID = (0.0, 1 / 64, 1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0)
+CALIBRATION_VERSION = 3  # part of the cache key: bump when the statistics are computed differently
+
+
+@dataclass(frozen=True)
+class TCAOptions:
+    tolerance: float = 0.2      # max relative output error per query head at its budget
+    sinks: int = 4              # first positions every query keeps
+    window: int = 64            # local window every query keeps
+    obs: int = 16               # last queries whose mean is a head's representative query
+    uniform: float = -1.0       # -1: calibrated per head; 0..1: this budget for every head
+    calib_len: int = 1024       # tokens per calibration window (at most the model's context)
+    calib_windows: int = 4
+    eval_windows: int = 2       # held-out windows after the calibration ones, for perplexity
+
+    def __post_init__(self):
+        if not 0 < self.tolerance < 1:
+            raise ValueError(f"tolerance={self.tolerance} must be in (0, 1)")
+        if self.sinks < 1 or self.window < 1 or self.obs < 1:
+            raise ValueError("sinks, window and obs must each be at least 1")
+        if self.uniform != -1.0 and not 0 <= self.uniform <= 1:
+            raise ValueError(f"uniform={self.uniform} must be a budget in [0, 1] (a fraction of the context), "
+                             "or -1 for calibrated per-head budgets")
+        if self.calib_windows < 1 or self.eval_windows < 0:
+            raise ValueError("calib_windows must be at least 1 and eval_windows at least 0")
+
+
+def _file_hash(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@register_pass
+class TCAPass(Pass):
+    name = "tca"
+    Options = TCAOptions
+    requires = ("canonicalize",)
+    summary = "TCA-Attention: calibrated per-head budgets, online core-token selection (sinks + window + top keys)"
+
+    def _windows(self, program: Program, length: int) -> list[torch.Tensor]:
+        from transformers import AutoTokenizer
+        opts = self.options
+        source = Path(program.calib) if program.calib else PASSAGES
+        tok = AutoTokenizer.from_pretrained(program.tokenizer_dir, local_files_only=True) \
+            if program.tokenizer_dir else None
+        windows = [b["input_ids"] for b in calibration_batches(
+            source, tok, seq_len=length, batch_size=1, max_batches=opts.calib_windows + opts.eval_windows,
+            progress=False)]
+        vocab = program.cache.vocab_size if program.cache else getattr(getattr(program.module, "config", None),
+                                                                        "vocab_size", None)
+        top = max(int(w.max()) for w in windows)
+        if vocab is not None and top >= vocab:
+            raise UsageError(f"tca: the calibration data holds token id {top}, outside the model's vocabulary "
+                             f"({vocab}); it was tokenised for another model. Give text, or ids from this "
+                             "model's tokenizer.")
+        return windows
+
+    def _feed(self, program: Program, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        if program.cache is None:
+            return full_feed(program, ids)
+        n = ids.shape[1]
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                "position_ids": torch.arange(n)[None], **program.cache.empty(1)}
+
+    def _budgets(self, program: Program, blocks) -> tuple[dict[int, list[float]], dict, dict]:
+        opts = self.options
+        kv = {b.layer: b.kv_heads for b in blocks}
+        if opts.uniform >= 0:
+            return {layer: [opts.uniform] * h for layer, h in kv.items()}, {}, {"calibration": "none (uniform)"}
+        if program.tokenizer_dir is None and not (program.calib and Path(program.calib).suffix in (".npy", ".pt")):
+            raise UsageError("tca: calibration needs token ids: give --calib ids.npy, or a model folder with a "
+                             "tokenizer and --calib text (or pass uniform=BUDGET to skip calibration).")
+        limit = (program.seq_range or (1, None))[1] or opts.calib_len
+        length = min(opts.calib_len, limit)
+        if length <= opts.window + opts.sinks:
+            raise UsageError(f"tca: calibration windows of {length} tokens are not longer than sinks + window "
+                             f"({opts.sinks + opts.window}): every key would be kept. Use a longer calib_len or "
+                             "a smaller window.")
+        windows = self._windows(program, length)
+        calib = windows[:opts.calib_windows]
+
+        def candidate(q, k, v, mask, scale, causal, budget):
+            return tca_reference(q, k, v, mask, scale, causal, [budget], opts.sinks, opts.window, opts.obs)
+
+        source = Path(program.calib) if program.calib else PASSAGES
+        key = {"version": CALIBRATION_VERSION, "weights": weights_hash(program), "data": _file_hash(source), "length": length,
+               "windows": len(calib), "sinks": opts.sinks, "window": opts.window, "obs": opts.obs,
+               "grid": list(GRID), "graph": "generate" if program.cache else "forward"}
+        result, hit = cached("tca", key, lambda: {"errors": {str(layer): e.tolist() for layer, e in head_errors(
+            program, [self._feed(program, w) for w in calib], GRID, candidate, total=len(calib)).items()}})
+        import numpy as np
+        errors = {int(layer): np.array(e) for layer, e in result["errors"].items()}
+        budgets = tca_budgets(errors, GRID, kv_heads=next(iter(kv.values())), tolerance=opts.tolerance)
+        info = {"calibration": f"{len(calib)} windows of {length} tokens of {source.name}",
+                "calibration_cached": hit}
+        return budgets, errors, {"info": info, "eval": windows[opts.calib_windows:]}
+
+    def call(self, program: Program) -> PassResult:
+        opts = self.options
+        nodes = [n for n in call_function_nodes(program.graph) if ATTENTION.matches(n)]
+        blocks = [b for b in program.attention if b.spelling == "canonical"]
+        if not nodes or not blocks:
+            raise UsageError("tca needs recognised attention blocks and found none; see `tokopt inspect MODEL` "
+                             "for why each block was refused.")
+        if any(b.causal is None for b in blocks):
+            raise UsageError("tca: the causality of some attention blocks could not be read from the graph; "
+                             "see `tokopt inspect MODEL`.")
+        if len({b.kv_heads for b in blocks}) != 1:
+            raise UsageError("tca: the attention blocks have different KV-head counts; not supported yet.")
+        original = program.copy() if opts.uniform < 0 and program.cache is None else None
+        budgets, errors, extra = self._budgets(program, blocks)
+        by_node = {b.node: b for b in blocks}
+        sparse, dense = [], []
+        for node in nodes:
+            block = by_node.get(node.name)
+            if block is None or all(f >= 1.0 for f in budgets[block.layer]):
+                dense.append(None if block is None else block.layer)
+                continue
+            q, k, v, mask, scale, _ = node.args
+            # the block's causality (an HF mask carries it while SDPA's flag stays False)
+            with program.graph.inserting_before(node):
+                new = program.graph.call_function(TCA.overload, (q, k, v, mask, scale, bool(block.causal),
+                                                                 list(budgets[block.layer]), opts.sinks,
+                                                                 opts.window, opts.obs))
+            new.meta.update({key: node.meta[key] for key in ("val", "nn_module_stack", "stack_trace", "tensor_meta",
+                                                              META_BLOCK) if key in node.meta})
+            node.replace_all_uses_with(new)
+            program.graph.erase_node(node)
+            sparse.append(block.layer)
+        program.ep.graph_module.recompile()
+        rows = [{"layer": layer, "kv_head": h, "budget": f,
+                 **({"query_head_errors": [round(float(x), 4) for x in
+                                           errors[layer][GRID.index(f)].reshape(len(fs), -1)[h]]} if errors else {})}
+                for layer, fs in sorted(budgets.items()) for h, f in enumerate(fs)]
+        program.artifacts["budgets.json"] = {"grid": list(GRID), "tolerance": opts.tolerance, "sinks": opts.sinks,
+                                             "window": opts.window, "heads": rows}
+        all_budgets = [f for fs in budgets.values() for f in fs]
+        stats = {"sparse_layers": sparse, "dense_layers": dense,
+                 "mean_budget": sum(all_budgets) / len(all_budgets), **extra.get("info", {})}
+        if original is not None and extra.get("eval") and "logits" in program.output_names:
+            stats.update(self._quality(original, program, extra["eval"]))
+        return PassResult(program, bool(sparse), stats)
+
+    def _quality(self, dense: Program, sparse: Program, windows) -> dict:
+        """Perplexity on held-out windows and the passkey probe, dense vs TCA, at full context."""
+        out = {"eval_tokens": sum(w.shape[1] for w in windows),
+               "perplexity_dense": perplexity(dense, windows), "perplexity_tca": perplexity(sparse, windows)}
+        if dense.tokenizer_dir:
+            from transformers import AutoTokenizer
+            tok = AutoTokenizer.from_pretrained(dense.tokenizer_dir, local_files_only=True)
+            filler = tok.decode(torch.cat(windows, 1)[0])
+            length = min(windows[0].shape[1], 768)
+            for name, prog in (("dense", dense), ("tca", sparse)):
+                out[f"passkey_{name}"], out[f"passkey_logprob_{name}"] = passkey(prog, tok, filler, length=length)
+        return out
