@@ -77,7 +77,8 @@ def calibration_batches(source, tokenizer=None, *, seq_len: int = 512, batch_siz
                 stream += tokenizer(t, add_special_tokens=False)["input_ids"] + sep
         else:  # a text file is one stream, blank lines included
             load_texts(path)  # the same checks: the file exists and holds text
-            stream = tokenizer(path.read_text(encoding="utf-8", errors="replace"), add_special_tokens=False)["input_ids"]
+            text = path.read_text(encoding="utf-8", errors="replace")
+            stream = tokenizer(text, add_special_tokens=False)["input_ids"]
         ids = torch.tensor(stream, dtype=torch.long)
     rows = ids.view(-1)[: ids.numel() // seq_len * seq_len].view(-1, seq_len) if ids.dim() == 1 else ids
     if rows.shape[0] == 0:

@@ -24,14 +24,15 @@ def full_feed(program: Program, ids: torch.Tensor) -> dict[str, torch.Tensor]:
     return feed
 
 
-def _logits(program: Program, ids: torch.Tensor) -> torch.Tensor:
-    return program.run(full_feed(program, ids))["logits"].double()
+def _logits(run, program: Program, ids: torch.Tensor) -> torch.Tensor:
+    return run(full_feed(program, ids))["logits"].double()
 
 
 def perplexity(program: Program, windows: list[torch.Tensor]) -> float:
     nll, n = 0.0, 0
+    run = program.runner()
     for ids in windows:
-        logits = _logits(program, ids)[0, :-1]
+        logits = _logits(run, program, ids)[0, :-1]
         nll += float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
         n += ids.shape[1] - 1
     return math.exp(nll / n)
@@ -45,6 +46,7 @@ def passkey(program: Program, tokenizer, filler: str, *, probes: int = 8, length
     rng = np.random.default_rng(seed)
     filler_ids = tokenizer(filler, add_special_tokens=False)["input_ids"]
     hits, logp = 0, []
+    run = program.runner()
     for _ in range(probes):
         key = str(int(rng.integers(10000, 100000)))
         plant = tokenizer(f"\nPASS_KEY = {key}  # remember the pass key\n", add_special_tokens=False)["input_ids"]
@@ -55,7 +57,7 @@ def passkey(program: Program, tokenizer, filler: str, *, probes: int = 8, length
         body = filler_ids[start:start + room]
         at = int(len(body) * rng.uniform(0.05, 0.25))
         ids = torch.tensor([body[:at] + plant + body[at:] + ask + answer])
-        scores = _logits(program, ids)[0, -len(answer) - 1:-1].log_softmax(-1)
+        scores = _logits(run, program, ids)[0, -len(answer) - 1:-1].log_softmax(-1)
         target = ids[0, -len(answer):]
         hits += bool((scores.argmax(-1) == target).all())
         logp.append(float(scores.gather(-1, target[:, None]).mean()))

@@ -2,13 +2,14 @@
 
 ``head_errors`` runs the program's exact forward over calibration batches. At every canonical
 attention it also evaluates a candidate sparse attention (``candidate(q, k, v, mask, scale,
-causal, budget)``, ``causal`` the block's own causality, which an explicit mask may carry) for each budget of a grid, one KV-head group at a time (never every head's
-map at once; the dense output comes from SDPA, which never forms the N x N map), and keeps
-running sums of the squared error and the squared norm of each query head's output.
+causal, config)``, ``causal`` being the block's own causality, which an explicit mask may
+carry) for each candidate configuration, one KV-head group at a time (never every head's map
+at once; the dense output comes from SDPA, which never forms the N x N map), and keeps running
+sums of the squared error and the squared norm of each query head's output.
 
-``tca_budgets`` turns them into TCA's head-specific budgets: for each KV head, the smallest
-budget of the grid (a fraction of the context) at which every query head that shares it keeps
-its relative output error ``||O_sparse - O||/||O||`` within ``tolerance``. Results are cached on
+``cheapest_within`` turns them into TCA's head-specific budgets: for each KV head, the cheapest
+candidate at which every query head that shares it keeps its relative output error
+``||O_sparse - O||/||O||`` within ``tolerance``. Results are cached on
 disk keyed by (weights hash, data hash, options), so a second compile does not recompute.
 """
 from __future__ import annotations
@@ -27,7 +28,7 @@ from ..optimizer.errors import UsageError
 from ..optimizer.ops import ATTENTION, attention_reference
 from ..optimizer.program import Program
 
-__all__ = ["head_errors", "tca_budgets", "weights_hash", "cache_dir", "cached"]
+__all__ = ["head_errors", "cheapest_within", "weights_hash", "cache_dir", "cached"]
 
 
 def weights_hash(program: Program) -> str:
@@ -80,17 +81,18 @@ class _Collector(torch.fx.Interpreter):
             qs, ks, vs = q[:, j * g:(j + 1) * g], k[:, j:j + 1], v[:, j:j + 1]
             dense = attention_reference(qs, ks, vs, mask, scale, causal).double()
             norm[j * g:(j + 1) * g] = dense.pow(2).sum((0, 2, 3))
-            for i, budget in enumerate(self.grid):
-                approx = self.candidate(qs, ks, vs, mask, scale, block_causal, budget).double()
+            for i, config in enumerate(self.grid):
+                approx = self.candidate(qs, ks, vs, mask, scale, block_causal, config).double()
                 err[i, j * g:(j + 1) * g] = (approx - dense).pow(2).sum((0, 2, 3))
         e, n = self.sums.setdefault(layer, (torch.zeros_like(err), torch.zeros_like(norm)))
         e += err
         n += norm
 
 
-def head_errors(program: Program, batches, grid: tuple[float, ...], candidate, total: int | None = None,
+def head_errors(program: Program, batches, grid: list, candidate, total: int | None = None,
                 progress: bool = True) -> dict[int, np.ndarray]:
-    """{layer: [len(grid), heads] relative output error} over ``batches`` (see module doc)."""
+    """{layer: [len(grid), heads] relative output error of each candidate configuration} over
+    ``batches`` (see module doc)."""
     gm = program.ep.module()
     sums: dict[int, tuple] = {}
     collector = _Collector(gm, {b.node: b for b in program.attention}, grid, candidate, sums)
@@ -105,14 +107,14 @@ def head_errors(program: Program, batches, grid: tuple[float, ...], candidate, t
     return {layer: (e / n.clamp_min(1e-30)).sqrt().numpy() for layer, (e, n) in sorted(sums.items())}
 
 
-def tca_budgets(errors: dict[int, np.ndarray], grid: tuple[float, ...], kv_heads: int,
-                tolerance: float) -> dict[int, list[float]]:
-    """{layer: per-KV-head budget}: the smallest grid budget meeting ``tolerance`` for every
-    query head of the group (the largest budget, dense, when none does)."""
+def cheapest_within(errors: dict[int, np.ndarray], costs: list[float], kv_heads: int,
+                    tolerance: float) -> dict[int, list[int]]:
+    """{layer: per-KV-head index of the cheapest candidate that keeps every query head of the
+    group within ``tolerance``} (the most accurate candidate where none does)."""
     out = {}
+    order = sorted(range(len(costs)), key=lambda i: costs[i])
     for layer, err in errors.items():
-        g = err.shape[1] // kv_heads
-        worst = err.reshape(len(grid), kv_heads, g).max(-1)                 # [grid, Hkv]
-        out[layer] = [next((grid[i] for i in range(len(grid)) if worst[i, h] <= tolerance), grid[-1])
+        worst = err.reshape(len(costs), kv_heads, -1).max(-1)                # [candidates, Hkv]
+        out[layer] = [next((i for i in order if worst[i, h] <= tolerance), int(worst[:, h].argmin()))
                       for h in range(kv_heads)]
     return out

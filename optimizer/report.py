@@ -176,8 +176,10 @@ def generation_prompts(program: Program, texts: list[str] | None, length: int,
 
 def generation_quality(program: Program, bundle_step, ids: np.ndarray, mask: np.ndarray, steps: int) -> dict:
     """Prefill + ``steps`` decode steps, the original's greedy tokens fed to both."""
+    run = program.runner()
+
     def reference_step(feed):
-        out = program.run({k: torch.from_numpy(np.asarray(v)) for k, v in feed.items()})
+        out = run({k: torch.from_numpy(np.asarray(v)) for k, v in feed.items()})
         return {k: v.numpy() for k, v in out.items()}
 
     ref_logits, got_logits = [], []

@@ -1,23 +1,27 @@
 """tca: TCA-Attention. Per-head budgets calibrated offline in one pass, core tokens chosen online.
 
-    tokopt compile MODEL --passes tca[:tolerance=0.05,sinks=4,window=64] --calib text.txt
+    tokopt compile MODEL --passes tca[:tolerance=0.2,sinks=4,windows=32/64/128/256] --calib text.txt
 
 Calibration (``calibration/stats.py``): one exact forward over ``calib_windows`` windows of
 ``calib_len`` tokens of ``--calib`` (default: the shipped English passages). At every attention
-block and for every budget of ``GRID`` (a fraction of the context: 0 = sinks and window only,
-1 = every key) it measures each query head's relative output error of the sparse attention
-against the exact one. A KV head's budget is the smallest grid value at which every query head
-sharing it stays within ``tolerance``. The budgets are context-adaptive fractions, written to
-the bundle as ``budgets.json`` (layer, kv head, budget, the query heads' errors) and cached.
+block it measures, for every candidate (a local window from ``windows`` and a budget from
+``GRID``, a fraction of the context: 0 = sinks and window only, 1 = every key), each query
+head's relative output error of the sparse attention against the exact one. A KV head gets the
+cheapest candidate (keys per query at the calibration length: window + budget x length) at
+which every query head sharing it stays within ``tolerance``. Budgets are context-adaptive
+fractions; they are written to the bundle as ``budgets.json`` (layer, kv head, window, budget,
+the query heads' errors) and cached on disk.
 
 This simplifies TCA's calibration, whose acceptance rule is not public (see ALGORITHMS.md): a
-head's candidates are uniform densities on a geometric grid rather than per-block retain-count
-distributions; the acceptance rule is the relative output error, the quantity TCA bounds.
+head's candidates are uniform densities on a geometric grid, each with a choice of local window,
+rather than per-block retain-count distributions; the acceptance rule is the relative output
+error, the quantity TCA bounds. Letting a head trade selected keys for a wider window is what
+makes the calibrated heads beat a sliding window of the same cost on local-attention models.
 
 Rewrite: the canonical attention of every layer with a budget below 1 becomes
 ``tokopt::tca_attention`` (``passes/tca_op.py``); layers whose heads all need every key stay
 dense and are reported. ``uniform=`` gives every head the same budget with no calibration (the
-baselines: ``uniform=0`` is sinks + window only). On a ``--generate`` graph the decode step
+baselines: ``uniform=0`` is sinks + ``window`` only). On a ``--generate`` graph the decode step
 selects among the whole cache at every step; the cache itself is not compacted yet.
 """
 from __future__ import annotations
@@ -26,11 +30,12 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..calibration.data import PASSAGES, calibration_batches
 from ..calibration.lm_eval import full_feed, passkey, perplexity
-from ..calibration.stats import cached, head_errors, tca_budgets, weights_hash
+from ..calibration.stats import cached, cheapest_within, head_errors, weights_hash
 from ..optimizer.errors import UsageError
 from ..optimizer.ops import ATTENTION
 from ..optimizer.pass_manager import Pass, PassResult, register_pass
@@ -40,16 +45,17 @@ from .tca_op import TCA, tca_reference
 __all__ = ["TCAPass", "GRID"]
 
 GRID = (0.0, 1 / 64, 1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0)
-CALIBRATION_VERSION = 3  # part of the cache key: bump when the statistics are computed differently
+CALIBRATION_VERSION = 5  # part of the cache key: bump when the statistics are computed differently
 
 
 @dataclass(frozen=True)
 class TCAOptions:
     tolerance: float = 0.2      # max relative output error per query head at its budget
     sinks: int = 4              # first positions every query keeps
-    window: int = 64            # local window every query keeps
-    obs: int = 16               # last queries whose mean is a head's representative query
+    windows: tuple[int, ...] = (32, 64, 128, 256)   # local windows a head may be given
+    obs: int = 16               # queries (evenly spaced) that score the keys
     uniform: float = -1.0       # -1: calibrated per head; 0..1: this budget for every head
+    window: int = 64            # the local window with uniform=
     calib_len: int = 1024       # tokens per calibration window (at most the model's context)
     calib_windows: int = 4
     eval_windows: int = 2       # held-out windows after the calibration ones, for perplexity
@@ -57,8 +63,8 @@ class TCAOptions:
     def __post_init__(self):
         if not 0 < self.tolerance < 1:
             raise ValueError(f"tolerance={self.tolerance} must be in (0, 1)")
-        if self.sinks < 1 or self.window < 1 or self.obs < 1:
-            raise ValueError("sinks, window and obs must each be at least 1")
+        if self.sinks < 1 or self.window < 1 or self.obs < 1 or not self.windows or min(self.windows) < 1:
+            raise ValueError("sinks, window, every value of windows, and obs must each be at least 1")
         if self.uniform != -1.0 and not 0 <= self.uniform <= 1:
             raise ValueError(f"uniform={self.uniform} must be a budget in [0, 1] (a fraction of the context), "
                              "or -1 for calibrated per-head budgets")
@@ -102,38 +108,52 @@ class TCAPass(Pass):
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
                 "position_ids": torch.arange(n)[None], **program.cache.empty(1)}
 
-    def _budgets(self, program: Program, blocks) -> tuple[dict[int, list[float]], dict, dict]:
+    def configs(self) -> list[tuple[int, float]]:
+        """Calibration candidates: every window with every partial budget, and dense."""
+        ws = sorted(set(self.options.windows))
+        return [(w, f) for w in ws for f in GRID[:-1]] + [(ws[0], 1.0)]
+
+    def _budgets(self, program: Program, blocks) -> tuple[dict[int, list[tuple[int, float]]], dict, dict]:
+        """{layer: [(window, budget) per KV head]}, the errors behind them, and what to report."""
         opts = self.options
         kv = {b.layer: b.kv_heads for b in blocks}
         if opts.uniform >= 0:
-            return {layer: [opts.uniform] * h for layer, h in kv.items()}, {}, {"calibration": "none (uniform)"}
+            return ({layer: [(opts.window, opts.uniform)] * h for layer, h in kv.items()}, {},
+                    {"info": {"calibration": "none (uniform)"}})
         if program.tokenizer_dir is None and not (program.calib and Path(program.calib).suffix in (".npy", ".pt")):
             raise UsageError("tca: calibration needs token ids: give --calib ids.npy, or a model folder with a "
                              "tokenizer and --calib text (or pass uniform=BUDGET to skip calibration).")
         limit = (program.seq_range or (1, None))[1] or opts.calib_len
         length = min(opts.calib_len, limit)
-        if length <= opts.window + opts.sinks:
-            raise UsageError(f"tca: calibration windows of {length} tokens are not longer than sinks + window "
-                             f"({opts.sinks + opts.window}): every key would be kept. Use a longer calib_len or "
-                             "a smaller window.")
+        if length <= max(opts.windows) + opts.sinks:
+            raise UsageError(f"tca: calibration windows of {length} tokens are not longer than sinks + the widest "
+                             f"window ({opts.sinks + max(opts.windows)}): every key would be kept. Use a longer "
+                             "calib_len or smaller windows.")
         windows = self._windows(program, length)
         calib = windows[:opts.calib_windows]
+        configs = self.configs()
 
-        def candidate(q, k, v, mask, scale, causal, budget):
-            return tca_reference(q, k, v, mask, scale, causal, [budget], opts.sinks, opts.window, opts.obs)
+        def candidate(q, k, v, mask, scale, causal, config):
+            return tca_reference(q, k, v, mask, scale, causal, [config[1]], [config[0]], opts.sinks, opts.obs)
 
         source = Path(program.calib) if program.calib else PASSAGES
-        key = {"version": CALIBRATION_VERSION, "weights": weights_hash(program), "data": _file_hash(source), "length": length,
-               "windows": len(calib), "sinks": opts.sinks, "window": opts.window, "obs": opts.obs,
-               "grid": list(GRID), "graph": "generate" if program.cache else "forward"}
+        key = {"version": CALIBRATION_VERSION, "weights": weights_hash(program), "data": _file_hash(source),
+               "length": length, "windows": len(calib), "sinks": opts.sinks, "obs": opts.obs,
+               "configs": configs, "graph": "generate" if program.cache else "forward"}
         result, hit = cached("tca", key, lambda: {"errors": {str(layer): e.tolist() for layer, e in head_errors(
-            program, [self._feed(program, w) for w in calib], GRID, candidate, total=len(calib)).items()}})
-        import numpy as np
+            program, [self._feed(program, w) for w in calib], configs, candidate, total=len(calib)).items()}})
         errors = {int(layer): np.array(e) for layer, e in result["errors"].items()}
-        budgets = tca_budgets(errors, GRID, kv_heads=next(iter(kv.values())), tolerance=opts.tolerance)
+        costs = [min(w, length) + f * length for w, f in configs]
+        chosen = cheapest_within(errors, costs, next(iter(kv.values())), opts.tolerance)
+        picks = {layer: [configs[i] for i in idx] for layer, idx in chosen.items()}
         info = {"calibration": f"{len(calib)} windows of {length} tokens of {source.name}",
-                "calibration_cached": hit}
-        return budgets, errors, {"info": info, "eval": windows[opts.calib_windows:]}
+                "calibration_cached": hit,
+                "mean_keys_per_query": float(np.mean([costs[i] for idx in chosen.values() for i in idx])),
+                "dense_keys_per_query": float(length)}
+        kvh = next(iter(kv.values()))
+        head_errs = {layer: [errors[layer][i].reshape(kvh, -1)[h] for h, i in enumerate(idx)]
+                     for layer, idx in chosen.items()}  # the chosen candidate's error, per query head
+        return picks, head_errs, {"info": info, "eval": windows[opts.calib_windows:]}
 
     def call(self, program: Program) -> PassResult:
         opts = self.options
@@ -153,28 +173,28 @@ class TCAPass(Pass):
         sparse, dense = [], []
         for node in nodes:
             block = by_node.get(node.name)
-            if block is None or all(f >= 1.0 for f in budgets[block.layer]):
+            if block is None or all(f >= 1.0 for _, f in budgets[block.layer]):
                 dense.append(None if block is None else block.layer)
                 continue
             q, k, v, mask, scale, _ = node.args
+            fs = [f for _, f in budgets[block.layer]]
+            ws = [w for w, _ in budgets[block.layer]]
             # the block's causality (an HF mask carries it while SDPA's flag stays False)
             with program.graph.inserting_before(node):
-                new = program.graph.call_function(TCA.overload, (q, k, v, mask, scale, bool(block.causal),
-                                                                 list(budgets[block.layer]), opts.sinks,
-                                                                 opts.window, opts.obs))
+                new = program.graph.call_function(TCA.overload, (q, k, v, mask, scale, bool(block.causal), fs, ws,
+                                                                 opts.sinks, opts.obs))
             new.meta.update({key: node.meta[key] for key in ("val", "nn_module_stack", "stack_trace", "tensor_meta",
                                                               META_BLOCK) if key in node.meta})
             node.replace_all_uses_with(new)
             program.graph.erase_node(node)
             sparse.append(block.layer)
         program.ep.graph_module.recompile()
-        rows = [{"layer": layer, "kv_head": h, "budget": f,
-                 **({"query_head_errors": [round(float(x), 4) for x in
-                                           errors[layer][GRID.index(f)].reshape(len(fs), -1)[h]]} if errors else {})}
-                for layer, fs in sorted(budgets.items()) for h, f in enumerate(fs)]
-        program.artifacts["budgets.json"] = {"grid": list(GRID), "tolerance": opts.tolerance, "sinks": opts.sinks,
-                                             "window": opts.window, "heads": rows}
-        all_budgets = [f for fs in budgets.values() for f in fs]
+        rows = [{"layer": layer, "kv_head": h, "window": w, "budget": f,
+                 **({"query_head_errors": [round(float(x), 4) for x in errors[layer][h]]} if errors else {})}
+                for layer, cfg in sorted(budgets.items()) for h, (w, f) in enumerate(cfg)]
+        program.artifacts["budgets.json"] = {"tolerance": opts.tolerance, "sinks": opts.sinks, "obs": opts.obs,
+                                             "heads": rows}
+        all_budgets = [f for cfg in budgets.values() for _, f in cfg]
         stats = {"sparse_layers": sparse, "dense_layers": dense,
                  "mean_budget": sum(all_budgets) / len(all_budgets), **extra.get("info", {})}
         if original is not None and extra.get("eval") and "logits" in program.output_names:

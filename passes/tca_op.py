@@ -1,12 +1,12 @@
 """``tokopt::tca_attention``: attention over each head's core tokens (TCA-Attention's online part).
 
     tca_attention(q[B,H,Nq,d], k[B,Hkv,Nk,d], v[B,Hkv,Nk,dv], mask?, scale, causal,
-                  budgets[Hkv], sinks, window, obs) -> [B,H,Nq,dv]
+                  budgets[Hkv], windows[Hkv], sinks, obs) -> [B,H,Nq,dv]
 
 Every query attends, with one exact softmax, to three sets of keys:
     sinks      the first ``sinks`` positions, always;
-    window     its local window: the ``window`` positions ending at itself (causal) or within
-               ``window - 1`` on either side (bidirectional);
+    window     its local window: the ``windows[h]`` positions ending at itself (causal) or
+               within ``windows[h] - 1`` on either side (bidirectional);
     selected   per KV head, the ``ceil(budgets[h] * Nk)`` keys that score highest under the
                lightweight metric: the attention that ``obs`` evenly spaced queries (the last
                one included) pay to the keys outside their local windows, summed over the
@@ -17,8 +17,9 @@ Queries sit at the end of the keys (a decode step's query is the last position).
 the model's attention mask; only its last query row is read, as the set of valid keys (padding).
 A budget of 1 keeps every key: the op is then dense attention (up to float rounding).
 
-Cost: Nq x (sinks + max budget + 2 window) instead of Nq x Nk. The window part is computed in
-query blocks of ``window`` rows against the ``2 window`` keys that can fall in their windows.
+Each KV head is computed on its own, so its cost is about Nq x (sinks + budget x Nk + window +
+32) instead of Nq x Nk: the window part is computed in query blocks of ``QUERY_BLOCK`` rows
+against the keys their windows can reach.
 """
 from __future__ import annotations
 
@@ -28,7 +29,9 @@ from onnxscript import opset23 as op
 
 from ..optimizer.ops import define_op
 
-__all__ = ["TCA", "tca_reference", "valid_keys"]
+__all__ = ["TCA", "tca_reference", "valid_keys", "QUERY_BLOCK"]
+
+QUERY_BLOCK = 32  # window-part query block: each block reads (block + window) keys, not 2 windows
 
 
 def valid_keys(mask: torch.Tensor | None, b: int, nk: int, device) -> torch.Tensor:
@@ -43,41 +46,43 @@ def valid_keys(mask: torch.Tensor | None, b: int, nk: int, device) -> torch.Tens
 def _select(q, k, valid, scale, causal, budgets, sinks, window, obs):
     """Per KV head: indices of sinks + selected keys [B,Hkv,M] and which of them count [B,Hkv,M]."""
     b, h, nq, d = q.shape
-    hkv, nk = k.shape[1], k.shape[2]
+    hkv, nk, dev = k.shape[1], k.shape[2], q.device
     n = min(obs, nq)
-    rows = (torch.arange(1, n + 1) * nq) // n - 1                          # evenly spaced, the last included
+    rows = (torch.arange(1, n + 1, device=dev) * nq) // n - 1            # evenly spaced, the last included
     logits = (q[:, :, rows].reshape(b, hkv, -1, d) @ k.transpose(-2, -1)) * scale   # [B,Hkv,G*n,Nk]
-    gap = (rows + (nk - nq))[:, None] - torch.arange(nk)                    # [n, Nk]
+    gap = (rows + (nk - nq))[:, None] - torch.arange(nk, device=dev)     # [n, Nk]
     far = (gap >= window) if causal else (gap.abs() >= window)
     ok = far.repeat(h // hkv, 1)[None, None] & valid[:, None, None]
     score = logits.masked_fill(~ok, float("-inf")).softmax(-1).nan_to_num(0.0).sum(2)  # [B,Hkv,Nk]
     score[..., :sinks] = -1.0                                               # kept anyway, below
     # float32 products, as the ONNX lowering computes them
-    counts = (torch.tensor(budgets, dtype=torch.float32) * nk).ceil().long().clamp(max=max(nk - sinks, 0))
+    counts = (torch.tensor(budgets, dtype=torch.float32, device=dev) * nk).ceil().long().clamp(max=max(nk - sinks, 0))
     m = int(counts.max()) if counts.numel() else 0
-    top = score.topk(m, dim=-1).indices                                     # [B,Hkv,M]
+    # a stable sort breaks ties toward the lower index, as ONNX's TopK does
+    top = score.sort(dim=-1, descending=True, stable=True).indices[..., :m]   # [B,Hkv,M]
     ns = min(sinks, nk)
-    idx = torch.cat([torch.arange(ns).expand(b, hkv, ns), top], -1)
-    ranked = torch.arange(m)[None, :] < counts[:, None]                     # [Hkv,M]
-    count = torch.cat([torch.ones(hkv, ns, dtype=torch.bool), ranked], -1).expand(b, hkv, ns + m)
+    idx = torch.cat([torch.arange(ns, device=dev).expand(b, hkv, ns), top], -1)
+    ranked = torch.arange(m, device=dev)[None, :] < counts[:, None]                     # [Hkv,M]
+    count = torch.cat([torch.ones(hkv, ns, dtype=torch.bool, device=dev), ranked], -1).expand(b, hkv, ns + m)
     return idx, count & valid.gather(1, idx.reshape(b, -1)).reshape(idx.shape)
 
 
 def tca_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
-                  causal: bool, budgets: list[float], sinks: int, window: int, obs: int) -> torch.Tensor:
+                  causal: bool, budgets: list[float], windows: list[int], sinks: int, obs: int) -> torch.Tensor:
     """One KV head (and its query group) at a time, so each head's cost follows its own budget."""
     hkv = k.shape[1]
     g = q.shape[1] // hkv
     valid = valid_keys(mask, q.shape[0], k.shape[2], q.device)
     return torch.cat([_tca_heads(q[:, i * g:(i + 1) * g], k[:, i:i + 1], v[:, i:i + 1], valid, scale, causal,
-                                 [budgets[i]], sinks, window, obs) for i in range(hkv)], 1)
+                                 [budgets[i]], sinks, windows[i], obs) for i in range(hkv)], 1)
 
 
 def _tca_heads(q, k, v, valid, scale, causal, budgets, sinks, window, obs):
     b, h, nq, d = q.shape
+    dev = q.device
     hkv, nk, dv = k.shape[1], k.shape[2], v.shape[-1]
     g, w = h // hkv, window
-    qpos = torch.arange(nq) + (nk - nq)                                     # absolute query positions
+    qpos = torch.arange(nq, device=dev) + (nk - nq)                                     # absolute query positions
     qg = q.reshape(b, hkv, g * nq, d)
 
     # selected + sinks: each query sees those outside its window (the window part covers the rest)
@@ -89,39 +94,41 @@ def _tca_heads(q, k, v, valid, scale, causal, budgets, sinks, window, obs):
     l1 = (qg @ ks.transpose(-2, -1) * scale).reshape(b, hkv, g, nq, -1)
     l1 = l1.masked_fill(~ok1[:, :, None], float("-inf"))
 
-    # local window, in query blocks of w rows against the `span` keys their windows can reach
-    nb = -(-nq // w)
-    span = 2 * w if causal else 3 * w
-    kidx = ((nk - nq) + torch.arange(nb) * w + (0 if causal else 1))[:, None] + torch.arange(span)
+    # local window, in query blocks of bq rows against the `span` keys their windows can reach
+    bq = min(w, QUERY_BLOCK)
+    nb = -(-nq // bq)
+    span = bq + w if causal else bq + 2 * w
+    starts = (nk - nq) + torch.arange(nb, device=dev) * bq + (0 if causal else 1)
+    kidx = starts[:, None] + torch.arange(span, device=dev)
     kp = kidx - w                                                            # kidx is in keys padded by w
-    kpad = torch.nn.functional.pad(k, (0, 0, w, span + w))
-    vpad = torch.nn.functional.pad(v, (0, 0, w, span + w))
+    kpad = torch.nn.functional.pad(k, (0, 0, w, span + bq))
+    vpad = torch.nn.functional.pad(v, (0, 0, w, span + bq))
     kb = kpad[:, :, kidx.reshape(-1)].reshape(b, hkv, 1, nb, span, d)
     vb = vpad[:, :, kidx.reshape(-1)].reshape(b, hkv, 1, nb, span, dv)
-    qb = torch.nn.functional.pad(qg.reshape(b, hkv, g, nq, d), (0, 0, 0, nb * w - nq)).reshape(b, hkv, g, nb, w, d)
-    diff = ((nk - nq) + torch.arange(nb * w).reshape(nb, w))[:, :, None] - kp[:, None, :]   # [nb,w,span]
+    qb = torch.nn.functional.pad(qg.reshape(b, hkv, g, nq, d), (0, 0, 0, nb * bq - nq)).reshape(b, hkv, g, nb, bq, d)
+    diff = ((nk - nq) + torch.arange(nb * bq, device=dev).reshape(nb, bq))[:, :, None] - kp[:, None, :]
     band = ((diff >= 0) & (diff < w)) if causal else (diff.abs() < w)
-    validb = torch.nn.functional.pad(valid, (w, span + w))[:, kidx.reshape(-1)].reshape(b, nb, 1, span)
-    ok2 = band[None] & validb                                                # [B,nb,w,span]
+    validb = torch.nn.functional.pad(valid, (w, span + bq))[:, kidx.reshape(-1)].reshape(b, nb, 1, span)
+    ok2 = band[None] & validb                                                # [B,nb,bq,span]
     l2 = ((qb @ kb.transpose(-2, -1)) * scale).masked_fill(~ok2[:, None, None], float("-inf"))
 
     # one softmax over both parts
-    top = torch.maximum(l1.amax(-1), l2.amax(-1).reshape(b, hkv, g, nb * w)[..., :nq])
+    top = torch.maximum(l1.amax(-1), l2.amax(-1).reshape(b, hkv, g, nb * bq)[..., :nq])
     top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
     p1 = (l1 - top[..., None]).exp()
-    p2 = (l2 - torch.nn.functional.pad(top, (0, nb * w - nq)).reshape(b, hkv, g, nb, w)[..., None]).exp()
-    num = (p1 @ vs[:, :, None]) + (p2 @ vb).reshape(b, hkv, g, nb * w, dv)[..., :nq, :]
-    den = p1.sum(-1) + p2.sum(-1).reshape(b, hkv, g, nb * w)[..., :nq]
+    p2 = (l2 - torch.nn.functional.pad(top, (0, nb * bq - nq)).reshape(b, hkv, g, nb, bq)[..., None]).exp()
+    num = (p1 @ vs[:, :, None]) + (p2 @ vb).reshape(b, hkv, g, nb * bq, dv)[..., :nq, :]
+    den = p1.sum(-1) + p2.sum(-1).reshape(b, hkv, g, nb * bq)[..., :nq]
     out = num / den.clamp_min(torch.finfo(den.dtype).tiny)[..., None]
     return out.reshape(b, h, nq, dv).to(q.dtype)
 
 
 def _tca(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float, causal: bool,
-         budgets: list[float], sinks: int, window: int, obs: int) -> torch.Tensor:
-    return tca_reference(q, k, v, mask, scale, causal, budgets, sinks, window, obs)
+         budgets: list[float], windows: list[int], sinks: int, obs: int) -> torch.Tensor:
+    return tca_reference(q, k, v, mask, scale, causal, budgets, windows, sinks, obs)
 
 
-def _tca_fake(q, k, v, mask, scale, causal, budgets, sinks, window, obs):
+def _tca_fake(q, k, v, mask, scale, causal, budgets, windows, sinks, obs):
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 
@@ -141,8 +148,8 @@ def _dim(x, axis: int):
     return op.Shape(x, start=axis, end=axis + 1)
 
 
-def _tca_onnx(q, k, v, mask=None, scale: float = 1.0, causal: bool = True, budgets=(1.0,), sinks: int = 4,
-              window: int = 64, obs: int = 16):
+def _tca_onnx(q, k, v, mask=None, scale: float = 1.0, causal: bool = True, budgets=(1.0,), windows=(64,),
+              sinks: int = 4, obs: int = 16):
     """The reference, op for op, in standard ONNX (opset 23): per KV head, TopK selects,
     GatherElements and Gather fetch the selected and the windowed keys, one shared softmax
     normaliser; the heads' outputs are concatenated."""
@@ -159,7 +166,7 @@ def _tca_onnx(q, k, v, mask=None, scale: float = 1.0, causal: bool = True, budge
         valid = op.Expand(valid, bk)
     g = op.Div(_dim(q, 1), _ints(len(budgets)))
     heads = []
-    for i, budget in enumerate(budgets):
+    for i, (budget, window) in enumerate(zip(budgets, windows)):
         qi = op.Slice(q, op.Mul(g, _ints(i)), op.Mul(g, _ints(i + 1)), one)
         ki, vi = op.Slice(k, _ints(i), _ints(i + 1), one), op.Slice(v, _ints(i), _ints(i + 1), one)
         heads.append(_tca_onnx_heads(qi, ki, vi, valid, scale, causal, budget, sinks, window, obs))
@@ -168,7 +175,8 @@ def _tca_onnx(q, k, v, mask=None, scale: float = 1.0, causal: bool = True, budge
 
 def _tca_onnx_heads(q, k, v, valid, scale, causal, budget, sinks, window, obs):
     w = window
-    span = 2 * w if causal else 3 * w
+    bq = min(w, QUERY_BLOCK)
+    span = bq + w if causal else bq + 2 * w
     neg_inf = op.CastLike(op.Constant(value_float=float("-inf")), q)
     zero_f = op.CastLike(op.Constant(value_float=0.0), q)
     b, hkv, nq, nk, d, dv = _dim(q, 0), _dim(k, 1), _dim(q, 2), _dim(k, 2), _dim(q, 3), _dim(v, 3)
@@ -188,7 +196,8 @@ def _tca_onnx_heads(q, k, v, valid, scale, causal, budget, sinks, window, obs):
                 op.Unsqueeze(valid, _ints(1, 2)))
     probs = op.Softmax(op.Where(ok, logits, neg_inf), axis=-1)
     score = op.ReduceSum(op.Where(op.IsNaN(probs), zero_f, probs), _ints(2), keepdims=0)   # [B,Hkv,Nk]
-    score = op.Where(op.Less(_range(nk), op.Constant(value_int=sinks)), op.CastLike(op.Constant(value_float=-1.0), q), score)
+    is_sink = op.Less(_range(nk), op.Constant(value_int=sinks))
+    score = op.Where(is_sink, op.CastLike(op.Constant(value_float=-1.0), q), score)
     room = op.Max(op.Sub(nk, _ints(sinks)), zero)
     counts = op.Cast(op.Ceil(op.Mul(op.Constant(value_floats=[budget]), op.Cast(nk, to=1))), to=7)
     counts = op.Min(counts, room)                                                     # [Hkv]
@@ -216,22 +225,24 @@ def _tca_onnx_heads(q, k, v, valid, scale, causal, budget, sinks, window, obs):
     l1 = op.Where(op.Unsqueeze(ok1, _ints(2)), l1, neg_inf)
 
     # local window
-    nb = op.Div(op.Add(nq, _ints(w - 1)), _ints(w))
-    nbw = op.Mul(nb, _ints(w))
-    starts = op.Add(op.Add(op.Mul(_range(nb), op.Constant(value_int=w)), off), _ints(0 if causal else 1))
+    nb = op.Div(op.Add(nq, _ints(bq - 1)), _ints(bq))
+    nbw = op.Mul(nb, _ints(bq))
+    starts = op.Add(op.Add(op.Mul(_range(nb), op.Constant(value_int=bq)), off), _ints(0 if causal else 1))
     kidx = op.Add(op.Unsqueeze(starts, one), op.Unsqueeze(_range(_ints(span)), zero))  # [nb,span]
     flat = op.Reshape(kidx, _ints(-1))
-    pads = _ints(0, 0, w, 0, 0, 0, span + w, 0)
+    pads = _ints(0, 0, w, 0, 0, 0, span + bq, 0)
     kb = op.Reshape(op.Gather(op.Pad(k, pads), flat, axis=2), op.Concat(b, hkv, one, nb, _ints(span), d, axis=0))
     vb = op.Reshape(op.Gather(op.Pad(v, pads), flat, axis=2), op.Concat(b, hkv, one, nb, _ints(span), dv, axis=0))
     q5 = op.Reshape(qg, op.Concat(b, hkv, _ints(-1), nq, d, axis=0))
     qpad = op.Concat(_ints(0, 0, 0, 0, 0, 0, 0, 0), op.Sub(nbw, nq), zero, axis=0)
-    qb = op.Reshape(op.Pad(q5, qpad), op.Concat(b, hkv, _ints(-1), nb, _ints(w), d, axis=0))
-    qp = op.Reshape(op.Add(_range(nbw), off),
-                    op.Concat(nb, _ints(w, 1), axis=0))                                # [nb,w,1]
+    qb = op.Reshape(op.Pad(q5, qpad), op.Concat(b, hkv, _ints(-1), nb, _ints(bq), d, axis=0))
+    qp = op.Reshape(op.Add(_range(nbw), off), op.Concat(nb, _ints(bq, 1), axis=0))   # [nb,bq,1]
     diff = op.Sub(qp, op.Unsqueeze(op.Sub(kidx, _ints(w)), one))                        # [nb,w,span]
-    band = op.And(op.GreaterOrEqual(diff, zero), op.Less(diff, _ints(w))) if causal else op.Less(op.Abs(diff), _ints(w))
-    vpad = op.Pad(op.Cast(valid, to=6), _ints(0, w, 0, span + w))
+    if causal:
+        band = op.And(op.GreaterOrEqual(diff, zero), op.Less(diff, _ints(w)))
+    else:
+        band = op.Less(op.Abs(diff), _ints(w))
+    vpad = op.Pad(op.Cast(valid, to=6), _ints(0, w, 0, span + bq))
     validb = op.Reshape(op.Gather(vpad, flat, axis=1), op.Concat(b, nb, one, _ints(span), axis=0))
     ok2 = op.Unsqueeze(op.And(op.Unsqueeze(band, zero), op.Cast(validb, to=9)), _ints(1, 2))
     l2 = op.Mul(op.MatMul(qb, op.Transpose(kb, perm=[0, 1, 2, 3, 5, 4])), scale_c)    # [B,Hkv,G,nb,w,span]
@@ -245,7 +256,7 @@ def _tca_onnx_heads(q, k, v, valid, scale, causal, budget, sinks, window, obs):
     top_ = op.Where(op.IsInf(top_), zero_f, top_)
     p1 = op.Exp(op.Sub(l1, op.Unsqueeze(top_, _ints(-1))))
     topb = op.Reshape(op.Pad(top_, op.Concat(_ints(0, 0, 0, 0, 0, 0, 0), op.Sub(nbw, nq), axis=0)),
-                      op.Concat(b, hkv, _ints(-1), nb, _ints(w, 1), axis=0))
+                      op.Concat(b, hkv, _ints(-1), nb, _ints(bq, 1), axis=0))
     p2 = op.Exp(op.Sub(l2, topb))
     num1 = op.MatMul(p1, op.Unsqueeze(vs, _ints(2)))                                   # [B,Hkv,G,Nq,dv]
     num2 = op.Reshape(op.MatMul(p2, vb), op.Concat(b, hkv, _ints(-1), nbw, dv, axis=0))

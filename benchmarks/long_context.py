@@ -1,0 +1,199 @@
+"""TCA-Attention at long context: attention time, error, whole-forward time and quality, one run.
+
+    python benchmarks/long_context.py [--lengths 1024 4096 8192 16384] [--threads 2]
+
+On the shipped reference LM, with head budgets calibrated by the `tca` pass on the first 4
+windows of its held-out text (tolerance ``--tolerance``):
+
+attention   at each length, the real q/k/v of every layer (the model run on held-out text; past
+            the 1024 it was trained on, RoPE simply continues): time of all layers' attention for
+            dense causal SDPA (torch), the TCA op's torch reference, ONNX Runtime's standard
+            ``Attention`` op (dense) and the TCA op's ONNX lowering; and TCA's relative output
+            error per layer, ||O_tca - O|| / ||O||.
+forward     the whole model at its full context (1024 tokens), ONNX Runtime: the dense tokopt
+            bundle (canonicalize) vs the TCA bundle.
+quality     perplexity on held-out windows the calibration did not see: dense; TCA; a uniform
+            per-head budget plus a 64-token window, and sinks + a sliding window, both with
+            TCA's mean number of keys per query. KV-cache bytes (the cache is not compacted yet: equal).
+Prints tables and writes bench-out/long_context.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+warnings.filterwarnings("ignore")
+ROOT = Path(__file__).resolve().parents[1]
+LM = ROOT / "models" / "reference-lm"
+
+
+def _attention_inputs(program, ids):
+    """Every canonical attention's (q, k, v, mask, scale, causal) on one forward."""
+    from tokopt.optimizer.ops import ATTENTION
+    got = []
+
+    class Grab(torch.fx.Interpreter):
+        def run_node(self, node):
+            if ATTENTION.matches(node):
+                got.append(self.fetch_args_kwargs_from_env(node)[0])
+            return super().run_node(node)
+
+    with torch.no_grad():
+        Grab(program.ep.module()).run(ids, torch.ones_like(ids))
+    return got
+
+
+def _dense_onnx(heads: int, kv_heads: int, d: int) -> bytes:
+    from onnx import TensorProto as T
+    from onnx import helper as h
+    ins = [h.make_tensor_value_info(n, T.FLOAT, [1, hh, "n", d]) for n, hh in (("q", heads), ("k", kv_heads),
+                                                                               ("v", kv_heads))]
+    node = h.make_node("Attention", ["q", "k", "v"], ["o"], is_causal=1, scale=d ** -0.5)
+    graph = h.make_graph([node], "dense", ins, [h.make_tensor_value_info("o", T.FLOAT, None)])
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", 23)]).SerializeToString()
+
+
+def _tca_onnx(path: Path, example, budgets, windows, sinks, obs) -> None:
+    from torch.export import Dim
+    from tokopt.optimizer.ops import OPSET, onnx_translation_table
+
+    class Op(torch.nn.Module):
+        def forward(self, q, k, v):
+            return torch.ops.tokopt.tca_attention(q, k, v, None, example[4], True, budgets, windows, sinks, obs)
+
+    dyn = tuple({2: Dim.AUTO} for _ in range(3))
+    ep = torch.export.export(Op(), tuple(example[:3]), dynamic_shapes=dyn, strict=False)
+    torch.onnx.export(ep, dynamo=True, opset_version=OPSET, optimize=False, input_names=["q", "k", "v"],
+                      custom_translation_table=onnx_translation_table()).save(str(path))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 8192, 16384])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tolerance", type=float, default=0.2)
+    ap.add_argument("--ort-dense-max", type=int, default=8192,
+                    help="longest length for ORT's dense Attention op (it forms the full N x N map)")
+    ap.add_argument("--out", default="bench-out/long_context.json")
+    args = ap.parse_args(argv)
+
+    import onnxruntime as ort
+    from transformers import AutoTokenizer
+
+    import tokopt
+    from tokopt.backends.onnxruntime import make_session
+    from tokopt.calibration.data import calibration_batches
+    from tokopt.calibration.lm_eval import perplexity
+    from tokopt.optimizer.compile import plan_passes
+    from tokopt.optimizer.ops import attention_reference
+    from tokopt.optimizer.pass_manager import PassManager, resolve
+    from tokopt.optimizer.report import time_calls
+    from tokopt.passes.tca_op import tca_reference
+
+    torch.set_num_threads(args.threads)
+    work = Path(tempfile.mkdtemp(prefix="tokopt-long-"))
+    calib = str(LM / "heldout.txt")
+    spec = f"tca:tolerance={args.tolerance}"
+    res = tokopt.compile(LM, out=work / "tca", passes=spec, calib=calib, measure=False, threads=args.threads)
+    dense_bundle = tokopt.compile(LM, out=work / "dense", measure=False, threads=args.threads)
+    stats = res.program.history[-1]["stats"]
+    table = res.program.artifacts["budgets.json"]
+    sinks, obs = table["sinks"], table["obs"]
+    budgets = {}
+    for row in table["heads"]:
+        budgets.setdefault(row["layer"], []).append((row["window"], row["budget"]))
+    cost = stats["mean_keys_per_query"]
+    print(f"TCA heads (tolerance {args.tolerance}), (window, budget) per KV head: "
+          + "; ".join(f"layer {layer}: {cfg}" for layer, cfg in sorted(budgets.items()))
+          + f"; mean keys per query at 1024 tokens {cost:.0f}")
+
+    # --- attention at long context, real activations
+    tok = AutoTokenizer.from_pretrained(LM, local_files_only=True)
+    text_ids = torch.tensor(tok((LM / "heldout.txt").read_text())["input_ids"])
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(LM, local_files_only=True, attn_implementation="sdpa").eval()
+    model.config.max_position_embeddings = max(args.lengths)
+    long_prog = PassManager(resolve(plan_passes())).run(
+        tokopt.capture(model, {"input_ids": text_ids[None, :16], "attention_mask": torch.ones(1, 16, dtype=torch.long)}))
+    rows = []
+    for n in args.lengths:
+        inputs = _attention_inputs(long_prog, text_ids[None, 8192:8192 + n] if len(text_ids) > 8192 + n else text_ids[None, :n])
+        t = {"dense_torch": 0.0, "tca_torch": 0.0, "dense_ort": 0.0, "tca_ort": 0.0}
+        errors = []
+        runs = 5 if n <= 4096 else 2
+        for layer, (q, k, v, mask, scale, _) in enumerate(inputs):
+            cfg = budgets.get(layer, [(64, 1.0)] * k.shape[1])
+            fs, ws = [f for _, f in cfg], [w for w, _ in cfg]
+            with torch.no_grad():
+                dense = attention_reference(q, k, v, None, scale, True)
+                approx = tca_reference(q, k, v, None, scale, True, fs, ws, sinks, obs)
+                errors.append(float((approx - dense).norm() / dense.norm()))
+                t["dense_torch"] += time_calls(lambda: attention_reference(q, k, v, None, scale, True), runs, 1)["median_ms"]
+                t["tca_torch"] += time_calls(lambda: tca_reference(q, k, v, None, scale, True, fs, ws, sinks, obs),
+                                             runs, 1)["median_ms"]
+            feed = {"q": q.numpy(), "k": k.numpy(), "v": v.numpy()}
+            path = work / f"tca_{layer}.onnx"
+            if not path.exists():
+                _tca_onnx(path, (q, k, v, None, scale), fs, ws, sinks, obs)
+            s_tca = make_session(path, ["CPUExecutionProvider"], args.threads)
+            t["tca_ort"] += time_calls(lambda: s_tca.run(None, feed), runs, 1)["median_ms"]
+            if n <= args.ort_dense_max:
+                so = ort.SessionOptions()
+                so.intra_op_num_threads = args.threads
+                s_dense = ort.InferenceSession(_dense_onnx(q.shape[1], k.shape[1], q.shape[-1]), so,
+                                               providers=["CPUExecutionProvider"])
+                t["dense_ort"] += time_calls(lambda: s_dense.run(None, feed), runs, 1)["median_ms"]
+            else:
+                t["dense_ort"] = None
+        row = {"tokens": n, **t, "tca_rel_error_per_layer": errors,
+               "speedup_torch": t["dense_torch"] / t["tca_torch"],
+               "speedup_ort": t["dense_ort"] / t["tca_ort"] if t["dense_ort"] else None}
+        rows.append(row)
+        print(f"{n:>6} tokens  attention ms: dense torch {t['dense_torch']:.1f}, TCA torch {t['tca_torch']:.1f} "
+              f"({row['speedup_torch']:.2f}x); dense ORT {t['dense_ort'] or float('nan'):.1f}, TCA ORT "
+              f"{t['tca_ort']:.1f} ({(row['speedup_ort'] or float('nan')):.2f}x); error per layer "
+              + ", ".join(f"{e:.3f}" for e in errors), flush=True)
+
+    # --- whole forward at full context, ONNX Runtime bundles
+    ids = text_ids[None, :1024].numpy()
+    feed = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    forward = {}
+    for name, bundle in (("dense", dense_bundle.bundle), ("tca", res.bundle)):
+        s = make_session(bundle / "model.onnx", ["CPUExecutionProvider"], args.threads)
+        forward[name] = time_calls(lambda: s.run(None, feed), 10)["median_ms"]
+    print(f"whole forward at 1024 tokens (ORT, {args.threads} threads): dense {forward['dense']:.1f} ms, "
+          f"TCA {forward['tca']:.1f} ms ({forward['dense'] / forward['tca']:.2f}x)")
+
+    # --- quality at equal average budget
+    windows = [b["input_ids"] for b in calibration_batches(calib, tok, seq_len=1024, batch_size=1, max_batches=8,
+                                                           progress=False)][4:]
+    captured = tokopt.capture(LM)
+    uniform = max(cost - 64, 0) / 1024
+    variants = {"dense": "canonicalize", "tca": spec,
+                f"uniform {uniform:.3f} + window 64": f"tca:uniform={uniform:.4f},window=64",
+                f"window {round(cost)}": f"tca:uniform=0,window={round(cost)}"}
+    quality = {}
+    for name, passes in variants.items():
+        prog = PassManager(resolve(plan_passes(passes))).run(captured) if name != "tca" else res.program
+        quality[name] = perplexity(prog, windows)
+    print("perplexity on held-out windows the calibration did not see (4 x 1024 tokens):")
+    for name, ppl in quality.items():
+        print(f"  {name:<16} {ppl:8.3f}  ({(ppl / quality['dense'] - 1) * 100:+.2f}%)")
+    kv = res.program.cache.nbytes(1024) if res.program.cache else None
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"threads": args.threads, "tolerance": args.tolerance, "budgets": budgets,
+                               "mean_keys_per_query_1024": cost, "attention": rows, "forward_1024_ms": forward,
+                               "perplexity": quality, "kv_cache_bytes_per_1k": kv,
+                               "onnxruntime": ort.__version__, "torch": torch.__version__}, indent=1) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
