@@ -219,10 +219,12 @@ def _tca_onnx_heads(q, k, v, valid, scale, causal, budget, sinks, window, obs):
     gap = op.Sub(op.Unsqueeze(qpos, _ints(0, 1, 3)), op.Unsqueeze(idx, _ints(2)))    # [B,Hkv,Nq,M']
     far = op.GreaterOrEqual(gap if causal else op.Abs(gap), _ints(w))
     ok1 = op.And(op.Unsqueeze(count, _ints(2)), far)
-    qg = op.Reshape(q, op.Concat(b, hkv, _ints(-1), d, axis=0))                       # [B,Hkv,G*Nq,d]
-    l1 = op.Mul(op.MatMul(qg, op.Transpose(ks, perm=[0, 1, 3, 2])), scale_c)
+    # scale q once and mask by adding a bias built at the group-shared size: both cheaper than
+    # scaling and selecting over the G-times larger logits
+    qg = op.Mul(op.Reshape(q, op.Concat(b, hkv, _ints(-1), d, axis=0)), scale_c)     # [B,Hkv,G*Nq,d]
+    l1 = op.MatMul(qg, op.Transpose(ks, perm=[0, 1, 3, 2]))
     l1 = op.Reshape(l1, op.Concat(b, hkv, _ints(-1), nq, mp, axis=0))                 # [B,Hkv,G,Nq,M']
-    l1 = op.Where(op.Unsqueeze(ok1, _ints(2)), l1, neg_inf)
+    l1 = op.Add(l1, op.Unsqueeze(op.Where(ok1, zero_f, neg_inf), _ints(2)))
 
     # local window
     nb = op.Div(op.Add(nq, _ints(bq - 1)), _ints(bq))
@@ -237,7 +239,7 @@ def _tca_onnx_heads(q, k, v, valid, scale, causal, budget, sinks, window, obs):
     qpad = op.Concat(_ints(0, 0, 0, 0, 0, 0, 0, 0), op.Sub(nbw, nq), zero, axis=0)
     qb = op.Reshape(op.Pad(q5, qpad), op.Concat(b, hkv, _ints(-1), nb, _ints(bq), d, axis=0))
     qp = op.Reshape(op.Add(_range(nbw), off), op.Concat(nb, _ints(bq, 1), axis=0))   # [nb,bq,1]
-    diff = op.Sub(qp, op.Unsqueeze(op.Sub(kidx, _ints(w)), one))                        # [nb,w,span]
+    diff = op.Sub(qp, op.Unsqueeze(op.Sub(kidx, _ints(w)), one))                        # [nb,bq,span]
     if causal:
         band = op.And(op.GreaterOrEqual(diff, zero), op.Less(diff, _ints(w)))
     else:
@@ -245,8 +247,8 @@ def _tca_onnx_heads(q, k, v, valid, scale, causal, budget, sinks, window, obs):
     vpad = op.Pad(op.Cast(valid, to=6), _ints(0, w, 0, span + bq))
     validb = op.Reshape(op.Gather(vpad, flat, axis=1), op.Concat(b, nb, one, _ints(span), axis=0))
     ok2 = op.Unsqueeze(op.And(op.Unsqueeze(band, zero), op.Cast(validb, to=9)), _ints(1, 2))
-    l2 = op.Mul(op.MatMul(qb, op.Transpose(kb, perm=[0, 1, 2, 3, 5, 4])), scale_c)    # [B,Hkv,G,nb,w,span]
-    l2 = op.Where(ok2, l2, neg_inf)
+    l2 = op.MatMul(qb, op.Transpose(kb, perm=[0, 1, 2, 3, 5, 4]))                      # [B,Hkv,G,nb,bq,span]
+    l2 = op.Add(l2, op.Where(ok2, zero_f, neg_inf))
 
     # one softmax normaliser over both parts
     m1 = op.ReduceMax(l1, _ints(-1), keepdims=0)                                       # [B,Hkv,G,Nq]
