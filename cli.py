@@ -195,6 +195,11 @@ def _cmd_inspect(args) -> int:
         print(f"  passes  {', '.join(p['name'] for p in manifest['passes'])}")
         for io in ("inputs", "outputs"):
             print(f"  {io:<7} " + "; ".join(f"{x['name']} {x['dtype']} {x['shape']}" for x in manifest[io]))
+        gen = manifest.get("generation")
+        if gen:
+            c = gen["cache"]
+            print(f"  generate {gen['graph']}; KV cache {c['layers']} layers x {c['kv_heads'][0]} heads x "
+                  f"{c['head_dim'][0]} dims ({c['dtype']}), up to {c['max_length']} tokens")
         if report:
             print(format_report(report))
         return 0

@@ -6,6 +6,8 @@ build, batched with left padding, and for the shipped reference LM through the C
 """
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -129,7 +131,9 @@ def test_cli_generation_errors(llama_bundle, capsys):
     assert main(["run", bundle, "--input-ids", "5,6,7", "--max-new-tokens", "0"]) == 2
     assert "max_new_tokens must be at least 1" in capsys.readouterr().err
     assert main(["run", bundle, "--input-ids", "5,6,7", "--max-new-tokens", "3", "--json"]) == 0
-    assert len(__import__("json").loads(capsys.readouterr().out)["new_ids"]) == 3
+    assert len(json.loads(capsys.readouterr().out)["new_ids"]) == 3
+    assert main(["inspect", bundle]) == 0
+    assert "KV cache 2 layers x 2 heads x 16 dims (float32), up to 512 tokens" in capsys.readouterr().out
 
 
 def test_reference_lm_generates_like_transformers(tmp_path, capsys):
