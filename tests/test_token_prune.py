@@ -100,7 +100,7 @@ def test_padding_never_outranks_real_tokens():
     assert _keep_indices(scores, None, 1, 2, keep_last=True).tolist() == [[0, 3, 5]]
 
 
-@pytest.mark.parametrize("score", ["cls", "last", "mean"])
+@pytest.mark.parametrize("score", ["cls", "last", "mean", "debiased"])
 @pytest.mark.parametrize("kv,mask_kind", [(4, "bool"), (2, "float"), (1, "none"), (2, "causal")])
 def test_score_op_reference_and_onnx(tmp_path, score, kv, mask_kind):
     g = torch.Generator().manual_seed(0)
@@ -118,8 +118,14 @@ def test_score_op_reference_and_onnx(tmp_path, score, kv, mask_kind):
     if causal:
         logits = logits.masked_fill(~torch.ones(10, 10, dtype=torch.bool).tril(), float("-inf"))
     probs = logits.softmax(-1)
-    rows = {"cls": probs[:, :, :1], "last": probs[:, :, -1:], "mean": probs}[score]
-    want = rows.mean(dim=(1, 2))
+    if score == "debiased":  # from the full map: per KV-head group, over the rows that see a key
+        seen = (logits > -1e30) & (torch.arange(10) > 0)
+        rest = probs * (torch.arange(10) > 0)
+        rel = rest / rest.sum(-1, keepdim=True).clamp_min(1e-30) * seen.sum(-1, keepdim=True)
+        want = (rel.reshape(2, kv, -1, 10).sum(2) / seen.reshape(2, kv, -1, 10).sum(2).clamp_min(1)).mean(1)
+    else:
+        rows = {"cls": probs[:, :, :1], "last": probs[:, :, -1:], "mean": probs}[score]
+        want = rows.mean(dim=(1, 2))
     got = TOKEN_SCORES.op(q, k, mask, 0.3, causal, score)
     assert torch.allclose(got, want, atol=1e-6)
 
@@ -146,6 +152,16 @@ def test_score_op_reference_and_onnx(tmp_path, score, kv, mask_kind):
     np.testing.assert_allclose(out, TOKEN_SCORES.op(q2, k2, m2, 0.3, causal, score).numpy(), atol=1e-6)
 
 
+def test_debiased_score_removes_the_causal_position_trend():
+    """Uniform causal attention: 'mean' favours early tokens (more rows see them, with fewer
+    keys each); 'debiased' scores every non-sink token alike."""
+    q, k = torch.zeros(1, 2, 12, 8), torch.randn(1, 2, 12, 8)
+    mean = TOKEN_SCORES.op(q, k, None, 0.3, True, "mean")[0]
+    debiased = TOKEN_SCORES.op(q, k, None, 0.3, True, "debiased")[0]
+    assert (mean[1:-1] > mean[2:]).all()
+    assert torch.allclose(debiased[1:], torch.ones(11), atol=1e-5) and debiased[0] == 0
+
+
 @pytest.mark.parametrize("spec,message", [
     ("token_prune:keep=1.5", "keep=1.5 must be in (0, 1]"),
     ("token_prune:layers=7", "layer 7 is past the model's depth"),
@@ -153,6 +169,7 @@ def test_score_op_reference_and_onnx(tmp_path, score, kv, mask_kind):
     ("token_prune:mode=merge,schedule=0.8@0/0.8@1", "one merging layer"),
     ("token_prune:mode=squash", "mode='squash' is unknown"),
     ("token_prune:score=diverse", "score=diverse is not implemented yet"),
+    ("token_prune:score=head_weighted", "score=head_weighted is not implemented yet"),
     ("token_prune:schedule=0.5@1/0.7@0", "must be distinct and increasing"),
 ])
 def test_bad_options(bert, spec, message):
