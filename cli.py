@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--bench-len", type=int, default=128, help="tokens per sequence for the latency probe")
     c.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
     c.add_argument("--generate", action="store_true",
-                   help="causal LMs: compile the prefill/decode graph with a KV cache, for `tokopt run --max-new-tokens`")
+                   help="causal LMs: compile the prefill/decode graph with a KV cache (for "
+                        "`tokopt run --max-new-tokens`)")
     c.add_argument("--json", action="store_true", help="print the report as JSON")
     c.add_argument("--quiet", action="store_true", help="no progress lines")
 

@@ -45,7 +45,7 @@ def _attention_inputs(program, ids):
             return super().run_node(node)
 
     with torch.no_grad():
-        Grab(program.ep.module()).run(ids, torch.ones_like(ids))
+        Grab(program.unlifted()).run(ids, torch.ones_like(ids))
     return got
 
 
@@ -91,6 +91,7 @@ def main(argv=None):
     from tokopt.calibration.data import calibration_batches
     from tokopt.calibration.lm_eval import perplexity
     from tokopt.optimizer.compile import plan_passes
+    from tokopt.optimizer.generation import cache_spec
     from tokopt.optimizer.ops import attention_reference
     from tokopt.optimizer.pass_manager import PassManager, resolve
     from tokopt.optimizer.report import time_calls
@@ -119,11 +120,12 @@ def main(argv=None):
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(LM, local_files_only=True, attn_implementation="sdpa").eval()
     model.config.max_position_embeddings = max(args.lengths)
-    long_prog = PassManager(resolve(plan_passes())).run(
-        tokopt.capture(model, {"input_ids": text_ids[None, :16], "attention_mask": torch.ones(1, 16, dtype=torch.long)}))
+    example = {"input_ids": text_ids[None, :16], "attention_mask": torch.ones(1, 16, dtype=torch.long)}
+    long_prog = PassManager(resolve(plan_passes())).run(tokopt.capture(model, example))
     rows = []
     for n in args.lengths:
-        inputs = _attention_inputs(long_prog, text_ids[None, 8192:8192 + n] if len(text_ids) > 8192 + n else text_ids[None, :n])
+        start = 8192 if len(text_ids) > 8192 + n else 0
+        inputs = _attention_inputs(long_prog, text_ids[None, start:start + n])
         t = {"dense_torch": 0.0, "tca_torch": 0.0, "dense_ort": 0.0, "tca_ort": 0.0}
         errors = []
         runs = 5 if n <= 4096 else 2
@@ -134,7 +136,8 @@ def main(argv=None):
                 dense = attention_reference(q, k, v, None, scale, True)
                 approx = tca_reference(q, k, v, None, scale, True, fs, ws, sinks, obs)
                 errors.append(float((approx - dense).norm() / dense.norm()))
-                t["dense_torch"] += time_calls(lambda: attention_reference(q, k, v, None, scale, True), runs, 1)["median_ms"]
+                t["dense_torch"] += time_calls(lambda: attention_reference(q, k, v, None, scale, True),
+                                               runs, 1)["median_ms"]
                 t["tca_torch"] += time_calls(lambda: tca_reference(q, k, v, None, scale, True, fs, ws, sinks, obs),
                                              runs, 1)["median_ms"]
             feed = {"q": q.numpy(), "k": k.numpy(), "v": v.numpy()}
@@ -188,7 +191,7 @@ def main(argv=None):
     print("perplexity on held-out windows the calibration did not see (4 x 1024 tokens):")
     for name, ppl in quality.items():
         print(f"  {name:<16} {ppl:8.3f}  ({(ppl / quality['dense'] - 1) * 100:+.2f}%)")
-    kv = res.program.cache.nbytes(1024) if res.program.cache else None
+    kv = cache_spec(model, None).nbytes(1024)  # dense and TCA alike: the cache is not compacted yet
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"threads": args.threads, "tolerance": args.tolerance, "budgets": budgets,

@@ -93,9 +93,8 @@ def head_errors(program: Program, batches, grid: list, candidate, total: int | N
                 progress: bool = True) -> dict[int, np.ndarray]:
     """{layer: [len(grid), heads] relative output error of each candidate configuration} over
     ``batches`` (see module doc)."""
-    gm = program.ep.module()
     sums: dict[int, tuple] = {}
-    collector = _Collector(gm, {b.node: b for b in program.attention}, grid, candidate, sums)
+    collector = _Collector(program.unlifted(), {b.node: b for b in program.attention}, grid, candidate, sums)
     names = program.input_names
     with torch.no_grad():
         for batch in tqdm(batches, total=total, desc="calibrating head budgets", disable=not progress,

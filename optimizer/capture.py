@@ -158,6 +158,10 @@ def _generate_program(model: torch.nn.Module, *, source: dict, max_len: int | No
     return prog
 
 
+def _context_limit(config) -> int | None:
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
 def _require_causal_lm(model: torch.nn.Module, name: str) -> None:
     if not (hasattr(model, "config") and _task(model, type(model).__name__) == "causal-lm"):
         raise UsageError(f"--generate needs a causal language model (a transformers *ForCausalLM or "
@@ -255,7 +259,7 @@ def _from_hf_folder(folder: Path, *, seq_len: int, max_seq_len: int | None, trus
                            f"({str(e).strip().splitlines()[0]}). Check that the weights belong "
                            "to this config.") from e
     model.eval()
-    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    limit = _context_limit(config)
     if max_seq_len is not None and limit is not None and max_seq_len > limit:
         raise UsageError(f"--max-seq-len {max_seq_len} is longer than the model's "
                          f"max_position_embeddings ({limit}). Pass at most {limit}.")
@@ -347,10 +351,8 @@ def capture(source, example_inputs=None, *, seq_len: int = DEFAULT_SEQ_LEN, max_
         raise UsageError("pass a saved .pt2 path (torch.export.save), not an ExportedProgram object.")
     if isinstance(source, torch.nn.Module) and generate:
         _require_causal_lm(source, type(source).__name__)
-        cfg = source.config
-        limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
         return _generate_program(source, source={"kind": "module", "class": type(source).__name__},
-                                 max_len=max_seq_len or limit)
+                                 max_len=max_seq_len or _context_limit(source.config))
     if isinstance(source, torch.nn.Module):
         if example_inputs is None:
             raise UsageError("an nn.Module needs example_inputs (a dict name -> tensor, or a tuple).")

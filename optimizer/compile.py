@@ -87,7 +87,8 @@ def _axis_names(program: Program) -> dict[str, str]:
 def _dims(shape, axis_names) -> list:
     """Sizes as ints or axis names; an expression keeps its form ("past_sequence + sequence")."""
     def name(d):
-        return re.sub(r"\bs\d+\b", lambda m: axis_names.get(m.group(0), m.group(0)), axis_names.get(str(d), str(d)))
+        text = axis_names.get(str(d), str(d))
+        return re.sub(r"\bs\d+\b", lambda m: axis_names.get(m.group(0), m.group(0)), text)
     return [int(d) if isinstance(d, int) else name(d) for d in shape]
 
 
@@ -199,7 +200,6 @@ def _measure(be, tgt, captured: Program, bundle_dir: Path, data: dict, texts, ru
     if lat is not None:
         result["latency"] = lat
     return result
-
 
 
 def _measure_generation(be, tgt, captured: Program, bundle_dir: Path, runner, texts, runs: int, length: int,

@@ -103,10 +103,9 @@ def cache_spec(model: torch.nn.Module, max_length: int | None) -> CacheSpec:
     """Read the cache layout off one eager prefill (no per-architecture code)."""
     cfg = model.config
     layers = int(getattr(cfg, "num_hidden_layers", 0) or getattr(cfg, "n_layer", 0))
-    entry = GenerateEntry(model, layers)
     ids = torch.zeros(1, 2, dtype=torch.long)
     with torch.no_grad():
-        out = entry.model(input_ids=ids, use_cache=True, return_dict=True)
+        out = model(input_ids=ids, use_cache=True, return_dict=True)
     present = getattr(out, "cache", None) or out.past_key_values
     keys = [layer.keys for layer in present.layers[:layers]]
     if len(keys) != layers or any(k.dim() != 4 or k.shape[2] != 2 for k in keys):

@@ -89,12 +89,15 @@ class Program:
         """Run the exported graph eagerly (reference kernels for tokopt ops)."""
         return self.runner()(self.probe if inputs is None else inputs)
 
+    def unlifted(self) -> torch.fx.GraphModule:
+        """The graph as a callable module (~0.2 s to build; valid until the graph is edited)."""
+        # A generation graph is also run on a one-token prompt, a size torch.export's 0/1
+        # specialisation leaves out of its guards but the graph handles.
+        return self.ep.module(check_guards=self.cache is None)
+
     def runner(self):
-        """``run`` for many calls: the graph is turned into a module once (that costs ~0.2 s).
-        Valid until the graph is edited."""
-        # A generation graph is also run with an empty cache and single tokens, sizes that
-        # torch.export's 0/1 specialisation leaves out of its guards but the graph handles.
-        module = self.ep.module(check_guards=self.cache is None)
+        """``run`` for many calls: the module is built once."""
+        module = self.unlifted()
 
         def run(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             with torch.no_grad():

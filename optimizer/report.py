@@ -25,19 +25,17 @@ import torch
 
 from .generation import example_feed, generate_ids
 from .program import Program
+from .runtime import load_tokenizer
 
 __all__ = ["probe_inputs", "quality", "quality_rows", "time_calls", "format_report", "bench_inputs",
            "verification_feeds", "generation_prompts", "generation_quality"]
 
 
 def _tokenize(program: Program, texts: list[str], max_len: int) -> dict[str, torch.Tensor] | None:
-    from transformers import AutoTokenizer
     try:
-        tok = AutoTokenizer.from_pretrained(program.tokenizer_dir, local_files_only=True)
+        tok = load_tokenizer(program.tokenizer_dir)
     except Exception:
         return None
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token or tok.unk_token
     enc = tok(texts, padding=True, truncation=True, max_length=max_len, return_tensors="pt")
     return {n: enc[n] for n in program.input_names if n in enc} | {
         n: torch.zeros_like(enc["input_ids"]) for n in program.input_names if n not in enc and n == "token_type_ids"}
@@ -163,11 +161,7 @@ def generation_prompts(program: Program, texts: list[str] | None, length: int,
                        batch: int = 4) -> tuple[np.ndarray, np.ndarray, str]:
     """Left-padded prompts of at most ``length`` tokens from ``texts``, else random ids."""
     if texts and program.tokenizer_dir:
-        from transformers import AutoTokenizer
-        tok = AutoTokenizer.from_pretrained(program.tokenizer_dir, local_files_only=True)
-        tok.padding_side = "left"
-        if tok.pad_token is None:
-            tok.pad_token = tok.eos_token or tok.unk_token
+        tok = load_tokenizer(program.tokenizer_dir, padding_side="left")
         enc = tok(texts[:batch], padding=True, truncation=True, max_length=length, return_tensors="np")
         return enc["input_ids"], enc["attention_mask"], f"{len(texts[:batch])} text prompts, up to {length} tokens"
     ids = example_feed(program.cache, batch, length, 0, seed=1)["input_ids"].numpy()

@@ -16,7 +16,18 @@ import numpy as np
 
 from .errors import BackendError, BundleError, UsageError, did_you_mean
 
-__all__ = ["Backend", "Runner", "BACKENDS", "register_backend", "get_backend", "load"]
+__all__ = ["Backend", "Runner", "BACKENDS", "register_backend", "get_backend", "load", "load_tokenizer"]
+
+
+def load_tokenizer(folder, padding_side: str | None = None):
+    """A local tokenizer that can pad (with EOS, else UNK, where it has no pad token)."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    if padding_side is not None:
+        tok.padding_side = padding_side
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token or tok.unk_token
+    return tok
 
 
 class Runner:
@@ -58,11 +69,10 @@ class Runner:
     def __call__(self, **inputs) -> dict[str, np.ndarray]:
         return dict(zip(self.output_names, self._run(self._feed(inputs))))
 
-    def tokenizer(self):
+    def tokenizer(self, padding_side: str | None = None):
         if not self.manifest.get("tokenizer"):
             raise UsageError(f"{self.bundle} has no tokenizer, so it cannot take text; pass token ids.")
-        from transformers import AutoTokenizer
-        return AutoTokenizer.from_pretrained(self.bundle / self.manifest["tokenizer"], local_files_only=True)
+        return load_tokenizer(self.bundle / self.manifest["tokenizer"], padding_side)
 
     def generate(self, prompt=None, *, input_ids=None, attention_mask=None, max_new_tokens: int = 32,
                  do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
@@ -83,10 +93,7 @@ class Runner:
         spec = CacheSpec.from_json(gen["cache"])
         tok = None
         if prompt is not None:
-            tok = self.tokenizer()
-            tok.padding_side = "left"
-            if tok.pad_token is None:
-                tok.pad_token = tok.eos_token or tok.unk_token
+            tok = self.tokenizer(padding_side="left")
             enc = tok([prompt] if isinstance(prompt, str) else list(prompt), return_tensors="np", padding=True)
             input_ids, attention_mask = enc["input_ids"], enc["attention_mask"]
         elif input_ids is None:

@@ -40,6 +40,7 @@ from ..optimizer.errors import UsageError
 from ..optimizer.ops import ATTENTION
 from ..optimizer.pass_manager import Pass, PassResult, register_pass
 from ..optimizer.program import META_BLOCK, Program, call_function_nodes
+from ..optimizer.runtime import load_tokenizer
 from .tca_op import TCA, tca_reference
 
 __all__ = ["TCAPass", "GRID"]
@@ -83,12 +84,8 @@ class TCAPass(Pass):
     requires = ("canonicalize",)
     summary = "TCA-Attention: calibrated per-head budgets, online core-token selection (sinks + window + top keys)"
 
-    def _windows(self, program: Program, length: int) -> list[torch.Tensor]:
-        from transformers import AutoTokenizer
+    def _windows(self, program: Program, source: Path, tok, length: int) -> list[torch.Tensor]:
         opts = self.options
-        source = Path(program.calib) if program.calib else PASSAGES
-        tok = AutoTokenizer.from_pretrained(program.tokenizer_dir, local_files_only=True) \
-            if program.tokenizer_dir else None
         windows = [b["input_ids"] for b in calibration_batches(
             source, tok, seq_len=length, batch_size=1, max_batches=opts.calib_windows + opts.eval_windows,
             progress=False)]
@@ -113,12 +110,13 @@ class TCAPass(Pass):
         ws = sorted(set(self.options.windows))
         return [(w, f) for w in ws for f in GRID[:-1]] + [(ws[0], 1.0)]
 
-    def _budgets(self, program: Program, blocks) -> tuple[dict[int, list[tuple[int, float]]], dict, dict]:
+    def _budgets(self, program: Program, blocks, tok) -> tuple[dict[int, list[tuple[int, float]]], dict, dict]:
         """{layer: [(window, budget) per KV head]}, the errors behind them, and what to report."""
         opts = self.options
-        kv = {b.layer: b.kv_heads for b in blocks}
+        layers = [b.layer for b in blocks]
+        kvh = blocks[0].kv_heads  # one count for every block (checked by the caller)
         if opts.uniform >= 0:
-            return ({layer: [(opts.window, opts.uniform)] * h for layer, h in kv.items()}, {},
+            return ({layer: [(opts.window, opts.uniform)] * kvh for layer in layers}, {},
                     {"info": {"calibration": "none (uniform)"}})
         if program.tokenizer_dir is None and not (program.calib and Path(program.calib).suffix in (".npy", ".pt")):
             raise UsageError("tca: calibration needs token ids: give --calib ids.npy, or a model folder with a "
@@ -129,14 +127,14 @@ class TCAPass(Pass):
             raise UsageError(f"tca: calibration windows of {length} tokens are not longer than sinks + the widest "
                              f"window ({opts.sinks + max(opts.windows)}): every key would be kept. Use a longer "
                              "calib_len or smaller windows.")
-        windows = self._windows(program, length)
+        source = Path(program.calib) if program.calib else PASSAGES
+        windows = self._windows(program, source, tok, length)
         calib = windows[:opts.calib_windows]
         configs = self.configs()
 
         def candidate(q, k, v, mask, scale, causal, config):
             return tca_reference(q, k, v, mask, scale, causal, [config[1]], [config[0]], opts.sinks, opts.obs)
 
-        source = Path(program.calib) if program.calib else PASSAGES
         key = {"version": CALIBRATION_VERSION, "weights": weights_hash(program), "data": _file_hash(source),
                "length": length, "windows": len(calib), "sinks": opts.sinks, "obs": opts.obs,
                "configs": configs, "graph": "generate" if program.cache else "forward"}
@@ -144,13 +142,12 @@ class TCAPass(Pass):
             program, [self._feed(program, w) for w in calib], configs, candidate, total=len(calib)).items()}})
         errors = {int(layer): np.array(e) for layer, e in result["errors"].items()}
         costs = [min(w, length) + f * length for w, f in configs]
-        chosen = cheapest_within(errors, costs, next(iter(kv.values())), opts.tolerance)
+        chosen = cheapest_within(errors, costs, kvh, opts.tolerance)
         picks = {layer: [configs[i] for i in idx] for layer, idx in chosen.items()}
         info = {"calibration": f"{len(calib)} windows of {length} tokens of {source.name}",
                 "calibration_cached": hit,
                 "mean_keys_per_query": float(np.mean([costs[i] for idx in chosen.values() for i in idx])),
                 "dense_keys_per_query": float(length)}
-        kvh = next(iter(kv.values()))
         head_errs = {layer: [errors[layer][i].reshape(kvh, -1)[h] for h, i in enumerate(idx)]
                      for layer, idx in chosen.items()}  # the chosen candidate's error, per query head
         return picks, head_errs, {"info": info, "eval": windows[opts.calib_windows:]}
@@ -168,7 +165,8 @@ class TCAPass(Pass):
         if len({b.kv_heads for b in blocks}) != 1:
             raise UsageError("tca: the attention blocks have different KV-head counts; not supported yet.")
         original = program.copy() if opts.uniform < 0 and program.cache is None else None
-        budgets, errors, extra = self._budgets(program, blocks)
+        tok = load_tokenizer(program.tokenizer_dir) if program.tokenizer_dir and opts.uniform < 0 else None
+        budgets, errors, extra = self._budgets(program, blocks, tok)
         by_node = {b.node: b for b in blocks}
         sparse, dense = [], []
         for node in nodes:
@@ -198,16 +196,14 @@ class TCAPass(Pass):
         stats = {"sparse_layers": sparse, "dense_layers": dense,
                  "mean_budget": sum(all_budgets) / len(all_budgets), **extra.get("info", {})}
         if original is not None and extra.get("eval") and "logits" in program.output_names:
-            stats.update(self._quality(original, program, extra["eval"]))
+            stats.update(self._quality(original, program, extra["eval"], tok))
         return PassResult(program, bool(sparse), stats)
 
-    def _quality(self, dense: Program, sparse: Program, windows) -> dict:
+    def _quality(self, dense: Program, sparse: Program, windows, tok) -> dict:
         """Perplexity on held-out windows and the passkey probe, dense vs TCA, at full context."""
         out = {"eval_tokens": sum(w.shape[1] for w in windows),
                "perplexity_dense": perplexity(dense, windows), "perplexity_tca": perplexity(sparse, windows)}
-        if dense.tokenizer_dir:
-            from transformers import AutoTokenizer
-            tok = AutoTokenizer.from_pretrained(dense.tokenizer_dir, local_files_only=True)
+        if tok is not None:
             filler = tok.decode(torch.cat(windows, 1)[0])
             length = min(windows[0].shape[1], 768)
             for name, prog in (("dense", dense), ("tca", sparse)):

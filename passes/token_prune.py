@@ -16,9 +16,9 @@ choice for causal models), ``mean`` (attention received, averaged over heads and
 computes this layer's full map once), ``debiased`` (``mean`` without the biases that make it
 favour some positions: the sink column is dropped and rows renormalised, each probability is
 measured against a uniform row over the keys that row sees, and a key's score is averaged over
-the rows that can see it, so early tokens in causal models are no longer inflated). Always kept: the first token (CLS / attention sink), and
-in causal models the last token. Padded positions score -inf, so they are never kept over real
-tokens.
+the rows that can see it, so early tokens in causal models are no longer inflated). Always
+kept: the first token (CLS / attention sink), and in causal models the last token. Padded
+positions score -inf, so they are never kept over real tokens.
 
 Contract: for encoders the pooled outputs (CLS row) keep their shape; ``restore=true`` scatters
 the pruned tokens' pre-pruning representations back so ``last_hidden_state`` keeps the input's
@@ -194,7 +194,8 @@ def _token_scores_onnx(q, k, mask=None, scale: float = 1.0, causal: bool = False
     rest = op23.Div(rest, op23.Max(op23.ReduceSum(rest, last, keepdims=1),
                                    op23.CastLike(op23.Constant(value_float=1e-30), logits)))
     relative = op23.Mul(rest, op23.Max(op23.ReduceSum(seen, last, keepdims=1), one))
-    per_key = op23.Div(op23.ReduceSum(relative, rows, keepdims=0), op23.Max(op23.ReduceSum(seen, rows, keepdims=0), one))
+    per_key = op23.Div(op23.ReduceSum(relative, rows, keepdims=0),
+                       op23.Max(op23.ReduceSum(seen, rows, keepdims=0), one))
     return op23.ReduceMean(per_key, heads, keepdims=0)
 
 

@@ -142,3 +142,17 @@ def test_bad_requests(tmp_path, model_dir):
     with pytest.raises(UsageError, match="calibration needs token ids"):
         tokopt.compile(model_dir("llama"), out=tmp_path / "d", passes="tca")
     assert not any((tmp_path / n).exists() for n in "abcd")
+
+
+def test_calibrates_on_a_generation_graph(tmp_path, monkeypatch):
+    """Calibration runs on a --generate graph too (prefills into an empty cache); the budgets
+    ship and the bundle still decodes."""
+    monkeypatch.setenv("TOKOPT_CACHE_DIR", str(tmp_path / "cache"))
+    model = _tiny("llama").eval()
+    ids = tmp_path / "ids.npy"
+    np.save(ids, np.random.default_rng(0).integers(10, 256, (2, 128)))
+    res = tokopt.compile(model, out=tmp_path / "g", generate=True, calib=ids, measure=False,
+                         passes="tca:calib_len=128,calib_windows=2,eval_windows=0,windows=8/16,tolerance=0.5")
+    assert len(json.loads((tmp_path / "g" / "budgets.json").read_text())["heads"]) == 4
+    out = tokopt.load(res.bundle).generate(input_ids=np.arange(10, 19)[None], max_new_tokens=4)
+    assert out.shape == (1, 13)
