@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..optimizer.errors import BackendError
-from ..optimizer.ops import OPSET, onnx_translation_table
+from ..optimizer.ops import OPSET, onnx_translation_table, standardize
 from ..optimizer.program import Program
 from ..optimizer.report import bench_inputs, time_calls, verification_feeds
 from ..optimizer.runtime import Backend, Runner, register_backend
@@ -88,6 +88,7 @@ def export_onnx(program: Program, path: Path, *, fusions: bool = True, check_fee
                            "Run with --debug for the exporter's report.") from e
     model = onnx_program.model
     onnxscript.optimizer.optimize(model)
+    standardized = {} if fusions else standardize(model)
     _save(model, path)
     feeds = check_feeds or []
 
@@ -101,7 +102,7 @@ def export_onnx(program: Program, path: Path, *, fusions: bool = True, check_fee
         raise BackendError(f"the ONNX lowering does not reproduce the graph: {why}. This is a tokopt "
                            "bug; rerun with --debug and report it.")
     if not fusions:
-        return {"fusions": {}}
+        return {"fusions": {}, **({"standardized": standardized} if standardized else {})}
     from onnxscript.rewriter import ort_fusions
     model, fused = ort_fusions.optimize_for_ort(model)
     with tempfile.TemporaryDirectory() as tmp:
@@ -134,10 +135,16 @@ def make_session(path: Path, providers: list[str], threads: int | None = None):
     ort.set_default_logger_severity(3)  # failures surface as exceptions with tokopt's message
     so = ort.SessionOptions()
     so.log_severity_level = 3
+    # ORT fuses DequantizeLinear + MatMul into MatMulNBits and would then quantize the
+    # activations to int8 (its default accuracy level 4): keep the float math the bundle promises
+    so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
     if threads:
         so.intra_op_num_threads = threads
     try:
-        return ort.InferenceSession(str(path), so, providers=providers)
+        # ONNX Runtime 1.32's QDQ propagation and its S8->U8 rewrite together emit QuantizeLinear
+        # nodes whose output type contradicts their zero point (edgeqat's per-token QDQ pairs
+        # fail to load); tokopt graphs never need the rewrite (it targets int8 MatMul/Conv)
+        return ort.InferenceSession(str(path), so, providers=providers, disabled_optimizers=["QDQS8ToU8Transformer"])
     except Exception as e:
         raise BackendError(f"ONNX Runtime cannot load {path}: {str(e).strip().splitlines()[0]}") from e
 

@@ -18,9 +18,16 @@ __all__ = ["perplexity", "passkey", "full_feed"]
 
 
 def full_feed(program: Program, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The program's inputs for unpadded token windows ``ids`` [B, N] (a generation graph: a
+    prefill with an empty cache)."""
     feed = {"input_ids": ids}
     if "attention_mask" in program.input_names:
         feed["attention_mask"] = torch.ones_like(ids)
+    if "token_type_ids" in program.input_names:
+        feed["token_type_ids"] = torch.zeros_like(ids)
+    if program.cache is not None:
+        feed["position_ids"] = torch.arange(ids.shape[1]).expand_as(ids)
+        feed.update(program.cache.empty(ids.shape[0]))
     return feed
 
 

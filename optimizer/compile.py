@@ -154,7 +154,7 @@ def compile(model, example_inputs=None, *, out=None, passes=None, recipe=None, b
                 if (Path(program.tokenizer_dir) / name).exists():
                     shutil.copy2(Path(program.tokenizer_dir) / name, tmp / "tokenizer" / name)
         for name, content in program.artifacts.items():
-            (tmp / name).write_text(json.dumps(content, indent=1) + "\n")
+            (tmp / name).write_text(content if isinstance(content, str) else json.dumps(content, indent=1) + "\n")
         inputs, outputs = io_spec(program)
         source = {k: v for k, v in program.source.items() if k != "module_prefix"}
         data = {"source": source, "backend": be.name, "target": tgt.name, "task": program.task,

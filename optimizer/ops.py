@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from onnxscript import opset23 as op23
 
-__all__ = ["OpSpec", "define_op", "OPS", "onnx_translation_table", "attention_reference", "ATTENTION"]
+__all__ = ["OpSpec", "define_op", "OPS", "onnx_translation_table", "standardize", "differentiable", "attention_reference", "ATTENTION"]
 
 OPSET = 23  # the first opset with a standard Attention op (GQA, bool/float masks, causal)
 
@@ -34,6 +34,9 @@ class OpSpec:
     onnx: Callable | None = None   # onnxscript lowering, traced by torch.onnx
     triton: Callable | None = None
     tags: tuple[str, ...] = field(default_factory=tuple)
+    # rewrites this op's contrib-op lowering into standard ONNX in an exported onnx_ir model,
+    # for targets that take standard ONNX only (TensorRT); returns how many nodes it rewrote
+    standardize: Callable | None = None
 
     @property
     def overload(self):
@@ -51,20 +54,27 @@ OPS: dict[str, OpSpec] = {}
 
 
 def define_op(name: str, schema_fn: Callable, fake: Callable, onnx: Callable | None = None,
-              triton: Callable | None = None, tags: tuple[str, ...] = ()) -> OpSpec:
+              triton: Callable | None = None, tags: tuple[str, ...] = (),
+              standardize: Callable | None = None) -> OpSpec:
     """Register ``schema_fn`` (type-annotated plain torch) as custom op ``name`` and record it."""
     if name in OPS:
         return OPS[name]
     op = torch.library.custom_op(name, mutates_args=())(schema_fn)
     op.register_fake(fake)
     ns, short = name.split("::")
-    spec = OpSpec(name, getattr(getattr(torch.ops, ns), short), schema_fn, onnx, triton, tags)
+    spec = OpSpec(name, getattr(getattr(torch.ops, ns), short), schema_fn, onnx, triton, tags, standardize)
     OPS[name] = spec
     return spec
 
 
 def onnx_translation_table() -> dict:
     return {spec.overload: spec.onnx for spec in OPS.values() if spec.onnx is not None}
+
+
+def standardize(model) -> dict[str, int]:
+    """Rewrite every contrib-op lowering in ``model`` (onnx_ir) into standard ONNX."""
+    counts = {spec.name: spec.standardize(model) for spec in OPS.values() if spec.standardize is not None}
+    return {k: v for k, v in counts.items() if v}
 
 
 def _expand_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -101,20 +111,23 @@ ATTENTION = define_op("tokopt::attention", _attention, _attention_fake, onnx=_at
                       tags=("attention",))
 
 
-def _attention_setup(ctx, inputs, output):
-    q, k, v, mask, scale, causal = inputs
-    ctx.save_for_backward(q, k, v)
-    ctx.mask, ctx.scale, ctx.causal = mask, scale, causal
+def differentiable(name: str, reference: Callable, grads_for: int) -> None:
+    """Give op ``name`` gradients through its reference (written with differentiable torch ops)
+    for its first ``grads_for`` arguments, so passes can train graphs that hold the op."""
+    def setup(ctx, inputs, output):
+        ctx.inputs = inputs
+
+    def backward(ctx, grad):
+        with torch.enable_grad():
+            head = [t.detach().requires_grad_() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+                    for t in ctx.inputs[:grads_for]]
+            out = reference(*head, *ctx.inputs[grads_for:])
+            leaves = [t for t in head if isinstance(t, torch.Tensor) and t.requires_grad]
+            got = iter(torch.autograd.grad(out, leaves, grad, allow_unused=True))
+        return tuple(next(got) if isinstance(t, torch.Tensor) and t.requires_grad else None for t in head) + \
+            (None,) * (len(ctx.inputs) - grads_for)
+
+    torch.library.register_autograd(name, backward, setup_context=setup)
 
 
-def _attention_backward(ctx, grad):
-    """Gradients through the reference, so passes can fine-tune graphs that hold the op."""
-    q, k, v = ctx.saved_tensors
-    with torch.enable_grad():
-        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-        out = attention_reference(*leaves, ctx.mask, ctx.scale, ctx.causal)
-        grads = torch.autograd.grad(out, leaves, grad)
-    return (*grads, None, None, None)
-
-
-torch.library.register_autograd("tokopt::attention", _attention_backward, setup_context=_attention_setup)
+differentiable("tokopt::attention", attention_reference, grads_for=3)

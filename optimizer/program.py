@@ -67,7 +67,7 @@ class Program:
     history: list[dict] = field(default_factory=list)  # passes run so far, with options and stats
     cache: Any = None                              # generation.CacheSpec of a prefill/decode graph
     calib: str | None = None                       # --calib: the data passes calibrate on
-    artifacts: dict[str, Any] = field(default_factory=dict)  # bundle file name -> JSON a pass ships
+    artifacts: dict[str, Any] = field(default_factory=dict)  # bundle file name -> JSON (or text) a pass ships
 
     @property
     def graph(self) -> torch.fx.Graph:
@@ -113,6 +113,43 @@ class Program:
         for spec, arg in zip(self.ep.graph_signature.output_specs, out.args[0]):
             if isinstance(arg, torch.fx.Node) and hasattr(spec.arg, "name"):
                 spec.arg.name = arg.name
+
+    def add_constant(self, name: str, tensor: torch.Tensor) -> torch.fx.Node:
+        """A new buffer input holding ``tensor``, for a pass to feed to the nodes it writes.
+        The state dict is copied on write: copies of this program keep theirs."""
+        from torch.export.graph_signature import InputKind, InputSpec, TensorArgument
+        target = f"tokopt_{name}"
+        ep, specs = self.ep, self.ep.graph_signature.input_specs
+        if target in ep.state_dict:
+            raise ValueError(f"constant {target} exists already")
+        placeholders = [n for n in self.graph.nodes if n.op == "placeholder"]
+        last = max(i for i, sp in enumerate(specs) if sp.kind in (InputKind.PARAMETER, InputKind.BUFFER))
+        with self.graph.inserting_after(placeholders[last]):
+            node = self.graph.placeholder(f"b_{target}")
+        fake = next(n.meta["val"] for n in placeholders if hasattr(n.meta.get("val"), "fake_mode")).fake_mode
+        node.meta["val"] = fake.from_tensor(tensor)
+        specs.insert(last + 1, InputSpec(kind=InputKind.BUFFER, arg=TensorArgument(name=node.name), target=target,
+                                         persistent=True))
+        ep._state_dict = {**ep.state_dict, target: tensor}
+        return node
+
+    def drop_unused_inputs(self) -> int:
+        """Remove parameters and buffers no node reads any more (weights a pass replaced)."""
+        from torch.export.graph_signature import InputKind
+        ep = self.ep
+        keep, state, dropped = [], dict(ep.state_dict), 0
+        by_name = {n.name: n for n in self.graph.nodes if n.op == "placeholder"}
+        for spec in ep.graph_signature.input_specs:
+            node = by_name[spec.arg.name]
+            if spec.kind in (InputKind.PARAMETER, InputKind.BUFFER) and not node.users:
+                self.graph.erase_node(node)
+                state.pop(spec.target, None)
+                dropped += 1
+            else:
+                keep.append(spec)
+        ep.graph_signature.input_specs[:] = keep
+        ep._state_dict = state
+        return dropped
 
     def count(self, target) -> int:
         """How many calls of ``target`` (compared by name: op overload objects are not unique)."""

@@ -98,13 +98,6 @@ class TCAPass(Pass):
                              "model's tokenizer.")
         return windows
 
-    def _feed(self, program: Program, ids: torch.Tensor) -> dict[str, torch.Tensor]:
-        if program.cache is None:
-            return full_feed(program, ids)
-        n = ids.shape[1]
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-                "position_ids": torch.arange(n)[None], **program.cache.empty(1)}
-
     def configs(self) -> list[tuple[int, float]]:
         """Calibration candidates: every window with every partial budget, and dense."""
         ws = sorted(set(self.options.windows))
@@ -139,7 +132,7 @@ class TCAPass(Pass):
                "length": length, "windows": len(calib), "sinks": opts.sinks, "obs": opts.obs,
                "configs": configs, "graph": "generate" if program.cache else "forward"}
         result, hit = cached("tca", key, lambda: {"errors": {str(layer): e.tolist() for layer, e in head_errors(
-            program, [self._feed(program, w) for w in calib], configs, candidate, total=len(calib)).items()}})
+            program, [full_feed(program, w) for w in calib], configs, candidate, total=len(calib)).items()}})
         errors = {int(layer): np.array(e) for layer, e in result["errors"].items()}
         costs = [min(w, length) + f * length for w, f in configs]
         chosen = cheapest_within(errors, costs, kvh, opts.tolerance)

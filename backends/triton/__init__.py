@@ -9,7 +9,8 @@ import importlib
 
 __all__ = ["KERNELS", "kernel"]
 
-KERNELS = {"tokopt::tca_attention": "tca:tca_attention_triton"}
+KERNELS = {"tokopt::tca_attention": "tca:tca_attention_triton",
+           "tokopt::matmul_nbits": "nbits:matmul_nbits_triton"}
 
 
 def kernel(op_name: str):

@@ -1,0 +1,339 @@
+"""edgeqat: EdgeQAT — W4 weights, token-importance-aware A8/A4 activations, trained on the CPU.
+
+    tokopt compile MODEL --passes edgeqat[:steps=200,a_bits=8,low_bits=4,low_fraction=0.5] --calib text.txt
+
+1. Insert quantizers (``passes/edgeqat_op.py``) into the exported graph, as EdgeQAT places them
+   in each layer l: the inputs of every linear except the output projection (attention input,
+   MLP input, MLP intermediate), q and k as the attention reads them (after RoPE) and v, which
+   is what the KV cache holds. Every body linear's weight gets a per-tensor W4 quantizer. After
+   layer l's quantized q and k, ``low_tokens`` marks the ``low_fraction`` of tokens whose
+   queries give the first token the lowest logit; those tokens use ``low_bits`` in layer l's v,
+   MLP input and intermediate, and in layer l+1's attention input, q and k (layer 0 reads at
+   ``a_bits``). Scales start from one calibration batch (LSQ: 2 mean|x| / sqrt(Qp)).
+2. Train (quantization-aware, every parameter and quantizer scale/zero point) on ``--calib``
+   windows of ``seq_len`` tokens for ``steps`` steps, deterministic (seed, fixed data order):
+   ``alpha CE + (1 - alpha) T^2 KL(teacher || student) + lambda_attn (1 - cos(S_student, S_teacher))
+   + lambda_ent * -log sum(log(1 + Var q) + log(1 + Var k))`` with the full-precision graph as
+   teacher and S the pre-softmax attention logits. (EdgeQAT's code adds ``log sum cos``, which
+   lowers the similarity; ALGORITHMS.md flags it as a sign slip: here the similarity is raised.)
+3. Lower: weights become ``tokopt::matmul_nbits`` (MatMulNBits, the learned per-tensor scale in
+   every block), activations QDQ pairs with a per-token ``Where`` between the two widths.
+
+Not done as EdgeQAT does: the softmax probabilities are not quantized (they live inside the
+fused attention op); the teachers are the model itself, not an ensemble; and the token split
+ranks a whole prefill, so a token's width depends on the tokens after it (as in EdgeQAT's
+training). Causal LMs only, without --generate (a one-token decode step has no split).
+``low_fraction=0`` gives the uniform baseline (every token at ``a_bits``); ``steps=0`` is
+post-training quantization with the initial scales.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from ..calibration.data import PASSAGES, calibration_batches
+from ..calibration.lm_eval import full_feed, perplexity
+from ..optimizer.errors import PassError, UsageError
+from ..optimizer.ops import ATTENTION
+from ..optimizer.pass_manager import Pass, PassResult, register_pass
+from ..optimizer.program import Program, call_function_nodes
+from ..optimizer.runtime import load_tokenizer
+from .edgeqat_op import ACT_QUANT, LOW_TOKENS, WEIGHT_QUANT, qrange
+from .linears import layer_of_linears, linear_layers, weight_targets
+from .quant_op import MATMUL_NBITS, pack
+
+__all__ = ["EdgeQATPass", "EdgeQATOptions"]
+
+aten = torch.ops.aten
+BLOCK = 32  # MatMulNBits block carrying the per-tensor scale
+
+
+@dataclass(frozen=True)
+class EdgeQATOptions:
+    w_bits: int = 4
+    a_bits: int = 8
+    low_bits: int = 4
+    low_fraction: float = 0.5
+    steps: int = 200
+    batch: int = 4
+    seq_len: int = 128
+    lr: float = 2e-5              # weights
+    lr_quant: float = 1e-3        # scales and zero points
+    alpha: float = 0.5            # CE weight against distillation
+    temperature: float = 2.0
+    lambda_attn: float = 1.0
+    lambda_ent: float = 0.5
+    eval_windows: int = 16        # held-out windows (the end of the data) for perplexity
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.w_bits not in (4, 8):
+            raise ValueError(f"w_bits={self.w_bits} is not supported: use 4 or 8 (MatMulNBits)")
+        if not 2 <= self.low_bits <= self.a_bits <= 8:
+            raise ValueError(f"activation widths must satisfy 2 <= low_bits <= a_bits <= 8 (got a_bits="
+                             f"{self.a_bits}, low_bits={self.low_bits}): QDQ runs them as int8")
+        if not 0 <= self.low_fraction < 1:
+            raise ValueError(f"low_fraction={self.low_fraction} must be in [0, 1)")
+        if self.steps < 0 or self.batch < 1 or self.seq_len < 8 or self.lr <= 0 or self.lr_quant <= 0:
+            raise ValueError("steps must be >= 0, batch >= 1, seq_len >= 8 and the learning rates positive")
+        if not 0 <= self.alpha <= 1 or self.temperature <= 0:
+            raise ValueError("alpha must be in [0, 1] and temperature positive")
+
+
+class _Tap(torch.fx.Interpreter):
+    """Runs a graph (with autograd when asked) and keeps what each attention reads (q, k)
+    or, with ``names``, the values of those nodes."""
+
+    def __init__(self, gm, names=()):
+        super().__init__(gm)
+        self.names, self.qk, self.values = set(names), [], {}
+
+    def run_node(self, node):
+        out = super().run_node(node)
+        if ATTENTION.matches(node):
+            args = self.fetch_args_kwargs_from_env(node)[0]
+            self.qk.append((args[0], args[1], args[4]))
+        if node.name in self.names:
+            self.values[node.name] = out
+        return out
+
+    def __call__(self, feed: dict, names):
+        self.qk, self.values = [], {}
+        out = self.run(*[feed[n] for n in names])
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _attn_logits(q, k, scale):
+    g = q.shape[1] // k.shape[1]
+    return (q @ k.repeat_interleave(g, 1).transpose(-2, -1)) * scale
+
+
+def _init_scale(x: torch.Tensor, bits: int, signed: bool) -> float:
+    return float(2 * x.abs().mean() / math.sqrt(qrange(bits, signed)[1])) or 1e-3
+
+
+@register_pass
+class EdgeQATPass(Pass):
+    name = "edgeqat"
+    Options = EdgeQATOptions
+    requires = ("canonicalize",)
+    summary = "EdgeQAT: W4 weights, per-token A8/A4 activations by attention importance, QAT with distillation"
+
+    def _data(self, program: Program):
+        opts = self.options
+        if program.tokenizer_dir is None and not (program.calib and Path(program.calib).suffix in (".npy", ".pt")):
+            raise UsageError("edgeqat trains on data: give --calib ids.npy, or a model folder with a tokenizer "
+                             "and --calib text.")
+        tok = load_tokenizer(program.tokenizer_dir) if program.tokenizer_dir else None
+        source = Path(program.calib) if program.calib else PASSAGES
+        windows = [b["input_ids"] for b in calibration_batches(source, tok, seq_len=opts.seq_len, batch_size=1,
+                                                               progress=False)]
+        if len(windows) < opts.eval_windows + opts.batch:
+            raise UsageError(f"edgeqat: {source} holds {len(windows)} windows of {opts.seq_len} tokens; training "
+                             f"needs at least {opts.batch} besides the {opts.eval_windows} held out. Give more text.")
+        train = windows[:len(windows) - opts.eval_windows]
+        return train, windows[len(windows) - opts.eval_windows:]
+
+    # -- 1. quantizers -----------------------------------------------------------------------
+    def _insert(self, program: Program, sample: dict) -> dict:
+        opts = self.options
+        g = program.graph
+        body, _ = linear_layers(program)
+        layer_of = layer_of_linears(program, body)
+        targets = weight_targets(program)
+        blocks = {b.node: b for b in program.attention}
+        o_proj = {b.o_proj for b in program.attention if b.o_proj}
+        qkv = {n for b in program.attention for n in (b.q_proj, b.k_proj, b.v_proj) if n}
+
+        def named(lin, names):
+            t = targets[lin.args[1].name]
+            return any(t == n or t.endswith("." + n) for n in names)
+
+        # (node to quantize, token dim, layer whose split applies (None: all at a_bits))
+        points = {}
+        for lin in body:
+            if named(lin, o_proj):
+                continue
+            layer = layer_of[lin.name]
+            points.setdefault(lin.args[0], (1, layer - 1 if named(lin, qkv) else layer))
+        attn = [n for n in call_function_nodes(g) if ATTENTION.matches(n) and n.name in blocks]
+        for node in attn:
+            layer = blocks[node.name].layer
+            for i, lay in ((0, layer - 1), (1, layer - 1), (2, layer)):
+                points.setdefault(node.args[i], (2, lay))
+        values = _Tap(program.unlifted(), [n.name for n in points])
+        with torch.no_grad():
+            values(sample, program.input_names)
+        low_of: dict[int, torch.fx.Node] = {}
+        quantized: dict = {}
+        count = 0
+
+        def quantize(src, token_dim, layer, before=None):
+            nonlocal count
+            if src in quantized:
+                return quantized[src]
+            x = values.values[src.name]
+            signed = bool(x.min() < -1e-5)
+            consts = [program.add_constant(f"eq_{src.name}_{k}", torch.tensor([v], dtype=torch.float32))
+                      for k, v in (("s_hi", _init_scale(x, opts.a_bits, signed)), ("z_hi", 0.0),
+                                   ("s_lo", _init_scale(x, opts.low_bits, signed)), ("z_lo", 0.0))]
+            users = list(src.users)
+            with g.inserting_after(src) if before is None else g.inserting_before(before):
+                new = g.call_function(ACT_QUANT.overload, (src, low_of.get(layer), *consts, opts.a_bits,
+                                                           opts.low_bits, signed, token_dim))
+            new.meta.update({k: src.meta[k] for k in ("val", "nn_module_stack") if k in src.meta})
+            for u in users:
+                u.replace_input_with(src, new)
+            quantized[src] = new
+            count += 1
+            return new
+
+        for node in list(g.nodes):  # graph order: a layer's split exists before the next layer reads it
+            if node.op == "call_function" and ATTENTION.matches(node) and node.name in blocks:
+                layer = blocks[node.name].layer
+                q = quantize(node.args[0], 2, layer - 1)
+                k = quantize(node.args[1], 2, layer - 1)
+                if opts.low_fraction > 0:
+                    with g.inserting_before(node):
+                        low_of[layer] = g.call_function(LOW_TOKENS.overload, (q, k, node.args[4], opts.low_fraction))
+                quantize(node.args[2], 2, layer, before=node)  # after the split it reads
+            elif node.op == "call_function" and node.target == aten.linear.default and node in body \
+                    and node.args[0] in points:
+                token_dim, layer = points[node.args[0]]
+                quantize(node.args[0], token_dim, layer)
+        weights = 0
+        for lin in body:
+            w = program.ep.state_dict[targets[lin.args[1].name]]
+            s = program.add_constant(f"eq_{lin.name}_s_w", torch.tensor([_init_scale(w, opts.w_bits, True)]))
+            with g.inserting_before(lin):
+                wq = g.call_function(WEIGHT_QUANT.overload, (lin.args[1], s, opts.w_bits))
+            lin.replace_input_with(lin.args[1], wq)
+            weights += 1
+        program.ep.graph_module.recompile()
+        return {"activation_quantizers": count, "weight_quantizers": weights, "token_splits": len(low_of)}
+
+    # -- 2. training -------------------------------------------------------------------------
+    def _train(self, program: Program, teacher: Program, train: list[torch.Tensor]) -> dict:
+        opts = self.options
+        torch.manual_seed(opts.seed)
+        gm = program.unlifted()
+        quant_params, weights = [], []
+        for name, buf in list(gm.named_buffers()):
+            if name.rpartition(".")[2].startswith("tokopt_eq_"):
+                prefix, _, short = name.rpartition(".")
+                mod = gm.get_submodule(prefix) if prefix else gm
+                del mod._buffers[short]
+                p = torch.nn.Parameter(buf.clone())
+                mod.register_parameter(short, p)
+                quant_params.append(p)
+        for p in gm.parameters():
+            if not any(p is q for q in quant_params):
+                p.requires_grad_(p.is_floating_point())
+                weights.append(p)
+        optim = torch.optim.AdamW([{"params": weights, "lr": opts.lr}, {"params": quant_params, "lr": opts.lr_quant}],
+                                  weight_decay=0.0)
+        warm = max(1, opts.steps // 10)
+        sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: min(1.0, (s + 1) / warm) * 0.5 *
+                                                  (1 + math.cos(math.pi * min(s, opts.steps) / max(opts.steps, 1))))
+        student, tutor = _Tap(gm), _Tap(teacher.unlifted())
+        losses, start = [], time.perf_counter()
+        names = program.input_names
+        for step in tqdm(range(opts.steps), desc="edgeqat: training", leave=False):
+            ids = torch.cat([train[(step * opts.batch + i) % len(train)] for i in range(opts.batch)])
+            feed = full_feed(program, ids)
+            with torch.no_grad():
+                t_logits = tutor(feed, names)
+            s_logits = student(feed, names)
+            ce = F.cross_entropy(s_logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+            temp = opts.temperature
+            kd = F.kl_div(F.log_softmax(s_logits / temp, -1), F.log_softmax(t_logits / temp, -1), log_target=True,
+                          reduction="batchmean") * temp ** 2 / ids.shape[1]
+            cos = ent = torch.zeros(())
+            for (qs, ks, scale), (qt, kt, _) in zip(student.qk, tutor.qk):
+                ss, st = _attn_logits(qs, ks, scale).flatten(2), _attn_logits(qt, kt, scale).flatten(2)
+                cos = cos + F.cosine_similarity(ss, st, dim=-1).mean()
+                ent = ent + torch.log1p(qs.var(-1)).mean() + torch.log1p(ks.var(-1)).mean()
+            layers = len(student.qk)
+            loss = opts.alpha * ce + (1 - opts.alpha) * kd + opts.lambda_attn * (1 - cos / layers) \
+                - opts.lambda_ent * torch.log(ent.clamp_min(1e-6))
+            optim.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(weights + quant_params, 1.0)
+            optim.step()
+            sched.step()
+            losses.append(float(loss))
+        state = dict(program.ep.state_dict)
+        trained = dict(gm.named_parameters())
+        for spec in program.ep.graph_signature.input_specs:
+            if spec.target in state and spec.target in trained:
+                value = trained[spec.target].detach().clone()
+                is_param = isinstance(state[spec.target], torch.nn.Parameter)
+                state[spec.target] = torch.nn.Parameter(value, requires_grad=False) if is_param else value
+        program.ep._state_dict = state
+        return {"train_steps": opts.steps, "train_seconds": round(time.perf_counter() - start, 1),
+                "loss_first": losses[0] if losses else None, "loss_last": sum(losses[-10:]) / len(losses[-10:])
+                if losses else None}
+
+    # -- 3. lowering -------------------------------------------------------------------------
+    def _lower_weights(self, program: Program) -> int:
+        g, state, count = program.graph, program.ep.state_dict, 0
+        targets = weight_targets(program)
+        for wq in [n for n in call_function_nodes(g) if WEIGHT_QUANT.matches(n)]:
+            w_node, s_node, bits = wq.args
+            w, s = state[targets[w_node.name]].detach().float(), float(state[targets[s_node.name]].abs().clamp_min(1e-8))
+            qn, qp = qrange(bits, True)
+            codes = (torch.clamp(torch.round(w / s), qn, qp) - qn).to(torch.uint8)
+            n, k = codes.shape
+            packed = program.add_constant(f"{wq.name}_qweight", pack(codes, bits, BLOCK))
+            scales = program.add_constant(f"{wq.name}_scales", torch.full((n, -(-k // BLOCK)), s))
+            for lin in list(wq.users):
+                bias = lin.args[2] if len(lin.args) > 2 else None
+                with g.inserting_before(lin):
+                    new = g.call_function(MATMUL_NBITS.overload, (lin.args[0], packed, scales, bias, bits, BLOCK, k, n))
+                new.meta.update({key: lin.meta[key] for key in ("val", "nn_module_stack") if key in lin.meta})
+                lin.replace_all_uses_with(new)
+                g.erase_node(lin)
+                count += 1
+            g.erase_node(wq)
+        return count
+
+    def call(self, program: Program) -> PassResult:
+        opts = self.options
+        if any(ACT_QUANT.matches(n) for n in program.graph.nodes):
+            return PassResult(program, False, {"info": "already quantized"})
+        if program.task != "causal-lm" or "logits" not in program.output_names:
+            raise UsageError(f"edgeqat trains causal language models (next-token loss and distillation on logits); "
+                             f"this graph is '{program.task}'. Use rsq for weight-only quantization.")
+        if program.cache is not None:
+            raise UsageError("edgeqat does not support --generate graphs yet: its per-token widths rank the "
+                             "tokens of a whole prefill, which a one-token decode step does not have.")
+        if not [b for b in program.attention if b.spelling == "canonical"]:
+            raise UsageError("edgeqat needs recognised attention blocks; see `tokopt inspect MODEL`.")
+        train, held_out = self._data(program)
+        teacher = program.copy()
+        sample = full_feed(program, torch.cat(train[:opts.batch]))
+        stats = self._insert(program, sample)
+        ptq = perplexity(program, held_out) if held_out and opts.steps else None
+        stats.update(self._train(program, teacher, train))
+        stats["matmul_nbits"] = self._lower_weights(program)
+        program.drop_unused_inputs()
+        program.ep.graph_module.recompile()
+        stats["average_activation_bits"] = opts.a_bits - opts.low_fraction * (opts.a_bits - opts.low_bits)
+        if held_out:
+            stats.update({"perplexity_fp32": perplexity(teacher, held_out), "perplexity_edgeqat": perplexity(program, held_out),
+                          "eval_tokens": sum(w.shape[1] for w in held_out)})
+            if ptq is not None:
+                stats["perplexity_before_training"] = ptq
+        return PassResult(program, True, stats)
+
+    def ensures(self, program: Program) -> None:
+        if not any(ACT_QUANT.matches(n) for n in program.graph.nodes) or not program.count(MATMUL_NBITS.overload):
+            raise PassError("edgeqat left no activation quantizers or no packed weights in the graph")
+        if any(WEIGHT_QUANT.matches(n) for n in program.graph.nodes):
+            raise PassError("edgeqat left weight fake-quantizers in the graph")

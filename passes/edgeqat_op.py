@@ -1,0 +1,136 @@
+"""EdgeQAT's quantizers as ops: per-token activation bit widths, and the token split behind them.
+
+    act_quant(x, low?[B,N], s_hi, z_hi, s_lo, z_lo, bits_hi, bits_lo, signed, token_dim) -> x
+        fake-quantizes x at ``bits_hi``, the tokens marked in ``low`` at ``bits_lo``; each width
+        has its own learned scale and integer zero point (LSQ-style, one per tensor):
+        ``x_q = (clamp(round(x/s) + z, Qn, Qp) - z) s``
+    weight_quant(w, s, bits) -> w            symmetric per-tensor weight fake-quantization
+    low_tokens(q[B,H,N,d], k[B,Hkv,N,d], scale, fraction) -> bool [B,N]
+        EdgeQAT's importance: the ``floor(fraction N)`` tokens whose queries, summed over heads,
+        give the first token the lowest pre-softmax logit are "low" (ties by position)
+
+The references are written with straight-through rounding and LSQ's gradient scale, so the
+same ops train (``optimizer.ops.differentiable``) and deploy. ONNX lowering in standard ops:
+each width is ``QuantizeLinear`` / ``DequantizeLinear`` (int8; the low width clips to its range
+first, so its codes fit 4 bits) and ``Where`` picks per token; the split is
+``MatMul`` + ``ReduceSum`` + ``TopK`` + ``ScatterElements``. ONNX Runtime runs the QDQ pairs as
+they are: this is the accuracy contract of a mixed-precision kernel, not a faster one on a CPU.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from onnxscript import INT64, opset23 as op
+
+from ..optimizer.ops import define_op, differentiable
+
+__all__ = ["ACT_QUANT", "WEIGHT_QUANT", "LOW_TOKENS", "qrange"]
+
+
+def qrange(bits: int, signed: bool) -> tuple[int, int]:
+    return (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+
+
+def _round_ste(x: torch.Tensor) -> torch.Tensor:
+    return x + (torch.round(x) - x).detach()
+
+
+def _grad_scale(s: torch.Tensor, g: float) -> torch.Tensor:
+    return s * g + (s - s * g).detach()
+
+
+def _fake(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
+    qn, qp = qrange(bits, signed)
+    s = _grad_scale(s, 1.0 / math.sqrt(max(x.numel(), 1) * qp)).abs().clamp_min(1e-8)
+    zi = _round_ste(z)
+    return (_round_ste(torch.clamp(x / s + zi, qn, qp)) - zi) * s
+
+
+def _act_quant(x: torch.Tensor, low: torch.Tensor | None, s_hi: torch.Tensor, z_hi: torch.Tensor,
+               s_lo: torch.Tensor, z_lo: torch.Tensor, bits_hi: int, bits_lo: int, signed: bool,
+               token_dim: int) -> torch.Tensor:
+    hi = _fake(x, s_hi, z_hi, bits_hi, signed)
+    if low is None:
+        return hi
+    shape = [1] * x.dim()
+    shape[0], shape[token_dim] = low.shape[0], low.shape[1]
+    return torch.where(low.reshape(shape), _fake(x, s_lo, z_lo, bits_lo, signed), hi)
+
+
+def _act_quant_fake(x, low, s_hi, z_hi, s_lo, z_lo, bits_hi, bits_lo, signed, token_dim):
+    return torch.empty_like(x)
+
+
+def _qdq(x, s, z, bits: int, signed: bool, clip: bool):
+    qn, qp = qrange(bits, signed)
+    # int8 throughout (an unsigned grid shifted by 128): ONNX Runtime's QDQ rewrites at session
+    # start mishandle graphs that mix int8 and uint8 pairs
+    zt = op.Cast(op.Sub(op.Round(z), op.Constant(value_float=0.0 if signed else 128.0)), to=3)
+    if clip:  # the low width: keep the codes inside its range before the 8-bit QDQ
+        zf = op.Round(z)
+        x = op.Clip(x, op.Mul(op.Sub(op.Constant(value_float=float(qn)), zf), s),
+                    op.Mul(op.Sub(op.Constant(value_float=float(qp)), zf), s))
+    return op.DequantizeLinear(op.QuantizeLinear(x, s, zt), s, zt)
+
+
+def _act_quant_onnx(x, low, s_hi, z_hi, s_lo, z_lo, bits_hi: int = 8, bits_lo: int = 4, signed: bool = True,
+                    token_dim: int = 1):
+    # scalars: QuantizeLinear's per-tensor form
+    s_hi, z_hi, s_lo, z_lo = (op.Reshape(t, op.Constant(value_ints=[])) for t in (op.Abs(s_hi), z_hi, op.Abs(s_lo), z_lo))
+    hi = _qdq(x, s_hi, z_hi, bits_hi, signed, clip=bits_hi < 8)
+    if low is None:
+        return hi
+    axes = [1, 3] if token_dim == 2 else [2]
+    return op.Where(op.Unsqueeze(low, op.Constant(value_ints=axes)), _qdq(x, s_lo, z_lo, bits_lo, signed, clip=True), hi)
+
+
+ACT_QUANT = define_op("tokopt::act_quant", _act_quant, _act_quant_fake, onnx=_act_quant_onnx, tags=("quant",))
+differentiable("tokopt::act_quant", _act_quant, grads_for=6)
+
+
+def _weight_quant(w: torch.Tensor, s: torch.Tensor, bits: int) -> torch.Tensor:
+    return _fake(w, s, torch.zeros_like(s), bits, True)
+
+
+def _weight_quant_fake(w, s, bits):
+    return torch.empty_like(w)
+
+
+WEIGHT_QUANT = define_op("tokopt::weight_quant", _weight_quant, _weight_quant_fake, tags=("quant",))
+differentiable("tokopt::weight_quant", _weight_quant, grads_for=2)
+
+
+def _low_tokens(q: torch.Tensor, k: torch.Tensor, scale: float, fraction: float) -> torch.Tensor:
+    b, h, n, d = q.shape
+    hkv = k.shape[1]
+    first = k[:, :, :1]                                                         # [B,Hkv,1,d]
+    score = (q.reshape(b, hkv, -1, d) @ first.transpose(-2, -1)).reshape(b, h, n).sum(1) * scale
+    count = int(math.floor(fraction * n))
+    low = torch.zeros(b, n, dtype=torch.bool, device=q.device)
+    if count:
+        idx = torch.sort(score.float(), dim=-1, stable=True).indices[:, :count]   # ONNX TopK's tie order
+        low.scatter_(1, idx, True)
+    return low
+
+
+def _low_tokens_fake(q, k, scale, fraction):
+    return q.new_empty((q.shape[0], q.shape[2]), dtype=torch.bool)
+
+
+def _low_tokens_onnx(q, k, scale: float = 1.0, fraction: float = 0.5):
+    shape_q = op.Shape(q)
+    b, h, n, d = (op.Slice(shape_q, op.Constant(value_ints=[i]), op.Constant(value_ints=[i + 1])) for i in range(4))
+    hkv = op.Slice(op.Shape(k), op.Constant(value_ints=[1]), op.Constant(value_ints=[2]))
+    first = op.Slice(k, op.Constant(value_ints=[0]), op.Constant(value_ints=[1]), op.Constant(value_ints=[2]))
+    grouped = op.Reshape(q, op.Concat(b, hkv, op.Constant(value_ints=[-1]), d, axis=0))
+    score = op.Reshape(op.MatMul(grouped, op.Transpose(first, perm=[0, 1, 3, 2])), op.Concat(b, h, n, axis=0))
+    score = op.Mul(op.ReduceSum(score, op.Constant(value_ints=[1]), keepdims=0), op.Constant(value_float=scale))
+    count = op.Cast(op.Floor(op.Mul(op.Cast(n, to=1), op.Constant(value_float=fraction))), to=INT64.dtype)
+    _, idx = op.TopK(score, count, axis=-1, largest=0, sorted=1)
+    zeros = op.Expand(op.Constant(value_float=0.0), op.Concat(b, n, axis=0))
+    marks = op.ScatterElements(zeros, idx, op.Expand(op.Constant(value_float=1.0), op.Shape(idx)), axis=1)
+    return op.Greater(marks, op.Constant(value_float=0.5))
+
+
+LOW_TOKENS = define_op("tokopt::low_tokens", _low_tokens, _low_tokens_fake, onnx=_low_tokens_onnx, tags=("quant",))

@@ -1,0 +1,164 @@
+"""Low-bit weight ops: ``tokopt::matmul_nbits`` and ``tokopt::embedding_q8``.
+
+    matmul_nbits(x[..., K], qweight[N, K/bs, bs*bits/8] u8, scales[N, K/bs], bias?, bits, block_size, K, N)
+        -> x @ dequant(qweight)^T + bias                                             [..., N]
+    embedding_q8(table[V, D] i8, scales[V, D/bs], ids, block_size) -> dequant(table)[ids]  [..., D]
+
+Weights are symmetric, block-wise along the input dimension: ``w = (code - 2^(bits-1)) * scale``
+with unsigned codes, packed two per byte (low nibble first) at 4 bits. That is ONNX Runtime's
+``MatMulNBits`` layout with its default zero point, so the contrib lowering ships the packed
+bytes as they are; a last block that runs past K is padded with zero codes' weight (code =
+zero point). For targets without contrib ops (TensorRT) ``standardize_nbits`` rewrites each
+``MatMulNBits`` into a standard blocked ``DequantizeLinear`` of an INT4/INT8 initializer and a
+``MatMul``. The embedding gathers int8 rows and their scales before dequantizing, so it costs
+a gather either way and never materialises the float table.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+import torch
+import torch.nn.functional as F
+from onnxscript import opset23 as op
+from onnxscript.values import Op, Opset
+
+from ..optimizer.ops import define_op
+
+__all__ = ["MATMUL_NBITS", "EMBEDDING_Q8", "pack", "unpack", "dequantize", "standardize_nbits", "BITS"]
+
+BITS = (4, 8)
+
+
+def _matmul_nbits_schema() -> onnx.defs.OpSchema:
+    """ONNX Runtime's contrib op, declared for onnxscript (the onnx package has no contrib schemas)."""
+    P, S = onnx.defs.OpSchema.FormalParameter, onnx.defs.OpSchema.FormalParameterOption.Optional
+    a = onnx.defs.OpSchema.Attribute
+    return onnx.defs.OpSchema(
+        "MatMulNBits", "com.microsoft", 1,
+        inputs=[P("A", "T1"), P("B", "T2"), P("scales", "T1"), P("zero_points", "T3", param_option=S),
+                P("g_idx", "T4", param_option=S), P("bias", "T1", param_option=S)],
+        outputs=[P("Y", "T1")],
+        type_constraints=[("T1", ["tensor(float)", "tensor(float16)"], ""), ("T2", ["tensor(uint8)"], ""),
+                          ("T3", ["tensor(uint8)", "tensor(float)", "tensor(float16)"], ""),
+                          ("T4", ["tensor(int32)"], "")],
+        attributes=[a(name, onnx.defs.OpSchema.AttrType.INT, "") for name in ("K", "N", "bits", "block_size")])
+
+
+MatMulNBits = Op(Opset("com.microsoft", 1), "MatMulNBits", _matmul_nbits_schema())
+
+
+def pack(codes: torch.Tensor, bits: int, block_size: int) -> torch.Tensor:
+    """Unsigned codes [N, K] -> MatMulNBits bytes [N, ceil(K/bs), bs*bits/8] (K padded with the
+    zero point)."""
+    n, k = codes.shape
+    blocks = math.ceil(k / block_size)
+    full = torch.full((n, blocks * block_size), 1 << (bits - 1), dtype=torch.uint8)
+    full[:, :k] = codes.to(torch.uint8)
+    if bits == 4:
+        full = full[:, 0::2] | (full[:, 1::2] << 4)
+    return full.reshape(n, blocks, -1).contiguous()
+
+
+def unpack(qweight: torch.Tensor, bits: int) -> torch.Tensor:
+    """MatMulNBits bytes -> unsigned codes [N, blocks*bs]."""
+    n = qweight.shape[0]
+    flat = qweight.reshape(n, -1)
+    if bits == 4:
+        flat = torch.stack((flat & 15, flat >> 4), -1).reshape(n, -1)
+    return flat
+
+
+def dequantize(qweight: torch.Tensor, scales: torch.Tensor, bits: int, k: int) -> torch.Tensor:
+    n, blocks = scales.shape
+    codes = unpack(qweight, bits).float().reshape(n, blocks, -1) - (1 << (bits - 1))
+    return (codes * scales[..., None]).reshape(n, -1)[:, :k]
+
+
+def _matmul_nbits(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
+                  bits: int, block_size: int, in_features: int, out_features: int) -> torch.Tensor:
+    return F.linear(x, dequantize(qweight, scales, bits, in_features).to(x.dtype), bias)
+
+
+def _matmul_nbits_fake(x, qweight, scales, bias, bits, block_size, in_features, out_features):
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+def _matmul_nbits_onnx(x, qweight, scales, bias=None, bits: int = 4, block_size: int = 32, in_features: int = 0,
+                       out_features: int = 0):
+    # scales as one dimension: the layout every ONNX Runtime release reads
+    return MatMulNBits(x, qweight, op.Reshape(scales, op.Constant(value_ints=[-1])), None, None, bias,
+                            K=in_features, N=out_features, bits=bits, block_size=block_size)
+
+
+def _embedding_q8(table: torch.Tensor, scales: torch.Tensor, ids: torch.Tensor, block_size: int) -> torch.Tensor:
+    rows, row_scales = table[ids].float(), scales[ids]
+    d = table.shape[-1]
+    return (rows.reshape(*ids.shape, -1, block_size) * row_scales[..., None]).reshape(*ids.shape, d)
+
+
+def _embedding_q8_fake(table, scales, ids, block_size):
+    return scales.new_empty((*ids.shape, table.shape[-1]))
+
+
+def _embedding_q8_onnx(table, scales, ids, block_size: int = 32):
+    rows = op.Cast(op.Gather(table, ids), to=1)                                 # [..., D] float
+    shape = op.Shape(rows)
+    blocked = op.Reshape(rows, op.Concat(op.Shape(ids), op.Constant(value_ints=[-1, block_size]), axis=0))
+    out = op.Mul(blocked, op.Unsqueeze(op.Gather(scales, ids), op.Constant(value_ints=[-1])))
+    return op.Reshape(out, shape)
+
+
+EMBEDDING_Q8 = define_op("tokopt::embedding_q8", _embedding_q8, _embedding_q8_fake, onnx=_embedding_q8_onnx,
+                         tags=("quant",))
+
+
+def standardize_nbits(model) -> int:
+    """Rewrite every ``MatMulNBits`` of an onnx_ir model into standard ONNX (opset 21+):
+    ``MatMul(x, DequantizeLinear(W[K, N] int4|int8, scales[K/bs, N], axis=0, block_size))``
+    (+ ``Add`` bias), the form strongly typed TensorRT builds weight-only int4 engines from.
+    Returns how many were rewritten."""
+    import ml_dtypes
+    import onnx_ir as ir
+
+    graph, count = model.graph, 0
+    for node in list(graph):
+        if node.op_type != "MatMulNBits" or node.domain != "com.microsoft":
+            continue
+        a = node.attributes
+        k, n, bits, bs = (a[name].as_int() for name in ("K", "N", "bits", "block_size"))
+        x, qw, sc = node.inputs[0], node.inputs[1], node.inputs[2]
+        if qw.const_value is None or sc.const_value is None:
+            continue  # weights computed at run time: not a weight-only matmul TensorRT can build
+        bias = node.inputs[5] if len(node.inputs) > 5 else None
+        codes = unpack(torch.from_numpy(qw.const_value.numpy()), bits)[:, :k].numpy().T  # [K, N]
+        scales = sc.const_value.numpy().reshape(n, -1).T.copy()                          # [K/bs, N]
+        # signed codes without a zero point: symmetric INT4 is the form TensorRT builds from
+        signed = codes.astype(np.int16) - (1 << (bits - 1))
+        dtype = ml_dtypes.int4 if bits == 4 else np.int8
+        w = ir.Value(name=f"{qw.name}_std", const_value=ir.tensor(np.ascontiguousarray(signed).astype(dtype),
+                                                                  name=f"{qw.name}_std"))
+        s = ir.Value(name=f"{sc.name}_std", const_value=ir.tensor(scales, name=f"{sc.name}_std"))
+        for v in (w, s):
+            graph.register_initializer(v)
+        deq = ir.node("DequantizeLinear", [w, s], attributes={"axis": 0, "block_size": bs})
+        mm = ir.node("MatMul", [x, deq.outputs[0]])
+        new = [deq, mm]
+        if bias is not None:
+            new.append(ir.node("Add", [mm.outputs[0], bias]))
+        graph.insert_before(node, new)
+        out = node.outputs[0]
+        new[-1].outputs[0].name, out.name = out.name, f"{out.name}_nbits"
+        new[-1].outputs[0].type, new[-1].outputs[0].shape = out.type, out.shape
+        out.replace_all_uses_with(new[-1].outputs[0], replace_graph_outputs=True)
+        graph.remove(node, safe=True)
+        for v in (qw, sc):
+            if not v.uses() and v.name in graph.initializers:
+                del graph.initializers[v.name]
+        count += 1
+    return count
+
+
+MATMUL_NBITS = define_op("tokopt::matmul_nbits", _matmul_nbits, _matmul_nbits_fake, onnx=_matmul_nbits_onnx,
+                         tags=("quant",), standardize=standardize_nbits)

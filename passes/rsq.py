@@ -1,0 +1,344 @@
+"""rsq: RSQ — rotate, scale by token importance, then GPTQ — lowered to packed low-bit matmuls.
+
+    tokopt compile MODEL --passes rsq[:bits=4,group_size=32,samples=32] --calib text.txt
+
+1. Rotate (``passes/rotation.py``): norm weights folded, residual stream / heads / MLP output
+   input rotated by Hadamards; the graph computes the same function (checked on the probe).
+   ``rotate=auto`` skips graphs that are not rotation-invariant (LayerNorm / post-norm models)
+   and says why; ``rotate=on`` makes that an error.
+2. Scale: per-token importance from attention concentration (AttnCon): the attention each token
+   receives at its layer, summed over heads and queries, min-max scaled to [min_value,
+   max_value] and normalised to mean 1 over the sequence.
+3. Quantize (``calibration/gptq.py``): layer by layer, each group of linears that read the same
+   input ([q, k, v], [o], [gate, up], [down]) gets the Hessian ``H = X^T diag(w) X`` of its inputs
+   as the already-quantized graph computes them, then GPTQ (or round-to-nearest, ``solver=rtn``).
+   Only one group's inputs are held at a time.
+
+Output: every quantized linear becomes ``tokopt::matmul_nbits`` (ONNX Runtime ``MatMulNBits``;
+standard blocked ``DequantizeLinear`` + ``MatMul`` for TensorRT). With ``embed_bits=8`` the
+embedding tables become ``tokopt::embedding_q8`` and the heads after the last layer (LM head,
+pooler), which GPTQ leaves alone as RSQ does, are rounded to 8 bits. The bundle gets
+``quant_log.csv``: per linear, the importance-weighted relative output error on the calibration
+data and the time taken. ``rotate=off,importance=none`` is plain GPTQ; add ``solver=rtn`` for
+round-to-nearest: the baselines, through the same lowering.
+
+Block sizes must be powers of two >= 16 (``MatMulNBits``); an input dimension that is not a
+multiple is padded (the last block's missing columns are zeros). ``group_size=0`` picks 128 for
+models at least 2048 wide and 32 below (RSQ's per-channel scales suit 4096-wide models; a
+256-wide model loses too much).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..calibration.data import PASSAGES, calibration_batches
+from ..calibration.gptq import QuantizedWeight, quantize_gptq, quantize_rtn
+from ..calibration.lm_eval import full_feed, perplexity
+from ..optimizer.errors import PassError, UsageError
+from ..optimizer.pass_manager import Pass, PassResult, max_abs_error, register_pass
+from ..optimizer.program import Program, call_function_nodes
+from ..optimizer.runtime import load_tokenizer
+from .quant_op import BITS, EMBEDDING_Q8, MATMUL_NBITS, pack
+from .linears import layer_of_linears, linear_layers, weight_targets
+from .rotation import NotRotatable, rotate, state_tensor
+
+__all__ = ["RSQPass", "RSQOptions"]
+
+aten = torch.ops.aten
+
+
+@dataclass(frozen=True)
+class RSQOptions:
+    bits: int = 4
+    group_size: int = 0          # 0: 128 for models >= 2048 wide, else 32
+    solver: str = "gptq"         # gptq | rtn
+    importance: str = "attncon"  # attncon | none
+    rotate: str = "auto"         # auto | on | off
+    online: bool = True          # online rotation before each MLP output projection
+    damp: float = 0.01
+    act_order: bool = False
+    clip: bool = True            # MSE clipping search for the scales
+    min_value: float = 0.005     # importance range (RSQ's scripts)
+    max_value: float = 1.0
+    samples: int = 32            # calibration windows
+    seq_len: int = 512           # tokens per window (at most the model's context)
+    expand: int = 1              # RSQ's dataset expansion: each window also rolled expand-1 times
+    embed_bits: int = 8          # 8: int8 embedding tables and heads; 0: keep them float
+    eval_windows: int = 4        # held-out windows for the perplexity in the report (causal LMs)
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.bits not in BITS:
+            raise ValueError(f"bits={self.bits} is not supported: use one of {', '.join(map(str, BITS))} "
+                             "(the widths ONNX Runtime's MatMulNBits runs)")
+        if self.group_size and (self.group_size < 16 or self.group_size & (self.group_size - 1)):
+            raise ValueError(f"group_size={self.group_size} must be a power of two >= 16 (MatMulNBits' block "
+                             "sizes), or 0 for the default")
+        if self.solver not in ("gptq", "rtn") or self.importance not in ("attncon", "none") \
+                or self.rotate not in ("auto", "on", "off"):
+            raise ValueError("solver must be gptq|rtn, importance attncon|none, rotate auto|on|off")
+        if not 0 < self.min_value <= self.max_value:
+            raise ValueError("importance range: need 0 < min_value <= max_value")
+        if self.samples < 1 or self.seq_len < 16 or self.expand < 1 or self.damp <= 0:
+            raise ValueError("samples and expand must be at least 1, seq_len at least 16, damp positive")
+        if self.embed_bits not in (0, 8):
+            raise ValueError(f"embed_bits={self.embed_bits}: use 8 (int8 tables and heads) or 0 (keep float)")
+
+
+def _importance(q, k, mask, scale, causal, lo: float, hi: float) -> torch.Tensor:
+    """[B, Nk] AttnCon token weights, mean 1 over each row."""
+    g = q.shape[1] // k.shape[1]
+    logits = (q @ k.repeat_interleave(g, 1).transpose(-2, -1)) * scale
+    if mask is not None:
+        logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask
+    if causal:
+        nq, nk = logits.shape[-2:]
+        tri = torch.ones(nq, nk, dtype=torch.bool).tril(nk - nq)
+        logits = logits.masked_fill(~tri, float("-inf"))
+    r = logits.softmax(-1).nan_to_num(0.0).sum((1, 2)).double()          # attention each key receives
+    rmin, rmax = r.amin(-1, keepdim=True), r.amax(-1, keepdim=True)
+    r = (lo + (hi - lo) * (r - rmin) / (rmax - rmin).clamp_min(1e-12)).clamp(lo, hi)
+    return r / r.sum(-1, keepdim=True) * r.shape[-1]
+
+
+class _Stop(Exception):
+    pass
+
+
+class _Capture(torch.fx.Interpreter):
+    """One calibration forward, stopped once the group's inputs (and, for the first group of a
+    layer, that layer's attention importance) are in hand."""
+
+    def __init__(self, gm, x_node: str, attention: str | None, causal: bool, stop: str, opts: RSQOptions):
+        super().__init__(gm)
+        self.x_node, self.attention, self.causal, self.stop, self.opts = x_node, attention, causal, stop, opts
+        self.x = self.weights = None
+
+    def run_node(self, node):
+        out = super().run_node(node)
+        if node.name == self.x_node:
+            self.x = out
+        if node.name == self.attention:
+            q, k, _, mask, scale, causal = self.fetch_args_kwargs_from_env(node)[0]
+            causal = causal or self.causal  # an HF mask carries the causality while the flag stays False
+            self.weights = _importance(q, k, mask, scale, causal, self.opts.min_value, self.opts.max_value)
+        if node.name == self.stop:
+            raise _Stop
+        return out
+
+
+def _set_tensor(gm: torch.nn.Module, target: str, value: torch.Tensor) -> None:
+    prefix, _, name = target.rpartition(".")
+    mod = gm.get_submodule(prefix) if prefix else gm
+    if name in mod._parameters:
+        mod._parameters[name] = torch.nn.Parameter(value, requires_grad=False)
+    else:
+        mod._buffers[name] = value
+
+
+@register_pass
+class RSQPass(Pass):
+    name = "rsq"
+    Options = RSQOptions
+    requires = ("canonicalize",)
+    summary = "RSQ: rotate, scale by token importance (AttnCon), GPTQ; packed int4/int8 weights (MatMulNBits)"
+
+    # -- calibration ----------------------------------------------------------------------
+    def _data(self, program: Program) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        opts = self.options
+        if program.tokenizer_dir is None and not (program.calib and Path(program.calib).suffix in (".npy", ".pt")):
+            raise UsageError("rsq: calibration needs token ids: give --calib ids.npy, or a model folder with a "
+                             "tokenizer and --calib text (or pass solver=rtn,importance=none,rotate=off, "
+                             "which needs no data).")
+        tok = load_tokenizer(program.tokenizer_dir) if program.tokenizer_dir else None
+        limit = (program.seq_range or (1, None))[1] or opts.seq_len
+        length = min(opts.seq_len, limit)
+        source = Path(program.calib) if program.calib else PASSAGES
+        want = opts.samples + (opts.eval_windows if program.task == "causal-lm" and program.cache is None else 0)
+        windows = [b["input_ids"] for b in calibration_batches(source, tok, seq_len=length, batch_size=1,
+                                                               max_batches=want, progress=False)]
+        if len(windows) < opts.samples:
+            raise UsageError(f"rsq: {source} holds {len(windows)} windows of {length} tokens; samples="
+                             f"{opts.samples} were asked for. Give more text, or lower samples= or seq_len=.")
+        calib = windows[:opts.samples]
+        calib = [torch.roll(w, i * w.shape[1] // opts.expand, 1) for w in calib for i in range(opts.expand)]
+        return calib, windows[opts.samples:]
+
+    def _hessians(self, gm, program: Program, group, k: int, block, feeds, weights_cache: dict, layer):
+        attention = block.node if block is not None else None
+        stop = attention if attention is not None and layer not in weights_cache else group[-1].name
+        cap = _Capture(gm, group[0].args[0].name, attention if stop == attention else None,
+                       bool(block is not None and block.causal), stop, self.options)
+        h = torch.zeros(k, k, dtype=torch.float64)
+        count = 0
+        per_sample = weights_cache.setdefault(layer, [None] * len(feeds)) if layer is not None else None
+        for i, feed in enumerate(feeds):
+            try:
+                with torch.no_grad():
+                    cap.run(*[feed[n] for n in program.input_names])
+            except _Stop:
+                pass
+            x = cap.x.double().reshape(-1, k)
+            if self.options.importance == "attncon" and per_sample is not None:
+                if per_sample[i] is None:
+                    per_sample[i] = cap.weights
+                w = per_sample[i].reshape(-1)
+                x = x * w.sqrt()[:, None]
+            h += x.T @ x
+            count += x.shape[0]
+        return 2 * h / max(count, 1)
+
+    def _quantize(self, w: torch.Tensor, h: torch.Tensor | None, bits: int, bs: int, name: str) -> QuantizedWeight:
+        opts = self.options
+        if h is None or opts.solver == "rtn":
+            return quantize_rtn(w, bits, bs, clip=opts.clip)
+        return quantize_gptq(w, h, bits, bs, damp=opts.damp, act_order=opts.act_order, clip=opts.clip, name=name)
+
+    # -- the pass -------------------------------------------------------------------------
+    def call(self, program: Program) -> PassResult:
+        opts = self.options
+        if program.count(MATMUL_NBITS.overload) or any(EMBEDDING_Q8.matches(n) for n in program.graph.nodes):
+            return PassResult(program, False, {"info": "already quantized"})
+        original = program.copy() if program.task == "causal-lm" and program.cache is None else None
+        stats: dict = {"bits": opts.bits, "solver": opts.solver, "importance": opts.importance}
+        first = linear_layers(program)[0]
+        targets = weight_targets(program)
+        names = {n.name: targets[n.args[1].name] for n in first}  # the model's names, before rotation renames them
+        layer_of = layer_of_linears(program, first)
+        stats["rotation"] = self._rotate(program)
+        body, heads = linear_layers(program)
+        if not body:
+            raise UsageError("rsq found no linear layers with constant weights to quantize.")
+        targets = weight_targets(program)
+        width = max(program.ep.state_dict[targets[n.args[1].name]].shape[1] for n in body)
+        bs = opts.group_size or (128 if width >= 2048 else 32)
+        stats["group_size"] = bs
+        needs_data = opts.solver == "gptq" or opts.importance == "attncon"
+        calib, held_out = self._data(program) if needs_data else ([], [])
+        feeds = [full_feed(program, w) for w in calib]
+        attention_of = {b.layer: b for b in program.attention}
+        groups: dict = {}
+        for n in body:
+            groups.setdefault(n.args[0], []).append(n)
+        gm = program.unlifted() if needs_data else None
+        gm_lin = {n.name: n for n in gm.graph.nodes} if gm is not None else {}
+        rows, quantized, weights_cache = [], {}, {}
+        for group in tqdm(list(groups.values()), desc="rsq: quantizing", leave=False, disable=not feeds):
+            layer = layer_of.get(group[0].name)
+            start = time.perf_counter()
+            h = None
+            if opts.solver == "gptq" and feeds:
+                k = program.ep.state_dict[targets[group[0].args[1].name]].shape[1]
+                h = self._hessians(gm, program, group, k, attention_of.get(layer), feeds, weights_cache, layer)
+            for lin in group:
+                w = program.ep.state_dict[targets[lin.args[1].name]].detach().float()
+                name = names.get(lin.name, lin.name)
+                qw = self._quantize(w, h, opts.bits, bs, name)
+                deq = qw.dequantize()
+                if gm is not None:
+                    _set_tensor(gm, gm_lin[lin.name].args[1].target, deq)
+                quantized[lin] = qw
+                rows.append(self._log_row(name, layer, w, deq, h, qw, time.perf_counter() - start))
+        for lin in heads if opts.embed_bits else []:
+            w = program.ep.state_dict[targets[lin.args[1].name]].detach().float()
+            quantized[lin] = quantize_rtn(w, 8, bs)
+        self._rewrite(program, quantized)
+        stats.update(self._rewrite_embeddings(program, bs))
+        program.drop_unused_inputs()
+        program.ep.graph_module.recompile()
+        stats.update({"linears": len(body), "heads": len(heads) if opts.embed_bits else 0,
+                      "mean_relative_error": sum(r["relative_error"] for r in rows) / len(rows),
+                      "calibration": f"{len(calib)} windows of {calib[0].shape[1]} tokens" if calib else "none"})
+        program.artifacts["quant_log.csv"] = _csv(rows)
+        if original is not None and held_out:
+            stats["perplexity_fp32"] = perplexity(original, held_out)
+            stats["perplexity_quantized"] = perplexity(program, held_out)
+            stats["eval_tokens"] = sum(w.shape[1] for w in held_out)
+        return PassResult(program, True, stats)
+
+    def _rotate(self, program: Program) -> dict | str:
+        opts = self.options
+        if opts.rotate == "off":
+            return "off"
+        before = program.copy()
+        try:
+            info = rotate(program, seed=opts.seed, online=opts.online, heads=program.cache is None)
+        except NotRotatable as e:  # raised before the graph is touched
+            if opts.rotate == "on":
+                raise UsageError(f"rsq: rotate=on, but this graph cannot be rotated: {e}. Use rotate=auto "
+                                 "or rotate=off.") from e
+            return f"skipped: {e}"
+        ref, got = before.run(), program.run()  # on a --generate graph the cache layout is unchanged too
+        err = max_abs_error(ref, got)
+        scale = max(float(v.abs().max()) for v in ref.values() if v.is_floating_point())
+        if err > 1e-3 * max(scale, 1.0):
+            raise PassError(f"rsq: the rotated graph does not reproduce the original (max abs error {err:.3g}); "
+                            "this is a tokopt bug. Use rotate=off meanwhile.")
+        return {**info, "max_abs_error": err}
+
+    @staticmethod
+    def _log_row(name, layer, w, deq, h, qw: QuantizedWeight, seconds: float) -> dict:
+        d = (w - deq).double()
+        if h is not None:  # importance-weighted output error on the calibration inputs
+            rel = float((d @ h * d).sum() / (w.double() @ h * w.double()).sum().clamp_min(1e-30))
+        else:
+            rel = float(d.pow(2).sum() / w.double().pow(2).sum().clamp_min(1e-30))
+        return {"weight": name, "layer": layer, "rows": w.shape[0], "cols": w.shape[1], "bits": qw.bits,
+                "block_size": qw.block_size, "relative_error": rel ** 0.5, "seconds": round(seconds, 3)}
+
+    def _rewrite(self, program: Program, quantized: dict) -> None:
+        g = program.graph
+        for lin, qw in quantized.items():
+            n, k = qw.codes.shape
+            packed = program.add_constant(f"{lin.name}_qweight", pack(qw.codes, qw.bits, qw.block_size))
+            scales = program.add_constant(f"{lin.name}_scales", qw.scales.contiguous())
+            bias = lin.args[2] if len(lin.args) > 2 else None
+            with g.inserting_before(lin):
+                new = g.call_function(MATMUL_NBITS.overload, (lin.args[0], packed, scales, bias, qw.bits,
+                                                              qw.block_size, k, n))
+            new.meta.update({key: lin.meta[key] for key in ("val", "nn_module_stack", "stack_trace")
+                             if key in lin.meta})
+            lin.replace_all_uses_with(new)
+            g.erase_node(lin)
+
+    def _rewrite_embeddings(self, program: Program, bs: int) -> dict:
+        if not self.options.embed_bits:
+            return {}
+        g, count = program.graph, 0
+        for node in [n for n in call_function_nodes(g) if n.target == aten.embedding.default]:
+            table = state_tensor(program, node.args[0])
+            if table is None or table.shape[1] % bs:
+                continue
+            blocks = table.float().reshape(table.shape[0], -1, bs)
+            scales = (blocks.abs().amax(-1) / 127).clamp_min(1e-12)
+            codes = torch.round(blocks / scales[..., None]).clamp(-127, 127).to(torch.int8).reshape(table.shape)
+            qt = program.add_constant(f"{node.name}_table", codes)
+            qs = program.add_constant(f"{node.name}_scales", scales)
+            with g.inserting_before(node):
+                new = g.call_function(EMBEDDING_Q8.overload, (qt, qs, node.args[1], bs))
+            new.meta.update({key: node.meta[key] for key in ("val", "nn_module_stack", "stack_trace")
+                             if key in node.meta})
+            node.replace_all_uses_with(new)
+            g.erase_node(node)
+            count += 1
+        return {"embeddings": count}
+
+    def ensures(self, program: Program) -> None:
+        if not program.count(MATMUL_NBITS.overload):
+            raise PassError("rsq left no tokopt::matmul_nbits in the graph")
+        left = [n.name for n in call_function_nodes(program.graph)
+                if n.target == aten.linear.default and n in linear_layers(program)[0]]
+        if left:
+            raise PassError(f"rsq left linear layers unquantized: {', '.join(left[:5])}")
+
+
+def _csv(rows: list[dict]) -> str:
+    keys = list(rows[0])
+    lines = [",".join(keys)] + [",".join(f"{r[k]:.6g}" if isinstance(r[k], float) else str(r[k]) for k in keys)
+                                for r in rows]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,185 @@
+"""RSQ: rotation invariance, the GPTQ solver, the low-bit ops and their lowerings, the pass on
+trained weights (reference LM perplexity, MiniLM embeddings), bundle size, and bad requests."""
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import onnx
+import onnxscript.optimizer
+import pytest
+import torch
+from torch.export import Dim
+
+import tokopt
+from tokopt.calibration.gptq import quantize_gptq, quantize_rtn
+from tokopt.optimizer.compile import plan_passes
+from tokopt.optimizer.errors import PassError, UsageError
+from tokopt.optimizer.ops import OPSET, onnx_translation_table, standardize
+from tokopt.optimizer.pass_manager import PassManager, resolve
+from tokopt.passes.quant_op import EMBEDDING_Q8, MATMUL_NBITS, pack
+from tokopt.passes.rotation import NotRotatable, hadamard, random_hadamard, rotate
+
+from .conftest import REFERENCE_LM, feed_for
+
+
+def _canonical(source):
+    return PassManager(resolve(plan_passes("canonicalize"))).run(tokopt.capture(source))
+
+
+def test_hadamards_are_orthogonal():
+    for n in (16, 704, 96):
+        q = random_hadamard(n, torch.Generator().manual_seed(0))
+        assert torch.allclose(q @ q.T, torch.eye(n, dtype=q.dtype), atol=1e-10)
+    assert torch.allclose(hadamard(8) @ hadamard(8), torch.eye(8, dtype=torch.float64), atol=1e-12)
+
+
+@pytest.mark.parametrize("source", ["reference-lm", "qwen2"])
+def test_rotation_keeps_the_function(source, model_dir):
+    """Trained reference LM (tied embeddings, GQA) and Qwen2 (q/k/v biases): folded norms,
+    rotated stream, per-head V/O and online MLP rotations; the outputs stay the same in float32."""
+    program = _canonical(REFERENCE_LM if source == "reference-lm" else model_dir(source))
+    rotated = program.copy()
+    info = rotate(rotated)
+    layers = len(program.attention)
+    assert info == {"hidden": info["hidden"], "norms_folded": 2 * layers + 1, "writers": 2 * layers,
+                    "head_rotations": layers, "online_rotations": layers}
+    # no norm weight multiplies left; one extra pair of matmuls per MLP
+    assert rotated.count("aten.matmul.default") == program.count("aten.matmul.default") + 2 * layers
+    feed = feed_for("llama", 2, 37) if source != "reference-lm" else {
+        "input_ids": torch.randint(0, 4096, (2, 37)), "attention_mask": torch.ones(2, 37, dtype=torch.long)}
+    a, b = program.run(feed)["logits"], rotated.run(feed)["logits"]
+    assert (a - b).abs().max() < 1e-4 * a.abs().max()
+    with pytest.raises(NotRotatable, match="3 embedding lookups"):  # BERT: word + position + type embeddings
+        rotate(_canonical(model_dir("bert")))
+
+
+def test_gptq_beats_round_to_nearest():
+    """On correlated inputs GPTQ's output error ||(W - Q) X^T|| is well below RTN's; both honour
+    the block layout (codes in range, one scale per block of 32)."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 96, generator=g)
+    x = torch.randn(2048, 16, generator=g) @ torch.randn(16, 96, generator=g) + 0.1 * torch.randn(2048, 96, generator=g)
+    h = x.double().T @ x.double()
+    err = {}
+    for name, qw in (("rtn", quantize_rtn(w, 4, 32)), ("gptq", quantize_gptq(w, h, 4, 32))):
+        assert qw.codes.max() <= 15 and qw.scales.shape == (64, 3)
+        d = (w - qw.dequantize()).double()
+        err[name] = float((d @ h * d).sum())
+    assert err["gptq"] < 0.5 * err["rtn"]
+    with pytest.raises(PassError, match="Hessian of layers.7.mlp is not positive definite"):
+        quantize_gptq(w, -torch.eye(96, dtype=torch.float64), 4, 32, name="layers.7.mlp")
+
+
+@pytest.mark.parametrize("bits,k", [(4, 40), (4, 64), (8, 40)])
+def test_low_bit_ops_lower_to_onnx_runtime(tmp_path, bits, k):
+    """MatMulNBits (contrib) and its standard form (blocked DequantizeLinear + MatMul, what
+    TensorRT builds from) both reproduce the reference, including a padded last block; the int8
+    embedding gathers rows before dequantizing."""
+    import onnx_ir as ir
+    import onnxruntime as ort
+
+    g = torch.Generator().manual_seed(bits + k)
+    n, bs = 24, 16
+    codes = torch.randint(0, 1 << bits, (n, k), generator=g)
+    qw, sc = pack(codes, bits, bs), torch.rand(n, -(-k // bs), generator=g) * 0.1
+    table, tscale = torch.randint(-127, 128, (50, 32), dtype=torch.int8, generator=g), torch.rand(50, 2, generator=g)
+    bias = torch.randn(n, generator=g)
+
+    class M(torch.nn.Module):
+        def forward(self, ids, x):
+            return (MATMUL_NBITS.op(x, qw, sc, bias, bits, bs, k, n), EMBEDDING_Q8.op(table, tscale, ids, 16))
+
+    ids, x = torch.randint(0, 50, (2, 5), generator=g), torch.randn(2, 5, k, generator=g)
+    ep = torch.export.export(M(), (ids, x), dynamic_shapes=({0: Dim.AUTO, 1: Dim.AUTO}, {0: Dim.AUTO, 1: Dim.AUTO}))
+    model = torch.onnx.export(ep, dynamo=True, opset_version=OPSET, optimize=False, input_names=["ids", "x"],
+                              custom_translation_table=onnx_translation_table()).model
+    onnxscript.optimizer.optimize(model)  # as export_onnx does: folds the scales' reshape
+    ids2, x2 = torch.randint(0, 50, (3, 7), generator=g), torch.randn(3, 7, k, generator=g)
+    ref = [t.numpy() for t in M()(ids2, x2)]
+    w = ((codes.float() - (1 << (bits - 1))) * sc.repeat_interleave(bs, 1)[:, :k])
+    assert np.abs(ref[0] - (x2 @ w.T + bias).numpy()).max() < 1e-5
+    for form in ("contrib", "standard"):
+        if form == "standard":
+            assert standardize(model) == {"tokopt::matmul_nbits": 1}
+        ir.save(model, tmp_path / f"{form}.onnx")
+        ops = [nd.op_type for nd in onnx.load(str(tmp_path / f"{form}.onnx")).graph.node]
+        assert ("MatMulNBits" in ops) == (form == "contrib") and ("DequantizeLinear" in ops) == (form == "standard")
+        so = ort.SessionOptions()
+        so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+        sess = ort.InferenceSession(str(tmp_path / f"{form}.onnx"), so, providers=["CPUExecutionProvider"])
+        got = sess.run(None, {"ids": ids2.numpy(), "x": x2.numpy()})
+        assert np.abs(got[0] - ref[0]).max() < 1e-4 and np.abs(got[1] - ref[1]).max() < 1e-6
+
+
+@pytest.fixture(scope="module")
+def rsq_lm(tmp_path_factory):
+    out = tmp_path_factory.mktemp("rsq") / "bundle"
+    return tokopt.compile(REFERENCE_LM, out=out, passes="rsq:samples=8,eval_windows=4",
+                          calib=REFERENCE_LM / "heldout.txt", bench_runs=5, bench_len=64, threads=2)
+
+
+def test_rsq_on_the_reference_lm(rsq_lm):
+    """Trained weights, held-out code: int4 RSQ keeps perplexity within 5% of fp32; every
+    linear of the 4 layers is a packed int4 matmul, the tied embedding/LM head int8."""
+    program, stats = rsq_lm.program, rsq_lm.report["passes"][-1]["stats"]
+    assert program.count(MATMUL_NBITS.overload) == 4 * 7 + 1 and program.count(EMBEDDING_Q8.overload) == 1
+    assert program.count("aten.linear.default") == 0
+    assert stats["rotation"]["norms_folded"] == 9 and stats["group_size"] == 32
+    assert stats["perplexity_quantized"] < 1.05 * stats["perplexity_fp32"]
+    ops = [n.op_type for n in onnx.load(str(rsq_lm.bundle / "model.onnx")).graph.node]
+    assert ops.count("MatMulNBits") == 29 and "Gather" in ops
+
+
+def test_rsq_bundle_size_log_and_report(rsq_lm):
+    """<= 0.30x the plain fp32 export on disk; quant_log.csv has one row per quantized linear;
+    the report's quality on real text is close to the original."""
+    ours, plain = rsq_lm.report["size_bytes"]["tokopt"], rsq_lm.report["latency"]["size_bytes"]["baseline"]
+    assert ours <= 0.30 * plain, (ours, plain)
+    rows = list(csv.DictReader((rsq_lm.bundle / "quant_log.csv").open()))
+    assert len(rows) == 28 and {r["bits"] for r in rows} == {"4"}
+    assert rows[0]["weight"] == "model.model.layers.0.self_attn.q_proj.weight"
+    assert all(0 < float(r["relative_error"]) < 0.2 for r in rows)
+    assert rsq_lm.report["quality"]["top1_agreement"] > 0.85
+
+
+def test_rsq_on_minilm_keeps_embeddings(tmp_path, minilm_dir):
+    """A post-norm BERT cannot be rotated: rotate=auto says so and quantizes without; the int4
+    sentence embeddings stay within cosine 0.98 of fp32 on real passages."""
+    res = tokopt.compile(minilm_dir, out=tmp_path / "b", passes="rsq:samples=4,seq_len=128", bench_runs=3,
+                         bench_len=64, threads=2)
+    stats = res.report["passes"][-1]["stats"]
+    assert stats["rotation"].startswith("skipped") and stats["embeddings"] == 3
+    assert res.program.count(MATMUL_NBITS.overload) == 6 * 6 + 1
+    assert res.report["quality"]["embedding_cosine"] > 0.98
+
+
+def test_standard_onnx_for_tensorrt(tmp_path, model_dir):
+    """The TensorRT path's ONNX: no contrib ops, weights as INT4 initializers behind blocked
+    DequantizeLinear, and it reproduces the graph (checked by the exporter against the program)."""
+    from tokopt.backends.onnxruntime import export_onnx
+    program = PassManager(resolve(plan_passes("rsq:solver=rtn,importance=none,group_size=16"))).run(
+        tokopt.capture(model_dir("llama")))
+    info = export_onnx(program, tmp_path / "m.onnx", fusions=False,
+                       check_feeds=[{k: v.numpy() for k, v in feed_for("llama", 2, 11).items()}])
+    assert info["standardized"] == {"tokopt::matmul_nbits": 2 * 7 + 1}
+    m = onnx.load(str(tmp_path / "m.onnx"))
+    assert not [n for n in m.graph.node if n.domain not in ("", "ai.onnx")]
+    int4 = [i for i in m.graph.initializer if i.data_type == onnx.TensorProto.INT4]
+    assert len(int4) == 2 * 7 and sum(n.op_type == "DequantizeLinear" for n in m.graph.node) == 2 * 7 + 1
+
+
+def test_bad_requests(tmp_path, model_dir, minilm_dir):
+    with pytest.raises(UsageError, match="bits=3 is not supported"):
+        tokopt.compile(model_dir("llama"), out=tmp_path / "a", passes="rsq:bits=3")
+    with pytest.raises(UsageError, match="group_size=48 must be a power of two"):
+        tokopt.compile(model_dir("llama"), out=tmp_path / "b", passes="rsq:group_size=48")
+    with pytest.raises(UsageError, match="calibration needs token ids"):
+        tokopt.compile(model_dir("llama"), out=tmp_path / "c", passes="rsq")
+    with pytest.raises(UsageError, match="rotate=on, but this graph cannot be rotated: 3 embedding"):
+        tokopt.compile(minilm_dir, out=tmp_path / "d", passes="rsq:rotate=on,solver=rtn,importance=none")
+    short = tmp_path / "short.txt"
+    short.write_text("def f(x):\n    return x + 1\n" * 200)
+    with pytest.raises(UsageError, match=r"holds \d windows of 1024 tokens; samples=4"):
+        tokopt.compile(REFERENCE_LM, out=tmp_path / "e", passes="rsq:samples=4,seq_len=1024", calib=short)
+    assert not any((tmp_path / n).exists() for n in "abcde")
