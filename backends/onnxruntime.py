@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..optimizer.errors import BackendError
-from ..optimizer.ops import OPSET, onnx_translation_table, standardize
+from ..optimizer.ops import OPS, OPSET, onnx_translation_table, standardize
 from ..optimizer.program import Program
 from ..optimizer.report import bench_inputs, time_calls, verification_feeds
 from ..optimizer.runtime import Backend, Runner, register_backend
@@ -46,8 +46,11 @@ def _save(model, path: Path) -> None:
         ir.save(model, path)
 
 
-def _disagreement(session, feeds: list[dict], reference) -> str | None:
-    """None if ``session`` reproduces ``reference(feed)`` on every feed, else what went wrong."""
+def _disagreement(session, feeds: list[dict], reference, exact: bool = True) -> str | None:
+    """None if ``session`` reproduces ``reference(feed)`` on every feed, else what went wrong.
+    ``exact=False`` (a graph with rounding decisions, which float noise between kernels can
+    flip one step either way) accepts a mean error within 2% of the mean magnitude and a
+    largest error within a quarter of the largest value: a wrong lowering is far outside both."""
     for feed in feeds:
         try:
             got = session.run(None, feed)
@@ -56,8 +59,13 @@ def _disagreement(session, feeds: list[dict], reference) -> str | None:
         for x, y in zip(reference(feed), got):
             if x.shape != y.shape:
                 return f"output shape {list(y.shape)} instead of {list(x.shape)} at {_shapes(feed)}"
-            if x.dtype.kind == "f" and not np.allclose(x, y, rtol=1e-3, atol=1e-4):
-                return f"outputs differ by up to {float(np.abs(x - y).max()):.3g} at {_shapes(feed)}"
+            if x.dtype.kind != "f":
+                continue
+            err = np.abs(x - y)
+            ok = (np.allclose(x, y, rtol=1e-3, atol=1e-4) if exact else
+                  err.mean() <= 0.02 * np.abs(x).mean() and err.max() <= 0.25 * np.abs(x).max())
+            if not ok:
+                return f"outputs differ by up to {float(err.max()):.3g} (mean {float(err.mean()):.3g}) at {_shapes(feed)}"
     return None
 
 
@@ -97,7 +105,8 @@ def export_onnx(program: Program, path: Path, *, fusions: bool = True, check_fee
         out = program.run({k: torch.from_numpy(v) for k, v in feed.items()})
         return [out[n].numpy() for n in program.output_names]
 
-    why = _disagreement(make_session(path, ["CPUExecutionProvider"]), feeds, reference)
+    exact = not any(spec.matches(n) for n in program.graph.nodes for spec in OPS.values() if not spec.exact)
+    why = _disagreement(make_session(path, ["CPUExecutionProvider"]), feeds, reference, exact)
     if why is not None:
         raise BackendError(f"the ONNX lowering does not reproduce the graph: {why}. This is a tokopt "
                            "bug; rerun with --debug and report it.")
@@ -109,7 +118,7 @@ def export_onnx(program: Program, path: Path, *, fusions: bool = True, check_fee
         candidate = Path(tmp) / path.name
         _save(model, candidate)
         try:
-            why = _disagreement(make_session(candidate, ["CPUExecutionProvider"]), feeds, reference)
+            why = _disagreement(make_session(candidate, ["CPUExecutionProvider"]), feeds, reference, exact)
         except BackendError as e:  # the fused graph does not even load
             why = str(e)
         if why is not None:

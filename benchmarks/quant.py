@@ -161,6 +161,45 @@ def minilm_quality(args, work: Path, make_session) -> list[dict]:
     return rows
 
 
+EDGEQAT = {  # all W4 (per-tensor, as EdgeQAT), the same training; average activation bits in the name
+    "w4 a8/a4 untrained (PTQ)": "edgeqat:steps=0",
+    "uniform a4 (4 bits)": "edgeqat:a_bits=4,low_fraction=0",
+    "uniform a6 (6 bits)": "edgeqat:a_bits=6,low_fraction=0",
+    "edgeqat a8/a4 at 50% (6 bits)": "edgeqat",
+}
+
+
+def edgeqat_quality(args, work: Path, make_session) -> list[dict]:
+    """Perplexity at 128-token windows (EdgeQAT's training length) on the last held-out windows,
+    which the pass holds out of training."""
+    import tokopt
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(LM, local_files_only=True)
+    ids = tok((LM / "heldout.txt").read_text())["input_ids"]
+    n = len(ids) // 128
+    windows = [np.array([ids[i * 128:(i + 1) * 128]], dtype=np.int64) for i in range(n - args.eq_eval, n)]
+    rows = []
+    fp32 = work / "lm-fp32" / "model.onnx"
+    if not fp32.exists():
+        tokopt.compile(LM, out=work / "lm-fp32", measure=False)
+    models = {"fp32": fp32}
+    for name, spec in EDGEQAT.items():
+        steps = "" if "steps=" in spec else f",steps={args.eq_steps}"
+        res = tokopt.compile(LM, out=work / f"eq-{len(models)}", measure=False, calib=LM / "heldout.txt",
+                             passes=f"{spec}{steps},eval_windows={args.eq_eval}")
+        models[name] = res.bundle / "model.onnx"
+        stats = res.report["passes"][-1]["stats"]
+        rows.append({"candidate": name, "train_seconds": stats["train_seconds"]})
+    out = [{"candidate": "fp32", "train_seconds": 0}] + rows
+    for r in out:
+        path = models[r["candidate"]]
+        r["perplexity"] = _perplexity(make_session(path, ["CPUExecutionProvider"], args.threads), windows)
+        r["size_bytes"] = _size(path)
+    for r in out:
+        r["perplexity_vs_fp32"] = r["perplexity"] / out[0]["perplexity"] - 1
+    return out
+
+
 def lm_speed(args, work: Path, make_session) -> list[dict]:
     import tokopt
     fp32 = tokopt.compile(LM, out=work / "gen-fp32", generate=True, measure=False)
@@ -174,8 +213,17 @@ def lm_speed(args, work: Path, make_session) -> list[dict]:
     decode = {"input_ids": rng.integers(0, 4096, (1, 1)), "attention_mask": np.ones((1, n + 1), np.int64),
               "position_ids": np.array([[n]]),
               **{k: v.numpy() for k, v in spec.empty(1, n, gen=__import__("torch").Generator().manual_seed(0)).items()}}
-    sessions = {name: make_session(b.bundle / "model.onnx", ["CPUExecutionProvider"], args.threads)
-                for name, b in (("fp32", fp32), ("rsq-int4", q))}
+    # what ONNX Runtime's int8-activation MatMulNBits kernels would buy (accuracy_level 4 quantizes
+    # the activations per block at run time: not the float math the bundle promises)
+    import onnx
+    fast = onnx.load(str(q.bundle / "model.onnx"))
+    for node in fast.graph.node:
+        if node.op_type == "MatMulNBits":
+            node.attribute.append(onnx.helper.make_attribute("accuracy_level", 4))
+    onnx.save(fast, str(work / "rsq-acc4.onnx"))
+    paths = {"fp32": fp32.bundle / "model.onnx", "rsq-int4": q.bundle / "model.onnx",
+             "rsq-int4, int8 compute": work / "rsq-acc4.onnx"}
+    sessions = {name: make_session(path, ["CPUExecutionProvider"], args.threads) for name, path in paths.items()}
     times = {name: {"prefill": [], "decode": []} for name in sessions}
     for _ in range(3):  # interleaved rounds
         for name, s in sessions.items():
@@ -185,7 +233,7 @@ def lm_speed(args, work: Path, make_session) -> list[dict]:
     for name, t in times.items():
         rows.append({"candidate": name, "prefill_256_ms": float(np.median(t["prefill"])),
                      "decode_step_ms": float(np.median(t["decode"])),
-                     "size_bytes": _size((fp32 if name == "fp32" else q).bundle / "model.onnx")})
+                     "size_bytes": _size(paths[name])})
     for r in rows:
         r["prefill_speedup"] = rows[0]["prefill_256_ms"] / r["prefill_256_ms"]
         r["decode_speedup"] = rows[0]["decode_step_ms"] / r["decode_step_ms"]
@@ -201,7 +249,10 @@ def main(argv=None):
     ap.add_argument("--eval-windows", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=20)
-    ap.add_argument("--skip-minilm", action="store_true")
+    ap.add_argument("--parts", nargs="+", default=["lm", "minilm", "edgeqat", "speed"],
+                    choices=["lm", "minilm", "edgeqat", "speed"])
+    ap.add_argument("--eq-steps", type=int, default=200, help="EdgeQAT training steps")
+    ap.add_argument("--eq-eval", type=int, default=32, help="held-out 128-token windows for EdgeQAT")
     ap.add_argument("--out", default="bench-out/quant.json")
     args = ap.parse_args(argv)
     import onnxruntime as ort
@@ -209,32 +260,42 @@ def main(argv=None):
     from tokopt.backends.onnxruntime import make_session
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="tokopt-quant-"))
-    quality = lm_quality(args, work, make_session)
-    print(f"reference LM, int4, perplexity on {args.eval_windows} x 1024 held-out tokens "
+    quality = lm_quality(args, work, make_session) if "lm" in args.parts else []
+    if quality:
+        print(f"reference LM, int4, perplexity on {args.eval_windows} x 1024 held-out tokens "
           "(LM head and embedding kept float for every candidate)")
-    print(f"{'block':>6}  {'candidate':<13}{'perplexity':>11}{'vs fp32':>9}{'size MB':>9}")
-    for r in quality:
-        print(f"{r['block'] or '-':>6}  {r['candidate']:<13}{r['perplexity']:>11.3f}{r['perplexity_vs_fp32']:>+8.2%}"
-              f"{r['size_bytes'] / 1e6:>9.2f}")
-    mini = [] if args.skip_minilm else minilm_quality(args, work, make_session)
+        print(f"{'block':>6}  {'candidate':<13}{'perplexity':>11}{'vs fp32':>9}{'size MB':>9}")
+        for r in quality:
+            print(f"{r['block'] or '-':>6}  {r['candidate']:<13}{r['perplexity']:>11.3f}"
+                  f"{r['perplexity_vs_fp32']:>+8.2%}{r['size_bytes'] / 1e6:>9.2f}")
+    mini = minilm_quality(args, work, make_session) if "minilm" in args.parts else []
     if mini:
         print("\nall-MiniLM-L6-v2, int4, embedding cosine to fp32 on 64 held-out passages")
         print(f"{'candidate':<13}{'cosine':>9}{'min':>9}{'size MB':>9}")
         for r in mini:
             print(f"{r['candidate']:<13}{r['embedding_cosine']:>9.4f}{r['embedding_cosine_min']:>9.4f}"
                   f"{r['size_bytes'] / 1e6:>9.2f}")
-    speed = lm_speed(args, work, make_session)
-    print(f"\nreference LM --generate bundles, ONNX Runtime CPU, {args.threads} threads")
-    print(f"{'candidate':<10}{'prefill 256 ms':>15}{'x':>7}{'decode ms':>11}{'x':>7}{'size MB':>9}{'ratio':>7}")
-    for r in speed:
-        print(f"{r['candidate']:<10}{r['prefill_256_ms']:>15.2f}{r['prefill_speedup']:>6.2f}x{r['decode_step_ms']:>11.3f}"
-              f"{r['decode_speedup']:>6.2f}x{r['size_bytes'] / 1e6:>9.2f}{r['size_ratio']:>7.2f}")
+    eq = edgeqat_quality(args, work, make_session) if "edgeqat" in args.parts else []
+    if eq:
+        print(f"\nreference LM, EdgeQAT ({args.eq_steps} steps of 4 x 128 tokens), perplexity on {args.eq_eval} "
+              "held-out 128-token windows")
+        print(f"{'candidate':<32}{'perplexity':>11}{'vs fp32':>9}{'train s':>9}{'size MB':>9}")
+        for r in eq:
+            print(f"{r['candidate']:<32}{r['perplexity']:>11.3f}{r['perplexity_vs_fp32']:>+8.1%}{r['train_seconds']:>9.0f}"
+                  f"{r['size_bytes'] / 1e6:>9.2f}")
+    speed = lm_speed(args, work, make_session) if "speed" in args.parts else []
+    if speed:
+        print(f"\nreference LM --generate bundles, ONNX Runtime CPU, {args.threads} threads")
+        print(f"{'candidate':<22}{'prefill 256 ms':>15}{'x':>7}{'decode ms':>11}{'x':>7}{'size MB':>9}{'ratio':>7}")
+        for r in speed:
+            print(f"{r['candidate']:<22}{r['prefill_256_ms']:>15.2f}{r['prefill_speedup']:>6.2f}x"
+                  f"{r['decode_step_ms']:>11.3f}{r['decode_speedup']:>6.2f}x{r['size_bytes'] / 1e6:>9.2f}"
+                  f"{r['size_ratio']:>7.2f}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"onnxruntime": ort.__version__, "torch": torch.__version__, "threads": args.threads,
                                "samples": args.samples, "blocks": args.blocks, "minilm_block": args.block,
-                               "quality": quality + mini,
-                               "speed": speed}, indent=1) + "\n")
+                               "quality": quality + mini, "edgeqat": eq, "speed": speed}, indent=1) + "\n")
     print(f"wrote {out}")
 
 

@@ -28,7 +28,7 @@ from ..optimizer.errors import UsageError
 from ..optimizer.ops import ATTENTION, attention_reference
 from ..optimizer.program import Program
 
-__all__ = ["head_errors", "cheapest_within", "weights_hash", "cache_dir", "cached"]
+__all__ = ["head_errors", "cheapest_within", "weights_hash", "cache_dir", "cached", "cached_tensors"]
 
 
 def weights_hash(program: Program) -> str:
@@ -56,6 +56,23 @@ def cached(kind: str, key: dict, compute: Callable[[], dict]) -> tuple[dict, boo
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps({**result, "key": key}, indent=1))
+    tmp.replace(path)
+    return result, False
+
+
+def cached_tensors(kind: str, key: dict, compute: Callable[[], dict]) -> tuple[dict, bool]:
+    """``cached`` for results that hold tensors (a dict of tensors, lists and numbers)."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+    path = cache_dir() / kind / f"{digest}.pt"
+    if path.exists():
+        try:
+            return torch.load(path, weights_only=True), True
+        except Exception:  # noqa: BLE001 - a damaged entry is recomputed
+            pass
+    result = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(result, tmp)
     tmp.replace(path)
     return result, False
 

@@ -37,6 +37,9 @@ class OpSpec:
     # rewrites this op's contrib-op lowering into standard ONNX in an exported onnx_ir model,
     # for targets that take standard ONNX only (TensorRT); returns how many nodes it rewrote
     standardize: Callable | None = None
+    # False: the op makes rounding decisions that float noise between kernels may flip (a
+    # quantizer, a rank cut), so a lowering reproduces it closely rather than to float tolerance
+    exact: bool = True
 
     @property
     def overload(self):
@@ -55,14 +58,14 @@ OPS: dict[str, OpSpec] = {}
 
 def define_op(name: str, schema_fn: Callable, fake: Callable, onnx: Callable | None = None,
               triton: Callable | None = None, tags: tuple[str, ...] = (),
-              standardize: Callable | None = None) -> OpSpec:
+              standardize: Callable | None = None, exact: bool = True) -> OpSpec:
     """Register ``schema_fn`` (type-annotated plain torch) as custom op ``name`` and record it."""
     if name in OPS:
         return OPS[name]
     op = torch.library.custom_op(name, mutates_args=())(schema_fn)
     op.register_fake(fake)
     ns, short = name.split("::")
-    spec = OpSpec(name, getattr(getattr(torch.ops, ns), short), schema_fn, onnx, triton, tags, standardize)
+    spec = OpSpec(name, getattr(getattr(torch.ops, ns), short), schema_fn, onnx, triton, tags, standardize, exact)
     OPS[name] = spec
     return spec
 

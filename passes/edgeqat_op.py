@@ -3,7 +3,7 @@
     act_quant(x, low?[B,N], s_hi, z_hi, s_lo, z_lo, bits_hi, bits_lo, signed, token_dim) -> x
         fake-quantizes x at ``bits_hi``, the tokens marked in ``low`` at ``bits_lo``; each width
         has its own learned scale and integer zero point (LSQ-style, one per tensor):
-        ``x_q = (clamp(round(x/s) + z, Qn, Qp) - z) s``
+        ``x_q = (clamp(round(x/s) + z, Qn, Qp) - z) s``, QuantizeLinear's arithmetic
     weight_quant(w, s, bits) -> w            symmetric per-tensor weight fake-quantization
     low_tokens(q[B,H,N,d], k[B,Hkv,N,d], scale, fraction) -> bool [B,N]
         EdgeQAT's importance: the ``floor(fraction N)`` tokens whose queries, summed over heads,
@@ -32,19 +32,22 @@ def qrange(bits: int, signed: bool) -> tuple[int, int]:
     return (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
 
 
+# Forward values are exactly those of the plain expressions (a + (b - b.detach()) adds an exact
+# zero), so the reference computes bit for bit what QuantizeLinear / DequantizeLinear compute.
 def _round_ste(x: torch.Tensor) -> torch.Tensor:
-    return x + (torch.round(x) - x).detach()
+    return torch.round(x.detach()) + (x - x.detach())
 
 
 def _grad_scale(s: torch.Tensor, g: float) -> torch.Tensor:
-    return s * g + (s - s * g).detach()
+    return s.detach() + (s * g - (s * g).detach())
 
 
 def _fake(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
+    """QuantizeLinear then DequantizeLinear: ``(clamp(round(x/s) + z, Qn, Qp) - z) s``."""
     qn, qp = qrange(bits, signed)
-    s = _grad_scale(s, 1.0 / math.sqrt(max(x.numel(), 1) * qp)).abs().clamp_min(1e-8)
+    s = _grad_scale(s, 1.0 / math.sqrt(max(x.numel(), 1) * qp)).abs()
     zi = _round_ste(z)
-    return (_round_ste(torch.clamp(x / s + zi, qn, qp)) - zi) * s
+    return (torch.clamp(_round_ste(x / s) + zi, qn, qp) - zi) * s
 
 
 def _act_quant(x: torch.Tensor, low: torch.Tensor | None, s_hi: torch.Tensor, z_hi: torch.Tensor,
@@ -77,7 +80,7 @@ def _qdq(x, s, z, bits: int, signed: bool, clip: bool):
 def _act_quant_onnx(x, low, s_hi, z_hi, s_lo, z_lo, bits_hi: int = 8, bits_lo: int = 4, signed: bool = True,
                     token_dim: int = 1):
     # scalars: QuantizeLinear's per-tensor form
-    s_hi, z_hi, s_lo, z_lo = (op.Reshape(t, op.Constant(value_ints=[])) for t in (op.Abs(s_hi), z_hi, op.Abs(s_lo), z_lo))
+    s_hi, z_hi, s_lo, z_lo = (op.Squeeze(t, op.Constant(value_ints=[0])) for t in (op.Abs(s_hi), z_hi, op.Abs(s_lo), z_lo))
     hi = _qdq(x, s_hi, z_hi, bits_hi, signed, clip=bits_hi < 8)
     if low is None:
         return hi
@@ -85,7 +88,8 @@ def _act_quant_onnx(x, low, s_hi, z_hi, s_lo, z_lo, bits_hi: int = 8, bits_lo: i
     return op.Where(op.Unsqueeze(low, op.Constant(value_ints=axes)), _qdq(x, s_lo, z_lo, bits_lo, signed, clip=True), hi)
 
 
-ACT_QUANT = define_op("tokopt::act_quant", _act_quant, _act_quant_fake, onnx=_act_quant_onnx, tags=("quant",))
+ACT_QUANT = define_op("tokopt::act_quant", _act_quant, _act_quant_fake, onnx=_act_quant_onnx, tags=("quant",),
+                      exact=False)
 differentiable("tokopt::act_quant", _act_quant, grads_for=6)
 
 
@@ -133,4 +137,5 @@ def _low_tokens_onnx(q, k, scale: float = 1.0, fraction: float = 0.5):
     return op.Greater(marks, op.Constant(value_float=0.5))
 
 
-LOW_TOKENS = define_op("tokopt::low_tokens", _low_tokens, _low_tokens_fake, onnx=_low_tokens_onnx, tags=("quant",))
+LOW_TOKENS = define_op("tokopt::low_tokens", _low_tokens, _low_tokens_fake, onnx=_low_tokens_onnx, tags=("quant",),
+                       exact=False)

@@ -191,7 +191,7 @@ def rotate(program: Program, seed: int = 0, online: bool = True, heads: bool = T
         new_weights[o_lin] = (wo.reshape(wo.shape[0], block.heads, block.head_dim) @ hd).reshape(wo.shape)
         head_count += 1
     o_lins = {_linear_of(program, b.o_proj, by_weight) for b in program.attention if b.o_proj}
-    online_count = 0
+    online_count, inserted = 0, []
     if online:
         for lin in writers:
             if lin in o_lins:
@@ -209,6 +209,7 @@ def rotate(program: Program, seed: int = 0, online: bool = True, heads: bool = T
                 flat = g.call_function(aten.flatten.using_ints, (z, -2, -1))
             for node in (xs, y, z, flat):
                 node.meta["nn_module_stack"] = lin.meta.get("nn_module_stack", {})
+            inserted += [xs, y, z, flat]
             lin.replace_input_with(x, flat)
             new_weights[lin] = weight(lin) @ torch.kron(a, b)
             online_count += 1
@@ -219,7 +220,7 @@ def rotate(program: Program, seed: int = 0, online: bool = True, heads: bool = T
         lin, what = key if isinstance(key, tuple) else (key, "weight")
         idx = 2 if what == "bias" else 1
         lin.replace_input_with(lin.args[idx], program.add_constant(f"rot_{lin.name}_{what}", w.float().contiguous()))
-    _fix_fake_vals(program)
+    _fake_vals(program, inserted)
     program.drop_unused_inputs()
     program.ep.graph_module.recompile()
     return {"hidden": d, "norms_folded": folded, "writers": len(writers), "head_rotations": head_count,
@@ -234,11 +235,13 @@ def _linear_of(program: Program, weight_name: str, by_weight: dict):
     return None
 
 
-def _fix_fake_vals(program: Program) -> None:
-    """Give the nodes the rotation inserted the ``val`` metadata the exporter reads."""
-    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
-    placeholders = [n for n in program.graph.nodes if n.op == "placeholder"]
-    mode = next(n.meta["val"].fake_mode for n in placeholders if hasattr(n.meta.get("val"), "fake_mode"))
-    vals = [n.meta["val"] for n in placeholders]
-    FakeTensorProp(program.ep.graph_module, mode).propagate_dont_convert_inputs(*vals)
-
+def _fake_vals(program: Program, nodes) -> None:
+    """Give the nodes the rotation inserted the ``val`` metadata the exporter reads, computed
+    from their inputs' without recording guards: the shape environment is shared by every copy
+    of the program, and a guard on a symbol with no input source breaks their guard code."""
+    mode = next(n.meta["val"].fake_mode for n in program.graph.nodes
+                if n.op == "placeholder" and hasattr(n.meta.get("val"), "fake_mode"))
+    with mode, mode.shape_env.suppress_guards():
+        for node in nodes:
+            args = torch.fx.node.map_arg(node.args, lambda a: a.meta["val"])
+            node.meta["val"] = node.target(*args)

@@ -29,6 +29,8 @@ models at least 2048 wide and 32 below (RSQ's per-channel scales suit 4096-wide 
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +41,7 @@ from tqdm import tqdm
 from ..calibration.data import PASSAGES, calibration_batches
 from ..calibration.gptq import QuantizedWeight, quantize_gptq, quantize_rtn
 from ..calibration.lm_eval import full_feed, perplexity
+from ..calibration.stats import cached_tensors, weights_hash
 from ..optimizer.errors import PassError, UsageError
 from ..optimizer.pass_manager import Pass, PassResult, max_abs_error, register_pass
 from ..optimizer.program import Program, call_function_nodes
@@ -50,6 +53,7 @@ from .rotation import NotRotatable, rotate, state_tensor
 __all__ = ["RSQPass", "RSQOptions"]
 
 aten = torch.ops.aten
+CACHE_VERSION = 1  # part of the cache key: bump when the solver changes
 
 
 @dataclass(frozen=True)
@@ -193,6 +197,37 @@ class RSQPass(Pass):
             count += x.shape[0]
         return 2 * h / max(count, 1)
 
+    def _solve(self, program: Program, body, calib, layer_of: dict, names: dict, bs: int) -> dict:
+        """Quantize the body group by group, each on inputs from the already-quantized graph:
+        {"codes": {node: codes}, "scales": {node: scales}, "rows": the log}."""
+        opts = self.options
+        targets = weight_targets(program)
+        feeds = [full_feed(program, w) for w in calib]
+        attention_of = {b.layer: b for b in program.attention}
+        groups: dict = {}
+        for n in body:
+            groups.setdefault(n.args[0], []).append(n)
+        gm = program.unlifted() if feeds else None
+        gm_lin = {n.name: n for n in gm.graph.nodes} if gm is not None else {}
+        out, weights_cache = {"codes": {}, "scales": {}, "rows": []}, {}
+        for group in tqdm(list(groups.values()), desc="rsq: quantizing", leave=False, disable=not feeds):
+            layer = layer_of.get(group[0].name)
+            start = time.perf_counter()
+            h = None
+            if opts.solver == "gptq" and feeds:
+                k = program.ep.state_dict[targets[group[0].args[1].name]].shape[1]
+                h = self._hessians(gm, program, group, k, attention_of.get(layer), feeds, weights_cache, layer)
+            for lin in group:
+                w = program.ep.state_dict[targets[lin.args[1].name]].detach().float()
+                name = names.get(lin.name, lin.name)
+                qw = self._quantize(w, h, opts.bits, bs, name)
+                deq = qw.dequantize()
+                if gm is not None:
+                    _set_tensor(gm, gm_lin[lin.name].args[1].target, deq)
+                out["codes"][lin.name], out["scales"][lin.name] = qw.codes, qw.scales
+                out["rows"].append(self._log_row(name, layer, w, deq, h, qw, time.perf_counter() - start))
+        return out
+
     def _quantize(self, w: torch.Tensor, h: torch.Tensor | None, bits: int, bs: int, name: str) -> QuantizedWeight:
         opts = self.options
         if h is None or opts.solver == "rtn":
@@ -220,30 +255,15 @@ class RSQPass(Pass):
         stats["group_size"] = bs
         needs_data = opts.solver == "gptq" or opts.importance == "attncon"
         calib, held_out = self._data(program) if needs_data else ([], [])
-        feeds = [full_feed(program, w) for w in calib]
-        attention_of = {b.layer: b for b in program.attention}
-        groups: dict = {}
-        for n in body:
-            groups.setdefault(n.args[0], []).append(n)
-        gm = program.unlifted() if needs_data else None
-        gm_lin = {n.name: n for n in gm.graph.nodes} if gm is not None else {}
-        rows, quantized, weights_cache = [], {}, {}
-        for group in tqdm(list(groups.values()), desc="rsq: quantizing", leave=False, disable=not feeds):
-            layer = layer_of.get(group[0].name)
-            start = time.perf_counter()
-            h = None
-            if opts.solver == "gptq" and feeds:
-                k = program.ep.state_dict[targets[group[0].args[1].name]].shape[1]
-                h = self._hessians(gm, program, group, k, attention_of.get(layer), feeds, weights_cache, layer)
-            for lin in group:
-                w = program.ep.state_dict[targets[lin.args[1].name]].detach().float()
-                name = names.get(lin.name, lin.name)
-                qw = self._quantize(w, h, opts.bits, bs, name)
-                deq = qw.dequantize()
-                if gm is not None:
-                    _set_tensor(gm, gm_lin[lin.name].args[1].target, deq)
-                quantized[lin] = qw
-                rows.append(self._log_row(name, layer, w, deq, h, qw, time.perf_counter() - start))
+        key = {"version": CACHE_VERSION, "weights": weights_hash(program), "options": {
+            k: v for k, v in dataclasses.asdict(opts).items() if k != "eval_windows"}, "group_size": bs,
+               "data": [hashlib.sha256(torch.cat(calib, 1).numpy().tobytes()).hexdigest()] if calib else None}
+        result, hit = cached_tensors("rsq", key, lambda: self._solve(program, body, calib, layer_of, names, bs))
+        stats["cached"] = hit
+        rows = result["rows"]
+        by_name = {n.name: n for n in body}
+        quantized = {by_name[name]: QuantizedWeight(codes, result["scales"][name], opts.bits, bs)
+                     for name, codes in result["codes"].items()}
         for lin in heads if opts.embed_bits else []:
             w = program.ep.state_dict[targets[lin.args[1].name]].detach().float()
             quantized[lin] = quantize_rtn(w, 8, bs)

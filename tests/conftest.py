@@ -60,6 +60,14 @@ EXPECT = {  # kv heads, causal, rope, fused qkv, task
 }
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory):
+    """Calibration caches live in the session's temp dir: no test reads a user's cache."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TOKOPT_CACHE_DIR", str(tmp_path_factory.mktemp("tokopt-cache")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory):
     """model_dir(family, attn="sdpa") -> a saved HF folder (made once per session)."""

@@ -154,6 +154,32 @@ def test_rsq_on_minilm_keeps_embeddings(tmp_path, minilm_dir):
     assert res.report["quality"]["embedding_cosine"] > 0.98
 
 
+def test_token_ids_calibration_and_cache(tmp_path, model_dir):
+    """Calibration from a token-id file; the second compile with the same weights, data and
+    options reads the GPTQ result from the cache and builds the same graph."""
+    ids = tmp_path / "ids.npy"
+    np.save(ids, np.random.default_rng(0).integers(0, 256, (4, 64)))
+    captured = tokopt.capture(model_dir("llama"))
+    captured.calib = str(ids)
+    runs = [PassManager(resolve(plan_passes("rsq:samples=4,seq_len=64,group_size=16"))).run(captured)
+            for _ in range(2)]
+    assert [r.history[-1]["stats"]["cached"] for r in runs] == [False, True]
+    feed = feed_for("llama", 1, 9)
+    assert torch.equal(runs[0].run(feed)["logits"], runs[1].run(feed)["logits"])
+
+
+def test_generation_graph(tmp_path, model_dir):
+    """On a --generate graph values stay unrotated (the cache keeps the model's layout), the
+    exporter checks prefill and decode steps against the graph, and the bundle decodes."""
+    res = tokopt.compile(model_dir("llama"), out=tmp_path / "g", generate=True, measure=False,
+                         passes="rsq:solver=rtn,importance=none,group_size=16")
+    stats = res.report["passes"][-1]["stats"]
+    assert stats["rotation"]["head_rotations"] == 0 and stats["rotation"]["online_rotations"] == 2
+    assert res.program.count(MATMUL_NBITS.overload) == 2 * 7 + 1
+    ids = np.random.default_rng(1).integers(10, 256, (2, 7))
+    assert tokopt.load(res.bundle).generate(input_ids=ids, max_new_tokens=5).shape == (2, 12)
+
+
 def test_standard_onnx_for_tensorrt(tmp_path, model_dir):
     """The TensorRT path's ONNX: no contrib ops, weights as INT4 initializers behind blocked
     DequantizeLinear, and it reproduces the graph (checked by the exporter against the program)."""
