@@ -41,6 +41,18 @@ CANDIDATES = {
 }
 
 
+def _table(title: str, rows: list[dict], cols: list[tuple[str, str, str]]) -> None:
+    """Print ``rows`` under ``title``: columns (header, key, format); size_mb from size_bytes."""
+    if not rows:
+        return
+    cells = [[fmt.format(r["size_bytes"] / 1e6 if key == "size_mb" else (r[key] if r[key] is not None else "-"))
+              for _, key, fmt in cols] for r in rows]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, (h, _, _) in enumerate(cols)]
+    print(f"\n{title}")
+    for line in [[h for h, _, _ in cols], *cells]:
+        print("  ".join(c.ljust(w) if fmt == "{}" else c.rjust(w) for c, w, (_, _, fmt) in zip(line, widths, cols)))
+
+
 def _size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.parent.iterdir() if p.name.startswith(path.name))
 
@@ -261,36 +273,25 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="tokopt-quant-"))
     quality = lm_quality(args, work, make_session) if "lm" in args.parts else []
-    if quality:
-        print(f"reference LM, int4, perplexity on {args.eval_windows} x 1024 held-out tokens "
-          "(LM head and embedding kept float for every candidate)")
-        print(f"{'block':>6}  {'candidate':<13}{'perplexity':>11}{'vs fp32':>9}{'size MB':>9}")
-        for r in quality:
-            print(f"{r['block'] or '-':>6}  {r['candidate']:<13}{r['perplexity']:>11.3f}"
-                  f"{r['perplexity_vs_fp32']:>+8.2%}{r['size_bytes'] / 1e6:>9.2f}")
+    _table(f"reference LM, int4, perplexity on {args.eval_windows} x 1024 held-out tokens (LM head and embedding "
+           "kept float for every candidate)", quality,
+           [("block", "block", "{}"), ("candidate", "candidate", "{}"), ("perplexity", "perplexity", "{:.3f}"),
+            ("vs fp32", "perplexity_vs_fp32", "{:+.2%}"), ("size MB", "size_mb", "{:.2f}")])
     mini = minilm_quality(args, work, make_session) if "minilm" in args.parts else []
-    if mini:
-        print("\nall-MiniLM-L6-v2, int4, embedding cosine to fp32 on 64 held-out passages")
-        print(f"{'candidate':<13}{'cosine':>9}{'min':>9}{'size MB':>9}")
-        for r in mini:
-            print(f"{r['candidate']:<13}{r['embedding_cosine']:>9.4f}{r['embedding_cosine_min']:>9.4f}"
-                  f"{r['size_bytes'] / 1e6:>9.2f}")
+    _table("all-MiniLM-L6-v2, int4, embedding cosine to fp32 on 64 held-out passages", mini,
+           [("candidate", "candidate", "{}"), ("cosine", "embedding_cosine", "{:.4f}"),
+            ("min", "embedding_cosine_min", "{:.4f}"), ("size MB", "size_mb", "{:.2f}")])
     eq = edgeqat_quality(args, work, make_session) if "edgeqat" in args.parts else []
-    if eq:
-        print(f"\nreference LM, EdgeQAT ({args.eq_steps} steps of 4 x 128 tokens), perplexity on {args.eq_eval} "
-              "held-out 128-token windows")
-        print(f"{'candidate':<32}{'perplexity':>11}{'vs fp32':>9}{'train s':>9}{'size MB':>9}")
-        for r in eq:
-            print(f"{r['candidate']:<32}{r['perplexity']:>11.3f}{r['perplexity_vs_fp32']:>+8.1%}{r['train_seconds']:>9.0f}"
-                  f"{r['size_bytes'] / 1e6:>9.2f}")
+    _table(f"reference LM, EdgeQAT ({args.eq_steps} steps of 4 x 128 tokens), perplexity on {args.eq_eval} held-out "
+           "128-token windows", eq,
+           [("candidate", "candidate", "{}"), ("perplexity", "perplexity", "{:.3f}"),
+            ("vs fp32", "perplexity_vs_fp32", "{:+.1%}"), ("train s", "train_seconds", "{:.0f}"),
+            ("size MB", "size_mb", "{:.2f}")])
     speed = lm_speed(args, work, make_session) if "speed" in args.parts else []
-    if speed:
-        print(f"\nreference LM --generate bundles, ONNX Runtime CPU, {args.threads} threads")
-        print(f"{'candidate':<22}{'prefill 256 ms':>15}{'x':>7}{'decode ms':>11}{'x':>7}{'size MB':>9}{'ratio':>7}")
-        for r in speed:
-            print(f"{r['candidate']:<22}{r['prefill_256_ms']:>15.2f}{r['prefill_speedup']:>6.2f}x"
-                  f"{r['decode_step_ms']:>11.3f}{r['decode_speedup']:>6.2f}x{r['size_bytes'] / 1e6:>9.2f}"
-                  f"{r['size_ratio']:>7.2f}")
+    _table(f"reference LM --generate bundles, ONNX Runtime CPU, {args.threads} threads", speed,
+           [("candidate", "candidate", "{}"), ("prefill 256 ms", "prefill_256_ms", "{:.2f}"),
+            ("x", "prefill_speedup", "{:.2f}x"), ("decode ms", "decode_step_ms", "{:.3f}"),
+            ("x", "decode_speedup", "{:.2f}x"), ("size MB", "size_mb", "{:.2f}"), ("ratio", "size_ratio", "{:.2f}")])
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"onnxruntime": ort.__version__, "torch": torch.__version__, "threads": args.threads,

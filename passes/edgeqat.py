@@ -115,7 +115,7 @@ def _attn_logits(q, k, scale):
 
 
 def _init_scale(x: torch.Tensor, bits: int, signed: bool) -> float:
-    return float(2 * x.abs().mean() / math.sqrt(qrange(bits, signed)[1])) or 1e-3
+    return float(2 * x.detach().abs().mean() / math.sqrt(qrange(bits, signed)[1])) or 1e-3
 
 
 @register_pass
@@ -224,18 +224,17 @@ class EdgeQATPass(Pass):
         torch.manual_seed(opts.seed)
         gm = program.unlifted()
         quant_params, weights = [], []
-        for name, buf in list(gm.named_buffers()):
-            if name.rpartition(".")[2].startswith("tokopt_eq_"):
-                prefix, _, short = name.rpartition(".")
-                mod = gm.get_submodule(prefix) if prefix else gm
-                del mod._buffers[short]
-                p = torch.nn.Parameter(buf.clone())
-                mod.register_parameter(short, p)
-                quant_params.append(p)
-        for p in gm.parameters():
-            if not any(p is q for q in quant_params):
-                p.requires_grad_(p.is_floating_point())
-                weights.append(p)
+        # fresh tensors: the module's parameters are the very objects the input program (and
+        # the teacher) hold; the quantizers' constants are buffers until now
+        trainable = [(n, t) for n, t in gm.named_parameters()] + \
+            [(n, t) for n, t in gm.named_buffers() if n.rpartition(".")[2].startswith("tokopt_eq_")]
+        for name, t in trainable:
+            prefix, _, short = name.rpartition(".")
+            mod = gm.get_submodule(prefix) if prefix else gm
+            mod._buffers.pop(short, None)
+            p = torch.nn.Parameter(t.detach().clone(), requires_grad=t.is_floating_point())
+            mod._parameters[short] = p
+            (quant_params if short.startswith("tokopt_eq_") else weights).append(p)
         optim = torch.optim.AdamW([{"params": weights, "lr": opts.lr}, {"params": quant_params, "lr": opts.lr_quant}],
                                   weight_decay=0.0)
         warm = max(1, opts.steps // 10)

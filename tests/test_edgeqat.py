@@ -104,6 +104,20 @@ def test_edgeqat_on_the_reference_lm(edgeqat_lm):
     assert ops.count("MatMulNBits") == 28 and ops.count("TopK") == 4 and ops.count("QuantizeLinear") >= 24 * 2 - 4
 
 
+def test_training_is_deterministic(tmp_path, model_dir):
+    """Same data, options and seed: the same trained weights and quantizer scales, bit for bit."""
+    from tokopt.optimizer.compile import plan_passes
+    from tokopt.optimizer.pass_manager import PassManager, resolve
+    ids = tmp_path / "ids.npy"
+    np.save(ids, np.random.default_rng(0).integers(0, 256, (12, 32)))
+    captured = tokopt.capture(model_dir("llama"))
+    captured.calib = str(ids)
+    states = [PassManager(resolve(plan_passes("edgeqat:steps=3,batch=2,seq_len=32,eval_windows=2"))).run(captured)
+              .ep.state_dict for _ in range(2)]
+    assert states[0].keys() == states[1].keys()
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
 def test_bad_requests(tmp_path, model_dir, minilm_dir):
     with pytest.raises(UsageError, match="2 <= low_bits <= a_bits <= 8"):
         tokopt.compile(REFERENCE_LM, out=tmp_path / "a", passes="edgeqat:a_bits=4,low_bits=6")
