@@ -37,9 +37,12 @@ class OpSpec:
     # rewrites this op's contrib-op lowering into standard ONNX in an exported onnx_ir model,
     # for targets that take standard ONNX only (TensorRT); returns how many nodes it rewrote
     standardize: Callable | None = None
-    # False: the op makes rounding decisions that float noise between kernels may flip (a
-    # quantizer, a rank cut), so a lowering reproduces it closely rather than to float tolerance
-    exact: bool = True
+    # False (or a node -> bool): the op makes rounding decisions that float noise between kernels
+    # may flip (a quantizer, a rank cut), so a lowering reproduces it closely, not to float tolerance
+    exact: bool | Callable = True
+
+    def is_exact(self, node) -> bool:
+        return self.exact(node) if callable(self.exact) else self.exact
 
     @property
     def overload(self):
@@ -58,7 +61,7 @@ OPS: dict[str, OpSpec] = {}
 
 def define_op(name: str, schema_fn: Callable, fake: Callable, onnx: Callable | None = None,
               triton: Callable | None = None, tags: tuple[str, ...] = (),
-              standardize: Callable | None = None, exact: bool = True) -> OpSpec:
+              standardize: Callable | None = None, exact: bool | Callable = True) -> OpSpec:
     """Register ``schema_fn`` (type-annotated plain torch) as custom op ``name`` and record it."""
     if name in OPS:
         return OPS[name]

@@ -4,6 +4,9 @@
         fake-quantizes x at ``bits_hi``, the tokens marked in ``low`` at ``bits_lo``; each width
         has its own learned scale and integer zero point (LSQ-style, one per tensor):
         ``x_q = (clamp(round(x/s) + z, Qn, Qp) - z) s``, QuantizeLinear's arithmetic
+    token_quant(x, low?[B,N], bits_hi, bits_lo, token_dim) -> x
+        the same split with dynamic symmetric scales, one per token (per token and head for
+        q/k/v): ``s_t = max|x_t| / Qp`` computed at run time, nothing learned
     weight_quant(w, s, bits) -> w            symmetric per-tensor weight fake-quantization
     low_tokens(q[B,H,N,d], k[B,Hkv,N,d], scale, fraction) -> bool [B,N]
         EdgeQAT's importance: the ``floor(fraction N)`` tokens whose queries, summed over heads,
@@ -25,7 +28,7 @@ from onnxscript import INT64, opset23 as op
 
 from ..optimizer.ops import define_op, differentiable
 
-__all__ = ["ACT_QUANT", "WEIGHT_QUANT", "LOW_TOKENS", "qrange"]
+__all__ = ["ACT_QUANT", "TOKEN_QUANT", "WEIGHT_QUANT", "LOW_TOKENS", "qrange"]
 
 
 def qrange(bits: int, signed: bool) -> tuple[int, int]:
@@ -91,6 +94,52 @@ def _act_quant_onnx(x, low, s_hi, z_hi, s_lo, z_lo, bits_hi: int = 8, bits_lo: i
 ACT_QUANT = define_op("tokopt::act_quant", _act_quant, _act_quant_fake, onnx=_act_quant_onnx, tags=("quant",),
                       exact=False)
 differentiable("tokopt::act_quant", _act_quant, grads_for=6)
+
+
+def _per_token(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Symmetric, one scale per row of the last axis (a token, or a token's head): max|x| / Qp."""
+    qp = (1 << (bits - 1)) - 1
+    s = torch.clamp(x.detach().abs().amax(-1, keepdim=True) / qp, min=1e-8)
+    return torch.clamp(_round_ste(x / s), -qp, qp) * s
+
+
+def _token_quant(x: torch.Tensor, low: torch.Tensor | None, bits_hi: int, bits_lo: int,
+                 token_dim: int) -> torch.Tensor:
+    hi = _per_token(x, bits_hi)
+    if low is None:
+        return hi
+    shape = [1] * x.dim()
+    shape[0], shape[token_dim] = low.shape[0], low.shape[1]
+    return torch.where(low.reshape(shape), _per_token(x, bits_lo), hi)
+
+
+def _token_quant_fake(x, low, bits_hi, bits_lo, token_dim):
+    return torch.empty_like(x)
+
+
+def _qdq_rows(x, bits: int):
+    """Per-row QuantizeLinear/DequantizeLinear: the rows flattened to one axis of scales."""
+    qp = float((1 << (bits - 1)) - 1)
+    s = op.Max(op.Div(op.ReduceMax(op.Abs(x), op.Constant(value_ints=[-1]), keepdims=1), op.Constant(value_float=qp)),
+               op.Constant(value_float=1e-8))
+    shape = op.Shape(x)
+    rows = op.Reshape(x, op.Concat(op.Constant(value_ints=[-1]), op.Shape(x, start=-1), axis=0))
+    s1 = op.Reshape(s, op.Constant(value_ints=[-1]))
+    q = op.QuantizeLinear(rows, s1, axis=0, output_dtype=3)   # int8, zero point 0
+    return op.Reshape(op.DequantizeLinear(q, s1, axis=0), shape)
+
+
+def _token_quant_onnx(x, low, bits_hi: int = 8, bits_lo: int = 4, token_dim: int = 1):
+    hi = _qdq_rows(x, bits_hi)
+    if low is None:
+        return hi
+    axes = [1, 3] if token_dim == 2 else [2]
+    return op.Where(op.Unsqueeze(low, op.Constant(value_ints=axes)), _qdq_rows(x, bits_lo), hi)
+
+
+TOKEN_QUANT = define_op("tokopt::token_quant", _token_quant, _token_quant_fake, onnx=_token_quant_onnx,
+                        tags=("quant",), exact=False)
+differentiable("tokopt::token_quant", _token_quant, grads_for=2)
 
 
 def _weight_quant(w: torch.Tensor, s: torch.Tensor, bits: int) -> torch.Tensor:

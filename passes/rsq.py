@@ -22,6 +22,10 @@ pooler), which GPTQ leaves alone as RSQ does, are rounded to 8 bits. The bundle 
 data and the time taken. ``rotate=off,importance=none`` is plain GPTQ; add ``solver=rtn`` for
 round-to-nearest: the baselines, through the same lowering.
 
+``compute=int8`` sets MatMulNBits' ``accuracy_level=4``: ONNX Runtime rounds each block of
+activations to int8 and runs its integer kernels (the reference does the same rounding), trading
+a little accuracy for CPU speed; the default keeps float activations.
+
 Block sizes must be powers of two >= 16 (``MatMulNBits``); an input dimension that is not a
 multiple is padded (the last block's missing columns are zeros). ``group_size=0`` picks 128 for
 models at least 2048 wide and 32 below (RSQ's per-channel scales suit 4096-wide models; a
@@ -73,6 +77,7 @@ class RSQOptions:
     seq_len: int = 512           # tokens per window (at most the model's context)
     expand: int = 1              # RSQ's dataset expansion: each window also rolled expand-1 times
     embed_bits: int = 8          # 8: int8 embedding tables and heads; 0: keep them float
+    compute: str = "float"       # float | int8: MatMulNBits multiplies int8-rounded activations (faster on CPUs)
     eval_windows: int = 4        # held-out windows for the perplexity in the report (causal LMs)
     seed: int = 0
 
@@ -90,6 +95,8 @@ class RSQOptions:
             raise ValueError("importance range: need 0 < min_value <= max_value")
         if self.samples < 1 or self.seq_len < 16 or self.expand < 1 or self.damp <= 0:
             raise ValueError("samples and expand must be at least 1, seq_len at least 16, damp positive")
+        if self.compute not in ("float", "int8"):
+            raise ValueError(f"compute={self.compute!r}: use float (exact weight-only) or int8 (ORT's int8 kernels)")
         if self.embed_bits not in (0, 8):
             raise ValueError(f"embed_bits={self.embed_bits}: use 8 (int8 tables and heads) or 0 (keep float)")
 
@@ -256,7 +263,8 @@ class RSQPass(Pass):
         needs_data = opts.solver == "gptq" or opts.importance == "attncon"
         calib, held_out = self._data(program) if needs_data else ([], [])
         key = {"version": CACHE_VERSION, "weights": weights_hash(program), "options": {
-            k: v for k, v in dataclasses.asdict(opts).items() if k != "eval_windows"}, "group_size": bs,
+            k: v for k, v in dataclasses.asdict(opts).items() if k not in ("eval_windows", "compute", "embed_bits")},
+            "group_size": bs,
                "data": [hashlib.sha256(torch.cat(calib, 1).numpy().tobytes()).hexdigest()] if calib else None}
         result, hit = cached_tensors("rsq", key, lambda: self._solve(program, body, calib, layer_of, names, bs))
         stats["cached"] = hit
@@ -313,6 +321,7 @@ class RSQPass(Pass):
 
     def _rewrite(self, program: Program, quantized: dict) -> None:
         g = program.graph
+        level = 4 if self.options.compute == "int8" else 0  # MatMulNBits' accuracy_level
         for lin, qw in quantized.items():
             n, k = qw.codes.shape
             packed = program.add_constant(f"{lin.name}_qweight", pack(qw.codes, qw.bits, qw.block_size))
@@ -320,7 +329,7 @@ class RSQPass(Pass):
             bias = lin.args[2] if len(lin.args) > 2 else None
             with g.inserting_before(lin):
                 new = g.call_function(MATMUL_NBITS.overload, (lin.args[0], packed, scales, bias, qw.bits,
-                                                              qw.block_size, k, n))
+                                                              qw.block_size, k, n, level))
             new.meta.update({key: lin.meta[key] for key in ("val", "nn_module_stack", "stack_trace")
                              if key in lin.meta})
             lin.replace_all_uses_with(new)

@@ -11,7 +11,7 @@ from torch.export import Dim
 import tokopt
 from tokopt.optimizer.errors import UsageError
 from tokopt.optimizer.ops import OPSET, onnx_translation_table
-from tokopt.passes.edgeqat_op import ACT_QUANT, LOW_TOKENS, WEIGHT_QUANT
+from tokopt.passes.edgeqat_op import ACT_QUANT, LOW_TOKENS, TOKEN_QUANT, WEIGHT_QUANT
 from tokopt.passes.quant_op import MATMUL_NBITS
 
 from .conftest import REFERENCE_LM
@@ -50,6 +50,27 @@ def test_act_quant_lowers_to_qdq(tmp_path, signed, token_dim):
     # the low tokens really sit on a 4-bit grid: at most 16 distinct values
     sel = low[:, :, None].expand_as(x) if token_dim == 1 else low[:, None, :, None].expand_as(x)
     assert len(torch.unique(ref[sel])) <= 16 and len(torch.unique(ref[~sel])) > 16
+
+
+@pytest.mark.parametrize("token_dim", [1, 2])
+def test_token_quant_lowers_to_per_row_qdq(tmp_path, token_dim):
+    """Dynamic per-token scales: QuantizeLinear/DequantizeLinear over the rows, exact in ORT;
+    each low token's row holds at most 15 distinct values (4 bits, symmetric)."""
+    class M(torch.nn.Module):
+        def forward(self, x, low):
+            return TOKEN_QUANT.op(x, low, 8, 4, token_dim)
+
+    shape = (2, 9, 16) if token_dim == 1 else (2, 3, 9, 16)
+    x = torch.randn(*shape) * torch.rand(*shape[:-1], 1) * 5
+    low = torch.rand(2, 9) < 0.5
+    sess = _export(M(), (x, low), ({0: Dim.AUTO, token_dim: Dim.AUTO}, {0: Dim.AUTO, 1: Dim.AUTO}),
+                   tmp_path / "t.onnx", ["x", "low"])
+    x2, low2 = torch.randn(*shape[:token_dim], 13, *shape[token_dim + 1:]), torch.rand(2, 13) < 0.5
+    ref = M()(x2, low2)
+    np.testing.assert_array_equal(sess.run(None, {"x": x2.numpy(), "low": low2.numpy()})[0], ref.numpy())
+    rows = ref.reshape(-1, 16)
+    marks = (low2[:, :, None] if token_dim == 1 else low2[:, None, :, None]).expand(*ref.shape[:-1], 1).reshape(-1)
+    assert max(len(torch.unique(r)) for r in rows[marks]) <= 15 < max(len(torch.unique(r)) for r in rows[~marks])
 
 
 def test_quantizers_train_through_straight_through_estimates():
@@ -95,7 +116,7 @@ def test_edgeqat_on_the_reference_lm(edgeqat_lm):
     held-out perplexity of the quantized model; ONNX Runtime reproduces it (checked at export)."""
     program, stats = edgeqat_lm.program, edgeqat_lm.report["passes"][-1]["stats"]
     nodes = list(program.graph.nodes)
-    assert sum(ACT_QUANT.matches(n) for n in nodes) == 6 * 4 and sum(LOW_TOKENS.matches(n) for n in nodes) == 4
+    assert sum(TOKEN_QUANT.matches(n) for n in nodes) == 6 * 4 and sum(LOW_TOKENS.matches(n) for n in nodes) == 4
     assert program.count(MATMUL_NBITS.overload) == 7 * 4 and not any(WEIGHT_QUANT.matches(n) for n in nodes)
     assert stats["average_activation_bits"] == 6.0
     assert stats["perplexity_edgeqat"] < stats["perplexity_before_training"]

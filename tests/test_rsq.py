@@ -143,6 +143,32 @@ def test_rsq_bundle_size_log_and_report(rsq_lm):
     assert rsq_lm.report["quality"]["top1_agreement"] > 0.85
 
 
+def test_int8_compute(tmp_path):
+    """compute=int8: MatMulNBits at accuracy level 4 (ORT's integer kernels), the reference rounds
+    activations the same way; the decode-graph bundle stays close to the float-compute one."""
+    import onnxruntime as ort
+    g = torch.Generator().manual_seed(3)
+    k, n, bs = 64, 48, 32
+    qw, sc = pack(torch.randint(0, 16, (n, k), generator=g), 4, bs), torch.rand(n, 2, generator=g) * 0.1
+    x = torch.randn(5, k, generator=g)
+    exact = MATMUL_NBITS.reference(x, qw, sc, None, 4, bs, k, n)
+    rounded = MATMUL_NBITS.reference(x, qw, sc, None, 4, bs, k, n, 4)
+    assert 0 < (rounded - exact).abs().max() < 0.02 * exact.abs().max()
+
+    class M(torch.nn.Module):
+        def forward(self, x):
+            return MATMUL_NBITS.op(x, qw, sc, None, 4, bs, k, n, 4)
+
+    model = torch.onnx.export(torch.export.export(M(), (x,)), dynamo=True, opset_version=OPSET, optimize=False,
+                              custom_translation_table=onnx_translation_table()).model
+    node = next(nd for nd in model.graph if nd.op_type == "MatMulNBits")
+    assert node.attributes["accuracy_level"].as_int() == 4
+    import onnx_ir as ir
+    ir.save(model, tmp_path / "a4.onnx")
+    got = ort.InferenceSession(str(tmp_path / "a4.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+    assert np.abs(got - rounded.numpy()).max() < 0.1 * np.abs(rounded.numpy() - exact.numpy()).max() + 1e-4
+
+
 def test_rsq_on_minilm_keeps_embeddings(tmp_path, minilm_dir):
     """A post-norm BERT cannot be rotated: rotate=auto says so and quantizes without; the int4
     sentence embeddings stay within cosine 0.98 of fp32 on real passages."""
