@@ -278,7 +278,7 @@ class EdgeQATPass(Pass):
             torch.nn.utils.clip_grad_norm_(weights + quant_params, 1.0)
             optim.step()
             sched.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
         state = dict(program.ep.state_dict)
         trained = dict(gm.named_parameters())
         for spec in program.ep.graph_signature.input_specs:

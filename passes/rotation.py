@@ -140,7 +140,9 @@ def rotate(program: Program, seed: int = 0, online: bool = True, heads: bool = T
                 stream.add(u)
                 frontier.append(u)
     writers = []
-    for add in (n for n in stream if n.target == aten.add.Tensor):
+    # in graph order, so the random draws below go to the same layers on every run
+    order = {n: i for i, n in enumerate(g.nodes)}
+    for add in sorted((n for n in stream if n.target == aten.add.Tensor), key=order.get):
         branch = next((a for a in add.args if isinstance(a, torch.fx.Node) and a not in stream), None)
         src = _through(branch, False) if branch is not None else None
         if src is None or src.target != aten.linear.default:

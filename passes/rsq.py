@@ -252,6 +252,9 @@ class RSQPass(Pass):
         targets = weight_targets(program)
         names = {n.name: targets[n.args[1].name] for n in first}  # the model's names, before rotation renames them
         layer_of = layer_of_linears(program, first)
+        # the cache key hashes the weights before rotation: the rotated ones carry BLAS rounding
+        # that varies with memory alignment from run to run
+        model_hash = weights_hash(program)
         stats["rotation"] = self._rotate(program)
         body, heads = linear_layers(program)
         if not body:
@@ -262,7 +265,7 @@ class RSQPass(Pass):
         stats["group_size"] = bs
         needs_data = opts.solver == "gptq" or opts.importance == "attncon"
         calib, held_out = self._data(program) if needs_data else ([], [])
-        key = {"version": CACHE_VERSION, "weights": weights_hash(program), "options": {
+        key = {"version": CACHE_VERSION, "weights": model_hash, "options": {
             k: v for k, v in dataclasses.asdict(opts).items() if k not in ("eval_windows", "compute", "embed_bits")},
             "group_size": bs,
                "data": [hashlib.sha256(torch.cat(calib, 1).numpy().tobytes()).hexdigest()] if calib else None}
@@ -317,7 +320,7 @@ class RSQPass(Pass):
         else:
             rel = float(d.pow(2).sum() / w.double().pow(2).sum().clamp_min(1e-30))
         return {"weight": name, "layer": layer, "rows": w.shape[0], "cols": w.shape[1], "bits": qw.bits,
-                "block_size": qw.block_size, "relative_error": rel ** 0.5, "seconds": round(seconds, 3)}
+                "block_size": qw.block_size, "relative_error": max(rel, 0.0) ** 0.5, "seconds": round(seconds, 3)}
 
     def _rewrite(self, program: Program, quantized: dict) -> None:
         g = program.graph
