@@ -26,7 +26,6 @@ import argparse
 import json
 import logging
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
@@ -94,16 +93,6 @@ def _perplexity(session, windows) -> float:
         nll -= float(logp[np.arange(len(ids[0]) - 1), ids[0, 1:]].sum())
         n += ids.shape[1] - 1
     return float(np.exp(nll / n))
-
-
-def _median_ms(session, feed, runs: int) -> float:
-    session.run(None, feed)
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        session.run(None, feed)
-        times.append((time.perf_counter() - t) * 1e3)
-    return float(np.median(times))
 
 
 def lm_quality(args, work: Path, make_session) -> list[dict]:
@@ -219,6 +208,7 @@ def edgeqat_quality(args, work: Path, make_session) -> list[dict]:
 
 def lm_speed(args, work: Path, make_session) -> list[dict]:
     import tokopt
+    from tokopt.optimizer.report import time_calls
     fp32 = tokopt.compile(LM, out=work / "gen-fp32", generate=True, measure=False)
     q = tokopt.compile(LM, out=work / "gen-rsq", generate=True, measure=False, calib=LM / "heldout.txt",
                        passes=f"rsq:samples={args.samples}")
@@ -238,8 +228,8 @@ def lm_speed(args, work: Path, make_session) -> list[dict]:
     times = {name: {"prefill": [], "decode": []} for name in sessions}
     for _ in range(3):  # interleaved rounds
         for name, s in sessions.items():
-            times[name]["prefill"].append(_median_ms(s, prefill, args.runs))
-            times[name]["decode"].append(_median_ms(s, decode, args.runs * 5))
+            times[name]["prefill"].append(time_calls(lambda: s.run(None, prefill), args.runs, warmup=1)["median_ms"])
+            times[name]["decode"].append(time_calls(lambda: s.run(None, decode), args.runs * 5, warmup=1)["median_ms"])
     rows = []
     for name, t in times.items():
         rows.append({"candidate": name, "prefill_256_ms": float(np.median(t["prefill"])),

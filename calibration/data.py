@@ -23,9 +23,20 @@ from tqdm import tqdm
 
 from ..optimizer.errors import UsageError
 
-__all__ = ["load_texts", "load_ids", "calibration_batches", "default_texts", "PASSAGES"]
+__all__ = ["load_texts", "load_ids", "calibration_batches", "default_texts", "token_source", "PASSAGES"]
 
 PASSAGES = Path(__file__).with_name("passages.jsonl")
+
+
+def token_source(program, refusal: str):
+    """(source, tokenizer) a pass calibrates on: ``--calib`` (default: the shipped passages) and
+    the model's tokenizer (None without one, where only a token-id file will do). Raises a
+    UsageError with ``refusal`` when no token ids can be had."""
+    from ..optimizer.runtime import load_tokenizer
+    if program.tokenizer_dir is None and not (program.calib and Path(program.calib).suffix in (".npy", ".pt")):
+        raise UsageError(refusal)
+    tok = load_tokenizer(program.tokenizer_dir) if program.tokenizer_dir else None
+    return (Path(program.calib) if program.calib else PASSAGES), tok
 
 
 def load_texts(path) -> list[str]:

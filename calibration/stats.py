@@ -43,37 +43,42 @@ def cache_dir() -> Path:
     return Path(os.environ.get("TOKOPT_CACHE_DIR") or Path.home() / ".cache" / "tokopt")
 
 
+def _entry(kind: str, key: dict, suffix: str) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+    return cache_dir() / kind / f"{digest}{suffix}"
+
+
+def _store(path: Path, write: Callable[[Path], None]) -> None:
+    """Write through a temporary file, so a reader never sees half an entry."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    write(tmp)
+    tmp.replace(path)
+
+
 def cached(kind: str, key: dict, compute: Callable[[], dict]) -> tuple[dict, bool]:
     """``compute()`` once per key; returns (result, whether it came from the cache)."""
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
-    path = cache_dir() / kind / f"{digest}.json"
+    path = _entry(kind, key, ".json")
     if path.exists():
         try:
             return json.loads(path.read_text()), True
         except json.JSONDecodeError:
             pass  # a damaged entry is recomputed
     result = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({**result, "key": key}, indent=1))
-    tmp.replace(path)
+    _store(path, lambda tmp: tmp.write_text(json.dumps({**result, "key": key}, indent=1)))
     return result, False
 
 
 def cached_tensors(kind: str, key: dict, compute: Callable[[], dict]) -> tuple[dict, bool]:
     """``cached`` for results that hold tensors (a dict of tensors, lists and numbers)."""
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
-    path = cache_dir() / kind / f"{digest}.pt"
+    path = _entry(kind, key, ".pt")
     if path.exists():
         try:
             return torch.load(path, weights_only=True), True
         except Exception:  # noqa: BLE001 - a damaged entry is recomputed
             pass
     result = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(result, tmp)
-    tmp.replace(path)
+    _store(path, lambda tmp: torch.save(result, tmp))
     return result, False
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["AttentionBlock", "Rejected", "Program", "META_BLOCK", "call_function_nodes",
+__all__ = ["AttentionBlock", "Rejected", "Program", "META_BLOCK", "call_function_nodes", "inherit_meta",
            "remove_dead_code"]
 
 # node.meta key under which passes find the block an attention node belongs to
@@ -114,6 +114,13 @@ class Program:
             if isinstance(arg, torch.fx.Node) and hasattr(spec.arg, "name"):
                 spec.arg.name = arg.name
 
+    def tensor(self, node) -> torch.Tensor | None:
+        """The weight or buffer a placeholder node stands for (None for inputs and computed values)."""
+        if not isinstance(node, torch.fx.Node) or node.op != "placeholder":
+            return None
+        spec = next((s for s in self.ep.graph_signature.input_specs if s.arg.name == node.name), None)
+        return None if spec is None or spec.target is None else self.ep.state_dict.get(spec.target)
+
     def add_constant(self, name: str, tensor: torch.Tensor) -> torch.fx.Node:
         """A new buffer input holding ``tensor``, for a pass to feed to the nodes it writes.
         The state dict is copied on write: copies of this program keep theirs."""
@@ -154,6 +161,12 @@ class Program:
     def count(self, target) -> int:
         """How many calls of ``target`` (compared by name: op overload objects are not unique)."""
         return sum(1 for n in call_function_nodes(self.graph) if str(n.target) == str(target))
+
+
+def inherit_meta(new: torch.fx.Node, old: torch.fx.Node) -> None:
+    """Give a node that replaces ``old`` (same value) the metadata exporters and passes read."""
+    new.meta.update({key: old.meta[key] for key in ("val", "nn_module_stack", "stack_trace", "tensor_meta",
+                                                    META_BLOCK) if key in old.meta})
 
 
 def call_function_nodes(graph: torch.fx.Graph):

@@ -18,7 +18,7 @@ from ..optimizer.ops import ATTENTION
 from ..optimizer.pass_manager import Pass, PassResult, register_pass
 from ..optimizer.errors import PassError
 from ..optimizer.patterns import index_attention, match_attention, module_path, unrepeat_kv
-from ..optimizer.program import META_BLOCK, Program, call_function_nodes, remove_dead_code
+from ..optimizer.program import META_BLOCK, Program, call_function_nodes, inherit_meta, remove_dead_code
 
 __all__ = ["CanonicalizePass"]
 
@@ -45,8 +45,7 @@ class CanonicalizePass(Pass):
             scale = m.scale if m.scale is not None else m.q.meta["val"].shape[-1] ** -0.5
             with graph.inserting_before(m.out):
                 new = graph.call_function(ATTENTION.overload, (m.q, k, v, m.mask, float(scale), m.causal_flag))
-            new.meta.update({key: m.out.meta[key] for key in ("val", "nn_module_stack", "stack_trace",
-                                                               "tensor_meta") if key in m.out.meta})
+            inherit_meta(new, m.out)
             new.meta[META_BLOCK] = {"causal": causal.get(m.out.name), "module": module_path(m.out, prefix),
                                     "spelling": m.spelling}
             m.out.replace_all_uses_with(new)

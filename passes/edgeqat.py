@@ -35,22 +35,20 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..calibration.data import PASSAGES, calibration_batches
+from ..calibration.data import calibration_batches, token_source
 from ..calibration.lm_eval import full_feed, perplexity
 from ..optimizer.errors import PassError, UsageError
 from ..optimizer.ops import ATTENTION
 from ..optimizer.pass_manager import Pass, PassResult, register_pass
-from ..optimizer.program import Program, call_function_nodes
-from ..optimizer.runtime import load_tokenizer
+from ..optimizer.program import Program, call_function_nodes, inherit_meta
 from .edgeqat_op import ACT_QUANT, LOW_TOKENS, TOKEN_QUANT, WEIGHT_QUANT, qrange
 from .linears import layer_of_linears, linear_layers, weight_targets
-from .quant_op import MATMUL_NBITS, pack
+from .quant_op import MATMUL_NBITS, pack, replace_linear
 
 __all__ = ["EdgeQATPass", "EdgeQATOptions"]
 
@@ -134,11 +132,8 @@ class EdgeQATPass(Pass):
 
     def _data(self, program: Program):
         opts = self.options
-        if program.tokenizer_dir is None and not (program.calib and Path(program.calib).suffix in (".npy", ".pt")):
-            raise UsageError("edgeqat trains on data: give --calib ids.npy, or a model folder with a tokenizer "
-                             "and --calib text.")
-        tok = load_tokenizer(program.tokenizer_dir) if program.tokenizer_dir else None
-        source = Path(program.calib) if program.calib else PASSAGES
+        source, tok = token_source(program, "edgeqat trains on data: give --calib ids.npy, or a model folder with a "
+                                            "tokenizer and --calib text.")
         windows = [b["input_ids"] for b in calibration_batches(source, tok, seq_len=opts.seq_len, batch_size=1,
                                                                progress=False)]
         if len(windows) < opts.eval_windows + opts.batch:
@@ -174,10 +169,12 @@ class EdgeQATPass(Pass):
             layer = blocks[node.name].layer
             for i, lay in ((0, layer - 1), (1, layer - 1), (2, layer)):
                 points.setdefault(node.args[i], (2, lay))
-        values = _Tap(program.unlifted(), [n.name for n in points])
+        values = {}
         if opts.scales == "static":  # initial scales from one batch
+            tap = _Tap(program.unlifted(), [n.name for n in points])
             with torch.no_grad():
-                values(sample, program.input_names)
+                tap(sample, program.input_names)
+            values = tap.values
         low_of: dict[int, torch.fx.Node] = {}
         quantized: dict = {}
         count = 0
@@ -189,7 +186,7 @@ class EdgeQATPass(Pass):
             if opts.scales == "token":
                 target, args = TOKEN_QUANT.overload, (src, low_of.get(layer), opts.a_bits, opts.low_bits, token_dim)
             else:
-                x = values.values[src.name]
+                x = values[src.name]
                 signed = bool(x.min() < -1e-5)
                 consts = [program.add_constant(f"eq_{src.name}_{k}", torch.tensor([v], dtype=torch.float32))
                           for k, v in (("s_hi", _init_scale(x, opts.a_bits, signed)), ("z_hi", 0.0),
@@ -199,7 +196,7 @@ class EdgeQATPass(Pass):
             users = list(src.users)
             with g.inserting_after(src) if before is None else g.inserting_before(before):
                 new = g.call_function(target, args)
-            new.meta.update({k: src.meta[k] for k in ("val", "nn_module_stack") if k in src.meta})
+            inherit_meta(new, src)
             for u in users:
                 u.replace_input_with(src, new)
             quantized[src] = new
@@ -221,7 +218,7 @@ class EdgeQATPass(Pass):
                 quantize(node.args[0], token_dim, layer)
         weights = 0
         for lin in body:
-            w = program.ep.state_dict[targets[lin.args[1].name]]
+            w = program.tensor(lin.args[1])
             s = program.add_constant(f"eq_{lin.name}_s_w", torch.tensor([_init_scale(w, opts.w_bits, True)]))
             with g.inserting_before(lin):
                 wq = g.call_function(WEIGHT_QUANT.overload, (lin.args[1], s, opts.w_bits))
@@ -293,23 +290,17 @@ class EdgeQATPass(Pass):
 
     # -- 3. lowering -------------------------------------------------------------------------
     def _lower_weights(self, program: Program) -> int:
-        g, state, count = program.graph, program.ep.state_dict, 0
-        targets = weight_targets(program)
+        g, count = program.graph, 0
         for wq in [n for n in call_function_nodes(g) if WEIGHT_QUANT.matches(n)]:
             w_node, s_node, bits = wq.args
-            w, s = state[targets[w_node.name]].detach().float(), float(state[targets[s_node.name]].abs().clamp_min(1e-8))
+            w, s = program.tensor(w_node).detach().float(), float(program.tensor(s_node).abs().clamp_min(1e-8))
             qn, qp = qrange(bits, True)
             codes = (torch.clamp(torch.round(w / s), qn, qp) - qn).to(torch.uint8)
             n, k = codes.shape
             packed = program.add_constant(f"{wq.name}_qweight", pack(codes, bits, BLOCK))
             scales = program.add_constant(f"{wq.name}_scales", torch.full((n, -(-k // BLOCK)), s))
             for lin in list(wq.users):
-                bias = lin.args[2] if len(lin.args) > 2 else None
-                with g.inserting_before(lin):
-                    new = g.call_function(MATMUL_NBITS.overload, (lin.args[0], packed, scales, bias, bits, BLOCK, k, n))
-                new.meta.update({key: lin.meta[key] for key in ("val", "nn_module_stack") if key in lin.meta})
-                lin.replace_all_uses_with(new)
-                g.erase_node(lin)
+                replace_linear(program, lin, packed, scales, bits, BLOCK, k, n)
                 count += 1
             g.erase_node(wq)
         return count

@@ -29,7 +29,7 @@ import torch
 from ..optimizer.patterns import PASS_THROUGH
 from ..optimizer.program import Program, call_function_nodes
 
-__all__ = ["rotate", "NotRotatable", "random_hadamard", "hadamard", "state_tensor"]
+__all__ = ["rotate", "NotRotatable", "random_hadamard", "hadamard"]
 
 aten = torch.ops.aten
 _VIEWS = PASS_THROUGH + (aten.view.default, aten.reshape.default, aten._unsafe_view.default,
@@ -66,14 +66,6 @@ def random_hadamard(n: int, gen: torch.Generator) -> torch.Tensor:
     return torch.kron(random_orthogonal(n // two, gen), hadamard(two)) * signs[:, None]
 
 
-def state_tensor(program: Program, node) -> torch.Tensor | None:
-    """The weight a placeholder node stands for (None for inputs and computed values)."""
-    if not isinstance(node, torch.fx.Node) or node.op != "placeholder":
-        return None
-    spec = next((s for s in program.ep.graph_signature.input_specs if s.arg.name == node.name), None)
-    return None if spec is None or spec.target is None else program.ep.state_dict.get(spec.target)
-
-
 def _through(node, forward: bool):
     """Nodes reached from ``node`` through view-like ops that keep the last (hidden) axis."""
     if forward:
@@ -102,8 +94,8 @@ def _norms(program: Program) -> dict:
             for w_mul in _through(m, True):
                 if w_mul.target != aten.mul.Tensor:
                     continue
-                wt = [a for a in w_mul.args if state_tensor(program, a) is not None]
-                if len(wt) == 1 and state_tensor(program, wt[0]).dim() == 1:
+                wt = [a for a in w_mul.args if program.tensor(a) is not None]
+                if len(wt) == 1 and program.tensor(wt[0]).dim() == 1:
                     found[w_mul] = (_through(x, False), wt[0])
     return found
 
@@ -130,7 +122,7 @@ def rotate(program: Program, seed: int = 0, online: bool = True, heads: bool = T
         raise NotRotatable("no RMSNorm (x * rsqrt(mean(x^2) + eps) * weight) found; LayerNorm models are not "
                            "rotation-invariant without rewriting the norm")
     emb = embeds[0]
-    d = state_tensor(program, emb.args[0]).shape[1]
+    d = program.tensor(emb.args[0]).shape[1]
     # the residual stream: the embedding output and the adds that accumulate onto it
     stream, frontier = {emb}, [emb]
     while frontier:
@@ -156,11 +148,11 @@ def rotate(program: Program, seed: int = 0, online: bool = True, heads: bool = T
     new_weights: dict = {}   # linear node -> new weight (built up through the steps)
 
     def weight(lin):
-        return new_weights.get(lin, state_tensor(program, lin.args[1]).detach().double())
+        return new_weights.get(lin, program.tensor(lin.args[1]).detach().double())
 
     folded = 0
     for w_mul, (x, wnode) in norms.items():
-        gvec = state_tensor(program, wnode).detach().double()
+        gvec = program.tensor(wnode).detach().double()
         normed = next(a for a in w_mul.args if a is not wnode)
         for lin in readers[w_mul]:
             new_weights[lin] = weight(lin) * gvec[None] @ q
@@ -170,7 +162,7 @@ def rotate(program: Program, seed: int = 0, online: bool = True, heads: bool = T
     for lin in writers:
         new_weights[lin] = q.T @ weight(lin)
         if len(lin.args) > 2 and lin.args[2] is not None:
-            new_weights[(lin, "bias")] = state_tensor(program, lin.args[2]).detach().double() @ q
+            new_weights[(lin, "bias")] = program.tensor(lin.args[2]).detach().double() @ q
     head_count = 0
     by_weight = {}
     for lin in call_function_nodes(g):
@@ -187,7 +179,7 @@ def rotate(program: Program, seed: int = 0, online: bool = True, heads: bool = T
         wv = weight(v_lin)
         new_weights[v_lin] = (hd.T @ wv.reshape(block.kv_heads, block.head_dim, -1)).reshape(wv.shape)
         if len(v_lin.args) > 2 and v_lin.args[2] is not None:
-            bv = state_tensor(program, v_lin.args[2]).detach().double()
+            bv = program.tensor(v_lin.args[2]).detach().double()
             new_weights[(v_lin, "bias")] = (bv.reshape(block.kv_heads, 1, -1) @ hd).reshape(-1)
         wo = weight(o_lin)
         new_weights[o_lin] = (wo.reshape(wo.shape[0], block.heads, block.head_dim) @ hd).reshape(wo.shape)
@@ -216,7 +208,7 @@ def rotate(program: Program, seed: int = 0, online: bool = True, heads: bool = T
             new_weights[lin] = weight(lin) @ torch.kron(a, b)
             online_count += 1
     # the embedding: a new table (a tied LM head keeps the old parameter, rotated above)
-    table = state_tensor(program, emb.args[0]).detach().double() @ q
+    table = program.tensor(emb.args[0]).detach().double() @ q
     emb.replace_input_with(emb.args[0], program.add_constant("rot_embedding", table.float().contiguous()))
     for key, w in new_weights.items():
         lin, what = key if isinstance(key, tuple) else (key, "weight")

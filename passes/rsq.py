@@ -37,27 +37,26 @@ import dataclasses
 import hashlib
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from ..calibration.data import PASSAGES, calibration_batches
+from ..calibration.data import calibration_batches, token_source
 from ..calibration.gptq import QuantizedWeight, quantize_gptq, quantize_rtn
 from ..calibration.lm_eval import full_feed, perplexity
 from ..calibration.stats import cached_tensors, weights_hash
 from ..optimizer.errors import PassError, UsageError
 from ..optimizer.pass_manager import Pass, PassResult, max_abs_error, register_pass
-from ..optimizer.program import Program, call_function_nodes
-from ..optimizer.runtime import load_tokenizer
-from .quant_op import BITS, EMBEDDING_Q8, MATMUL_NBITS, pack
+from ..optimizer.program import Program, call_function_nodes, inherit_meta
+from .quant_op import BITS, EMBEDDING_Q8, MATMUL_NBITS, pack, replace_linear
 from .linears import layer_of_linears, linear_layers, weight_targets
-from .rotation import NotRotatable, rotate, state_tensor
+from .rotation import NotRotatable, rotate
+from .token_prune import TOKEN_SCORES
 
 __all__ = ["RSQPass", "RSQOptions"]
 
 aten = torch.ops.aten
-CACHE_VERSION = 1  # part of the cache key: bump when the solver changes
+CACHE_VERSION = 2  # part of the cache key: bump when the solver or its statistics change
 
 
 @dataclass(frozen=True)
@@ -102,16 +101,10 @@ class RSQOptions:
 
 
 def _importance(q, k, mask, scale, causal, lo: float, hi: float) -> torch.Tensor:
-    """[B, Nk] AttnCon token weights, mean 1 over each row."""
-    g = q.shape[1] // k.shape[1]
-    logits = (q @ k.repeat_interleave(g, 1).transpose(-2, -1)) * scale
-    if mask is not None:
-        logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask
-    if causal:
-        nq, nk = logits.shape[-2:]
-        tri = torch.ones(nq, nk, dtype=torch.bool).tril(nk - nq)
-        logits = logits.masked_fill(~tri, float("-inf"))
-    r = logits.softmax(-1).nan_to_num(0.0).sum((1, 2)).double()          # attention each key receives
+    """[B, Nk] AttnCon token weights, mean 1 over each row. The attention each token receives is
+    token_prune's ``mean`` score (its mean over heads and queries is RSQ's sum up to a constant,
+    which the min-max scaling removes)."""
+    r = TOKEN_SCORES.reference(q, k, mask, scale, causal, "mean").double()
     rmin, rmax = r.amin(-1, keepdim=True), r.amax(-1, keepdim=True)
     r = (lo + (hi - lo) * (r - rmin) / (rmax - rmin).clamp_min(1e-12)).clamp(lo, hi)
     return r / r.sum(-1, keepdim=True) * r.shape[-1]
@@ -162,14 +155,11 @@ class RSQPass(Pass):
     # -- calibration ----------------------------------------------------------------------
     def _data(self, program: Program) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         opts = self.options
-        if program.tokenizer_dir is None and not (program.calib and Path(program.calib).suffix in (".npy", ".pt")):
-            raise UsageError("rsq: calibration needs token ids: give --calib ids.npy, or a model folder with a "
-                             "tokenizer and --calib text (or pass solver=rtn,importance=none,rotate=off, "
-                             "which needs no data).")
-        tok = load_tokenizer(program.tokenizer_dir) if program.tokenizer_dir else None
+        source, tok = token_source(program, "rsq: calibration needs token ids: give --calib ids.npy, or a model "
+                                            "folder with a tokenizer and --calib text (or pass solver=rtn,"
+                                            "importance=none,rotate=off, which needs no data).")
         limit = (program.seq_range or (1, None))[1] or opts.seq_len
         length = min(opts.seq_len, limit)
-        source = Path(program.calib) if program.calib else PASSAGES
         want = opts.samples + (opts.eval_windows if program.task == "causal-lm" and program.cache is None else 0)
         windows = [b["input_ids"] for b in calibration_batches(source, tok, seq_len=length, batch_size=1,
                                                                max_batches=want, progress=False)]
@@ -208,7 +198,6 @@ class RSQPass(Pass):
         """Quantize the body group by group, each on inputs from the already-quantized graph:
         {"codes": {node: codes}, "scales": {node: scales}, "rows": the log}."""
         opts = self.options
-        targets = weight_targets(program)
         feeds = [full_feed(program, w) for w in calib]
         attention_of = {b.layer: b for b in program.attention}
         groups: dict = {}
@@ -222,10 +211,10 @@ class RSQPass(Pass):
             start = time.perf_counter()
             h = None
             if opts.solver == "gptq" and feeds:
-                k = program.ep.state_dict[targets[group[0].args[1].name]].shape[1]
+                k = program.tensor(group[0].args[1]).shape[1]
                 h = self._hessians(gm, program, group, k, attention_of.get(layer), feeds, weights_cache, layer)
             for lin in group:
-                w = program.ep.state_dict[targets[lin.args[1].name]].detach().float()
+                w = program.tensor(lin.args[1]).detach().float()
                 name = names.get(lin.name, lin.name)
                 qw = self._quantize(w, h, opts.bits, bs, name)
                 deq = qw.dequantize()
@@ -259,8 +248,7 @@ class RSQPass(Pass):
         body, heads = linear_layers(program)
         if not body:
             raise UsageError("rsq found no linear layers with constant weights to quantize.")
-        targets = weight_targets(program)
-        width = max(program.ep.state_dict[targets[n.args[1].name]].shape[1] for n in body)
+        width = max(program.tensor(n.args[1]).shape[1] for n in body)
         bs = opts.group_size or (128 if width >= 2048 else 32)
         stats["group_size"] = bs
         needs_data = opts.solver == "gptq" or opts.importance == "attncon"
@@ -276,7 +264,7 @@ class RSQPass(Pass):
         quantized = {by_name[name]: QuantizedWeight(codes, result["scales"][name], opts.bits, bs)
                      for name, codes in result["codes"].items()}
         for lin in heads if opts.embed_bits else []:
-            w = program.ep.state_dict[targets[lin.args[1].name]].detach().float()
+            w = program.tensor(lin.args[1]).detach().float()
             quantized[lin] = quantize_rtn(w, 8, bs)
         self._rewrite(program, quantized)
         stats.update(self._rewrite_embeddings(program, bs))
@@ -323,27 +311,19 @@ class RSQPass(Pass):
                 "block_size": qw.block_size, "relative_error": max(rel, 0.0) ** 0.5, "seconds": round(seconds, 3)}
 
     def _rewrite(self, program: Program, quantized: dict) -> None:
-        g = program.graph
         level = 4 if self.options.compute == "int8" else 0  # MatMulNBits' accuracy_level
         for lin, qw in quantized.items():
             n, k = qw.codes.shape
             packed = program.add_constant(f"{lin.name}_qweight", pack(qw.codes, qw.bits, qw.block_size))
             scales = program.add_constant(f"{lin.name}_scales", qw.scales.contiguous())
-            bias = lin.args[2] if len(lin.args) > 2 else None
-            with g.inserting_before(lin):
-                new = g.call_function(MATMUL_NBITS.overload, (lin.args[0], packed, scales, bias, qw.bits,
-                                                              qw.block_size, k, n, level))
-            new.meta.update({key: lin.meta[key] for key in ("val", "nn_module_stack", "stack_trace")
-                             if key in lin.meta})
-            lin.replace_all_uses_with(new)
-            g.erase_node(lin)
+            replace_linear(program, lin, packed, scales, qw.bits, qw.block_size, k, n, level)
 
     def _rewrite_embeddings(self, program: Program, bs: int) -> dict:
         if not self.options.embed_bits:
             return {}
         g, count = program.graph, 0
         for node in [n for n in call_function_nodes(g) if n.target == aten.embedding.default]:
-            table = state_tensor(program, node.args[0])
+            table = program.tensor(node.args[0])
             if table is None or table.shape[1] % bs:
                 continue
             blocks = table.float().reshape(table.shape[0], -1, bs)
@@ -353,8 +333,7 @@ class RSQPass(Pass):
             qs = program.add_constant(f"{node.name}_scales", scales)
             with g.inserting_before(node):
                 new = g.call_function(EMBEDDING_Q8.overload, (qt, qs, node.args[1], bs))
-            new.meta.update({key: node.meta[key] for key in ("val", "nn_module_stack", "stack_trace")
-                             if key in node.meta})
+            inherit_meta(new, node)
             node.replace_all_uses_with(new)
             g.erase_node(node)
             count += 1

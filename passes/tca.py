@@ -33,14 +33,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..calibration.data import PASSAGES, calibration_batches
+from ..calibration.data import calibration_batches, token_source
 from ..calibration.lm_eval import full_feed, passkey, perplexity
 from ..calibration.stats import cached, cheapest_within, head_errors, weights_hash
 from ..optimizer.errors import UsageError
 from ..optimizer.ops import ATTENTION
 from ..optimizer.pass_manager import Pass, PassResult, register_pass
-from ..optimizer.program import META_BLOCK, Program, call_function_nodes
-from ..optimizer.runtime import load_tokenizer
+from ..optimizer.program import Program, call_function_nodes, inherit_meta
 from .tca_op import TCA, tca_reference
 
 __all__ = ["TCAPass", "GRID"]
@@ -103,7 +102,8 @@ class TCAPass(Pass):
         ws = sorted(set(self.options.windows))
         return [(w, f) for w in ws for f in GRID[:-1]] + [(ws[0], 1.0)]
 
-    def _budgets(self, program: Program, blocks, tok) -> tuple[dict[int, list[tuple[int, float]]], dict, dict]:
+    def _budgets(self, program: Program, blocks, source: Path | None,
+                 tok) -> tuple[dict[int, list[tuple[int, float]]], dict, dict]:
         """{layer: [(window, budget) per KV head]}, the errors behind them, and what to report."""
         opts = self.options
         layers = [b.layer for b in blocks]
@@ -111,16 +111,12 @@ class TCAPass(Pass):
         if opts.uniform >= 0:
             return ({layer: [(opts.window, opts.uniform)] * kvh for layer in layers}, {},
                     {"info": {"calibration": "none (uniform)"}})
-        if program.tokenizer_dir is None and not (program.calib and Path(program.calib).suffix in (".npy", ".pt")):
-            raise UsageError("tca: calibration needs token ids: give --calib ids.npy, or a model folder with a "
-                             "tokenizer and --calib text (or pass uniform=BUDGET to skip calibration).")
         limit = (program.seq_range or (1, None))[1] or opts.calib_len
         length = min(opts.calib_len, limit)
         if length <= max(opts.windows) + opts.sinks:
             raise UsageError(f"tca: calibration windows of {length} tokens are not longer than sinks + the widest "
                              f"window ({opts.sinks + max(opts.windows)}): every key would be kept. Use a longer "
                              "calib_len or smaller windows.")
-        source = Path(program.calib) if program.calib else PASSAGES
         windows = self._windows(program, source, tok, length)
         calib = windows[:opts.calib_windows]
         configs = self.configs()
@@ -158,8 +154,10 @@ class TCAPass(Pass):
         if len({b.kv_heads for b in blocks}) != 1:
             raise UsageError("tca: the attention blocks have different KV-head counts; not supported yet.")
         original = program.copy() if opts.uniform < 0 and program.cache is None else None
-        tok = load_tokenizer(program.tokenizer_dir) if program.tokenizer_dir and opts.uniform < 0 else None
-        budgets, errors, extra = self._budgets(program, blocks, tok)
+        source, tok = token_source(program, "tca: calibration needs token ids: give --calib ids.npy, or a model "
+                                            "folder with a tokenizer and --calib text (or pass uniform=BUDGET to "
+                                            "skip calibration).") if opts.uniform < 0 else (None, None)
+        budgets, errors, extra = self._budgets(program, blocks, source, tok)
         by_node = {b.node: b for b in blocks}
         sparse, dense = [], []
         for node in nodes:
@@ -174,8 +172,7 @@ class TCAPass(Pass):
             with program.graph.inserting_before(node):
                 new = program.graph.call_function(TCA.overload, (q, k, v, mask, scale, bool(block.causal), fs, ws,
                                                                  opts.sinks, opts.obs))
-            new.meta.update({key: node.meta[key] for key in ("val", "nn_module_stack", "stack_trace", "tensor_meta",
-                                                              META_BLOCK) if key in node.meta})
+            inherit_meta(new, node)
             node.replace_all_uses_with(new)
             program.graph.erase_node(node)
             sparse.append(block.layer)
