@@ -91,7 +91,7 @@ class EdgeQATOptions:
             raise ValueError("alpha must be in [0, 1] and temperature positive")
 
 
-class _Tap(torch.fx.Interpreter):
+class Tap(torch.fx.Interpreter):
     """Runs a graph (with autograd when asked) and keeps what each attention reads (q, k)
     or, with ``names``, the values of those nodes."""
 
@@ -171,7 +171,7 @@ class EdgeQATPass(Pass):
                 points.setdefault(node.args[i], (2, lay))
         values = {}
         if opts.scales == "static":  # initial scales from one batch
-            tap = _Tap(program.unlifted(), [n.name for n in points])
+            tap = Tap(program.unlifted(), [n.name for n in points])
             with torch.no_grad():
                 tap(sample, program.input_names)
             values = tap.values
@@ -249,7 +249,7 @@ class EdgeQATPass(Pass):
         warm = max(1, opts.steps // 10)
         sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: min(1.0, (s + 1) / warm) * 0.5 *
                                                   (1 + math.cos(math.pi * min(s, opts.steps) / max(opts.steps, 1))))
-        student, tutor = _Tap(gm), _Tap(teacher.unlifted())
+        student, tutor = Tap(gm), Tap(teacher.unlifted())
         losses, start = [], time.perf_counter()
         names = program.input_names
         for step in tqdm(range(opts.steps), desc="edgeqat: training", leave=False):

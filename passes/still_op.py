@@ -34,6 +34,8 @@ read, as the set of valid keys (padding); queries and keys are the same tokens (
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import onnx
 import torch
@@ -43,7 +45,7 @@ from onnxscript import opset23 as op
 from ..optimizer.ops import define_op, differentiable
 from .tca_op import _dim, _ints, _range, valid_keys
 
-__all__ = ["STILL", "still_reference", "feature_map", "FEATURES", "EPS"]
+__all__ = ["STILL", "still_reference", "route", "linear_state", "feature_map", "FEATURES", "EPS"]
 
 FEATURES = {"npmap": 0, "hedgehog": 1, "elu": 2, "none": 3}
 EPS = 1e-8       # saliency smoothing (STILL's code)
@@ -92,76 +94,103 @@ def saliency(logits: torch.Tensor, window: torch.Tensor, self_slot: torch.Tensor
     return (window * at * torch.log(at / (bt + EPS))).sum(-1)
 
 
-def still_reference(q, k, v, x, gate_w, fq_u, fq_w, fk_u, fk_w, mask, scale: float, causal: bool, top_k: int,
-                    chunk: int, feature: int, exact_window: bool) -> torch.Tensor:
-    bsz, h, n, d = q.shape
+class Routed(NamedTuple):
+    """What the exact and the linear parts share (also the Triton kernel's inputs)."""
+    qc: torch.Tensor       # [B,H,C,l,d] chunked queries (zero-padded), GQA-expanded keys and values
+    kc: torch.Tensor
+    vc: torch.Tensor
+    gc: torch.Tensor       # [B,H,C,l,dv] gate
+    valid: torch.Tensor    # [B,1,C,l] real, unpadded tokens
+    spans: tuple           # chunk offsets of the local window: c - s for s in spans
+    local: torch.Tensor    # [B,1,C,l,K] which local keys each query sees
+    logits: torch.Tensor   # [B,H,C,l,K] local logits
+    top: torch.Tensor      # [B,H,C,kk] salient tokens' in-chunk indices
+    salient: torch.Tensor  # [B,H,C,l]
+
+
+def route(q, k, v, x, gate_w, mask, scale: float, causal: bool, top_k: int, chunk: int) -> Routed:
+    """Chunking, local logits, self-saliency and the top-k routing of every chunk."""
+    bsz, h, n, _ = q.shape
     dv, l = v.shape[-1], chunk
     g = h // k.shape[1]
     k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
     c = -(-n // l)
-    dev, neg = q.device, float("-inf")
-    valid = F.pad(valid_keys(mask, bsz, n, dev), (0, c * l - n)).reshape(bsz, 1, c, l)     # [B,1,C,l]
+    dev = q.device
+    valid = F.pad(valid_keys(mask, bsz, n, dev), (0, c * l - n)).reshape(bsz, 1, c, l)
     qc, kc, vc = _chunks(q, c, l), _chunks(k, c, l), _chunks(v, c, l)
     gate = torch.sigmoid(x @ gate_w.t()).reshape(bsz, n, h, dv).transpose(1, 2)
-    gc = _chunks(gate, c, l)
 
     # local keys: causal chunks c-1, c; bidirectional c-1, c, c+1 (slot j: offset j - l from chunk c's start)
     spans = (1, 0) if causal else (1, 0, -1)
     kl = torch.cat([_shift(kc, s) for s in spans], 3)                                       # [B,H,C,K,d]
-    vl = torch.cat([_shift(vc, s) for s in spans], 3)
     vall = torch.cat([_shift(valid, s) for s in spans], 3)                                  # [B,1,C,K]
     i = torch.arange(l, device=dev)[:, None]
     j = torch.arange(len(spans) * l, device=dev)[None, :] - l                               # offset of the key
     local = vall[:, :, :, None, :] & ((j <= i) if causal else torch.ones_like(j <= i))     # [B,1,C,l,K]
-    logits = (qc @ kl.transpose(-2, -1)) * scale                                            # [B,H,C,l,K]
+    logits = (qc @ kl.transpose(-2, -1)) * scale
 
-    # 1-2. saliency and routing
     win = local & (((j > i - l) & (j <= i)) if causal else ((j >= 0) & (j < l)))
     score = saliency(logits, win.expand_as(logits), (j == i).expand(l, -1), l)
-    score = score.masked_fill(~valid, neg)
-    kk = min(top_k, l)
-    top = score.sort(dim=-1, descending=True, stable=True).indices[..., :kk]                # [B,H,C,kk]
+    score = score.masked_fill(~valid, float("-inf"))
+    # a stable sort breaks ties toward the lower index, as ONNX's TopK does
+    top = score.sort(dim=-1, descending=True, stable=True).indices[..., :min(top_k, l)]
     salient = torch.zeros_like(score, dtype=torch.bool).scatter(-1, top, True) & valid
+    return Routed(qc, kc, vc, _chunks(gate, c, l), valid, spans, local, logits, top, salient)
 
-    # 3. salient keys of the chunks a query may not see locally
-    ks = kc.gather(3, top[..., None].expand(-1, -1, -1, -1, d)).reshape(bsz, h, c * kk, d)
-    vs = vc.gather(3, top[..., None].expand(-1, -1, -1, -1, dv)).reshape(bsz, h, c * kk, dv)
+
+def linear_state(r: Routed, fq_u, fq_w, fk_u, fk_w, feature: int):
+    """phi(q) [B,H,C,l,F], phi(k), and the linear state each chunk's queries read: the sums of
+    phi(k) v^T [B,H,C,F,dv] and of phi(k) [B,H,C,F] over the non-salient tokens of the chunks
+    outside the local window."""
+    fq = feature_map(r.qc, fq_u, fq_w, feature)
+    fk = feature_map(r.kc, fk_u, fk_w, feature)
+    routed = fk * (r.valid & ~r.salient)[..., None]
+    kv = routed.transpose(-2, -1) @ r.vc
+    z = routed.sum(3)
+    if len(r.spans) == 2:  # causal: chunks up to c - 2
+        return fq, fk, _shift(kv.cumsum(2), 2), _shift(z.cumsum(2), 2)
+    return (fq, fk, kv.sum(2, keepdim=True) - sum(_shift(kv, s) for s in r.spans),
+            z.sum(2, keepdim=True) - sum(_shift(z, s) for s in r.spans))
+
+
+def still_reference(q, k, v, x, gate_w, fq_u, fq_w, fk_u, fk_w, mask, scale: float, causal: bool, top_k: int,
+                    chunk: int, feature: int, exact_window: bool) -> torch.Tensor:
+    bsz, h, n, d = q.shape
+    dv, l = v.shape[-1], chunk
+    r = route(q, k, v, x, gate_w, mask, scale, causal, top_k, chunk)
+    c, kk, dev, neg = r.qc.shape[2], r.top.shape[-1], q.device, float("-inf")
+    vl = torch.cat([_shift(r.vc, s) for s in r.spans], 3)
+
+    # salient keys of the chunks a query may not see locally
+    ks = r.kc.gather(3, r.top[..., None].expand(-1, -1, -1, -1, d)).reshape(bsz, h, c * kk, d)
+    vs = r.vc.gather(3, r.top[..., None].expand(-1, -1, -1, -1, dv)).reshape(bsz, h, c * kk, dv)
     src = torch.arange(c, device=dev).repeat_interleave(kk)                                 # chunk of each
     dst = torch.arange(c, device=dev)[:, None]
     seen = (src <= dst - 2) if causal else ((src - dst).abs() >= 2)                         # [C, C*kk]
-    sal_ok = seen[None, None, :, None, :] & valid.expand(-1, h, -1, -1).gather(3, top).reshape(bsz, h, 1, 1, c * kk)
-    sal_logits = (qc @ ks[:, :, None].transpose(-2, -1)) * scale                            # [B,H,C,l,C*kk]
+    sal_ok = seen[None, None, :, None, :] & r.valid.expand(-1, h, -1, -1).gather(3, r.top).reshape(bsz, h, 1, 1, c * kk)
+    sal_logits = (r.qc @ ks[:, :, None].transpose(-2, -1)) * scale                          # [B,H,C,l,C*kk]
 
-    parts = ([(logits, local, vl)] if exact_window else []) + ([(sal_logits, sal_ok, vs[:, :, None])] if kk else [])
-    top_m = torch.zeros_like(qc[..., 0])
+    parts = ([(r.logits, r.local, vl)] if exact_window else []) + ([(sal_logits, sal_ok, vs[:, :, None])] if kk else [])
+    top_m = torch.zeros_like(r.qc[..., 0])
     if parts:
         top_m = torch.stack([lg.masked_fill(~ok, neg).amax(-1) for lg, ok, _ in parts]).amax(0)
         top_m = torch.where(torch.isfinite(top_m), top_m, torch.zeros_like(top_m))
-    num = torch.zeros_like(qc[..., :1].expand(*qc.shape[:-1], dv))
-    den = torch.zeros_like(qc[..., 0])
+    num = torch.zeros_like(r.qc[..., :1].expand(*r.qc.shape[:-1], dv))
+    den = torch.zeros_like(r.qc[..., 0])
     for lg, ok, val in parts:
         p = (lg.masked_fill(~ok, neg) - top_m[..., None]).exp()
         num = num + p @ val
         den = den + p.sum(-1)
 
     if feature != 3:
-        fq = feature_map(qc, fq_u, fq_w, feature)                                           # [B,H,C,l,F]
-        fk = feature_map(kc, fk_u, fk_w, feature)
-        routed = (fk * (valid & ~salient)[..., None])
-        kv = routed.transpose(-2, -1) @ vc                                                  # [B,H,C,F,dv]
-        z = routed.sum(3)                                                                   # [B,H,C,F]
-        if causal:
-            state_kv, state_z = _shift(kv.cumsum(2), 2), _shift(z.cumsum(2), 2)
-        else:
-            state_kv = kv.sum(2, keepdim=True) - sum(_shift(kv, s) for s in spans)
-            state_z = z.sum(2, keepdim=True) - sum(_shift(z, s) for s in spans)
+        fq, fk, state_kv, state_z = linear_state(r, fq_u, fq_w, fk_u, fk_w, feature)
         lin_num = fq @ state_kv
         lin_den = (fq * state_z[:, :, :, None]).sum(-1)
         if not exact_window:  # the local window through the feature map as well
-            fl = torch.cat([_shift(fk * valid[..., None], s) for s in spans], 3)
-            w = (fq @ fl.transpose(-2, -1)) * local
+            fl = torch.cat([_shift(fk * r.valid[..., None], s) for s in r.spans], 3)
+            w = (fq @ fl.transpose(-2, -1)) * r.local
             lin_num, lin_den = lin_num + w @ vl, lin_den + w.sum(-1)
-        num = num + gc * lin_num
+        num = num + r.gc * lin_num
         den = den + lin_den
     out = num / (den + DEN_EPS)[..., None]
     return out.reshape(bsz, h, c * l, dv)[:, :, :n].to(q.dtype)

@@ -48,6 +48,26 @@ NBITS = textwrap.dedent("""
 """)
 
 
+STILL = textwrap.dedent("""
+    import torch
+    from tokopt.backends.triton import kernel
+    from tokopt.passes.still_op import still_reference
+    from tests.test_still import _inputs, _params
+    still = kernel("tokopt::still_attention")
+    worst = 0.0
+    for causal, b, n, chunk, top_k, feature in [(True, 2, 37, 8, 2, 0), (True, 1, 100, 16, 4, 1),
+                                                (False, 2, 37, 8, 3, 0), (True, 1, 5, 8, 0, 3), (False, 1, 70, 16, 2, 2)]:
+        q, k, v, x, mask = _inputs(b, n, causal, seed=n, pad=0 if causal else n // 4)
+        p = _params()
+        fm = p[1:] if feature < 2 else (None,) * 4
+        ref = still_reference(q, k, v, x, p[0], *fm, mask, 0.25, causal, top_k, chunk, feature, True)
+        got = still(q, k, v, x, p[0], *fm, mask, 0.25, causal, top_k, chunk, feature, True)
+        rows = slice(0, n - n // 4) if not causal else slice(None)  # padded queries have no contract
+        worst = max(worst, float((got - ref)[:, :, rows].abs().max()))
+    print(worst)
+""")
+
+
 def _interpreted(script: str) -> float:
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT.parent)}
     out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
@@ -59,6 +79,12 @@ def _interpreted(script: str) -> float:
 def test_tca_kernel_matches_reference_interpreted():
     """Causal and bidirectional, GQA, left padding, a decode step, full and partial budgets."""
     assert _interpreted(CHECK) < 1e-5
+
+
+def test_still_kernel_matches_reference_interpreted():
+    """Causal and bidirectional, GQA, padding, ragged last chunk, NP-Map / Hedgehog / elu+1, no
+    salient tokens with no linear part (sliding window), salient keys spanning several blocks."""
+    assert _interpreted(STILL) < 1e-5
 
 
 def test_nbits_kernel_matches_reference_interpreted():
@@ -75,6 +101,22 @@ def test_tca_kernel_on_gpu():
     q, k, v, mask = (t.cuda() for t in _qkvm(1, 8, 2, 2048, 2048, True))
     got = kernel("tokopt::tca_attention")(q, k, v, mask, 0.25, True, [0.1, 0.2], [64, 128], 4, 16)
     ref = tca_reference(q.cpu(), k.cpu(), v.cpu(), mask.cpu(), 0.25, True, [0.1, 0.2], [64, 128], 4, 16)
+    assert (got.cpu() - ref).abs().max() < 2e-3  # tf32 dot products
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU: the compiled kernel is checked interpreted")
+def test_still_kernel_on_gpu():
+    from tokopt.backends.triton import kernel
+    from tokopt.passes.still_op import still_reference
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(1, 8, 4096, 32, generator=g), torch.randn(1, 2, 4096, 32, generator=g), \
+        torch.randn(1, 2, 4096, 32, generator=g)
+    x, gw = torch.randn(1, 4096, 256, generator=g), torch.randn(256, 256, generator=g) / 16
+    u, w = torch.randn(8, 32, generator=g), torch.eye(32).repeat(8, 1, 1)
+    args = (None, 32 ** -0.5, True, 4, 64, 0, True)
+    ref = still_reference(q, k, v, x, gw, u, w, u, w, *args)
+    got = kernel("tokopt::still_attention")(*(t.cuda() for t in (q, k, v, x, gw, u, w, u, w)), *args)
     assert (got.cpu() - ref).abs().max() < 2e-3  # tf32 dot products
 
 

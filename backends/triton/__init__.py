@@ -10,6 +10,7 @@ import importlib
 __all__ = ["KERNELS", "kernel"]
 
 KERNELS = {"tokopt::tca_attention": "tca:tca_attention_triton",
+           "tokopt::still_attention": "still:still_attention_triton",
            "tokopt::matmul_nbits": "nbits:matmul_nbits_triton"}
 
 
