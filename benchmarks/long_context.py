@@ -1,6 +1,8 @@
-"""TCA-Attention at long context: attention time, error, whole-forward time and quality, one run.
+"""TCA-Attention and STILL at long context: attention time, error, whole-forward time and quality, one run.
 
-    python benchmarks/long_context.py [--lengths 1024 4096 8192 16384] [--threads 2]
+    python benchmarks/long_context.py [--parts tca still] [--lengths 1024 4096 8192 16384] [--threads 2]
+
+TCA (``--parts tca``):
 
 On the shipped reference LM, with head budgets calibrated by the `tca` pass on the first 4
 windows of its held-out text (tolerance ``--tolerance``):
@@ -15,7 +17,17 @@ forward     the whole model at its full context (1024 tokens), ONNX Runtime: the
 quality     perplexity on held-out windows the calibration did not see: dense; TCA; a uniform
             per-head budget plus a 64-token window, and sinks + a sliding window, both with
             TCA's mean number of keys per query. KV-cache bytes (the cache is not compacted yet: equal).
-Prints tables and writes bench-out/long_context.json.
+
+STILL (``--parts still``): the ``still`` pass with its defaults (layers 1 and 2 of 4, chunk 64,
+top 4 per chunk, NP-Map, attention transfer then LoRA where it pays) distilled on the first 16
+windows of the held-out text, and, distilled the same way, at the same mean number of exact
+keys per query: a sliding window alone (``feature=none,top_k=0``) and elu+1 linear attention
+beside that window (``feature=elu,top_k=0``); and pure linear attention with Hedgehog's feature
+map (``feature=hedgehog,top_k=0,exact_window=0``, no exact keys at all). Perplexity on the
+last 4 x 1024 tokens (held out); whole-forward time of the dense and the STILL bundles in ONNX
+Runtime at each length up to ``--ort-dense-max`` (ORT's dense Attention, kept in the first and
+last layers, forms the full N x N map), and time(4L)/time(L) from L = 1024, the model's context.
+Prints tables and writes bench-out/long_context.json (and still.json beside it).
 """
 from __future__ import annotations
 
@@ -73,8 +85,65 @@ def _tca_onnx(path: Path, example, budgets, windows, sinks, obs) -> None:
                       custom_translation_table=onnx_translation_table()).save(str(path))
 
 
+def _forward_times(bundles: dict, text_ids, lengths, threads: int, rounds: int = 3) -> dict:
+    """Median whole-forward ms of each bundle's model.onnx at each length (interleaved rounds)."""
+    from tokopt.backends.onnxruntime import make_session
+    from tokopt.optimizer.report import time_calls
+    sessions = {name: make_session(b / "model.onnx", ["CPUExecutionProvider"], threads) for name, b in bundles.items()}
+    out = {name: {} for name in bundles}
+    for n in lengths:
+        ids = text_ids[None, :n].numpy()
+        feed = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+        times = {name: [] for name in sessions}
+        for _ in range(rounds):  # a noisy neighbour slows both, not one
+            for name, s in sessions.items():
+                times[name].append(time_calls(lambda: s.run(None, feed), 2 if n <= 4096 else 1, 1)["median_ms"])
+        for name in sessions:
+            out[name][n] = float(np.median(times[name]))
+        print(f"{n:>6} tokens whole forward (ORT, {threads} threads): "
+              + ", ".join(f"{name} {out[name][n]:.1f} ms" for name in sessions), flush=True)
+    return out
+
+
+def still_part(args, work: Path, text_ids) -> dict:
+    import tokopt
+    from tokopt.passes.still import exact_keys
+    calib = str(LM / "heldout.txt")
+    budget = exact_keys(1024, 64, 4)
+    window = min(range(16, 257), key=lambda w: abs(exact_keys(1024, w, 0) - budget))
+    variants = {"STILL (NP-Map, top 4 of 64)": "still", "STILL, layers 1-3": "still:layers=1/2/3",
+                f"sliding window {window}": f"still:feature=none,top_k=0,chunk={window}",
+                f"elu+1 linear + window {window}": f"still:feature=elu,top_k=0,chunk={window}",
+                "pure linear (Hedgehog)": "still:feature=hedgehog,top_k=0,exact_window=0"}
+    quality, bundles = {}, {}
+    for name, spec in variants.items():
+        res = tokopt.compile(LM, out=work / f"still-{len(quality)}", passes=spec, calib=calib, measure=False,
+                             threads=args.threads)
+        st = res.program.history[-1]["stats"]
+        quality[name] = {k: st.get(k) for k in ("exact_keys_per_query", "perplexity_original", "perplexity_stage1",
+                                                "perplexity_stage2", "perplexity_still", "train_seconds")}
+        quality[name]["stages"] = st["stages"]
+        if spec.startswith("still:layers") or spec == "still":
+            bundles["STILL" if spec == "still" else "STILL layers 1-3"] = res.bundle
+        print(f"  {name:<34} exact keys/query {st['exact_keys_per_query']:6.1f}  perplexity {st['perplexity_still']:.3f} "
+              f"({(st['perplexity_still'] / st['perplexity_original'] - 1) * 100:+.2f}% vs {st['perplexity_original']:.3f}; "
+              f"stage 1 {st['perplexity_stage1']:.3f}, stage 2 {st.get('perplexity_stage2') or float('nan'):.3f}), "
+              f"trained in {st['train_seconds']:.0f} s", flush=True)
+    bundles = {"dense": tokopt.compile(LM, out=work / "still-dense", measure=False, threads=args.threads).bundle,
+               **bundles}
+    lengths = [n for n in args.lengths if n <= args.ort_dense_max]
+    times = _forward_times(bundles, text_ids, lengths, args.threads)
+    growth = {}
+    if 1024 in lengths and 4096 in lengths:
+        growth = {name: t[4096] / t[1024] for name, t in times.items()}
+        print(f"time(4096)/time(1024): dense {growth['dense']:.2f}, STILL {growth['STILL']:.2f} "
+              f"({growth['STILL'] / growth['dense']:.2f} of dense)")
+    return {"quality": quality, "equal_budget_window": window, "forward_ms": times, "growth_4x": growth}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--parts", nargs="+", default=["tca", "still"], choices=["tca", "still"])
     ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 8192, 16384])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tolerance", type=float, default=0.2)
@@ -99,6 +168,17 @@ def main(argv=None):
 
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="tokopt-long-"))
+    if "still" in args.parts:
+        tok = AutoTokenizer.from_pretrained(LM, local_files_only=True)
+        text_ids = torch.tensor(tok((LM / "heldout.txt").read_text())["input_ids"])
+        result = still_part(args, work, text_ids)
+        out = Path(args.out).with_name("still.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"threads": args.threads, **result, "onnxruntime": ort.__version__,
+                                   "torch": torch.__version__}, indent=1) + "\n")
+        print(f"wrote {out}")
+    if "tca" not in args.parts:
+        return
     calib = str(LM / "heldout.txt")
     spec = f"tca:tolerance={args.tolerance}"
     res = tokopt.compile(LM, out=work / "tca", passes=spec, calib=calib, measure=False, threads=args.threads)

@@ -77,8 +77,14 @@ class Program:
         """A deep copy of the graph (weights shared), so a pass never edits its input."""
         ep = self.ep
         gm = copy.deepcopy(ep.graph_module)
+        signature = copy.deepcopy(ep.graph_signature)
+        # the copy renames placeholders that shadow a builtin ("input" -> "input_1"): follow it
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        for spec, node in zip(signature.input_specs, placeholders):
+            if hasattr(spec.arg, "name"):
+                spec.arg.name = node.name
         new_ep = torch.export.ExportedProgram(
-            root=gm, graph=gm.graph, graph_signature=copy.deepcopy(ep.graph_signature),
+            root=gm, graph=gm.graph, graph_signature=signature,
             state_dict=ep.state_dict, range_constraints=copy.copy(ep.range_constraints),
             module_call_graph=copy.deepcopy(ep.module_call_graph), example_inputs=ep.example_inputs,
             constants=ep.constants, verifiers=list(getattr(ep, "verifiers", [])) or None)

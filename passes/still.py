@@ -90,7 +90,7 @@ class StillOptions:
     lr: float = 1e-2
     lora_steps: int = 60          # stage 2; 0 = off
     lora_rank: int = 8
-    lora_lr: float = 1e-3
+    lora_lr: float = 3e-3
     lora_loss: str = "kd"         # kd: KL to the original model's next-token distribution | lm: next-token loss
     batch: int = 2
     seq_len: int = 1024           # at most the model's context

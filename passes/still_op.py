@@ -292,21 +292,26 @@ def _still_onnx(q, k, v, x, gate_w, fq_u=None, fq_w=None, fk_u=None, fk_w=None, 
     local = op.And(op.Unsqueeze(vall, _ints(3)), _const(tri))                              # [B,1,C,l,K]
     logits = op.Mul(op.MatMul(qc, op.Transpose(kl, perm=[0, 1, 2, 4, 3])), _f(scale, q))
 
-    # saliency (STILL's smoothed KL), routing
+    # saliency (STILL's smoothed KL), routing. Masks enter as additive biases and factors built at
+    # the head-shared size [B,1,C,l,K]; a softmax row's masked slots come out 0 (exp underflow),
+    # and rows with nothing left are either excluded by the window factor or invalid queries.
     win = op.And(local, _const(win_np))
-    others = op.And(win, _const(~(j == i)))
+    win_f = op.Cast(win, to=1)
     lowest = _f(float(np.finfo(np.float32).min), q)
-    a = op.Where(win, op.Softmax(op.Where(win, logits, lowest), axis=-1), zero_f)
-    bb = op.Where(others, op.Softmax(op.Where(others, logits, lowest), axis=-1), zero_f)
+    others_bias = op.Mul(op.Sub(_f(1.0, q), op.Cast(op.And(win, _const(~(j == i))), to=1)), lowest)
+    a = op.Softmax(op.Add(logits, op.Mul(op.Sub(_f(1.0, q), win_f), lowest)), axis=-1)
+    bb = op.Softmax(op.Add(logits, others_bias), axis=-1)
     at = op.Div(op.Add(a, _f(EPS, q)), _f(1 + l * EPS, q))
-    bt = op.Where(_const(j == i), _f(1.0 / l + EPS, q), op.Div(op.Add(bb, _f(EPS, q)), _f(1 + l * EPS + 1.0 / l, q)))
+    off_self = (1 + l * EPS + 1.0 / l)
+    bt = op.Add(op.Div(op.Add(bb, _f(EPS, q)), _f(off_self, q)),
+                _const(((j == i) * (1.0 / l + EPS - EPS / off_self)).astype(np.float32)))
     kl_terms = op.Mul(at, op.Log(op.Div(at, op.Add(bt, _f(EPS, q)))))
-    score = op.ReduceSum(op.Where(win, kl_terms, zero_f), _ints(-1), keepdims=0)       # [B,H,C,l]
+    score = op.ReduceSum(op.Mul(kl_terms, win_f), _ints(-1), keepdims=0)                 # [B,H,C,l]
     score = op.Where(valid_b, score, neg)
     kk = min(top_k, l)
-    parts = []
+    parts = []  # (logits with their mask bias added, values)
     if exact_window:
-        parts.append((logits, local, vl))
+        parts.append((op.Add(logits, op.Where(local, zero_f, neg)), vl))
     if kk:
         _, top = op.TopK(score, _ints(kk), axis=-1)                                       # [B,H,C,kk]
         hit = op.ScatterElements(op.Expand(op.Constant(value_float=0.0), op.Shape(score)), top,
@@ -324,16 +329,16 @@ def _still_onnx(q, k, v, x, gate_w, fq_u=None, fq_w=None, fk_u=None, fk_w=None, 
         sal_ok = op.And(op.Unsqueeze(seen, _ints(0, 1, 3)),
                         op.Reshape(sval, op.Concat(b, h, one, one, _ints(-1), axis=0)))
         sal_logits = op.Mul(op.MatMul(qc, op.Unsqueeze(op.Transpose(ks, perm=[0, 1, 3, 2]), _ints(2))), _f(scale, q))
-        parts.append((sal_logits, sal_ok, op.Unsqueeze(vs, _ints(2))))
+        parts.append((op.Add(sal_logits, op.Where(sal_ok, zero_f, neg)), op.Unsqueeze(vs, _ints(2))))
     else:
         salient = op.And(valid_b, op.Constant(value=onnx.helper.make_tensor("f", onnx.TensorProto.BOOL, [], [False])))
     num, den = None, None
     if parts:
-        tops = [op.ReduceMax(op.Where(ok, lg, neg), _ints(-1), keepdims=0) for lg, ok, _ in parts]
+        tops = [op.ReduceMax(lg, _ints(-1), keepdims=0) for lg, _ in parts]
         top_m = tops[0] if len(tops) == 1 else op.Max(*tops)
         top_m = op.Unsqueeze(op.Where(op.IsInf(top_m), zero_f, top_m), _ints(-1))
-        for lg, ok, val in parts:
-            p = op.Exp(op.Sub(op.Where(ok, lg, neg), top_m))
+        for lg, val in parts:
+            p = op.Exp(op.Sub(lg, top_m))
             pn, pd = op.MatMul(p, val), op.ReduceSum(p, _ints(-1), keepdims=0)
             num, den = (pn, pd) if num is None else (op.Add(num, pn), op.Add(den, pd))
 

@@ -116,3 +116,16 @@ def test_unknown_architecture(tmp_path, model_dir):
     (bad / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(UnsupportedModelError, match="config.json"):
         tokopt.capture(bad)
+
+
+def test_input_named_like_a_builtin(tmp_path):
+    """nn.Sequential's argument is called ``input``; copying the graph renames the placeholder
+    (FX avoids shadowing builtins) and the signature follows, so passes and the bundle work."""
+    import numpy as np
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8)).eval()
+    res = tokopt.compile(model, example_inputs=(torch.randn(2, 8),), out=tmp_path / "b", measure=False)
+    x = np.random.default_rng(0).standard_normal((3, 8)).astype(np.float32)
+    got = tokopt.load(res.bundle)(input=x)
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x)).numpy()
+    assert np.abs(next(iter(got.values())) - ref).max() < 1e-5

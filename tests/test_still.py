@@ -165,4 +165,7 @@ def test_bad_requests(tmp_path, model_dir):
             tokopt.compile(lm, out=tmp_path / "a", passes=spec)
     with pytest.raises(UsageError, match="--generate"):
         tokopt.compile(lm, out=tmp_path / "a", passes="still", generate=True)
+    with pytest.raises(UsageError, match="still needs recognised attention blocks"):
+        tokopt.compile(torch.nn.Sequential(torch.nn.Linear(8, 8)), example_inputs=(torch.randn(2, 8),),
+                       out=tmp_path / "a", passes="still")
     assert not (tmp_path / "a").exists()
