@@ -7,9 +7,10 @@ becomes ``tokopt::still_attention`` (``passes/still_op.py``): per chunk of ``chu
 ``top_k`` most self-salient tokens stay in exact softmax attention (with the local window), the
 rest are summarised by linear attention through the NP-Map feature map, gated by a new
 ``hidden -> heads x head_dim`` projection. New parameters per layer: the gate (initialised to
-zero: sigmoid 0.5) and NP-Map's Householder vectors and per-head maps for q and for k (the
-maps start at the identity here, where STILL's code uses nn.Linear's random init: on a CPU
-budget of a few hundred steps the identity starts from the pretrained directions).
+zero: sigmoid 0.5), NP-Map's Householder vectors and per-head maps for q and for k (the maps
+start at the identity here, where STILL's code uses nn.Linear's random init: on a CPU budget of
+a few hundred steps the identity starts from the pretrained directions), and a per-head factor
+on the linear part (``mix``, from the LoLCATs path of STILL's code; see ``still_op``).
 
 Distillation on ``--calib`` (windows of ``seq_len`` tokens; the last ``eval_windows`` are held
 out for perplexity), deterministic (``seed``), cached on disk by (weights, data, options):
@@ -52,8 +53,9 @@ from .still_op import FEATURES, STILL, still_reference
 __all__ = ["StillPass", "StillOptions", "exact_keys"]
 
 aten = torch.ops.aten
-CACHE_VERSION = 1
-PARAMS = ("gate_w", "fq_u", "fq_w", "fk_u", "fk_w")
+CACHE_VERSION = 2
+PARAMS = ("gate_w", "fq_u", "fq_w", "fk_u", "fk_w", "mix")
+MIX_INIT = -2.197  # sigmoid = 0.1, the window factor's initial value in STILL's code
 STAGE2 = ("lora_steps", "lora_rank", "lora_lr", "lora_loss")  # options stage 1 does not depend on
 
 
@@ -185,8 +187,8 @@ class StillPass(Pass):
             hidden = x.meta["val"].shape[-1]
             u = torch.randn(h, d, generator=gen)
             init = {"gate_w": torch.zeros(h * dv, hidden), "fq_u": u, "fq_w": torch.eye(d).repeat(h, 1, 1),
-                    "fk_u": u.clone(), "fk_w": torch.eye(d).repeat(h, 1, 1)}
-            used = PARAMS if feature < 2 else PARAMS[:1]
+                    "fk_u": u.clone(), "fk_w": torch.eye(d).repeat(h, 1, 1), "mix": torch.full((h,), MIX_INIT)}
+            used = PARAMS if feature < 2 else ("gate_w", "mix")
             nodes = {name: program.add_constant(f"still{block.layer}_{name}", init[name]) for name in used}
             fmap = [nodes.get(name) for name in PARAMS[1:]]
             with g.inserting_before(node):

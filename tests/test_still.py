@@ -35,7 +35,8 @@ def _inputs(b, n, causal, seed=0, pad=0):
 def _params(seed=1):
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(H * D, HIDDEN, generator=g) / 8, torch.randn(H, D, generator=g),
-            torch.randn(H, D, D, generator=g) / 4, torch.randn(H, D, generator=g), torch.randn(H, D, D, generator=g) / 4)
+            torch.randn(H, D, D, generator=g) / 4, torch.randn(H, D, generator=g), torch.randn(H, D, D, generator=g) / 4,
+            torch.randn(H, generator=g))
 
 
 @pytest.mark.parametrize("causal,b,n,chunk", [(True, 2, 37, 8), (True, 1, 1, 8), (True, 2, 64, 16),
@@ -58,7 +59,7 @@ def test_routing_follows_the_budget():
     gate, u, w = torch.full((H * D, HIDDEN), 0.0), torch.randn(H, D), torch.eye(D).repeat(H, 1, 1)
 
     def err(top_k):
-        out = still_reference(q, k, v, x, gate, u, w, u, w, mask, 0.25, True, top_k, 16, 0, True)
+        out = still_reference(q, k, v, x, gate, u, w, u, w, None, mask, 0.25, True, top_k, 16, 0, True)
         return float((out - ref).norm() / ref.norm())
     errs = [err(t) for t in (0, 4, 8, 16)]
     assert errs[0] > errs[1] > errs[2] > errs[3] and errs[3] < 1e-5
@@ -75,7 +76,7 @@ def test_onnx_lowering_matches_reference(tmp_path, causal, top_k, feature, exact
 
     class Op(torch.nn.Module):
         def forward(self, q, k, v, x, mask):
-            fmap = params[1:] if feature < 2 else (None,) * 4
+            fmap = params[1:] if feature < 2 else (None,) * 4 + params[-1:]
             return STILL.op(q, k, v, x, params[0], *fmap, mask, 0.25, causal, top_k, 8, feature, exact_window)
 
     auto = {0: Dim.AUTO, 2: Dim.AUTO}
@@ -120,7 +121,7 @@ def test_bidirectional_encoder(tmp_path, model_dir):
     ids = tmp_path / "ids.npy"
     np.save(ids, np.random.default_rng(0).integers(10, 256, (8, 64)))
     res = tokopt.compile(model_dir("bert"), out=tmp_path / "b", calib=ids, measure=False,
-                         passes="still:layers=0/1,chunk=8,top_k=2,steps=20,seq_len=64,train_windows=4,eval_windows=0")
+                         passes="still:layers=0/1,chunk=8,top_k=2,steps=40,seq_len=64,train_windows=4,eval_windows=0")
     stats = res.report["passes"][-1]["stats"]
     assert res.program.count(STILL.overload) == 2 and stats["converted_layers"] == [0, 1]
     assert all(s["loss_last"] < s["loss_first"] for s in stats["stages"]["stage1"].values())

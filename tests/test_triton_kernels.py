@@ -59,7 +59,7 @@ STILL = textwrap.dedent("""
                                                 (False, 2, 37, 8, 3, 0), (True, 1, 5, 8, 0, 3), (False, 1, 70, 16, 2, 2)]:
         q, k, v, x, mask = _inputs(b, n, causal, seed=n, pad=0 if causal else n // 4)
         p = _params()
-        fm = p[1:] if feature < 2 else (None,) * 4
+        fm = p[1:] if feature < 2 else (None,) * 4 + p[-1:]
         ref = still_reference(q, k, v, x, p[0], *fm, mask, 0.25, causal, top_k, chunk, feature, True)
         got = still(q, k, v, x, p[0], *fm, mask, 0.25, causal, top_k, chunk, feature, True)
         rows = slice(0, n - n // 4) if not causal else slice(None)  # padded queries have no contract
@@ -113,10 +113,10 @@ def test_still_kernel_on_gpu():
     q, k, v = torch.randn(1, 8, 4096, 32, generator=g), torch.randn(1, 2, 4096, 32, generator=g), \
         torch.randn(1, 2, 4096, 32, generator=g)
     x, gw = torch.randn(1, 4096, 256, generator=g), torch.randn(256, 256, generator=g) / 16
-    u, w = torch.randn(8, 32, generator=g), torch.eye(32).repeat(8, 1, 1)
+    u, w, mix = torch.randn(8, 32, generator=g), torch.eye(32).repeat(8, 1, 1), torch.randn(8, generator=g)
     args = (None, 32 ** -0.5, True, 4, 64, 0, True)
-    ref = still_reference(q, k, v, x, gw, u, w, u, w, *args)
-    got = kernel("tokopt::still_attention")(*(t.cuda() for t in (q, k, v, x, gw, u, w, u, w)), *args)
+    ref = still_reference(q, k, v, x, gw, u, w, u, w, mix, *args)
+    got = kernel("tokopt::still_attention")(*(t.cuda() for t in (q, k, v, x, gw, u, w, u, w, mix)), *args)
     assert (got.cpu() - ref).abs().max() < 2e-3  # tf32 dot products
 
 

@@ -79,7 +79,7 @@ def _still_kernel(QC, KC, VC, VALID, TOP, FQ, SKV, SZ, GC, OUT, H, C, KK, scale,
     tl.store(OUT + (head + c * L + rows)[:, None] * DV + dv[None, :], out.to(OUT.dtype.element_ty))
 
 
-def still_attention_triton(q, k, v, x, gate_w, fq_u, fq_w, fk_u, fk_w, mask, scale: float, causal: bool,
+def still_attention_triton(q, k, v, x, gate_w, fq_u, fq_w, fk_u, fk_w, mix, mask, scale: float, causal: bool,
                            top_k: int, chunk: int, feature: int, exact_window: bool,
                            block_n: int = 16) -> torch.Tensor:
     """Same contract as ``still_reference`` (``exact_window=True``). ``chunk``, head dims and the
@@ -92,7 +92,7 @@ def still_attention_triton(q, k, v, x, gate_w, fq_u, fq_w, fk_u, fk_w, mask, sca
     dv = r.vc.shape[-1]
     linear = feature != 3
     if linear:
-        fq, _, skv, sz = linear_state(r, fq_u, fq_w, fk_u, fk_w, feature)
+        fq, _, skv, sz = linear_state(r, fq_u, fq_w, fk_u, fk_w, mix, feature)
     else:
         fq = skv = sz = torch.zeros(1, device=q.device)
     kk = r.top.shape[-1]
