@@ -115,20 +115,28 @@ def still_part(args, work: Path, text_ids) -> dict:
                 f"sliding window {window}": f"still:feature=none,top_k=0,chunk={window}",
                 f"elu+1 linear + window {window}": f"still:feature=elu,top_k=0,chunk={window}",
                 "pure linear (Hedgehog)": "still:feature=hedgehog,top_k=0,exact_window=0"}
+    if args.still_layers:  # every variant converts these layers (the default keeps the first and last dense)
+        variants = {f"{name}, layers {args.still_layers}": f"{spec}{',' if ':' in spec else ':'}layers={args.still_layers}"
+                    for name, spec in variants.items() if "layers" not in spec}
     quality, bundles = {}, {}
     for name, spec in variants.items():
         res = tokopt.compile(LM, out=work / f"still-{len(quality)}", passes=spec, calib=calib, measure=False,
                              threads=args.threads)
         st = res.program.history[-1]["stats"]
         quality[name] = {k: st.get(k) for k in ("exact_keys_per_query", "perplexity_original", "perplexity_stage1",
-                                                "perplexity_stage2", "perplexity_still", "train_seconds")}
+                                                "perplexity_stage2", "perplexity_still", "train_seconds",
+                                                "passkey_original", "passkey_still", "passkey_logprob_original",
+                                                "passkey_logprob_still")}
         quality[name]["stages"] = st["stages"]
-        if spec.startswith("still:layers") or spec == "still":
-            bundles["STILL" if spec == "still" else "STILL layers 1-3"] = res.bundle
+        if name.startswith("STILL"):
+            bundles[name] = res.bundle
         print(f"  {name:<34} exact keys/query {st['exact_keys_per_query']:6.1f}  perplexity {st['perplexity_still']:.3f} "
               f"({(st['perplexity_still'] / st['perplexity_original'] - 1) * 100:+.2f}% vs {st['perplexity_original']:.3f}; "
               f"stage 1 {st['perplexity_stage1']:.3f}, stage 2 {st.get('perplexity_stage2') or float('nan'):.3f}), "
+              f"passkey log-prob {st['passkey_logprob_still']:.2f} (original {st['passkey_logprob_original']:.2f}), "
               f"trained in {st['train_seconds']:.0f} s", flush=True)
+    if args.no_forward:
+        return {"quality": quality, "equal_budget_window": window}
     bundles = {"dense": tokopt.compile(LM, out=work / "still-dense", measure=False, threads=args.threads).bundle,
                **bundles}
     lengths = [n for n in args.lengths if n <= args.ort_dense_max]
@@ -136,8 +144,8 @@ def still_part(args, work: Path, text_ids) -> dict:
     growth = {}
     if 1024 in lengths and 4096 in lengths:
         growth = {name: t[4096] / t[1024] for name, t in times.items()}
-        print(f"time(4096)/time(1024): dense {growth['dense']:.2f}, STILL {growth['STILL']:.2f} "
-              f"({growth['STILL'] / growth['dense']:.2f} of dense)")
+        print("time(4096)/time(1024): " + ", ".join(f"{name} {g:.2f} ({g / growth['dense']:.2f} of dense)"
+                                                   for name, g in growth.items()))
     return {"quality": quality, "equal_budget_window": window, "forward_ms": times, "growth_4x": growth}
 
 
@@ -145,6 +153,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--parts", nargs="+", default=["tca", "still"], choices=["tca", "still"])
     ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 8192, 16384])
+    ap.add_argument("--still-layers", default="", help="STILL part: convert these layers in every variant (e.g. 0/1/2/3)")
+    ap.add_argument("--no-forward", action="store_true", help="STILL part: quality only, no timing")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tolerance", type=float, default=0.2)
     ap.add_argument("--ort-dense-max", type=int, default=8192,
@@ -172,7 +182,8 @@ def main(argv=None):
         tok = AutoTokenizer.from_pretrained(LM, local_files_only=True)
         text_ids = torch.tensor(tok((LM / "heldout.txt").read_text())["input_ids"])
         result = still_part(args, work, text_ids)
-        out = Path(args.out).with_name("still.json")
+        suffix = "-layers-" + args.still_layers.replace("/", "") if args.still_layers else ""
+        out = Path(args.out).with_name(f"still{suffix}.json")
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({"threads": args.threads, **result, "onnxruntime": ort.__version__,
                                    "torch": torch.__version__}, indent=1) + "\n")

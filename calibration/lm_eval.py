@@ -14,7 +14,7 @@ import torch
 
 from ..optimizer.program import Program
 
-__all__ = ["perplexity", "passkey", "full_feed"]
+__all__ = ["perplexity", "passkey", "passkey_stats", "full_feed"]
 
 
 def full_feed(program: Program, ids: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -69,3 +69,14 @@ def passkey(program: Program, tokenizer, filler: str, *, probes: int = 8, length
         hits += bool((scores.argmax(-1) == target).all())
         logp.append(float(scores.gather(-1, target[:, None]).mean()))
     return hits / probes, float(np.mean(logp))
+
+
+def passkey_stats(programs: dict[str, Program], tokenizer, windows: list[torch.Tensor]) -> dict:
+    """``passkey_<name>`` and ``passkey_logprob_<name>`` of each program, the held-out
+    ``windows`` as filler, the context as long as one window (at most 768 tokens)."""
+    filler = tokenizer.decode(torch.cat(windows, 1)[0])
+    length = min(windows[0].shape[1], 768)
+    out = {}
+    for name, prog in programs.items():
+        out[f"passkey_{name}"], out[f"passkey_logprob_{name}"] = passkey(prog, tokenizer, filler, length=length)
+    return out

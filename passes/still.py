@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..calibration.data import calibration_batches, token_source
-from ..calibration.lm_eval import full_feed, perplexity
+from ..calibration.lm_eval import full_feed, passkey_stats, perplexity
 from ..calibration.stats import cached_tensors, weights_hash
 from ..optimizer.errors import PassError, UsageError
 from ..optimizer.ops import ATTENTION
@@ -168,7 +168,7 @@ class StillPass(Pass):
         if len(windows) < need:
             raise UsageError(f"still: {source} holds {len(windows)} windows of {length} tokens; distillation needs "
                              f"{need} (train_windows + eval_windows). Give more text or lower them.")
-        return windows[:opts.train_windows], windows[len(windows) - opts.eval_windows:]
+        return windows[:opts.train_windows], windows[len(windows) - opts.eval_windows:], tok
 
     # -- the rewrite -------------------------------------------------------------------------
     def _rewrite(self, program: Program, blocks) -> dict[int, dict[str, torch.fx.Node]]:
@@ -304,7 +304,7 @@ class StillPass(Pass):
             raise UsageError("still: converting every layer without distillation (steps=0) leaves untrained feature "
                              "maps in every layer; distillation needs data (--calib) and steps > 0.")
         original = program.copy()
-        train, held_out = self._data(program, limit)
+        train, held_out, tok = self._data(program, limit)
         nodes = self._rewrite(program, blocks)
         causal_lm = program.task == "causal-lm" and "logits" in program.output_names
         params = {layer: {n: program.tensor(node) for n, node in ns.items()} for layer, ns in nodes.items()}
@@ -357,6 +357,8 @@ class StillPass(Pass):
             stats["perplexity_still"] = stats.get("perplexity_stage2") if report.get("stage2", {}).get("kept") \
                 else stats["perplexity_stage1"]
             stats["eval_tokens"] = sum(w.shape[1] for w in held_out)
+            if tok is not None:  # far context: a number planted early, asked for at the end
+                stats.update(passkey_stats({"original": original, "still": program}, tok, held_out))
         stats["train_seconds"] = round(time.perf_counter() - start, 1)
         stats["stages"] = report
         program.artifacts["still.json"] = {"options": opts.__dict__, **stats}

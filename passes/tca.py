@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from ..calibration.data import calibration_batches, token_source
-from ..calibration.lm_eval import full_feed, passkey, perplexity
+from ..calibration.lm_eval import full_feed, passkey_stats, perplexity
 from ..calibration.stats import cached, cheapest_within, head_errors, weights_hash
 from ..optimizer.errors import UsageError
 from ..optimizer.ops import ATTENTION
@@ -194,8 +194,5 @@ class TCAPass(Pass):
         out = {"eval_tokens": sum(w.shape[1] for w in windows),
                "perplexity_dense": perplexity(dense, windows), "perplexity_tca": perplexity(sparse, windows)}
         if tok is not None:
-            filler = tok.decode(torch.cat(windows, 1)[0])
-            length = min(windows[0].shape[1], 768)
-            for name, prog in (("dense", dense), ("tca", sparse)):
-                out[f"passkey_{name}"], out[f"passkey_logprob_{name}"] = passkey(prog, tok, filler, length=length)
+            out.update(passkey_stats({"dense": dense, "tca": sparse}, tok, windows))
         return out

@@ -147,6 +147,7 @@ def test_distilled_on_the_reference_lm(tmp_path, monkeypatch):
     assert stats["perplexity_still"] < 1.10 * stats["perplexity_original"]
     assert stats["perplexity_still"] == min(stats["perplexity_stage1"], stats["perplexity_stage2"])
     assert stats["exact_keys_per_query"] < 0.45 * stats["dense_keys_per_query"]
+    assert 0 <= stats["passkey_still"] <= 1 and stats["passkey_logprob_still"] < 0
     shipped = json.loads((tmp_path / "b" / "still.json").read_text())
     assert set(shipped["stages"]) == {"stage1", "stage2"}
     again = tokopt.compile(REFERENCE_LM, out=tmp_path / "c", passes=spec, calib=REFERENCE_LM / "heldout.txt",
