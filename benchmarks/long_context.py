@@ -115,9 +115,9 @@ def still_part(args, work: Path, text_ids) -> dict:
                 f"sliding window {window}": f"still:feature=none,top_k=0,chunk={window}",
                 f"elu+1 linear + window {window}": f"still:feature=elu,top_k=0,chunk={window}",
                 "pure linear (Hedgehog)": "still:feature=hedgehog,top_k=0,exact_window=0"}
-    if args.still_layers:  # every variant converts these layers (the default keeps the first and last dense)
+    if args.still_layers:  # STILL and the window, converting these layers (the default keeps the first and last dense)
         variants = {f"{name}, layers {args.still_layers}": f"{spec}{',' if ':' in spec else ':'}layers={args.still_layers}"
-                    for name, spec in variants.items() if "layers" not in spec}
+                    for name, spec in variants.items() if name.startswith(("STILL (", "sliding"))}
     quality, bundles = {}, {}
     for name, spec in variants.items():
         res = tokopt.compile(LM, out=work / f"still-{len(quality)}", passes=spec, calib=calib, measure=False,
@@ -153,7 +153,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--parts", nargs="+", default=["tca", "still"], choices=["tca", "still"])
     ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 8192, 16384])
-    ap.add_argument("--still-layers", default="", help="STILL part: convert these layers in every variant (e.g. 0/1/2/3)")
+    ap.add_argument("--still-layers", default="", help="STILL part: STILL and the window alone, converting these layers (e.g. 0/1/2/3)")
     ap.add_argument("--no-forward", action="store_true", help="STILL part: quality only, no timing")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tolerance", type=float, default=0.2)

@@ -84,7 +84,7 @@ class TokenPruneOptions:
     mode: str = "drop"
     restore: bool = False
     recover: int = 0            # recovery steps: tune norms and biases towards the unpruned model (0 = off)
-    recover_lr: float = 1e-3
+    recover_lr: float = 3e-4
 
     def __post_init__(self):
         for keep, _ in self.steps():

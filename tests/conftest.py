@@ -2,6 +2,7 @@
 the packaged MiniLM (trained weights: quality), and the shipped reference LM."""
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
@@ -11,6 +12,8 @@ import torch
 import tokopt  # noqa: F401  (registers passes and backends)
 
 warnings.filterwarnings("ignore")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # two workers share the cores: one torch thread each
+    torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE_LM = ROOT / "models" / "reference-lm"
 

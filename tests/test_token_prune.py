@@ -40,10 +40,14 @@ def test_keep_one_is_identity(bert):
     assert torch.equal(out.run(feed)["last_hidden_state"], bert.run(feed)["last_hidden_state"])
 
 
+@pytest.fixture(scope="module")
+def scheduled(bert, llama):
+    return _run(bert, "token_prune:keep=0.5,layers=0"), _run(llama, "token_prune:schedule=0.7@0/0.5@1,score=last")
+
+
 @pytest.mark.parametrize("n", [9, 16, 33, 70])
-def test_token_counts_follow_schedule(bert, llama, n):
-    one = _run(bert, "token_prune:keep=0.5,layers=0")
-    two = _run(llama, "token_prune:schedule=0.7@0/0.5@1,score=last")
+def test_token_counts_follow_schedule(scheduled, n):
+    one, two = scheduled
     ids = torch.randint(10, 256, (3, n))
     feed = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     assert one.run(feed)["last_hidden_state"].shape[1] == kept_length(n, 0.5)
@@ -98,10 +102,15 @@ def _merged_length(n: int, keep: float) -> int:
     return 2 * half - (n - kept_length(n, keep))  # one or two masked padding slots
 
 
+@pytest.fixture(scope="module")
+def merging(bert):
+    return (_run(bert, "token_prune:keep=0.7,layers=0,mode=merge"),
+            _run(bert, "token_prune:keep=0.7,layers=0,mode=merge,restore=true"))
+
+
 @pytest.mark.parametrize("n", [12, 17, 40])
-def test_merge_lengths_restore_and_padding(bert, n):
-    merged = _run(bert, "token_prune:keep=0.7,layers=0,mode=merge")
-    restored = _run(bert, "token_prune:keep=0.7,layers=0,mode=merge,restore=true")
+def test_merge_lengths_restore_and_padding(merging, n):
+    merged, restored = merging
     feed = feed_for("bert", 2, n)
     out = merged.run(feed)["last_hidden_state"]
     assert out.shape == (2, _merged_length(n, 0.7), 64) and torch.isfinite(out).all()
@@ -261,7 +270,3 @@ def test_quality_on_minilm_real_text(tmp_path, minilm_dir):
     q = res.report["quality"]
     assert q["tokens_kept"] == pytest.approx(0.5, abs=0.02)
     assert 0.85 < q["embedding_cosine"] < 0.999  # measured 0.92: a real, visible cost
-    # recovery on the passages' calibration split (the report measures on the others)
-    rec = tokopt.compile(minilm_dir, out=tmp_path / "r", passes="token_prune:keep=0.5,layers=1,score=cls,recover=40",
-                         bench_runs=3, bench_len=128, threads=1)
-    assert rec.report["quality"]["embedding_cosine"] > q["embedding_cosine"] + 0.005
