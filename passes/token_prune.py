@@ -41,7 +41,8 @@ N other than N itself. Modes: ``drop``; ``fuse`` (EViT, encoders): the dropped t
 their score-weighted mean, appended after the kept ones; ``merge`` (ToMe, encoders, one layer,
 keep > 0.5): bipartite soft matching on the layer's keys, merged tokens averaged, later
 attentions add log(size) to each key (proportional attention), and ``restore`` gives every
-position its merged token's output. Not built yet: size tracking across several merging layers.
+position its merged token's output. Several merging layers carry sizes: a merge reads each key's
+size from the previous merge's mask (log size) and averages weighted by size (ToMe's merge_wavg).
 """
 from __future__ import annotations
 
@@ -97,9 +98,9 @@ class TokenPruneOptions:
         if self.mode == "merge" and any(keep <= 0.5 for keep, _ in self.steps()):
             raise ValueError("mode=merge needs keep > 0.5: ToMe merges at most the a-half of the tokens "
                              "and the first token never merges")
-        if self.mode == "merge" and len(self.steps()) > 1:
-            raise ValueError("mode=merge supports one merging layer for now (token sizes are not "
-                             "carried across layers yet)")
+        if self.restore and len(self.steps()) > 1:
+            raise ValueError("restore=true supports one pruning layer for now (restoring through several "
+                             "cuts is not built); use one layer, or drop restore")
         if self.mode not in MODES:
             raise ValueError(f"mode={self.mode!r} is unknown; choose one of {', '.join(MODES)}")
         if self.recover < 0 or self.recover_lr <= 0:
@@ -341,12 +342,20 @@ def _merge(x, k, mask, num: int, den: int):
     else:
         allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
         valid = allowed.any(dim=-2).any(dim=1).expand(b, n)
+    # sizes so far: an earlier merge's mask adds log(size) to each key (a plain mask adds 0: size 1)
+    if mask is None or mask.dtype == torch.bool:
+        size_in = torch.ones(b, n, dtype=x.dtype, device=x.device)
+    else:
+        bias_in = mask.amax(dim=-2).amax(dim=1).expand(b, n)
+        size_in = torch.where(valid, bias_in.clamp(max=30.0).exp(), torch.ones_like(bias_in))
     na = n // 2 + 1
     extra = 2 * na - n  # 1 or 2, never 0: a zero pad would be specialised away at export
     pairs = torch.nn.functional.pad(x, (0, 0, 0, extra)).view(b, na, 2, d)
     mpairs = torch.nn.functional.pad(metric, (0, 0, 0, extra)).view(b, na, 2, metric.shape[-1])
     vpairs = torch.nn.functional.pad(valid, (0, extra), value=False).view(b, na, 2)
+    spairs = torch.nn.functional.pad(size_in, (0, extra), value=1.0).view(b, na, 2)
     xa, xb, ma, mb, va, vb = pairs[:, :, 0], pairs[:, :, 1], mpairs[:, :, 0], mpairs[:, :, 1], vpairs[..., 0], vpairs[..., 1]
+    sa, sb = spairs[..., 0], spairs[..., 1]
     sim = ma @ mb.transpose(-2, -1)
     first = torch.arange(na, device=x.device) == 0
     sim = sim.masked_fill(~vb[:, None, :] | ~va[:, :, None] | first[None, :, None], float("-inf"))
@@ -356,10 +365,12 @@ def _merge(x, k, mask, num: int, den: int):
     src = order[:, :r]
     unm = order[:, r:].sort(dim=-1).values
     dst = dst_all.gather(1, src)
-    summed = xb.scatter_add(1, dst.unsqueeze(-1).expand(-1, -1, d), xa.gather(1, src.unsqueeze(-1).expand(-1, -1, d)))
-    size_b = torch.ones_like(vb, dtype=x.dtype).scatter_add(1, dst, torch.ones_like(src, dtype=x.dtype))
+    # size-weighted averages (ToMe's merge_wavg): a token standing for s originals counts s times
+    wa = (xa * sa.unsqueeze(-1)).gather(1, src.unsqueeze(-1).expand(-1, -1, d))
+    summed = (xb * sb.unsqueeze(-1)).scatter_add(1, dst.unsqueeze(-1).expand(-1, -1, d), wa)
+    size_b = sb.scatter_add(1, dst, sa.gather(1, src))
     merged = torch.cat([xa.gather(1, unm.unsqueeze(-1).expand(-1, -1, d)), summed / size_b.unsqueeze(-1)], 1)
-    size = torch.cat([torch.ones_like(unm, dtype=x.dtype), size_b], 1)
+    size = torch.cat([sa.gather(1, unm), size_b], 1)
     key_valid = torch.cat([va.gather(1, unm), vb], 1)
     bias = size.log().masked_fill(~key_valid, torch.finfo(x.dtype).min)
     kk = merged.shape[1]
@@ -373,7 +384,7 @@ def _merge(x, k, mask, num: int, den: int):
     return merged, new_mask, mapping
 
 
-def _unmerge(full, pruned, mapping):
+def _unmerge(full, mapping, pruned):
     """Every original position gets its merged token's output (DyMU's virtual unmerging)."""
     mapping = mapping.narrow(1, 0, full.shape[1])
     return pruned.gather(1, mapping.unsqueeze(-1).expand(-1, -1, pruned.shape[-1]))
@@ -493,12 +504,13 @@ def _prune_once(program: Program, gm: torch.fx.GraphModule, layer: int, keep: fl
             raise PassError("token_prune: restore needs the hidden stream crossing the cut")
         width = hidden.meta["val"].shape[-1]
         new_args = []
+        new_args = []
         for arg in out.args[0]:
             val = arg.meta.get("val") if isinstance(arg, torch.fx.Node) else None
             if isinstance(val, torch.Tensor) and val.dim() == 3 and _expr(val.shape[1]) == seq \
                     and val.shape[-1] == width:
                 with graph.inserting_before(out):
-                    arg = graph.call_function(_unmerge, (hidden, arg, merged_parts[2])) if merged is not None else \
+                    arg = graph.call_function(_unmerge, (hidden, merged_parts[2], arg)) if merged is not None else \
                         graph.call_function(_restore, (hidden, idx, arg))
             new_args.append(arg)
         out.args = (tuple(new_args),)

@@ -121,6 +121,26 @@ def test_merge_lengths_restore_and_padding(merging, n):
     assert all(tuple(v.tolist()) in rows for v in full[1].round(decimals=4))
 
 
+def test_merge_carries_sizes_across_layers(bert):
+    """A second merge reads each key's size from the first merge's mask (log size) and averages
+    by size: token 2 (size 3) merging into token 3 (size 2) gives (3 x2 + 2 x3) / 5, size 5."""
+    from tokopt.passes.token_prune import _merge
+    x = torch.arange(4, dtype=torch.float32)[None, :, None].repeat(1, 1, 2)      # token i holds i
+    k = torch.tensor([[1.0, 0], [0, 1], [1, 1], [1, 1.1]])[None, None]          # token 2 closest to 3
+    sizes = torch.tensor([1.0, 1, 3, 2])
+    mask = sizes.log()[None, None, None, :].expand(1, 1, 4, 4)
+    merged, new_mask, mapping = _merge(x, k, mask, 3, 4)                          # keep 3 of 4
+    assert mapping[0, 2] == mapping[0, 3]
+    assert merged[0, mapping[0, 3], 0] == pytest.approx((3 * 2 + 2 * 3) / 5)
+    assert new_mask[0, 0, 0, mapping[0, 3]].exp() == pytest.approx(5.0)
+    assert new_mask[0, 0, 0, mapping[0, 1]].exp() == pytest.approx(1.0)
+    two = _run(bert, "token_prune:schedule=0.7@0/0.7@1,mode=merge")
+    feed = feed_for("bert", 2, 30)
+    out = two.run(feed)["last_hidden_state"]
+    one = _merged_length(30, 0.7)
+    assert out.shape == (2, _merged_length(one, 0.7), 64) and torch.isfinite(out).all()
+
+
 def test_restore_keeps_shape_and_cls(bert):
     pruned = _run(bert, "token_prune:keep=0.5,layers=0")
     restored = _run(bert, "token_prune:keep=0.5,layers=0,restore=true")
@@ -218,7 +238,7 @@ def test_debiased_score_removes_the_causal_position_trend():
     ("token_prune:keep=1.5", "keep=1.5 must be in (0, 1]"),
     ("token_prune:layers=7", "layer 7 is past the model's depth"),
     ("token_prune:mode=merge,keep=0.5", "mode=merge needs keep > 0.5"),
-    ("token_prune:mode=merge,schedule=0.8@0/0.8@1", "one merging layer"),
+    ("token_prune:schedule=0.8@0/0.8@1,restore=true", "restore=true supports one pruning layer"),
     ("token_prune:mode=squash", "mode='squash' is unknown"),
     ("token_prune:score=salience", "score='salience' is unknown"),
     ("token_prune:schedule=0.5@1/0.7@0", "must be distinct and increasing"),
