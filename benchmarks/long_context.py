@@ -85,8 +85,9 @@ def _tca_onnx(path: Path, example, budgets, windows, sinks, obs) -> None:
                       custom_translation_table=onnx_translation_table()).save(str(path))
 
 
-def _forward_times(bundles: dict, text_ids, lengths, threads: int, rounds: int = 3) -> dict:
-    """Median whole-forward ms of each bundle's model.onnx at each length (interleaved rounds)."""
+def _forward_times(bundles: dict, text_ids, lengths, threads: int, rounds: int = 3, runs: int | None = None) -> dict:
+    """Median whole-forward ms of each bundle's model.onnx at each length (interleaved rounds of
+    ``runs`` calls each; default 2, 1 past 4096 tokens)."""
     from tokopt.backends.onnxruntime import make_session
     from tokopt.optimizer.report import time_calls
     sessions = {name: make_session(b / "model.onnx", ["CPUExecutionProvider"], threads) for name, b in bundles.items()}
@@ -97,7 +98,8 @@ def _forward_times(bundles: dict, text_ids, lengths, threads: int, rounds: int =
         times = {name: [] for name in sessions}
         for _ in range(rounds):  # a noisy neighbour slows both, not one
             for name, s in sessions.items():
-                times[name].append(time_calls(lambda: s.run(None, feed), 2 if n <= 4096 else 1, 1)["median_ms"])
+                calls = runs or (2 if n <= 4096 else 1)
+                times[name].append(time_calls(lambda: s.run(None, feed), calls, 1)["median_ms"])
         for name in sessions:
             out[name][n] = float(np.median(times[name]))
         print(f"{n:>6} tokens whole forward (ORT, {threads} threads): "
@@ -255,17 +257,10 @@ def main(argv=None):
               + ", ".join(f"{e:.3f}" for e in errors), flush=True)
 
     # --- whole forward at full context, ONNX Runtime bundles
-    ids = text_ids[None, :1024].numpy()
-    feed = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
-    sessions = {name: make_session(bundle / "model.onnx", ["CPUExecutionProvider"], args.threads)
-                for name, bundle in (("dense", dense_bundle.bundle), ("tca", res.bundle))}
-    times = {name: [] for name in sessions}
-    for _ in range(5):  # interleaved rounds: a noisy neighbour slows both, not one
-        for name, s in sessions.items():
-            times[name].append(time_calls(lambda: s.run(None, feed), 4, 1)["median_ms"])
-    forward = {name: float(np.median(t)) for name, t in times.items()}
-    print(f"whole forward at 1024 tokens (ORT, {args.threads} threads): dense {forward['dense']:.1f} ms, "
-          f"TCA {forward['tca']:.1f} ms ({forward['dense'] / forward['tca']:.2f}x)")
+    times = _forward_times({"dense": dense_bundle.bundle, "tca": res.bundle}, text_ids, [1024], args.threads,
+                           rounds=5, runs=4)
+    forward = {name: t[1024] for name, t in times.items()}
+    print(f"  TCA {forward['dense'] / forward['tca']:.2f}x faster than dense")
 
     # --- quality at equal average budget
     windows = [b["input_ids"] for b in calibration_batches(calib, tok, seq_len=1024, batch_size=1, max_batches=8,

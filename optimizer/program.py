@@ -146,6 +146,18 @@ class Program:
         ep._state_dict = {**ep.state_dict, target: tensor}
         return node
 
+    def set_tensors(self, values: dict[str, torch.Tensor]) -> None:
+        """New values for existing weights and buffers (by state-dict name), parameters staying
+        parameters. Copy on write: copies of this program keep theirs."""
+        state = dict(self.ep.state_dict)
+        for name, value in values.items():
+            if name not in state:
+                raise KeyError(f"the graph's state holds no tensor named {name}")
+            value = value.detach()
+            state[name] = torch.nn.Parameter(value, requires_grad=False) \
+                if isinstance(state[name], torch.nn.Parameter) else value
+        self.ep._state_dict = state
+
     def drop_unused_inputs(self) -> int:
         """Remove parameters and buffers no node reads any more (weights a pass replaced)."""
         from torch.export.graph_signature import InputKind

@@ -47,7 +47,7 @@ from ..optimizer.ops import ATTENTION
 from ..optimizer.pass_manager import Pass, PassResult, register_pass
 from ..optimizer.program import Program, call_function_nodes, inherit_meta
 from .edgeqat_op import ACT_QUANT, LOW_TOKENS, TOKEN_QUANT, WEIGHT_QUANT, qrange
-from .linears import layer_of_linears, linear_layers, weight_targets
+from .linears import is_weight, layer_of_linears, linear_layers, weight_targets
 from .quant_op import MATMUL_NBITS, pack, replace_linear
 
 __all__ = ["EdgeQATPass", "EdgeQATOptions"]
@@ -154,8 +154,7 @@ class EdgeQATPass(Pass):
         qkv = {n for b in program.attention for n in (b.q_proj, b.k_proj, b.v_proj) if n}
 
         def named(lin, names):
-            t = targets[lin.args[1].name]
-            return any(t == n or t.endswith("." + n) for n in names)
+            return any(is_weight(targets[lin.args[1].name], n) for n in names)
 
         # (node to quantize, token dim, layer whose split applies (None: all at a_bits))
         points = {}
@@ -276,14 +275,7 @@ class EdgeQATPass(Pass):
             optim.step()
             sched.step()
             losses.append(float(loss.detach()))
-        state = dict(program.ep.state_dict)
-        trained = dict(gm.named_parameters())
-        for spec in program.ep.graph_signature.input_specs:
-            if spec.target in state and spec.target in trained:
-                value = trained[spec.target].detach().clone()
-                is_param = isinstance(state[spec.target], torch.nn.Parameter)
-                state[spec.target] = torch.nn.Parameter(value, requires_grad=False) if is_param else value
-        program.ep._state_dict = state
+        program.set_tensors({name: t.clone() for name, t in gm.named_parameters() if name in program.ep.state_dict})
         return {"train_steps": opts.steps, "train_seconds": round(time.perf_counter() - start, 1),
                 "loss_first": losses[0] if losses else None, "loss_last": sum(losses[-10:]) / len(losses[-10:])
                 if losses else None}

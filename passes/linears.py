@@ -12,9 +12,15 @@ import torch
 from ..optimizer.ops import ATTENTION
 from ..optimizer.program import Program, call_function_nodes
 
-__all__ = ["weight_targets", "linear_layers", "layer_of_linears"]
+__all__ = ["weight_targets", "linear_layers", "layer_of_linears", "is_weight"]
 
 aten = torch.ops.aten
+
+
+def is_weight(target: str, name: str | None) -> bool:
+    """Is state-dict entry ``target`` the weight the attention index calls ``name`` (which may
+    lack the capture's module prefix)?"""
+    return name is not None and (target == name or target.endswith("." + name))
 
 
 def weight_targets(program: Program) -> dict[str, str]:
@@ -47,5 +53,5 @@ def layer_of_linears(program: Program, body) -> dict[str, int]:
             current = attn_nodes[n.name]
         elif n in body:
             t = targets[n.args[1].name]
-            layer_of[n.name] = next((v for k, v in proj.items() if t == k or t.endswith("." + k)), current)
+            layer_of[n.name] = next((v for k, v in proj.items() if is_weight(t, k)), current)
     return layer_of

@@ -28,6 +28,7 @@ import torch
 
 from ..optimizer.patterns import PASS_THROUGH
 from ..optimizer.program import Program, call_function_nodes
+from .linears import is_weight
 
 __all__ = ["rotate", "NotRotatable", "random_hadamard", "hadamard"]
 
@@ -224,7 +225,7 @@ def rotate(program: Program, seed: int = 0, online: bool = True, heads: bool = T
 def _linear_of(program: Program, weight_name: str, by_weight: dict):
     for spec in program.ep.graph_signature.input_specs:
         target = spec.target or ""
-        if (target == weight_name or target.endswith("." + weight_name)) and spec.arg.name in by_weight:
+        if is_weight(target, weight_name) and spec.arg.name in by_weight:
             return by_weight[spec.arg.name][0]
     return None
 

@@ -47,7 +47,7 @@ from ..optimizer.ops import ATTENTION
 from ..optimizer.pass_manager import Pass, PassResult, register_pass
 from ..optimizer.program import Program, call_function_nodes, inherit_meta
 from .edgeqat import Tap
-from .linears import weight_targets
+from .linears import is_weight, weight_targets
 from .still_op import FEATURES, STILL, still_reference
 
 __all__ = ["StillPass", "StillOptions", "exact_keys"]
@@ -59,10 +59,9 @@ MIX_INIT = -2.197  # sigmoid = 0.1, the window factor's initial value in STILL's
 STAGE2 = ("lora_steps", "lora_rank", "lora_lr", "lora_loss")  # options stage 1 does not depend on
 
 
-def _named(target: str, name: str | None) -> bool:
-    """Is state-dict entry ``target`` the weight the attention index calls ``name`` (which may
-    lack the capture's module prefix)?"""
-    return name is not None and (target == name or target.endswith("." + name))
+def _cosine(optim, steps: int):
+    """Learning rate decayed from its start to 0 over ``steps`` (half a cosine)."""
+    return torch.optim.lr_scheduler.LambdaLR(optim, lambda s: 0.5 * (1 + math.cos(math.pi * s / max(steps, 1))))
 
 
 def exact_keys(n: int, chunk: int, top_k: int, causal: bool = True, exact_window: bool = True) -> float:
@@ -152,7 +151,7 @@ class StillPass(Pass):
         targets = weight_targets(program)
         for n in call_function_nodes(program.graph):
             if n.target == aten.linear.default and isinstance(n.args[1], torch.fx.Node) and \
-                    _named(targets.get(n.args[1].name, ""), block.q_proj):
+                    is_weight(targets.get(n.args[1].name, ""), block.q_proj):
                 return n.args[0]
         raise UsageError(f"still: the input of layer {block.layer}'s attention (what {block.q_proj} reads) is not "
                          "a linear in the graph; this model's attention is not supported yet.")
@@ -177,11 +176,10 @@ class StillPass(Pass):
         g = program.graph
         by_node = {b.node: b for b in blocks}
         gen = torch.Generator().manual_seed(opts.seed)
-        params, self._scales = {}, {}
+        params = {}
         for node in [n for n in call_function_nodes(g) if ATTENTION.matches(n) and n.name in by_node]:
             block = by_node[node.name]
             q, k, v, mask, scale, _ = node.args
-            self._scales[block.layer] = scale
             x = self._inputs(program, block)
             h, d, dv = block.heads, block.head_dim, q.meta["val"].shape[-1]
             hidden = x.meta["val"].shape[-1]
@@ -203,13 +201,15 @@ class StillPass(Pass):
         return params
 
     # -- stage 1: attention transfer ---------------------------------------------------------
-    def _collect(self, original: Program, blocks, windows) -> dict[int, list[tuple]]:
-        """Per layer and window: the original attention's inputs, the block input and output."""
-        names = {}
+    def _collect(self, original: Program, blocks, windows) -> dict[int, tuple[float, list[tuple]]]:
+        """Per layer: the attention's scale and, per window, the original attention's inputs
+        (q, k, v, mask), the block input and the attention output."""
+        names, scales = {}, {}
         for b in blocks:
             node = next(n for n in original.graph.nodes if n.name == b.node)
             names[b.layer] = [a.name if isinstance(a, torch.fx.Node) else a for a in node.args[:4]] + \
                 [self._inputs(original, b).name, node.name]
+            scales[b.layer] = node.args[4]
         tap = Tap(original.unlifted(), [n for v in names.values() for n in v if isinstance(n, str)])
         out: dict[int, list[tuple]] = {layer: [] for layer in names}
         with torch.no_grad():
@@ -217,7 +217,7 @@ class StillPass(Pass):
                 tap(full_feed(original, ids), original.input_names)
                 for layer, ns in names.items():
                     out[layer].append(tuple(tap.values.get(n) if isinstance(n, str) else None for n in ns))
-        return out
+        return {layer: (scales[layer], rows) for layer, rows in out.items()}
 
     def _transfer(self, blocks, data, params: dict[int, dict[str, torch.Tensor]]) -> dict:
         opts = self.options
@@ -228,9 +228,8 @@ class StillPass(Pass):
             train = {n: t.clone().requires_grad_() for n, t in params[layer].items()}
             fmap = [train.get(n) for n in PARAMS[1:]]
             optim = torch.optim.Adam(list(train.values()), lr=opts.lr)
-            sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: 0.5 * (1 + math.cos(math.pi * s / max(opts.steps, 1))))
-            rows = data[layer]
-            scale = self._scales[layer]
+            sched = _cosine(optim, opts.steps)
+            scale, rows = data[layer]
             history = []
             for step in tqdm(range(opts.steps), desc=f"still: layer {layer} attention transfer", leave=False):
                 pick = [rows[(step * opts.batch + i) % len(rows)] for i in range(opts.batch)]
@@ -254,7 +253,7 @@ class StillPass(Pass):
         opts = self.options
         gm, teacher = program.unlifted(), original.runner()
         names = {getattr(b, p) for b in blocks for p in ("q_proj", "k_proj", "v_proj", "o_proj") if getattr(b, p)}
-        weights = {n: t for n, t in gm.named_parameters() if any(_named(n, m) for m in names)}
+        weights = {n: t for n, t in gm.named_parameters() if any(is_weight(n, m) for m in names)}
         for t in gm.parameters():
             t.requires_grad_(False)
         gen = torch.Generator().manual_seed(opts.seed + 1)
@@ -263,7 +262,7 @@ class StillPass(Pass):
                     (torch.randn(r, w.shape[1], generator=gen) / math.sqrt(w.shape[1])).requires_grad_())
                 for n, w in weights.items()}
         optim = torch.optim.Adam([t for ab in lora.values() for t in ab], lr=opts.lora_lr)
-        sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: 0.5 * (1 + math.cos(math.pi * s / max(opts.lora_steps, 1))))
+        sched = _cosine(optim, opts.lora_steps)
         history = []
         for step in tqdm(range(opts.lora_steps), desc="still: LoRA", leave=False):
             ids = torch.cat([train[(step * opts.batch + i) % len(train)] for i in range(opts.batch)])
@@ -283,16 +282,6 @@ class StillPass(Pass):
             sched.step()
             history.append(float(loss.detach()))
         return {n: (alpha * a @ b).detach() for n, (a, b) in lora.items()}, history
-
-    @staticmethod
-    def _set(program: Program, values: dict[str, torch.Tensor]) -> None:
-        """Write new values for state-dict entries (copy on write: copies of the program keep theirs)."""
-        state = dict(program.ep.state_dict)
-        for name, value in values.items():
-            old = state[name]
-            state[name] = torch.nn.Parameter(value, requires_grad=False) if isinstance(old, torch.nn.Parameter) \
-                else value
-        program.ep._state_dict = state
 
     def call(self, program: Program) -> PassResult:
         opts = self.options
@@ -326,8 +315,8 @@ class StillPass(Pass):
                     "losses": {str(layer): h for layer, h in losses.items()}}
 
         first, hit1 = cached_tensors("still", {**key, "stage": 1}, stage1)
-        self._set(program, {f"tokopt_still{layer}_{n}": first["params"][f"{layer}.{n}"]
-                            for layer, ns in nodes.items() for n in ns})
+        program.set_tensors({f"tokopt_still{layer}_{n}": first["params"][f"{layer}.{n}"]
+                             for layer, ns in nodes.items() for n in ns})
         report = {"stage1": {layer: {"loss_first": round(h[0], 4), "loss_last": round(sum(h[-10:]) / len(h[-10:]), 4)}
                              for layer, h in first["losses"].items()}}
         stats["cached"] = hit1
@@ -339,7 +328,7 @@ class StillPass(Pass):
                                           lambda: dict(zip(("deltas", "losses"), self._lora(program, original, blocks, train))))
             state = program.ep.state_dict
             merged = program.copy()
-            self._set(merged, {n: state[n] + d for n, d in second["deltas"].items()})
+            merged.set_tensors({n: state[n] + d for n, d in second["deltas"].items()})
             h = second["losses"]
             report["stage2"] = {"loss_first": round(h[0], 4), "loss_last": round(sum(h[-10:]) / len(h[-10:]), 4),
                                 "rank": opts.lora_rank, "weights": sorted(second["deltas"])}
@@ -350,7 +339,7 @@ class StillPass(Pass):
                 pays = stats["perplexity_stage2"] < stats["perplexity_stage1"]
             report["stage2"]["kept"] = pays
             if pays:
-                self._set(program, {n: merged.ep.state_dict[n] for n in second["deltas"]})
+                program.set_tensors({n: merged.ep.state_dict[n] for n in second["deltas"]})
             else:
                 stats["info"] = "stage 2 (LoRA) did not lower held-out perplexity; the stage-1 weights ship"
         if held_out and causal_lm:

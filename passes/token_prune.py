@@ -632,12 +632,7 @@ def recover(original: Program, pruned: Program, steps: int, lr: float) -> dict:
         loss.backward()
         optim.step()
         losses.append(float(loss.detach()))
-    state = dict(pruned.ep.state_dict)
-    for name, value in tuned.items():
-        if name not in state:
-            raise PassError(f"token_prune: recovery tuned {name}, which the graph's state does not hold")
-        state[name] = torch.nn.Parameter(value.detach(), requires_grad=False)
-    pruned.ep._state_dict = state
+    pruned.set_tensors(tuned)
     tail = losses[-max(1, steps // 10):]
     return {"steps": steps, "parameters": sum(t.numel() for t in tuned.values()), "samples": len(data),
             "loss_first": round(losses[0], 5), "loss_last": round(sum(tail) / len(tail), 5),
