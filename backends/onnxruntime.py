@@ -18,6 +18,7 @@ import numpy as np
 from ..optimizer.errors import BackendError
 from ..optimizer.ops import OPS, OPSET, onnx_translation_table, standardize
 from ..optimizer.program import Program
+from ..optimizer.generation import with_positions
 from ..optimizer.report import bench_inputs, time_calls, verification_feeds
 from ..optimizer.runtime import Backend, Runner, register_backend
 from .targets import Target, get_target, require_providers
@@ -193,9 +194,10 @@ class OnnxRuntimeBackend(Backend):
             export_baseline(captured, base_path)
             base = make_session(base_path, providers, threads)
             ours = make_session(bundle_dir / MODEL_FILE, providers, threads)
+            own = with_positions(feed, [i.name for i in ours.get_inputs()])
             result = {"feed": {k: list(v.shape) for k, v in feed.items()}, "threads": threads,
                       "providers": providers,
-                      "tokopt": time_calls(lambda: ours.run(None, feed), runs),
+                      "tokopt": time_calls(lambda: ours.run(None, own), runs),
                       "baseline": time_calls(lambda: base.run(None, feed), runs),
                       "size_bytes": {"baseline": sum(p.stat().st_size for p in Path(tmp).iterdir())}}
         result["speedup_median"] = result["baseline"]["median_ms"] / result["tokopt"]["median_ms"]

@@ -1,6 +1,6 @@
 """TCA-Attention and STILL at long context: attention time, error, whole-forward time and quality, one run.
 
-    python benchmarks/long_context.py [--parts tca still] [--lengths 1024 4096 8192 16384] [--threads 2]
+    python benchmarks/long_context.py [--parts tca decode still] [--lengths 1024 4096 8192 16384] [--threads 2]
 
 TCA (``--parts tca``):
 
@@ -16,7 +16,16 @@ forward     the whole model at its full context (1024 tokens), ONNX Runtime: the
             bundle (canonicalize) vs the TCA bundle.
 quality     perplexity on held-out windows the calibration did not see: dense; TCA; a uniform
             per-head budget plus a 64-token window, and sinks + a sliding window, both with
-            TCA's mean number of keys per query. KV-cache bytes (the cache is not compacted yet: equal).
+            TCA's mean number of keys per query.
+
+TCA decode (``--parts decode``): ``--generate`` bundles (ONNX Runtime) of the reference LM: dense;
+TCA with budgets calibrated on the generation graph, cache compacted (the default) and not
+(``compact=false``); and sinks + a sliding window whose compacted cache is as large as TCA's
+(StreamingLLM's cache, at equal KV bytes). On held-out windows the calibration did not see: a
+prefill of ``--prompt`` tokens, then every later token of the 1024-token window decoded one step
+at a time (teacher-forced): perplexity of those tokens, time per decode step, and the KV-cache
+bytes each bundle holds after a prefill of 1024 tokens (and of 4096, past the model's context,
+on the same graph in torch).
 
 STILL (``--parts still``): the ``still`` pass with its defaults (layers 1 and 2 of 4, chunk 64,
 top 4 per chunk, NP-Map, attention transfer then LoRA where it pays) distilled on the first 16
@@ -151,9 +160,62 @@ def still_part(args, work: Path, text_ids) -> dict:
     return {"quality": quality, "equal_budget_window": window, "forward_ms": times, "growth_4x": growth}
 
 
+def decode_part(args, work: Path) -> dict:
+    import time
+
+    from transformers import AutoTokenizer
+
+    import tokopt
+    from tokopt.calibration.data import calibration_batches
+    from tokopt.calibration.lm_eval import decode_perplexity
+    from tokopt.optimizer.generation import CacheSpec, example_feed
+
+    calib = LM / "heldout.txt"
+    tok = AutoTokenizer.from_pretrained(LM, local_files_only=True)
+    windows = [b["input_ids"] for b in calibration_batches(calib, tok, seq_len=1024, batch_size=1, max_batches=8,
+                                                           progress=False)][4:]
+    spec = f"tca:tolerance={args.tolerance},eval_windows=0"
+    variants = {"dense": None, "tca": spec, "tca, full cache": spec + ",compact=false"}
+    compiled = {name: tokopt.compile(LM, out=work / f"gen-{i}", generate=True, passes=passes, calib=calib,
+                                     measure=False, threads=args.threads)
+                for i, (name, passes) in enumerate(variants.items())}
+    kv_tca = compiled["tca"].program.history[-1]["stats"]["kv_cache_bytes"]
+    # the window whose compacted cache (sinks + window per layer) holds as many bytes as TCA's at 1024
+    cache = compiled["tca"].program.cache
+    per_entry = sum(h * (2 * d * 4 + 8) for h, d in zip(cache.kv_heads, cache.head_dim))
+    window = round(kv_tca["1024"]["compacted"] / per_entry) - 4
+    name = f"sinks + window {window}"
+    compiled[name] = tokopt.compile(LM, out=work / "gen-window", generate=True, measure=False, threads=args.threads,
+                                    passes=f"tca:uniform=0,window={window}")
+    rows = {}
+    for name, res in compiled.items():
+        runner = tokopt.load(res.bundle, threads=args.threads)
+        spec_ = CacheSpec.from_json(runner.manifest["generation"]["cache"])
+        t = time.perf_counter()
+        ppl = decode_perplexity(lambda feed: runner(**feed), spec_, windows, args.prompt)
+        step_ms = (time.perf_counter() - t) * 1e3 / (len(windows) * (1024 - args.prompt))
+        held = spec_.held_bytes(runner(**{k: v.numpy() for k, v in example_feed(spec_, 1, 1024, 0).items()}))
+        stats = res.program.history[-1]["stats"] if res.program.history else {}
+        rows[name] = {"decode_perplexity": ppl, "ms_per_step": step_ms, "kv_bytes_1024": held,
+                      "kv_bytes_4096": stats.get("kv_cache_bytes", {}).get("4096", {}).get("compacted",
+                                                                                              spec_.nbytes(4096))}
+    dense = rows["dense"]
+    print(f"decode on {len(windows)} held-out windows: prefill {args.prompt} tokens, then {1024 - args.prompt} "
+          "teacher-forced decode steps each (ONNX Runtime bundles)")
+    print(f"  {'cache':<24}{'perplexity':>11}{'vs dense':>10}{'KV @1K':>10}{'KV @4K':>10}{'ms/step':>9}")
+    for name, r in rows.items():
+        print(f"  {name:<24}{r['decode_perplexity']:11.3f}{(r['decode_perplexity'] / dense['decode_perplexity'] - 1) * 100:+9.2f}%"
+              f"{r['kv_bytes_1024'] / dense['kv_bytes_1024']:9.2f}x{r['kv_bytes_4096'] / dense['kv_bytes_4096']:9.2f}x"
+              f"{r['ms_per_step']:9.2f}")
+    return {"prompt": args.prompt, "windows": len(windows), "equal_kv_window": window,
+            "budgets": compiled["tca"].program.artifacts["budgets.json"]["heads"], "decode": rows}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--parts", nargs="+", default=["tca", "still"], choices=["tca", "still"])
+    ap.add_argument("--parts", nargs="+", default=["tca", "decode", "still"], choices=["tca", "decode", "still"])
+    ap.add_argument("--prompt", type=int, default=768, help="decode part: prefill length; the rest of each 1024-token "
+                                                             "window is decoded")
     ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 8192, 16384])
     ap.add_argument("--still-layers", default="", help="STILL part: STILL and the window alone, converting these layers (e.g. 0/1/2/3)")
     ap.add_argument("--no-forward", action="store_true", help="STILL part: quality only, no timing")
@@ -186,6 +248,13 @@ def main(argv=None):
         result = still_part(args, work, text_ids)
         suffix = "-layers-" + args.still_layers.replace("/", "") if args.still_layers else ""
         out = Path(args.out).with_name(f"still{suffix}.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"threads": args.threads, **result, "onnxruntime": ort.__version__,
+                                   "torch": torch.__version__}, indent=1) + "\n")
+        print(f"wrote {out}")
+    if "decode" in args.parts:
+        result = decode_part(args, work)
+        out = Path(args.out).with_name("tca-decode.json")
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({"threads": args.threads, **result, "onnxruntime": ort.__version__,
                                    "torch": torch.__version__}, indent=1) + "\n")

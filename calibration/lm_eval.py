@@ -4,6 +4,10 @@
     passkey(program, tokenizer, filler)    fraction of probes whose planted number the model
                                            predicts back at the end of a long context, and the
                                            mean log-probability of the number's tokens
+    decode_perplexity(step, spec, windows, prompt)
+                                           exp(mean NLL) of each window's tokens after its first
+                                           ``prompt``, predicted one decode step at a time
+                                           (through the KV cache, teacher-forced)
 """
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ import torch
 
 from ..optimizer.program import Program
 
-__all__ = ["perplexity", "passkey", "passkey_stats", "full_feed"]
+__all__ = ["perplexity", "decode_perplexity", "passkey", "passkey_stats", "full_feed"]
 
 
 def full_feed(program: Program, ids: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -42,6 +46,24 @@ def perplexity(program: Program, windows: list[torch.Tensor]) -> float:
         logits = _logits(run, program, ids)[0, :-1]
         nll += float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
         n += ids.shape[1] - 1
+    return math.exp(nll / n)
+
+
+def decode_perplexity(step, spec, windows: list[torch.Tensor], prompt: int) -> float:
+    """``step(feed) -> outputs`` runs a generation graph (a bundle's runner or a program's);
+    the prefill reads ``prompt`` tokens, then every later token of the window is fed as the
+    next decode step's input and scored by the step before."""
+    from ..optimizer.generation import generate_ids
+    nll, n = 0.0, 0
+    for ids in windows:
+        ids = ids.numpy()
+        got = []
+        generate_ids(step, spec, ids[:, :prompt], max_new_tokens=ids.shape[1] - prompt, forced=ids[:, prompt:],
+                     on_logits=got.append)
+        logits = torch.from_numpy(np.stack(got, 1)).double()               # [B, T, V]; T < N - prompt after an EOS
+        target = torch.from_numpy(ids[:, prompt:prompt + logits.shape[1]])
+        nll += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="sum"))
+        n += logits.shape[0] * logits.shape[1]
     return math.exp(nll / n)
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from .bundle import atomic_bundle, check_out, write_manifest
 from .capture import DEFAULT_SEQ_LEN, capture
 from .errors import UsageError
+from .generation import CacheSpec, example_feed
 from .pass_manager import PassManager, PassSpec, load_recipe, parse_pass_spec, resolve
 from .program import Program
 from .report import format_report, generation_prompts, generation_quality, probe_inputs, quality, quality_rows
@@ -186,7 +187,7 @@ def _measure(be, tgt, captured: Program, bundle_dir: Path, data: dict, texts, ru
              threads) -> dict:
     runner = be.runner_cls(bundle_dir, data, threads=threads)
     if captured.cache is not None:
-        return _measure_generation(be, tgt, captured, bundle_dir, runner, texts, runs, length, threads)
+        return _measure_generation(be, tgt, captured, bundle_dir, data, runner, texts, runs, length, threads)
     feed, desc = probe_inputs(captured, texts, length=length)
     reference = captured.run(feed)
     got = runner(**{k: v.numpy() for k, v in feed.items()})
@@ -202,12 +203,19 @@ def _measure(be, tgt, captured: Program, bundle_dir: Path, data: dict, texts, ru
     return result
 
 
-def _measure_generation(be, tgt, captured: Program, bundle_dir: Path, runner, texts, runs: int, length: int,
+def _measure_generation(be, tgt, captured: Program, bundle_dir: Path, data: dict, runner, texts, runs: int, length: int,
                         threads, steps: int = 16) -> dict:
     ids, mask, desc = generation_prompts(captured, texts, length)
-    q = generation_quality(captured, lambda feed: runner(**feed), ids, mask, steps)
+    spec = CacheSpec.from_json(data["generation"]["cache"])
+    q = generation_quality(captured, lambda feed: runner(**feed), ids, mask, steps, spec)
     q["probe"] = f"{desc}, {steps} decode steps"
-    result = {"quality": q, "kv_cache_bytes": {str(n): captured.cache.nbytes(n) for n in (1024, 4096)}}
+    full = {str(n): captured.cache.nbytes(n) for n in (1024, 4096)}
+    result = {"quality": q, "kv_cache_bytes": full}
+    if spec.index:  # a compacting cache: what the bundle holds after a prefill of n tokens, measured
+        result["kv_cache_bytes"] = {str(n): spec.held_bytes(runner(**{k: v.numpy() for k, v in
+                                                                      example_feed(spec, 1, n, 0).items()}))
+                                    for n in (1024, 4096) if spec.max_length is None or n <= spec.max_length}
+        result["kv_cache_bytes_full"] = full
     lat = be.latency(captured, bundle_dir, tgt, runs, length, threads)
     if lat is not None:
         result["latency"] = {**lat, "label": f"decode step, {length} cached tokens, batch 1"}

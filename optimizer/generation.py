@@ -5,10 +5,15 @@ names that are Python identifiers)::
 
     inputs   input_ids [B, S]   attention_mask [B, P+S]   position_ids [B, S]
              past_key_i, past_value_i [B, Hkv, P, d]                 for every layer i
+             past_index_i [B, Hkv, P] (int64)        only in a graph that compacts its cache
     outputs  logits [B, 1, V] (the last position only)
              present_key_i, present_value_i [B, Hkv, P+S, d]
+             present_index_i                         (compacting graphs: P+S becomes what is kept)
 
 Prefill is a call with an empty cache (P = 0), a decode step a call with one token (S = 1).
+A graph that compacts its cache (``tca`` on a ``--generate`` graph) keeps, per layer, only some
+entries; ``past_index_i`` says which context position (a column of ``attention_mask``) each
+cached entry holds, so padding stays masked after entries are dropped.
 One graph serves both: the weights are stored once without external-data sharing between two
 files, every pass rewrites prefill and decode consistently by construction, and an exported
 decode graph would hold the same ops anyway. The cache has a dynamic length (concatenation)
@@ -25,7 +30,7 @@ import torch
 
 from .errors import UsageError
 
-__all__ = ["CacheSpec", "GenerateEntry", "cache_spec", "example_feed", "generate_ids", "decode_text"]
+__all__ = ["CacheSpec", "GenerateEntry", "cache_spec", "example_feed", "with_positions", "generate_ids", "decode_text"]
 
 
 @dataclass(frozen=True)
@@ -39,14 +44,19 @@ class CacheSpec:
     max_length: int | None         # prompt + generated tokens the model supports (None: unbounded)
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int = 0
+    index: bool = False            # the graph compacts its cache and carries past_index_i
+
+    @property
+    def _parts(self) -> tuple[str, ...]:
+        return ("key", "value", "index") if self.index else ("key", "value")
 
     @property
     def input_names(self) -> list[str]:
-        return [f"past_{kv}_{i}" for i in range(self.layers) for kv in ("key", "value")]
+        return [f"past_{kv}_{i}" for i in range(self.layers) for kv in self._parts]
 
     @property
     def output_names(self) -> list[str]:
-        return [f"present_{kv}_{i}" for i in range(self.layers) for kv in ("key", "value")]
+        return [f"present_{kv}_{i}" for i in range(self.layers) for kv in self._parts]
 
     def nbytes(self, context: int, batch: int = 1) -> int:
         item = np.dtype(self.dtype).itemsize
@@ -58,7 +68,13 @@ class CacheSpec:
         for i, (h, d) in enumerate(zip(self.kv_heads, self.head_dim)):
             for kv in ("key", "value"):
                 out[f"past_{kv}_{i}"] = torch.randn(batch, h, length, d, generator=gen).to(dtype)
+            if self.index:
+                out[f"past_index_{i}"] = torch.arange(length).expand(batch, h, length).contiguous()
         return out
+
+    def held_bytes(self, out: dict) -> int:
+        """Bytes of the cache a graph call returned (``present_*``), positions included."""
+        return sum(int(np.asarray(out[n]).nbytes) for n in self.output_names)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -131,6 +147,17 @@ def example_feed(spec: CacheSpec, batch: int, seq: int, past: int, seed: int = 0
     return {"input_ids": ids, "attention_mask": torch.ones(batch, past + seq, dtype=torch.long),
             "position_ids": torch.arange(past, past + seq).expand(batch, seq).contiguous(),
             **spec.empty(batch, past, gen)}
+
+
+def with_positions(feed: dict, names) -> dict:
+    """``feed`` plus the ``past_index_i`` a compacting graph among ``names`` reads, for a cache
+    that holds every position in order (what a graph without compaction would have been fed)."""
+    extra = {}
+    for name in names:
+        if name.startswith("past_index_") and name not in feed:
+            key = np.asarray(feed[f"past_key_{name.removeprefix('past_index_')}"])
+            extra[name] = np.ascontiguousarray(np.broadcast_to(np.arange(key.shape[2]), key.shape[:3]))
+    return {**feed, **extra}
 
 
 def _pick(logits: np.ndarray, rng: np.random.Generator | None, temperature: float, top_k: int,

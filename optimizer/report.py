@@ -168,8 +168,10 @@ def generation_prompts(program: Program, texts: list[str] | None, length: int,
     return ids, np.ones_like(ids), f"synthetic prompts (batch {batch}, {length} tokens)"
 
 
-def generation_quality(program: Program, bundle_step, ids: np.ndarray, mask: np.ndarray, steps: int) -> dict:
-    """Prefill + ``steps`` decode steps, the original's greedy tokens fed to both."""
+def generation_quality(program: Program, bundle_step, ids: np.ndarray, mask: np.ndarray, steps: int,
+                       bundle_spec=None) -> dict:
+    """Prefill + ``steps`` decode steps, the original's greedy tokens fed to both. ``bundle_spec``:
+    the bundle's cache, where it differs from the original's (a compacting one)."""
     run = program.runner()
 
     def reference_step(feed):
@@ -178,9 +180,10 @@ def generation_quality(program: Program, bundle_step, ids: np.ndarray, mask: np.
 
     ref_logits, got_logits = [], []
     ref = generate_ids(reference_step, program.cache, ids, mask, max_new_tokens=steps, on_logits=ref_logits.append)
-    generate_ids(bundle_step, program.cache, ids, mask, max_new_tokens=steps, forced=ref[:, ids.shape[1]:],
+    spec = bundle_spec or program.cache
+    generate_ids(bundle_step, spec, ids, mask, max_new_tokens=steps, forced=ref[:, ids.shape[1]:],
                  on_logits=got_logits.append)
-    own = generate_ids(bundle_step, program.cache, ids, mask, max_new_tokens=steps)
+    own = generate_ids(bundle_step, spec, ids, mask, max_new_tokens=steps)
     ref_logits, got_logits = np.stack(ref_logits), np.stack(got_logits)
     lp = torch.from_numpy(ref_logits).double().log_softmax(-1)
     lq = torch.from_numpy(got_logits).double().log_softmax(-1)
@@ -232,10 +235,11 @@ def format_report(report: dict) -> str:
             lines.append(f"  {key.replace('_', ' ')}".ljust(38) + f"{a:10.2f}{b:10.2f}{b / a:7.2f}x")
         a, b = report["size_bytes"]["tokopt"], lat["size_bytes"]["baseline"]
         lines.append("  size MB".ljust(38) + f"{a / 1e6:10.2f}{b / 1e6:10.2f}{a / b:7.2f}x")
-    kv = report.get("kv_cache_bytes")
+    kv, full = report.get("kv_cache_bytes"), report.get("kv_cache_bytes_full", {})
     if kv:
-        lines.append("kv cache per sequence".ljust(38) + ", ".join(f"{int(n) // 1024}K tokens {b / 2**20:.1f} MiB"
-                                                                  for n, b in kv.items()))
+        lines.append("kv cache per sequence".ljust(38) + ", ".join(
+            f"{int(n) // 1024}K tokens {b / 2**20:.2f} MiB" + (f" ({b / full[n]:.2f}x of the full cache)" if n in full else "")
+            for n, b in kv.items()))
     for p in report.get("passes", []):
         stats = ", ".join(f"{k}={_fmt(v)}" for k, v in p["stats"].items())
         lines.append(f"pass {p['name']}: {stats or 'no changes'}")

@@ -21,26 +21,39 @@ makes the calibrated heads beat a sliding window of the same cost on local-atten
 Rewrite: the canonical attention of every layer with a budget below 1 becomes
 ``tokopt::tca_attention`` (``passes/tca_op.py``); layers whose heads all need every key stay
 dense and are reported. ``uniform=`` gives every head the same budget with no calibration (the
-baselines: ``uniform=0`` is sinks + ``window`` only). On a ``--generate`` graph the decode step
-selects among the whole cache at every step; the cache itself is not compacted yet.
+baselines: ``uniform=0`` is sinks + ``window`` only).
+
+On a ``--generate`` graph (``compact=true``, the default) every layer's attention becomes
+``tokopt::tca_cache_attention``, and the cache a call returns is compacted: per KV head the
+sinks, its window and its ``ceil(budget x context)`` best-scored keys, scored by the same
+observation queries that select them for attention (the prefill's evenly spaced queries, a
+decode step's one query), as TCA keeps only the selected KV in decode. All heads of a layer
+share one cache length, the largest head's (the others keep their next-best keys in it): the
+graph's cache stays one tensor per layer. Dense layers keep everything. ``past_index_i`` /
+``present_index_i`` carry each entry's context position. ``compact=false`` keeps the full cache
+(each decode step selects among all of it).
 """
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+import operator
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch.export import Dim
 
 from ..calibration.data import calibration_batches, token_source
 from ..calibration.lm_eval import full_feed, passkey_stats, perplexity
 from ..calibration.stats import cached, cheapest_within, head_errors, weights_hash
-from ..optimizer.errors import UsageError
+from ..optimizer.errors import PassError, UsageError
+from ..optimizer.generation import example_feed
 from ..optimizer.ops import ATTENTION
 from ..optimizer.pass_manager import Pass, PassResult, register_pass
-from ..optimizer.program import Program, call_function_nodes, inherit_meta
-from .tca_op import TCA, tca_reference
+from ..optimizer.patterns import index_attention
+from ..optimizer.program import Program, call_function_nodes, inherit_meta, remove_dead_code
+from .tca_op import TCA, TCA_CACHE, tca_reference
 
 __all__ = ["TCAPass", "GRID"]
 
@@ -59,6 +72,7 @@ class TCAOptions:
     calib_len: int = 1024       # tokens per calibration window (at most the model's context)
     calib_windows: int = 4
     eval_windows: int = 2       # held-out windows after the calibration ones, for perplexity
+    compact: bool = True        # --generate graphs: keep only each head's core tokens in the cache
 
     def __post_init__(self):
         if not 0 < self.tolerance < 1:
@@ -160,10 +174,13 @@ class TCAPass(Pass):
         budgets, errors, extra = self._budgets(program, blocks, source, tok)
         by_node = {b.node: b for b in blocks}
         sparse, dense = [], []
+        layer_nodes = {}                                  # layer -> its attention node's name, for compaction
         for node in nodes:
             block = by_node.get(node.name)
             if block is None or all(f >= 1.0 for _, f in budgets[block.layer]):
                 dense.append(None if block is None else block.layer)
+                if block is not None:
+                    layer_nodes[block.layer] = node.name
                 continue
             q, k, v, mask, scale, _ = node.args
             fs = [f for _, f in budgets[block.layer]]
@@ -176,7 +193,16 @@ class TCAPass(Pass):
             node.replace_all_uses_with(new)
             program.graph.erase_node(node)
             sparse.append(block.layer)
+            layer_nodes[block.layer] = new.name
         program.ep.graph_module.recompile()
+        compacted = {}
+        if program.cache is not None and opts.compact and sparse:
+            if None in dense or sorted(layer_nodes) != list(range(program.cache.layers)):
+                raise UsageError("tca: compact=true needs every layer's attention recognised, so that every "
+                                 "layer's cache can be compacted; pass compact=false to keep the full cache.")
+            full = {layer: [(w, f) for w, f in budgets.get(layer, [(min(opts.windows), 1.0)] * program.cache.kv_heads[layer])]
+                    for layer in layer_nodes}
+            compacted = _compact_cache(program, layer_nodes, full, opts)
         rows = [{"layer": layer, "kv_head": h, "window": w, "budget": f,
                  **({"query_head_errors": [round(float(x), 4) for x in errors[layer][h]]} if errors else {})}
                 for layer, cfg in sorted(budgets.items()) for h, (w, f) in enumerate(cfg)]
@@ -184,7 +210,7 @@ class TCAPass(Pass):
                                              "heads": rows}
         all_budgets = [f for cfg in budgets.values() for _, f in cfg]
         stats = {"sparse_layers": sparse, "dense_layers": dense,
-                 "mean_budget": sum(all_budgets) / len(all_budgets), **extra.get("info", {})}
+                 "mean_budget": sum(all_budgets) / len(all_budgets), **compacted, **extra.get("info", {})}
         if original is not None and extra.get("eval") and "logits" in program.output_names:
             stats.update(self._quality(original, program, extra["eval"], tok))
         return PassResult(program, bool(sparse), stats)
@@ -196,3 +222,61 @@ class TCAPass(Pass):
         if tok is not None:
             out.update(passkey_stats({"dense": dense, "tca": sparse}, tok, windows))
         return out
+
+
+def _compact_cache(program: Program, layer_nodes: dict[int, str], budgets: dict[int, list[tuple[int, float]]],
+                   opts: TCAOptions) -> dict:
+    """Rewrite a generation graph so that every layer returns its compacted cache (see the module
+    docstring): new ``past_index_i``/``present_index_i`` tensors, every attention node a
+    ``tca_cache_attention`` reading the layer's full present cache and ``attention_mask``. The
+    graph is re-exported (its cache lengths are now the op's output sizes). Returns the cache
+    bytes per sequence at 1K and 4K tokens of prefill, measured on the rewritten graph."""
+    spec = program.cache
+    gm = program.ep.module(check_guards=False)
+    gm._forward_pre_hooks.clear()          # the input-count check: inputs are added below
+    graph = gm.graph
+    graph._codegen = torch.fx.graph.CodeGen()   # plain positional inputs, a flat output tuple
+    placeholders = {n.name: n for n in graph.nodes if n.op == "placeholder"}
+    out = next(n for n in graph.nodes if n.op == "output")
+    outputs = dict(zip(program.output_names, out.args[0]))
+    nodes = {n.name: n for n in graph.nodes}
+    for layer, name in sorted(layer_nodes.items()):
+        node = nodes[name]
+        with graph.inserting_after(placeholders[f"past_value_{layer}"]):
+            index = graph.placeholder(f"past_index_{layer}")
+        ws, fs = [w for w, _ in budgets[layer]], [f for _, f in budgets[layer]]
+        present = [outputs[f"present_{kv}_{layer}"] for kv in ("key", "value")]
+        with graph.inserting_before(node):
+            call = graph.call_function(TCA_CACHE.overload, (node.args[0], *present, index,
+                                                            placeholders["attention_mask"], node.args[4], fs, ws,
+                                                            opts.sinks, opts.obs))
+            parts = [graph.call_function(operator.getitem, (call, i)) for i in range(4)]
+        node.replace_all_uses_with(parts[0])
+        graph.erase_node(node)
+        outputs.update({f"present_{kv}_{layer}": parts[i + 1] for i, kv in enumerate(("key", "value", "index"))})
+    new_spec = replace(spec, index=True)
+    out.args = (tuple(outputs[n] for n in ["logits", *new_spec.output_names]),)
+    remove_dead_code(graph)
+    gm.recompile()
+    names = ["input_ids", "attention_mask", "position_ids", *new_spec.input_names]
+    past = program.probe["past_key_0"].shape[2]
+    probe = {**program.probe, **{n: t for n, t in new_spec.empty(program.probe["input_ids"].shape[0], past).items()
+                                  if n.startswith("past_index_")}}
+    axes = {**program.dynamic_axes, **{n: program.dynamic_axes[f"past_key_{n.rsplit('_', 1)[1]}"]
+                                      for n in new_spec.input_names if n.startswith("past_index_")}}
+    try:
+        with torch.no_grad():
+            ep = torch.export.export(gm, tuple(probe[n] for n in names), strict=False,
+                                     dynamic_shapes=tuple({ax: Dim.AUTO for ax in axes.get(n, {})} or None
+                                                          for n in names))
+    except Exception as e:
+        raise PassError(f"tca: the compacting generation graph does not re-export: {str(e).splitlines()[0]}") from e
+    program.ep, program.cache, program.probe = ep, new_spec, probe
+    program.input_names, program.output_names, program.dynamic_axes = names, ["logits", *new_spec.output_names], axes
+    program.attention, program.rejected = index_attention(program)
+    run = program.runner()
+    held = {}
+    for n in (1024, 4096):
+        got = run(example_feed(new_spec, 1, n, 0))
+        held[str(n)] = {"full": spec.nbytes(n), "compacted": new_spec.held_bytes(got)}
+    return {"kv_cache_bytes": held}

@@ -29,7 +29,8 @@ from onnxscript import opset23 as op
 
 from ..optimizer.ops import define_op
 
-__all__ = ["TCA", "tca_reference", "valid_keys", "QUERY_BLOCK"]
+__all__ = ["TCA", "TCA_CACHE", "tca_reference", "tca_cache_reference", "compact_size", "valid_keys",
+           "QUERY_BLOCK"]
 
 QUERY_BLOCK = 32  # window-part query block: each block reads (block + window) keys, not 2 windows
 
@@ -43,8 +44,10 @@ def valid_keys(mask: torch.Tensor | None, b: int, nk: int, device) -> torch.Tens
     return ok.expand(b, nk)
 
 
-def _select(q, k, valid, scale, causal, budgets, sinks, window, obs):
-    """Per KV head: indices of sinks + selected keys [B,Hkv,M] and which of them count [B,Hkv,M]."""
+def _select(q, k, valid, scale, causal, budgets, sinks, window, obs, total=None):
+    """Per KV head: indices of sinks + selected keys [B,Hkv,M], which of them count [B,Hkv,M],
+    and the keys' scores [B,Hkv,Nk]. Budgets are fractions of ``total`` (default: Nk), the
+    context a compacted cache stands for."""
     b, h, nq, d = q.shape
     hkv, nk, dev = k.shape[1], k.shape[2], q.device
     n = min(obs, nq)
@@ -56,7 +59,8 @@ def _select(q, k, valid, scale, causal, budgets, sinks, window, obs):
     score = logits.masked_fill(~ok, float("-inf")).softmax(-1).nan_to_num(0.0).sum(2)  # [B,Hkv,Nk]
     score[..., :sinks] = -1.0                                               # kept anyway, below
     # float32 products, as the ONNX lowering computes them
-    counts = (torch.tensor(budgets, dtype=torch.float32, device=dev) * nk).ceil().long().clamp(max=max(nk - sinks, 0))
+    counts = (torch.tensor(budgets, dtype=torch.float32, device=dev) * (nk if total is None else total)).ceil().long()
+    counts = counts.clamp(max=max(nk - sinks, 0))
     m = int(counts.max()) if counts.numel() else 0
     # a stable sort breaks ties toward the lower index, as ONNX's TopK does
     top = score.sort(dim=-1, descending=True, stable=True).indices[..., :m]   # [B,Hkv,M]
@@ -64,7 +68,7 @@ def _select(q, k, valid, scale, causal, budgets, sinks, window, obs):
     idx = torch.cat([torch.arange(ns, device=dev).expand(b, hkv, ns), top], -1)
     ranked = torch.arange(m, device=dev)[None, :] < counts[:, None]                     # [Hkv,M]
     count = torch.cat([torch.ones(hkv, ns, dtype=torch.bool, device=dev), ranked], -1).expand(b, hkv, ns + m)
-    return idx, count & valid.gather(1, idx.reshape(b, -1)).reshape(idx.shape)
+    return idx, count & valid.gather(1, idx.reshape(b, -1)).reshape(idx.shape), score
 
 
 def tca_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
@@ -74,10 +78,10 @@ def tca_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
     g = q.shape[1] // hkv
     valid = valid_keys(mask, q.shape[0], k.shape[2], q.device)
     return torch.cat([_tca_heads(q[:, i * g:(i + 1) * g], k[:, i:i + 1], v[:, i:i + 1], valid, scale, causal,
-                                 [budgets[i]], sinks, windows[i], obs) for i in range(hkv)], 1)
+                                 [budgets[i]], sinks, windows[i], obs)[0] for i in range(hkv)], 1)
 
 
-def _tca_heads(q, k, v, valid, scale, causal, budgets, sinks, window, obs):
+def _tca_heads(q, k, v, valid, scale, causal, budgets, sinks, window, obs, total=None):
     b, h, nq, d = q.shape
     dev = q.device
     hkv, nk, dv = k.shape[1], k.shape[2], v.shape[-1]
@@ -86,7 +90,7 @@ def _tca_heads(q, k, v, valid, scale, causal, budgets, sinks, window, obs):
     qg = q.reshape(b, hkv, g * nq, d)
 
     # selected + sinks: each query sees those outside its window (the window part covers the rest)
-    idx, count = _select(q, k, valid, scale, causal, budgets, sinks, w, obs)
+    idx, count, score = _select(q, k, valid, scale, causal, budgets, sinks, w, obs, total)
     ks = k.gather(2, idx[..., None].expand(-1, -1, -1, d))
     vs = v.gather(2, idx[..., None].expand(-1, -1, -1, dv))
     gap = qpos[:, None] - idx[:, :, None, :]                                 # [B,Hkv,Nq,M]
@@ -120,7 +124,44 @@ def _tca_heads(q, k, v, valid, scale, causal, budgets, sinks, window, obs):
     num = (p1 @ vs[:, :, None]) + (p2 @ vb).reshape(b, hkv, g, nb * bq, dv)[..., :nq, :]
     den = p1.sum(-1) + p2.sum(-1).reshape(b, hkv, g, nb * bq)[..., :nq]
     out = num / den.clamp_min(torch.finfo(den.dtype).tiny)[..., None]
-    return out.reshape(b, h, nq, dv).to(q.dtype)
+    return out.reshape(b, h, nq, dv).to(q.dtype), score
+
+
+PINNED = 1e9  # compaction priority of the sinks and the window: above any score
+
+
+def compact_size(n: int, total: int, budgets, windows, sinks: int) -> int:
+    """Entries a layer's compacted cache keeps out of ``n``: the largest head's sinks + window +
+    ceil(budget x total), in float32 as the ONNX lowering computes it."""
+    f = torch.tensor(budgets, dtype=torch.float32) * torch.tensor(float(total), dtype=torch.float32)
+    return min(n, max(min(sinks, n) + w + int(c) for w, c in zip(windows, f.ceil().tolist())))
+
+
+def tca_cache_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor,
+                        attention_mask: torch.Tensor, scale: float, budgets: list[float], windows: list[int],
+                        sinks: int, obs: int):
+    """The op on a generation graph's compacted cache (causal). ``k``/``v`` [B,Hkv,C+S,d] are the
+    cache with this call's S keys appended, ``index`` [B,Hkv,C] the context position (a column of
+    ``attention_mask`` [B,M]) of each cached entry; the new keys sit at M-S..M-1. Budgets are
+    fractions of M. Returns the attention and the compacted cache (keys, values, positions): per
+    KV head its sinks, its window and its best-scored keys, ``compact_size`` entries per head (a
+    head with a smaller budget keeps its next-best keys in the layer's shared length), in
+    context order, so that the window stays the last entries and the sinks the first."""
+    b, hkv, n = k.shape[:3]
+    s, m, g = q.shape[2], attention_mask.shape[1], q.shape[1] // hkv
+    dev = q.device
+    idx = torch.cat([index, torch.arange(m - s, m, device=dev).expand(b, hkv, s)], -1)       # [B,Hkv,n]
+    valid = attention_mask[:, None].expand(b, hkv, m).gather(2, idx) > 0
+    outs, scores = zip(*(_tca_heads(q[:, i * g:(i + 1) * g], k[:, i:i + 1], v[:, i:i + 1], valid[:, i], scale,
+                                    True, [budgets[i]], sinks, windows[i], obs, total=m) for i in range(hkv)))
+    keep = compact_size(n, m, budgets, windows, sinks)
+    pos = torch.arange(n, device=dev)
+    pinned = (pos < min(sinks, n)) | (pos >= n - torch.tensor(windows, device=dev)[:, None])     # [Hkv,n]
+    prio = torch.where(valid, torch.cat(scores, 1), -1.0).masked_fill(pinned[None], PINNED)
+    # a stable sort ranks ties toward the lower index, as ONNX's TopK does
+    sel = prio.sort(dim=-1, descending=True, stable=True).indices[..., :keep].sort(-1).values           # [B,Hkv,keep]
+    return (torch.cat(outs, 1), k.gather(2, sel[..., None].expand(-1, -1, -1, k.shape[-1])),
+            v.gather(2, sel[..., None].expand(-1, -1, -1, v.shape[-1])), idx.gather(2, sel))
 
 
 def _tca(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float, causal: bool,
@@ -169,11 +210,12 @@ def _tca_onnx(q, k, v, mask=None, scale: float = 1.0, causal: bool = True, budge
     for i, (budget, window) in enumerate(zip(budgets, windows)):
         qi = op.Slice(q, op.Mul(g, _ints(i)), op.Mul(g, _ints(i + 1)), one)
         ki, vi = op.Slice(k, _ints(i), _ints(i + 1), one), op.Slice(v, _ints(i), _ints(i + 1), one)
-        heads.append(_tca_onnx_heads(qi, ki, vi, valid, scale, causal, budget, sinks, window, obs))
+        heads.append(_tca_onnx_heads(qi, ki, vi, valid, scale, causal, budget, sinks, window, obs)[0])
     return heads[0] if len(heads) == 1 else op.Concat(*heads, axis=1)
 
 
-def _tca_onnx_heads(q, k, v, valid, scale, causal, budget, sinks, window, obs):
+def _tca_onnx_heads(q, k, v, valid, scale, causal, budget, sinks, window, obs, total=None):
+    """One KV head: (the attention [B,G,Nq,dv], the keys' scores [B,1,Nk])."""
     w = window
     bq = min(w, QUERY_BLOCK)
     span = bq + w if causal else bq + 2 * w
@@ -199,7 +241,8 @@ def _tca_onnx_heads(q, k, v, valid, scale, causal, budget, sinks, window, obs):
     is_sink = op.Less(_range(nk), op.Constant(value_int=sinks))
     score = op.Where(is_sink, op.CastLike(op.Constant(value_float=-1.0), q), score)
     room = op.Max(op.Sub(nk, _ints(sinks)), zero)
-    counts = op.Cast(op.Ceil(op.Mul(op.Constant(value_floats=[budget]), op.Cast(nk, to=1))), to=7)
+    counts = op.Cast(op.Ceil(op.Mul(op.Constant(value_floats=[budget]), op.Cast(nk if total is None else total,
+                                                                                 to=1))), to=7)
     counts = op.Min(counts, room)                                                     # [Hkv]
     m = op.ReduceMax(counts, keepdims=1)
     _, top = op.TopK(score, m, axis=-1)                                               # [B,Hkv,M]
@@ -268,7 +311,65 @@ def _tca_onnx_heads(q, k, v, valid, scale, causal, budget, sinks, window, obs):
     den = op.Add(op.ReduceSum(p1, _ints(-1), keepdims=0), den2)
     den = op.Max(den, op.CastLike(op.Constant(value_float=torch.finfo(torch.float32).tiny), q))
     out = op.Div(op.Add(num1, num2), op.Unsqueeze(den, _ints(-1)))
-    return op.Reshape(out, op.Concat(b, _ints(-1), nq, dv, axis=0))
+    return op.Reshape(out, op.Concat(b, _ints(-1), nq, dv, axis=0)), score
 
 
 TCA = define_op("tokopt::tca_attention", _tca, _tca_fake, onnx=_tca_onnx, tags=("attention", "sparse"))
+
+
+def _tca_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor, attention_mask: torch.Tensor,
+               scale: float, budgets: list[float], windows: list[int], sinks: int,
+               obs: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return tca_cache_reference(q, k, v, index, attention_mask, scale, budgets, windows, sinks, obs)
+
+
+def _tca_cache_fake(q, k, v, index, attention_mask, scale, budgets, windows, sinks, obs):
+    keep = torch.library.get_ctx().new_dynamic_size()
+    b, hkv = k.shape[:2]
+    return (q.new_empty((*q.shape[:-1], v.shape[-1])), k.new_empty((b, hkv, keep, k.shape[-1])),
+            v.new_empty((b, hkv, keep, v.shape[-1])), index.new_empty((b, hkv, keep)))
+
+
+def _tca_cache_onnx(q, k, v, index, attention_mask, scale: float = 1.0, budgets=(1.0,), windows=(64,),
+                    sinks: int = 4, obs: int = 16):
+    """The cache reference in standard ONNX: the heads as in ``_tca_onnx``, then TopK over the
+    compaction priority and a second TopK that puts the kept entries back in context order."""
+    b, hkv, n, s, m = _dim(k, 0), _dim(k, 1), _dim(k, 2), _dim(q, 2), _dim(attention_mask, 1)
+    one, zero = _ints(1), _ints(0)
+    bhm = op.Concat(b, hkv, m, axis=0)
+    new = op.Expand(op.Range(op.Squeeze(op.Sub(m, s)), op.Squeeze(m), op.Constant(value_int=1)), op.Concat(b, hkv, s, axis=0))
+    idx = op.Concat(index, new, axis=-1)                                                   # [B,Hkv,n]
+    seen = op.GatherElements(op.Expand(op.Unsqueeze(attention_mask, one), bhm), idx, axis=2)
+    valid = op.Greater(seen, op.CastLike(op.Constant(value_int=0), seen))
+    g = op.Div(_dim(q, 1), _ints(len(budgets)))
+    outs, scores = [], []
+    for i, (budget, window) in enumerate(zip(budgets, windows)):
+        qi = op.Slice(q, op.Mul(g, _ints(i)), op.Mul(g, _ints(i + 1)), one)
+        ki, vi = op.Slice(k, _ints(i), _ints(i + 1), one), op.Slice(v, _ints(i), _ints(i + 1), one)
+        vali = op.Squeeze(op.Slice(valid, _ints(i), _ints(i + 1), one), one)
+        out, score = _tca_onnx_heads(qi, ki, vi, vali, scale, True, budget, sinks, window, obs, total=m)
+        outs.append(out)
+        scores.append(score)
+    cat = (lambda xs: xs[0] if len(xs) == 1 else op.Concat(*xs, axis=1))
+    ns = op.Min(n, _ints(sinks))
+    mf = op.Cast(m, to=1)
+    caps = [op.Add(op.Add(ns, _ints(w)), op.Cast(op.Ceil(op.Mul(op.Constant(value_floats=[f]), mf)), to=7))
+            for f, w in zip(budgets, windows)]
+    keep = op.Min(n, caps[0] if len(caps) == 1 else op.Max(*caps))
+    pos = _range(n)
+    pinned = op.Concat(*[op.Unsqueeze(op.Or(op.Less(pos, ns), op.GreaterOrEqual(pos, op.Sub(n, _ints(w)))), zero)
+                         for w in windows], axis=0)                                         # [Hkv,n]
+    score = cat(scores)
+    prio = op.Where(valid, score, op.CastLike(op.Constant(value_float=-1.0), score))
+    prio = op.Where(op.Unsqueeze(pinned, zero), op.CastLike(op.Constant(value_float=PINNED), score), prio)
+    _, sel = op.TopK(prio, keep, axis=-1)
+    back, _ = op.TopK(op.Neg(op.Cast(sel, to=1)), keep, axis=-1)                           # context order
+    sel = op.Cast(op.Neg(back), to=7)
+    d, dv = _dim(k, 3), _dim(v, 3)
+    ks = op.GatherElements(k, op.Expand(op.Unsqueeze(sel, _ints(3)), op.Concat(b, hkv, keep, d, axis=0)), axis=2)
+    vs = op.GatherElements(v, op.Expand(op.Unsqueeze(sel, _ints(3)), op.Concat(b, hkv, keep, dv, axis=0)), axis=2)
+    return cat(outs), ks, vs, op.GatherElements(idx, sel, axis=2)
+
+
+TCA_CACHE = define_op("tokopt::tca_cache_attention", _tca_cache, _tca_cache_fake, onnx=_tca_cache_onnx,
+                      tags=("attention", "sparse", "cache"))

@@ -144,7 +144,7 @@ def test_reference_lm_generates_like_transformers(tmp_path, capsys):
     assert main(["compile", str(REFERENCE_LM), "--generate", "--out", str(out), "--bench-runs", "5",
                  "--bench-len", "64", "--threads", "1", "--quiet"]) == 0
     report = capsys.readouterr().out
-    assert "greedy match" in report and "decode step, 64 cached tokens" in report and "1K tokens 2.0 MiB" in report
+    assert "greedy match" in report and "decode step, 64 cached tokens" in report and "1K tokens 2.00 MiB" in report
     prompt = "def read_config(path):\n    "
     assert main(["run", str(out), "--text", prompt, "--max-new-tokens", "64"]) == 0
     streamed = capsys.readouterr().out

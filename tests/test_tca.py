@@ -12,7 +12,7 @@ from torch.export import Dim
 import tokopt
 from tokopt.optimizer.errors import UsageError
 from tokopt.optimizer.ops import OPSET, attention_reference, onnx_translation_table
-from tokopt.passes.tca_op import TCA, tca_reference
+from tokopt.passes.tca_op import TCA, TCA_CACHE, tca_reference
 
 from .conftest import REFERENCE_LM, _tiny
 
@@ -93,13 +93,13 @@ def test_uniform_pass_replaces_every_attention(tmp_path, model_dir):
 
 
 def test_generation_within_the_window_is_exact(tmp_path):
-    """On a --generate graph the decode step runs the op too; while every key lies in the
-    window, tokens equal transformers' greedy decoding."""
+    """On a --generate graph the decode step runs the op too, on a compacting cache; while every
+    key lies in the window, tokens equal transformers' greedy decoding."""
     model = _tiny("llama").eval()
     model.generation_config.eos_token_id = None
     res = tokopt.compile(model, out=tmp_path / "g", generate=True, passes="tca:uniform=0.1,window=48",
                          measure=False)
-    assert res.program.count(TCA.overload) == 2
+    assert res.program.count(TCA_CACHE.overload) == 2 and res.program.count(TCA.overload) == 0
     ids = np.random.default_rng(5).integers(10, 256, (1, 9))
     got = tokopt.load(res.bundle).generate(input_ids=ids, max_new_tokens=30)
     with torch.no_grad():

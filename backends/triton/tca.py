@@ -101,7 +101,7 @@ def tca_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
     valid = valid_keys(mask, b, nk, q.device).to(torch.int8).contiguous()
     for i in range(hkv):
         qi, ki, vi = q[:, i * g:(i + 1) * g], k[:, i:i + 1], v[:, i:i + 1]
-        idx, count = _select(qi, ki, valid.bool(), scale, causal, [budgets[i]], sinks, windows[i], obs)
+        idx, count, _ = _select(qi, ki, valid.bool(), scale, causal, [budgets[i]], sinks, windows[i], obs)
         idx, count = idx[:, 0].contiguous(), count[:, 0].to(torch.int8).contiguous()   # [B, M]
         oi = out[:, i * g:(i + 1) * g]
         grid = (triton.cdiv(nq, block_m), b * g)
