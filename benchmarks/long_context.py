@@ -196,15 +196,15 @@ def decode_part(args, work: Path) -> dict:
         step_ms = (time.perf_counter() - t) * 1e3 / (len(windows) * (1024 - args.prompt))
         held = spec_.held_bytes(runner(**{k: v.numpy() for k, v in example_feed(spec_, 1, 1024, 0).items()}))
         stats = res.program.history[-1]["stats"] if res.program.history else {}
-        rows[name] = {"decode_perplexity": ppl, "ms_per_step": step_ms, "kv_bytes_1024": held,
-                      "kv_bytes_4096": stats.get("kv_cache_bytes", {}).get("4096", {}).get("compacted",
-                                                                                              spec_.nbytes(4096))}
+        at_4k = stats.get("kv_cache_bytes", {}).get("4096", {}).get("compacted", spec_.nbytes(4096))
+        rows[name] = {"decode_perplexity": ppl, "ms_per_step": step_ms, "kv_bytes_1024": held, "kv_bytes_4096": at_4k}
     dense = rows["dense"]
     print(f"decode on {len(windows)} held-out windows: prefill {args.prompt} tokens, then {1024 - args.prompt} "
           "teacher-forced decode steps each (ONNX Runtime bundles)")
     print(f"  {'cache':<24}{'perplexity':>11}{'vs dense':>10}{'KV @1K':>10}{'KV @4K':>10}{'ms/step':>9}")
     for name, r in rows.items():
-        print(f"  {name:<24}{r['decode_perplexity']:11.3f}{(r['decode_perplexity'] / dense['decode_perplexity'] - 1) * 100:+9.2f}%"
+        rel = (r["decode_perplexity"] / dense["decode_perplexity"] - 1) * 100
+        print(f"  {name:<24}{r['decode_perplexity']:11.3f}{rel:+9.2f}%"
               f"{r['kv_bytes_1024'] / dense['kv_bytes_1024']:9.2f}x{r['kv_bytes_4096'] / dense['kv_bytes_4096']:9.2f}x"
               f"{r['ms_per_step']:9.2f}")
     return {"prompt": args.prompt, "windows": len(windows), "equal_kv_window": window,

@@ -238,8 +238,8 @@ def format_report(report: dict) -> str:
     kv, full = report.get("kv_cache_bytes"), report.get("kv_cache_bytes_full", {})
     if kv:
         lines.append("kv cache per sequence".ljust(38) + ", ".join(
-            f"{int(n) // 1024}K tokens {b / 2**20:.2f} MiB" + (f" ({b / full[n]:.2f}x of the full cache)" if n in full else "")
-            for n, b in kv.items()))
+            f"{int(n) // 1024}K tokens {b / 2**20:.2f} MiB"
+            + (f" ({b / full[n]:.2f}x of the full cache)" if n in full else "") for n, b in kv.items()))
     for p in report.get("passes", []):
         stats = ", ".join(f"{k}={_fmt(v)}" for k, v in p["stats"].items())
         lines.append(f"pass {p['name']}: {stats or 'no changes'}")

@@ -200,8 +200,8 @@ class TCAPass(Pass):
             if None in dense or sorted(layer_nodes) != list(range(program.cache.layers)):
                 raise UsageError("tca: compact=true needs every layer's attention recognised, so that every "
                                  "layer's cache can be compacted; pass compact=false to keep the full cache.")
-            full = {layer: [(w, f) for w, f in budgets.get(layer, [(min(opts.windows), 1.0)] * program.cache.kv_heads[layer])]
-                    for layer in layer_nodes}
+            dense_cfg = [(min(opts.windows), 1.0)]
+            full = {layer: budgets.get(layer, dense_cfg * program.cache.kv_heads[layer]) for layer in layer_nodes}
             compacted = _compact_cache(program, layer_nodes, full, opts)
         rows = [{"layer": layer, "kv_head": h, "window": w, "budget": f,
                  **({"query_head_errors": [round(float(x), 4) for x in errors[layer][h]]} if errors else {})}

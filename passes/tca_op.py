@@ -211,7 +211,11 @@ def _tca_onnx(q, k, v, mask=None, scale: float = 1.0, causal: bool = True, budge
         qi = op.Slice(q, op.Mul(g, _ints(i)), op.Mul(g, _ints(i + 1)), one)
         ki, vi = op.Slice(k, _ints(i), _ints(i + 1), one), op.Slice(v, _ints(i), _ints(i + 1), one)
         heads.append(_tca_onnx_heads(qi, ki, vi, valid, scale, causal, budget, sinks, window, obs)[0])
-    return heads[0] if len(heads) == 1 else op.Concat(*heads, axis=1)
+    return _cat_heads(heads)
+
+
+def _cat_heads(xs):
+    return xs[0] if len(xs) == 1 else op.Concat(*xs, axis=1)
 
 
 def _tca_onnx_heads(q, k, v, valid, scale, causal, budget, sinks, window, obs, total=None):
@@ -337,7 +341,8 @@ def _tca_cache_onnx(q, k, v, index, attention_mask, scale: float = 1.0, budgets=
     b, hkv, n, s, m = _dim(k, 0), _dim(k, 1), _dim(k, 2), _dim(q, 2), _dim(attention_mask, 1)
     one, zero = _ints(1), _ints(0)
     bhm = op.Concat(b, hkv, m, axis=0)
-    new = op.Expand(op.Range(op.Squeeze(op.Sub(m, s)), op.Squeeze(m), op.Constant(value_int=1)), op.Concat(b, hkv, s, axis=0))
+    new = op.Expand(op.Range(op.Squeeze(op.Sub(m, s)), op.Squeeze(m), op.Constant(value_int=1)),
+                    op.Concat(b, hkv, s, axis=0))
     idx = op.Concat(index, new, axis=-1)                                                   # [B,Hkv,n]
     seen = op.GatherElements(op.Expand(op.Unsqueeze(attention_mask, one), bhm), idx, axis=2)
     valid = op.Greater(seen, op.CastLike(op.Constant(value_int=0), seen))
@@ -350,7 +355,6 @@ def _tca_cache_onnx(q, k, v, index, attention_mask, scale: float = 1.0, budgets=
         out, score = _tca_onnx_heads(qi, ki, vi, vali, scale, True, budget, sinks, window, obs, total=m)
         outs.append(out)
         scores.append(score)
-    cat = (lambda xs: xs[0] if len(xs) == 1 else op.Concat(*xs, axis=1))
     ns = op.Min(n, _ints(sinks))
     mf = op.Cast(m, to=1)
     caps = [op.Add(op.Add(ns, _ints(w)), op.Cast(op.Ceil(op.Mul(op.Constant(value_floats=[f]), mf)), to=7))
@@ -359,7 +363,7 @@ def _tca_cache_onnx(q, k, v, index, attention_mask, scale: float = 1.0, budgets=
     pos = _range(n)
     pinned = op.Concat(*[op.Unsqueeze(op.Or(op.Less(pos, ns), op.GreaterOrEqual(pos, op.Sub(n, _ints(w)))), zero)
                          for w in windows], axis=0)                                         # [Hkv,n]
-    score = cat(scores)
+    score = _cat_heads(scores)
     prio = op.Where(valid, score, op.CastLike(op.Constant(value_float=-1.0), score))
     prio = op.Where(op.Unsqueeze(pinned, zero), op.CastLike(op.Constant(value_float=PINNED), score), prio)
     _, sel = op.TopK(prio, keep, axis=-1)
@@ -368,7 +372,7 @@ def _tca_cache_onnx(q, k, v, index, attention_mask, scale: float = 1.0, budgets=
     d, dv = _dim(k, 3), _dim(v, 3)
     ks = op.GatherElements(k, op.Expand(op.Unsqueeze(sel, _ints(3)), op.Concat(b, hkv, keep, d, axis=0)), axis=2)
     vs = op.GatherElements(v, op.Expand(op.Unsqueeze(sel, _ints(3)), op.Concat(b, hkv, keep, dv, axis=0)), axis=2)
-    return cat(outs), ks, vs, op.GatherElements(idx, sel, axis=2)
+    return _cat_heads(outs), ks, vs, op.GatherElements(idx, sel, axis=2)
 
 
 TCA_CACHE = define_op("tokopt::tca_cache_attention", _tca_cache, _tca_cache_fake, onnx=_tca_cache_onnx,
