@@ -24,8 +24,8 @@ TCA with budgets calibrated on the generation graph, cache compacted (the defaul
 (StreamingLLM's cache, at equal KV bytes). On held-out windows the calibration did not see: a
 prefill of ``--prompt`` tokens, then every later token of the 1024-token window decoded one step
 at a time (teacher-forced): perplexity of those tokens, time per decode step, and the KV-cache
-bytes each bundle holds after a prefill of 1024 tokens (and of 4096, past the model's context,
-on the same graph in torch).
+bytes each bundle holds after a prefill of 1024 tokens (measured on what it returns) and of 4096
+(past the model's context: the pass's count of the entries the op keeps).
 
 STILL (``--parts still``): the ``still`` pass with its defaults (layers 1 and 2 of 4, chunk 64,
 top 4 per chunk, NP-Map, attention transfer then LoRA where it pays) distilled on the first 16
@@ -182,7 +182,7 @@ def decode_part(args, work: Path) -> dict:
     kv_tca = compiled["tca"].program.history[-1]["stats"]["kv_cache_bytes"]
     # the window whose compacted cache (sinks + window per layer) holds as many bytes as TCA's at 1024
     cache = compiled["tca"].program.cache
-    per_entry = sum(h * (2 * d * 4 + 8) for h, d in zip(cache.kv_heads, cache.head_dim))
+    per_entry = sum(cache.entry_bytes(layer) for layer in range(cache.layers))
     window = round(kv_tca["1024"]["compacted"] / per_entry) - 4
     name = f"sinks + window {window}"
     compiled[name] = tokopt.compile(LM, out=work / "gen-window", generate=True, measure=False, threads=args.threads,

@@ -58,9 +58,14 @@ class CacheSpec:
     def output_names(self) -> list[str]:
         return [f"present_{kv}_{i}" for i in range(self.layers) for kv in self._parts]
 
+    def entry_bytes(self, layer: int) -> int:
+        """Bytes one cached position takes in ``layer``: every KV head's key and value, and its
+        int64 position where the cache is compacted."""
+        h, d = self.kv_heads[layer], self.head_dim[layer]
+        return h * (2 * d * np.dtype(self.dtype).itemsize + (8 if self.index else 0))
+
     def nbytes(self, context: int, batch: int = 1) -> int:
-        item = np.dtype(self.dtype).itemsize
-        return sum(2 * batch * h * d * context * item for h, d in zip(self.kv_heads, self.head_dim))
+        return batch * context * sum(self.entry_bytes(i) for i in range(self.layers))
 
     def empty(self, batch: int, length: int = 0, gen: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         dtype = getattr(torch, self.dtype)

@@ -48,12 +48,11 @@ from ..calibration.data import calibration_batches, token_source
 from ..calibration.lm_eval import full_feed, passkey_stats, perplexity
 from ..calibration.stats import cached, cheapest_within, head_errors, weights_hash
 from ..optimizer.errors import PassError, UsageError
-from ..optimizer.generation import example_feed
 from ..optimizer.ops import ATTENTION
 from ..optimizer.pass_manager import Pass, PassResult, register_pass
 from ..optimizer.patterns import index_attention
 from ..optimizer.program import Program, call_function_nodes, inherit_meta, remove_dead_code
-from .tca_op import TCA, TCA_CACHE, tca_reference
+from .tca_op import TCA, TCA_CACHE, compact_size, tca_reference
 
 __all__ = ["TCAPass", "GRID"]
 
@@ -230,7 +229,8 @@ def _compact_cache(program: Program, layer_nodes: dict[int, str], budgets: dict[
     docstring): new ``past_index_i``/``present_index_i`` tensors, every attention node a
     ``tca_cache_attention`` reading the layer's full present cache and ``attention_mask``. The
     graph is re-exported (its cache lengths are now the op's output sizes). Returns the cache
-    bytes per sequence at 1K and 4K tokens of prefill, measured on the rewritten graph."""
+    bytes per sequence after a prefill of 1K and 4K tokens: the entries the op keeps
+    (``compact_size``, the rule its outputs are cut by) times each entry's bytes."""
     spec = program.cache
     gm = program.ep.module(check_guards=False)
     gm._forward_pre_hooks.clear()          # the input-count check: inputs are added below
@@ -274,9 +274,7 @@ def _compact_cache(program: Program, layer_nodes: dict[int, str], budgets: dict[
     program.ep, program.cache, program.probe = ep, new_spec, probe
     program.input_names, program.output_names, program.dynamic_axes = names, ["logits", *new_spec.output_names], axes
     program.attention, program.rejected = index_attention(program)
-    run = program.runner()
-    held = {}
-    for n in (1024, 4096):
-        got = run(example_feed(new_spec, 1, n, 0))
-        held[str(n)] = {"full": spec.nbytes(n), "compacted": new_spec.held_bytes(got)}
-    return {"kv_cache_bytes": held}
+    kept = {str(n): sum(new_spec.entry_bytes(layer) * compact_size(n, n, [f for _, f in cfg], [w for w, _ in cfg],
+                                                                      opts.sinks)
+                        for layer, cfg in budgets.items()) for n in (1024, 4096)}
+    return {"kv_cache_bytes": {n: {"full": spec.nbytes(int(n)), "compacted": b} for n, b in kept.items()}}

@@ -504,7 +504,6 @@ def _prune_once(program: Program, gm: torch.fx.GraphModule, layer: int, keep: fl
             raise PassError("token_prune: restore needs the hidden stream crossing the cut")
         width = hidden.meta["val"].shape[-1]
         new_args = []
-        new_args = []
         for arg in out.args[0]:
             val = arg.meta.get("val") if isinstance(arg, torch.fx.Node) else None
             if isinstance(val, torch.Tensor) and val.dim() == 3 and _expr(val.shape[1]) == seq \
