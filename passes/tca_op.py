@@ -23,11 +23,15 @@ against the keys their windows can reach.
 """
 from __future__ import annotations
 
+import itertools
+
 import onnx
+import onnx_ir as ir
+import onnxscript
 import torch
 from onnxscript import opset23 as op
 
-from ..optimizer.ops import define_op
+from ..optimizer.ops import OPSET, define_op
 
 __all__ = ["TCA", "TCA_CACHE", "tca_reference", "tca_cache_reference", "compact_size", "valid_keys",
            "QUERY_BLOCK"]
@@ -334,10 +338,90 @@ def _tca_cache_fake(q, k, v, index, attention_mask, scale, budgets, windows, sin
             v.new_empty((b, hkv, keep, v.shape[-1])), index.new_empty((b, hkv, keep)))
 
 
+_BRANCHES = itertools.count()
+
+
+def _branch(name: str, build):
+    """What ``build()`` emits, recorded as a graph (an ``If`` branch) instead of into the graph
+    being exported. The torch exporter records each lowering's nodes in its onnxscript evaluator
+    and shares Python-constant values across the export; both are set aside meanwhile, so that
+    no value made inside the branch is used outside it."""
+    rec = onnxscript.evaluator.default()
+    nodes, farm = rec.nodes, rec.constant_farm
+    rec.nodes, rec.constant_farm = [], {}
+    try:
+        outs = build()
+        tag = f"{name}{next(_BRANCHES)}"
+        for i, value in enumerate(v for node in rec.nodes for v in node.outputs):
+            value.name = f"{tag}_{i}"     # the exporter names each graph's values from val_0 on
+        return ir.Graph((), outs, nodes=rec.nodes, name=tag)
+    finally:
+        rec.nodes, rec.constant_farm = nodes, farm
+
+
+def _if(cond, then, otherwise, dtype):
+    """ONNX ``If``: ``then()`` or ``otherwise()`` at run time (each returns the same number of
+    ``dtype`` tensors)."""
+    then_graph, else_graph = _branch("then", then), _branch("else", otherwise)
+    node = ir.Node("", "If", [cond], attributes=[ir.AttrGraph("then_branch", then_graph),
+                                                  ir.AttrGraph("else_branch", else_graph)],
+                   num_outputs=len(then_graph.outputs), version=OPSET)
+    onnxscript.evaluator.default().nodes.append(node)
+    for out in node.outputs:
+        out.dtype = dtype
+    return node.outputs
+
+
+def _few_queries(q, k, v, valid, m, scale, budgets, windows, sinks, obs):
+    """The cache op's attention and scores for all KV heads at once, each query row over every
+    cache entry masked to its head's sinks + window + selected keys. Exact as the per-head form;
+    costs S x n per head instead of S x (window + budget x m), so only for a few queries."""
+    b, hkv, s, n, d, dv = _dim(q, 0), _dim(k, 1), _dim(q, 2), _dim(k, 2), _dim(q, 3), _dim(v, 3)
+    one, zero = _ints(1), _ints(0)
+    neg_inf = op.CastLike(op.Constant(value_float=float("-inf")), q)
+    zero_f = op.CastLike(op.Constant(value_float=0.0), q)
+    # unscaled product, then the scale: the scores round as the per-head form's
+    qg = op.Reshape(q, op.Concat(b, hkv, _ints(-1), d, axis=0))                           # [B,Hkv,G*S,d]
+    logits = op.Mul(op.MatMul(qg, op.Transpose(k, perm=[0, 1, 3, 2])), op.CastLike(op.Constant(value_float=scale), q))
+    logits = op.Reshape(logits, op.Concat(b, hkv, _ints(-1), s, n, axis=0))               # [B,Hkv,G,S,n]
+    gap = op.Sub(op.Unsqueeze(op.Add(_range(s), op.Sub(n, s)), one), op.Unsqueeze(_range(n), zero))   # [S,n]
+    far = op.GreaterOrEqual(op.Unsqueeze(gap, zero), op.Reshape(_ints(*windows), _ints(-1, 1, 1)))   # [Hkv,S,n]
+    near = op.And(op.Unsqueeze(op.GreaterOrEqual(gap, zero), zero), op.Not(far))
+    # scores: what the evenly spaced observation rows pay to the keys outside their windows
+    n_obs = op.Min(s, _ints(obs))
+    rows = op.Sub(op.Div(op.Mul(op.Add(_range(n_obs), one), s), n_obs), one)
+    ok = op.And(op.Unsqueeze(op.Gather(far, rows, axis=1), _ints(0, 2)), op.Unsqueeze(valid, _ints(2, 3)))
+    probs = op.Softmax(op.Where(ok, op.Gather(logits, rows, axis=3), neg_inf), axis=-1)
+    score = op.ReduceSum(op.Where(op.IsNaN(probs), zero_f, probs), _ints(2, 3), keepdims=0)   # [B,Hkv,n]
+    is_sink = op.Less(_range(n), op.Constant(value_int=sinks))
+    score = op.Where(is_sink, op.CastLike(op.Constant(value_float=-1.0), q), score)
+    # each head's ceil(budget x m) best-scored keys, ranked by one TopK
+    counts = op.Cast(op.Ceil(op.Mul(op.Constant(value_floats=list(budgets)), op.Cast(m, to=1))), to=7)
+    counts = op.Min(counts, op.Max(op.Sub(n, _ints(sinks)), zero))                        # [Hkv]
+    most = op.ReduceMax(counts, keepdims=1)
+    _, top = op.TopK(score, most, axis=-1)                                                # [B,Hkv,M]
+    ranked = op.Cast(op.Less(op.Unsqueeze(_range(most), zero), op.Unsqueeze(counts, one)), to=1)
+    chosen = op.ScatterElements(op.ConstantOfShape(op.Concat(b, hkv, n, axis=0)), top,
+                                op.Expand(ranked, op.Shape(top)), axis=2)
+    core = op.Unsqueeze(op.Or(op.Greater(chosen, op.Constant(value_float=0.5)), is_sink), _ints(2, 3))
+    near, far = op.Unsqueeze(near, _ints(0, 2)), op.Unsqueeze(far, _ints(0, 2))             # [1,Hkv,1,S,n]
+    attend = op.And(op.Unsqueeze(valid, _ints(2, 3)), op.Or(near, op.And(far, core)))
+    scores = op.Add(logits, op.Where(attend, zero_f, neg_inf))                            # [B,Hkv,G,S,n]
+    top_ = op.ReduceMax(scores, _ints(-1), keepdims=1)
+    p = op.Exp(op.Sub(scores, op.Where(op.IsInf(top_), zero_f, top_)))
+    den = op.Max(op.ReduceSum(p, _ints(-1), keepdims=1),
+                 op.CastLike(op.Constant(value_float=torch.finfo(torch.float32).tiny), q))
+    out = op.Div(op.MatMul(p, op.Unsqueeze(v, _ints(2))), den)                             # [B,Hkv,G,S,dv]
+    return op.Reshape(out, op.Concat(b, _ints(-1), s, dv, axis=0)), score
+
+
 def _tca_cache_onnx(q, k, v, index, attention_mask, scale: float = 1.0, budgets=(1.0,), windows=(64,),
                     sinks: int = 4, obs: int = 16):
-    """The cache reference in standard ONNX: the heads as in ``_tca_onnx``, then TopK over the
-    compaction priority and a second TopK that puts the kept entries back in context order."""
+    """The cache reference in standard ONNX: the attention as in ``_tca_onnx`` (per KV head) for a
+    prefill, or for up to ``QUERY_BLOCK`` new tokens (a decode step) all heads at once over every
+    cache entry (``_few_queries``: some 60 nodes instead of some 200 per head, which is what a
+    decode step's time goes to); an ``If`` picks one at run time. Then TopK over the compaction
+    priority and a second TopK that puts the kept entries back in context order."""
     b, hkv, n, s, m = _dim(k, 0), _dim(k, 1), _dim(k, 2), _dim(q, 2), _dim(attention_mask, 1)
     one, zero = _ints(1), _ints(0)
     bhm = op.Concat(b, hkv, m, axis=0)
@@ -346,33 +430,36 @@ def _tca_cache_onnx(q, k, v, index, attention_mask, scale: float = 1.0, budgets=
     idx = op.Concat(index, new, axis=-1)                                                   # [B,Hkv,n]
     seen = op.GatherElements(op.Expand(op.Unsqueeze(attention_mask, one), bhm), idx, axis=2)
     valid = op.Greater(seen, op.CastLike(op.Constant(value_int=0), seen))
-    g = op.Div(_dim(q, 1), _ints(len(budgets)))
-    outs, scores = [], []
-    for i, (budget, window) in enumerate(zip(budgets, windows)):
-        qi = op.Slice(q, op.Mul(g, _ints(i)), op.Mul(g, _ints(i + 1)), one)
-        ki, vi = op.Slice(k, _ints(i), _ints(i + 1), one), op.Slice(v, _ints(i), _ints(i + 1), one)
-        vali = op.Squeeze(op.Slice(valid, _ints(i), _ints(i + 1), one), one)
-        out, score = _tca_onnx_heads(qi, ki, vi, vali, scale, True, budget, sinks, window, obs, total=m)
-        outs.append(out)
-        scores.append(score)
+
+    def per_head():
+        g = op.Div(_dim(q, 1), _ints(len(budgets)))
+        outs, scores = [], []
+        for i, (budget, window) in enumerate(zip(budgets, windows)):
+            qi = op.Slice(q, op.Mul(g, _ints(i)), op.Mul(g, _ints(i + 1)), one)
+            ki, vi = op.Slice(k, _ints(i), _ints(i + 1), one), op.Slice(v, _ints(i), _ints(i + 1), one)
+            vali = op.Squeeze(op.Slice(valid, _ints(i), _ints(i + 1), one), one)
+            out, score = _tca_onnx_heads(qi, ki, vi, vali, scale, True, budget, sinks, window, obs, total=m)
+            outs.append(out)
+            scores.append(score)
+        return _cat_heads(outs), _cat_heads(scores)
+
+    few = op.Squeeze(op.LessOrEqual(s, _ints(QUERY_BLOCK)))
+    out, score = _if(few, lambda: _few_queries(q, k, v, valid, m, scale, budgets, windows, sinks, obs), per_head,
+                     dtype=q.dtype)
     ns = op.Min(n, _ints(sinks))
-    mf = op.Cast(m, to=1)
-    caps = [op.Add(op.Add(ns, _ints(w)), op.Cast(op.Ceil(op.Mul(op.Constant(value_floats=[f]), mf)), to=7))
-            for f, w in zip(budgets, windows)]
-    keep = op.Min(n, caps[0] if len(caps) == 1 else op.Max(*caps))
-    pos = _range(n)
-    pinned = op.Concat(*[op.Unsqueeze(op.Or(op.Less(pos, ns), op.GreaterOrEqual(pos, op.Sub(n, _ints(w)))), zero)
-                         for w in windows], axis=0)                                         # [Hkv,n]
-    score = _cat_heads(scores)
+    wins = _ints(*windows)                                                                  # [Hkv]
+    extra = op.Cast(op.Ceil(op.Mul(op.Constant(value_floats=list(budgets)), op.Cast(m, to=1))), to=7)
+    keep = op.Min(n, op.ReduceMax(op.Add(op.Add(ns, wins), extra), keepdims=1))
+    pos = op.Unsqueeze(_range(n), zero)
+    pinned = op.Or(op.Less(pos, ns), op.GreaterOrEqual(pos, op.Unsqueeze(op.Sub(n, wins), one)))   # [Hkv,n]
     prio = op.Where(valid, score, op.CastLike(op.Constant(value_float=-1.0), score))
     prio = op.Where(op.Unsqueeze(pinned, zero), op.CastLike(op.Constant(value_float=PINNED), score), prio)
     _, sel = op.TopK(prio, keep, axis=-1)
-    back, _ = op.TopK(op.Neg(op.Cast(sel, to=1)), keep, axis=-1)                           # context order
-    sel = op.Cast(op.Neg(back), to=7)
+    sel, _ = op.TopK(sel, keep, axis=-1, largest=0)                                        # context order
     d, dv = _dim(k, 3), _dim(v, 3)
     ks = op.GatherElements(k, op.Expand(op.Unsqueeze(sel, _ints(3)), op.Concat(b, hkv, keep, d, axis=0)), axis=2)
     vs = op.GatherElements(v, op.Expand(op.Unsqueeze(sel, _ints(3)), op.Concat(b, hkv, keep, dv, axis=0)), axis=2)
-    return _cat_heads(outs), ks, vs, op.GatherElements(idx, sel, axis=2)
+    return out, ks, vs, op.GatherElements(idx, sel, axis=2)
 
 
 TCA_CACHE = define_op("tokopt::tca_cache_attention", _tca_cache, _tca_cache_fake, onnx=_tca_cache_onnx,

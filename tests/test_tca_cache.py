@@ -12,7 +12,7 @@ import tokopt
 from tokopt.optimizer.compile import plan_passes
 from tokopt.optimizer.ops import OPSET, onnx_translation_table
 from tokopt.optimizer.pass_manager import PassManager, resolve
-from tokopt.passes.tca_op import TCA_CACHE, compact_size, tca_cache_reference, tca_reference
+from tokopt.passes.tca_op import QUERY_BLOCK, TCA_CACHE, compact_size, tca_cache_reference, tca_reference
 
 from .conftest import REFERENCE_LM, _tiny
 
@@ -55,7 +55,10 @@ def test_prefill_attends_as_the_op_and_keeps_each_heads_core_tokens():
 
 def test_onnx_lowering_matches_reference(tmp_path):
     """Standard ONNX in ONNX Runtime: prefill, decode steps on a full and on a compacting cache,
-    a chunk of new tokens, padding; attention and the kept cache equal the reference."""
+    chunks of new tokens below and above QUERY_BLOCK, padding; attention and the kept cache equal
+    the reference. Structural: an If sends up to QUERY_BLOCK queries through one selection for
+    all heads, more through one per head."""
+    import onnx
     import onnxruntime as ort
 
     class Op(torch.nn.Module):
@@ -67,8 +70,12 @@ def test_onnx_lowering_matches_reference(tmp_path):
     ep = torch.export.export(Op(), ex, dynamic_shapes=dyn, strict=False)
     torch.onnx.export(ep, dynamo=True, opset_version=OPSET, optimize=False, input_names=["q", "k", "v", "index", "am"],
                       custom_translation_table=onnx_translation_table()).save(str(tmp_path / "c.onnx"))
+    branch = next(n for n in onnx.load(str(tmp_path / "c.onnx")).graph.node if n.op_type == "If")
+    few, per_head = ([n.op_type for n in a.g.node] for a in branch.attribute)
+    assert few.count("TopK") == 1 and per_head.count("TopK") == len(FS) and len(few) < len(per_head) / 3
     sess = ort.InferenceSession(str(tmp_path / "c.onnx"), providers=["CPUExecutionProvider"])
-    for s, c, m in ((60, 0, 60), (1, 30, 59), (1, 59, 61), (3, 20, 58)):
+    assert QUERY_BLOCK == 32
+    for s, c, m in ((60, 0, 60), (1, 30, 59), (1, 59, 61), (3, 20, 58), (32, 20, 80), (40, 20, 80)):
         args = _case(s, c, m, pad=3, seed=s + c)
         ref = tca_cache_reference(*args, 0.25, FS, WS, SINKS, OBS)
         got = sess.run(None, dict(zip(["q", "k", "v", "index", "am"], (a.numpy() for a in args))))
