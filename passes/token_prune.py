@@ -32,8 +32,10 @@ parameters (norm weights and biases, linear biases): encoders match the mean-poo
 first-token outputs (cosine), causal LMs the last position's next-token distribution (KL).
 
 Contract: for encoders the pooled outputs (CLS row) keep their shape; ``restore=true`` scatters
-the pruned tokens' pre-pruning representations back so ``last_hidden_state`` keeps the input's
-shape. For causal LMs the last position's logits are the contract (``restore`` is refused).
+every pruned token's last representation (the stream entering the cut that dropped it) back into
+its position, through any number of cuts, so that every output with the input's token axis
+(``last_hidden_state``) keeps the input's shape. For causal LMs the last position's logits are
+the contract (``restore`` is refused).
 
 Refused with a reason: a layer past the model's depth, ``score=cls`` on a causal model (its
 first token attends only to itself), a value crossing the cut whose length is an expression of
@@ -98,9 +100,6 @@ class TokenPruneOptions:
         if self.mode == "merge" and any(keep <= 0.5 for keep, _ in self.steps()):
             raise ValueError("mode=merge needs keep > 0.5: ToMe merges at most the a-half of the tokens "
                              "and the first token never merges")
-        if self.restore and len(self.steps()) > 1:
-            raise ValueError("restore=true supports one pruning layer for now (restoring through several "
-                             "cuts is not built); use one layer, or drop restore")
         if self.mode not in MODES:
             raise ValueError(f"mode={self.mode!r} is unknown; choose one of {', '.join(MODES)}")
         if self.recover < 0 or self.recover_lr <= 0:
@@ -418,7 +417,7 @@ def _depends_on(x, seq) -> bool:
 
 
 def _prune_once(program: Program, gm: torch.fx.GraphModule, layer: int, keep: float,
-                opts: TokenPruneOptions, causal: bool) -> None:
+                opts: TokenPruneOptions, causal: bool, last: bool = True, tokenwise: set[int] = frozenset()) -> None:
     graph = gm.graph
     nodes = list(graph.nodes)
     in_layer = [i for i, n in enumerate(nodes) if _layer_of(n) == layer]
@@ -446,7 +445,9 @@ def _prune_once(program: Program, gm: torch.fx.GraphModule, layer: int, keep: fl
             new_len = graph.call_function(torch.ops.aten.sym_size.int, (idx, 1))
             if opts.mode == "fuse":
                 new_len = graph.call_function(operator.add, (new_len, 1))
-    crossing = {a for n in after for a in n.all_input_nodes if a in before and a.op != "get_attr"}
+    n_out = len(program.output_names)
+    carried = set(next(n for n in reversed(nodes) if n.op == "output").args[0][n_out:])   # earlier cuts' (restore)
+    crossing = {a for n in after for a in n.all_input_nodes if a in before and a.op != "get_attr"} - carried
     hidden = None
     merged = None
     if opts.mode == "merge":
@@ -499,21 +500,45 @@ def _prune_once(program: Program, gm: torch.fx.GraphModule, layer: int, keep: fl
         if val.dim() == 3 and dims == (1,) and hidden is None:
             hidden = value
     if opts.restore:
-        out = next(n for n in reversed(nodes) if n.op == "output")
         if hidden is None:
             raise PassError("token_prune: restore needs the hidden stream crossing the cut")
-        width = hidden.meta["val"].shape[-1]
-        new_args = []
-        for arg in out.args[0]:
-            val = arg.meta.get("val") if isinstance(arg, torch.fx.Node) else None
-            if isinstance(val, torch.Tensor) and val.dim() == 3 and _expr(val.shape[1]) == seq \
-                    and val.shape[-1] == width:
-                with graph.inserting_before(out):
-                    arg = graph.call_function(_unmerge, (hidden, merged_parts[2], arg)) if merged is not None else \
-                        graph.call_function(_restore, (hidden, idx, arg))
-            new_args.append(arg)
-        out.args = (tuple(new_args),)
+        _restore_outputs(graph, hidden, merged_parts[2] if merged is not None else idx, n_out, last,
+                         merged is not None, tokenwise)
     gm.recompile()
+
+
+def _tokenwise_outputs(program: Program) -> set[int]:
+    """Which outputs of the unpruned graph have the input's token axis ([B, N, D]): the ones
+    ``restore`` gives back their length."""
+    graph, sig = program.ep.graph, program.ep.graph_signature
+    ids = sig.user_inputs[program.input_names.index("input_ids")]
+    seq = _expr(next(n for n in graph.nodes if n.op == "placeholder" and n.name == ids).meta["val"].shape[1])
+    outs = [n.meta.get("val") for n in next(n for n in reversed(graph.nodes) if n.op == "output").args[0]]
+    return {i for i, v in enumerate(outs) if isinstance(v, torch.Tensor) and v.dim() == 3 and _expr(v.shape[1]) == seq}
+
+
+def _restore_outputs(graph, hidden, link, n_out: int, last: bool, merge: bool, tokenwise: set[int]) -> None:
+    """Before the last cut, carry this cut's stream and index out of the graph (extra outputs
+    after the ``n_out`` real ones, so that they survive re-export). At the last cut, give every
+    token-wise output back its original length: the innermost cut first, each pruned token
+    getting its representation from just before the cut that dropped it."""
+    out = next(n for n in reversed(graph.nodes) if n.op == "output")
+    args = list(out.args[0])
+    if not last:
+        graph._codegen = torch.fx.graph.CodeGen()   # a flat output tuple: it grows here
+        out.args = (tuple(args) + (hidden, link),)
+        return
+    cuts = [(args[i], args[i + 1]) for i in range(n_out, len(args), 2)] + [(hidden, link)]
+    restored = []
+    for i, arg in enumerate(args[:n_out]):
+        if i in tokenwise:
+            with graph.inserting_before(out):
+                for stream, index in reversed(cuts):
+                    arg = graph.call_function(_unmerge if merge else _restore, (stream, index, arg))
+        restored.append(arg)
+    if len(args) > n_out:
+        graph._codegen = torch.fx.graph.CodeGen()
+    out.args = (tuple(restored),)
 
 
 def _reexport(program: Program, gm: torch.fx.GraphModule) -> torch.export.ExportedProgram:
@@ -562,11 +587,13 @@ class TokenPrunePass(Pass):
         if all(keep == 1.0 for keep, _ in steps):
             return PassResult(program, False, {"pruned_layers": []})
         original = program.copy() if opts.recover else None
+        cuts = [layer for keep, layer in steps if keep < 1.0]
+        tokenwise = _tokenwise_outputs(program) if opts.restore else set()
         for keep, layer in steps:
             if keep == 1.0:
                 continue
             gm = program.ep.module()
-            _prune_once(program, gm, layer, keep, opts, causal)
+            _prune_once(program, gm, layer, keep, opts, causal, last=layer == cuts[-1], tokenwise=tokenwise)
             program.ep = _reexport(program, gm)
             program.attention, program.rejected = index_attention(program)
         n_layers = max(depth, 1)
