@@ -197,7 +197,8 @@ def _tca_onnx(q, k, v, mask=None, scale: float = 1.0, causal: bool = True, budge
               sinks: int = 4, obs: int = 16):
     """The reference, op for op, in standard ONNX (opset 23): per KV head, TopK selects,
     GatherElements and Gather fetch the selected and the windowed keys, one shared softmax
-    normaliser; the heads' outputs are concatenated."""
+    normaliser; the heads' outputs are concatenated. Up to ``QUERY_BLOCK`` queries (a decode
+    step on a whole cache) take ``_few_queries`` instead (an ``If``)."""
     b, nk = _dim(q, 0), _dim(k, 2)
     one = _ints(1)
     bk = op.Concat(b, nk, axis=0)
@@ -209,13 +210,18 @@ def _tca_onnx(q, k, v, mask=None, scale: float = 1.0, causal: bool = True, budge
         valid = last if mask.dtype is not None and mask.dtype.name == "BOOL" else \
             op.Greater(last, op.CastLike(op.Constant(value_float=-1e30), last))
         valid = op.Expand(valid, bk)
-    g = op.Div(_dim(q, 1), _ints(len(budgets)))
-    heads = []
-    for i, (budget, window) in enumerate(zip(budgets, windows)):
-        qi = op.Slice(q, op.Mul(g, _ints(i)), op.Mul(g, _ints(i + 1)), one)
-        ki, vi = op.Slice(k, _ints(i), _ints(i + 1), one), op.Slice(v, _ints(i), _ints(i + 1), one)
-        heads.append(_tca_onnx_heads(qi, ki, vi, valid, scale, causal, budget, sinks, window, obs)[0])
-    return _cat_heads(heads)
+    def per_head():
+        g = op.Div(_dim(q, 1), _ints(len(budgets)))
+        heads = []
+        for i, (budget, window) in enumerate(zip(budgets, windows)):
+            qi = op.Slice(q, op.Mul(g, _ints(i)), op.Mul(g, _ints(i + 1)), one)
+            ki, vi = op.Slice(k, _ints(i), _ints(i + 1), one), op.Slice(v, _ints(i), _ints(i + 1), one)
+            heads.append(_tca_onnx_heads(qi, ki, vi, valid, scale, causal, budget, sinks, window, obs)[0])
+        return (_cat_heads(heads),)
+
+    few = op.Squeeze(op.LessOrEqual(_dim(q, 2), _ints(QUERY_BLOCK)))
+    return _if(few, lambda: _few_queries(q, k, v, op.Unsqueeze(valid, one), nk, scale, causal, budgets, windows,
+                                         sinks, obs)[:1], per_head, dtype=q.dtype)[0]
 
 
 def _cat_heads(xs):
@@ -372,10 +378,11 @@ def _if(cond, then, otherwise, dtype):
     return node.outputs
 
 
-def _few_queries(q, k, v, valid, m, scale, budgets, windows, sinks, obs):
-    """The cache op's attention and scores for all KV heads at once, each query row over every
-    cache entry masked to its head's sinks + window + selected keys. Exact as the per-head form;
-    costs S x n per head instead of S x (window + budget x m), so only for a few queries."""
+def _few_queries(q, k, v, valid, total, scale, causal, budgets, windows, sinks, obs):
+    """Attention and key scores for all KV heads at once, each query row over every key masked to
+    its head's sinks + window + selected keys (``valid`` [B,Hkv or 1,n]; budgets are fractions of
+    ``total``). Exact as the per-head form; costs S x n per head instead of S x (window + budget
+    x total), so only for a few queries."""
     b, hkv, s, n, d, dv = _dim(q, 0), _dim(k, 1), _dim(q, 2), _dim(k, 2), _dim(q, 3), _dim(v, 3)
     one, zero = _ints(1), _ints(0)
     neg_inf = op.CastLike(op.Constant(value_float=float("-inf")), q)
@@ -385,8 +392,9 @@ def _few_queries(q, k, v, valid, m, scale, budgets, windows, sinks, obs):
     logits = op.Mul(op.MatMul(qg, op.Transpose(k, perm=[0, 1, 3, 2])), op.CastLike(op.Constant(value_float=scale), q))
     logits = op.Reshape(logits, op.Concat(b, hkv, _ints(-1), s, n, axis=0))               # [B,Hkv,G,S,n]
     gap = op.Sub(op.Unsqueeze(op.Add(_range(s), op.Sub(n, s)), one), op.Unsqueeze(_range(n), zero))   # [S,n]
-    far = op.GreaterOrEqual(op.Unsqueeze(gap, zero), op.Reshape(_ints(*windows), _ints(-1, 1, 1)))   # [Hkv,S,n]
-    near = op.And(op.Unsqueeze(op.GreaterOrEqual(gap, zero), zero), op.Not(far))
+    far = op.GreaterOrEqual(op.Unsqueeze(gap if causal else op.Abs(gap), zero),
+                            op.Reshape(_ints(*windows), _ints(-1, 1, 1)))                 # [Hkv,S,n]
+    near = op.And(op.Unsqueeze(op.GreaterOrEqual(gap, zero), zero), op.Not(far)) if causal else op.Not(far)
     # scores: what the evenly spaced observation rows pay to the keys outside their windows
     n_obs = op.Min(s, _ints(obs))
     rows = op.Sub(op.Div(op.Mul(op.Add(_range(n_obs), one), s), n_obs), one)
@@ -396,7 +404,7 @@ def _few_queries(q, k, v, valid, m, scale, budgets, windows, sinks, obs):
     is_sink = op.Less(_range(n), op.Constant(value_int=sinks))
     score = op.Where(is_sink, op.CastLike(op.Constant(value_float=-1.0), q), score)
     # each head's ceil(budget x m) best-scored keys, ranked by one TopK
-    counts = op.Cast(op.Ceil(op.Mul(op.Constant(value_floats=list(budgets)), op.Cast(m, to=1))), to=7)
+    counts = op.Cast(op.Ceil(op.Mul(op.Constant(value_floats=list(budgets)), op.Cast(total, to=1))), to=7)
     counts = op.Min(counts, op.Max(op.Sub(n, _ints(sinks)), zero))                        # [Hkv]
     most = op.ReduceMax(counts, keepdims=1)
     _, top = op.TopK(score, most, axis=-1)                                                # [B,Hkv,M]
@@ -444,8 +452,8 @@ def _tca_cache_onnx(q, k, v, index, attention_mask, scale: float = 1.0, budgets=
         return _cat_heads(outs), _cat_heads(scores)
 
     few = op.Squeeze(op.LessOrEqual(s, _ints(QUERY_BLOCK)))
-    out, score = _if(few, lambda: _few_queries(q, k, v, valid, m, scale, budgets, windows, sinks, obs), per_head,
-                     dtype=q.dtype)
+    out, score = _if(few, lambda: _few_queries(q, k, v, valid, m, scale, True, budgets, windows, sinks, obs),
+                     per_head, dtype=q.dtype)
     ns = op.Min(n, _ints(sinks))
     wins = _ints(*windows)                                                                  # [Hkv]
     extra = op.Cast(op.Ceil(op.Mul(op.Constant(value_floats=list(budgets)), op.Cast(m, to=1))), to=7)

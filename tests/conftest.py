@@ -102,3 +102,8 @@ def feed_for(family: str, batch: int, length: int) -> dict[str, torch.Tensor]:
     if family in ("bert", "distilbert", "roberta"):  # right padding on the encoder exercises the mask path
         mask[0, -(length // 3):] = 0
     return {"input_ids": ids, "attention_mask": mask}
+
+
+def onnx_ops(graph) -> list[str]:
+    """Op types of an ONNX graph, its If/Loop branches included."""
+    return [t for n in graph.node for t in [n.op_type, *(o for a in n.attribute if a.g.node for o in onnx_ops(a.g))]]

@@ -14,7 +14,7 @@ from tokopt.optimizer.errors import UsageError
 from tokopt.optimizer.ops import OPSET, attention_reference, onnx_translation_table
 from tokopt.passes.tca_op import TCA, TCA_CACHE, tca_reference
 
-from .conftest import REFERENCE_LM, _tiny
+from .conftest import REFERENCE_LM, _tiny, onnx_ops
 
 
 def _qkvm(b, h, hkv, nq, nk, causal, pad=0, seed=0):
@@ -65,10 +65,10 @@ def test_onnx_lowering_matches_reference(tmp_path, causal):
     ep = torch.export.export(Op(), ex, dynamic_shapes=dyn, strict=False)
     torch.onnx.export(ep, dynamo=True, opset_version=OPSET, optimize=False, input_names=["q", "k", "v", "mask"],
                       custom_translation_table=onnx_translation_table()).save(str(tmp_path / "tca.onnx"))
-    ops = {n.op_type for n in onnx.load(str(tmp_path / "tca.onnx")).graph.node}
-    assert {"TopK", "GatherElements", "Softmax", "MatMul"} <= ops and "Attention" not in ops
+    ops = set(onnx_ops(onnx.load(str(tmp_path / "tca.onnx")).graph))
+    assert {"If", "TopK", "GatherElements", "Softmax", "MatMul"} <= ops and "Attention" not in ops
     sess = ort.InferenceSession(str(tmp_path / "tca.onnx"), providers=["CPUExecutionProvider"])
-    for b, nq, nk in ((1, 37, 37), (3, 1, 20), (2, 5, 23), (1, 90, 90)):
+    for b, nq, nk in ((1, 37, 37), (3, 1, 20), (2, 5, 23), (1, 90, 90), (2, 20, 20)):   # QUERY_BLOCK = 32
         if not causal and nq != nk:
             continue
         q, k, v, mask = _qkvm(b, 4, 2, nq, nk, causal, pad=2, seed=nq)
@@ -84,8 +84,11 @@ def test_uniform_pass_replaces_every_attention(tmp_path, model_dir):
     table = json.loads((tmp_path / "b" / "budgets.json").read_text())
     assert [(r["layer"], r["window"], r["budget"]) for r in table["heads"]] == [(0, 4, 0.25)] * 2 + [(1, 4, 0.25)] * 2
     # the ONNX graph holds the selection, not ONNX's dense Attention op
-    ops = [n.op_type for n in onnx.load(str(tmp_path / "b" / "model.onnx")).graph.node]
-    assert ops.count("TopK") == 4 and "Attention" not in ops  # one selection per KV head and layer
+    graph = onnx.load(str(tmp_path / "b" / "model.onnx")).graph
+    assert "Attention" not in onnx_ops(graph)
+    # per layer an If: up to QUERY_BLOCK queries one selection for all heads, else one per KV head
+    branches = [[onnx_ops(a.g) for a in n.attribute] for n in graph.node if n.op_type == "If"]
+    assert [(few.count("TopK"), per_head.count("TopK")) for few, per_head in branches] == [(1, 2)] * 2
     from tokopt.optimizer.compile import plan_passes
     from tokopt.optimizer.pass_manager import PassManager, resolve
     dense = PassManager(resolve(plan_passes("tca:uniform=1"))).run(tokopt.capture(model_dir("llama")))
