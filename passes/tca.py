@@ -63,7 +63,7 @@ CALIBRATION_VERSION = 5  # part of the cache key: bump when the statistics are c
 @dataclass(frozen=True)
 class TCAOptions:
     tolerance: float = 0.2      # max relative output error per query head at its budget
-    sinks: int = 4              # first positions every query keeps
+    sinks: int = 4              # first valid positions of each row, which every query keeps
     windows: tuple[int, ...] = (32, 64, 128, 256)   # local windows a head may be given
     obs: int = 16               # queries (evenly spaced) that score the keys
     uniform: float = -1.0       # -1: calibrated per head; 0..1: this budget for every head

@@ -4,7 +4,8 @@
                   budgets[Hkv], windows[Hkv], sinks, obs) -> [B,H,Nq,dv]
 
 Every query attends, with one exact softmax, to three sets of keys:
-    sinks      the first ``sinks`` positions, always;
+    sinks      the first ``sinks`` valid keys of each row (a left-padded row's first real tokens),
+               always;
     window     its local window: the ``windows[h]`` positions ending at itself (causal) or
                within ``windows[h] - 1`` on either side (bidirectional);
     selected   per KV head, the ``ceil(budgets[h] * Nk)`` keys that score highest under the
@@ -33,7 +34,7 @@ from onnxscript import opset23 as op
 
 from ..optimizer.ops import OPSET, define_op
 
-__all__ = ["TCA", "TCA_CACHE", "tca_reference", "tca_cache_reference", "compact_size", "valid_keys",
+__all__ = ["TCA", "TCA_CACHE", "tca_reference", "tca_cache_reference", "compact_size", "valid_keys", "sink_keys",
            "QUERY_BLOCK"]
 
 QUERY_BLOCK = 32  # window-part query block: each block reads (block + window) keys, not 2 windows
@@ -46,6 +47,11 @@ def valid_keys(mask: torch.Tensor | None, b: int, nk: int, device) -> torch.Tens
     last = mask[..., -1, :].reshape(mask.shape[0], -1)
     ok = last if last.dtype == torch.bool else last > torch.finfo(last.dtype).min / 2
     return ok.expand(b, nk)
+
+
+def sink_keys(valid: torch.Tensor, sinks: int) -> torch.Tensor:
+    """[..., Nk] bool: each row's first ``sinks`` valid keys."""
+    return valid & (valid.long().cumsum(-1) <= sinks)
 
 
 def _select(q, k, valid, scale, causal, budgets, sinks, window, obs, total=None):
@@ -61,7 +67,8 @@ def _select(q, k, valid, scale, causal, budgets, sinks, window, obs, total=None)
     far = (gap >= window) if causal else (gap.abs() >= window)
     ok = far.repeat(h // hkv, 1)[None, None] & valid[:, None, None]
     score = logits.masked_fill(~ok, float("-inf")).softmax(-1).nan_to_num(0.0).sum(2)  # [B,Hkv,Nk]
-    score[..., :sinks] = -1.0                                               # kept anyway, below
+    is_sink = sink_keys(valid, sinks)                                        # [B,Nk]
+    score = score.masked_fill(is_sink[:, None], -1.0)                        # kept anyway, below
     # float32 products, as the ONNX lowering computes them
     counts = (torch.tensor(budgets, dtype=torch.float32, device=dev) * (nk if total is None else total)).ceil().long()
     counts = counts.clamp(max=max(nk - sinks, 0))
@@ -69,9 +76,11 @@ def _select(q, k, valid, scale, causal, budgets, sinks, window, obs, total=None)
     # a stable sort breaks ties toward the lower index, as ONNX's TopK does
     top = score.sort(dim=-1, descending=True, stable=True).indices[..., :m]   # [B,Hkv,M]
     ns = min(sinks, nk)
-    idx = torch.cat([torch.arange(ns, device=dev).expand(b, hkv, ns), top], -1)
-    ranked = torch.arange(m, device=dev)[None, :] < counts[:, None]                     # [Hkv,M]
-    count = torch.cat([torch.ones(hkv, ns, dtype=torch.bool, device=dev), ranked], -1).expand(b, hkv, ns + m)
+    # each row's sinks in key order (a row with fewer valid keys fills the slots with uncounted ones)
+    first = (torch.arange(nk, device=dev) + (~is_sink) * nk).sort(-1).indices[:, :ns]   # [B,ns]
+    idx = torch.cat([first[:, None].expand(b, hkv, ns), top], -1)
+    ranked = (torch.arange(m, device=dev)[None, :] < counts[:, None]).expand(b, hkv, m)    # [B,Hkv,M]
+    count = torch.cat([is_sink.gather(1, first)[:, None].expand(b, hkv, ns), ranked], -1)
     return idx, count & valid.gather(1, idx.reshape(b, -1)).reshape(idx.shape), score
 
 
@@ -159,9 +168,8 @@ def tca_cache_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index
     outs, scores = zip(*(_tca_heads(q[:, i * g:(i + 1) * g], k[:, i:i + 1], v[:, i:i + 1], valid[:, i], scale,
                                     True, [budgets[i]], sinks, windows[i], obs, total=m) for i in range(hkv)))
     keep = compact_size(n, m, budgets, windows, sinks)
-    pos = torch.arange(n, device=dev)
-    pinned = (pos < min(sinks, n)) | (pos >= n - torch.tensor(windows, device=dev)[:, None])     # [Hkv,n]
-    prio = torch.where(valid, torch.cat(scores, 1), -1.0).masked_fill(pinned[None], PINNED)
+    window = torch.arange(n, device=dev) >= n - torch.tensor(windows, device=dev)[:, None]     # [Hkv,n]
+    prio = torch.where(valid, torch.cat(scores, 1), -1.0).masked_fill(sink_keys(valid, sinks) | window, PINNED)
     # a stable sort ranks ties toward the lower index, as ONNX's TopK does
     sel = prio.sort(dim=-1, descending=True, stable=True).indices[..., :keep].sort(-1).values           # [B,Hkv,keep]
     return (torch.cat(outs, 1), k.gather(2, sel[..., None].expand(-1, -1, -1, k.shape[-1])),
@@ -191,6 +199,12 @@ def _range(n):
 
 def _dim(x, axis: int):
     return op.Shape(x, start=axis, end=axis + 1)
+
+
+def _sink_keys(valid, sinks: int):
+    """``sink_keys`` in ONNX: each row's first ``sinks`` valid keys."""
+    seen = op.CumSum(op.Cast(valid, to=7), op.Constant(value_int=-1))
+    return op.And(valid, op.LessOrEqual(seen, op.Constant(value_int=sinks)))
 
 
 def _tca_onnx(q, k, v, mask=None, scale: float = 1.0, causal: bool = True, budgets=(1.0,), windows=(64,),
@@ -252,8 +266,8 @@ def _tca_onnx_heads(q, k, v, valid, scale, causal, budget, sinks, window, obs, t
                 op.Unsqueeze(valid, _ints(1, 2)))
     probs = op.Softmax(op.Where(ok, logits, neg_inf), axis=-1)
     score = op.ReduceSum(op.Where(op.IsNaN(probs), zero_f, probs), _ints(2), keepdims=0)   # [B,Hkv,Nk]
-    is_sink = op.Less(_range(nk), op.Constant(value_int=sinks))
-    score = op.Where(is_sink, op.CastLike(op.Constant(value_float=-1.0), q), score)
+    is_sink = _sink_keys(valid, sinks)                                                # [B,Nk]
+    score = op.Where(op.Unsqueeze(is_sink, one), op.CastLike(op.Constant(value_float=-1.0), q), score)
     room = op.Max(op.Sub(nk, _ints(sinks)), zero)
     counts = op.Cast(op.Ceil(op.Mul(op.Constant(value_floats=[budget]), op.Cast(nk if total is None else total,
                                                                                  to=1))), to=7)
@@ -261,13 +275,16 @@ def _tca_onnx_heads(q, k, v, valid, scale, causal, budget, sinks, window, obs, t
     m = op.ReduceMax(counts, keepdims=1)
     _, top = op.TopK(score, m, axis=-1)                                               # [B,Hkv,M]
     ns = op.Min(nk, _ints(sinks))
+    # each row's sinks in key order: the smallest of index + Nk x (not a sink)
+    order = op.Add(op.Cast(_range(nk), to=1), op.Mul(op.Cast(op.Not(is_sink), to=1), op.Cast(nk, to=1)))
+    _, first = op.TopK(order, ns, axis=-1, largest=0)                                  # [B,ns]
     bhs = op.Concat(b, hkv, ns, axis=0)
-    idx = op.Concat(op.Expand(_range(ns), bhs),
-                    top, axis=-1)                                                     # [B,Hkv,M']
+    idx = op.Concat(op.Expand(op.Unsqueeze(first, one), bhs), top, axis=-1)            # [B,Hkv,M']
     ranked = op.Less(op.Unsqueeze(_range(m), zero),
                      op.Unsqueeze(counts, one))                                       # [Hkv,M]
-    count = op.Concat(op.Expand(op.Constant(value=_TRUE), op.Concat(_dim(counts, 0), ns, axis=0)), ranked, axis=-1)
-    count = op.And(op.Unsqueeze(count, zero),
+    count = op.Concat(op.Expand(op.Unsqueeze(op.GatherElements(is_sink, first, axis=1), one), bhs),
+                      op.Expand(op.Unsqueeze(ranked, zero), op.Concat(b, hkv, m, axis=0)), axis=-1)
+    count = op.And(count,
                    op.GatherElements(op.Expand(op.Unsqueeze(valid, one), op.Concat(b, hkv, nk, axis=0)), idx, axis=2))
     mp = _dim(idx, 2)
     ks = op.GatherElements(k, op.Expand(op.Unsqueeze(idx, _ints(3)), op.Concat(b, hkv, mp, d, axis=0)), axis=2)
@@ -401,7 +418,7 @@ def _few_queries(q, k, v, valid, total, scale, causal, budgets, windows, sinks, 
     ok = op.And(op.Unsqueeze(op.Gather(far, rows, axis=1), _ints(0, 2)), op.Unsqueeze(valid, _ints(2, 3)))
     probs = op.Softmax(op.Where(ok, op.Gather(logits, rows, axis=3), neg_inf), axis=-1)
     score = op.ReduceSum(op.Where(op.IsNaN(probs), zero_f, probs), _ints(2, 3), keepdims=0)   # [B,Hkv,n]
-    is_sink = op.Less(_range(n), op.Constant(value_int=sinks))
+    is_sink = _sink_keys(valid, sinks)                                                      # [B,Hkv|1,n]
     score = op.Where(is_sink, op.CastLike(op.Constant(value_float=-1.0), q), score)
     # each head's ceil(budget x m) best-scored keys, ranked by one TopK
     counts = op.Cast(op.Ceil(op.Mul(op.Constant(value_floats=list(budgets)), op.Cast(total, to=1))), to=7)
@@ -458,10 +475,10 @@ def _tca_cache_onnx(q, k, v, index, attention_mask, scale: float = 1.0, budgets=
     wins = _ints(*windows)                                                                  # [Hkv]
     extra = op.Cast(op.Ceil(op.Mul(op.Constant(value_floats=list(budgets)), op.Cast(m, to=1))), to=7)
     keep = op.Min(n, op.ReduceMax(op.Add(op.Add(ns, wins), extra), keepdims=1))
-    pos = op.Unsqueeze(_range(n), zero)
-    pinned = op.Or(op.Less(pos, ns), op.GreaterOrEqual(pos, op.Unsqueeze(op.Sub(n, wins), one)))   # [Hkv,n]
+    window = op.GreaterOrEqual(op.Unsqueeze(_range(n), zero), op.Unsqueeze(op.Sub(n, wins), one))   # [Hkv,n]
+    pinned = op.Or(_sink_keys(valid, sinks), op.Unsqueeze(window, zero))                  # [B,Hkv,n]
     prio = op.Where(valid, score, op.CastLike(op.Constant(value_float=-1.0), score))
-    prio = op.Where(op.Unsqueeze(pinned, zero), op.CastLike(op.Constant(value_float=PINNED), score), prio)
+    prio = op.Where(pinned, op.CastLike(op.Constant(value_float=PINNED), score), prio)
     _, sel = op.TopK(prio, keep, axis=-1)
     sel, _ = op.TopK(sel, keep, axis=-1, largest=0)                                        # context order
     d, dv = _dim(k, 3), _dim(v, 3)

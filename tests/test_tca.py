@@ -86,9 +86,10 @@ def test_uniform_pass_replaces_every_attention(tmp_path, model_dir):
     # the ONNX graph holds the selection, not ONNX's dense Attention op
     graph = onnx.load(str(tmp_path / "b" / "model.onnx")).graph
     assert "Attention" not in onnx_ops(graph)
-    # per layer an If: up to QUERY_BLOCK queries one selection for all heads, else one per KV head
+    # per layer an If: up to QUERY_BLOCK queries one selection for all heads, else per KV head
+    # two TopK (its selection, and its rows' sinks in order)
     branches = [[onnx_ops(a.g) for a in n.attribute] for n in graph.node if n.op_type == "If"]
-    assert [(few.count("TopK"), per_head.count("TopK")) for few, per_head in branches] == [(1, 2)] * 2
+    assert [(few.count("TopK"), per_head.count("TopK")) for few, per_head in branches] == [(1, 4)] * 2
     from tokopt.optimizer.compile import plan_passes
     from tokopt.optimizer.pass_manager import PassManager, resolve
     dense = PassManager(resolve(plan_passes("tca:uniform=1"))).run(tokopt.capture(model_dir("llama")))

@@ -45,6 +45,9 @@ def test_prefill_attends_as_the_op_and_keeps_each_heads_core_tokens():
     for h, w in enumerate(WS):
         got = set(ii[1, h].tolist())
         assert set(range(SINKS)) | set(range(n - w, n)) <= got and (ii[1, h].diff() > 0).all()
+        # the left-padded row pins its first real tokens, and drops its padding
+        got = set(ii[0, h].tolist())
+        assert set(range(3, 3 + SINKS)) <= got and not got & {0, 1, 2}
     assert torch.equal(kk, k.gather(2, ii[..., None].expand(-1, -1, -1, 16)))
     assert torch.equal(vv, v.gather(2, ii[..., None].expand(-1, -1, -1, 16)))
     # a cache that already fits is kept whole: one decode step appends its token
@@ -72,7 +75,7 @@ def test_onnx_lowering_matches_reference(tmp_path):
                       custom_translation_table=onnx_translation_table()).save(str(tmp_path / "c.onnx"))
     branch = next(n for n in onnx.load(str(tmp_path / "c.onnx")).graph.node if n.op_type == "If")
     few, per_head = ([n.op_type for n in a.g.node] for a in branch.attribute)
-    assert few.count("TopK") == 1 and per_head.count("TopK") == len(FS) and len(few) < len(per_head) / 3
+    assert few.count("TopK") == 1 and per_head.count("TopK") == 2 * len(FS) and len(few) < len(per_head) / 3
     sess = ort.InferenceSession(str(tmp_path / "c.onnx"), providers=["CPUExecutionProvider"])
     assert QUERY_BLOCK == 32
     for s, c, m in ((60, 0, 60), (1, 30, 59), (1, 59, 61), (3, 20, 58), (32, 20, 80), (40, 20, 80)):
