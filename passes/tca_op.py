@@ -370,6 +370,9 @@ def _branch(name: str, build):
     and shares Python-constant values across the export; both are set aside meanwhile, so that
     no value made inside the branch is used outside it."""
     rec = onnxscript.evaluator.default()
+    if not (isinstance(getattr(rec, "nodes", None), list) and isinstance(getattr(rec, "constant_farm", None), dict)):
+        raise RuntimeError("tca: this torch's ONNX exporter records nodes differently from torch 2.13's, which "
+                           "the TCA lowering's If branches are built for; install torch==2.13.0.")
     nodes, farm = rec.nodes, rec.constant_farm
     rec.nodes, rec.constant_farm = [], {}
     try:
@@ -420,7 +423,7 @@ def _few_queries(q, k, v, valid, total, scale, causal, budgets, windows, sinks, 
     score = op.ReduceSum(op.Where(op.IsNaN(probs), zero_f, probs), _ints(2, 3), keepdims=0)   # [B,Hkv,n]
     is_sink = _sink_keys(valid, sinks)                                                      # [B,Hkv|1,n]
     score = op.Where(is_sink, op.CastLike(op.Constant(value_float=-1.0), q), score)
-    # each head's ceil(budget x m) best-scored keys, ranked by one TopK
+    # each head's ceil(budget x total) best-scored keys, ranked by one TopK
     counts = op.Cast(op.Ceil(op.Mul(op.Constant(value_floats=list(budgets)), op.Cast(total, to=1))), to=7)
     counts = op.Min(counts, op.Max(op.Sub(n, _ints(sinks)), zero))                        # [Hkv]
     most = op.ReduceMax(counts, keepdims=1)
@@ -431,9 +434,9 @@ def _few_queries(q, k, v, valid, total, scale, causal, budgets, windows, sinks, 
     core = op.Unsqueeze(op.Or(op.Greater(chosen, op.Constant(value_float=0.5)), is_sink), _ints(2, 3))
     near, far = op.Unsqueeze(near, _ints(0, 2)), op.Unsqueeze(far, _ints(0, 2))             # [1,Hkv,1,S,n]
     attend = op.And(op.Unsqueeze(valid, _ints(2, 3)), op.Or(near, op.And(far, core)))
-    scores = op.Add(logits, op.Where(attend, zero_f, neg_inf))                            # [B,Hkv,G,S,n]
-    top_ = op.ReduceMax(scores, _ints(-1), keepdims=1)
-    p = op.Exp(op.Sub(scores, op.Where(op.IsInf(top_), zero_f, top_)))
+    masked = op.Add(logits, op.Where(attend, zero_f, neg_inf))                            # [B,Hkv,G,S,n]
+    top_ = op.ReduceMax(masked, _ints(-1), keepdims=1)
+    p = op.Exp(op.Sub(masked, op.Where(op.IsInf(top_), zero_f, top_)))
     den = op.Max(op.ReduceSum(p, _ints(-1), keepdims=1),
                  op.CastLike(op.Constant(value_float=torch.finfo(torch.float32).tiny), q))
     out = op.Div(op.MatMul(p, op.Unsqueeze(v, _ints(2))), den)                             # [B,Hkv,G,S,dv]
