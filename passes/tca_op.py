@@ -34,8 +34,8 @@ from onnxscript import opset23 as op
 
 from ..optimizer.ops import OPSET, define_op
 
-__all__ = ["TCA", "TCA_CACHE", "tca_reference", "tca_cache_reference", "compact_size", "valid_keys", "sink_keys",
-           "QUERY_BLOCK"]
+__all__ = ["TCA", "TCA_CACHE", "tca_reference", "tca_cache_reference", "compact_size", "budget_counts", "valid_keys",
+           "sink_keys", "QUERY_BLOCK"]
 
 QUERY_BLOCK = 32  # window-part query block: each block reads (block + window) keys, not 2 windows
 
@@ -47,6 +47,11 @@ def valid_keys(mask: torch.Tensor | None, b: int, nk: int, device) -> torch.Tens
     last = mask[..., -1, :].reshape(mask.shape[0], -1)
     ok = last if last.dtype == torch.bool else last > torch.finfo(last.dtype).min / 2
     return ok.expand(b, nk)
+
+
+def budget_counts(budgets, total: int, device=None) -> torch.Tensor:
+    """ceil(budget x total) per head, in float32 as the ONNX lowering computes it."""
+    return (torch.tensor(budgets, dtype=torch.float32, device=device) * total).ceil().long()
 
 
 def sink_keys(valid: torch.Tensor, sinks: int) -> torch.Tensor:
@@ -69,9 +74,7 @@ def _select(q, k, valid, scale, causal, budgets, sinks, window, obs, total=None)
     score = logits.masked_fill(~ok, float("-inf")).softmax(-1).nan_to_num(0.0).sum(2)  # [B,Hkv,Nk]
     is_sink = sink_keys(valid, sinks)                                        # [B,Nk]
     score = score.masked_fill(is_sink[:, None], -1.0)                        # kept anyway, below
-    # float32 products, as the ONNX lowering computes them
-    counts = (torch.tensor(budgets, dtype=torch.float32, device=dev) * (nk if total is None else total)).ceil().long()
-    counts = counts.clamp(max=max(nk - sinks, 0))
+    counts = budget_counts(budgets, nk if total is None else total, dev).clamp(max=max(nk - sinks, 0))
     m = int(counts.max()) if counts.numel() else 0
     # a stable sort breaks ties toward the lower index, as ONNX's TopK does
     top = score.sort(dim=-1, descending=True, stable=True).indices[..., :m]   # [B,Hkv,M]
@@ -145,9 +148,8 @@ PINNED = 1e9  # compaction priority of the sinks and the window: above any score
 
 def compact_size(n: int, total: int, budgets, windows, sinks: int) -> int:
     """Entries a layer's compacted cache keeps out of ``n``: the largest head's sinks + window +
-    ceil(budget x total), in float32 as the ONNX lowering computes it."""
-    f = torch.tensor(budgets, dtype=torch.float32) * torch.tensor(float(total), dtype=torch.float32)
-    return min(n, max(min(sinks, n) + w + int(c) for w, c in zip(windows, f.ceil().tolist())))
+    ceil(budget x total)."""
+    return min(n, max(min(sinks, n) + w + c for w, c in zip(windows, budget_counts(budgets, total).tolist())))
 
 
 def tca_cache_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor,
@@ -201,6 +203,11 @@ def _dim(x, axis: int):
     return op.Shape(x, start=axis, end=axis + 1)
 
 
+def _budget_counts(budgets, total):
+    """``budget_counts`` in ONNX: ceil(budget x total) per head, int64 [Hkv]."""
+    return op.Cast(op.Ceil(op.Mul(op.Constant(value_floats=list(budgets)), op.Cast(total, to=1))), to=7)
+
+
 def _sink_keys(valid, sinks: int):
     """``sink_keys`` in ONNX: each row's first ``sinks`` valid keys."""
     seen = op.CumSum(op.Cast(valid, to=7), op.Constant(value_int=-1))
@@ -224,22 +231,32 @@ def _tca_onnx(q, k, v, mask=None, scale: float = 1.0, causal: bool = True, budge
         valid = last if mask.dtype is not None and mask.dtype.name == "BOOL" else \
             op.Greater(last, op.CastLike(op.Constant(value_float=-1e30), last))
         valid = op.Expand(valid, bk)
-    def per_head():
-        g = op.Div(_dim(q, 1), _ints(len(budgets)))
-        heads = []
-        for i, (budget, window) in enumerate(zip(budgets, windows)):
-            qi = op.Slice(q, op.Mul(g, _ints(i)), op.Mul(g, _ints(i + 1)), one)
-            ki, vi = op.Slice(k, _ints(i), _ints(i + 1), one), op.Slice(v, _ints(i), _ints(i + 1), one)
-            heads.append(_tca_onnx_heads(qi, ki, vi, valid, scale, causal, budget, sinks, window, obs)[0])
-        return (_cat_heads(heads),)
+    def few():
+        return _few_queries(q, k, v, op.Unsqueeze(valid, one), nk, scale, causal, budgets, windows, sinks, obs)[:1]
 
-    few = op.Squeeze(op.LessOrEqual(_dim(q, 2), _ints(QUERY_BLOCK)))
-    return _if(few, lambda: _few_queries(q, k, v, op.Unsqueeze(valid, one), nk, scale, causal, budgets, windows,
-                                         sinks, obs)[:1], per_head, dtype=q.dtype)[0]
+    def per_head():
+        return (_cat_heads(_per_head(q, k, v, lambda i: valid, scale, causal, budgets, windows, sinks, obs)[0]),)
+
+    return _if(op.Squeeze(op.LessOrEqual(_dim(q, 2), _ints(QUERY_BLOCK))), few, per_head, dtype=q.dtype)[0]
 
 
 def _cat_heads(xs):
     return xs[0] if len(xs) == 1 else op.Concat(*xs, axis=1)
+
+
+def _per_head(q, k, v, valid_of, scale, causal, budgets, windows, sinks, obs, total=None):
+    """``_tca_onnx_heads`` for each KV head (``valid_of(i)``: its valid keys [B,Nk]): the heads'
+    attentions and their scores, two lists (``_cat_heads`` joins what a caller needs)."""
+    one = _ints(1)
+    g = op.Div(_dim(q, 1), _ints(len(budgets)))
+    outs, scores = [], []
+    for i, (budget, window) in enumerate(zip(budgets, windows)):
+        qi = op.Slice(q, op.Mul(g, _ints(i)), op.Mul(g, _ints(i + 1)), one)
+        ki, vi = op.Slice(k, _ints(i), _ints(i + 1), one), op.Slice(v, _ints(i), _ints(i + 1), one)
+        out, score = _tca_onnx_heads(qi, ki, vi, valid_of(i), scale, causal, budget, sinks, window, obs, total)
+        outs.append(out)
+        scores.append(score)
+    return outs, scores
 
 
 def _tca_onnx_heads(q, k, v, valid, scale, causal, budget, sinks, window, obs, total=None):
@@ -269,9 +286,7 @@ def _tca_onnx_heads(q, k, v, valid, scale, causal, budget, sinks, window, obs, t
     is_sink = _sink_keys(valid, sinks)                                                # [B,Nk]
     score = op.Where(op.Unsqueeze(is_sink, one), op.CastLike(op.Constant(value_float=-1.0), q), score)
     room = op.Max(op.Sub(nk, _ints(sinks)), zero)
-    counts = op.Cast(op.Ceil(op.Mul(op.Constant(value_floats=[budget]), op.Cast(nk if total is None else total,
-                                                                                 to=1))), to=7)
-    counts = op.Min(counts, room)                                                     # [Hkv]
+    counts = op.Min(_budget_counts([budget], nk if total is None else total), room)   # [Hkv]
     m = op.ReduceMax(counts, keepdims=1)
     _, top = op.TopK(score, m, axis=-1)                                               # [B,Hkv,M]
     ns = op.Min(nk, _ints(sinks))
@@ -424,8 +439,7 @@ def _few_queries(q, k, v, valid, total, scale, causal, budgets, windows, sinks, 
     is_sink = _sink_keys(valid, sinks)                                                      # [B,Hkv|1,n]
     score = op.Where(is_sink, op.CastLike(op.Constant(value_float=-1.0), q), score)
     # each head's ceil(budget x total) best-scored keys, ranked by one TopK
-    counts = op.Cast(op.Ceil(op.Mul(op.Constant(value_floats=list(budgets)), op.Cast(total, to=1))), to=7)
-    counts = op.Min(counts, op.Max(op.Sub(n, _ints(sinks)), zero))                        # [Hkv]
+    counts = op.Min(_budget_counts(budgets, total), op.Max(op.Sub(n, _ints(sinks)), zero))   # [Hkv]
     most = op.ReduceMax(counts, keepdims=1)
     _, top = op.TopK(score, most, axis=-1)                                                # [B,Hkv,M]
     ranked = op.Cast(op.Less(op.Unsqueeze(_range(most), zero), op.Unsqueeze(counts, one)), to=1)
@@ -447,9 +461,10 @@ def _tca_cache_onnx(q, k, v, index, attention_mask, scale: float = 1.0, budgets=
                     sinks: int = 4, obs: int = 16):
     """The cache reference in standard ONNX: the attention as in ``_tca_onnx`` (per KV head) for a
     prefill, or for up to ``QUERY_BLOCK`` new tokens (a decode step) all heads at once over every
-    cache entry (``_few_queries``: some 60 nodes instead of some 200 per head, which is what a
-    decode step's time goes to); an ``If`` picks one at run time. Then TopK over the compaction
-    priority and a second TopK that puts the kept entries back in context order."""
+    cache entry (``_few_queries``: some 90 nodes a layer instead of some 190 per head, which is
+    what a decode step's time goes to); an ``If`` picks one at run time. Then TopK over the
+    compaction priority and a smallest-first TopK that puts the kept entries back in context
+    order."""
     b, hkv, n, s, m = _dim(k, 0), _dim(k, 1), _dim(k, 2), _dim(q, 2), _dim(attention_mask, 1)
     one, zero = _ints(1), _ints(0)
     bhm = op.Concat(b, hkv, m, axis=0)
@@ -459,25 +474,17 @@ def _tca_cache_onnx(q, k, v, index, attention_mask, scale: float = 1.0, budgets=
     seen = op.GatherElements(op.Expand(op.Unsqueeze(attention_mask, one), bhm), idx, axis=2)
     valid = op.Greater(seen, op.CastLike(op.Constant(value_int=0), seen))
 
-    def per_head():
-        g = op.Div(_dim(q, 1), _ints(len(budgets)))
-        outs, scores = [], []
-        for i, (budget, window) in enumerate(zip(budgets, windows)):
-            qi = op.Slice(q, op.Mul(g, _ints(i)), op.Mul(g, _ints(i + 1)), one)
-            ki, vi = op.Slice(k, _ints(i), _ints(i + 1), one), op.Slice(v, _ints(i), _ints(i + 1), one)
-            vali = op.Squeeze(op.Slice(valid, _ints(i), _ints(i + 1), one), one)
-            out, score = _tca_onnx_heads(qi, ki, vi, vali, scale, True, budget, sinks, window, obs, total=m)
-            outs.append(out)
-            scores.append(score)
-        return _cat_heads(outs), _cat_heads(scores)
+    def valid_of(i):
+        return op.Squeeze(op.Slice(valid, _ints(i), _ints(i + 1), one), one)
 
     few = op.Squeeze(op.LessOrEqual(s, _ints(QUERY_BLOCK)))
     out, score = _if(few, lambda: _few_queries(q, k, v, valid, m, scale, True, budgets, windows, sinks, obs),
-                     per_head, dtype=q.dtype)
+                     lambda: tuple(map(_cat_heads, _per_head(q, k, v, valid_of, scale, True, budgets, windows, sinks,
+                                                             obs, total=m))),
+                     dtype=q.dtype)
     ns = op.Min(n, _ints(sinks))
     wins = _ints(*windows)                                                                  # [Hkv]
-    extra = op.Cast(op.Ceil(op.Mul(op.Constant(value_floats=list(budgets)), op.Cast(m, to=1))), to=7)
-    keep = op.Min(n, op.ReduceMax(op.Add(op.Add(ns, wins), extra), keepdims=1))
+    keep = op.Min(n, op.ReduceMax(op.Add(op.Add(ns, wins), _budget_counts(budgets, m)), keepdims=1))
     window = op.GreaterOrEqual(op.Unsqueeze(_range(n), zero), op.Unsqueeze(op.Sub(n, wins), one))   # [Hkv,n]
     pinned = op.Or(_sink_keys(valid, sinks), op.Unsqueeze(window, zero))                  # [B,Hkv,n]
     prio = op.Where(valid, score, op.CastLike(op.Constant(value_float=-1.0), score))
