@@ -112,6 +112,23 @@ class Program:
             return dict(zip(self.output_names, out))
         return run
 
+    def reexport(self, gm: torch.fx.GraphModule, what: str) -> None:
+        """Replace the graph with ``gm`` (an edited unlifted module of it) exported again at the
+        program's inputs, probe and dynamic axes, and re-index its attention. A refusal from
+        torch.export becomes a PassError naming ``what``."""
+        from torch.export import Dim
+
+        from .errors import PassError
+        from .patterns import index_attention
+        shapes = tuple({ax: Dim.AUTO for ax in self.dynamic_axes.get(n, {})} or None for n in self.input_names)
+        try:
+            with torch.no_grad():
+                self.ep = torch.export.export(gm, tuple(self.probe[n] for n in self.input_names),
+                                              dynamic_shapes=shapes, strict=False)
+        except Exception as e:
+            raise PassError(f"{what} does not re-export: {str(e).splitlines()[0]}") from e
+        self.attention, self.rejected = index_attention(self)
+
     def sync_signature(self) -> None:
         """Point the signature's output specs at the output node's current arguments, so a
         pass that rewires an output does not have to edit the signature itself."""

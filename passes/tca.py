@@ -42,15 +42,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.export import Dim
 
 from ..calibration.data import calibration_batches, token_source
 from ..calibration.lm_eval import full_feed, passkey_stats, perplexity
 from ..calibration.stats import cached, cheapest_within, head_errors, weights_hash
-from ..optimizer.errors import PassError, UsageError
+from ..optimizer.errors import UsageError
 from ..optimizer.ops import ATTENTION
 from ..optimizer.pass_manager import Pass, PassResult, register_pass
-from ..optimizer.patterns import index_attention
 from ..optimizer.program import Program, call_function_nodes, inherit_meta, remove_dead_code
 from .tca_op import TCA, TCA_CACHE, compact_size, tca_reference
 
@@ -264,16 +262,9 @@ def _compact_cache(program: Program, layer_nodes: dict[int, str], budgets: dict[
                                   if n.startswith("past_index_")}}
     axes = {**program.dynamic_axes, **{n: program.dynamic_axes[f"past_key_{n.rsplit('_', 1)[1]}"]
                                       for n in new_spec.input_names if n.startswith("past_index_")}}
-    try:
-        with torch.no_grad():
-            ep = torch.export.export(gm, tuple(probe[n] for n in names), strict=False,
-                                     dynamic_shapes=tuple({ax: Dim.AUTO for ax in axes.get(n, {})} or None
-                                                          for n in names))
-    except Exception as e:
-        raise PassError(f"tca: the compacting generation graph does not re-export: {str(e).splitlines()[0]}") from e
-    program.ep, program.cache, program.probe = ep, new_spec, probe
+    program.cache, program.probe = new_spec, probe
     program.input_names, program.output_names, program.dynamic_axes = names, ["logits", *new_spec.output_names], axes
-    program.attention, program.rejected = index_attention(program)
+    program.reexport(gm, "tca: the compacting generation graph")
     kept = {str(n): sum(new_spec.entry_bytes(layer) * compact_size(n, n, [f for _, f in cfg], [w for w, _ in cfg],
                                                                       opts.sinks)
                         for layer, cfg in budgets.items()) for n in (1024, 4096)}

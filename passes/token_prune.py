@@ -56,12 +56,10 @@ from fractions import Fraction
 import onnx_ir as ir
 import torch
 from onnxscript import opset23 as op23
-from torch.export import Dim
 
 from ..optimizer.errors import PassError, UsageError
 from ..optimizer.ops import ATTENTION, define_op
 from ..optimizer.pass_manager import Pass, PassResult, register_pass
-from ..optimizer.patterns import index_attention
 from ..optimizer.program import Program
 
 __all__ = ["TokenPrunePass", "TokenPruneOptions", "kept_length"]
@@ -541,16 +539,6 @@ def _restore_outputs(graph, hidden, link, n_out: int, last: bool, merge: bool, t
     out.args = (tuple(restored),)
 
 
-def _reexport(program: Program, gm: torch.fx.GraphModule) -> torch.export.ExportedProgram:
-    spec = {n: {ax: Dim.AUTO for ax in program.dynamic_axes.get(n, {})} or None for n in program.input_names}
-    try:
-        with torch.no_grad():
-            return torch.export.export(gm, tuple(program.probe[n] for n in program.input_names),
-                                       dynamic_shapes=spec, strict=False)
-    except Exception as e:
-        raise PassError(f"token_prune: the pruned graph does not re-export: {str(e).splitlines()[0]}") from e
-
-
 @register_pass
 class TokenPrunePass(Pass):
     name = "token_prune"
@@ -594,8 +582,7 @@ class TokenPrunePass(Pass):
                 continue
             gm = program.ep.module()
             _prune_once(program, gm, layer, keep, opts, causal, last=layer == cuts[-1], tokenwise=tokenwise)
-            program.ep = _reexport(program, gm)
-            program.attention, program.rejected = index_attention(program)
+            program.reexport(gm, "token_prune: the pruned graph")
         n_layers = max(depth, 1)
         work, frac = 0.0, 1.0
         for i in range(n_layers):
