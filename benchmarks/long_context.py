@@ -211,6 +211,15 @@ def decode_part(args, work: Path) -> dict:
             "budgets": compiled["tca"].program.artifacts["budgets.json"]["heads"], "decode": rows}
 
 
+def _write(out: Path, args, result: dict) -> None:
+    """A part's JSON, with the thread count and the versions it ran on."""
+    import onnxruntime as ort
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"threads": args.threads, **result, "onnxruntime": ort.__version__,
+                               "torch": torch.__version__}, indent=1) + "\n")
+    print(f"wrote {out}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--parts", nargs="+", default=["tca", "decode", "still"], choices=["tca", "decode", "still"])
@@ -247,18 +256,9 @@ def main(argv=None):
         text_ids = torch.tensor(tok((LM / "heldout.txt").read_text())["input_ids"])
         result = still_part(args, work, text_ids)
         suffix = "-layers-" + args.still_layers.replace("/", "") if args.still_layers else ""
-        out = Path(args.out).with_name(f"still{suffix}.json")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"threads": args.threads, **result, "onnxruntime": ort.__version__,
-                                   "torch": torch.__version__}, indent=1) + "\n")
-        print(f"wrote {out}")
+        _write(Path(args.out).with_name(f"still{suffix}.json"), args, result)
     if "decode" in args.parts:
-        result = decode_part(args, work)
-        out = Path(args.out).with_name("tca-decode.json")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"threads": args.threads, **result, "onnxruntime": ort.__version__,
-                                   "torch": torch.__version__}, indent=1) + "\n")
-        print(f"wrote {out}")
+        _write(Path(args.out).with_name("tca-decode.json"), args, decode_part(args, work))
     if "tca" not in args.parts:
         return
     calib = str(LM / "heldout.txt")
@@ -346,14 +346,10 @@ def main(argv=None):
     print("perplexity on held-out windows the calibration did not see (4 x 1024 tokens):")
     for name, ppl in quality.items():
         print(f"  {name:<16} {ppl:8.3f}  ({(ppl / quality['dense'] - 1) * 100:+.2f}%)")
-    kv = cache_spec(model, None).nbytes(1024)  # dense and TCA alike: the cache is not compacted yet
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"threads": args.threads, "tolerance": args.tolerance, "budgets": budgets,
-                               "mean_keys_per_query_1024": cost, "attention": rows, "forward_1024_ms": forward,
-                               "perplexity": quality, "kv_cache_bytes_per_1k": kv,
-                               "onnxruntime": ort.__version__, "torch": torch.__version__}, indent=1) + "\n")
-    print(f"wrote {out}")
+    kv = cache_spec(model, None).nbytes(1024)  # a full cache; --parts decode measures the compacted one
+    _write(Path(args.out), args, {"tolerance": args.tolerance, "budgets": budgets, "mean_keys_per_query_1024": cost,
+                                  "attention": rows, "forward_1024_ms": forward, "perplexity": quality,
+                                  "kv_cache_bytes_per_1k": kv})
 
 
 if __name__ == "__main__":
