@@ -61,11 +61,12 @@ def _embeddings(run, tok, texts, names) -> np.ndarray:
     return e / np.linalg.norm(e, axis=1, keepdims=True)
 
 
-def _family(spec: str) -> str:
-    """The score and mode of a schedule, for the plot's colours."""
+def _family(spec: str) -> tuple[str, str]:
+    """A schedule's score and mode (the plot's colour) and its other options (the point's label)."""
     opts = dict(kv.split("=", 1) for kv in spec.split(":", 1)[1].split(","))
-    mode = opts.get("mode", "drop")
-    return "merge (ToMe)" if mode == "merge" else f"{opts.get('score', 'cls')}{', fuse' if mode == 'fuse' else ''}"
+    mode, score = opts.pop("mode", "drop"), opts.pop("score", "cls")
+    family = "merge (ToMe)" if mode == "merge" else f"{score}{', fuse' if mode == 'fuse' else ''}"
+    return family, ",".join(f"{k}={v}" for k, v in opts.items())
 
 
 def plot(result: dict, path: Path) -> Path | None:
@@ -80,18 +81,16 @@ def plot(result: dict, path: Path) -> Path | None:
     lengths = sorted(int(k.split("@")[1]) for k in result["rows"][0] if k.startswith("speedup@"))
     n = 256 if 256 in lengths else lengths[len(lengths) // 2]
     rows = [r for r in result["rows"] if r["candidate"].startswith("token_prune:")]
-    families = sorted({_family(r["candidate"]) for r in rows})
+    families = sorted({_family(r["candidate"])[0] for r in rows})
     colours = dict(zip(families, plt.get_cmap("tab10").colors))
     right = max(2.2, max(r[f"speedup@{n}"] for r in rows) + 0.1)
     fig, axes = plt.subplots(1, 2, figsize=(12, 5), sharex=True)
     for ax, metric in zip(axes, ("cosine", "spearman")):
         ax.fill_between([2.0, right], 0.98, 1.0, color="0.88", lw=0)      # the target: >= 2x at >= 0.98
         for r in rows:
-            fam = _family(r["candidate"])
+            fam, label = _family(r["candidate"])
             ax.scatter(r[f"speedup@{n}"], r[metric], color=colours[fam], s=30)
-            label = r["candidate"].split(":", 1)[1].replace(",score=" + fam.split(",")[0], "").replace(",mode=fuse", "")
-            ax.annotate(label.replace(",mode=merge", ""), (r[f"speedup@{n}"], r[metric]), fontsize=6,
-                        xytext=(3, 2), textcoords="offset points")
+            ax.annotate(label, (r[f"speedup@{n}"], r[metric]), fontsize=6, xytext=(3, 2), textcoords="offset points")
         ax.set_xlabel(f"speedup over the unpruned bundle at {n} tokens (ONNX Runtime CPU)")
         ax.set_ylabel("mean cosine of embeddings" if metric == "cosine" else "similarity Spearman")
         ax.grid(alpha=0.3)
