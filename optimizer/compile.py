@@ -101,7 +101,7 @@ def io_spec(program: Program) -> tuple[list[dict], list[dict]]:
                "shape": _dims(node.meta["val"].shape, names),
                "axes": {str(a): k for a, k in program.dynamic_axes.get(n, {}).items()}}
               for n, node in zip(program.input_names, user)]
-    out_node = next(n for n in program.graph.nodes if n.op == "output")
+    out_node = program.graph.output_node()
     vals = [a.meta["val"] for a in out_node.args[0]]
     outputs = [{"name": n, "dtype": str(v.dtype).removeprefix("torch."), "shape": _dims(v.shape, names)}
                for n, v in zip(program.output_names, vals)]

@@ -132,7 +132,7 @@ class Program:
     def sync_signature(self) -> None:
         """Point the signature's output specs at the output node's current arguments, so a
         pass that rewires an output does not have to edit the signature itself."""
-        out = next(n for n in reversed(self.graph.nodes) if n.op == "output")
+        out = self.graph.output_node()
         for spec, arg in zip(self.ep.graph_signature.output_specs, out.args[0]):
             if isinstance(arg, torch.fx.Node) and hasattr(spec.arg, "name"):
                 spec.arg.name = arg.name

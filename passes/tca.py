@@ -235,7 +235,7 @@ def _compact_cache(program: Program, layer_nodes: dict[int, str], budgets: dict[
     graph = gm.graph
     graph._codegen = torch.fx.graph.CodeGen()   # plain positional inputs, a flat output tuple
     placeholders = {n.name: n for n in graph.nodes if n.op == "placeholder"}
-    out = next(n for n in graph.nodes if n.op == "output")
+    out = graph.output_node()
     outputs = dict(zip(program.output_names, out.args[0]))
     nodes = {n.name: n for n in graph.nodes}
     for layer, name in sorted(layer_nodes.items()):

@@ -444,7 +444,7 @@ def _prune_once(program: Program, gm: torch.fx.GraphModule, layer: int, keep: fl
             if opts.mode == "fuse":
                 new_len = graph.call_function(operator.add, (new_len, 1))
     n_out = len(program.output_names)
-    carried = set(next(n for n in reversed(nodes) if n.op == "output").args[0][n_out:])   # earlier cuts' (restore)
+    carried = set(graph.output_node().args[0][n_out:])   # earlier cuts' (restore)
     crossing = {a for n in after for a in n.all_input_nodes if a in before and a.op != "get_attr"} - carried
     hidden = None
     merged = None
@@ -511,7 +511,7 @@ def _tokenwise_outputs(program: Program) -> set[int]:
     graph, sig = program.ep.graph, program.ep.graph_signature
     ids = sig.user_inputs[program.input_names.index("input_ids")]
     seq = _expr(next(n for n in graph.nodes if n.op == "placeholder" and n.name == ids).meta["val"].shape[1])
-    outs = [n.meta.get("val") for n in next(n for n in reversed(graph.nodes) if n.op == "output").args[0]]
+    outs = [n.meta.get("val") for n in graph.output_node().args[0]]
     return {i for i, v in enumerate(outs) if isinstance(v, torch.Tensor) and v.dim() == 3 and _expr(v.shape[1]) == seq}
 
 
@@ -520,7 +520,7 @@ def _restore_outputs(graph, hidden, link, n_out: int, last: bool, merge: bool, t
     after the ``n_out`` real ones, so that they survive re-export). At the last cut, give every
     token-wise output back its original length: the innermost cut first, each pruned token
     getting its representation from just before the cut that dropped it."""
-    out = next(n for n in reversed(graph.nodes) if n.op == "output")
+    out = graph.output_node()
     args = list(out.args[0])
     if not last:
         graph._codegen = torch.fx.graph.CodeGen()   # a flat output tuple: it grows here
