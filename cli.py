@@ -144,6 +144,7 @@ def _cmd_run(args) -> int:
     if not ids:
         raise UsageError("the input is empty: give at least one token.")
     if args.max_new_tokens is not None:
+        runner.cache_spec()  # refuses a bundle without a decode graph before the prompt is echoed
         return _cmd_generate(args, runner, tok, ids)
     feed = {"input_ids": np.array([ids], dtype=np.int64)}
     for name in runner.inputs:

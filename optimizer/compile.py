@@ -77,9 +77,7 @@ def plan_passes(passes=None, recipe=None) -> list[PassSpec]:
 
 def _axis_names(program: Program) -> dict[str, str]:
     names = {}
-    placeholders = [n for n in program.graph.nodes if n.op == "placeholder"]
-    user = placeholders[len(placeholders) - len(program.input_names):]
-    for name, node in zip(program.input_names, user):
+    for name, node in program.input_nodes().items():
         for ax, kind in program.dynamic_axes.get(name, {}).items():
             names.setdefault(str(node.meta["val"].shape[ax]), kind)
     return names
@@ -95,12 +93,11 @@ def _dims(shape, axis_names) -> list:
 
 def io_spec(program: Program) -> tuple[list[dict], list[dict]]:
     names = _axis_names(program)
-    placeholders = [n for n in program.graph.nodes if n.op == "placeholder"]
-    user = placeholders[len(placeholders) - len(program.input_names):]
     inputs = [{"name": n, "dtype": str(node.meta["val"].dtype).removeprefix("torch."),
                "shape": _dims(node.meta["val"].shape, names),
-               "axes": {str(a): k for a, k in program.dynamic_axes.get(n, {}).items()}}
-              for n, node in zip(program.input_names, user)]
+               "axes": {str(a): k for a, k in program.dynamic_axes.get(n, {}).items()},
+               **({"id_limit": program.id_limits[n]} if n in program.id_limits else {})}
+              for n, node in program.input_nodes().items()]
     out_node = program.graph.output_node()
     vals = [a.meta["val"] for a in out_node.args[0]]
     outputs = [{"name": n, "dtype": str(v.dtype).removeprefix("torch."), "shape": _dims(v.shape, names)}

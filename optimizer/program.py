@@ -68,10 +68,23 @@ class Program:
     cache: Any = None                              # generation.CacheSpec of a prefill/decode graph
     calib: str | None = None                       # --calib: the data passes calibrate on
     artifacts: dict[str, Any] = field(default_factory=dict)  # bundle file name -> JSON (or text) a pass ships
+    id_limits: dict[str, int] | None = None        # integer input -> rows of the table it indexes (from capture)
+
+    def __post_init__(self):
+        if self.id_limits is None:  # read before any pass replaces the lookups
+            embedding = torch.ops.aten.embedding.default
+            self.id_limits = {name: int(u.args[0].meta["val"].shape[0])
+                              for name, node in self.input_nodes().items() for u in node.users
+                              if u.target is embedding and u.args[1] is node}
 
     @property
     def graph(self) -> torch.fx.Graph:
         return self.ep.graph_module.graph
+
+    def input_nodes(self) -> dict[str, torch.fx.Node]:
+        """The user inputs' placeholders (parameters and buffers come first in an exported graph)."""
+        placeholders = [n for n in self.graph.nodes if n.op == "placeholder"]
+        return dict(zip(self.input_names, placeholders[len(placeholders) - len(self.input_names):]))
 
     def copy(self) -> "Program":
         """A deep copy of the graph (weights shared), so a pass never edits its input."""

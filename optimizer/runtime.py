@@ -63,6 +63,12 @@ class Runner:
                     and not lo <= arr.shape[1] <= hi:
                 raise UsageError(f"input '{name}' has {arr.shape[1]} tokens; this bundle accepts "
                                  f"{lo} to {hi}. Recompile with --max-seq-len to change the range.")
+            limit = spec.get("id_limit")
+            if limit is not None and arr.size and not 0 <= arr.min() <= arr.max() < limit:
+                bad = arr.min() if arr.min() < 0 else arr.max()
+                raise UsageError(f"input '{name}' holds {bad}; this bundle's {name} index a table of "
+                                 f"{limit} rows, so each must be in 0..{limit - 1}. Were the ids made "
+                                 "by another model's tokenizer?")
             feed[name] = arr.astype(spec["dtype"], copy=False)
         return feed
 
@@ -73,6 +79,15 @@ class Runner:
         if not self.manifest.get("tokenizer"):
             raise UsageError(f"{self.bundle} has no tokenizer, so it cannot take text; pass token ids.")
         return load_tokenizer(self.bundle / self.manifest["tokenizer"], padding_side)
+
+    def cache_spec(self):
+        """The KV cache layout of a ``--generate`` bundle; a UsageError for any other."""
+        from .generation import CacheSpec
+        gen = self.manifest.get("generation")
+        if gen is None:
+            raise UsageError(f"{self.bundle} has no decode graph: it was compiled without --generate. "
+                             "Recompile it with `tokopt compile MODEL --generate`.")
+        return CacheSpec.from_json(gen["cache"])
 
     def generate(self, prompt=None, *, input_ids=None, attention_mask=None, max_new_tokens: int = 32,
                  do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
@@ -85,12 +100,8 @@ class Runner:
         stops at ``max_new_tokens`` or when every row has produced a stop token (the model's
         EOS, plus ``stop_tokens``). ``on_text(str)`` receives the first row's text as it grows;
         ``on_token(ids)`` each step's new token per row."""
-        from .generation import CacheSpec, decode_text, generate_ids
-        gen = self.manifest.get("generation")
-        if gen is None:
-            raise UsageError(f"{self.bundle} has no decode graph: it was compiled without --generate. "
-                             "Recompile it with `tokopt compile MODEL --generate`.")
-        spec = CacheSpec.from_json(gen["cache"])
+        from .generation import decode_text, generate_ids
+        spec = self.cache_spec()
         tok = None
         if prompt is not None:
             tok = self.tokenizer(padding_side="left")

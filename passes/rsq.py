@@ -73,7 +73,7 @@ class RSQOptions:
     min_value: float = 0.005     # importance range (RSQ's scripts)
     max_value: float = 1.0
     samples: int = 32            # calibration windows
-    seq_len: int = 512           # tokens per window (at most the model's context)
+    seq_len: int = 512           # tokens per window (at most the context; shorter if the text is short)
     expand: int = 1              # RSQ's dataset expansion: each window also rolled expand-1 times
     embed_bits: int = 8          # 8: int8 embedding tables and heads; 0: keep them float
     compute: str = "float"       # float | int8: MatMulNBits multiplies int8-rounded activations (faster on CPUs)
@@ -145,6 +145,11 @@ def _set_tensor(gm: torch.nn.Module, target: str, value: torch.Tensor) -> None:
         mod._buffers[name] = value
 
 
+def _windows(source, tok, length: int, count: int) -> list[torch.Tensor]:
+    return [b["input_ids"] for b in calibration_batches(source, tok, seq_len=length, batch_size=1,
+                                                        max_batches=count, progress=False)]
+
+
 @register_pass
 class RSQPass(Pass):
     name = "rsq"
@@ -161,8 +166,10 @@ class RSQPass(Pass):
         limit = (program.seq_range or (1, None))[1] or opts.seq_len
         length = min(opts.seq_len, limit)
         want = opts.samples + (opts.eval_windows if program.task == "causal-lm" and program.cache is None else 0)
-        windows = [b["input_ids"] for b in calibration_batches(source, tok, seq_len=length, batch_size=1,
-                                                               max_batches=want, progress=False)]
+        windows = _windows(source, tok, length, want)
+        shorter = len(windows) * length // want // 16 * 16
+        if len(windows) < want and shorter >= 64:  # too little text for full windows: as many, shorter
+            windows = _windows(source, tok, shorter, want)
         if len(windows) < opts.samples:
             raise UsageError(f"rsq: {source} holds {len(windows)} windows of {length} tokens; samples="
                              f"{opts.samples} were asked for. Give more text, or lower samples= or seq_len=.")

@@ -67,7 +67,6 @@ __all__ = ["TokenPrunePass", "TokenPruneOptions", "kept_length"]
 SCORES = ("cls", "last", "mean", "debiased", "head_weighted", "diverse")
 DIVERSITY = 0.5  # score=diverse: weight of redundancy against (max-normalised) importance
 MODES = ("drop", "fuse", "merge")
-PLANNED_MODES: tuple[str, ...] = ()
 
 
 def kept_length(n: int, keep: float) -> int:
@@ -93,11 +92,9 @@ class TokenPruneOptions:
                 raise ValueError(f"keep={keep} must be in (0, 1]")
         if self.score not in SCORES:
             raise ValueError(f"score={self.score!r} is unknown; choose one of {', '.join(SCORES)}")
-        if self.mode in PLANNED_MODES:
-            raise ValueError(f"mode={self.mode} is not implemented yet; use mode=drop")
         if self.mode == "merge" and any(keep <= 0.5 for keep, _ in self.steps()):
-            raise ValueError("mode=merge needs keep > 0.5: ToMe merges at most the a-half of the tokens "
-                             "and the first token never merges")
+            raise ValueError("mode=merge needs keep > 0.5: ToMe merges tokens of one half (its set A) into "
+                             "the other, and the first token never merges")
         if self.mode not in MODES:
             raise ValueError(f"mode={self.mode!r} is unknown; choose one of {', '.join(MODES)}")
         if self.recover < 0 or self.recover_lr <= 0:

@@ -55,3 +55,24 @@ def test_shipped_passages():
     assert all(40 <= len(t.split()) <= 200 for t in texts)
     evaluation, calib = default_texts("eval"), default_texts("calib")
     assert len(evaluation) + len(calib) == len(texts) and not set(evaluation) & set(calib)
+
+
+def test_runner_refuses_what_the_bundle_cannot_take(minilm_bundle, capsys):
+    """Ids past the embedding table (read at capture: 30522 words) are refused by name, through
+    the API and the CLI; asking an encoder to generate prints nothing first."""
+    import numpy as np
+    from tokopt.cli import main
+    from tokopt.optimizer.errors import UsageError
+    limits = {i["name"]: i.get("id_limit") for i in minilm_bundle.manifest["inputs"]}
+    assert limits == {"input_ids": 30522, "attention_mask": None}
+    run = tokopt.load(minilm_bundle.bundle)
+    ones = np.ones((1, 3), np.int64)
+    with pytest.raises(UsageError, match="'input_ids' holds 30522; .* 0..30521"):
+        run(input_ids=np.array([[101, 30522, 102]]), attention_mask=ones)
+    with pytest.raises(UsageError, match="'input_ids' holds -1"):
+        run(input_ids=-ones, attention_mask=ones)
+    assert main(["run", str(minilm_bundle.bundle), "--input-ids", "101,99999,102"]) == 2
+    assert "holds 99999" in capsys.readouterr().err
+    assert main(["run", str(minilm_bundle.bundle), "--text", "hello", "--max-new-tokens", "3"]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and "no decode graph" in out.err

@@ -194,6 +194,17 @@ def test_token_ids_calibration_and_cache(tmp_path, model_dir):
     assert torch.equal(runs[0].run(feed)["logits"], runs[1].run(feed)["logits"])
 
 
+def test_short_text_gives_shorter_windows(tmp_path, model_dir):
+    """Text too short for samples x seq_len calibrates on as many shorter windows (>= 64 tokens):
+    600 ids hold 4 windows of 128, and 4 + 4 held-out windows of 64 are asked for."""
+    ids = tmp_path / "ids.npy"
+    np.save(ids, np.random.default_rng(0).integers(0, 256, 600))
+    captured = tokopt.capture(model_dir("llama"))
+    captured.calib = str(ids)
+    out = PassManager(resolve(plan_passes("rsq:samples=4,seq_len=128,group_size=16"))).run(captured)
+    assert out.history[-1]["stats"]["calibration"] == "4 windows of 64 tokens"
+
+
 def test_generation_graph(tmp_path, model_dir):
     """On a --generate graph values stay unrotated (the cache keeps the model's layout), the
     exporter checks prefill and decode steps against the graph, and the bundle decodes."""
@@ -232,6 +243,6 @@ def test_bad_requests(tmp_path, model_dir, minilm_dir):
         tokopt.compile(minilm_dir, out=tmp_path / "d", passes="rsq:rotate=on,solver=rtn,importance=none")
     short = tmp_path / "short.txt"
     short.write_text("def f(x):\n    return x + 1\n" * 200)
-    with pytest.raises(UsageError, match=r"holds \d windows of 1024 tokens; samples=4"):
-        tokopt.compile(REFERENCE_LM, out=tmp_path / "e", passes="rsq:samples=4,seq_len=1024", calib=short)
+    with pytest.raises(UsageError, match=r"holds 2 windows of 1024 tokens; samples=40"):  # 2200 tokens
+        tokopt.compile(REFERENCE_LM, out=tmp_path / "e", passes="rsq:samples=40,seq_len=1024", calib=short)
     assert not any((tmp_path / n).exists() for n in "abcde")
