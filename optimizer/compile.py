@@ -21,7 +21,7 @@ from .generation import CacheSpec, example_feed
 from .pass_manager import PassManager, PassSpec, load_recipe, parse_pass_spec, resolve
 from .program import Program
 from .report import format_report, generation_prompts, generation_quality, probe_inputs, quality, quality_rows
-from .runtime import get_backend
+from .runtime import check_threads, get_backend
 
 __all__ = ["compile", "CompileResult", "io_spec", "plan_passes"]
 
@@ -132,6 +132,10 @@ def compile(model, example_inputs=None, *, out=None, passes=None, recipe=None, b
     check_out(out, force)
     if calib is not None and not Path(calib).exists():
         raise UsageError(f"--calib {calib} does not exist. Give a text file, a JSONL of texts or a .npy of token ids.")
+    check_threads(threads)
+    if measure and (bench_runs < 1 or bench_len < 1):
+        raise UsageError(f"bench_runs={bench_runs}, bench_len={bench_len}: both must be at least 1 "
+                         "(--no-measure skips the measurement).")
     if seq_len < 2:
         raise UsageError("--seq-len must be at least 2 (a length of 1 would be specialised by torch.export).")
 

@@ -170,9 +170,16 @@ def get_backend(name: str) -> Backend:
     return BACKENDS[name]()
 
 
+def check_threads(threads: int | None) -> None:
+    if threads is not None and threads < 1:
+        raise UsageError(f"threads={threads}: give a positive number of threads, or none for ONNX "
+                         "Runtime's default.")
+
+
 def load(bundle, threads: int | None = None) -> Runner:
     """Open a bundle written by ``tokopt compile``; refuses a tampered or incompatible one."""
     from .bundle import verify_bundle
+    check_threads(threads)
     path = Path(bundle)
     manifest = verify_bundle(path)
     backend = manifest.get("backend")

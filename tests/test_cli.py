@@ -45,6 +45,8 @@ def test_inspect_model_and_bundle(capsys, model_dir, tmp_path):
     (["--backend", "onnxrt"], 2, "Did you mean 'onnxruntime'"),
     (["--max-seq-len", "100000"], 2, "max_position_embeddings"),
     (["--calib", "/nonexistent/calib.txt"], 2, "does not exist"),
+    (["--bench-runs", "0"], 2, "bench_runs=0, bench_len=128: both must be at least 1"),
+    (["--threads", "-3"], 2, "threads=-3: give a positive number"),
 ])
 def test_bad_options(capsys, model_dir, tmp_path, argv, code, message):
     if "cuda" in argv or "tensorrt" in argv:
