@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from .errors import UsageError
+
 __all__ = ["AttentionBlock", "Rejected", "Program", "META_BLOCK", "call_function_nodes", "inherit_meta",
            "remove_dead_code"]
 
@@ -80,6 +82,14 @@ class Program:
     @property
     def graph(self) -> torch.fx.Graph:
         return self.ep.graph_module.graph
+
+    def attention_blocks(self, who: str) -> list[AttentionBlock]:
+        """The canonical attention blocks a pass rewrites; a UsageError naming ``who`` if none."""
+        blocks = [b for b in self.attention if b.spelling == "canonical"]
+        if not blocks:
+            raise UsageError(f"{who} needs recognised attention blocks and found none; see `tokopt inspect "
+                             "MODEL` for why each block was refused.")
+        return blocks
 
     def input_nodes(self) -> dict[str, torch.fx.Node]:
         """The user inputs' placeholders (parameters and buffers come first in an exported graph)."""

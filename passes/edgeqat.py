@@ -307,8 +307,7 @@ class EdgeQATPass(Pass):
         if program.cache is not None:
             raise UsageError("edgeqat does not support --generate graphs yet: its per-token widths rank the "
                              "tokens of a whole prefill, which a one-token decode step does not have.")
-        if not [b for b in program.attention if b.spelling == "canonical"]:
-            raise UsageError("edgeqat needs recognised attention blocks; see `tokopt inspect MODEL`.")
+        program.attention_blocks("edgeqat")
         train, held_out = self._data(program)
         teacher = program.copy()
         sample = full_feed(program, torch.cat(train[:opts.batch]))

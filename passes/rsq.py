@@ -254,7 +254,9 @@ class RSQPass(Pass):
         stats["rotation"] = self._rotate(program)
         body, heads = linear_layers(program)
         if not body:
-            raise UsageError("rsq found no linear layers with constant weights to quantize.")
+            raise UsageError(f"rsq found no linear layers with constant weights before the output "
+                             f"head{'s' if len(heads) != 1 else ''} ({len(heads)}, which GPTQ leaves alone): "
+                             "nothing to quantize. rsq is for transformer bodies.")
         width = max(program.tensor(n.args[1]).shape[1] for n in body)
         bs = opts.group_size or (128 if width >= 2048 else 32)
         stats["group_size"] = bs

@@ -133,10 +133,7 @@ class StillPass(Pass):
         if program.cache is not None:
             raise UsageError("still does not support --generate graphs yet: decoding needs STILL's recurrent cache "
                              "(salient KV + linear state). Compile without --generate.")
-        blocks = [b for b in program.attention if b.spelling == "canonical" and b.layer is not None]
-        if not blocks:
-            raise UsageError("still needs recognised attention blocks and found none; see `tokopt inspect MODEL` "
-                             "for why each block was refused.")
+        blocks = [b for b in program.attention_blocks("still") if b.layer is not None]
         if any(b.causal is None for b in blocks):
             raise UsageError("still: the causality of some attention blocks could not be read from the graph; "
                              "see `tokopt inspect MODEL`.")

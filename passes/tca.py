@@ -154,11 +154,8 @@ class TCAPass(Pass):
 
     def call(self, program: Program) -> PassResult:
         opts = self.options
+        blocks = program.attention_blocks("tca")
         nodes = [n for n in call_function_nodes(program.graph) if ATTENTION.matches(n)]
-        blocks = [b for b in program.attention if b.spelling == "canonical"]
-        if not nodes or not blocks:
-            raise UsageError("tca needs recognised attention blocks and found none; see `tokopt inspect MODEL` "
-                             "for why each block was refused.")
         if any(b.causal is None for b in blocks):
             raise UsageError("tca: the causality of some attention blocks could not be read from the graph; "
                              "see `tokopt inspect MODEL`.")

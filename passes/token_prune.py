@@ -547,7 +547,7 @@ class TokenPrunePass(Pass):
     def call(self, program: Program) -> PassResult:
         opts = self.options
         steps = opts.steps()
-        depth = len(program.attention)
+        depth = len(program.attention_blocks("token_prune"))
         causal = program.task == "causal-lm" or any(b.causal for b in program.attention)
         if program.cache is not None:
             raise UsageError("token_prune cannot run on a --generate graph: a pruned prefill leaves the KV "

@@ -100,3 +100,17 @@ def test_verify_names_failing_pass_and_dumps(model_dir, scale_pass, tmp_path, mo
     # without verification the same pass runs; the manager records its stats
     out = PassManager(resolve(parse_pass_spec("scale_outputs")), verify=False).run(prog)
     assert out.history[-1]["stats"] == {"doubled": 1}
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("token_prune", "token_prune needs recognised attention blocks and found none"),
+    ("tca:uniform=0.5", "tca needs recognised attention blocks and found none"),
+    ("still", "still needs recognised attention blocks and found none"),
+    ("rsq:solver=rtn,importance=none", r"no linear layers .* before the output head \(1, which"),
+])
+def test_passes_refuse_a_model_without_attention(tmp_path, spec, message):
+    """A plain MLP exports fine; every attention pass names itself and says why it cannot apply."""
+    mlp = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.ReLU())
+    with pytest.raises(UsageError, match=message):
+        tokopt.compile(mlp, (torch.randn(2, 8),), out=tmp_path / "b", passes=spec, measure=False)
+    assert not (tmp_path / "b").exists()
