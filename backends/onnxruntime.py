@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..optimizer.errors import BackendError
-from ..optimizer.ops import OPS, OPSET, onnx_translation_table, standardize
+from ..optimizer.ops import OPS, OPSET, onnx_translation_table, rounding_jitter, standardize
 from ..optimizer.program import Program
 from ..optimizer.generation import with_positions
 from ..optimizer.report import bench_inputs, time_calls, verification_feeds
@@ -28,6 +28,7 @@ __all__ = ["OnnxRuntimeBackend", "OnnxRuntimeRunner", "export_onnx", "export_bas
 
 MODEL_FILE = "model.onnx"
 _TWO_GB = 2 * 1024 ** 3
+ROUNDING_NUDGE = 1e-6  # relative: float noise between kernels, as the reference sees it
 
 
 @contextlib.contextmanager
@@ -51,20 +52,25 @@ def _disagreement(session, feeds: list[dict], reference, exact: bool = True) -> 
     """None if ``session`` reproduces ``reference(feed)`` on every feed, else what went wrong.
     ``exact=False`` (a graph with rounding decisions, which float noise between kernels can
     flip one step either way) accepts a mean error within 2% of the mean magnitude and a
-    largest error within a quarter of the largest value: a wrong lowering is far outside both."""
+    largest error within a quarter of the largest value, each widened by twice what the
+    reference itself moves when its rounding inputs are nudged by 1e-6 (in a deep graph of
+    int8 roundings that alone can be several percent): a wrong lowering is far outside."""
     for feed in feeds:
         try:
             got = session.run(None, feed)
         except Exception as e:
             return f"it fails at {_shapes(feed)}: {str(e).strip().splitlines()[0][:300]}"
-        for x, y in zip(reference(feed), got):
+        nudged = None if exact else reference(feed, ROUNDING_NUDGE)
+        for i, (x, y) in enumerate(zip(reference(feed), got)):
             if x.shape != y.shape:
                 return f"output shape {list(y.shape)} instead of {list(x.shape)} at {_shapes(feed)}"
             if x.dtype.kind != "f":
                 continue
             err = np.abs(x - y)
+            noise = None if exact else np.abs(x - nudged[i])
             ok = (np.allclose(x, y, rtol=1e-3, atol=1e-4) if exact else
-                  err.mean() <= 0.02 * np.abs(x).mean() and err.max() <= 0.25 * np.abs(x).max())
+                  err.mean() <= 0.02 * np.abs(x).mean() + 2 * noise.mean()
+                  and err.max() <= 0.25 * np.abs(x).max() + 2 * noise.max())
             if not ok:
                 return f"outputs differ by up to {float(err.max()):.3g} (mean {float(err.mean()):.3g}) at {_shapes(feed)}"
     return None
@@ -101,9 +107,9 @@ def export_onnx(program: Program, path: Path, *, fusions: bool = True, check_fee
     _save(model, path)
     feeds = check_feeds or []
 
-    def reference(feed):
-        import torch
-        out = program.run({k: torch.from_numpy(v) for k, v in feed.items()})
+    def reference(feed, nudge: float = 0.0):
+        with rounding_jitter(nudge):
+            out = program.run({k: torch.from_numpy(v) for k, v in feed.items()})
         return [out[n].numpy() for n in program.output_names]
 
     exact = all(spec.is_exact(n) for n in program.graph.nodes for spec in OPS.values() if spec.matches(n))

@@ -14,6 +14,8 @@ with SDPA's semantics (a bool mask keeps True, a float mask is added; GQA when H
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -21,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from onnxscript import opset23 as op23
 
-__all__ = ["OpSpec", "define_op", "OPS", "onnx_translation_table", "standardize", "differentiable", "attention_reference", "ATTENTION"]
+__all__ = ["OpSpec", "define_op", "OPS", "onnx_translation_table", "standardize", "differentiable", "attention_reference",
+           "ATTENTION", "round_values", "rounding_jitter"]
 
 OPSET = 23  # the first opset with a standard Attention op (GQA, bool/float masks, causal)
 
@@ -57,6 +60,26 @@ class OpSpec:
 
 
 OPS: dict[str, OpSpec] = {}
+
+_JITTER: contextvars.ContextVar[float] = contextvars.ContextVar("tokopt_rounding_jitter", default=0.0)
+
+
+def round_values(x: torch.Tensor) -> torch.Tensor:
+    """``torch.round`` for the reference kernels of rounding ops; under ``rounding_jitter(eps)``
+    the input is scaled by 1 + eps first."""
+    eps = _JITTER.get()
+    return torch.round(x * (1 + eps) if eps else x)
+
+
+@contextlib.contextmanager
+def rounding_jitter(eps: float):
+    """Nudge every rounding op's input by a relative ``eps``: how far float noise alone moves a
+    graph of rounding decisions (a flip early on changes later inputs, which flips more)."""
+    token = _JITTER.set(eps)
+    try:
+        yield
+    finally:
+        _JITTER.reset(token)
 
 
 def define_op(name: str, schema_fn: Callable, fake: Callable, onnx: Callable | None = None,

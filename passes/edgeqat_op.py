@@ -26,7 +26,7 @@ import math
 import torch
 from onnxscript import INT64, opset23 as op
 
-from ..optimizer.ops import define_op, differentiable
+from ..optimizer.ops import define_op, differentiable, round_values
 
 __all__ = ["ACT_QUANT", "TOKEN_QUANT", "WEIGHT_QUANT", "LOW_TOKENS", "qrange"]
 
@@ -38,7 +38,7 @@ def qrange(bits: int, signed: bool) -> tuple[int, int]:
 # Forward values are exactly those of the plain expressions (a + (b - b.detach()) adds an exact
 # zero), so the reference computes bit for bit what QuantizeLinear / DequantizeLinear compute.
 def _round_ste(x: torch.Tensor) -> torch.Tensor:
-    return torch.round(x.detach()) + (x - x.detach())
+    return round_values(x.detach()) + (x - x.detach())
 
 
 def _grad_scale(s: torch.Tensor, g: float) -> torch.Tensor:

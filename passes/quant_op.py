@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from onnxscript import opset23 as op
 from onnxscript.values import Op, Opset
 
-from ..optimizer.ops import define_op
+from ..optimizer.ops import define_op, round_values
 from ..optimizer.program import inherit_meta
 
 __all__ = ["MATMUL_NBITS", "EMBEDDING_Q8", "pack", "unpack", "dequantize", "replace_linear", "standardize_nbits",
@@ -86,7 +86,7 @@ def _int8_blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
     pad = (-k) % block_size
     xb = F.pad(x, (0, pad)).reshape(*x.shape[:-1], -1, block_size)
     s = xb.abs().amax(-1, keepdim=True) / 127
-    q = torch.where(s > 0, torch.round(xb * torch.where(s > 0, 1 / s, 0)), 0)
+    q = torch.where(s > 0, round_values(xb * torch.where(s > 0, 1 / s, 0)), 0)
     return (q * s).reshape(*x.shape[:-1], -1)[..., :k]
 
 

@@ -169,6 +169,30 @@ def test_int8_compute(tmp_path):
     assert np.abs(got - rounded.numpy()).max() < 0.1 * np.abs(rounded.numpy() - exact.numpy()).max() + 1e-4
 
 
+def test_int8_compute_on_a_deep_encoder(tmp_path, minilm_dir):
+    """compute=int8 on MiniLM (36 rounded matmuls in a row): nudging the reference's rounding
+    inputs by 1e-6 moves its output by percents (a flip changes later inputs by a whole step,
+    which flips more), about as far as ONNX Runtime's output is from it. The exporter's check
+    allows for that, so the bundle compiles; a lowering 20% off still fails the check."""
+    from tokopt.backends.onnxruntime import ROUNDING_NUDGE, _disagreement, make_session
+    from tokopt.optimizer.ops import rounding_jitter
+    res = tokopt.compile(minilm_dir, out=tmp_path / "b", measure=False,
+                         passes="rsq:bits=8,compute=int8,solver=rtn,importance=none")
+    ids = np.random.default_rng(0).integers(1000, 5000, (2, 16))
+    feed = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+
+    def reference(feed, nudge=0.0, off=1.0):
+        with rounding_jitter(nudge):
+            out = res.program.run({k: torch.from_numpy(v) for k, v in feed.items()})
+        return [out[n].numpy() * off for n in res.program.output_names]
+    plain, nudged = reference(feed)[0], reference(feed, ROUNDING_NUDGE)[0]
+    assert np.abs(plain - nudged).mean() > 0.005 * np.abs(plain).mean()
+    session = make_session(res.bundle / "model.onnx", ["CPUExecutionProvider"])
+    assert _disagreement(session, [feed], reference, exact=False) is None
+    wrong = _disagreement(session, [feed], lambda f, nudge=0.0: reference(f, nudge, off=1.2), exact=False)
+    assert wrong is not None and wrong.startswith("outputs differ")
+
+
 def test_rsq_on_minilm_keeps_embeddings(tmp_path, minilm_dir):
     """A post-norm BERT cannot be rotated: rotate=auto says so and quantizes without; the int4
     sentence embeddings stay within cosine 0.98 of fp32 on real passages."""
