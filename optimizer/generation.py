@@ -204,6 +204,9 @@ def generate_ids(step: Callable[[dict], dict], spec: CacheSpec, input_ids, atten
         raise UsageError(f"max_new_tokens must be at least 1 (got {max_new_tokens}).")
     if do_sample and (temperature <= 0 or not 0 < top_p <= 1 or top_k < 0):
         raise UsageError("sampling needs temperature > 0, 0 < top_p <= 1 and top_k >= 0.")
+    if not do_sample and (temperature != 1.0 or top_p != 1.0 or top_k):
+        raise UsageError("temperature, top_k and top_p shape sampling, and this is greedy decoding: set "
+                         "do_sample=True (--sample) to sample, or leave them out.")
     batch, length = ids.shape
     if spec.max_length is not None and length + max_new_tokens > spec.max_length:
         raise UsageError(f"the prompt has {length} tokens and {max_new_tokens} new tokens were asked "

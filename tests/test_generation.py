@@ -116,6 +116,8 @@ def test_bad_generation_requests(llama_bundle, tmp_path, model_dir):
         run.generate(input_ids=np.ones((1, 500), np.int64), max_new_tokens=13)
     with pytest.raises(UsageError, match="max_new_tokens must be at least 1"):
         run.generate(input_ids=np.ones((1, 5), np.int64), max_new_tokens=0)
+    with pytest.raises(UsageError, match="shape sampling, and this is greedy decoding: set do_sample=True"):
+        run.generate(input_ids=np.ones((1, 5), np.int64), max_new_tokens=2, top_p=0.5)
     plain = tokopt.compile(model_dir("llama"), out=tmp_path / "plain", measure=False)
     with pytest.raises(UsageError, match="no decode graph.*--generate"):
         tokopt.load(plain.bundle).generate(input_ids=np.ones((1, 5), np.int64))
@@ -130,6 +132,8 @@ def test_cli_generation_errors(llama_bundle, capsys):
     bundle = str(llama_bundle[1].bundle)
     assert main(["run", bundle, "--input-ids", "5,6,7", "--max-new-tokens", "0"]) == 2
     assert "max_new_tokens must be at least 1" in capsys.readouterr().err
+    assert main(["run", bundle, "--input-ids", "5,6,7", "--top-p", "0.5"]) == 2
+    assert "(--sample)" in capsys.readouterr().err
     assert main(["run", bundle, "--input-ids", "5,6,7", "--max-new-tokens", "3", "--json"]) == 0
     assert len(json.loads(capsys.readouterr().out)["new_ids"]) == 3
     assert main(["inspect", bundle]) == 0
