@@ -206,11 +206,14 @@ def _cmd_inspect(args) -> int:
             print(format_report(report))
         return 0
     import tokopt
+    from .passes.token_prune import per_token_heads
     prog = tokopt.capture(args.target, attn_implementation=args.attn, trust_pickle=args.trust_pickle)
     rows = [b.row() for b in prog.attention]
+    heads = per_token_heads(prog)
     if args.json:
         print(json.dumps({"attention": rows, "refused": [r.__dict__ for r in prog.rejected],
-                          "inputs": prog.input_names, "outputs": prog.output_names, "task": prog.task}, indent=1))
+                          "inputs": prog.input_names, "outputs": prog.output_names, "task": prog.task,
+                          "per_token_outputs": heads}, indent=1))
         return 0
     print(f"{args.target}: {prog.source.get('class', '')} ({prog.task}), inputs {prog.input_names}, "
           f"outputs {prog.output_names}")
@@ -223,6 +226,8 @@ def _cmd_inspect(args) -> int:
                             "rope", "projections", "o"]))
     for r in prog.rejected:
         print(f"not recognised: {r.module} ({r.node}): {r.reason}")
+    if heads:
+        print(f"per-token outputs {', '.join(heads)}: token_prune needs restore=true (else it is refused)")
     return 0
 
 

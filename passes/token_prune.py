@@ -33,13 +33,15 @@ first-token outputs (cosine), causal LMs the last position's next-token distribu
 
 Contract: for encoders the pooled outputs (CLS row) keep their shape; ``restore=true`` scatters
 every pruned token's last representation (the stream entering the cut that dropped it) back into
-its position, through any number of cuts, so that every output with the input's token axis
-(``last_hidden_state``) keeps the input's shape. For causal LMs the last position's logits are
-the contract (``restore`` is refused).
+the last layer's output, through any number of cuts, so that ``last_hidden_state`` and any head
+after the encoder (token classification, answer spans) see every position and keep the input's
+shape. For causal LMs the last position's logits are the contract (``restore`` is refused).
 
 Refused with a reason: a layer past the model's depth, ``score=cls`` on a causal model (its
-first token attends only to itself), a value crossing the cut whose length is an expression of
-N other than N itself. Modes: ``drop``; ``fuse`` (EViT, encoders): the dropped tokens are folded into one extra token,
+first token attends only to itself), a token-level head (an output other than
+``last_hidden_state`` with a value per input token, ``per_token_heads``; `tokopt inspect` lists
+them) without ``restore``, a value crossing the cut whose length is an expression of N other
+than N itself. Modes: ``drop``; ``fuse`` (EViT, encoders): the dropped tokens are folded into one extra token,
 their score-weighted mean, appended after the kept ones; ``merge`` (ToMe, encoders, one layer,
 keep > 0.5): bipartite soft matching on the layer's keys, merged tokens averaged, later
 attentions add log(size) to each key (proportional attention), and ``restore`` gives every
@@ -412,7 +414,7 @@ def _depends_on(x, seq) -> bool:
 
 
 def _prune_once(program: Program, gm: torch.fx.GraphModule, layer: int, keep: float,
-                opts: TokenPruneOptions, causal: bool, last: bool = True, tokenwise: set[int] = frozenset()) -> None:
+                opts: TokenPruneOptions, causal: bool, last: bool = True) -> None:
     graph = gm.graph
     nodes = list(graph.nodes)
     in_layer = [i for i, n in enumerate(nodes) if _layer_of(n) == layer]
@@ -443,7 +445,7 @@ def _prune_once(program: Program, gm: torch.fx.GraphModule, layer: int, keep: fl
     n_out = len(program.output_names)
     carried = set(graph.output_node().args[0][n_out:])   # earlier cuts' (restore)
     crossing = {a for n in after for a in n.all_input_nodes if a in before and a.op != "get_attr"} - carried
-    hidden = None
+    hidden = after_cut = None   # the hidden stream crossing the cut, and what replaces it after
     merged = None
     if opts.mode == "merge":
         streams = [a for a in crossing if isinstance(a.meta.get("val"), torch.Tensor) and a.meta["val"].dim() == 3
@@ -478,7 +480,8 @@ def _prune_once(program: Program, gm: torch.fx.GraphModule, layer: int, keep: fl
                 raise UsageError(f"token_prune: mode=merge cannot re-derive {value.name} (shape {list(val.shape)}) "
                                  "for merged tokens; use mode=drop for this model.")
             value.replace_all_uses_with(merged_parts[part], delete_user_cb=lambda u: u in after)
-            hidden = value if part == 0 else hidden
+            if part == 0:
+                hidden, after_cut = value, merged_parts[0]
             continue
         if opts.mode == "drop":
             fn, args = _gather_tokens, (value, idx, dims)
@@ -493,30 +496,56 @@ def _prune_once(program: Program, gm: torch.fx.GraphModule, layer: int, keep: fl
             gathered = graph.call_function(fn, args)
         value.replace_all_uses_with(gathered, delete_user_cb=lambda u, g=gathered: u in after and u is not g)
         if val.dim() == 3 and dims == (1,) and hidden is None:
-            hidden = value
+            hidden, after_cut = value, gathered
     if opts.restore:
         if hidden is None:
             raise PassError("token_prune: restore needs the hidden stream crossing the cut")
-        _restore_outputs(graph, hidden, merged_parts[2] if merged is not None else idx, n_out, last,
-                         merged is not None, tokenwise)
+        point = _restore_point(graph, seq, hidden.meta["val"].shape[2], len(program.attention) - 1)
+        if point in (None, hidden):  # a cut after the last layer: restore what replaced its output
+            point, anchor = after_cut, cut
+        else:
+            anchor = point.next
+        _restore_at(graph, point, anchor, hidden, merged_parts[2] if merged is not None else idx, n_out, last,
+                    merged is not None)
     gm.recompile()
 
 
-def _tokenwise_outputs(program: Program) -> set[int]:
-    """Which outputs of the unpruned graph have the input's token axis ([B, N, D]): the ones
-    ``restore`` gives back their length."""
-    graph, sig = program.ep.graph, program.ep.graph_signature
-    ids = sig.user_inputs[program.input_names.index("input_ids")]
-    seq = _expr(next(n for n in graph.nodes if n.op == "placeholder" and n.name == ids).meta["val"].shape[1])
-    outs = [n.meta.get("val") for n in graph.output_node().args[0]]
-    return {i for i, v in enumerate(outs) if isinstance(v, torch.Tensor) and v.dim() == 3 and _expr(v.shape[1]) == seq}
+def _token_axis_outputs(program: Program) -> dict[int, int]:
+    """{output index: rank} of the unpruned graph's outputs whose axis 1 is the input's tokens."""
+    seq = _expr(program.input_nodes()["input_ids"].meta["val"].shape[1])
+    outs = [n.meta.get("val") for n in program.graph.output_node().args[0]]
+    return {i: v.dim() for i, v in enumerate(outs)
+            if isinstance(v, torch.Tensor) and v.dim() >= 2 and _expr(v.shape[1]) == seq}
 
 
-def _restore_outputs(graph, hidden, link, n_out: int, last: bool, merge: bool, tokenwise: set[int]) -> None:
+def per_token_heads(program: Program) -> list[str]:
+    """An encoder's outputs that predict per input token (token classification, answer spans):
+    pruning would drop positions from them. (``last_hidden_state`` may shrink: an encoder's
+    contract is its pooled outputs.)"""
+    if program.task == "causal-lm" or "input_ids" not in program.input_names:
+        return []
+    return [program.output_names[i] for i in _token_axis_outputs(program) if program.output_names[i] != "last_hidden_state"]
+
+
+def _restore_point(graph, seq, width: int, last_layer: int):
+    """The last layer's output (its last [B, N, width] value): where ``restore`` gives the pruned
+    tokens back, so that whatever follows the encoder (``last_hidden_state``, a token-classification
+    or answer-span head) sees every position. None if the last layer has no such value."""
+    point = None
+    for n in graph.nodes:
+        v = n.meta.get("val")
+        if (_layer_of(n) == last_layer and isinstance(v, torch.Tensor) and v.dim() == 3
+                and _expr(v.shape[1]) == seq and v.shape[2] == width):
+            point = n
+    return point
+
+
+def _restore_at(graph, point, anchor, hidden, link, n_out: int, last: bool, merge: bool) -> None:
     """Before the last cut, carry this cut's stream and index out of the graph (extra outputs
-    after the ``n_out`` real ones, so that they survive re-export). At the last cut, give every
-    token-wise output back its original length: the innermost cut first, each pruned token
-    getting its representation from just before the cut that dropped it."""
+    after the ``n_out`` real ones, so that they survive re-export). At the last cut, give
+    ``point`` (the last layer's output) back its original length for everything that reads it
+    (the scatters go before ``anchor``): the innermost cut first, each pruned token getting its
+    representation from just before the cut that dropped it."""
     out = graph.output_node()
     args = list(out.args[0])
     if not last:
@@ -524,16 +553,16 @@ def _restore_outputs(graph, hidden, link, n_out: int, last: bool, merge: bool, t
         out.args = (tuple(args) + (hidden, link),)
         return
     cuts = [(args[i], args[i + 1]) for i in range(n_out, len(args), 2)] + [(hidden, link)]
-    restored = []
-    for i, arg in enumerate(args[:n_out]):
-        if i in tokenwise:
-            with graph.inserting_before(out):
-                for stream, index in reversed(cuts):
-                    arg = graph.call_function(_unmerge if merge else _restore, (stream, index, arg))
-        restored.append(arg)
+    nodes = list(graph.nodes)
+    readers = set(nodes[nodes.index(anchor):])  # a merge's own length reads it before the anchor
+    value = point
+    with graph.inserting_before(anchor):
+        for stream, index in reversed(cuts):
+            value = graph.call_function(_unmerge if merge else _restore, (stream, index, value))
+    point.replace_all_uses_with(value, delete_user_cb=lambda u: u in readers)
     if len(args) > n_out:
         graph._codegen = torch.fx.graph.CodeGen()
-    out.args = (tuple(restored),)
+    out.args = (tuple(out.args[0][:n_out]),)
 
 
 @register_pass
@@ -571,14 +600,18 @@ class TokenPrunePass(Pass):
                              f"{program.input_names}.")
         if all(keep == 1.0 for keep, _ in steps):
             return PassResult(program, False, {"pruned_layers": []})
+        heads = per_token_heads(program)
+        if heads and not opts.restore:
+            raise UsageError(f"token_prune: output {heads[0]!r} has a value per input token (a token-level "
+                             "head); pruning would drop positions from it. Pass restore=true, which gives "
+                             "every pruned token its last representation back before the head.")
         original = program.copy() if opts.recover else None
         cuts = [layer for keep, layer in steps if keep < 1.0]
-        tokenwise = _tokenwise_outputs(program) if opts.restore else set()
         for keep, layer in steps:
             if keep == 1.0:
                 continue
             gm = program.ep.module()
-            _prune_once(program, gm, layer, keep, opts, causal, last=layer == cuts[-1], tokenwise=tokenwise)
+            _prune_once(program, gm, layer, keep, opts, causal, last=layer == cuts[-1])
             program.reexport(gm, "token_prune: the pruned graph")
         n_layers = max(depth, 1)
         work, frac = 0.0, 1.0

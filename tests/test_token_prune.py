@@ -329,3 +329,34 @@ def test_restore_through_two_cuts(bert, model_dir):
     # a cut after the last layer (the output itself is gathered), and merging twice
     for spec in ("keep=0.5,layers=1", "schedule=0.7@0/0.7@1,mode=merge"):
         assert _run(bert, f"token_prune:{spec},restore=true").run(feed)["last_hidden_state"].shape == (2, n, 64)
+
+
+@pytest.mark.parametrize("head", ["BertForTokenClassification", "BertForQuestionAnswering"])
+def test_token_level_heads_need_restore(tmp_path, capsys, head):
+    """A head that predicts per token (tags, answer spans) reads every position: without
+    restore the pass is refused by output name (and `tokopt inspect` says so); with it the head
+    runs on the restored last layer, so its outputs keep the input's length at any length, and a
+    cut after the last layer gives every position back exactly (transformers, 1e-5)."""
+    import transformers as tf
+    from tokopt.cli import main
+    cfg = tf.BertConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                        vocab_size=256, num_labels=2 if "Question" in head else 5)
+    torch.manual_seed(0)
+    model = getattr(tf, head)(cfg).eval()
+    model.save_pretrained(tmp_path / "m")
+    names = ["start_logits", "end_logits"] if "Question" in head else ["logits"]
+    prog = PassManager(resolve(plan_passes())).run(tokopt.capture(tmp_path / "m"))
+    with pytest.raises(UsageError, match=f"output '{names[0]}' has a value per input token.*restore=true"):
+        _run(prog, "token_prune:keep=0.5,layers=0")
+    assert main(["inspect", str(tmp_path / "m")]) == 0
+    assert f"per-token outputs {', '.join(names)}: token_prune needs restore=true" in capsys.readouterr().out
+    pruned, exact = _run(prog, "token_prune:keep=0.5,layers=0,restore=true"), _run(prog, "token_prune:keep=0.5,layers=1,restore=true")
+    for n in (9, 16):
+        ids = torch.randint(5, 250, (2, n))
+        feed = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        with torch.no_grad():
+            ref = model(**feed)
+        got, same = pruned.run(feed), exact.run(feed)
+        for name in names:
+            assert got[name].shape == ref[name].shape
+            torch.testing.assert_close(same[name], ref[name], atol=1e-5, rtol=1e-5)
