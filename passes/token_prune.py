@@ -37,6 +37,10 @@ the last layer's output, through any number of cuts, so that ``last_hidden_state
 after the encoder (token classification, answer spans) see every position and keep the input's
 shape. For causal LMs the last position's logits are the contract (``restore`` is refused).
 
+A fixed token count (a ViT's patches + CLS, set by its image size) appears in later shapes as
+a literal; those are rewritten to the kept count (refused if the count equals the head count,
+head size or width, where the token axis could not be told apart).
+
 Refused with a reason: a layer past the model's depth, ``score=cls`` on a causal model (its
 first token attends only to itself), a token-level head (an output other than
 ``last_hidden_state`` with a value per input token, ``per_token_heads``; `tokopt inspect` lists
@@ -75,6 +79,41 @@ def kept_length(n: int, keep: float) -> int:
     """Tokens left after one pruning step at length ``n`` (at least 1)."""
     f = Fraction(keep).limit_denominator(1000)
     return max(1, (n * f.numerator + f.denominator - 1) // f.denominator)
+
+
+def merged_length(n: int, keep: float) -> int:
+    """The stream's length after one ``mode=merge`` step: ``kept_length`` tokens plus the one or
+    two masked slots that pad N to an even length."""
+    return 2 * (n // 2 + 1) - (n - kept_length(n, keep))
+
+
+def _shape_args(node):
+    """(position, list) of each shape-like argument of ``node``: a list of ints as long as its
+    output's rank (view, reshape, expand sizes)."""
+    val = node.meta.get("val")
+    rank = val.dim() if isinstance(val, torch.Tensor) else -1
+    return [(i, a) for i, a in enumerate(node.args) if isinstance(a, (list, tuple)) and len(a) == rank
+            and any(isinstance(x, int) for x in a)]
+
+
+def _check_fixed_length(n: int, q_shape) -> None:
+    """With a fixed token count its literal ``n`` is what marks the token axis in later shapes
+    (view / reshape / expand sizes hold heads, head size and width besides): refused when one of
+    those is also ``n``."""
+    _, heads, _, head_dim = q_shape
+    if n in (heads, head_dim, heads * head_dim):
+        raise UsageError(f"token_prune: this model's token count is fixed at {n}, which is also its number "
+                         "of heads, head size or width, so the token axis cannot be told apart in its "
+                         "shapes; use an input size that gives another token count.")
+
+
+def _rewrite_fixed_length(after, n: int, kept: int) -> None:
+    """Every later shape argument that spells the fixed token count ``n`` now spells ``kept``."""
+    for node in after:
+        val = node.meta.get("val")
+        for i, shape in _shape_args(node):
+            new = [kept if x == n and d == n else x for x, d in zip(shape, val.shape)]
+            node.update_arg(i, type(shape)(new))
 
 
 @dataclass(frozen=True)
@@ -426,9 +465,8 @@ def _prune_once(program: Program, gm: torch.fx.GraphModule, layer: int, keep: fl
     after = set(nodes[in_layer[-1] + 1:])
     q, k, _v, mask, scale, is_causal = att[0].args
     seq = _expr(q.meta["val"].shape[2])  # the token count at this layer (already pruned before?)
-    if not seq.free_symbols:
-        raise UsageError("token_prune needs a dynamic sequence axis; this model was exported with a "
-                         "fixed length.")
+    if not seq.free_symbols:  # a fixed token count (a ViT's patches): its literal is rewritten below
+        _check_fixed_length(int(seq), q.meta["val"].shape)
     frac = Fraction(keep).limit_denominator(1000)
     scores = idx = new_len = None
     if opts.mode != "merge":  # merge matches on keys instead of scoring
@@ -497,11 +535,18 @@ def _prune_once(program: Program, gm: torch.fx.GraphModule, layer: int, keep: fl
         value.replace_all_uses_with(gathered, delete_user_cb=lambda u, g=gathered: u in after and u is not g)
         if val.dim() == 3 and dims == (1,) and hidden is None:
             hidden, after_cut = value, gathered
+    if not seq.free_symbols:
+        n = int(seq)
+        kept = merged_length(n, keep) if opts.mode == "merge" else kept_length(n, keep) + (opts.mode == "fuse")
+        _rewrite_fixed_length(after, n, kept)
     if opts.restore:
         if hidden is None:
             raise PassError("token_prune: restore needs the hidden stream crossing the cut")
         point = _restore_point(graph, seq, hidden.meta["val"].shape[2], len(program.attention) - 1)
-        if point in (None, hidden):  # a cut after the last layer: restore what replaced its output
+        if point is None:
+            raise PassError("token_prune: restore found no [batch, tokens, hidden] output of the last layer "
+                            "to give the pruned tokens back to")
+        if point is hidden:  # a cut after the last layer: restore what replaced its output
             point, anchor = after_cut, cut
         else:
             anchor = point.next
@@ -595,9 +640,10 @@ class TokenPrunePass(Pass):
         if causal and opts.restore:
             raise UsageError("token_prune: restore=true is for encoders; a causal LM's contract is the last "
                              "position's logits.")
-        if "input_ids" not in program.input_names:
-            raise UsageError("token_prune works on token sequences; this model takes "
-                             f"{program.input_names}.")
+        if opts.recover and "input_ids" not in program.input_names:
+            raise UsageError(f"token_prune: recover= distils on token sequences; this model takes "
+                             f"{', '.join(program.input_names)}, and tokopt has no image calibration set. "
+                             "Use recover=0.")
         if all(keep == 1.0 for keep, _ in steps):
             return PassResult(program, False, {"pruned_layers": []})
         heads = per_token_heads(program)

@@ -14,7 +14,7 @@ from tokopt.optimizer.compile import plan_passes
 from tokopt.optimizer.errors import UsageError
 from tokopt.optimizer.ops import onnx_translation_table
 from tokopt.optimizer.pass_manager import PassManager, resolve
-from tokopt.passes.token_prune import TOKEN_SCORES, _keep_indices, kept_length
+from tokopt.passes.token_prune import TOKEN_SCORES, _keep_indices, kept_length, merged_length
 
 from .conftest import feed_for
 
@@ -97,11 +97,6 @@ def test_fuse_appends_one_token_and_respects_padding(bert):
     assert restored.run(feed)["last_hidden_state"].shape == (2, 24, 64)
 
 
-def _merged_length(n: int, keep: float) -> int:
-    half = n // 2 + 1
-    return 2 * half - (n - kept_length(n, keep))  # one or two masked padding slots
-
-
 @pytest.fixture(scope="module")
 def merging(bert):
     return (_run(bert, "token_prune:keep=0.7,layers=0,mode=merge"),
@@ -113,7 +108,7 @@ def test_merge_lengths_restore_and_padding(merging, n):
     merged, restored = merging
     feed = feed_for("bert", 2, n)
     out = merged.run(feed)["last_hidden_state"]
-    assert out.shape == (2, _merged_length(n, 0.7), 64) and torch.isfinite(out).all()
+    assert out.shape == (2, merged_length(n, 0.7), 64) and torch.isfinite(out).all()
     full = restored.run(feed)["last_hidden_state"]
     assert full.shape == (2, n, 64)
     # every original position carries one of the merged tokens' outputs
@@ -137,8 +132,8 @@ def test_merge_carries_sizes_across_layers(bert):
     two = _run(bert, "token_prune:schedule=0.7@0/0.7@1,mode=merge")
     feed = feed_for("bert", 2, 30)
     out = two.run(feed)["last_hidden_state"]
-    one = _merged_length(30, 0.7)
-    assert out.shape == (2, _merged_length(one, 0.7), 64) and torch.isfinite(out).all()
+    one = merged_length(30, 0.7)
+    assert out.shape == (2, merged_length(one, 0.7), 64) and torch.isfinite(out).all()
 
 
 def test_restore_keeps_shape_and_cls(bert):
@@ -260,7 +255,7 @@ def test_causal_refusals(llama, spec, message):
 
 @pytest.mark.parametrize("mode,keep,length", [
     ("fuse", 0.5, lambda n: kept_length(n, 0.5) + 1),
-    ("merge", 0.7, lambda n: _merged_length(n, 0.7)),
+    ("merge", 0.7, lambda n: merged_length(n, 0.7)),
 ])
 def test_encoder_modes_run_in_onnxruntime(tmp_path, model_dir, mode, keep, length):
     res = tokopt.compile(model_dir("bert"), out=tmp_path / "b", measure=False,
@@ -360,3 +355,28 @@ def test_token_level_heads_need_restore(tmp_path, capsys, head):
         for name in names:
             assert got[name].shape == ref[name].shape
             torch.testing.assert_close(same[name], ref[name], atol=1e-5, rtol=1e-5)
+
+
+def test_vision_transformer_with_a_fixed_token_count(tmp_path, model_dir):
+    """A ViT's token count is fixed by its image size (17 here: 16 patches + CLS), so later shapes
+    spell it as a literal; the pass rewrites those. Token counts per mode, keep=1 exact, restore
+    gives the input's count back, and the bundle runs in ONNX Runtime. A model whose token count
+    equals its head count is refused (the axis could not be told apart)."""
+    import transformers as tf
+    vit = PassManager(resolve(plan_passes())).run(tokopt.capture(model_dir("vit")))
+    x = {"pixel_values": torch.randn(3, 3, 32, 32)}
+    for spec, tokens in (("keep=0.5,layers=0", kept_length(17, 0.5)), ("keep=0.5,layers=0,mode=fuse", 10),
+                         ("keep=0.7,layers=0,mode=merge", merged_length(17, 0.7)),
+                         ("schedule=0.7@0/0.5@1,restore=true", 17)):
+        out = _run(vit, f"token_prune:{spec}").run(x)
+        assert out["last_hidden_state"].shape == (3, tokens, 64) and out["pooler_output"].shape == (3, 64)
+    assert torch.equal(_run(vit, "token_prune:keep=1.0").run(x)["last_hidden_state"], vit.run(x)["last_hidden_state"])
+    res = tokopt.compile(model_dir("vit"), out=tmp_path / "b", passes="token_prune:keep=0.5,layers=0", measure=False)
+    got = tokopt.load(res.bundle)(pixel_values=x["pixel_values"].numpy())
+    assert got["last_hidden_state"].shape == (3, 9, 64)
+    tf.ViTModel(tf.ViTConfig(hidden_size=68, intermediate_size=64, num_hidden_layers=2, num_attention_heads=17,
+                             image_size=32, patch_size=8)).save_pretrained(tmp_path / "clash")
+    with pytest.raises(UsageError, match="token count is fixed at 17, which is also its number of heads"):
+        tokopt.compile(tmp_path / "clash", out=tmp_path / "c", passes="token_prune:keep=0.5,layers=0")
+    with pytest.raises(UsageError, match="recover= distils on token sequences; this model takes pixel_values"):
+        _run(vit, "token_prune:keep=0.5,layers=0,recover=2")
