@@ -28,11 +28,14 @@ __all__ = ["load_texts", "load_ids", "calibration_batches", "default_texts", "to
 PASSAGES = Path(__file__).with_name("passages.jsonl")
 
 
-def token_source(program, refusal: str):
-    """(source, tokenizer) a pass calibrates on: ``--calib`` (default: the shipped passages) and
-    the model's tokenizer (None without one, where only a token-id file will do). Raises a
+def token_source(program, who: str, refusal: str):
+    """(source, tokenizer) pass ``who`` calibrates on: ``--calib`` (default: the shipped passages)
+    and the model's tokenizer (None without one, where only a token-id file will do). Raises a
     UsageError with ``refusal`` when no token ids can be had."""
     from ..optimizer.runtime import load_tokenizer
+    if "input_ids" not in program.input_names:
+        raise UsageError(f"{who} calibrates on token sequences; this model takes "
+                         f"{', '.join(program.input_names)}, and tokopt has no image calibration set yet.")
     if program.tokenizer_dir is None and not (program.calib and Path(program.calib).suffix in (".npy", ".pt")):
         raise UsageError(refusal)
     tok = load_tokenizer(program.tokenizer_dir) if program.tokenizer_dir else None

@@ -132,7 +132,7 @@ class EdgeQATPass(Pass):
 
     def _data(self, program: Program):
         opts = self.options
-        source, tok = token_source(program, "edgeqat trains on data: give --calib ids.npy, or a model folder with a "
+        source, tok = token_source(program, "edgeqat", "edgeqat trains on data: give --calib ids.npy, or a model folder with a "
                                             "tokenizer and --calib text.")
         windows = [b["input_ids"] for b in calibration_batches(source, tok, seq_len=opts.seq_len, batch_size=1,
                                                                progress=False)]

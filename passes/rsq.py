@@ -160,7 +160,7 @@ class RSQPass(Pass):
     # -- calibration ----------------------------------------------------------------------
     def _data(self, program: Program) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         opts = self.options
-        source, tok = token_source(program, "rsq: calibration needs token ids: give --calib ids.npy, or a model "
+        source, tok = token_source(program, "rsq", "rsq: calibration needs token ids: give --calib ids.npy, or a model "
                                             "folder with a tokenizer and --calib text (or pass solver=rtn,"
                                             "importance=none,rotate=off, which needs no data).")
         limit = (program.seq_range or (1, None))[1] or opts.seq_len

@@ -155,7 +155,7 @@ class StillPass(Pass):
 
     def _data(self, program: Program, limit: int):
         opts = self.options
-        source, tok = token_source(program, "still distils its feature maps and gates on data: give --calib "
+        source, tok = token_source(program, "still", "still distils its feature maps and gates on data: give --calib "
                                             "ids.npy, or a model folder with a tokenizer and --calib text.")
         length = min(opts.seq_len, limit)
         windows = [b["input_ids"] for b in calibration_batches(source, tok, seq_len=length, batch_size=1,

@@ -162,7 +162,7 @@ class TCAPass(Pass):
         if len({b.kv_heads for b in blocks}) != 1:
             raise UsageError("tca: the attention blocks have different KV-head counts; not supported yet.")
         original = program.copy() if opts.uniform < 0 and program.cache is None else None
-        source, tok = token_source(program, "tca: calibration needs token ids: give --calib ids.npy, or a model "
+        source, tok = token_source(program, "tca", "tca: calibration needs token ids: give --calib ids.npy, or a model "
                                             "folder with a tokenizer and --calib text (or pass uniform=BUDGET to "
                                             "skip calibration).") if opts.uniform < 0 else (None, None)
         budgets, errors, extra = self._budgets(program, blocks, source, tok)

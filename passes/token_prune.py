@@ -640,10 +640,6 @@ class TokenPrunePass(Pass):
         if causal and opts.restore:
             raise UsageError("token_prune: restore=true is for encoders; a causal LM's contract is the last "
                              "position's logits.")
-        if opts.recover and "input_ids" not in program.input_names:
-            raise UsageError(f"token_prune: recover= distils on token sequences; this model takes "
-                             f"{', '.join(program.input_names)}, and tokopt has no image calibration set. "
-                             "Use recover=0.")
         if all(keep == 1.0 for keep, _ in steps):
             return PassResult(program, False, {"pruned_layers": []})
         heads = per_token_heads(program)
@@ -679,7 +675,7 @@ def _samples(program: Program) -> list[torch.Tensor]:
     if program.calib is None and program.tokenizer_dir is not None:
         tok = load_tokenizer(program.tokenizer_dir)
         return [torch.tensor([ids]) for ids in tok(default_texts("calib"), truncation=True, max_length=256)["input_ids"]]
-    source, tok = token_source(program, "token_prune: recover= trains on data: give --calib ids.npy, or a model "
+    source, tok = token_source(program, "token_prune", "token_prune: recover= trains on data: give --calib ids.npy, or a model "
                                         "folder with a tokenizer.")
     return [b["input_ids"] for b in calibration_batches(source, tok, seq_len=256, batch_size=1, progress=False)]
 

@@ -361,7 +361,8 @@ def test_vision_transformer_with_a_fixed_token_count(tmp_path, model_dir):
     """A ViT's token count is fixed by its image size (17 here: 16 patches + CLS), so later shapes
     spell it as a literal; the pass rewrites those. Token counts per mode, keep=1 exact, restore
     gives the input's count back, and the bundle runs in ONNX Runtime. A model whose token count
-    equals its head count is refused (the axis could not be told apart)."""
+    equals its head count is refused (the axis could not be told apart), and so is calibrating
+    on images (no image set ships)."""
     import transformers as tf
     vit = PassManager(resolve(plan_passes())).run(tokopt.capture(model_dir("vit")))
     x = {"pixel_values": torch.randn(3, 3, 32, 32)}
@@ -378,5 +379,7 @@ def test_vision_transformer_with_a_fixed_token_count(tmp_path, model_dir):
                              image_size=32, patch_size=8)).save_pretrained(tmp_path / "clash")
     with pytest.raises(UsageError, match="token count is fixed at 17, which is also its number of heads"):
         tokopt.compile(tmp_path / "clash", out=tmp_path / "c", passes="token_prune:keep=0.5,layers=0")
-    with pytest.raises(UsageError, match="recover= distils on token sequences; this model takes pixel_values"):
-        _run(vit, "token_prune:keep=0.5,layers=0,recover=2")
+    for spec in ("token_prune:keep=0.5,layers=0,recover=2", "tca", "rsq"):  # nothing to calibrate images on
+        with pytest.raises(UsageError, match=f"{spec.split(':')[0]} calibrates on token sequences; this model "
+                                             "takes pixel_values"):
+            _run(vit, spec)
