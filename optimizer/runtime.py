@@ -62,7 +62,8 @@ class Runner:
             if hi is not None and arr.ndim >= 2 and "sequence" in spec.get("axes", {}).values() \
                     and not lo <= arr.shape[1] <= hi:
                 raise UsageError(f"input '{name}' has {arr.shape[1]} tokens; this bundle accepts "
-                                 f"{lo} to {hi}. Recompile with --max-seq-len to change the range.")
+                                 f"{lo} to {hi}. Shorten the input, or, where the model's positions "
+                                 "reach further, recompile with a larger --max-seq-len.")
             limit = spec.get("id_limit")
             if limit is not None and arr.size and not 0 <= arr.min() <= arr.max() < limit:
                 bad = arr.min() if arr.min() < 0 else arr.max()
