@@ -166,14 +166,13 @@ def decode_part(args, work: Path) -> dict:
     from transformers import AutoTokenizer
 
     import tokopt
-    from tokopt.calibration.data import calibration_batches
+    from tokopt.calibration.data import token_windows
     from tokopt.calibration.lm_eval import decode_perplexity
     from tokopt.optimizer.generation import CacheSpec, example_feed
 
     calib = LM / "heldout.txt"
     tok = AutoTokenizer.from_pretrained(LM, local_files_only=True)
-    windows = [b["input_ids"] for b in calibration_batches(calib, tok, seq_len=1024, batch_size=1, max_batches=8,
-                                                           progress=False)][4:]
+    windows = token_windows(calib, tok, seq_len=1024, count=8)[4:]
     spec = f"tca:tolerance={args.tolerance},eval_windows=0"
     variants = {"dense": None, "tca": spec, "tca, full cache": spec + ",compact=false"}
     compiled = {name: tokopt.compile(LM, out=work / f"gen-{i}", generate=True, passes=passes, calib=calib,
@@ -240,7 +239,7 @@ def main(argv=None):
 
     import tokopt
     from tokopt.backends.onnxruntime import make_session
-    from tokopt.calibration.data import calibration_batches
+    from tokopt.calibration.data import token_windows
     from tokopt.calibration.lm_eval import perplexity
     from tokopt.optimizer.compile import plan_passes
     from tokopt.optimizer.generation import cache_spec
@@ -332,8 +331,7 @@ def main(argv=None):
     print(f"  TCA {forward['dense'] / forward['tca']:.2f}x faster than dense")
 
     # --- quality at equal average budget
-    windows = [b["input_ids"] for b in calibration_batches(calib, tok, seq_len=1024, batch_size=1, max_batches=8,
-                                                           progress=False)][4:]
+    windows = token_windows(calib, tok, seq_len=1024, count=8)[4:]
     captured = tokopt.capture(LM)
     uniform = max(cost - 64, 0) / 1024
     variants = {"dense": "canonicalize", "tca": spec,

@@ -23,7 +23,8 @@ from tqdm import tqdm
 
 from ..optimizer.errors import UsageError
 
-__all__ = ["load_texts", "load_ids", "calibration_batches", "default_texts", "token_source", "PASSAGES"]
+__all__ = ["load_texts", "load_ids", "calibration_batches", "token_windows", "default_texts", "token_source",
+           "PASSAGES"]
 
 PASSAGES = Path(__file__).with_name("passages.jsonl")
 
@@ -102,6 +103,12 @@ def calibration_batches(source, tokenizer=None, *, seq_len: int = 512, batch_siz
     for i in tqdm(range(n), desc="calibration batches", disable=not progress, leave=False):
         chunk = rows[i * batch_size:(i + 1) * batch_size]
         yield {"input_ids": chunk, "attention_mask": torch.ones_like(chunk)}
+
+
+def token_windows(source, tokenizer=None, *, seq_len: int, count: int | None = None) -> list[torch.Tensor]:
+    """The first ``count`` (default: all) ``[1, seq_len]`` token windows of ``source``."""
+    return [b["input_ids"] for b in calibration_batches(source, tokenizer, seq_len=seq_len, batch_size=1,
+                                                        max_batches=count, progress=False)]
 
 
 def default_texts(split: str = "all") -> list[str]:

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..calibration.data import calibration_batches, token_source
+from ..calibration.data import token_source, token_windows
 from ..calibration.lm_eval import full_feed, perplexity
 from ..optimizer.errors import PassError, UsageError
 from ..optimizer.ops import ATTENTION
@@ -134,8 +134,7 @@ class EdgeQATPass(Pass):
         opts = self.options
         source, tok = token_source(program, "edgeqat", "edgeqat trains on data: give --calib ids.npy, or a model folder with a "
                                             "tokenizer and --calib text.")
-        windows = [b["input_ids"] for b in calibration_batches(source, tok, seq_len=opts.seq_len, batch_size=1,
-                                                               progress=False)]
+        windows = token_windows(source, tok, seq_len=opts.seq_len)
         if len(windows) < opts.eval_windows + opts.batch:
             raise UsageError(f"edgeqat: {source} holds {len(windows)} windows of {opts.seq_len} tokens; training "
                              f"needs at least {opts.batch} besides the {opts.eval_windows} held out. Give more text.")

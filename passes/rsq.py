@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from ..calibration.data import calibration_batches, token_source
+from ..calibration.data import token_source, token_windows
 from ..calibration.gptq import QuantizedWeight, quantize_gptq, quantize_rtn
 from ..calibration.lm_eval import full_feed, perplexity
 from ..calibration.stats import cached_tensors, weights_hash
@@ -145,11 +145,6 @@ def _set_tensor(gm: torch.nn.Module, target: str, value: torch.Tensor) -> None:
         mod._buffers[name] = value
 
 
-def _windows(source, tok, length: int, count: int) -> list[torch.Tensor]:
-    return [b["input_ids"] for b in calibration_batches(source, tok, seq_len=length, batch_size=1,
-                                                        max_batches=count, progress=False)]
-
-
 @register_pass
 class RSQPass(Pass):
     name = "rsq"
@@ -166,10 +161,10 @@ class RSQPass(Pass):
         limit = (program.seq_range or (1, None))[1] or opts.seq_len
         length = min(opts.seq_len, limit)
         want = opts.samples + (opts.eval_windows if program.task == "causal-lm" and program.cache is None else 0)
-        windows = _windows(source, tok, length, want)
+        windows = token_windows(source, tok, seq_len=length, count=want)
         shorter = len(windows) * length // want // 16 * 16
         if len(windows) < want and shorter >= 64:  # too little text for full windows: as many, shorter
-            windows = _windows(source, tok, shorter, want)
+            windows = token_windows(source, tok, seq_len=shorter, count=want)
         if len(windows) < opts.samples:
             raise UsageError(f"rsq: {source} holds {len(windows)} windows of {length} tokens; samples="
                              f"{opts.samples} were asked for. Give more text, or lower samples= or seq_len=.")

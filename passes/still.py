@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..calibration.data import calibration_batches, token_source
+from ..calibration.data import token_source, token_windows
 from ..calibration.lm_eval import full_feed, passkey_stats, perplexity
 from ..calibration.stats import cached_tensors, weights_hash
 from ..optimizer.errors import PassError, UsageError
@@ -158,8 +158,7 @@ class StillPass(Pass):
         source, tok = token_source(program, "still", "still distils its feature maps and gates on data: give --calib "
                                             "ids.npy, or a model folder with a tokenizer and --calib text.")
         length = min(opts.seq_len, limit)
-        windows = [b["input_ids"] for b in calibration_batches(source, tok, seq_len=length, batch_size=1,
-                                                               progress=False)]
+        windows = token_windows(source, tok, seq_len=length)
         need = opts.train_windows + opts.eval_windows
         if len(windows) < need:
             raise UsageError(f"still: {source} holds {len(windows)} windows of {length} tokens; distillation needs "

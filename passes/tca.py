@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..calibration.data import calibration_batches, token_source
+from ..calibration.data import token_source, token_windows
 from ..calibration.lm_eval import full_feed, passkey_stats, perplexity
 from ..calibration.stats import cached, cheapest_within, head_errors, weights_hash
 from ..optimizer.errors import UsageError
@@ -96,9 +96,7 @@ class TCAPass(Pass):
 
     def _windows(self, program: Program, source: Path, tok, length: int) -> list[torch.Tensor]:
         opts = self.options
-        windows = [b["input_ids"] for b in calibration_batches(
-            source, tok, seq_len=length, batch_size=1, max_batches=opts.calib_windows + opts.eval_windows,
-            progress=False)]
+        windows = token_windows(source, tok, seq_len=length, count=opts.calib_windows + opts.eval_windows)
         vocab = program.cache.vocab_size if program.cache else getattr(getattr(program.module, "config", None),
                                                                         "vocab_size", None)
         top = max(int(w.max()) for w in windows)

@@ -670,14 +670,14 @@ class TokenPrunePass(Pass):
 def _samples(program: Program) -> list[torch.Tensor]:
     """Token windows to recover on: ``--calib``, else the shipped passages' calibration split
     (reports measure on the other split), one passage per sample, at most 256 tokens."""
-    from ..calibration.data import calibration_batches, default_texts, token_source
+    from ..calibration.data import default_texts, token_source, token_windows
     from ..optimizer.runtime import load_tokenizer
     if program.calib is None and program.tokenizer_dir is not None:
         tok = load_tokenizer(program.tokenizer_dir)
         return [torch.tensor([ids]) for ids in tok(default_texts("calib"), truncation=True, max_length=256)["input_ids"]]
     source, tok = token_source(program, "token_prune", "token_prune: recover= trains on data: give --calib ids.npy, or a model "
                                         "folder with a tokenizer.")
-    return [b["input_ids"] for b in calibration_batches(source, tok, seq_len=256, batch_size=1, progress=False)]
+    return token_windows(source, tok, seq_len=256)
 
 
 def _recovery_loss(student: torch.Tensor, teacher: torch.Tensor, causal: bool) -> torch.Tensor:
