@@ -112,7 +112,7 @@ def _rewrite_fixed_length(after, n: int, kept: int) -> None:
     for node in after:
         val = node.meta.get("val")
         for i, shape in _shape_args(node):
-            new = [kept if x == n and d == n else x for x, d in zip(shape, val.shape)]
+            new = [kept if x == n and _expr(d) == n else x for x, d in zip(shape, val.shape)]
             node.update_arg(i, type(shape)(new))
 
 
