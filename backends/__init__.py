@@ -1,4 +1,4 @@
-"""Backends; importing this package registers them."""
-from . import onnxruntime, tensorrt  # noqa: F401
+"""Backends; importing this package registers them (and the kernels they bring for tokopt ops)."""
+from . import onnxruntime, tensorrt, triton  # noqa: F401
 
-__all__ = ["onnxruntime", "tensorrt"]
+__all__ = ["onnxruntime", "tensorrt", "triton"]

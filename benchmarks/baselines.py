@@ -43,7 +43,7 @@ def main(argv=None):
     import onnxruntime as ort
     import tokopt
     from tokopt.backends.onnxruntime import export_baseline, make_session
-    from tokopt.calibration.data import default_texts
+    from tokopt.optimizer.data import default_texts
     from tokopt.optimizer.report import probe_inputs, time_calls
 
     torch.set_num_threads(args.threads)

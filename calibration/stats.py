@@ -25,8 +25,8 @@ import torch
 from tqdm import tqdm
 
 from ..optimizer.errors import UsageError
-from ..optimizer.ops import ATTENTION, attention_reference
-from ..optimizer.program import Program
+from ..optimizer.ops import Tap, attention_reference
+from ..optimizer.program import AttentionBlock, Program
 
 __all__ = ["head_errors", "cheapest_within", "weights_hash", "cache_dir", "cached", "cached_tensors"]
 
@@ -82,46 +82,39 @@ def cached_tensors(kind: str, key: dict, compute: Callable[[], dict]) -> tuple[d
     return result, False
 
 
-class _Collector(torch.fx.Interpreter):
-    def __init__(self, gm, blocks: dict, grid, candidate, sums):
-        super().__init__(gm)
-        self.blocks, self.grid, self.candidate, self.sums = blocks, grid, candidate, sums
-
-    def run_node(self, node):
-        if ATTENTION.matches(node) and node.name in self.blocks:
-            args, _ = self.fetch_args_kwargs_from_env(node)
-            block = self.blocks[node.name]
-            self._collect(block.layer, bool(block.causal), *args)
-        return super().run_node(node)
-
-    def _collect(self, layer, block_causal, q, k, v, mask, scale, causal):
-        h, hkv = q.shape[1], k.shape[1]
-        g = h // hkv
-        err = torch.zeros(len(self.grid), h, dtype=torch.float64)
-        norm = torch.zeros(h, dtype=torch.float64)
-        for j in range(hkv):  # one KV-head group at a time bounds memory
-            qs, ks, vs = q[:, j * g:(j + 1) * g], k[:, j:j + 1], v[:, j:j + 1]
-            dense = attention_reference(qs, ks, vs, mask, scale, causal).double()
-            norm[j * g:(j + 1) * g] = dense.pow(2).sum((0, 2, 3))
-            for i, config in enumerate(self.grid):
-                approx = self.candidate(qs, ks, vs, mask, scale, block_causal, config).double()
-                err[i, j * g:(j + 1) * g] = (approx - dense).pow(2).sum((0, 2, 3))
-        e, n = self.sums.setdefault(layer, (torch.zeros_like(err), torch.zeros_like(norm)))
-        e += err
-        n += norm
+def _collect(sums: dict, layer: int, block_causal: bool, grid, candidate, q, k, v, mask, scale, causal) -> None:
+    h, hkv = q.shape[1], k.shape[1]
+    g = h // hkv
+    err = torch.zeros(len(grid), h, dtype=torch.float64)
+    norm = torch.zeros(h, dtype=torch.float64)
+    for j in range(hkv):  # one KV-head group at a time bounds memory
+        qs, ks, vs = q[:, j * g:(j + 1) * g], k[:, j:j + 1], v[:, j:j + 1]
+        dense = attention_reference(qs, ks, vs, mask, scale, causal).double()
+        norm[j * g:(j + 1) * g] = dense.pow(2).sum((0, 2, 3))
+        for i, config in enumerate(grid):
+            approx = candidate(qs, ks, vs, mask, scale, block_causal, config).double()
+            err[i, j * g:(j + 1) * g] = (approx - dense).pow(2).sum((0, 2, 3))
+    e, n = sums.setdefault(layer, (torch.zeros_like(err), torch.zeros_like(norm)))
+    e += err
+    n += norm
 
 
-def head_errors(program: Program, batches, grid: list, candidate, total: int | None = None,
-                progress: bool = True) -> dict[int, np.ndarray]:
-    """{layer: [len(grid), heads] relative output error of each candidate configuration} over
-    ``batches`` (see module doc)."""
+def head_errors(program: Program, blocks: list[AttentionBlock], batches, grid: list, candidate,
+                total: int | None = None, progress: bool = True) -> dict[int, np.ndarray]:
+    """{layer: [len(grid), heads] relative output error of each candidate configuration} at the
+    canonical attention ``blocks`` over ``batches`` (see module doc)."""
     sums: dict[int, tuple] = {}
-    collector = _Collector(program.unlifted(), {b.node: b for b in program.attention}, grid, candidate, sums)
-    names = program.input_names
+    by_node = {b.node: b for b in blocks if b.spelling == "canonical"}
+
+    def on_args(node, args):
+        block = by_node[node.name]
+        _collect(sums, block.layer, bool(block.causal), grid, candidate, *args[:6])
+
+    tap = Tap(program.unlifted(), args=by_node, on_args=on_args)
     with torch.no_grad():
         for batch in tqdm(batches, total=total, desc="calibrating head budgets", disable=not progress,
                           leave=False):
-            collector.run(*[batch[n] for n in names])
+            tap.run_feed(batch, program.input_names)
     if not sums:
         raise UsageError("calibration saw no attention: the model's attention was not recognised "
                          "(see `tokopt inspect MODEL`).")

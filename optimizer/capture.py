@@ -24,7 +24,6 @@ from torch.export import Dim
 
 from .errors import CaptureError, UnsupportedModelError, UsageError
 from .generation import GenerateEntry, cache_spec, example_feed
-from .patterns import index_attention
 from .program import Program
 
 __all__ = ["capture", "sha256_files", "DEFAULT_SEQ_LEN"]
@@ -134,7 +133,6 @@ def _from_module(model: torch.nn.Module, example: dict[str, torch.Tensor], *, so
                    dynamic_axes=_actual_axes(ep, names, wanted), probe=dict(example), task=task,
                    source={**source, "module_prefix": _WRAPPER_PREFIX}, module=model,
                    seq_range=seq_range, tokenizer_dir=tokenizer_dir)
-    prog.attention, prog.rejected = index_attention(prog)
     return prog
 
 
@@ -154,7 +152,6 @@ def _generate_program(model: torch.nn.Module, *, source: dict, max_len: int | No
                    dynamic_axes=_actual_axes(ep, names, wanted), probe=example, task="causal-lm",
                    source={**source, "module_prefix": _WRAPPER_PREFIX}, module=model,
                    seq_range=(1, max_len), tokenizer_dir=tokenizer_dir, cache=spec)
-    prog.attention, prog.rejected = index_attention(prog)
     return prog
 
 
@@ -314,7 +311,6 @@ def _from_pt2(path: Path) -> Program:
     outs = ["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)]
     prog = Program(ep=ep, input_names=list(user), output_names=outs, dynamic_axes=axes, probe=probe,
                    source={"kind": "pt2", "path": str(path.resolve()), "sha256": sha256_files([path])})
-    prog.attention, prog.rejected = index_attention(prog)
     return prog
 
 

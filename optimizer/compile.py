@@ -6,7 +6,6 @@ checked before the model is loaded, so a bad command fails in a second and write
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import sys
 import tempfile
@@ -14,11 +13,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import sympy
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
+
 from .bundle import atomic_bundle, check_out, write_manifest
 from .capture import DEFAULT_SEQ_LEN, capture
 from .errors import UsageError
 from .generation import CacheSpec, example_feed
-from .pass_manager import PassManager, PassSpec, load_recipe, parse_pass_spec, resolve
+from .pass_manager import PassManager, PassSpec, load_recipe, parse_pass_spec, plan
 from .program import Program
 from .report import format_report, generation_prompts, generation_quality, probe_inputs, quality, quality_rows
 from .runtime import check_threads, get_backend
@@ -86,9 +88,10 @@ def _axis_names(program: Program) -> dict[str, str]:
 def _dims(shape, axis_names) -> list:
     """Sizes as ints or axis names; an expression keeps its form ("past_sequence + sequence")."""
     def name(d):
-        text = axis_names.get(str(d), str(d))
-        return re.sub(r"\bs\d+\b", lambda m: axis_names.get(m.group(0), m.group(0)), text)
-    return [int(d) if isinstance(d, int) else name(d) for d in shape]
+        expr = d.node.expr
+        named = {sym: sympy.Symbol(axis_names.get(str(sym), str(sym))) for sym in expr.free_symbols}
+        return str(expr.xreplace(named))  # sympy orders the terms by name: the same text on every export
+    return [int(d) if is_concrete_int(d) else name(d) for d in shape]
 
 
 def io_spec(program: Program) -> tuple[list[dict], list[dict]]:
@@ -108,7 +111,7 @@ def io_spec(program: Program) -> tuple[list[dict], list[dict]]:
 def _probe_texts(calib) -> list[str]:
     """The calibration text when it is text (it is the user's domain), else the shipped
     passages' evaluation split (never the part a calibration step may train on)."""
-    from ..calibration.data import default_texts, load_texts
+    from .data import default_texts, load_texts
     if calib is not None and Path(calib).suffix not in (".npy", ".pt"):
         return load_texts(calib)
     return default_texts("eval")
@@ -124,8 +127,8 @@ def compile(model, example_inputs=None, *, out=None, passes=None, recipe=None, b
     With ``generate``, a causal LM is compiled as one prefill/decode graph with a KV cache and
     the bundle's runner gets ``generate()``."""
     progress_ = _Progress(progress)
-    specs = plan_passes(passes, recipe)
-    pass_list = resolve(specs)
+    the_plan = plan(plan_passes(passes, recipe), generate=generate)
+    pass_list = the_plan.passes
     be = get_backend(backend)
     tgt = be.target(target)
     out = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="tokopt-")) / "bundle"
@@ -169,7 +172,7 @@ def compile(model, example_inputs=None, *, out=None, passes=None, recipe=None, b
                                   "cache": program.cache.to_json(),
                                   "per_head_cache_length": None}  # None: every head keeps every token
         report = {"source": source.get("path", source.get("class", "module")), "backend": be.name,
-                  "target": tgt.name, "passes": program.history,
+                  "target": tgt.name, "passes": program.history, **({"plan": the_plan.notes} if the_plan.notes else {}),
                   "attention": [b.row() for b in program.attention],
                   "attention_refused": [r.__dict__ for r in program.rejected],
                   "size_bytes": {"tokopt": sum(p.stat().st_size for p in tmp.iterdir()

@@ -1,12 +1,26 @@
-"""Passes, their registry, option parsing and the manager that runs and verifies them.
+"""Passes, their registry, option parsing, the planner and the manager that runs and checks them.
 
-A pass is a small class: ``name``, a frozen ``Options`` dataclass (defaults + validation in
-``__post_init__``), ``requires`` (passes that must run first), ``call(program) ->
-PassResult(program, modified, stats)`` and ``ensures(program)``. The manager orders passes by
-their needs (a networkx DAG, ties broken by the user's order), runs each on a copy, and with
-``verify`` checks after every pass: graph lint, the export verifier, the pass's own ``ensures``,
-and numerics on the probe batch against the program before the pass (within the pass's
-declared ``tolerance``; passes that approximate declare none and only report the error).
+A pass is a small class: ``name``, a frozen ``Options`` dataclass (defaults, one line of help
+and the valid values per option through ``opt``, validation in ``__post_init__``), ``requires``
+(properties of the graph it needs, each naming the pass that establishes it),
+``call(program) -> PassResult(program, modified, stats)`` and ``ensures(program, stats)`` (what
+it promised, checked on its output). It also declares, for the planner, what it does: replaces
+attention (in which ``layers``), quantizes weights, trains float weights, changes the token
+count, needs every position's output, runs on ``--generate`` graphs.
+
+``plan`` turns the user's list into an ordered list before anything is loaded: it inserts what
+``requires`` names, refuses pairs that cannot compose with the reason (two passes replacing the
+same layers' attention, two weight quantizers, a pass that needs every position after one that
+drops tokens, a prefill-only pass on a --generate graph), and orders where order matters
+(token_prune first: later passes calibrate on the pruned graph; a pass that trains float
+weights before one that quantizes them), saying so in its notes.
+
+The manager checks each pass's ``requires`` on the program it receives, runs it, drops every
+cached analysis of a program the pass modified (the attention index is recomputed from the new
+graph when next read), lints the graph and checks ``ensures``; with ``verify`` it also runs the
+export verifier and compares numerics on the probe batch against the program before the pass
+(within the pass's declared ``tolerance``; passes that approximate declare none and only report
+the error).
 """
 from __future__ import annotations
 
@@ -16,7 +30,7 @@ import time
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import networkx as nx
 import torch
@@ -24,8 +38,9 @@ import torch
 from .errors import PassError, TokoptError, UsageError, did_you_mean
 from .program import Program
 
-__all__ = ["Pass", "PassResult", "PASSES", "register_pass", "parse_pass_spec", "load_recipe",
-           "make_options", "PassManager", "PassSpec", "max_abs_error"]
+__all__ = ["Pass", "PassResult", "PASSES", "register_pass", "parse_pass_spec", "load_recipe", "make_options",
+           "PassManager", "PassSpec", "Plan", "plan", "resolve", "max_abs_error", "Property", "opt", "describe_options",
+           "CANONICAL_ATTENTION", "ATTENTION_TO_REPLACE", "FLOAT_WEIGHTS", "EVERY_POSITION"]
 
 
 @dataclass
@@ -40,22 +55,103 @@ class NoOptions:
     pass
 
 
+def opt(default, help: str, values: str = ""):
+    """An option field: its default, one line of help and (when not obvious from the type) its
+    valid values, all shown by ``tokopt passes``."""
+    return field(default=default, metadata={"help": help, "values": values})
+
+
+def describe_options(cls) -> list[dict]:
+    """[{name, type, default, help, values}] of a pass's options."""
+    hints = typing.get_type_hints(cls.Options)
+    rows = []
+    for f in dataclasses.fields(cls.Options):
+        typ = hints[f.name]
+        name = getattr(typ, "__name__", str(typ)).replace("typing.", "")
+        rows.append({"name": f.name, "type": name, "default": f.default, "help": f.metadata.get("help", ""),
+                     "values": f.metadata.get("values", "")})
+    return rows
+
+
+@dataclass(frozen=True)
+class Property:
+    """Something a pass needs of the graph it receives. ``check(program, pass_)`` returns None
+    when it holds, else why not (the message a user sees); ``established_by`` is the pass the
+    planner inserts to establish it."""
+    name: str
+    check: Callable[[Program, "Pass"], str | None]
+    established_by: str | None = None
+
+
+def _canonical(program: Program, p: "Pass") -> str | None:
+    left = [b.module for b in program.attention if b.spelling in ("sdpa", "eager")]
+    return f"attention blocks are not in canonical form yet: {', '.join(left)}" if left else None
+
+
+def _layer_list(layers) -> str:
+    return ", ".join(map(str, sorted(layers)))
+
+
+def _to_replace(program: Program, p: "Pass") -> str | None:
+    canonical = {b.layer for b in program.attention if b.spelling == "canonical"}
+    replaced = {b.layer: b.spelling for b in program.attention if b.spelling != "canonical"}
+    if not canonical:
+        why = (f"every attention was already replaced ({', '.join(sorted(set(replaced.values())))})" if replaced
+               else "see `tokopt inspect MODEL` for why each block was refused")
+        return f"{p.name} needs recognised attention blocks and found none; {why}."
+    wanted = p.layers()
+    taken = {layer: replaced[layer] for layer in (wanted or ()) if layer in replaced}
+    if taken:
+        return (f"{p.name}: the attention of layer{'s' if len(taken) > 1 else ''} {_layer_list(taken)} was already "
+                f"replaced ({', '.join(sorted(set(taken.values())))}); choose other layers with layers=.")
+    return None
+
+
+def _float_weights(program: Program, p: "Pass") -> str | None:
+    from .ops import MATMUL_NBITS, WEIGHT_QUANT
+    if any(MATMUL_NBITS.matches(n) or WEIGHT_QUANT.matches(n) for n in program.graph.nodes):
+        return f"{p.name} needs float weights, and this graph's are already quantized."
+    return None
+
+
+def _every_position(program: Program, p: "Pass") -> str | None:
+    return None if program.keeps_positions else \
+        f"{p.name} needs every position's output, and a pass before it dropped tokens."
+
+
+CANONICAL_ATTENTION = Property("canonical attention", _canonical, "canonicalize")
+ATTENTION_TO_REPLACE = Property("canonical attention in the layers it replaces", _to_replace, "canonicalize")
+FLOAT_WEIGHTS = Property("float weights", _float_weights)
+EVERY_POSITION = Property("every position's output", _every_position)
+
+
 class Pass:
     name: ClassVar[str]
     Options: ClassVar[type] = NoOptions
-    requires: ClassVar[tuple[str, ...]] = ()
+    requires: ClassVar[tuple[Property, ...]] = ()
     # Max abs error on the probe batch the pass promises against its input; None: approximate.
     tolerance: ClassVar[float | None] = None
     summary: ClassVar[str] = ""
+    # what the planner reads
+    replaces_attention: ClassVar[bool] = False   # puts its own op where tokopt.attention was, in layers()
+    quantizes_weights: ClassVar[bool] = False
+    trains_weights: ClassVar[bool] = False       # tunes float weights (runs before passes that quantize them)
+    changes_tokens: ClassVar[bool] = False       # later layers see fewer tokens
+    needs_positions: ClassVar[bool] = False      # reads every position's output
+    on_generate: ClassVar[str | None] = None     # why it refuses a --generate graph (None: it runs there)
 
     def __init__(self, options=None):
         self.options = options if options is not None else self.Options()
 
+    def layers(self) -> tuple[int, ...] | None:
+        """The attention layers the pass replaces; None: every one it finds."""
+        return None
+
     def call(self, program: Program) -> PassResult:
         raise NotImplementedError
 
-    def ensures(self, program: Program) -> None:
-        """Raise PassError if the pass's promise does not hold on ``program``."""
+    def ensures(self, program: Program, stats: dict) -> None:
+        """Raise PassError if the pass's promise does not hold on its output ``program``."""
 
 
 PASSES: dict[str, type[Pass]] = {}
@@ -158,8 +254,32 @@ def make_options(cls: type[Pass], raw: dict[str, Any]):
         raise UsageError(f"pass '{cls.name}': {e}") from e
 
 
-def resolve(specs: list[PassSpec]) -> list[Pass]:
-    """Instantiate and order passes; missing requirements are added with default options."""
+@dataclass
+class Plan:
+    passes: list[Pass]
+    notes: list[str]          # what the planner reordered or added, and why
+
+
+def _conflict(a: Pass, b: Pass) -> str | None:
+    """Why ``a`` and ``b`` cannot both run, or None."""
+    if a.replaces_attention and b.replaces_attention:
+        la, lb = a.layers(), b.layers()
+        both = None if la is None or lb is None else set(la) & set(lb)
+        if both is None or both:
+            where = f"layers {_layer_list(both)}" if both else "the same layers (neither is limited with layers=)"
+            return (f"{a.name} and {b.name} both replace the attention of {where}; choose one per layer: give "
+                    f"each layers= with layers the other does not take.")
+    if a.quantizes_weights and b.quantizes_weights:
+        return f"{a.name} and {b.name} both quantize the weights; choose one."
+    for x, y in ((a, b), (b, a)):
+        if x.changes_tokens and y.needs_positions:
+            return (f"{y.name} needs every position's output (it trains on the next-token loss at each position), "
+                    f"which {x.name} removes; choose one.")
+    return None
+
+
+def plan(specs: list[PassSpec], generate: bool = False) -> Plan:
+    """Instantiate, check and order passes before anything is loaded (see the module doc)."""
     wanted: dict[str, PassSpec] = {}
     for s in specs:
         if s.name not in PASSES:
@@ -169,21 +289,50 @@ def resolve(specs: list[PassSpec]) -> list[Pass]:
             raise UsageError(f"pass '{s.name}' is listed twice.")
         wanted[s.name] = s
     graph = nx.DiGraph()
-    todo = list(wanted)
+    todo, notes = list(wanted), []
     while todo:
         name = todo.pop()
         graph.add_node(name)
-        for req in PASSES[name].requires:
+        for prop in PASSES[name].requires:
+            req = prop.established_by
+            if req is None or req == name:
+                continue
             graph.add_edge(req, name)
             if req not in wanted:
                 wanted[req] = PassSpec(req, {})
                 todo.append(req)
-    user_order = {n: i for i, n in enumerate(wanted)}
+    passes = {n: PASSES[n](make_options(PASSES[n], wanted[n].options)) for n in wanted}
+    for p in passes.values():
+        if generate and p.on_generate:
+            raise UsageError(f"{p.name} cannot run on a --generate graph: {p.on_generate}")
+    names = list(passes)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            why = _conflict(passes[a], passes[b])
+            if why:
+                raise UsageError(why)
+    user = {n: i for i, n in enumerate(wanted)}
+    for a, pa in passes.items():
+        for b, pb in passes.items():
+            reason = None
+            if a != b and pa.changes_tokens and not pb.changes_tokens and b not in graph.predecessors(a):
+                reason = f"{a} runs before {b}: {b} then works (and calibrates) on the tokens {a} keeps"
+            elif pa.trains_weights and pb.quantizes_weights and not pa.quantizes_weights:
+                reason = f"{a} runs before {b}: {a} trains float weights, which {b} then quantizes"
+            if reason:
+                graph.add_edge(a, b)
+                if user[a] > user[b]:
+                    notes.append(reason)
     try:
-        order = list(nx.lexicographical_topological_sort(graph, key=lambda n: user_order[n]))
+        order = list(nx.lexicographical_topological_sort(graph, key=lambda n: user[n]))
     except nx.NetworkXUnfeasible:
         raise UsageError("the passes' requirements form a cycle.") from None
-    return [PASSES[n](make_options(PASSES[n], wanted[n].options)) for n in order]
+    return Plan([passes[n] for n in order], notes)
+
+
+def resolve(specs: list[PassSpec], generate: bool = False) -> list[Pass]:
+    """``plan(specs).passes``."""
+    return plan(specs, generate).passes
 
 
 def max_abs_error(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -219,13 +368,23 @@ class PassManager:
             " Set TOKOPT_DUMP_DIR to write the graph before the failing pass."
         raise PassError(f"pass '{p.name}' (run {where}) failed: {what}.{extra}") from cause
 
-    def check(self, p: Pass, before: Program, after: Program, ref: dict) -> float | None:
+    def requirements(self, p: Pass, program: Program) -> None:
+        for prop in p.requires:
+            why = prop.check(program, p)
+            if why is not None:
+                raise UsageError(why)
+
+    def check(self, p: Pass, result: PassResult, ref: dict | None) -> float | None:
+        after = result.program
         after.graph.lint()
+        if result.modified:
+            p.ensures(after, result.stats)
+        if ref is None:
+            return None
         try:
             after.ep.validate()
         except Exception as e:
             raise PassError(f"the export verifier rejects the graph: {e}") from e
-        p.ensures(after)
         got = after.run()
         if any(got[k].shape != ref[k].shape for k in ref):
             if p.tolerance is not None:
@@ -241,10 +400,12 @@ class PassManager:
         for i, p in enumerate(self.passes):
             started = time.perf_counter()
             try:
+                self.requirements(p, program)
                 ref = program.run() if self.verify else None
                 result = p.call(program.copy())
-                result.program.sync_signature()
-                err = self.check(p, program, result.program, ref) if self.verify else None
+                if result.modified:
+                    result.program.invalidate()  # the attention index and the rest: recomputed when read
+                err = self.check(p, result, ref)
             except UsageError:
                 raise  # an option the program rules out: the user's to fix, not the pass's
             except TokoptError as e:

@@ -1,10 +1,12 @@
 """Finding attention in exported ATen graphs, with no per-architecture code.
 
-Three spellings are recognised:
+Spellings recognised:
 
     sdpa:      aten.scaled_dot_product_attention(q, k, v, mask?, is_causal?, scale?)
     eager:     matmul(softmax((matmul(q, k^T) [*|/ c]) [+ mask]) [-> to/dropout], v)
     canonical: tokopt.attention(q, k, v, mask?, scale, causal)   (after the canonicalize pass)
+    any other tokopt attention op (tca_attention, still_attention ...), which a pass put in
+    place of a canonical one: the spelling is the op's name
 
 For each one the index records q/k/v/o projections (walking back to the nearest ``linear`` /
 ``addmm`` and forward from the output), heads, kv heads (through HF's ``repeat_kv``
@@ -20,8 +22,9 @@ import re
 from dataclasses import dataclass
 
 import torch
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
-from .program import META_BLOCK, AttentionBlock, Program, Rejected, call_function_nodes
+from .program import AttentionBlock, Program, Rejected, block_meta, call_function_nodes
 
 __all__ = ["AttentionMatch", "match_attention", "index_attention", "unrepeat_kv", "module_path"]
 
@@ -136,10 +139,12 @@ def match_attention(node: torch.fx.Node) -> AttentionMatch | str | None:
     """An ``AttentionMatch``, a reason string (looks like attention but refused), or None."""
     if node.op != "call_function":
         return None
-    from .ops import ATTENTION
-    if ATTENTION.matches(node):
-        q, k, v, mask, scale, causal = node.args
-        return AttentionMatch("canonical", node, q, k, v, mask, scale, causal)
+    from .ops import ATTENTION, attention_spec
+    spec = attention_spec(node)
+    if spec is not None:
+        a = spec.attention(node.args)
+        return AttentionMatch("canonical" if spec is ATTENTION else spec.short, node, a.q, a.k, a.v, a.mask, a.scale,
+                              a.causal)
     if node.target == SDPA:
         a = list(node.args) + [None] * (7 - len(node.args))
         kw = node.kwargs
@@ -158,10 +163,7 @@ def match_attention(node: torch.fx.Node) -> AttentionMatch | str | None:
 
 
 def _param_name(program: Program, node) -> str | None:
-    sig = program.ep.graph_signature
-    if not (isinstance(node, torch.fx.Node) and node.op == "placeholder"):
-        return None
-    name = sig.inputs_to_parameters.get(node.name) or sig.inputs_to_buffers.get(node.name)
+    name = program.weight_name(node)
     prefix = program.source.get("module_prefix", "")
     return name[len(prefix):] if name and prefix and name.startswith(prefix) else name
 
@@ -208,7 +210,7 @@ def _find_forward(program: Program, start, limit: int = 8) -> str | None:
 def _causal(program: Program, match: AttentionMatch, path: str) -> bool | None:
     if match.causal_flag:
         return True
-    block = match.out.meta.get(META_BLOCK)
+    block = block_meta(match.out)
     if block is not None:
         return block.get("causal")
     if program.module is not None:
@@ -235,7 +237,7 @@ def index_attention(program: Program) -> tuple[list[AttentionBlock], list[Reject
         k_base, _ = unrepeat_kv(m.k)
         qv, kv = _val(m.q), _val(k_base)
         heads, kv_heads, head_dim = qv.shape[1], kv.shape[1], qv.shape[3]
-        if not all(isinstance(x, int) for x in (heads, kv_heads, head_dim)):
+        if not all(is_concrete_int(x) for x in (heads, kv_heads, head_dim)):
             rejected.append(Rejected(path, node.name, "heads or head_dim are not static"))
             continue
         qw, rope = _find_back(program, m.q)

@@ -1,9 +1,20 @@
-"""The IR: an ``ExportedProgram`` plus what tokopt knows about it.
+"""The IR: an ``ExportedProgram`` plus what tokopt knows about it, and the one way to change it.
 
 ``Program`` is what every pass takes and returns. Besides the exported graph it carries the
-attention index (one ``AttentionBlock`` per recognised attention, with the reason for every
-block that was not recognised), the input/output names and dynamic axes the bundle promises,
-a probe batch for numerics, and the eager model when the source had one (the quality oracle).
+input/output names and dynamic axes the bundle promises, a probe batch for numerics, and the
+eager model when the source had one (the quality oracle). Analyses of the graph (the attention
+index: one ``AttentionBlock`` per recognised attention, with the reason for every block that was
+not recognised) are computed from the graph when first asked for and cached on the Program.
+
+A Program is never edited in place. A pass opens a ``Rewrite`` (``program.rewrite()``): a plain,
+runnable ``GraphModule`` copy of the graph (one placeholder per input, weights and buffers as
+its own attributes read by ``get_attr`` nodes, a flat output tuple), edits it (nodes, constants,
+weight values, inputs and outputs), may run it to calibrate, and ``commit``s: the module is
+exported again with ``torch.export`` at the program's probe and dynamic axes, which derives every
+node's ``meta["val"]``, the graph signature and the state dict anew, and a new Program comes
+back, its analyses computed afresh. (ExecuTorch's ``ExportPass`` re-traces instead; re-export
+gives the same guarantee through public torch API only.) tokopt's own node annotations live
+under ``node.meta["custom"]``, which export carries through.
 """
 from __future__ import annotations
 
@@ -13,13 +24,17 @@ from typing import Any
 
 import torch
 
-from .errors import UsageError
+from .errors import PassError, UsageError
 
-__all__ = ["AttentionBlock", "Rejected", "Program", "META_BLOCK", "call_function_nodes", "inherit_meta",
-           "remove_dead_code"]
+__all__ = ["AttentionBlock", "Rejected", "Program", "Rewrite", "META_BLOCK", "block_meta", "call_function_nodes",
+           "inherit_meta", "remove_dead_code"]
 
-# node.meta key under which passes find the block an attention node belongs to
+# node.meta["custom"] key under which passes find what canonicalize read of an attention block
 META_BLOCK = "tokopt.block"
+
+
+def block_meta(node: torch.fx.Node) -> dict | None:
+    return (node.meta.get("custom") or {}).get(META_BLOCK)
 
 
 @dataclass(frozen=True)
@@ -27,7 +42,7 @@ class AttentionBlock:
     layer: int | None
     module: str                    # "model.layers.3.self_attn"
     node: str                      # name of the attention node in the graph
-    spelling: str                  # "sdpa" | "eager" | "canonical"
+    spelling: str                  # "sdpa" | "eager" | "canonical" | the tokopt op that replaced it ("tca_attention" ...)
     heads: int
     kv_heads: int
     head_dim: int
@@ -62,8 +77,6 @@ class Program:
     task: str = "generic"                          # "causal-lm" | "encoder" | "vision" | "generic"
     source: dict[str, Any] = field(default_factory=dict)
     module: torch.nn.Module | None = None          # eager original, when the source had one
-    attention: list[AttentionBlock] = field(default_factory=list)
-    rejected: list[Rejected] = field(default_factory=list)
     seq_range: tuple[int, int] | None = None       # (min, max) sequence length the bundle accepts
     tokenizer_dir: str | None = None
     history: list[dict] = field(default_factory=list)  # passes run so far, with options and stats
@@ -71,6 +84,7 @@ class Program:
     calib: str | None = None                       # --calib: the data passes calibrate on
     artifacts: dict[str, Any] = field(default_factory=dict)  # bundle file name -> JSON (or text) a pass ships
     id_limits: dict[str, int] | None = None        # integer input -> rows of the table it indexes (from capture)
+    _analyses: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         if self.id_limits is None:  # read before any pass replaces the lookups
@@ -83,12 +97,45 @@ class Program:
     def graph(self) -> torch.fx.Graph:
         return self.ep.graph_module.graph
 
+    # -- analyses (computed from the graph on first use) -------------------------------------
+    def analysis(self, name: str):
+        if name not in self._analyses:
+            if name == "attention":
+                from .patterns import index_attention
+                self._analyses[name] = index_attention(self)
+            elif name == "positions":
+                self._analyses[name] = _keeps_positions(self)
+            else:
+                raise KeyError(name)
+        return self._analyses[name]
+
+    def invalidate(self) -> None:
+        """Forget every cached analysis (the PassManager calls this after a pass that modified
+        the program; each is recomputed from the graph when next asked for)."""
+        self._analyses.clear()
+
+    @property
+    def attention(self) -> list[AttentionBlock]:
+        """Every recognised attention block: canonical ones and those a pass replaced."""
+        return self.analysis("attention")[0]
+
+    @property
+    def rejected(self) -> list[Rejected]:
+        return self.analysis("attention")[1]
+
+    @property
+    def keeps_positions(self) -> bool:
+        """Does every output keep the input's token axis (no pass dropped tokens)?"""
+        return self.analysis("positions")
+
     def attention_blocks(self, who: str) -> list[AttentionBlock]:
         """The canonical attention blocks a pass rewrites; a UsageError naming ``who`` if none."""
         blocks = [b for b in self.attention if b.spelling == "canonical"]
         if not blocks:
-            raise UsageError(f"{who} needs recognised attention blocks and found none; see `tokopt inspect "
-                             "MODEL` for why each block was refused.")
+            replaced = sorted({b.spelling for b in self.attention})
+            why = (f"every attention was already replaced ({', '.join(replaced)})" if replaced else
+                   "see `tokopt inspect MODEL` for why each block was refused")
+            raise UsageError(f"{who} needs recognised attention blocks and found none; {why}.")
         return blocks
 
     def input_nodes(self) -> dict[str, torch.fx.Node]:
@@ -97,134 +144,199 @@ class Program:
         return dict(zip(self.input_names, placeholders[len(placeholders) - len(self.input_names):]))
 
     def copy(self) -> "Program":
-        """A deep copy of the graph (weights shared), so a pass never edits its input."""
-        ep = self.ep
-        gm = copy.deepcopy(ep.graph_module)
-        signature = copy.deepcopy(ep.graph_signature)
-        # the copy renames placeholders that shadow a builtin ("input" -> "input_1"): follow it
-        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-        for spec, node in zip(signature.input_specs, placeholders):
-            if hasattr(spec.arg, "name"):
-                spec.arg.name = node.name
-        new_ep = torch.export.ExportedProgram(
-            root=gm, graph=gm.graph, graph_signature=signature,
-            state_dict=ep.state_dict, range_constraints=copy.copy(ep.range_constraints),
-            module_call_graph=copy.deepcopy(ep.module_call_graph), example_inputs=ep.example_inputs,
-            constants=ep.constants, verifiers=list(getattr(ep, "verifiers", [])) or None)
-        return replace(self, ep=new_ep, attention=list(self.attention), rejected=list(self.rejected),
-                       history=list(self.history), artifacts=dict(self.artifacts))
+        """A shallow copy (the exported program is never edited in place, so it is shared)."""
+        return replace(self, history=list(self.history), artifacts=dict(self.artifacts))
 
+    # -- running -----------------------------------------------------------------------------
     def run(self, inputs: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """Run the exported graph eagerly (reference kernels for tokopt ops)."""
         return self.runner()(self.probe if inputs is None else inputs)
 
     def unlifted(self) -> torch.fx.GraphModule:
-        """The graph as a callable module (~0.2 s to build; valid until the graph is edited)."""
+        """The graph as a callable module (~0.2 s to build)."""
         # A generation graph is also run on a one-token prompt, a size torch.export's 0/1
         # specialisation leaves out of its guards but the graph handles.
         return self.ep.module(check_guards=self.cache is None)
 
     def runner(self):
         """``run`` for many calls: the module is built once."""
-        module = self.unlifted()
+        return _runner(self.unlifted(), self.input_names, self.output_names)
 
-        def run(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-            with torch.no_grad():
-                out = module(*[inputs[n] for n in self.input_names])
-            out = out if isinstance(out, (tuple, list)) else (out,)
-            return dict(zip(self.output_names, out))
-        return run
-
-    def reexport(self, gm: torch.fx.GraphModule, what: str) -> None:
-        """Replace the graph with ``gm`` (an edited unlifted module of it) exported again at the
-        program's inputs, probe and dynamic axes, and re-index its attention. A refusal from
-        torch.export becomes a PassError naming ``what``."""
-        from torch.export import Dim
-
-        from .errors import PassError
-        from .patterns import index_attention
-        shapes = tuple({ax: Dim.AUTO for ax in self.dynamic_axes.get(n, {})} or None for n in self.input_names)
-        try:
-            with torch.no_grad():
-                self.ep = torch.export.export(gm, tuple(self.probe[n] for n in self.input_names),
-                                              dynamic_shapes=shapes, strict=False)
-        except Exception as e:
-            raise PassError(f"{what} does not re-export: {str(e).splitlines()[0]}") from e
-        self.attention, self.rejected = index_attention(self)
-
-    def sync_signature(self) -> None:
-        """Point the signature's output specs at the output node's current arguments, so a
-        pass that rewires an output does not have to edit the signature itself."""
-        out = self.graph.output_node()
-        for spec, arg in zip(self.ep.graph_signature.output_specs, out.args[0]):
-            if isinstance(arg, torch.fx.Node) and hasattr(spec.arg, "name"):
-                spec.arg.name = arg.name
-
+    # -- reading weights ---------------------------------------------------------------------
     def tensor(self, node) -> torch.Tensor | None:
         """The weight or buffer a placeholder node stands for (None for inputs and computed values)."""
+        name = self.weight_name(node)
+        return None if name is None else self.ep.state_dict.get(name, self.ep.constants.get(name))
+
+    def weight_name(self, node) -> str | None:
         if not isinstance(node, torch.fx.Node) or node.op != "placeholder":
             return None
         spec = next((s for s in self.ep.graph_signature.input_specs if s.arg.name == node.name), None)
-        return None if spec is None or spec.target is None else self.ep.state_dict.get(spec.target)
-
-    def add_constant(self, name: str, tensor: torch.Tensor) -> torch.fx.Node:
-        """A new buffer input holding ``tensor``, for a pass to feed to the nodes it writes.
-        The state dict is copied on write: copies of this program keep theirs."""
-        from torch.export.graph_signature import InputKind, InputSpec, TensorArgument
-        target = f"tokopt_{name}"
-        ep, specs = self.ep, self.ep.graph_signature.input_specs
-        if target in ep.state_dict:
-            raise ValueError(f"constant {target} exists already")
-        placeholders = [n for n in self.graph.nodes if n.op == "placeholder"]
-        last = max(i for i, sp in enumerate(specs) if sp.kind in (InputKind.PARAMETER, InputKind.BUFFER))
-        with self.graph.inserting_after(placeholders[last]):
-            node = self.graph.placeholder(f"b_{target}")
-        fake = next(n.meta["val"] for n in placeholders if hasattr(n.meta.get("val"), "fake_mode")).fake_mode
-        node.meta["val"] = fake.from_tensor(tensor)
-        specs.insert(last + 1, InputSpec(kind=InputKind.BUFFER, arg=TensorArgument(name=node.name), target=target,
-                                         persistent=True))
-        ep._state_dict = {**ep.state_dict, target: tensor}
-        return node
-
-    def set_tensors(self, values: dict[str, torch.Tensor]) -> None:
-        """New values for existing weights and buffers (by state-dict name), parameters staying
-        parameters. Copy on write: copies of this program keep theirs."""
-        state = dict(self.ep.state_dict)
-        for name, value in values.items():
-            if name not in state:
-                raise KeyError(f"the graph's state holds no tensor named {name}")
-            value = value.detach()
-            state[name] = torch.nn.Parameter(value, requires_grad=False) \
-                if isinstance(state[name], torch.nn.Parameter) else value
-        self.ep._state_dict = state
-
-    def drop_unused_inputs(self) -> int:
-        """Remove parameters and buffers no node reads any more (weights a pass replaced)."""
-        from torch.export.graph_signature import InputKind
-        ep = self.ep
-        keep, state, dropped = [], dict(ep.state_dict), 0
-        by_name = {n.name: n for n in self.graph.nodes if n.op == "placeholder"}
-        for spec in ep.graph_signature.input_specs:
-            node = by_name[spec.arg.name]
-            if spec.kind in (InputKind.PARAMETER, InputKind.BUFFER) and not node.users:
-                self.graph.erase_node(node)
-                state.pop(spec.target, None)
-                dropped += 1
-            else:
-                keep.append(spec)
-        ep.graph_signature.input_specs[:] = keep
-        ep._state_dict = state
-        return dropped
+        return None if spec is None else spec.target
 
     def count(self, target) -> int:
         """How many calls of ``target`` (compared by name: op overload objects are not unique)."""
         return sum(1 for n in call_function_nodes(self.graph) if str(n.target) == str(target))
 
+    # -- changing ----------------------------------------------------------------------------
+    def rewrite(self) -> "Rewrite":
+        """An editable copy of the graph; ``commit`` it for the changed Program."""
+        return Rewrite(self)
+
+    def with_tensors(self, values: dict[str, torch.Tensor], what: str) -> "Program":
+        """This program with new values for existing weights and buffers (by state-dict name)."""
+        rw = self.rewrite()
+        for name, value in values.items():
+            rw.set_tensor(name, value)
+        return rw.commit(what)
+
+
+def _runner(module, input_names, output_names):
+    def run(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            out = module(*[inputs[n] for n in input_names])
+        out = out if isinstance(out, (tuple, list)) else (out,)
+        return dict(zip(output_names, out))
+    return run
+
+
+def _keeps_positions(program: Program) -> bool:
+    ids = program.input_nodes().get("input_ids")
+    if ids is None:
+        return True
+    seq = str(ids.meta["val"].shape[1])
+    for arg in program.graph.output_node().args[0]:
+        v = arg.meta.get("val") if isinstance(arg, torch.fx.Node) else None
+        if isinstance(v, torch.Tensor) and v.dim() >= 2 and not isinstance(v.shape[1], int) and str(v.shape[1]) != seq:
+            return False
+    return True
+
+
+class Rewrite:
+    """An editable copy of a Program's graph (see the module docstring).
+
+    ``gm``/``graph``: a plain GraphModule, positional inputs in ``input_names`` order, a flat
+    output tuple in ``output_names`` order; ``inputs``/``outputs`` map names to nodes. Node names
+    are the program's, so the attention index's node names find their nodes here."""
+
+    def __init__(self, program: Program):
+        self.program = program
+        unlifted = program.ep.module(check_guards=False)
+        graph = torch.fx.Graph()
+        env: dict = {}
+        outs = graph.graph_copy(unlifted.graph, env)
+        graph.output(tuple(outs) if isinstance(outs, (tuple, list)) else (outs,))
+        self.gm = torch.fx.GraphModule(unlifted, graph)
+        self.graph = graph
+        self.input_names = list(program.input_names)
+        self.output_names = list(program.output_names)
+        self.probe = dict(program.probe)
+        self.dynamic_axes = copy.deepcopy(program.dynamic_axes)
+        self._constants = 0
+
+    # -- names -> nodes ----------------------------------------------------------------------
+    @property
+    def inputs(self) -> dict[str, torch.fx.Node]:
+        return dict(zip(self.input_names, [n for n in self.graph.nodes if n.op == "placeholder"]))
+
+    @property
+    def outputs(self) -> dict[str, torch.fx.Node]:
+        return dict(zip(self.output_names, self.graph.output_node().args[0]))
+
+    def set_outputs(self, outputs: dict[str, Any]) -> None:
+        """The graph's outputs, in this order, under these names."""
+        self.graph.output_node().args = (tuple(outputs.values()),)
+        self.output_names = list(outputs)
+
+    def add_input(self, name: str, example: torch.Tensor, axes: dict[int, str], after: str) -> torch.fx.Node:
+        """A new input ``name`` after input ``after`` (``example`` joins the probe)."""
+        with self.graph.inserting_after(self.inputs[after]):
+            node = self.graph.placeholder(name)
+        self.input_names.insert(self.input_names.index(after) + 1, name)
+        self.probe[name], self.dynamic_axes[name] = example, dict(axes)
+        return node
+
+    # -- weights -----------------------------------------------------------------------------
+    @property
+    def attention(self) -> list[AttentionBlock]:
+        """The program's attention index (its node names are this graph's)."""
+        return self.program.attention
+
+    def tensor(self, node) -> torch.Tensor | None:
+        """The tensor a ``get_attr`` node reads (None for anything else)."""
+        if not isinstance(node, torch.fx.Node) or node.op != "get_attr":
+            return None
+        value = self.gm
+        for part in node.target.split("."):
+            value = getattr(value, part)
+        return value if isinstance(value, torch.Tensor) else None
+
+    def weight_name(self, node) -> str | None:
+        return node.target if isinstance(node, torch.fx.Node) and node.op == "get_attr" else None
+
+    def constant(self, name: str, tensor: torch.Tensor) -> torch.fx.Node:
+        """A new buffer holding ``tensor`` and the node that reads it (before the first computation)."""
+        target = f"tokopt_{name}"
+        if hasattr(self.gm, target):
+            raise ValueError(f"constant {target} exists already")
+        self.gm.register_buffer(target, tensor.detach())
+        first = next(n for n in self.graph.nodes if n.op not in ("placeholder", "get_attr"))
+        with self.graph.inserting_before(first):
+            return self.graph.get_attr(target)
+
+    def set_tensor(self, target: str, value: torch.Tensor) -> None:
+        """A new value for weight or buffer ``target`` (its state-dict name); a parameter stays one."""
+        prefix, _, leaf = target.rpartition(".")
+        owner = self.gm.get_submodule(prefix) if prefix else self.gm
+        old = getattr(owner, leaf, None)
+        if not isinstance(old, torch.Tensor):
+            raise KeyError(f"the graph holds no tensor named {target}")
+        value = value.detach()
+        setattr(owner, leaf, torch.nn.Parameter(value, requires_grad=False) if isinstance(old, torch.nn.Parameter)
+                else value)
+
+    # -- running while editing ---------------------------------------------------------------
+    def module(self) -> torch.fx.GraphModule:
+        self.gm.recompile()
+        return self.gm
+
+    def runner(self):
+        return _runner(self.module(), self.input_names, self.output_names)
+
+    # -- done --------------------------------------------------------------------------------
+    def _drop_unused(self) -> None:
+        remove_dead_code(self.graph)
+        used = {n.target for n in self.graph.nodes if n.op == "get_attr"}
+        for name, _ in [*self.gm.named_parameters(remove_duplicate=False), *self.gm.named_buffers(remove_duplicate=False)]:
+            if name not in used:
+                prefix, _, leaf = name.rpartition(".")
+                delattr(self.gm.get_submodule(prefix) if prefix else self.gm, leaf)
+        self.gm.delete_all_unused_submodules()
+
+    def commit(self, what: str, **fields) -> Program:
+        """The edited graph as a new Program, exported again (``what`` names the change in an
+        error); ``fields`` replace other Program fields (``cache``, ``task`` ...)."""
+        from torch.export import Dim
+        self._drop_unused()
+        self.graph.lint()
+        gm = self.module()
+        shapes = tuple({ax: Dim.AUTO for ax in self.dynamic_axes.get(n, {})} or None for n in self.input_names)
+        try:
+            with torch.no_grad():
+                ep = torch.export.export(gm, tuple(self.probe[n] for n in self.input_names),
+                                         dynamic_shapes=shapes, strict=False)
+        except Exception as e:
+            raise PassError(f"{what} does not re-export: {str(e).strip().splitlines()[0]}") from e
+        return replace(self.program, ep=ep, input_names=self.input_names, output_names=self.output_names,
+                       probe=self.probe, dynamic_axes=self.dynamic_axes, history=list(self.program.history),
+                       artifacts=dict(self.program.artifacts), **fields)
+
 
 def inherit_meta(new: torch.fx.Node, old: torch.fx.Node) -> None:
-    """Give a node that replaces ``old`` (same value) the metadata exporters and passes read."""
-    new.meta.update({key: old.meta[key] for key in ("val", "nn_module_stack", "stack_trace", "tensor_meta",
-                                                    META_BLOCK) if key in old.meta})
+    """Give a node that replaces ``old`` (same value) the metadata passes read (its module path
+    and tokopt's annotations); export derives the rest."""
+    new.meta.update({key: copy.copy(old.meta[key]) for key in ("val", "nn_module_stack", "stack_trace", "custom")
+                     if key in old.meta})
 
 
 def call_function_nodes(graph: torch.fx.Graph):
@@ -244,7 +356,7 @@ def remove_dead_code(graph: torch.fx.Graph) -> int:
     while changed:
         changed = False
         for node in reversed(list(graph.nodes)):
-            if node.op != "call_function" or node.users:
+            if node.op not in ("call_function", "get_attr") or node.users:
                 continue
             if _keeps(node) and not all(all(_keeps(u) for u in a.users) for a in node.all_input_nodes):
                 continue

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import torch
 
+from ..optimizer.errors import PassError
 from ..optimizer.ops import ATTENTION
 from ..optimizer.pass_manager import Pass, PassResult, register_pass
-from ..optimizer.errors import PassError
-from ..optimizer.patterns import index_attention, match_attention, module_path, unrepeat_kv
-from ..optimizer.program import META_BLOCK, Program, call_function_nodes, inherit_meta, remove_dead_code
+from ..optimizer.patterns import match_attention, module_path, unrepeat_kv
+from ..optimizer.program import META_BLOCK, Program, call_function_nodes, inherit_meta
 
 __all__ = ["CanonicalizePass"]
 
@@ -30,13 +30,14 @@ class CanonicalizePass(Pass):
     summary = "every attention spelling (SDPA, eager softmax, GQA repeat_kv) -> tokopt.attention"
 
     def call(self, program: Program) -> PassResult:
-        graph = program.graph
+        rw = program.rewrite()
+        graph = rw.graph
         causal = {b.node: b.causal for b in program.attention}
         prefix = program.source.get("module_prefix", "")
         counts = {"sdpa": 0, "eager": 0, "gqa_folded": 0}
         for node in list(call_function_nodes(graph)):
             m = match_attention(node)
-            if m is None or isinstance(m, str) or m.spelling == "canonical":
+            if m is None or isinstance(m, str) or m.spelling not in ("sdpa", "eager"):
                 continue
             k, rep_k = unrepeat_kv(m.k)
             v, rep_v = unrepeat_kv(m.v)
@@ -46,20 +47,16 @@ class CanonicalizePass(Pass):
             with graph.inserting_before(m.out):
                 new = graph.call_function(ATTENTION.overload, (m.q, k, v, m.mask, float(scale), m.causal_flag))
             inherit_meta(new, m.out)
-            new.meta[META_BLOCK] = {"causal": causal.get(m.out.name), "module": module_path(m.out, prefix),
-                                    "spelling": m.spelling}
+            new.meta.setdefault("custom", {})[META_BLOCK] = {
+                "causal": causal.get(m.out.name), "module": module_path(m.out, prefix), "spelling": m.spelling}
             m.out.replace_all_uses_with(new)
             counts[m.spelling] += 1
             counts["gqa_folded"] += k is not m.k
         modified = counts["sdpa"] + counts["eager"] > 0
-        if modified:
-            remove_dead_code(graph)
-            program.ep.graph_module.recompile()
-            program.attention, program.rejected = index_attention(program)
-        return PassResult(program, modified, {"attention_canonicalized": counts["sdpa"] + counts["eager"],
-                                              **counts})
+        stats = {"attention_canonicalized": counts["sdpa"] + counts["eager"], **counts}
+        return PassResult(rw.commit("canonicalize") if modified else program, modified, stats)
 
-    def ensures(self, program: Program) -> None:
+    def ensures(self, program: Program, stats: dict) -> None:
         left = [b.module for b in program.attention if b.spelling != "canonical"]
         if left:
             raise PassError(f"attention blocks still in their original spelling: {left}")

@@ -2,7 +2,7 @@
 
     tokopt compile MODEL --passes edgeqat[:steps=200,a_bits=8,low_bits=4,low_fraction=0.5] --calib text.txt
 
-1. Insert quantizers (``passes/edgeqat_op.py``) into the exported graph, as EdgeQAT places them
+1. Insert quantizers (``optimizer/ops/quantizers.py``) into the exported graph, as EdgeQAT places them
    in each layer l: the inputs of every linear except the output projection (attention input,
    MLP input, MLP intermediate), q and k as the attention reads them (after RoPE) and v, which
    is what the KV cache holds. Every body linear's weight gets a per-tensor W4 quantizer. After
@@ -40,15 +40,16 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..calibration.data import token_source, token_windows
 from ..calibration.lm_eval import full_feed, perplexity
+from ..optimizer.data import token_source, token_windows
 from ..optimizer.errors import PassError, UsageError
-from ..optimizer.ops import ATTENTION
-from ..optimizer.pass_manager import Pass, PassResult, register_pass
-from ..optimizer.program import Program, call_function_nodes, inherit_meta
-from .edgeqat_op import ACT_QUANT, LOW_TOKENS, TOKEN_QUANT, WEIGHT_QUANT, qrange
-from .linears import is_weight, layer_of_linears, linear_layers, weight_targets
-from .quant_op import MATMUL_NBITS, pack, replace_linear
+from ..optimizer.ops import ACT_QUANT, LOW_TOKENS, MATMUL_NBITS, TOKEN_QUANT, WEIGHT_QUANT, Tap, attention_spec
+from ..optimizer.ops.nbits import pack
+from ..optimizer.ops.quantizers import qrange
+from ..optimizer.pass_manager import (CANONICAL_ATTENTION, EVERY_POSITION, FLOAT_WEIGHTS, Pass, PassResult,
+                                      register_pass)
+from ..optimizer.program import Program, Rewrite, call_function_nodes, inherit_meta
+from .linears import is_weight, layer_of_linears, linear_layers, replace_linear
 
 __all__ = ["EdgeQATPass", "EdgeQATOptions"]
 
@@ -91,27 +92,18 @@ class EdgeQATOptions:
             raise ValueError("alpha must be in [0, 1] and temperature positive")
 
 
-class Tap(torch.fx.Interpreter):
-    """Runs a graph (with autograd when asked) and keeps what each attention reads (q, k)
-    or, with ``names``, the values of those nodes."""
+def _attention_qk(tap: Tap, gm) -> list[tuple]:
+    """(q, k, scale) of every attention op the tap's last run went through, in graph order."""
+    out = []
+    for node in gm.graph.nodes:
+        if node.name in tap.args:
+            a = attention_spec(node).attention(tap.args[node.name])
+            out.append((a.q, a.k, a.scale))
+    return out
 
-    def __init__(self, gm, names=()):
-        super().__init__(gm)
-        self.names, self.qk, self.values = set(names), [], {}
 
-    def run_node(self, node):
-        out = super().run_node(node)
-        if ATTENTION.matches(node):
-            args = self.fetch_args_kwargs_from_env(node)[0]
-            self.qk.append((args[0], args[1], args[4]))
-        if node.name in self.names:
-            self.values[node.name] = out
-        return out
-
-    def __call__(self, feed: dict, names):
-        self.qk, self.values = [], {}
-        out = self.run(*[feed[n] for n in names])
-        return out[0] if isinstance(out, (tuple, list)) else out
+def _attention_names(gm) -> list[str]:
+    return [n.name for n in gm.graph.nodes if attention_spec(n) is not None]
 
 
 def _attn_logits(q, k, scale):
@@ -127,7 +119,12 @@ def _init_scale(x: torch.Tensor, bits: int, signed: bool) -> float:
 class EdgeQATPass(Pass):
     name = "edgeqat"
     Options = EdgeQATOptions
-    requires = ("canonicalize",)
+    requires = (CANONICAL_ATTENTION, FLOAT_WEIGHTS, EVERY_POSITION)
+    quantizes_weights = True
+    trains_weights = True
+    needs_positions = True
+    on_generate = ("its per-token widths rank the tokens of a whole prefill, which a one-token decode step does "
+                   "not have. Compile without --generate.")
     summary = "EdgeQAT: W4 weights, per-token A8/A4 activations by attention importance, QAT with distillation"
 
     def _data(self, program: Program):
@@ -142,18 +139,17 @@ class EdgeQATPass(Pass):
         return train, windows[len(windows) - opts.eval_windows:]
 
     # -- 1. quantizers -----------------------------------------------------------------------
-    def _insert(self, program: Program, sample: dict) -> dict:
+    def _insert(self, rw: Rewrite, sample: dict) -> dict:
         opts = self.options
-        g = program.graph
-        body, _ = linear_layers(program)
-        layer_of = layer_of_linears(program, body)
-        targets = weight_targets(program)
-        blocks = {b.node: b for b in program.attention}
-        o_proj = {b.o_proj for b in program.attention if b.o_proj}
-        qkv = {n for b in program.attention for n in (b.q_proj, b.k_proj, b.v_proj) if n}
+        g = rw.graph
+        body, _ = linear_layers(rw)
+        layer_of = layer_of_linears(rw, body)
+        blocks = {b.node: b for b in rw.attention}
+        o_proj = {b.o_proj for b in rw.attention if b.o_proj}
+        qkv = {n for b in rw.attention for n in (b.q_proj, b.k_proj, b.v_proj) if n}
 
         def named(lin, names):
-            return any(is_weight(targets[lin.args[1].name], n) for n in names)
+            return any(is_weight(rw.weight_name(lin.args[1]), n) for n in names)
 
         # (node to quantize, token dim, layer whose split applies (None: all at a_bits))
         points = {}
@@ -162,16 +158,17 @@ class EdgeQATPass(Pass):
                 continue
             layer = layer_of[lin.name]
             points.setdefault(lin.args[0], (1, layer - 1 if named(lin, qkv) else layer))
-        attn = [n for n in call_function_nodes(g) if ATTENTION.matches(n) and n.name in blocks]
+        attn = [n for n in call_function_nodes(g) if n.name in blocks]
         for node in attn:
             layer = blocks[node.name].layer
-            for i, lay in ((0, layer - 1), (1, layer - 1), (2, layer)):
-                points.setdefault(node.args[i], (2, lay))
+            a = attention_spec(node).attention(node.args)
+            for src, lay in ((a.q, layer - 1), (a.k, layer - 1), (a.v, layer)):
+                points.setdefault(src, (2, lay))
         values = {}
         if opts.scales == "static":  # initial scales from one batch
-            tap = Tap(program.unlifted(), [n.name for n in points])
+            tap = Tap(rw.module(), values=[n.name for n in points])
             with torch.no_grad():
-                tap(sample, program.input_names)
+                tap.run_feed(sample, rw.input_names)
             values = tap.values
         low_of: dict[int, torch.fx.Node] = {}
         quantized: dict = {}
@@ -186,7 +183,7 @@ class EdgeQATPass(Pass):
             else:
                 x = values[src.name]
                 signed = bool(x.min() < -1e-5)
-                consts = [program.add_constant(f"eq_{src.name}_{k}", torch.tensor([v], dtype=torch.float32))
+                consts = [rw.constant(f"eq_{src.name}_{k}", torch.tensor([v], dtype=torch.float32))
                           for k, v in (("s_hi", _init_scale(x, opts.a_bits, signed)), ("z_hi", 0.0),
                                        ("s_lo", _init_scale(x, opts.low_bits, signed)), ("z_lo", 0.0))]
                 target = ACT_QUANT.overload
@@ -202,34 +199,35 @@ class EdgeQATPass(Pass):
             return new
 
         for node in list(g.nodes):  # graph order: a layer's split exists before the next layer reads it
-            if node.op == "call_function" and ATTENTION.matches(node) and node.name in blocks:
+            if node.name in blocks:
                 layer = blocks[node.name].layer
-                q = quantize(node.args[0], 2, layer - 1)
-                k = quantize(node.args[1], 2, layer - 1)
+                a = attention_spec(node).attention(node.args)
+                q = quantize(a.q, 2, layer - 1)
+                k = quantize(a.k, 2, layer - 1)
                 if opts.low_fraction > 0:
                     with g.inserting_before(node):
-                        low_of[layer] = g.call_function(LOW_TOKENS.overload, (q, k, node.args[4], opts.low_fraction))
-                quantize(node.args[2], 2, layer, before=node)  # after the split it reads
+                        low_of[layer] = g.call_function(LOW_TOKENS.overload, (q, k, a.scale, opts.low_fraction))
+                quantize(a.v, 2, layer, before=node)  # after the split it reads
             elif node.op == "call_function" and node.target == aten.linear.default and node in body \
                     and node.args[0] in points:
                 token_dim, layer = points[node.args[0]]
                 quantize(node.args[0], token_dim, layer)
         weights = 0
         for lin in body:
-            w = program.tensor(lin.args[1])
-            s = program.add_constant(f"eq_{lin.name}_s_w", torch.tensor([_init_scale(w, opts.w_bits, True)]))
+            w = rw.tensor(lin.args[1])
+            s = rw.constant(f"eq_{lin.name}_s_w", torch.tensor([_init_scale(w, opts.w_bits, True)]))
             with g.inserting_before(lin):
                 wq = g.call_function(WEIGHT_QUANT.overload, (lin.args[1], s, opts.w_bits))
             lin.replace_input_with(lin.args[1], wq)
             weights += 1
-        program.ep.graph_module.recompile()
         return {"activation_quantizers": count, "weight_quantizers": weights, "token_splits": len(low_of)}
 
     # -- 2. training -------------------------------------------------------------------------
-    def _train(self, program: Program, teacher: Program, train: list[torch.Tensor]) -> dict:
+    def _train(self, rw: Rewrite, teacher: Program, train: list[torch.Tensor]) -> dict:
+        """QAT on the module being rewritten: its weights and the quantizers' scales train in place."""
         opts = self.options
         torch.manual_seed(opts.seed)
-        gm = program.unlifted()
+        gm = rw.module()
         quant_params, weights = [], []
         # fresh tensors: the module's parameters are the very objects the input program (and
         # the teacher) hold; the quantizers' constants are buffers until now
@@ -238,34 +236,36 @@ class EdgeQATPass(Pass):
         for name, t in trainable:
             prefix, _, short = name.rpartition(".")
             mod = gm.get_submodule(prefix) if prefix else gm
-            mod._buffers.pop(short, None)
+            delattr(mod, short)
             p = torch.nn.Parameter(t.detach().clone(), requires_grad=t.is_floating_point())
-            mod._parameters[short] = p
+            mod.register_parameter(short, p)
             (quant_params if short.startswith("tokopt_eq_") else weights).append(p)
         optim = torch.optim.AdamW([{"params": weights, "lr": opts.lr}, {"params": quant_params, "lr": opts.lr_quant}],
                                   weight_decay=0.0)
         warm = max(1, opts.steps // 10)
         sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: min(1.0, (s + 1) / warm) * 0.5 *
                                                   (1 + math.cos(math.pi * min(s, opts.steps) / max(opts.steps, 1))))
-        student, tutor = Tap(gm), Tap(teacher.unlifted())
+        teacher_gm = teacher.unlifted()
+        student, tutor = Tap(gm, args=_attention_names(gm)), Tap(teacher_gm, args=_attention_names(teacher_gm))
         losses, start = [], time.perf_counter()
-        names = program.input_names
+        names = rw.input_names
         for step in tqdm(range(opts.steps), desc="edgeqat: training", leave=False):
             ids = torch.cat([train[(step * opts.batch + i) % len(train)] for i in range(opts.batch)])
-            feed = full_feed(program, ids)
+            feed = full_feed(teacher, ids)
             with torch.no_grad():
-                t_logits = tutor(feed, names)
-            s_logits = student(feed, names)
+                t_logits = tutor.run_feed(feed, names)[0]
+            s_logits = student.run_feed(feed, names)[0]
             ce = F.cross_entropy(s_logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
             temp = opts.temperature
             kd = F.kl_div(F.log_softmax(s_logits / temp, -1), F.log_softmax(t_logits / temp, -1), log_target=True,
                           reduction="batchmean") * temp ** 2 / ids.shape[1]
             cos = ent = torch.zeros(())
-            for (qs, ks, scale), (qt, kt, _) in zip(student.qk, tutor.qk):
+            s_qk, t_qk = _attention_qk(student, gm), _attention_qk(tutor, teacher_gm)
+            for (qs, ks, scale), (qt, kt, _) in zip(s_qk, t_qk):
                 ss, st = _attn_logits(qs, ks, scale).flatten(2), _attn_logits(qt, kt, scale).flatten(2)
                 cos = cos + F.cosine_similarity(ss, st, dim=-1).mean()
                 ent = ent + torch.log1p(qs.var(-1)).mean() + torch.log1p(ks.var(-1)).mean()
-            layers = len(student.qk)
+            layers = len(s_qk)
             loss = opts.alpha * ce + (1 - opts.alpha) * kd + opts.lambda_attn * (1 - cos / layers) \
                 - opts.lambda_ent * torch.log(ent.clamp_min(1e-6))
             optim.zero_grad()
@@ -274,24 +274,23 @@ class EdgeQATPass(Pass):
             optim.step()
             sched.step()
             losses.append(float(loss.detach()))
-        program.set_tensors({name: t.clone() for name, t in gm.named_parameters() if name in program.ep.state_dict})
         return {"train_steps": opts.steps, "train_seconds": round(time.perf_counter() - start, 1),
                 "loss_first": losses[0] if losses else None, "loss_last": sum(losses[-10:]) / len(losses[-10:])
                 if losses else None}
 
     # -- 3. lowering -------------------------------------------------------------------------
-    def _lower_weights(self, program: Program) -> int:
-        g, count = program.graph, 0
+    def _lower_weights(self, rw: Rewrite) -> int:
+        g, count = rw.graph, 0
         for wq in [n for n in call_function_nodes(g) if WEIGHT_QUANT.matches(n)]:
             w_node, s_node, bits = wq.args
-            w, s = program.tensor(w_node).detach().float(), float(program.tensor(s_node).abs().clamp_min(1e-8))
+            w, s = rw.tensor(w_node).detach().float(), float(rw.tensor(s_node).detach().abs().clamp_min(1e-8))
             qn, qp = qrange(bits, True)
             codes = (torch.clamp(torch.round(w / s), qn, qp) - qn).to(torch.uint8)
             n, k = codes.shape
-            packed = program.add_constant(f"{wq.name}_qweight", pack(codes, bits, BLOCK))
-            scales = program.add_constant(f"{wq.name}_scales", torch.full((n, -(-k // BLOCK)), s))
+            packed = rw.constant(f"{wq.name}_qweight", pack(codes, bits, BLOCK))
+            scales = rw.constant(f"{wq.name}_scales", torch.full((n, -(-k // BLOCK)), s))
             for lin in list(wq.users):
-                replace_linear(program, lin, packed, scales, bits, BLOCK, k, n)
+                replace_linear(rw, lin, packed, scales, bits, BLOCK, k, n)
                 count += 1
             g.erase_node(wq)
         return count
@@ -308,23 +307,23 @@ class EdgeQATPass(Pass):
                              "tokens of a whole prefill, which a one-token decode step does not have.")
         program.attention_blocks("edgeqat")
         train, held_out = self._data(program)
-        teacher = program.copy()
+        teacher = program
         sample = full_feed(program, torch.cat(train[:opts.batch]))
-        stats = self._insert(program, sample)
-        ptq = perplexity(program, held_out) if held_out and opts.steps else None
-        stats.update(self._train(program, teacher, train))
-        stats["matmul_nbits"] = self._lower_weights(program)
-        program.drop_unused_inputs()
-        program.ep.graph_module.recompile()
+        rw = program.rewrite()
+        stats = self._insert(rw, sample)
+        ptq = perplexity(program, held_out, run=rw.runner()) if held_out and opts.steps else None
+        stats.update(self._train(rw, teacher, train))
+        stats["matmul_nbits"] = self._lower_weights(rw)
+        out = rw.commit("edgeqat")
         stats["average_activation_bits"] = opts.a_bits - opts.low_fraction * (opts.a_bits - opts.low_bits)
         if held_out:
-            stats.update({"perplexity_fp32": perplexity(teacher, held_out), "perplexity_edgeqat": perplexity(program, held_out),
+            stats.update({"perplexity_fp32": perplexity(teacher, held_out), "perplexity_edgeqat": perplexity(out, held_out),
                           "eval_tokens": sum(w.shape[1] for w in held_out)})
             if ptq is not None:
                 stats["perplexity_before_training"] = ptq
-        return PassResult(program, True, stats)
+        return PassResult(out, True, stats)
 
-    def ensures(self, program: Program) -> None:
+    def ensures(self, program: Program, stats: dict) -> None:
         if not any(ACT_QUANT.matches(n) or TOKEN_QUANT.matches(n) for n in program.graph.nodes) \
                 or not program.count(MATMUL_NBITS.overload):
             raise PassError("edgeqat left no activation quantizers or no packed weights in the graph")

@@ -1,6 +1,6 @@
 """Computational-invariance rotations of a pre-RMSNorm transformer graph (QuaRot, as RSQ uses it).
 
-``rotate(program, seed)`` rewrites the exported graph so that, in exact arithmetic, it computes
+``rotate(rw, seed)`` rewrites the graph of a ``Rewrite`` so that, in exact arithmetic, it computes
 the same function while its weights are easier to quantize (a Hadamard spreads outlier
 channels over all channels):
 
@@ -27,7 +27,7 @@ import math
 import torch
 
 from ..optimizer.patterns import PASS_THROUGH
-from ..optimizer.program import Program, call_function_nodes
+from ..optimizer.program import Rewrite, call_function_nodes
 from .linears import is_weight
 
 __all__ = ["rotate", "NotRotatable", "random_hadamard", "hadamard"]
@@ -82,10 +82,10 @@ def _through(node, forward: bool):
     return node
 
 
-def _norms(program: Program) -> dict:
-    """{weight-multiply node: (stream input, weight tensor)} for every RMSNorm."""
+def _norms(rw: Rewrite) -> dict:
+    """{weight-multiply node: (stream input, weight node)} for every RMSNorm."""
     found = {}
-    for r in call_function_nodes(program.graph):
+    for r in call_function_nodes(rw.graph):
         if r.target != aten.rsqrt.default:
             continue
         for m in r.users:
@@ -95,8 +95,8 @@ def _norms(program: Program) -> dict:
             for w_mul in _through(m, True):
                 if w_mul.target != aten.mul.Tensor:
                     continue
-                wt = [a for a in w_mul.args if program.tensor(a) is not None]
-                if len(wt) == 1 and program.tensor(wt[0]).dim() == 1:
+                wt = [a for a in w_mul.args if rw.tensor(a) is not None]
+                if len(wt) == 1 and rw.tensor(wt[0]).dim() == 1:
                     found[w_mul] = (_through(x, False), wt[0])
     return found
 
@@ -109,21 +109,21 @@ def _readers(node) -> list:
     return out
 
 
-def rotate(program: Program, seed: int = 0, online: bool = True, heads: bool = True) -> dict:
-    """Rotate ``program`` in place (see module doc); returns what was rotated. ``heads=False``
-    leaves values unrotated (a --generate graph's cache keeps the model's layout). Raises
-    ``NotRotatable`` before touching the graph."""
-    g = program.graph
+def rotate(rw: Rewrite, seed: int = 0, online: bool = True, heads: bool = True) -> dict:
+    """Rotate the graph being rewritten (see module doc); returns what was rotated.
+    ``heads=False`` leaves values unrotated (a --generate graph's cache keeps the model's
+    layout). Raises ``NotRotatable`` before touching the graph."""
+    g = rw.graph
     gen = torch.Generator().manual_seed(seed)
     embeds = [n for n in call_function_nodes(g) if n.target == aten.embedding.default]
     if len(embeds) != 1:
         raise NotRotatable(f"{len(embeds)} embedding lookups; the residual stream must start at exactly one")
-    norms = _norms(program)
+    norms = _norms(rw)
     if not norms:
         raise NotRotatable("no RMSNorm (x * rsqrt(mean(x^2) + eps) * weight) found; LayerNorm models are not "
                            "rotation-invariant without rewriting the norm")
     emb = embeds[0]
-    d = program.tensor(emb.args[0]).shape[1]
+    d = rw.tensor(emb.args[0]).shape[1]
     # the residual stream: the embedding output and the adds that accumulate onto it
     stream, frontier = {emb}, [emb]
     while frontier:
@@ -149,11 +149,11 @@ def rotate(program: Program, seed: int = 0, online: bool = True, heads: bool = T
     new_weights: dict = {}   # linear node -> new weight (built up through the steps)
 
     def weight(lin):
-        return new_weights.get(lin, program.tensor(lin.args[1]).detach().double())
+        return new_weights.get(lin, rw.tensor(lin.args[1]).detach().double())
 
     folded = 0
     for w_mul, (x, wnode) in norms.items():
-        gvec = program.tensor(wnode).detach().double()
+        gvec = rw.tensor(wnode).detach().double()
         normed = next(a for a in w_mul.args if a is not wnode)
         for lin in readers[w_mul]:
             new_weights[lin] = weight(lin) * gvec[None] @ q
@@ -163,30 +163,30 @@ def rotate(program: Program, seed: int = 0, online: bool = True, heads: bool = T
     for lin in writers:
         new_weights[lin] = q.T @ weight(lin)
         if len(lin.args) > 2 and lin.args[2] is not None:
-            new_weights[(lin, "bias")] = program.tensor(lin.args[2]).detach().double() @ q
+            new_weights[(lin, "bias")] = rw.tensor(lin.args[2]).detach().double() @ q
     head_count = 0
     by_weight = {}
     for lin in call_function_nodes(g):
-        if lin.target == aten.linear.default and isinstance(lin.args[1], torch.fx.Node):
-            by_weight.setdefault(lin.args[1].name, []).append(lin)
-    for block in program.attention if heads else []:
+        if lin.target == aten.linear.default and rw.weight_name(lin.args[1]) is not None:
+            by_weight.setdefault(rw.weight_name(lin.args[1]), []).append(lin)
+    for block in rw.attention if heads else []:
         if block.fused_qkv or not block.v_proj or not block.o_proj:
             continue
-        v_lin = _linear_of(program, block.v_proj, by_weight)
-        o_lin = _linear_of(program, block.o_proj, by_weight)
+        v_lin = _linear_of(block.v_proj, by_weight)
+        o_lin = _linear_of(block.o_proj, by_weight)
         if v_lin is None or o_lin is None:
             continue
         hd = hadamard(block.head_dim)
         wv = weight(v_lin)
         new_weights[v_lin] = (hd.T @ wv.reshape(block.kv_heads, block.head_dim, -1)).reshape(wv.shape)
         if len(v_lin.args) > 2 and v_lin.args[2] is not None:
-            bv = program.tensor(v_lin.args[2]).detach().double()
+            bv = rw.tensor(v_lin.args[2]).detach().double()
             new_weights[(v_lin, "bias")] = (bv.reshape(block.kv_heads, 1, -1) @ hd).reshape(-1)
         wo = weight(o_lin)
         new_weights[o_lin] = (wo.reshape(wo.shape[0], block.heads, block.head_dim) @ hd).reshape(wo.shape)
         head_count += 1
-    o_lins = {_linear_of(program, b.o_proj, by_weight) for b in program.attention if b.o_proj}
-    online_count, inserted = 0, []
+    o_lins = {_linear_of(b.o_proj, by_weight) for b in rw.attention if b.o_proj}
+    online_count = 0
     if online:
         for lin in writers:
             if lin in o_lins:
@@ -195,8 +195,8 @@ def rotate(program: Program, seed: int = 0, online: bool = True, heads: bool = T
             two = k & -k
             a, b = random_orthogonal(k // two, gen), hadamard(two)
             x = lin.args[0]
-            ca = program.add_constant(f"rot_{lin.name}_a", a.T.float().contiguous())
-            cb = program.add_constant(f"rot_{lin.name}_b", b.float().contiguous())
+            ca = rw.constant(f"rot_{lin.name}_a", a.T.float().contiguous())
+            cb = rw.constant(f"rot_{lin.name}_b", b.float().contiguous())
             with g.inserting_before(lin):
                 xs = g.call_function(aten.unflatten.int, (x, -1, [k // two, two]))
                 y = g.call_function(aten.matmul.default, (xs, cb))
@@ -204,39 +204,20 @@ def rotate(program: Program, seed: int = 0, online: bool = True, heads: bool = T
                 flat = g.call_function(aten.flatten.using_ints, (z, -2, -1))
             for node in (xs, y, z, flat):
                 node.meta["nn_module_stack"] = lin.meta.get("nn_module_stack", {})
-            inserted += [xs, y, z, flat]
             lin.replace_input_with(x, flat)
             new_weights[lin] = weight(lin) @ torch.kron(a, b)
             online_count += 1
     # the embedding: a new table (a tied LM head keeps the old parameter, rotated above)
-    table = program.tensor(emb.args[0]).detach().double() @ q
-    emb.replace_input_with(emb.args[0], program.add_constant("rot_embedding", table.float().contiguous()))
+    table = rw.tensor(emb.args[0]).detach().double() @ q
+    emb.replace_input_with(emb.args[0], rw.constant("rot_embedding", table.float().contiguous()))
     for key, w in new_weights.items():
         lin, what = key if isinstance(key, tuple) else (key, "weight")
         idx = 2 if what == "bias" else 1
-        lin.replace_input_with(lin.args[idx], program.add_constant(f"rot_{lin.name}_{what}", w.float().contiguous()))
-    _fake_vals(program, inserted)
-    program.drop_unused_inputs()
-    program.ep.graph_module.recompile()
+        lin.replace_input_with(lin.args[idx], rw.constant(f"rot_{lin.name}_{what}", w.float().contiguous()))
     return {"hidden": d, "norms_folded": folded, "writers": len(writers), "head_rotations": head_count,
             "online_rotations": online_count}
 
 
-def _linear_of(program: Program, weight_name: str, by_weight: dict):
-    for spec in program.ep.graph_signature.input_specs:
-        target = spec.target or ""
-        if is_weight(target, weight_name) and spec.arg.name in by_weight:
-            return by_weight[spec.arg.name][0]
-    return None
-
-
-def _fake_vals(program: Program, nodes) -> None:
-    """Give the nodes the rotation inserted the ``val`` metadata the exporter reads, computed
-    from their inputs' without recording guards: the shape environment is shared by every copy
-    of the program, and a guard on a symbol with no input source breaks their guard code."""
-    mode = next(n.meta["val"].fake_mode for n in program.graph.nodes
-                if n.op == "placeholder" and hasattr(n.meta.get("val"), "fake_mode"))
-    with mode, mode.shape_env.suppress_guards():
-        for node in nodes:
-            args = torch.fx.node.map_arg(node.args, lambda a: a.meta["val"])
-            node.meta["val"] = node.target(*args)
+def _linear_of(weight_name: str, by_weight: dict):
+    """The (first) linear reading the weight the attention index calls ``weight_name``."""
+    return next((lins[0] for target, lins in by_weight.items() if is_weight(target, weight_name)), None)

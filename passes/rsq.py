@@ -41,17 +41,18 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from ..calibration.data import token_source, token_windows
 from ..calibration.gptq import QuantizedWeight, quantize_gptq, quantize_rtn
 from ..calibration.lm_eval import full_feed, perplexity
 from ..calibration.stats import cached_tensors, weights_hash
+from ..optimizer.data import token_source, token_windows
 from ..optimizer.errors import PassError, UsageError
-from ..optimizer.pass_manager import Pass, PassResult, max_abs_error, register_pass
-from ..optimizer.program import Program, call_function_nodes, inherit_meta
-from .quant_op import BITS, EMBEDDING_Q8, MATMUL_NBITS, pack, replace_linear
-from .linears import layer_of_linears, linear_layers, weight_targets
+from ..optimizer.ops import BITS, EMBEDDING_Q8, MATMUL_NBITS, TOKEN_SCORES, Tap, attention_spec
+from ..optimizer.ops.nbits import pack
+from ..optimizer.pass_manager import CANONICAL_ATTENTION, FLOAT_WEIGHTS, Pass, PassResult, max_abs_error, \
+    register_pass
+from ..optimizer.program import Program, Rewrite, call_function_nodes, inherit_meta
+from .linears import layer_of_linears, linear_layers, replace_linear
 from .rotation import NotRotatable, rotate
-from .token_prune import TOKEN_SCORES
 
 __all__ = ["RSQPass", "RSQOptions"]
 
@@ -110,46 +111,12 @@ def _importance(q, k, mask, scale, causal, lo: float, hi: float) -> torch.Tensor
     return r / r.sum(-1, keepdim=True) * r.shape[-1]
 
 
-class _Stop(Exception):
-    pass
-
-
-class _Capture(torch.fx.Interpreter):
-    """One calibration forward, stopped once the group's inputs (and, for the first group of a
-    layer, that layer's attention importance) are in hand."""
-
-    def __init__(self, gm, x_node: str, attention: str | None, causal: bool, stop: str, opts: RSQOptions):
-        super().__init__(gm)
-        self.x_node, self.attention, self.causal, self.stop, self.opts = x_node, attention, causal, stop, opts
-        self.x = self.weights = None
-
-    def run_node(self, node):
-        out = super().run_node(node)
-        if node.name == self.x_node:
-            self.x = out
-        if node.name == self.attention:
-            q, k, _, mask, scale, causal = self.fetch_args_kwargs_from_env(node)[0]
-            causal = causal or self.causal  # an HF mask carries the causality while the flag stays False
-            self.weights = _importance(q, k, mask, scale, causal, self.opts.min_value, self.opts.max_value)
-        if node.name == self.stop:
-            raise _Stop
-        return out
-
-
-def _set_tensor(gm: torch.nn.Module, target: str, value: torch.Tensor) -> None:
-    prefix, _, name = target.rpartition(".")
-    mod = gm.get_submodule(prefix) if prefix else gm
-    if name in mod._parameters:
-        mod._parameters[name] = torch.nn.Parameter(value, requires_grad=False)
-    else:
-        mod._buffers[name] = value
-
-
 @register_pass
 class RSQPass(Pass):
     name = "rsq"
     Options = RSQOptions
-    requires = ("canonicalize",)
+    requires = (CANONICAL_ATTENTION, FLOAT_WEIGHTS)
+    quantizes_weights = True
     summary = "RSQ: rotate, scale by token importance (AttnCon), GPTQ; packed int4/int8 weights (MatMulNBits)"
 
     # -- calibration ----------------------------------------------------------------------
@@ -172,56 +139,61 @@ class RSQPass(Pass):
         calib = [torch.roll(w, i * w.shape[1] // opts.expand, 1) for w in calib for i in range(opts.expand)]
         return calib, windows[opts.samples:]
 
-    def _hessians(self, gm, program: Program, group, k: int, block, feeds, weights_cache: dict, layer):
+    def _hessians(self, gm, input_names, group, k: int, block, feeds, weights_cache: dict, layer):
+        """2 X^T diag(w) X / tokens of the group's input X over the calibration feeds, each token
+        weighted by its importance at the layer's attention (computed once per layer and sample)."""
         attention = block.node if block is not None else None
-        stop = attention if attention is not None and layer not in weights_cache else group[-1].name
-        cap = _Capture(gm, group[0].args[0].name, attention if stop == attention else None,
-                       bool(block is not None and block.causal), stop, self.options)
+        need = self.options.importance == "attncon" and layer is not None and attention is not None
+        per_sample = weights_cache.setdefault(layer, [None] * len(feeds)) if layer is not None else None
+        fresh = need and per_sample[0] is None
+        x_node = group[0].args[0].name
+        order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
+        stop = max([group[-1].name] + ([attention] if fresh else []), key=order.__getitem__)  # needs both
+        tap = Tap(gm, values=[x_node], args=[attention] if fresh else [], stop=stop)
         h = torch.zeros(k, k, dtype=torch.float64)
         count = 0
-        per_sample = weights_cache.setdefault(layer, [None] * len(feeds)) if layer is not None else None
         for i, feed in enumerate(feeds):
-            try:
-                with torch.no_grad():
-                    cap.run(*[feed[n] for n in program.input_names])
-            except _Stop:
-                pass
-            x = cap.x.double().reshape(-1, k)
-            if self.options.importance == "attncon" and per_sample is not None:
-                if per_sample[i] is None:
-                    per_sample[i] = cap.weights
-                w = per_sample[i].reshape(-1)
-                x = x * w.sqrt()[:, None]
+            with torch.no_grad():
+                tap.run_feed(feed, input_names)
+            x = tap.values[x_node].double().reshape(-1, k)
+            if need:
+                if fresh:
+                    spec = attention_spec(next(n for n in gm.graph.nodes if n.name == attention))
+                    q, kk, _, mask, scale, causal = spec.attention(tap.args[attention])
+                    causal = causal or bool(block.causal)  # an HF mask carries the causality while the flag stays False
+                    per_sample[i] = _importance(q, kk, mask, scale, causal, self.options.min_value,
+                                                self.options.max_value)
+                x = x * per_sample[i].reshape(-1).sqrt()[:, None]
             h += x.T @ x
             count += x.shape[0]
         return 2 * h / max(count, 1)
 
-    def _solve(self, program: Program, body, calib, layer_of: dict, names: dict, bs: int) -> dict:
+    def _solve(self, rw: Rewrite, body, calib, layer_of: dict, names: dict, bs: int) -> dict:
         """Quantize the body group by group, each on inputs from the already-quantized graph:
         {"codes": {node: codes}, "scales": {node: scales}, "rows": the log}."""
         opts = self.options
+        program = rw.program
         feeds = [full_feed(program, w) for w in calib]
-        attention_of = {b.layer: b for b in program.attention}
+        attention_of = {b.layer: b for b in rw.attention}
         groups: dict = {}
         for n in body:
             groups.setdefault(n.args[0], []).append(n)
-        gm = program.unlifted() if feeds else None
-        gm_lin = {n.name: n for n in gm.graph.nodes} if gm is not None else {}
+        gm = rw.module()
         out, weights_cache = {"codes": {}, "scales": {}, "rows": []}, {}
         for group in tqdm(list(groups.values()), desc="rsq: quantizing", leave=False, disable=not feeds):
             layer = layer_of.get(group[0].name)
             start = time.perf_counter()
             h = None
             if opts.solver == "gptq" and feeds:
-                k = program.tensor(group[0].args[1]).shape[1]
-                h = self._hessians(gm, program, group, k, attention_of.get(layer), feeds, weights_cache, layer)
+                k = rw.tensor(group[0].args[1]).shape[1]
+                h = self._hessians(gm, rw.input_names, group, k, attention_of.get(layer), feeds, weights_cache, layer)
             for lin in group:
-                w = program.tensor(lin.args[1]).detach().float()
+                w = rw.tensor(lin.args[1]).detach().float()
                 name = names.get(lin.name, lin.name)
                 qw = self._quantize(w, h, opts.bits, bs, name)
                 deq = qw.dequantize()
-                if gm is not None:
-                    _set_tensor(gm, gm_lin[lin.name].args[1].target, deq)
+                if feeds:  # later groups calibrate on what this one computes once quantized
+                    rw.set_tensor(rw.weight_name(lin.args[1]), deq)
                 out["codes"][lin.name], out["scales"][lin.name] = qw.codes, qw.scales
                 out["rows"].append(self._log_row(name, layer, w, deq, h, qw, time.perf_counter() - start))
         return out
@@ -237,66 +209,63 @@ class RSQPass(Pass):
         opts = self.options
         if program.count(MATMUL_NBITS.overload) or any(EMBEDDING_Q8.matches(n) for n in program.graph.nodes):
             return PassResult(program, False, {"info": "already quantized"})
-        original = program.copy() if program.task == "causal-lm" and program.cache is None else None
         stats: dict = {"bits": opts.bits, "solver": opts.solver, "importance": opts.importance}
-        first = linear_layers(program)[0]
-        targets = weight_targets(program)
-        names = {n.name: targets[n.args[1].name] for n in first}  # the model's names, before rotation renames them
-        layer_of = layer_of_linears(program, first)
+        rw = program.rewrite()
+        first = linear_layers(rw)[0]
+        names = {n.name: rw.weight_name(n.args[1]) for n in first}  # the model's names, before rotation renames them
+        layer_of = layer_of_linears(rw, first)
         # the cache key hashes the weights before rotation: the rotated ones carry BLAS rounding
         # that varies with memory alignment from run to run
         model_hash = weights_hash(program)
-        stats["rotation"] = self._rotate(program)
-        body, heads = linear_layers(program)
+        stats["rotation"] = self._rotate(program, rw)
+        body, heads = linear_layers(rw)
         if not body:
             raise UsageError(f"rsq found no linear layers with constant weights before the output "
                              f"head{'s' if len(heads) != 1 else ''} ({len(heads)}, which GPTQ leaves alone): "
                              "nothing to quantize. rsq is for transformer bodies.")
-        width = max(program.tensor(n.args[1]).shape[1] for n in body)
+        width = max(rw.tensor(n.args[1]).shape[1] for n in body)
         bs = opts.group_size or (128 if width >= 2048 else 32)
         stats["group_size"] = bs
         needs_data = opts.solver == "gptq" or opts.importance == "attncon"
         calib, held_out = self._data(program) if needs_data else ([], [])
         key = {"version": CACHE_VERSION, "weights": model_hash, "options": {
             k: v for k, v in dataclasses.asdict(opts).items() if k not in ("eval_windows", "compute", "embed_bits")},
-            "group_size": bs,
-               "data": [hashlib.sha256(torch.cat(calib, 1).numpy().tobytes()).hexdigest()] if calib else None}
-        result, hit = cached_tensors("rsq", key, lambda: self._solve(program, body, calib, layer_of, names, bs))
+            "group_size": bs, "graph": [b.spelling for b in program.attention],
+            "data": [hashlib.sha256(torch.cat(calib, 1).numpy().tobytes()).hexdigest()] if calib else None}
+        result, hit = cached_tensors("rsq", key, lambda: self._solve(rw, body, calib, layer_of, names, bs))
         stats["cached"] = hit
         rows = result["rows"]
         by_name = {n.name: n for n in body}
         quantized = {by_name[name]: QuantizedWeight(codes, result["scales"][name], opts.bits, bs)
                      for name, codes in result["codes"].items()}
         for lin in heads if opts.embed_bits else []:
-            w = program.tensor(lin.args[1]).detach().float()
+            w = rw.tensor(lin.args[1]).detach().float()
             quantized[lin] = quantize_rtn(w, 8, bs)
-        self._rewrite(program, quantized)
-        stats.update(self._rewrite_embeddings(program, bs))
-        program.drop_unused_inputs()
-        program.ep.graph_module.recompile()
+        self._rewrite(rw, quantized)
+        stats.update(self._rewrite_embeddings(rw, bs))
+        out = rw.commit("rsq")
         stats.update({"linears": len(body), "heads": len(heads) if opts.embed_bits else 0,
                       "mean_relative_error": sum(r["relative_error"] for r in rows) / len(rows),
                       "calibration": f"{len(calib)} windows of {calib[0].shape[1]} tokens" if calib else "none"})
-        program.artifacts["quant_log.csv"] = _csv(rows)
-        if original is not None and held_out:
-            stats["perplexity_fp32"] = perplexity(original, held_out)
-            stats["perplexity_quantized"] = perplexity(program, held_out)
+        out.artifacts["quant_log.csv"] = _csv(rows)
+        if held_out and program.keeps_positions:
+            stats["perplexity_fp32"] = perplexity(program, held_out)
+            stats["perplexity_quantized"] = perplexity(out, held_out)
             stats["eval_tokens"] = sum(w.shape[1] for w in held_out)
-        return PassResult(program, True, stats)
+        return PassResult(out, True, stats)
 
-    def _rotate(self, program: Program) -> dict | str:
+    def _rotate(self, program: Program, rw: Rewrite) -> dict | str:
         opts = self.options
         if opts.rotate == "off":
             return "off"
-        before = program.copy()
         try:
-            info = rotate(program, seed=opts.seed, online=opts.online, heads=program.cache is None)
+            info = rotate(rw, seed=opts.seed, online=opts.online, heads=program.cache is None)
         except NotRotatable as e:  # raised before the graph is touched
             if opts.rotate == "on":
                 raise UsageError(f"rsq: rotate=on, but this graph cannot be rotated: {e}. Use rotate=auto "
                                  "or rotate=off.") from e
             return f"skipped: {e}"
-        ref, got = before.run(), program.run()  # on a --generate graph the cache layout is unchanged too
+        ref, got = program.run(), rw.runner()(program.probe)  # a --generate graph's cache layout is unchanged too
         err = max_abs_error(ref, got)
         scale = max(float(v.abs().max()) for v in ref.values() if v.is_floating_point())
         if err > 1e-3 * max(scale, 1.0):
@@ -314,27 +283,27 @@ class RSQPass(Pass):
         return {"weight": name, "layer": layer, "rows": w.shape[0], "cols": w.shape[1], "bits": qw.bits,
                 "block_size": qw.block_size, "relative_error": max(rel, 0.0) ** 0.5, "seconds": round(seconds, 3)}
 
-    def _rewrite(self, program: Program, quantized: dict) -> None:
+    def _rewrite(self, rw: Rewrite, quantized: dict) -> None:
         level = 4 if self.options.compute == "int8" else 0  # MatMulNBits' accuracy_level
         for lin, qw in quantized.items():
             n, k = qw.codes.shape
-            packed = program.add_constant(f"{lin.name}_qweight", pack(qw.codes, qw.bits, qw.block_size))
-            scales = program.add_constant(f"{lin.name}_scales", qw.scales.contiguous())
-            replace_linear(program, lin, packed, scales, qw.bits, qw.block_size, k, n, level)
+            packed = rw.constant(f"{lin.name}_qweight", pack(qw.codes, qw.bits, qw.block_size))
+            scales = rw.constant(f"{lin.name}_scales", qw.scales.contiguous())
+            replace_linear(rw, lin, packed, scales, qw.bits, qw.block_size, k, n, level)
 
-    def _rewrite_embeddings(self, program: Program, bs: int) -> dict:
+    def _rewrite_embeddings(self, rw: Rewrite, bs: int) -> dict:
         if not self.options.embed_bits:
             return {}
-        g, count = program.graph, 0
+        g, count = rw.graph, 0
         for node in [n for n in call_function_nodes(g) if n.target == aten.embedding.default]:
-            table = program.tensor(node.args[0])
+            table = rw.tensor(node.args[0])
             if table is None or table.shape[1] % bs:
                 continue
             blocks = table.float().reshape(table.shape[0], -1, bs)
             scales = (blocks.abs().amax(-1) / 127).clamp_min(1e-12)
             codes = torch.round(blocks / scales[..., None]).clamp(-127, 127).to(torch.int8).reshape(table.shape)
-            qt = program.add_constant(f"{node.name}_table", codes)
-            qs = program.add_constant(f"{node.name}_scales", scales)
+            qt = rw.constant(f"{node.name}_table", codes)
+            qs = rw.constant(f"{node.name}_scales", scales)
             with g.inserting_before(node):
                 new = g.call_function(EMBEDDING_Q8.overload, (qt, qs, node.args[1], bs))
             inherit_meta(new, node)
@@ -343,11 +312,10 @@ class RSQPass(Pass):
             count += 1
         return {"embeddings": count}
 
-    def ensures(self, program: Program) -> None:
+    def ensures(self, program: Program, stats: dict) -> None:
         if not program.count(MATMUL_NBITS.overload):
             raise PassError("rsq left no tokopt::matmul_nbits in the graph")
-        left = [n.name for n in call_function_nodes(program.graph)
-                if n.target == aten.linear.default and n in linear_layers(program)[0]]
+        left = [n.name for n in linear_layers(program)[0]]
         if left:
             raise PassError(f"rsq left linear layers unquantized: {', '.join(left[:5])}")
 

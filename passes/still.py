@@ -3,7 +3,7 @@
     tokopt compile MODEL --passes still[:layers=1/2,chunk=64,top_k=4,feature=npmap] --calib text.txt
 
 Rewrite: the canonical attention of each chosen layer (default: all but the first and the last)
-becomes ``tokopt::still_attention`` (``passes/still_op.py``): per chunk of ``chunk`` tokens the
+becomes ``tokopt::still_attention`` (``optimizer/ops/still.py``): per chunk of ``chunk`` tokens the
 ``top_k`` most self-salient tokens stay in exact softmax attention (with the local window), the
 rest are summarised by linear attention through the NP-Map feature map, gated by a new
 ``hidden -> heads x head_dim`` projection. New parameters per layer: the gate (initialised to
@@ -39,16 +39,15 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..calibration.data import token_source, token_windows
 from ..calibration.lm_eval import full_feed, passkey_stats, perplexity
 from ..calibration.stats import cached_tensors, weights_hash
+from ..optimizer.data import token_source, token_windows
 from ..optimizer.errors import PassError, UsageError
-from ..optimizer.ops import ATTENTION
-from ..optimizer.pass_manager import Pass, PassResult, register_pass
-from ..optimizer.program import Program, call_function_nodes, inherit_meta
-from .edgeqat import Tap
-from .linears import is_weight, weight_targets
-from .still_op import FEATURES, STILL, still_reference
+from ..optimizer.ops import STILL, Tap
+from ..optimizer.ops.still import FEATURES, still_reference
+from ..optimizer.pass_manager import ATTENTION_TO_REPLACE, FLOAT_WEIGHTS, Pass, PassResult, register_pass
+from ..optimizer.program import Program, Rewrite, inherit_meta
+from .linears import is_weight, projection_input
 
 __all__ = ["StillPass", "StillOptions", "exact_keys"]
 
@@ -125,8 +124,15 @@ class StillOptions:
 class StillPass(Pass):
     name = "still"
     Options = StillOptions
-    requires = ("canonicalize",)
+    requires = (ATTENTION_TO_REPLACE, FLOAT_WEIGHTS)
+    replaces_attention = True
+    trains_weights = True   # LoRA on the converted layers' projections, merged into float weights
+    on_generate = ("decoding needs STILL's recurrent cache (salient KV + linear state), which the bundle's KV-cache "
+                   "layout lacks. Compile without --generate.")
     summary = "STILL: salient tokens in exact softmax, the rest in NP-Map linear attention, distilled on --calib"
+
+    def layers(self) -> tuple[int, ...] | None:
+        return self.options.layers or None
 
     def _blocks(self, program: Program):
         opts = self.options
@@ -134,22 +140,21 @@ class StillPass(Pass):
             raise UsageError("still does not support --generate graphs yet: decoding needs STILL's recurrent cache "
                              "(salient KV + linear state). Compile without --generate.")
         blocks = [b for b in program.attention_blocks("still") if b.layer is not None]
-        if any(b.causal is None for b in blocks):
-            raise UsageError("still: the causality of some attention blocks could not be read from the graph; "
-                             "see `tokopt inspect MODEL`.")
-        depth = max(b.layer for b in blocks) + 1
+        depth = max(b.layer for b in program.attention if b.layer is not None) + 1
         layers = opts.layers or (tuple(range(1, depth - 1)) if depth > 2 else tuple(range(depth)))
         if max(layers) >= depth:
             raise UsageError(f"still: layer {max(layers)} is past the model's depth (layers: 0-{depth - 1}).")
-        return [b for b in blocks if b.layer in layers], depth
+        blocks = [b for b in blocks if b.layer in layers]
+        if any(b.causal is None for b in blocks):
+            raise UsageError("still: the causality of some attention blocks could not be read from the graph; "
+                             "see `tokopt inspect MODEL`.")
+        return blocks, depth
 
-    def _inputs(self, program: Program, block) -> torch.fx.Node:
+    def _inputs(self, view, block) -> torch.fx.Node:
         """The block's input hidden states: what its q projection reads."""
-        targets = weight_targets(program)
-        for n in call_function_nodes(program.graph):
-            if n.target == aten.linear.default and isinstance(n.args[1], torch.fx.Node) and \
-                    is_weight(targets.get(n.args[1].name, ""), block.q_proj):
-                return n.args[0]
+        x = projection_input(view, block.q_proj)
+        if x is not None:
+            return x
         raise UsageError(f"still: the input of layer {block.layer}'s attention (what {block.q_proj} reads) is not "
                          "a linear in the graph; this model's attention is not supported yet.")
 
@@ -166,34 +171,34 @@ class StillPass(Pass):
         return windows[:opts.train_windows], windows[len(windows) - opts.eval_windows:], tok
 
     # -- the rewrite -------------------------------------------------------------------------
-    def _rewrite(self, program: Program, blocks) -> dict[int, dict[str, torch.fx.Node]]:
+    def _rewrite(self, rw: Rewrite, blocks) -> dict[int, dict[str, torch.Tensor]]:
+        """Each block's attention -> still_attention reading new constants; their initial values."""
         opts = self.options
         feature = FEATURES[opts.feature]
-        g = program.graph
-        by_node = {b.node: b for b in blocks}
+        g = rw.graph
+        nodes = {n.name: n for n in g.nodes}
         gen = torch.Generator().manual_seed(opts.seed)
         params = {}
-        for node in [n for n in call_function_nodes(g) if ATTENTION.matches(n) and n.name in by_node]:
-            block = by_node[node.name]
+        for block in blocks:
+            node = nodes[block.node]
             q, k, v, mask, scale, _ = node.args
-            x = self._inputs(program, block)
+            x = self._inputs(rw, block)
             h, d, dv = block.heads, block.head_dim, q.meta["val"].shape[-1]
             hidden = x.meta["val"].shape[-1]
             u = torch.randn(h, d, generator=gen)
             init = {"gate_w": torch.zeros(h * dv, hidden), "fq_u": u, "fq_w": torch.eye(d).repeat(h, 1, 1),
                     "fk_u": u.clone(), "fk_w": torch.eye(d).repeat(h, 1, 1), "mix": torch.full((h,), MIX_INIT)}
             used = PARAMS if feature < 2 else ("gate_w", "mix")
-            nodes = {name: program.add_constant(f"still{block.layer}_{name}", init[name]) for name in used}
-            fmap = [nodes.get(name) for name in PARAMS[1:]]
+            consts = {name: rw.constant(f"still{block.layer}_{name}", init[name]) for name in used}
+            fmap = [consts.get(name) for name in PARAMS[1:]]
             with g.inserting_before(node):
-                new = g.call_function(STILL.overload, (q, k, v, x, nodes["gate_w"], *fmap, mask, scale,
+                new = g.call_function(STILL.overload, (q, k, v, x, consts["gate_w"], *fmap, mask, scale,
                                                        bool(block.causal), opts.top_k, opts.chunk, feature,
                                                        opts.exact_window))
             inherit_meta(new, node)
             node.replace_all_uses_with(new)
             g.erase_node(node)
-            params[block.layer] = nodes
-        program.ep.graph_module.recompile()
+            params[block.layer] = {name: init[name] for name in used}
         return params
 
     # -- stage 1: attention transfer ---------------------------------------------------------
@@ -206,11 +211,11 @@ class StillPass(Pass):
             names[b.layer] = [a.name if isinstance(a, torch.fx.Node) else a for a in node.args[:4]] + \
                 [self._inputs(original, b).name, node.name]
             scales[b.layer] = node.args[4]
-        tap = Tap(original.unlifted(), [n for v in names.values() for n in v if isinstance(n, str)])
+        tap = Tap(original.unlifted(), values=[n for v in names.values() for n in v if isinstance(n, str)])
         out: dict[int, list[tuple]] = {layer: [] for layer in names}
         with torch.no_grad():
             for ids in tqdm(windows, desc="still: teacher activations", leave=False):
-                tap(full_feed(original, ids), original.input_names)
+                tap.run_feed(full_feed(original, ids), original.input_names)
                 for layer, ns in names.items():
                     out[layer].append(tuple(tap.values.get(n) if isinstance(n, str) else None for n in ns))
         return {layer: (scales[layer], rows) for layer, rows in out.items()}
@@ -288,17 +293,17 @@ class StillPass(Pass):
         if len(blocks) == depth and opts.steps == 0 and opts.feature in ("npmap", "hedgehog"):
             raise UsageError("still: converting every layer without distillation (steps=0) leaves untrained feature "
                              "maps in every layer; distillation needs data (--calib) and steps > 0.")
-        original = program.copy()
+        original = program
         train, held_out, tok = self._data(program, limit)
-        nodes = self._rewrite(program, blocks)
-        causal_lm = program.task == "causal-lm" and "logits" in program.output_names
-        params = {layer: {n: program.tensor(node) for n, node in ns.items()} for layer, ns in nodes.items()}
+        rw = program.rewrite()
+        params = self._rewrite(rw, blocks)
+        causal_lm = program.task == "causal-lm" and "logits" in program.output_names and program.keeps_positions
         key = {"version": CACHE_VERSION, "weights": weights_hash(original),
                "data": hashlib.sha256(torch.cat(train, 1).numpy().tobytes()).hexdigest() if train else None,
                "options": {k: v for k, v in opts.__dict__.items() if k not in STAGE2 + ("eval_windows",)}}
         start = time.perf_counter()
         stats: dict = {"converted_layers": [b.layer for b in blocks],
-                       "dense_layers": [layer for layer in range(depth) if layer not in nodes],
+                       "dense_layers": [layer for layer in range(depth) if layer not in params],
                        "exact_keys_per_query": round(exact_keys(min(opts.seq_len, limit), opts.chunk, opts.top_k,
                                                                 bool(blocks[0].causal), opts.exact_window), 1),
                        "dense_keys_per_query": round((min(opts.seq_len, limit) + 1) / 2, 1)}
@@ -311,8 +316,10 @@ class StillPass(Pass):
                     "losses": {str(layer): h for layer, h in losses.items()}}
 
         first, hit1 = cached_tensors("still", {**key, "stage": 1}, stage1)
-        program.set_tensors({f"tokopt_still{layer}_{n}": first["params"][f"{layer}.{n}"]
-                             for layer, ns in nodes.items() for n in ns})
+        for layer, ns in params.items():
+            for n in ns:
+                rw.set_tensor(f"tokopt_still{layer}_{n}", first["params"][f"{layer}.{n}"])
+        program = rw.commit("still")
         report = {"stage1": {layer: {"loss_first": round(h[0], 4), "loss_last": round(sum(h[-10:]) / len(h[-10:]), 4)}
                              for layer, h in first["losses"].items()}}
         stats["cached"] = hit1
@@ -323,8 +330,7 @@ class StillPass(Pass):
             second, hit2 = cached_tensors("still", {**key, "stage": 2, **{k: getattr(opts, k) for k in STAGE2}},
                                           lambda: dict(zip(("deltas", "losses"), self._lora(program, original, blocks, train))))
             state = program.ep.state_dict
-            merged = program.copy()
-            merged.set_tensors({n: state[n] + d for n, d in second["deltas"].items()})
+            merged = program.with_tensors({n: state[n] + d for n, d in second["deltas"].items()}, "still: LoRA")
             h = second["losses"]
             report["stage2"] = {"loss_first": round(h[0], 4), "loss_last": round(sum(h[-10:]) / len(h[-10:]), 4),
                                 "rank": opts.lora_rank, "weights": sorted(second["deltas"])}
@@ -335,7 +341,7 @@ class StillPass(Pass):
                 pays = stats["perplexity_stage2"] < stats["perplexity_stage1"]
             report["stage2"]["kept"] = pays
             if pays:
-                program.set_tensors({n: merged.ep.state_dict[n] for n in second["deltas"]})
+                program = merged
             else:
                 stats["info"] = "stage 2 (LoRA) did not lower held-out perplexity; the stage-1 weights ship"
         if held_out and causal_lm:
@@ -349,6 +355,8 @@ class StillPass(Pass):
         program.artifacts["still.json"] = {"options": opts.__dict__, **stats}
         return PassResult(program, True, stats)
 
-    def ensures(self, program: Program) -> None:
-        if not any(STILL.matches(n) for n in program.graph.nodes):
-            raise PassError("still left no still_attention op in the graph")
+    def ensures(self, program: Program, stats: dict) -> None:
+        converted = {b.layer for b in program.attention if b.spelling == "still_attention"}
+        missing = sorted(set(stats.get("converted_layers", ())) - converted)
+        if missing:
+            raise PassError(f"still converted layers {missing}, but the index finds no still_attention there")

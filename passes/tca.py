@@ -18,8 +18,8 @@ rather than per-block retain-count distributions; the acceptance rule is the rel
 error, the quantity TCA bounds. Letting a head trade selected keys for a wider window is what
 makes the calibrated heads beat a sliding window of the same cost on local-attention models.
 
-Rewrite: the canonical attention of every layer with a budget below 1 becomes
-``tokopt::tca_attention`` (``passes/tca_op.py``); layers whose heads all need every key stay
+Rewrite: the canonical attention of every layer (or of ``layers=``) with a budget below 1 becomes
+``tokopt::tca_attention`` (``optimizer/ops/tca.py``); layers whose heads all need every key stay
 dense and are reported. ``uniform=`` gives every head the same budget with no calibration (the
 baselines: ``uniform=0`` is sinks + ``window`` only).
 
@@ -43,14 +43,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..calibration.data import token_source, token_windows
 from ..calibration.lm_eval import full_feed, passkey_stats, perplexity
 from ..calibration.stats import cached, cheapest_within, head_errors, weights_hash
-from ..optimizer.errors import UsageError
-from ..optimizer.ops import ATTENTION
-from ..optimizer.pass_manager import Pass, PassResult, register_pass
-from ..optimizer.program import Program, call_function_nodes, inherit_meta, remove_dead_code
-from .tca_op import TCA, TCA_CACHE, compact_size, tca_reference
+from ..optimizer.data import token_source, token_windows
+from ..optimizer.errors import PassError, UsageError
+from ..optimizer.ops import TCA, TCA_CACHE
+from ..optimizer.ops.tca import compact_size, tca_reference
+from ..optimizer.pass_manager import ATTENTION_TO_REPLACE, Pass, PassResult, opt, register_pass
+from ..optimizer.program import Program, Rewrite, inherit_meta
 
 __all__ = ["TCAPass", "GRID"]
 
@@ -60,16 +60,18 @@ CALIBRATION_VERSION = 5  # part of the cache key: bump when the statistics are c
 
 @dataclass(frozen=True)
 class TCAOptions:
-    tolerance: float = 0.2      # max relative output error per query head at its budget
-    sinks: int = 4              # first valid positions of each row, which every query keeps
-    windows: tuple[int, ...] = (32, 64, 128, 256)   # local windows a head may be given
-    obs: int = 16               # queries (evenly spaced) that score the keys
-    uniform: float = -1.0       # -1: calibrated per head; 0..1: this budget for every head
-    window: int = 64            # the local window with uniform=
-    calib_len: int = 1024       # tokens per calibration window (at most the model's context)
-    calib_windows: int = 4
-    eval_windows: int = 2       # held-out windows after the calibration ones, for perplexity
-    compact: bool = True        # --generate graphs: keep only each head's core tokens in the cache
+    tolerance: float = opt(0.2, "max relative output error per query head at its budget", "(0, 1)")
+    sinks: int = opt(4, "first valid positions of each row, which every query keeps", ">= 1")
+    windows: tuple[int, ...] = opt((32, 64, 128, 256), "local windows a head may be given", "'/'-separated, each >= 1")
+    obs: int = opt(16, "queries (evenly spaced) that score the keys", ">= 1")
+    uniform: float = opt(-1.0, "one budget for every head, no calibration (the baselines)",
+                         "-1 (calibrated per head) or a fraction in [0, 1]")
+    window: int = opt(64, "the local window with uniform=", ">= 1")
+    layers: tuple[int, ...] = opt((), "layers whose attention becomes sparse", "'/'-separated indices; empty: all")
+    calib_len: int = opt(1024, "tokens per calibration window (at most the model's context)", "> sinks + widest window")
+    calib_windows: int = opt(4, "calibration windows", ">= 1")
+    eval_windows: int = opt(2, "held-out windows after the calibration ones, for perplexity", ">= 0")
+    compact: bool = opt(True, "--generate graphs: keep only each head's core tokens in the KV cache", "true|false")
 
     def __post_init__(self):
         if not 0 < self.tolerance < 1:
@@ -81,6 +83,8 @@ class TCAOptions:
                              "or -1 for calibrated per-head budgets")
         if self.calib_windows < 1 or self.eval_windows < 0:
             raise ValueError("calib_windows must be at least 1 and eval_windows at least 0")
+        if any(layer < 0 for layer in self.layers):
+            raise ValueError(f"layers {self.layers} must be non-negative layer indices")
 
 
 def _file_hash(path: Path) -> str:
@@ -91,8 +95,12 @@ def _file_hash(path: Path) -> str:
 class TCAPass(Pass):
     name = "tca"
     Options = TCAOptions
-    requires = ("canonicalize",)
+    requires = (ATTENTION_TO_REPLACE,)
+    replaces_attention = True
     summary = "TCA-Attention: calibrated per-head budgets, online core-token selection (sinks + window + top keys)"
+
+    def layers(self) -> tuple[int, ...] | None:
+        return self.options.layers or None
 
     def _windows(self, program: Program, source: Path, tok, length: int) -> list[torch.Tensor]:
         opts = self.options
@@ -135,9 +143,9 @@ class TCAPass(Pass):
 
         key = {"version": CALIBRATION_VERSION, "weights": weights_hash(program), "data": _file_hash(source),
                "length": length, "windows": len(calib), "sinks": opts.sinks, "obs": opts.obs,
-               "configs": configs, "graph": "generate" if program.cache else "forward"}
+               "configs": configs, "graph": "generate" if program.cache else "forward", "layers": layers}
         result, hit = cached("tca", key, lambda: {"errors": {str(layer): e.tolist() for layer, e in head_errors(
-            program, [full_feed(program, w) for w in calib], configs, candidate, total=len(calib)).items()}})
+            program, blocks, [full_feed(program, w) for w in calib], configs, candidate, total=len(calib)).items()}})
         errors = {int(layer): np.array(e) for layer, e in result["errors"].items()}
         costs = [min(w, length) + f * length for w, f in configs]
         chosen = cheapest_within(errors, costs, kvh, opts.tolerance)
@@ -153,59 +161,69 @@ class TCAPass(Pass):
     def call(self, program: Program) -> PassResult:
         opts = self.options
         blocks = program.attention_blocks("tca")
-        nodes = [n for n in call_function_nodes(program.graph) if ATTENTION.matches(n)]
-        if any(b.causal is None for b in blocks):
+        depth = max((b.layer for b in blocks if b.layer is not None), default=-1) + 1
+        if opts.layers and max(opts.layers) >= depth:
+            raise UsageError(f"tca: layer {max(opts.layers)} is past the model's depth (layers: 0-{depth - 1}).")
+        chosen = [b for b in blocks if not opts.layers or b.layer in opts.layers]
+        if any(b.causal is None for b in chosen):
             raise UsageError("tca: the causality of some attention blocks could not be read from the graph; "
                              "see `tokopt inspect MODEL`.")
-        if len({b.kv_heads for b in blocks}) != 1:
+        if len({b.kv_heads for b in chosen}) != 1:
             raise UsageError("tca: the attention blocks have different KV-head counts; not supported yet.")
-        original = program.copy() if opts.uniform < 0 and program.cache is None else None
         source, tok = token_source(program, "tca", "tca: calibration needs token ids: give --calib ids.npy, or a model "
                                             "folder with a tokenizer and --calib text (or pass uniform=BUDGET to "
                                             "skip calibration).") if opts.uniform < 0 else (None, None)
-        budgets, errors, extra = self._budgets(program, blocks, source, tok)
-        by_node = {b.node: b for b in blocks}
-        sparse, dense = [], []
-        layer_nodes = {}                                  # layer -> its attention node's name, for compaction
-        for node in nodes:
-            block = by_node.get(node.name)
-            if block is None or all(f >= 1.0 for _, f in budgets[block.layer]):
-                dense.append(None if block is None else block.layer)
-                if block is not None:
-                    layer_nodes[block.layer] = node.name
-                continue
-            q, k, v, mask, scale, _ = node.args
-            fs = [f for _, f in budgets[block.layer]]
-            ws = [w for w, _ in budgets[block.layer]]
-            # the block's causality (an HF mask carries it while SDPA's flag stays False)
-            with program.graph.inserting_before(node):
-                new = program.graph.call_function(TCA.overload, (q, k, v, mask, scale, bool(block.causal), fs, ws,
-                                                                 opts.sinks, opts.obs))
-            inherit_meta(new, node)
-            node.replace_all_uses_with(new)
-            program.graph.erase_node(node)
-            sparse.append(block.layer)
-            layer_nodes[block.layer] = new.name
-        program.ep.graph_module.recompile()
-        compacted = {}
+        budgets, errors, extra = self._budgets(program, chosen, source, tok)
+        sparse = sorted(layer for layer, cfg in budgets.items() if any(f < 1.0 for _, f in cfg))
+        dense = sorted(b.layer for b in blocks if b.layer not in sparse)
+        rw = program.rewrite()
+        nodes = {n.name: n for n in rw.graph.nodes}
+        compacted, changes = {}, {}
         if program.cache is not None and opts.compact and sparse:
-            if None in dense or sorted(layer_nodes) != list(range(program.cache.layers)):
+            if any(b.layer is None for b in blocks) or sorted(b.layer for b in blocks) != list(range(program.cache.layers)):
                 raise UsageError("tca: compact=true needs every layer's attention recognised, so that every "
                                  "layer's cache can be compacted; pass compact=false to keep the full cache.")
-            dense_cfg = [(min(opts.windows), 1.0)]
-            full = {layer: budgets.get(layer, dense_cfg * program.cache.kv_heads[layer]) for layer in layer_nodes}
-            compacted = _compact_cache(program, layer_nodes, full, opts)
+            dense_cfg = [(min(opts.windows), 1.0)] * program.cache.kv_heads[0]
+            full = {b.layer: budgets.get(b.layer, dense_cfg) for b in blocks}
+            compacted = _compact_cache(rw, {b.layer: nodes[b.node] for b in blocks}, full, opts)
+            changes["cache"] = replace(program.cache, index=True)
+        else:
+            for block in chosen:
+                if block.layer not in sparse:
+                    continue
+                node = nodes[block.node]
+                q, k, v, mask, scale, _ = node.args
+                # the block's causality (an HF mask carries it while SDPA's flag stays False)
+                with rw.graph.inserting_before(node):
+                    new = rw.graph.call_function(TCA.overload, (q, k, v, mask, scale, bool(block.causal),
+                                                                [f for _, f in budgets[block.layer]],
+                                                                [w for w, _ in budgets[block.layer]], opts.sinks,
+                                                                opts.obs))
+                inherit_meta(new, node)
+                node.replace_all_uses_with(new)
+                rw.graph.erase_node(node)
         rows = [{"layer": layer, "kv_head": h, "window": w, "budget": f,
                  **({"query_head_errors": [round(float(x), 4) for x in errors[layer][h]]} if errors else {})}
                 for layer, cfg in sorted(budgets.items()) for h, (w, f) in enumerate(cfg)]
-        program.artifacts["budgets.json"] = {"tolerance": opts.tolerance, "sinks": opts.sinks, "obs": opts.obs,
-                                             "heads": rows}
         all_budgets = [f for cfg in budgets.values() for _, f in cfg]
         stats = {"sparse_layers": sparse, "dense_layers": dense,
                  "mean_budget": sum(all_budgets) / len(all_budgets), **compacted, **extra.get("info", {})}
-        if original is not None and extra.get("eval") and "logits" in program.output_names:
-            stats.update(self._quality(original, program, extra["eval"], tok))
-        return PassResult(program, bool(sparse), stats)
+        if not sparse:
+            return PassResult(program, False, stats)
+        out = rw.commit("tca", **changes)
+        out.artifacts["budgets.json"] = {"tolerance": opts.tolerance, "sinks": opts.sinks, "obs": opts.obs,
+                                         "heads": rows}
+        if opts.uniform < 0 and program.cache is None and extra.get("eval") and "logits" in program.output_names \
+                and program.keeps_positions:
+            stats.update(self._quality(program, out, extra["eval"], tok))
+        return PassResult(out, True, stats)
+
+    def ensures(self, program: Program, stats: dict) -> None:
+        ops = {"tca_attention", "tca_cache_attention"}
+        missing = [layer for layer in stats["sparse_layers"]
+                   if not any(b.layer == layer and b.spelling in ops for b in program.attention)]
+        if missing:
+            raise PassError(f"tca replaced the attention of layers {missing}, but the index finds no TCA op there")
 
     def _quality(self, dense: Program, sparse: Program, windows, tok) -> dict:
         """Perplexity on held-out windows and the passkey probe, dense vs TCA, at full context."""
@@ -216,50 +234,32 @@ class TCAPass(Pass):
         return out
 
 
-def _compact_cache(program: Program, layer_nodes: dict[int, str], budgets: dict[int, list[tuple[int, float]]],
+def _compact_cache(rw: Rewrite, layer_nodes: dict[int, object], budgets: dict[int, list[tuple[int, float]]],
                    opts: TCAOptions) -> dict:
-    """Rewrite a generation graph so that every layer returns its compacted cache (see the module
-    docstring): new ``past_index_i``/``present_index_i`` tensors, every attention node a
-    ``tca_cache_attention`` reading the layer's full present cache and ``attention_mask``. The
-    graph is re-exported (its cache lengths are now the op's output sizes). Returns the cache
-    bytes per sequence after a prefill of 1K and 4K tokens: the entries the op keeps
-    (``compact_size``, the rule its outputs are cut by) times each entry's bytes."""
-    spec = program.cache
-    gm = program.ep.module(check_guards=False)
-    gm._forward_pre_hooks.clear()          # the input-count check: inputs are added below
-    graph = gm.graph
-    graph._codegen = torch.fx.graph.CodeGen()   # plain positional inputs, a flat output tuple
-    placeholders = {n.name: n for n in graph.nodes if n.op == "placeholder"}
-    out = graph.output_node()
-    outputs = dict(zip(program.output_names, out.args[0]))
-    nodes = {n.name: n for n in graph.nodes}
-    for layer, name in sorted(layer_nodes.items()):
-        node = nodes[name]
-        with graph.inserting_after(placeholders[f"past_value_{layer}"]):
-            index = graph.placeholder(f"past_index_{layer}")
+    """Make every layer of the generation graph in ``rw`` return its compacted cache (see the
+    module docstring): new ``past_index_i``/``present_index_i`` tensors, every attention node a
+    ``tca_cache_attention`` reading the layer's full present cache and ``attention_mask``.
+    Returns the cache bytes per sequence after a prefill of 1K and 4K tokens: the entries the
+    op keeps (``compact_size``, the rule its outputs are cut by) times each entry's bytes."""
+    spec = rw.program.cache
+    new_spec = replace(spec, index=True)
+    graph, outputs = rw.graph, rw.outputs
+    batch, past = rw.probe["input_ids"].shape[0], rw.probe["past_key_0"].shape[2]
+    examples = new_spec.empty(batch, past)
+    for layer, node in sorted(layer_nodes.items()):
+        name = f"past_index_{layer}"
+        index = rw.add_input(name, examples[name], rw.dynamic_axes[f"past_key_{layer}"], after=f"past_value_{layer}")
         ws, fs = [w for w, _ in budgets[layer]], [f for _, f in budgets[layer]]
         present = [outputs[f"present_{kv}_{layer}"] for kv in ("key", "value")]
         with graph.inserting_before(node):
-            call = graph.call_function(TCA_CACHE.overload, (node.args[0], *present, index,
-                                                            placeholders["attention_mask"], node.args[4], fs, ws,
-                                                            opts.sinks, opts.obs))
+            call = graph.call_function(TCA_CACHE.overload, (node.args[0], *present, index, rw.inputs["attention_mask"],
+                                                            node.args[4], fs, ws, opts.sinks, opts.obs))
             parts = [graph.call_function(operator.getitem, (call, i)) for i in range(4)]
+        inherit_meta(call, node)
         node.replace_all_uses_with(parts[0])
         graph.erase_node(node)
         outputs.update({f"present_{kv}_{layer}": parts[i + 1] for i, kv in enumerate(("key", "value", "index"))})
-    new_spec = replace(spec, index=True)
-    out.args = (tuple(outputs[n] for n in ["logits", *new_spec.output_names]),)
-    remove_dead_code(graph)
-    gm.recompile()
-    names = ["input_ids", "attention_mask", "position_ids", *new_spec.input_names]
-    past = program.probe["past_key_0"].shape[2]
-    probe = {**program.probe, **{n: t for n, t in new_spec.empty(program.probe["input_ids"].shape[0], past).items()
-                                  if n.startswith("past_index_")}}
-    axes = {**program.dynamic_axes, **{n: program.dynamic_axes[f"past_key_{n.rsplit('_', 1)[1]}"]
-                                      for n in new_spec.input_names if n.startswith("past_index_")}}
-    program.cache, program.probe = new_spec, probe
-    program.input_names, program.output_names, program.dynamic_axes = names, ["logits", *new_spec.output_names], axes
-    program.reexport(gm, "tca: the compacting generation graph")
+    rw.set_outputs({n: outputs[n] for n in ["logits", *new_spec.output_names]})
     kept = {str(n): sum(new_spec.entry_bytes(layer) * compact_size(n, n, [f for _, f in cfg], [w for w, _ in cfg],
                                                                       opts.sinks)
                         for layer, cfg in budgets.items()) for n in (1024, 4096)}

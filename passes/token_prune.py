@@ -59,19 +59,16 @@ import re
 from dataclasses import dataclass
 from fractions import Fraction
 
-import onnx_ir as ir
 import torch
-from onnxscript import opset23 as op23
 
 from ..optimizer.errors import PassError, UsageError
-from ..optimizer.ops import ATTENTION, define_op
-from ..optimizer.pass_manager import Pass, PassResult, register_pass
-from ..optimizer.program import Program
+from ..optimizer.ops import ATTENTION, TOKEN_SCORES
+from ..optimizer.ops.token_scores import SCORES
+from ..optimizer.pass_manager import CANONICAL_ATTENTION, Pass, PassResult, register_pass
+from ..optimizer.program import Program, Rewrite
 
 __all__ = ["TokenPrunePass", "TokenPruneOptions", "kept_length"]
 
-SCORES = ("cls", "last", "mean", "debiased", "head_weighted", "diverse")
-DIVERSITY = 0.5  # score=diverse: weight of redundancy against (max-normalised) importance
 MODES = ("drop", "fuse", "merge")
 
 
@@ -157,154 +154,6 @@ class TokenPruneOptions:
 
 
 # --- the functions the rewritten graph calls (traced into ATen ops on re-export) ---------
-
-def _row(score: str) -> str | None:
-    """Which query rows a score reads: "cls" (the first), "last", or None (every row).
-    ``head_weighted@cls`` / ``diverse@last``: the row the pass chose for the model."""
-    base, _, row = score.partition("@")
-    return row or (base if base in ("cls", "last") else None)
-
-
-def _token_scores(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, scale: float, causal: bool,
-                  score: str, o: torch.Tensor | None = None) -> torch.Tensor:
-    """Attention each token receives at this layer, [B, N], from q and k (and, for
-    head_weighted, the layer's attention output o). GQA without repeating k: q's heads are
-    grouped by the kv head they share."""
-    b, _, _, d = q.shape
-    row, base = _row(score), score.partition("@")[0]
-    rows = {"cls": q[:, :, :1], "last": q[:, :, -1:]}.get(row, q)
-    r = rows.shape[2]
-    grouped = rows.reshape(b, k.shape[1], -1, d)                  # [B, Hkv, rep*R, d]
-    logits = grouped @ k.transpose(-2, -1) * scale                # [B, Hkv, rep*R, N]
-    if mask is not None:
-        m = {"cls": mask[:, :, :1], "last": mask[:, :, -1:]}.get(row, mask)
-        m = m.repeat(1, 1, grouped.shape[2] // r, 1)
-        logits = logits.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else logits + m
-    if causal and row != "last":  # the last row sees every key anyway
-        n = k.shape[2]
-        allowed = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()[: r]  # rows of query 0.. r-1
-        logits = logits.masked_fill(~allowed.repeat(grouped.shape[2] // r, 1), float("-inf"))
-    probs = logits.softmax(-1).nan_to_num(0.0)
-    if base == "head_weighted":
-        # AS-ViT: each head's attention weighted, per token, by the norm of that head's output
-        # for the token, normalised over heads
-        w = o.norm(dim=-1)
-        w = (w / w.sum(1, keepdim=True).clamp_min(1e-30)).reshape(b, k.shape[1], -1, w.shape[-1])
-        return (probs * w).sum(dim=(1, 2))
-    if base == "diverse":
-        # one-pass maximal marginal relevance: importance (max-normalised) minus DIVERSITY x the
-        # key cosine to the most similar token ranked above it, so near-duplicates of a kept
-        # token give way to distinct ones
-        imp = probs.mean(dim=(1, 2))
-        metric = k.mean(1)
-        metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        sim = metric @ metric.transpose(-2, -1)                                      # [B, N, N]
-        above = imp[:, None, :] > imp[:, :, None]
-        redundancy = sim.masked_fill(~above, -1.0).amax(-1).clamp_min(0.0)
-        return imp / imp.amax(-1, keepdim=True).clamp_min(1e-30) - DIVERSITY * redundancy
-    if score != "debiased":
-        return probs.mean(dim=(1, 2))
-    # debiased: drop the sink column and renormalise; measure each probability against a uniform
-    # row over the keys that row sees (short causal rows no longer inflate early keys); average
-    # over the rows that see the key (not over all rows); masked keys never count
-    not_sink = (torch.arange(k.shape[2], device=q.device) > 0).to(probs.dtype)
-    seen = (logits > -1e30).to(probs.dtype) * not_sink
-    rest = probs * not_sink
-    rest = rest / rest.sum(-1, keepdim=True).clamp_min(1e-30)
-    relative = rest * seen.sum(-1, keepdim=True).clamp_min(1.0)
-    return (relative.sum(2) / seen.sum(2).clamp_min(1.0)).mean(1)
-
-
-def _token_scores_fake(q, k, mask, scale, causal, score, o=None):
-    return q.new_empty((q.shape[0], k.shape[2]))
-
-
-def _token_scores_onnx(q, k, mask=None, scale: float = 1.0, causal: bool = False, score: str = "cls", o=None):
-    # heads and head_dim are static: a constant reshape target (0 = copy the batch) keeps a
-    # single -1 even after ORT's fusions fold shape arithmetic (a computed one came out with two)
-    kv_heads, head_dim = int(k.shape[1]), int(q.shape[3])
-    base, score = score.partition("@")[0], _row(score) or score
-    if score == "cls":
-        q = op23.Slice(q, op23.Constant(value_ints=[0]), op23.Constant(value_ints=[1]), op23.Constant(value_ints=[2]))
-    elif score == "last":
-        q = op23.Slice(q, op23.Constant(value_ints=[-1]), op23.Constant(value_ints=[_BIG]),
-                       op23.Constant(value_ints=[2]))
-    target = op23.Constant(value_ints=[0, kv_heads, -1, head_dim])
-    grouped = op23.Reshape(q, target)
-    logits = op23.Mul(op23.MatMul(grouped, op23.Transpose(k, perm=[0, 1, 3, 2])),
-                      op23.CastLike(op23.Constant(value_float=scale), grouped))
-    rep = op23.Div(op23.Slice(op23.Shape(grouped), op23.Constant(value_ints=[2]), op23.Constant(value_ints=[3])),
-                   op23.Slice(op23.Shape(q), op23.Constant(value_ints=[2]), op23.Constant(value_ints=[3])))
-    tiles = op23.Concat(op23.Constant(value_ints=[1, 1]), rep, op23.Constant(value_ints=[1]), axis=0)
-    neg = op23.CastLike(op23.Constant(value_float=float("-inf")), logits)
-    if mask is not None:
-        is_bool = mask.dtype == ir.DataType.BOOL  # read on the input: fresh values carry no dtype yet
-        if score == "cls":
-            mask = op23.Slice(mask, op23.Constant(value_ints=[0]), op23.Constant(value_ints=[1]),
-                              op23.Constant(value_ints=[2]))
-        elif score == "last":
-            mask = op23.Slice(mask, op23.Constant(value_ints=[-1]), op23.Constant(value_ints=[_BIG]),
-                              op23.Constant(value_ints=[2]))
-        mask = op23.Tile(mask, tiles)
-        logits = op23.Where(mask, logits, neg) if is_bool else op23.Add(logits, mask)
-    if causal and score != "last":
-        n = op23.Slice(op23.Shape(k), op23.Constant(value_ints=[2]), op23.Constant(value_ints=[3]))
-        r = op23.Slice(op23.Shape(q), op23.Constant(value_ints=[2]), op23.Constant(value_ints=[3]))
-        ones = op23.ConstantOfShape(op23.Concat(r, n, axis=0), value=_ones_int32())
-        tri = op23.Tile(op23.Trilu(ones, upper=0), op23.Concat(rep, op23.Constant(value_ints=[1]), axis=0))
-        logits = op23.Where(op23.Cast(tri, to=9), logits, neg)
-    probs = op23.Softmax(logits, axis=-1)
-    zero = op23.CastLike(op23.Constant(value_float=0.0), logits)
-    probs = op23.Where(op23.IsNaN(probs), zero, probs)
-    if base == "head_weighted":
-        w = op23.ReduceL2(o, op23.Constant(value_ints=[-1]), keepdims=0)                    # [B, H, N]
-        w = op23.Div(w, op23.Max(op23.ReduceSum(w, op23.Constant(value_ints=[1]), keepdims=1),
-                                 op23.CastLike(op23.Constant(value_float=1e-30), w)))
-        w = op23.Unsqueeze(w, op23.Constant(value_ints=[2]))                                  # [B, H, 1, N]
-        w = op23.Reshape(w, op23.Constant(value_ints=[0, kv_heads, -1, 0]))                   # [B, Hkv, rep, N]
-        return op23.ReduceSum(op23.Mul(probs, w), op23.Constant(value_ints=[1, 2]), keepdims=0)
-    if base == "diverse":
-        imp = op23.ReduceMean(probs, op23.Constant(value_ints=[1, 2]), keepdims=0)           # [B, N]
-        metric = op23.ReduceMean(k, op23.Constant(value_ints=[1]), keepdims=0)                # [B, N, d]
-        metric = op23.Div(metric, op23.Max(op23.ReduceL2(metric, op23.Constant(value_ints=[-1]), keepdims=1),
-                                           op23.CastLike(op23.Constant(value_float=1e-12), metric)))
-        sim = op23.MatMul(metric, op23.Transpose(metric, perm=[0, 2, 1]))
-        above = op23.Greater(op23.Unsqueeze(imp, op23.Constant(value_ints=[1])),
-                             op23.Unsqueeze(imp, op23.Constant(value_ints=[2])))
-        red = op23.ReduceMax(op23.Where(above, sim, op23.CastLike(op23.Constant(value_float=-1.0), sim)),
-                             op23.Constant(value_ints=[-1]), keepdims=0)
-        red = op23.Max(red, zero)
-        top = op23.Max(op23.ReduceMax(imp, op23.Constant(value_ints=[-1]), keepdims=1),
-                       op23.CastLike(op23.Constant(value_float=1e-30), imp))
-        return op23.Sub(op23.Div(imp, top), op23.Mul(op23.CastLike(op23.Constant(value_float=DIVERSITY), red), red))
-    if score != "debiased":
-        return op23.ReduceMean(probs, op23.Constant(value_ints=[1, 2]), keepdims=0)
-    one = op23.CastLike(op23.Constant(value_float=1.0), logits)
-    last, rows, heads = (op23.Constant(value_ints=[a]) for a in (-1, 2, 1))
-    n = op23.Squeeze(op23.Slice(op23.Shape(k), op23.Constant(value_ints=[2]), op23.Constant(value_ints=[3])))
-    positions = op23.Range(op23.Constant(value_int=0), n, op23.Constant(value_int=1))
-    not_sink = op23.CastLike(op23.Greater(positions, op23.Constant(value_int=0)), logits)
-    seen = op23.Mul(op23.CastLike(op23.Greater(logits, op23.CastLike(op23.Constant(value_float=-1e30), logits)),
-                                  logits), not_sink)
-    rest = op23.Mul(probs, not_sink)
-    rest = op23.Div(rest, op23.Max(op23.ReduceSum(rest, last, keepdims=1),
-                                   op23.CastLike(op23.Constant(value_float=1e-30), logits)))
-    relative = op23.Mul(rest, op23.Max(op23.ReduceSum(seen, last, keepdims=1), one))
-    per_key = op23.Div(op23.ReduceSum(relative, rows, keepdims=0),
-                       op23.Max(op23.ReduceSum(seen, rows, keepdims=0), one))
-    return op23.ReduceMean(per_key, heads, keepdims=0)
-
-
-_BIG = 2 ** 62
-
-
-def _ones_int32():
-    import onnx
-    return onnx.helper.make_tensor("one", onnx.TensorProto.INT32, [1], [1])
-
-
-TOKEN_SCORES = define_op("tokopt::token_scores", _token_scores, _token_scores_fake, onnx=_token_scores_onnx,
-                         tags=("token_prune",))
 
 
 def _keep_indices(scores, mask, num: int, den: int, keep_last: bool):
@@ -452,9 +301,11 @@ def _depends_on(x, seq) -> bool:
     return bool(_expr(x).free_symbols & seq.free_symbols)
 
 
-def _prune_once(program: Program, gm: torch.fx.GraphModule, layer: int, keep: float,
-                opts: TokenPruneOptions, causal: bool, last: bool = True) -> None:
-    graph = gm.graph
+def _prune_once(rw: Rewrite, layer: int, keep: float, opts: TokenPruneOptions, causal: bool, n_out: int,
+                last: bool = True) -> None:
+    """One cut after ``layer`` in the graph being rewritten (``n_out``: the program's own outputs;
+    earlier cuts' streams for ``restore`` ride after them)."""
+    graph = rw.graph
     nodes = list(graph.nodes)
     in_layer = [i for i, n in enumerate(nodes) if _layer_of(n) == layer]
     att = [n for n in nodes if ATTENTION.matches(n) and _layer_of(n) == layer]
@@ -480,7 +331,6 @@ def _prune_once(program: Program, gm: torch.fx.GraphModule, layer: int, keep: fl
             new_len = graph.call_function(torch.ops.aten.sym_size.int, (idx, 1))
             if opts.mode == "fuse":
                 new_len = graph.call_function(operator.add, (new_len, 1))
-    n_out = len(program.output_names)
     carried = set(graph.output_node().args[0][n_out:])   # earlier cuts' (restore)
     crossing = {a for n in after for a in n.all_input_nodes if a in before and a.op != "get_attr"} - carried
     hidden = after_cut = None   # the hidden stream crossing the cut, and what replaces it after
@@ -542,7 +392,7 @@ def _prune_once(program: Program, gm: torch.fx.GraphModule, layer: int, keep: fl
     if opts.restore:
         if hidden is None:
             raise PassError("token_prune: restore needs the hidden stream crossing the cut")
-        point = _restore_point(graph, seq, hidden.meta["val"].shape[2], len(program.attention) - 1)
+        point = _restore_point(graph, seq, hidden.meta["val"].shape[2], len(rw.attention) - 1)
         if point is None:
             raise PassError("token_prune: restore found no [batch, tokens, hidden] output of the last layer "
                             "to give the pruned tokens back to")
@@ -550,9 +400,8 @@ def _prune_once(program: Program, gm: torch.fx.GraphModule, layer: int, keep: fl
             point, anchor = after_cut, cut
         else:
             anchor = point.next
-        _restore_at(graph, point, anchor, hidden, merged_parts[2] if merged is not None else idx, n_out, last,
+        _restore_at(rw, point, anchor, hidden, merged_parts[2] if merged is not None else idx, n_out, last,
                     merged is not None)
-    gm.recompile()
 
 
 def _token_axis_outputs(program: Program) -> dict[int, int]:
@@ -585,17 +434,17 @@ def _restore_point(graph, seq, width: int, last_layer: int):
     return point
 
 
-def _restore_at(graph, point, anchor, hidden, link, n_out: int, last: bool, merge: bool) -> None:
+def _restore_at(rw: Rewrite, point, anchor, hidden, link, n_out: int, last: bool, merge: bool) -> None:
     """Before the last cut, carry this cut's stream and index out of the graph (extra outputs
     after the ``n_out`` real ones, so that they survive re-export). At the last cut, give
     ``point`` (the last layer's output) back its original length for everything that reads it
     (the scatters go before ``anchor``): the innermost cut first, each pruned token getting its
     representation from just before the cut that dropped it."""
-    out = graph.output_node()
-    args = list(out.args[0])
+    graph, outputs = rw.graph, rw.outputs
+    args = list(outputs.values())
     if not last:
-        graph._codegen = torch.fx.graph.CodeGen()   # a flat output tuple: it grows here
-        out.args = (tuple(args) + (hidden, link),)
+        i = (len(args) - n_out) // 2
+        rw.set_outputs({**outputs, f"tokopt_cut{i}_stream": hidden, f"tokopt_cut{i}_index": link})
         return
     cuts = [(args[i], args[i + 1]) for i in range(n_out, len(args), 2)] + [(hidden, link)]
     nodes = list(graph.nodes)
@@ -605,16 +454,17 @@ def _restore_at(graph, point, anchor, hidden, link, n_out: int, last: bool, merg
         for stream, index in reversed(cuts):
             value = graph.call_function(_unmerge if merge else _restore, (stream, index, value))
     point.replace_all_uses_with(value, delete_user_cb=lambda u: u in readers)
-    if len(args) > n_out:
-        graph._codegen = torch.fx.graph.CodeGen()
-    out.args = (tuple(out.args[0][:n_out]),)
+    rw.set_outputs(dict(list(rw.outputs.items())[:n_out]))
 
 
 @register_pass
 class TokenPrunePass(Pass):
     name = "token_prune"
     Options = TokenPruneOptions
-    requires = ("canonicalize",)
+    requires = (CANONICAL_ATTENTION,)
+    changes_tokens = True
+    on_generate = ("a pruned prefill leaves the KV cache without the dropped tokens, which the decode steps then "
+                   "need. Prune the prefill-only graph (compile without --generate).")
     tolerance = None  # approximate by design; keep=1.0 is exact (tested)
     summary = "keep the most attended tokens after chosen layers; later layers run on fewer tokens"
 
@@ -647,14 +497,15 @@ class TokenPrunePass(Pass):
             raise UsageError(f"token_prune: output {heads[0]!r} has a value per input token (a token-level "
                              "head); pruning would drop positions from it. Pass restore=true, which gives "
                              "every pruned token its last representation back before the head.")
-        original = program.copy() if opts.recover else None
+        original = program
         cuts = [layer for keep, layer in steps if keep < 1.0]
+        n_out = len(program.output_names)
         for keep, layer in steps:
             if keep == 1.0:
                 continue
-            gm = program.ep.module()
-            _prune_once(program, gm, layer, keep, opts, causal, last=layer == cuts[-1])
-            program.reexport(gm, "token_prune: the pruned graph")
+            rw = program.rewrite()
+            _prune_once(rw, layer, keep, opts, causal, n_out, last=layer == cuts[-1])
+            program = rw.commit("token_prune: the pruned graph")
         n_layers = max(depth, 1)
         work, frac = 0.0, 1.0
         for i in range(n_layers):
@@ -663,14 +514,19 @@ class TokenPrunePass(Pass):
         stats = {"pruned_layers": [layer for _, layer in steps], "keep": [keep for keep, _ in steps],
                  "token_layer_fraction": round(work / n_layers, 4)}
         if opts.recover:
-            stats["recovery"] = recover(original, program, opts.recover, opts.recover_lr)
+            stats["recovery"], program = recover(original, program, opts.recover, opts.recover_lr)
         return PassResult(program, True, stats)
+
+    def ensures(self, program: Program, stats: dict) -> None:
+        cuts = sum(1 for n in program.graph.nodes if TOKEN_SCORES.matches(n))
+        if self.options.mode != "merge" and cuts < sum(keep < 1 for keep in stats["keep"]):
+            raise PassError(f"token_prune cut after {stats['pruned_layers']}, but the graph scores tokens {cuts} times")
 
 
 def _samples(program: Program) -> list[torch.Tensor]:
     """Token windows to recover on: ``--calib``, else the shipped passages' calibration split
     (reports measure on the other split), one passage per sample, at most 256 tokens."""
-    from ..calibration.data import default_texts, token_source, token_windows
+    from ..optimizer.data import default_texts, token_source, token_windows
     from ..optimizer.runtime import load_tokenizer
     if program.calib is None and program.tokenizer_dir is not None:
         tok = load_tokenizer(program.tokenizer_dir)
@@ -690,9 +546,10 @@ def _recovery_loss(student: torch.Tensor, teacher: torch.Tensor, causal: bool) -
     return (1 - cos(student.mean(1), teacher.mean(1))).mean() + (1 - cos(student[:, 0], teacher[:, 0])).mean()
 
 
-def recover(original: Program, pruned: Program, steps: int, lr: float) -> dict:
+def recover(original: Program, pruned: Program, steps: int, lr: float) -> tuple[dict, Program]:
     """Distil the pruned graph towards the unpruned one, tuning only its 1-D parameters (norm
-    weights and biases, linear biases); deterministic (fixed data order, no sampling)."""
+    weights and biases, linear biases); deterministic (fixed data order, no sampling). Returns
+    what it did and the tuned program."""
     import time
 
     from tqdm import tqdm
@@ -717,8 +574,7 @@ def recover(original: Program, pruned: Program, steps: int, lr: float) -> dict:
         loss.backward()
         optim.step()
         losses.append(float(loss.detach()))
-    pruned.set_tensors(tuned)
     tail = losses[-max(1, steps // 10):]
-    return {"steps": steps, "parameters": sum(t.numel() for t in tuned.values()), "samples": len(data),
-            "loss_first": round(losses[0], 5), "loss_last": round(sum(tail) / len(tail), 5),
-            "seconds": round(time.perf_counter() - start, 1)}
+    return ({"steps": steps, "parameters": sum(t.numel() for t in tuned.values()), "samples": len(data),
+             "loss_first": round(losses[0], 5), "loss_last": round(sum(tail) / len(tail), 5),
+             "seconds": round(time.perf_counter() - start, 1)}, pruned.with_tensors(tuned, "token_prune: recovery"))

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from tokopt.calibration.data import calibration_batches, load_texts
+from tokopt.optimizer.data import calibration_batches, load_texts
 from tokopt.optimizer.errors import UsageError
 
 

@@ -11,8 +11,8 @@ from torch.export import Dim
 import tokopt
 from tokopt.optimizer.errors import UsageError
 from tokopt.optimizer.ops import OPSET, onnx_translation_table
-from tokopt.passes.edgeqat_op import ACT_QUANT, LOW_TOKENS, TOKEN_QUANT, WEIGHT_QUANT
-from tokopt.passes.quant_op import MATMUL_NBITS
+from tokopt.optimizer.ops.quantizers import ACT_QUANT, LOW_TOKENS, TOKEN_QUANT, WEIGHT_QUANT
+from tokopt.optimizer.ops.nbits import MATMUL_NBITS
 
 from .conftest import REFERENCE_LM
 
@@ -144,7 +144,7 @@ def test_bad_requests(tmp_path, model_dir, minilm_dir):
         tokopt.compile(REFERENCE_LM, out=tmp_path / "a", passes="edgeqat:a_bits=4,low_bits=6")
     with pytest.raises(UsageError, match="this graph is 'encoder'"):
         tokopt.compile(minilm_dir, out=tmp_path / "b", passes="edgeqat")
-    with pytest.raises(UsageError, match="does not support --generate"):
+    with pytest.raises(UsageError, match="cannot run on a --generate graph"):
         tokopt.compile(REFERENCE_LM, out=tmp_path / "c", passes="edgeqat", generate=True)
     with pytest.raises(UsageError, match="edgeqat trains on data"):
         tokopt.compile(model_dir("llama"), out=tmp_path / "d", passes="edgeqat")

@@ -9,7 +9,7 @@ import torch
 import tokopt
 from tokopt.optimizer.compile import plan_passes
 from tokopt.optimizer.errors import PassError, UsageError
-from tokopt.optimizer.pass_manager import (PASSES, Pass, PassManager, PassResult, make_options,
+from tokopt.optimizer.pass_manager import (CANONICAL_ATTENTION, PASSES, Pass, PassManager, PassResult, make_options,
                                            parse_pass_spec, resolve)
 
 
@@ -41,18 +41,17 @@ class _Scale(Pass):
     """Multiplies every float output by 2: a deliberately wrong 'exact' pass."""
     name = "scale_outputs"
     Options = _Opts
-    requires = ("canonicalize",)
+    requires = (CANONICAL_ATTENTION,)
     tolerance = 1e-4
 
     def call(self, program):
-        out = next(n for n in program.graph.nodes if n.op == "output")
-        first = out.args[0][0]
-        with program.graph.inserting_before(out):
-            doubled = program.graph.call_function(torch.ops.aten.mul.Tensor, (first, 2.0))
-        doubled.meta["val"] = first.meta["val"]
-        out.args = ((doubled, *out.args[0][1:]),)
-        program.ep.graph_module.recompile()
-        return PassResult(program, True, {"doubled": 1})
+        rw = program.rewrite()
+        outputs = rw.outputs
+        first = next(iter(outputs))
+        with rw.graph.inserting_before(rw.graph.output_node()):
+            doubled = rw.graph.call_function(torch.ops.aten.mul.Tensor, (outputs[first], 2.0))
+        rw.set_outputs({**outputs, first: doubled})
+        return PassResult(rw.commit("scale_outputs"), True, {"doubled": 1})
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import json
 import pytest
 
 import tokopt
-from tokopt.calibration.data import default_texts
+from tokopt.optimizer.data import default_texts
 
 
 @pytest.fixture(scope="module")

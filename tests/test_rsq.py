@@ -17,7 +17,7 @@ from tokopt.optimizer.compile import plan_passes
 from tokopt.optimizer.errors import PassError, UsageError
 from tokopt.optimizer.ops import OPSET, onnx_translation_table, standardize
 from tokopt.optimizer.pass_manager import PassManager, resolve
-from tokopt.passes.quant_op import EMBEDDING_Q8, MATMUL_NBITS, pack
+from tokopt.optimizer.ops.nbits import EMBEDDING_Q8, MATMUL_NBITS, pack
 from tokopt.passes.rotation import NotRotatable, hadamard, random_hadamard, rotate
 
 from .conftest import REFERENCE_LM, feed_for
@@ -39,8 +39,9 @@ def test_rotation_keeps_the_function(source, model_dir):
     """Trained reference LM (tied embeddings, GQA) and Qwen2 (q/k/v biases): folded norms,
     rotated stream, per-head V/O and online MLP rotations; the outputs stay the same in float32."""
     program = _canonical(REFERENCE_LM if source == "reference-lm" else model_dir(source))
-    rotated = program.copy()
-    info = rotate(rotated)
+    rw = program.rewrite()
+    info = rotate(rw)
+    rotated = rw.commit("rotate")
     layers = len(program.attention)
     assert info == {"hidden": info["hidden"], "norms_folded": 2 * layers + 1, "writers": 2 * layers,
                     "head_rotations": layers, "online_rotations": layers}
@@ -51,7 +52,7 @@ def test_rotation_keeps_the_function(source, model_dir):
     a, b = program.run(feed)["logits"], rotated.run(feed)["logits"]
     assert (a - b).abs().max() < 1e-4 * a.abs().max()
     with pytest.raises(NotRotatable, match="3 embedding lookups"):  # BERT: word + position + type embeddings
-        rotate(_canonical(model_dir("bert")))
+        rotate(_canonical(model_dir("bert")).rewrite())
 
 
 def test_gptq_beats_round_to_nearest():

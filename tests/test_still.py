@@ -13,7 +13,7 @@ import tokopt
 from tokopt.optimizer.errors import UsageError
 from tokopt.optimizer.ops import OPSET, attention_reference, onnx_translation_table
 from tokopt.passes.still import exact_keys
-from tokopt.passes.still_op import STILL, still_reference
+from tokopt.optimizer.ops.still import STILL, still_reference
 
 from .conftest import REFERENCE_LM
 

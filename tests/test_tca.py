@@ -12,7 +12,7 @@ from torch.export import Dim
 import tokopt
 from tokopt.optimizer.errors import UsageError
 from tokopt.optimizer.ops import OPSET, attention_reference, onnx_translation_table
-from tokopt.passes.tca_op import TCA, TCA_CACHE, tca_reference
+from tokopt.optimizer.ops.tca import TCA, TCA_CACHE, tca_reference
 
 from .conftest import REFERENCE_LM, _tiny, onnx_ops
 

@@ -12,7 +12,7 @@ import tokopt
 from tokopt.optimizer.compile import plan_passes
 from tokopt.optimizer.ops import OPSET, onnx_translation_table
 from tokopt.optimizer.pass_manager import PassManager, resolve
-from tokopt.passes.tca_op import QUERY_BLOCK, TCA_CACHE, compact_size, tca_cache_reference, tca_reference
+from tokopt.optimizer.ops.tca import QUERY_BLOCK, TCA_CACHE, compact_size, tca_cache_reference, tca_reference
 
 from .conftest import REFERENCE_LM, _tiny
 
@@ -139,7 +139,7 @@ def test_decode_quality_and_cache_on_the_reference_lm(tmp_path, monkeypatch):
     384-token prompt stays within 2% of dense decoding."""
     from transformers import AutoTokenizer
 
-    from tokopt.calibration.data import calibration_batches
+    from tokopt.optimizer.data import calibration_batches
     from tokopt.calibration.lm_eval import decode_perplexity
     monkeypatch.setenv("TOKOPT_CACHE_DIR", str(tmp_path / "cache"))
     captured = tokopt.capture(REFERENCE_LM, generate=True)

@@ -14,7 +14,8 @@ from tokopt.optimizer.compile import plan_passes
 from tokopt.optimizer.errors import UsageError
 from tokopt.optimizer.ops import onnx_translation_table
 from tokopt.optimizer.pass_manager import PassManager, resolve
-from tokopt.passes.token_prune import TOKEN_SCORES, _keep_indices, kept_length, merged_length
+from tokopt.optimizer.ops import TOKEN_SCORES
+from tokopt.passes.token_prune import _keep_indices, kept_length, merged_length
 
 from .conftest import feed_for
 

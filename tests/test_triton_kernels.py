@@ -15,10 +15,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 CHECK = textwrap.dedent("""
     import torch
-    from tokopt.backends.triton import kernel
-    from tokopt.passes.tca_op import tca_reference
+    import tokopt
+    from tokopt.optimizer.ops import kernel
+    from tokopt.optimizer.ops.tca import tca_reference
     from tests.test_tca import _qkvm
-    tca = kernel("tokopt::tca_attention")
+    tca = kernel("tokopt::tca_attention", "triton")
     worst = 0.0
     for causal, b, h, hkv, nq, nk in [(True, 2, 4, 2, 37, 37), (True, 2, 4, 1, 1, 50), (True, 1, 4, 2, 5, 40),
                                       (False, 2, 4, 2, 37, 37)]:
@@ -32,9 +33,10 @@ CHECK = textwrap.dedent("""
 
 NBITS = textwrap.dedent("""
     import torch
-    from tokopt.backends.triton import kernel
-    from tokopt.passes.quant_op import MATMUL_NBITS, pack
-    nbits = kernel("tokopt::matmul_nbits")
+    import tokopt
+    from tokopt.optimizer.ops import kernel
+    from tokopt.optimizer.ops.nbits import MATMUL_NBITS, pack
+    nbits = kernel("tokopt::matmul_nbits", "triton")
     worst = 0.0
     g = torch.Generator().manual_seed(0)
     for bits, m, k, n, bs, bias in [(4, 5, 64, 48, 32, True), (4, 37, 80, 40, 16, False), (8, 3, 48, 33, 16, True)]:
@@ -50,10 +52,11 @@ NBITS = textwrap.dedent("""
 
 STILL = textwrap.dedent("""
     import torch
-    from tokopt.backends.triton import kernel
-    from tokopt.passes.still_op import still_reference
+    import tokopt
+    from tokopt.optimizer.ops import kernel
+    from tokopt.optimizer.ops.still import still_reference
     from tests.test_still import _inputs, _params
-    still = kernel("tokopt::still_attention")
+    still = kernel("tokopt::still_attention", "triton")
     worst = 0.0
     for causal, b, n, chunk, top_k, feature in [(True, 2, 37, 8, 2, 0), (True, 1, 100, 16, 4, 1),
                                                 (False, 2, 37, 8, 3, 0), (True, 1, 5, 8, 0, 3), (False, 1, 70, 16, 2, 2)]:
@@ -95,11 +98,12 @@ def test_nbits_kernel_matches_reference_interpreted():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU: the compiled kernel is checked interpreted")
 def test_tca_kernel_on_gpu():
-    from tokopt.backends.triton import kernel
-    from tokopt.passes.tca_op import tca_reference
+    import tokopt
+    from tokopt.optimizer.ops import kernel
+    from tokopt.optimizer.ops.tca import tca_reference
     from tests.test_tca import _qkvm
     q, k, v, mask = (t.cuda() for t in _qkvm(1, 8, 2, 2048, 2048, True))
-    got = kernel("tokopt::tca_attention")(q, k, v, mask, 0.25, True, [0.1, 0.2], [64, 128], 4, 16)
+    got = kernel("tokopt::tca_attention", "triton")(q, k, v, mask, 0.25, True, [0.1, 0.2], [64, 128], 4, 16)
     ref = tca_reference(q.cpu(), k.cpu(), v.cpu(), mask.cpu(), 0.25, True, [0.1, 0.2], [64, 128], 4, 16)
     assert (got.cpu() - ref).abs().max() < 2e-3  # tf32 dot products
 
@@ -107,8 +111,9 @@ def test_tca_kernel_on_gpu():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU: the compiled kernel is checked interpreted")
 def test_still_kernel_on_gpu():
-    from tokopt.backends.triton import kernel
-    from tokopt.passes.still_op import still_reference
+    import tokopt
+    from tokopt.optimizer.ops import kernel
+    from tokopt.optimizer.ops.still import still_reference
     g = torch.Generator().manual_seed(0)
     q, k, v = torch.randn(1, 8, 4096, 32, generator=g), torch.randn(1, 2, 4096, 32, generator=g), \
         torch.randn(1, 2, 4096, 32, generator=g)
@@ -116,18 +121,19 @@ def test_still_kernel_on_gpu():
     u, w, mix = torch.randn(8, 32, generator=g), torch.eye(32).repeat(8, 1, 1), torch.randn(8, generator=g)
     args = (None, 32 ** -0.5, True, 4, 64, 0, True)
     ref = still_reference(q, k, v, x, gw, u, w, u, w, mix, *args)
-    got = kernel("tokopt::still_attention")(*(t.cuda() for t in (q, k, v, x, gw, u, w, u, w, mix)), *args)
+    got = kernel("tokopt::still_attention", "triton")(*(t.cuda() for t in (q, k, v, x, gw, u, w, u, w, mix)), *args)
     assert (got.cpu() - ref).abs().max() < 2e-3  # tf32 dot products
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU: the compiled kernel is checked interpreted")
 def test_nbits_kernel_on_gpu():
-    from tokopt.backends.triton import kernel
-    from tokopt.passes.quant_op import MATMUL_NBITS, pack
+    import tokopt
+    from tokopt.optimizer.ops import kernel
+    from tokopt.optimizer.ops.nbits import MATMUL_NBITS, pack
     qw = pack(torch.randint(0, 16, (1024, 2048)), 4, 32)
     sc = torch.rand(1024, 64) * 0.01
     x = torch.randn(64, 2048, dtype=torch.float16)
     ref = MATMUL_NBITS.reference(x.float(), qw, sc, None, 4, 32, 2048, 1024)
-    got = kernel("tokopt::matmul_nbits")(x.cuda(), qw.cuda(), sc.cuda(), None, 4, 32, 2048, 1024)
+    got = kernel("tokopt::matmul_nbits", "triton")(x.cuda(), qw.cuda(), sc.cuda(), None, 4, 32, 2048, 1024)
     assert (got.float().cpu() - ref).abs().max() < 2e-2 * ref.abs().max()  # fp16 activations, tf32 dots

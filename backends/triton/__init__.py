@@ -1,20 +1,19 @@
-"""Triton kernels for tokopt ops, looked up by op name.
+"""Triton kernels for tokopt ops, registered with the op registry under the backend name "triton".
 
-Imported on demand: importing triton is slow, and ``TRITON_INTERPRET=1`` (which runs the kernels
-on the CPU, as the tests here do) must be set before it is imported.
+The kernel modules are imported when a kernel is first asked for (``ops.kernel(op, "triton")``):
+importing triton is slow, and ``TRITON_INTERPRET=1`` (which runs the kernels on the CPU, as the
+tests here do) must be set before it is imported.
 """
 from __future__ import annotations
 
-import importlib
+from ...optimizer.ops import register_kernel
 
-__all__ = ["KERNELS", "kernel"]
+__all__ = ["BACKEND", "KERNELS"]
 
+BACKEND = "triton"
 KERNELS = {"tokopt::tca_attention": "tca:tca_attention_triton",
            "tokopt::still_attention": "still:still_attention_triton",
            "tokopt::matmul_nbits": "nbits:matmul_nbits_triton"}
 
-
-def kernel(op_name: str):
-    """The Triton implementation of ``op_name`` (same arguments as the op's reference)."""
-    module, fn = KERNELS[op_name].split(":")
-    return getattr(importlib.import_module(f".{module}", __name__), fn)
+for _op, _where in KERNELS.items():
+    register_kernel(_op, BACKEND, f"{__name__}.{_where}")

@@ -5,7 +5,7 @@ block at a time (``BLOCK_K`` = the op's block size), loads that block's packed b
 ``BLOCK_N`` output rows, unpacks the nibbles (low first), subtracts the zero point ``2^(bits-1)``,
 scales them by the block's scale and multiplies in the activations' precision with float32
 accumulation: the weights cross memory once, at 4 or 8 bits. Same arguments and packed layout as
-the op (``passes/quant_op.py``), so a bundle's constants feed it unchanged. Runs on a CUDA GPU,
+the op (``optimizer/ops/nbits.py``), so a bundle's constants feed it unchanged. Runs on a CUDA GPU,
 and on the CPU under ``TRITON_INTERPRET=1`` (set before triton is imported), as the tests do.
 """
 from __future__ import annotations

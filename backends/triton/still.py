@@ -1,7 +1,7 @@
 """Triton chunk kernel for ``tokopt::still_attention``.
 
 Routing (local saliency, top-k per chunk) and the linear state (feature maps, the per-chunk sums
-of phi(k) v^T and their prefix) stay in torch, shared with the reference (``passes.still_op.route``
+of phi(k) v^T and their prefix) stay in torch, shared with the reference (``optimizer.ops.still.route``
 and ``linear_state``): they are small or already linear in N. The kernel runs one program per
 (chunk, batch x head) and keeps one online softmax over the chunk's local window and the salient
 keys of the chunks outside it (fetched through their indices, 16 at a time), then adds the gated
@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ...passes.still_op import DEN_EPS, linear_state, route
+from ...optimizer.ops.still import DEN_EPS, linear_state, route
 from .tca import _online
 
 __all__ = ["still_attention_triton"]

@@ -1,7 +1,7 @@
 """Triton kernel for ``tokopt::tca_attention``: block-gathered attention over each head's core tokens.
 
 The selection (scores, TopK: small) stays in torch, shared with the reference
-(``passes.tca_op._select``). The kernel runs one program per (block of queries, batch x query
+(``optimizer.ops.tca.select_keys``). The kernel runs one program per (block of queries, batch x query
 head) and keeps one online softmax over (1) the head's selected keys, fetched block by block
 through their indices and masked to those outside the query's window, and (2) the keys of the
 query block's local windows; it normalises once at the end, so the result is the reference's.
@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ...passes.tca_op import _select, valid_keys
+from ...optimizer.ops.tca import select_keys, valid_keys
 
 __all__ = ["tca_attention_triton"]
 
@@ -101,7 +101,7 @@ def tca_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
     valid = valid_keys(mask, b, nk, q.device).to(torch.int8).contiguous()
     for i in range(hkv):
         qi, ki, vi = q[:, i * g:(i + 1) * g], k[:, i:i + 1], v[:, i:i + 1]
-        idx, count, _ = _select(qi, ki, valid.bool(), scale, causal, [budgets[i]], sinks, windows[i], obs)
+        idx, count, _ = select_keys(qi, ki, valid.bool(), scale, causal, [budgets[i]], sinks, windows[i], obs)
         idx, count = idx[:, 0].contiguous(), count[:, 0].to(torch.int8).contiguous()   # [B, M]
         oi = out[:, i * g:(i + 1) * g]
         grid = (triton.cdiv(nq, block_m), b * g)

@@ -24,10 +24,9 @@ import torch.nn.functional as F
 from onnxscript import opset23 as op
 from onnxscript.values import Op, Opset
 
-from ..optimizer.ops import define_op, round_values
-from ..optimizer.program import inherit_meta
+from .registry import define_op, round_values
 
-__all__ = ["MATMUL_NBITS", "EMBEDDING_Q8", "pack", "unpack", "dequantize", "replace_linear", "standardize_nbits",
+__all__ = ["MATMUL_NBITS", "EMBEDDING_Q8", "pack", "unpack", "dequantize", "standardize_nbits",
            "BITS"]
 
 BITS = (4, 8)
@@ -129,20 +128,6 @@ def _embedding_q8_onnx(table, scales, ids, block_size: int = 32):
 
 EMBEDDING_Q8 = define_op("tokopt::embedding_q8", _embedding_q8, _embedding_q8_fake, onnx=_embedding_q8_onnx,
                          tags=("quant",))
-
-
-def replace_linear(program, lin, packed, scales, bits: int, block_size: int, in_features: int, out_features: int,
-                   accuracy_level: int = 0):
-    """Replace ``aten.linear(x, W[, b])`` in ``program`` by ``matmul_nbits`` reading the packed
-    weight and scales (constant nodes the caller added)."""
-    bias = lin.args[2] if len(lin.args) > 2 else None
-    with program.graph.inserting_before(lin):
-        new = program.graph.call_function(MATMUL_NBITS.overload, (lin.args[0], packed, scales, bias, bits, block_size,
-                                                                  in_features, out_features, accuracy_level))
-    inherit_meta(new, lin)
-    lin.replace_all_uses_with(new)
-    program.graph.erase_node(lin)
-    return new
 
 
 def standardize_nbits(model) -> int:

@@ -26,7 +26,7 @@ import math
 import torch
 from onnxscript import INT64, opset23 as op
 
-from ..optimizer.ops import define_op, differentiable, round_values
+from .registry import define_op, differentiable, round_values
 
 __all__ = ["ACT_QUANT", "TOKEN_QUANT", "WEIGHT_QUANT", "LOW_TOKENS", "qrange"]
 

@@ -48,8 +48,8 @@ import torch
 import torch.nn.functional as F
 from onnxscript import opset23 as op
 
-from ..optimizer.ops import define_op, differentiable
-from .tca_op import _dim, _ints, _range, valid_keys
+from .registry import AttentionArgs, define_op, differentiable
+from .tca import _dim, _ints, _range, valid_keys
 
 __all__ = ["STILL", "still_reference", "route", "linear_state", "feature_map", "FEATURES", "EPS"]
 
@@ -393,5 +393,5 @@ def _routes_exactly(node) -> bool:
 
 
 STILL = define_op("tokopt::still_attention", _still, _still_fake, onnx=_still_onnx, tags=("attention", "linear"),
-                  exact=_routes_exactly)
+                  exact=_routes_exactly, attention=lambda a: AttentionArgs(a[0], a[1], a[2], a[10], a[11], a[12]))
 differentiable("tokopt::still_attention", still_reference, grads_for=10)
