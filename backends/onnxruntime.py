@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..optimizer.errors import BackendError
-from ..optimizer.ops import OPS, OPSET, onnx_translation_table, rounding_jitter, standardize
+from ..optimizer.ops import OPS, OPSET, decompositions, onnx_translation_table, rounding_jitter, standardize
 from ..optimizer.program import Program
 from ..optimizer.generation import with_positions
 from ..optimizer.report import bench_inputs, time_calls, verification_feeds
@@ -80,31 +80,37 @@ def _shapes(feed: dict) -> str:
     return ", ".join(f"{k} {list(v.shape)}" for k, v in feed.items())
 
 
+def lowered_program(program: Program):
+    """The exported program with every tokopt op that has no hand-written ONNX lowering
+    replaced by its torch reference, traced into ATen ops (which torch.onnx lowers)."""
+    present = {spec.name for n in program.graph.nodes for spec in OPS.values() if spec.matches(n)}
+    table = decompositions(keep=lambda spec: spec.onnx is not None or spec.name not in present)
+    return program.ep.run_decompositions(table) if table else program.ep
+
+
 def export_onnx(program: Program, path: Path, *, fusions: bool = True, check_feeds: list[dict] | None = None) -> dict:
     """Export ``program`` to ``path`` with tokopt's lowerings and onnxscript's optimizer.
 
     The exported graph is checked against the program itself on ``check_feeds`` (a lowering
     that disagrees is a tokopt bug and fails the compile). With ``fusions``, ONNX Runtime
-    contrib fusions are applied and checked the same way; a fused graph that fails or
-    disagrees is not shipped and the reason is recorded. (torch.onnx's own post-export
-    optimizer is not used: at opset 23 it rewrites RoPE into a RotaryEmbedding whose
-    batch-1 cos/sin caches ONNX Runtime refuses for batch > 1.)
-    Returns {"fusions": counts} or {"fusions_rejected": reason}."""
-    import torch
+    contrib fusions are applied (they include the optimizer) and checked first; a fused graph
+    that fails or disagrees is not shipped, the plain optimized one is checked and shipped, and
+    the reason is recorded. (torch.onnx's own post-export optimizer is not used: at opset 23 it
+    rewrites RoPE into a RotaryEmbedding whose batch-1 cos/sin caches ONNX Runtime refuses for
+    batch > 1.) Returns {"fusions": counts} or {"fusions_rejected": reason}."""
+    import onnx_ir as ir
     import onnxscript.optimizer
+    import torch
     try:
         with _quiet():
             onnx_program = torch.onnx.export(
-                program.ep, dynamo=True, opset_version=OPSET, verbose=False, optimize=False,
+                lowered_program(program), dynamo=True, opset_version=OPSET, verbose=False, optimize=False,
                 input_names=program.input_names, output_names=program.output_names,
                 custom_translation_table=onnx_translation_table())
     except Exception as e:
         raise BackendError(f"torch.onnx.export failed: {str(e).strip().splitlines()[0]}. "
                            "Run with --debug for the exporter's report.") from e
     model = onnx_program.model
-    onnxscript.optimizer.optimize(model)
-    standardized = {} if fusions else standardize(model)
-    _save(model, path)
     feeds = check_feeds or []
 
     def reference(feed, nudge: float = 0.0):
@@ -113,26 +119,35 @@ def export_onnx(program: Program, path: Path, *, fusions: bool = True, check_fee
         return [out[n].numpy() for n in program.output_names]
 
     exact = all(spec.is_exact(n) for n in program.graph.nodes for spec in OPS.values() if spec.matches(n))
-    why = _disagreement(make_session(path, ["CPUExecutionProvider"]), feeds, reference, exact)
+
+    def check(candidate, where: Path) -> str | None:
+        _save(candidate, where)
+        try:
+            return _disagreement(make_session(where, ["CPUExecutionProvider"]), feeds, reference, exact)
+        except BackendError as e:  # it does not even load
+            return str(e)
+
+    rejected = None
+    if fusions:
+        from onnxscript.rewriter import ort_fusions
+        plain = ir.from_proto(ir.to_proto(model))   # kept for when the fused graph is refused
+        fused_model, fused = ort_fusions.optimize_for_ort(model)
+        with tempfile.TemporaryDirectory() as tmp:
+            rejected = check(fused_model, Path(tmp) / path.name)
+            if rejected is None:
+                for f in Path(tmp).iterdir():
+                    shutil.move(str(f), path.parent / f.name)
+                return {"fusions": {k: v for k, v in fused.items() if v}}
+        model = plain
+    onnxscript.optimizer.optimize(model)
+    standardized = {} if fusions else standardize(model)
+    why = check(model, path)
     if why is not None:
         raise BackendError(f"the ONNX lowering does not reproduce the graph: {why}. This is a tokopt "
                            "bug; rerun with --debug and report it.")
-    if not fusions:
-        return {"fusions": {}, **({"standardized": standardized} if standardized else {})}
-    from onnxscript.rewriter import ort_fusions
-    model, fused = ort_fusions.optimize_for_ort(model)
-    with tempfile.TemporaryDirectory() as tmp:
-        candidate = Path(tmp) / path.name
-        _save(model, candidate)
-        try:
-            why = _disagreement(make_session(candidate, ["CPUExecutionProvider"]), feeds, reference, exact)
-        except BackendError as e:  # the fused graph does not even load
-            why = str(e)
-        if why is not None:
-            return {"fusions_rejected": why}
-        for f in Path(tmp).iterdir():
-            shutil.move(str(f), path.parent / f.name)
-    return {"fusions": {k: v for k, v in fused.items() if v}}
+    if rejected is not None:
+        return {"fusions_rejected": rejected}
+    return {"fusions": {}, **({"standardized": standardized} if standardized else {})}
 
 
 def export_baseline(program: Program, path: Path) -> None:

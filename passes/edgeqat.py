@@ -305,7 +305,8 @@ class EdgeQATPass(Pass):
         if program.cache is not None:
             raise UsageError("edgeqat does not support --generate graphs yet: its per-token widths rank the "
                              "tokens of a whole prefill, which a one-token decode step does not have.")
-        program.attention_blocks("edgeqat")
+        if not program.attention:
+            program.attention_blocks("edgeqat")  # raises, saying why none was recognised
         train, held_out = self._data(program)
         teacher = program
         sample = full_feed(program, torch.cat(train[:opts.batch]))
