@@ -12,7 +12,6 @@ traceback.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import sys
@@ -233,12 +232,15 @@ def _cmd_inspect(args) -> int:
 
 def _cmd_passes(args) -> int:
     import tokopt
-    from .optimizer.pass_manager import PASSES
+    from .optimizer.pass_manager import PASSES, describe_options
     for name, summary in tokopt.list_passes().items():
-        opts = dataclasses.fields(PASSES[name].Options)
-        print(f"{name:<14} {summary}")
-        for f in opts:
-            print(f"{'':<16}{f.name}={f.default!r}")
+        print(f"{name}: {summary}")
+        for o in describe_options(PASSES[name]):
+            default = o["default"]
+            default = "/".join(map(str, default)) if isinstance(default, tuple) else \
+                str(default).lower() if isinstance(default, bool) else default
+            values = f"; values: {o['values']}" if o["values"] else ""
+            print(f"    {o['name']}={default}  {o['help']}{values}")
     return 0
 
 

@@ -16,14 +16,14 @@ from pathlib import Path
 import numpy as np
 
 from ..optimizer.errors import BackendError
-from ..optimizer.ops import OPS, OPSET, decompositions, onnx_translation_table, rounding_jitter, standardize
+from ..optimizer.ops import OPS, OPSET, decompose, onnx_translation_table, rounding_jitter, standardize
 from ..optimizer.program import Program
 from ..optimizer.generation import with_positions
 from ..optimizer.report import bench_inputs, time_calls, verification_feeds
 from ..optimizer.runtime import Backend, Runner, register_backend
 from .targets import Target, get_target, require_providers
 
-__all__ = ["OnnxRuntimeBackend", "OnnxRuntimeRunner", "export_onnx", "export_baseline", "make_session",
+__all__ = ["OnnxRuntimeBackend", "OnnxRuntimeRunner", "export_onnx", "for_onnx", "export_baseline", "make_session",
            "MODEL_FILE"]
 
 MODEL_FILE = "model.onnx"
@@ -80,12 +80,10 @@ def _shapes(feed: dict) -> str:
     return ", ".join(f"{k} {list(v.shape)}" for k, v in feed.items())
 
 
-def lowered_program(program: Program):
-    """The exported program with every tokopt op that has no hand-written ONNX lowering
-    replaced by its torch reference, traced into ATen ops (which torch.onnx lowers)."""
-    present = {spec.name for n in program.graph.nodes for spec in OPS.values() if spec.matches(n)}
-    table = decompositions(keep=lambda spec: spec.onnx is not None or spec.name not in present)
-    return program.ep.run_decompositions(table) if table else program.ep
+def for_onnx(ep):
+    """``ep`` with the tokopt ops that have no hand-written ONNX lowering decomposed (torch.onnx
+    lowers their ATen ops)."""
+    return decompose(ep, keep=lambda spec: spec.onnx is not None)
 
 
 def export_onnx(program: Program, path: Path, *, fusions: bool = True, check_feeds: list[dict] | None = None) -> dict:
@@ -104,7 +102,7 @@ def export_onnx(program: Program, path: Path, *, fusions: bool = True, check_fee
     try:
         with _quiet():
             onnx_program = torch.onnx.export(
-                lowered_program(program), dynamo=True, opset_version=OPSET, verbose=False, optimize=False,
+                for_onnx(program.ep), dynamo=True, opset_version=OPSET, verbose=False, optimize=False,
                 input_names=program.input_names, output_names=program.output_names,
                 custom_translation_table=onnx_translation_table())
     except Exception as e:

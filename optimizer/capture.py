@@ -114,6 +114,29 @@ def _actual_axes(ep, names, wanted) -> dict[str, dict[int, str]]:
     return got
 
 
+def _distinct_sizes(example: dict[str, torch.Tensor], axes: dict[str, dict[int, str]]) -> dict[str, torch.Tensor]:
+    """The example with every dynamic axis at least 2 long and each kind of axis (batch,
+    sequence) a size no other kind has: torch.export fixes a size-1 dimension, and gives
+    dimensions of equal size one symbol. Rows and tokens are repeated cyclically."""
+    sizes: dict[str, int] = {}
+    for name, kinds in axes.items():
+        for ax, kind in kinds.items():
+            sizes.setdefault(kind, example[name].shape[ax])
+    wanted: dict[str, int] = {}
+    for kind, size in sizes.items():
+        size = max(size, 2)
+        while size in wanted.values():
+            size += 1
+        wanted[kind] = size
+    out = dict(example)
+    for name, kinds in axes.items():
+        for ax, kind in kinds.items():
+            t = out[name]
+            if t.shape[ax] != wanted[kind]:
+                out[name] = t.index_select(ax, torch.arange(wanted[kind]) % t.shape[ax])
+    return out
+
+
 def _from_module(model: torch.nn.Module, example: dict[str, torch.Tensor], *, source: dict,
                  task: str = "generic", extra: dict | None = None, seq_range=None,
                  tokenizer_dir=None, dynamic_axes=None) -> Program:
@@ -128,6 +151,7 @@ def _from_module(model: torch.nn.Module, example: dict[str, torch.Tensor], *, so
                                     "return a tensor, a tuple of tensors or a ModelOutput.")
     entry = _named(_Entry, names)(model, outputs, extra)
     wanted = dynamic_axes or {n: _default_dynamic(n, t) for n, t in example.items()}
+    example = _distinct_sizes(example, wanted)
     ep = _export(entry, names, example, wanted)
     prog = Program(ep=ep, input_names=names, output_names=outputs,
                    dynamic_axes=_actual_axes(ep, names, wanted), probe=dict(example), task=task,

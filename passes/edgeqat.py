@@ -46,7 +46,7 @@ from ..optimizer.errors import PassError, UsageError
 from ..optimizer.ops import ACT_QUANT, LOW_TOKENS, MATMUL_NBITS, TOKEN_QUANT, WEIGHT_QUANT, Tap, attention_spec
 from ..optimizer.ops.nbits import pack
 from ..optimizer.ops.quantizers import qrange
-from ..optimizer.pass_manager import (CANONICAL_ATTENTION, EVERY_POSITION, FLOAT_WEIGHTS, Pass, PassResult,
+from ..optimizer.pass_manager import (CANONICAL_ATTENTION, EVERY_POSITION, FLOAT_WEIGHTS, Pass, PassResult, opt,
                                       register_pass)
 from ..optimizer.program import Program, Rewrite, call_function_nodes, inherit_meta
 from .linears import is_weight, layer_of_linears, linear_layers, replace_linear
@@ -59,22 +59,22 @@ BLOCK = 32  # MatMulNBits block carrying the per-tensor scale
 
 @dataclass(frozen=True)
 class EdgeQATOptions:
-    w_bits: int = 4
-    a_bits: int = 8
-    low_bits: int = 4
-    low_fraction: float = 0.5
-    scales: str = "token"         # token: dynamic per-token scales | static: learned per tensor (EdgeQAT's LSQ)
-    steps: int = 200
-    batch: int = 4
-    seq_len: int = 128
-    lr: float = 2e-5              # weights
-    lr_quant: float = 1e-3        # scales and zero points
-    alpha: float = 0.5            # CE weight against distillation
-    temperature: float = 2.0
-    lambda_attn: float = 1.0
-    lambda_ent: float = 0.5
-    eval_windows: int = 16        # held-out windows (the end of the data) for perplexity
-    seed: int = 0
+    w_bits: int = opt(4, "weight bits", "4|8")
+    a_bits: int = opt(8, "activation bits of the important tokens", "low_bits .. 8")
+    low_bits: int = opt(4, "activation bits of the low-importance tokens", "2 .. a_bits")
+    low_fraction: float = opt(0.5, "fraction of tokens at low_bits", "[0, 1)")
+    scales: str = opt("token", "dynamic per-token scales, or learned per tensor (EdgeQAT's LSQ)", "token|static")
+    steps: int = opt(200, "QAT steps", ">= 0; 0: post-training quantization")
+    batch: int = opt(4, "windows per step", ">= 1")
+    seq_len: int = opt(128, "tokens per window", ">= 8")
+    lr: float = opt(2e-5, "learning rate of the weights", "> 0")
+    lr_quant: float = opt(1e-3, "learning rate of the scales and zero points", "> 0")
+    alpha: float = opt(0.5, "weight of the next-token loss against distillation", "[0, 1]")
+    temperature: float = opt(2.0, "distillation temperature", "> 0")
+    lambda_attn: float = opt(1.0, "weight of the attention-map loss", "float")
+    lambda_ent: float = opt(0.5, "weight of the q/k entropy term", "float")
+    eval_windows: int = opt(16, "held-out windows (the end of the data) for perplexity", ">= 0")
+    seed: int = opt(0, "random seed", "int")
 
     def __post_init__(self):
         if self.w_bits not in (4, 8):

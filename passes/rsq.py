@@ -48,7 +48,7 @@ from ..optimizer.data import token_source, token_windows
 from ..optimizer.errors import PassError, UsageError
 from ..optimizer.ops import BITS, EMBEDDING_Q8, MATMUL_NBITS, TOKEN_SCORES, Tap, attention_spec
 from ..optimizer.ops.nbits import pack
-from ..optimizer.pass_manager import CANONICAL_ATTENTION, FLOAT_WEIGHTS, Pass, PassResult, max_abs_error, \
+from ..optimizer.pass_manager import CANONICAL_ATTENTION, FLOAT_WEIGHTS, Pass, PassResult, max_abs_error, opt, \
     register_pass
 from ..optimizer.program import Program, Rewrite, call_function_nodes, inherit_meta
 from .linears import layer_of_linears, linear_layers, replace_linear
@@ -62,24 +62,26 @@ CACHE_VERSION = 2  # part of the cache key: bump when the solver or its statisti
 
 @dataclass(frozen=True)
 class RSQOptions:
-    bits: int = 4
-    group_size: int = 0          # 0: 128 for models >= 2048 wide, else 32
-    solver: str = "gptq"         # gptq | rtn
-    importance: str = "attncon"  # attncon | none
-    rotate: str = "auto"         # auto | on | off
-    online: bool = True          # online rotation before each MLP output projection
-    damp: float = 0.01
-    act_order: bool = False
-    clip: bool = True            # MSE clipping search for the scales
-    min_value: float = 0.005     # importance range (RSQ's scripts)
-    max_value: float = 1.0
-    samples: int = 32            # calibration windows
-    seq_len: int = 512           # tokens per window (at most the context; shorter if the text is short)
-    expand: int = 1              # RSQ's dataset expansion: each window also rolled expand-1 times
-    embed_bits: int = 8          # 8: int8 embedding tables and heads; 0: keep them float
-    compute: str = "float"       # float | int8: MatMulNBits multiplies int8-rounded activations (faster on CPUs)
-    eval_windows: int = 4        # held-out windows for the perplexity in the report (causal LMs)
-    seed: int = 0
+    bits: int = opt(4, "weight bits", "|".join(map(str, BITS)))
+    group_size: int = opt(0, "weights per scale along the input dimension", "a power of two >= 16; 0: 128 for "
+                          "models >= 2048 wide, else 32")
+    solver: str = opt("gptq", "GPTQ (error feedback on calibration inputs) or round-to-nearest", "gptq|rtn")
+    importance: str = opt("attncon", "weight calibration tokens by the attention they receive (RSQ)", "attncon|none")
+    rotate: str = opt("auto", "Hadamard rotations first (auto: where the graph allows)", "auto|on|off")
+    online: bool = opt(True, "online rotation before each MLP output projection", "true|false")
+    damp: float = opt(0.01, "GPTQ damping, a fraction of the Hessian's mean diagonal", "> 0")
+    act_order: bool = opt(False, "GPTQ columns in decreasing Hessian diagonal", "true|false")
+    clip: bool = opt(True, "MSE search for each block's scale", "true|false")
+    min_value: float = opt(0.005, "smallest token importance", "(0, max_value]")
+    max_value: float = opt(1.0, "largest token importance", ">= min_value")
+    samples: int = opt(32, "calibration windows", ">= 1")
+    seq_len: int = opt(512, "tokens per window (at most the context; shorter if the text is short)", ">= 16")
+    expand: int = opt(1, "each window also rolled expand-1 times (RSQ's dataset expansion)", ">= 1")
+    embed_bits: int = opt(8, "int8 embedding tables and output heads, or keep them float", "8|0")
+    compute: str = opt("float", "MatMulNBits on float activations, or int8-rounded ones (faster on CPUs)",
+                       "float|int8")
+    eval_windows: int = opt(4, "held-out windows for the reported perplexity (causal LMs)", ">= 0")
+    seed: int = opt(0, "random seed of the rotations", "int")
 
     def __post_init__(self):
         if self.bits not in BITS:

@@ -45,7 +45,7 @@ from ..optimizer.data import token_source, token_windows
 from ..optimizer.errors import PassError, UsageError
 from ..optimizer.ops import STILL, Tap
 from ..optimizer.ops.still import FEATURES, still_reference
-from ..optimizer.pass_manager import ATTENTION_TO_REPLACE, FLOAT_WEIGHTS, Pass, PassResult, register_pass
+from ..optimizer.pass_manager import ATTENTION_TO_REPLACE, FLOAT_WEIGHTS, Pass, PassResult, opt, register_pass
 from ..optimizer.program import Program, Rewrite, inherit_meta
 from .linears import is_weight, projection_input
 
@@ -81,22 +81,24 @@ def exact_keys(n: int, chunk: int, top_k: int, causal: bool = True, exact_window
 
 @dataclass(frozen=True)
 class StillOptions:
-    layers: tuple[int, ...] = ()  # () = all but the first and the last
-    chunk: int = 64
-    top_k: int = 4                # salient tokens per chunk: 0 .. chunk (chunk = exact attention)
-    feature: str = "npmap"        # npmap | hedgehog | elu | none
-    exact_window: bool = True
-    steps: int = 300              # stage 1 (attention transfer) steps per layer
-    lr: float = 1e-2
-    lora_steps: int = 60          # stage 2; 0 = off
-    lora_rank: int = 8
-    lora_lr: float = 3e-3
-    lora_loss: str = "kd"         # kd: KL to the original model's next-token distribution | lm: next-token loss
-    batch: int = 2
-    seq_len: int = 1024           # at most the model's context
-    train_windows: int = 16
-    eval_windows: int = 4
-    seed: int = 0
+    layers: tuple[int, ...] = opt((), "layers converted to hybrid attention", "'/'-separated; empty: all but the "
+                                  "first and the last")
+    chunk: int = opt(64, "tokens per chunk", ">= 2")
+    top_k: int = opt(4, "salient tokens per chunk kept in exact softmax", "0 .. chunk (chunk: exact attention)")
+    feature: str = opt("npmap", "feature map of the linear part", "|".join(FEATURES))
+    exact_window: bool = opt(True, "the local window in exact softmax (false: linear too)", "true|false")
+    steps: int = opt(300, "attention-transfer steps per layer (stage 1)", ">= 0")
+    lr: float = opt(1e-2, "stage 1 learning rate", "> 0")
+    lora_steps: int = opt(60, "LoRA distillation steps (stage 2, causal LMs)", ">= 0; 0: off")
+    lora_rank: int = opt(8, "LoRA rank", ">= 1")
+    lora_lr: float = opt(3e-3, "stage 2 learning rate", "> 0")
+    lora_loss: str = opt("kd", "stage 2 loss: KL to the original's next-token distribution, or the next-token "
+                         "loss", "kd|lm")
+    batch: int = opt(2, "windows per training step", ">= 1")
+    seq_len: int = opt(1024, "tokens per training window (at most the model's context)", ">= 2 chunks")
+    train_windows: int = opt(16, "training windows from --calib", ">= batch")
+    eval_windows: int = opt(4, "held-out windows for perplexity", ">= 0")
+    seed: int = opt(0, "random seed", "int")
 
     def __post_init__(self):
         if self.chunk < 2:

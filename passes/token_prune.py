@@ -64,7 +64,7 @@ import torch
 from ..optimizer.errors import PassError, UsageError
 from ..optimizer.ops import ATTENTION, TOKEN_SCORES
 from ..optimizer.ops.token_scores import SCORES
-from ..optimizer.pass_manager import CANONICAL_ATTENTION, Pass, PassResult, register_pass
+from ..optimizer.pass_manager import CANONICAL_ATTENTION, Pass, PassResult, opt, register_pass
 from ..optimizer.program import Program, Rewrite
 
 __all__ = ["TokenPrunePass", "TokenPruneOptions", "kept_length"]
@@ -115,14 +115,15 @@ def _rewrite_fixed_length(after, n: int, kept: int) -> None:
 
 @dataclass(frozen=True)
 class TokenPruneOptions:
-    keep: float = 0.5
-    layers: tuple[int, ...] = (1,)
-    schedule: str = ""          # "0.7@2/0.5@4" (keep@layer, '/'-separated): overrides keep/layers
-    score: str = "cls"
-    mode: str = "drop"
-    restore: bool = False
-    recover: int = 0            # recovery steps: tune norms and biases towards the unpruned model (0 = off)
-    recover_lr: float = 3e-4
+    keep: float = opt(0.5, "fraction of the tokens kept at each cut (at least one)", "(0, 1]")
+    layers: tuple[int, ...] = opt((1,), "layers after which tokens are cut", "'/'-separated, increasing")
+    schedule: str = opt("", "keep@layer list, overrides keep and layers", "e.g. 0.7@2/0.5@4")
+    score: str = opt("cls", "how a token's importance is read", "|".join(SCORES))
+    mode: str = opt("drop", "what happens to the tokens not kept", "|".join(MODES))
+    restore: bool = opt(False, "give every pruned token its last representation back after the last layer "
+                        "(token-level heads need it)", "true|false")
+    recover: int = opt(0, "steps tuning norms and biases towards the unpruned model", ">= 0; 0: off")
+    recover_lr: float = opt(3e-4, "learning rate of recover", "> 0")
 
     def __post_init__(self):
         for keep, _ in self.steps():

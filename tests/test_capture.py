@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -129,3 +130,20 @@ def test_input_named_like_a_builtin(tmp_path):
     with torch.no_grad():
         ref = model(torch.from_numpy(x)).numpy()
     assert np.abs(next(iter(got.values())) - ref).max() < 1e-5
+
+
+def test_a_one_sequence_example_keeps_batch_and_sequence_dynamic(tmp_path):
+    """The most common example from the Python API, one sequence of one batch row: torch.export
+    would fix size-1 dimensions; the bundle still runs at any batch and length."""
+    model = _tiny("llama")
+    ids = torch.randint(10, 256, (1, 9))
+    res = tokopt.compile(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, out=tmp_path / "b",
+                         measure=False)
+    assert [i["shape"] for i in res.manifest["inputs"]] == [["batch", "sequence"]] * 2
+    run = tokopt.load(res.bundle)
+    for batch, length in ((2, 9), (3, 1), (1, 40)):
+        x = torch.randint(10, 256, (batch, length))
+        got = run(input_ids=x.numpy(), attention_mask=np.ones((batch, length), np.int64))["logits"]
+        with torch.no_grad():
+            want = model(input_ids=x).logits.numpy()
+        assert np.abs(got - want).max() < 1e-4

@@ -19,8 +19,16 @@ def _run(capsys, *argv):
 
 
 def test_passes_and_targets(capsys):
+    """Every option of every pass is listed with its default, one line of help and its values."""
+    from tokopt.optimizer.pass_manager import PASSES, describe_options
     code, out, _ = _run(capsys, "passes")
     assert code == 0 and "canonicalize" in out
+    for cls in PASSES.values():
+        for o in describe_options(cls):
+            assert o["help"] and o["values"], f"{cls.name}:{o['name']} has no help or no values"
+            assert f"    {o['name']}=" in out
+    assert "    score=cls  how a token's importance is read; values: cls|last|mean|debiased|head_weighted|diverse" in out
+    assert "    layers=1  layers after which tokens are cut" in out and "compact=true" in out
     code, out, _ = _run(capsys, "targets")
     assert code == 0 and "x86-cpu" in out and "tensorrt" in out
 

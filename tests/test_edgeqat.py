@@ -9,6 +9,7 @@ import torch
 from torch.export import Dim
 
 import tokopt
+from tokopt.backends.onnxruntime import for_onnx
 from tokopt.optimizer.errors import UsageError
 from tokopt.optimizer.ops import OPSET, onnx_translation_table
 from tokopt.optimizer.ops.quantizers import ACT_QUANT, LOW_TOKENS, TOKEN_QUANT, WEIGHT_QUANT
@@ -18,7 +19,7 @@ from .conftest import REFERENCE_LM
 
 
 def _export(module, example, dynamic, path, names):
-    ep = torch.export.export(module, example, dynamic_shapes=dynamic, strict=False)
+    ep = for_onnx(torch.export.export(module, example, dynamic_shapes=dynamic, strict=False))
     torch.onnx.export(ep, dynamo=True, opset_version=OPSET, optimize=False, input_names=names,
                       custom_translation_table=onnx_translation_table()).save(str(path))
     import onnxruntime as ort

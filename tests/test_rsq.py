@@ -15,6 +15,7 @@ import tokopt
 from tokopt.calibration.gptq import quantize_gptq, quantize_rtn
 from tokopt.optimizer.compile import plan_passes
 from tokopt.optimizer.errors import PassError, UsageError
+from tokopt.backends.onnxruntime import for_onnx
 from tokopt.optimizer.ops import OPSET, onnx_translation_table, standardize
 from tokopt.optimizer.pass_manager import PassManager, resolve
 from tokopt.optimizer.ops.nbits import EMBEDDING_Q8, MATMUL_NBITS, pack
@@ -93,7 +94,7 @@ def test_low_bit_ops_lower_to_onnx_runtime(tmp_path, bits, k):
 
     ids, x = torch.randint(0, 50, (2, 5), generator=g), torch.randn(2, 5, k, generator=g)
     ep = torch.export.export(M(), (ids, x), dynamic_shapes=({0: Dim.AUTO, 1: Dim.AUTO}, {0: Dim.AUTO, 1: Dim.AUTO}))
-    model = torch.onnx.export(ep, dynamo=True, opset_version=OPSET, optimize=False, input_names=["ids", "x"],
+    model = torch.onnx.export(for_onnx(ep), dynamo=True, opset_version=OPSET, optimize=False, input_names=["ids", "x"],
                               custom_translation_table=onnx_translation_table()).model
     onnxscript.optimizer.optimize(model)  # as export_onnx does: folds the scales' reshape
     ids2, x2 = torch.randint(0, 50, (3, 7), generator=g), torch.randn(3, 7, k, generator=g)

@@ -12,9 +12,9 @@ from torch.export import Dim
 import tokopt
 from tokopt.optimizer.compile import plan_passes
 from tokopt.optimizer.errors import UsageError
-from tokopt.optimizer.ops import onnx_translation_table
 from tokopt.optimizer.pass_manager import PassManager, resolve
-from tokopt.optimizer.ops import TOKEN_SCORES
+from tokopt.backends.onnxruntime import for_onnx
+from tokopt.optimizer.ops import TOKEN_SCORES, onnx_translation_table
 from tokopt.passes.token_prune import _keep_indices, kept_length, merged_length
 
 from .conftest import feed_for
@@ -208,6 +208,7 @@ def test_score_op_reference_and_onnx(tmp_path, score, kv, mask_kind):
         else ((q, k), (seq, seq))
     ep = torch.export.export(M() if mask is not None else NoMask(), args + extra,
                              dynamic_shapes=shapes + (((seq,),) if extra else ()))
+    ep = for_onnx(ep)  # as the backend does
     torch.onnx.export(ep, dynamo=True, opset_version=23, optimize=False,
                       custom_translation_table=onnx_translation_table()).save(str(tmp_path / "s.onnx"))
     sess = ort.InferenceSession(str(tmp_path / "s.onnx"), providers=["CPUExecutionProvider"])

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from ...optimizer.ops.still import DEN_EPS, linear_state, route
-from .tca import _online
+from .common import online_softmax_step
 
 __all__ = ["still_attention_triton"]
 
@@ -46,7 +46,7 @@ def _still_kernel(QC, KC, VC, VALID, TOP, FQ, SKV, SZ, GC, OUT, H, C, KK, scale,
         if CAUSAL and off == 0:
             seen = seen & (rows[None, :] <= rows[:, None])
         s = tl.where(seen, tl.dot(q, tl.trans(k)) * scale, float("-inf"))
-        m_i, l_i, acc = _online(s, v, m_i, l_i, acc)
+        m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc)
 
     # salient keys of the chunks outside the window
     end = (c - 1) * KK if CAUSAL else C * KK
@@ -64,7 +64,7 @@ def _still_kernel(QC, KC, VC, VALID, TOP, FQ, SKV, SZ, GC, OUT, H, C, KK, scale,
         v = tl.load(VC + (head + pos)[:, None] * DV + dv[None, :], mask=live[:, None], other=0.0)
         ok = tl.load(VALID + b * C * L + pos, mask=live, other=0) != 0
         s = tl.where((ok & live)[None, :], tl.dot(q, tl.trans(k)) * scale, float("-inf"))
-        m_i, l_i, acc = _online(s, v, m_i, l_i, acc)
+        m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc)
 
     num, den = acc, l_i
     if LINEAR:

@@ -15,17 +15,9 @@ import triton
 import triton.language as tl
 
 from ...optimizer.ops.tca import select_keys, valid_keys
+from .common import online_softmax_step
 
 __all__ = ["tca_attention_triton"]
-
-
-@triton.jit
-def _online(s, v, m_i, l_i, acc):
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)       # rows with nothing visible yet
-    alpha = tl.exp(m_i - m_safe)
-    p = tl.exp(s - m_safe[:, None])
-    return m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
 
 
 @triton.jit
@@ -60,7 +52,7 @@ def _tca_kernel(Q, K, V, IDX, CNT, VALID, OUT,
             far = (gap >= WINDOW) | (gap <= -WINDOW)
         s = tl.dot(q, tl.trans(k)) * scale
         s = tl.where(far & keep[None, :] & inside[None, :], s, float("-inf"))
-        m_i, l_i, acc = _online(s, v, m_i, l_i, acc)
+        m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc)
 
     # (2) the local windows of this block of queries
     first = pid_m * BLOCK_M + (NK - NQ) - WINDOW + 1
@@ -81,7 +73,7 @@ def _tca_kernel(Q, K, V, IDX, CNT, VALID, OUT,
             band = (diff < WINDOW) & (diff > -WINDOW)
         s = tl.dot(q, tl.trans(k)) * scale
         s = tl.where(band & ok[None, :] & inside[None, :], s, float("-inf"))
-        m_i, l_i, acc = _online(s, v, m_i, l_i, acc)
+        m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc)
 
     out = acc / tl.maximum(l_i, 1e-30)[:, None]
     tl.store(OUT + b * s_ob + h * s_oh + rows[:, None] * s_on + dv[None, :], out.to(OUT.dtype.element_ty),

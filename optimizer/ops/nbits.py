@@ -109,7 +109,7 @@ def _matmul_nbits_onnx(x, qweight, scales, bias=None, bits: int = 4, block_size:
 
 
 def _embedding_q8(table: torch.Tensor, scales: torch.Tensor, ids: torch.Tensor, block_size: int) -> torch.Tensor:
-    rows, row_scales = table[ids].float(), scales[ids]
+    rows, row_scales = F.embedding(ids, table).float(), F.embedding(ids, scales)   # lowered to Gather
     d = table.shape[-1]
     return (rows.reshape(*ids.shape, -1, block_size) * row_scales[..., None]).reshape(*ids.shape, d)
 
@@ -118,16 +118,9 @@ def _embedding_q8_fake(table, scales, ids, block_size):
     return scales.new_empty((*ids.shape, table.shape[-1]))
 
 
-def _embedding_q8_onnx(table, scales, ids, block_size: int = 32):
-    rows = op.Cast(op.Gather(table, ids), to=1)                                 # [..., D] float
-    shape = op.Shape(rows)
-    blocked = op.Reshape(rows, op.Concat(op.Shape(ids), op.Constant(value_ints=[-1, block_size]), axis=0))
-    out = op.Mul(blocked, op.Unsqueeze(op.Gather(scales, ids), op.Constant(value_ints=[-1])))
-    return op.Reshape(out, shape)
-
-
-EMBEDDING_Q8 = define_op("tokopt::embedding_q8", _embedding_q8, _embedding_q8_fake, onnx=_embedding_q8_onnx,
-                         tags=("quant",))
+# No hand lowering: the decomposed reference (Gather, Cast, Mul) runs as fast in ONNX Runtime
+# (reference LM with rsq, 256 tokens: 28.1 vs 28.0 ms median, outputs equal).
+EMBEDDING_Q8 = define_op("tokopt::embedding_q8", _embedding_q8, _embedding_q8_fake, tags=("quant",))
 
 
 def standardize_nbits(model) -> int:

@@ -10,21 +10,24 @@
     weight_quant(w, s, bits) -> w            symmetric per-tensor weight fake-quantization
     low_tokens(q[B,H,N,d], k[B,Hkv,N,d], scale, fraction) -> bool [B,N]
         EdgeQAT's importance: the ``floor(fraction N)`` tokens whose queries, summed over heads,
-        give the first token the lowest pre-softmax logit are "low" (ties by position)
+        give the first token the lowest pre-softmax logit are "low"
 
 The references are written with straight-through rounding and LSQ's gradient scale, so the
-same ops train (``optimizer.ops.differentiable``) and deploy. ONNX lowering in standard ops:
-each width is ``QuantizeLinear`` / ``DequantizeLinear`` (int8; the low width clips to its range
-first, so its codes fit 4 bits) and ``Where`` picks per token; the split is
-``MatMul`` + ``ReduceSum`` + ``TopK`` + ``ScatterElements``. ONNX Runtime runs the QDQ pairs as
-they are: this is the accuracy contract of a mixed-precision kernel, not a faster one on a CPU.
+same ops train (``optimizer.ops.differentiable``) and deploy. The quantizers' hand lowering is
+``QuantizeLinear`` / ``DequantizeLinear`` (int8; the low width clips to its range first, so its
+codes fit 4 bits) with ``Where`` picking per token: the QDQ form runtimes turn into integer
+kernels (OpenVINO's FakeQuantize, ORT's QDQ fusions), which the decomposed rounding arithmetic
+would hide from them. ONNX Runtime on this CPU runs these per-token pairs as they are: the
+accuracy contract of a mixed-precision kernel, not a faster one. The split is exported from its
+decomposed reference (MatMul, ReduceSum, TopK, ScatterElements).
 """
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import torch
-from onnxscript import INT64, opset23 as op
+from onnxscript import opset23 as op
 
 from .registry import define_op, differentiable, round_values
 
@@ -159,32 +162,15 @@ def _low_tokens(q: torch.Tensor, k: torch.Tensor, scale: float, fraction: float)
     hkv = k.shape[1]
     first = k[:, :, :1]                                                         # [B,Hkv,1,d]
     score = (q.reshape(b, hkv, -1, d) @ first.transpose(-2, -1)).reshape(b, h, n).sum(1) * scale
-    count = int(math.floor(fraction * n))
-    low = torch.zeros(b, n, dtype=torch.bool, device=q.device)
-    if count:
-        idx = torch.sort(score.float(), dim=-1, stable=True).indices[:, :count]   # ONNX TopK's tie order
-        low.scatter_(1, idx, True)
-    return low
+    part = Fraction(fraction).limit_denominator(1000)
+    count = n * part.numerator // part.denominator                              # floor(fraction N), traceable
+    idx = score.float().topk(count, dim=-1, largest=False).indices
+    return torch.zeros(b, n, dtype=torch.bool, device=q.device).scatter(1, idx, True)
 
 
 def _low_tokens_fake(q, k, scale, fraction):
     return q.new_empty((q.shape[0], q.shape[2]), dtype=torch.bool)
 
 
-def _low_tokens_onnx(q, k, scale: float = 1.0, fraction: float = 0.5):
-    shape_q = op.Shape(q)
-    b, h, n, d = (op.Slice(shape_q, op.Constant(value_ints=[i]), op.Constant(value_ints=[i + 1])) for i in range(4))
-    hkv = op.Slice(op.Shape(k), op.Constant(value_ints=[1]), op.Constant(value_ints=[2]))
-    first = op.Slice(k, op.Constant(value_ints=[0]), op.Constant(value_ints=[1]), op.Constant(value_ints=[2]))
-    grouped = op.Reshape(q, op.Concat(b, hkv, op.Constant(value_ints=[-1]), d, axis=0))
-    score = op.Reshape(op.MatMul(grouped, op.Transpose(first, perm=[0, 1, 3, 2])), op.Concat(b, h, n, axis=0))
-    score = op.Mul(op.ReduceSum(score, op.Constant(value_ints=[1]), keepdims=0), op.Constant(value_float=scale))
-    count = op.Cast(op.Floor(op.Mul(op.Cast(n, to=1), op.Constant(value_float=fraction))), to=INT64.dtype)
-    _, idx = op.TopK(score, count, axis=-1, largest=0, sorted=1)
-    zeros = op.Expand(op.Constant(value_float=0.0), op.Concat(b, n, axis=0))
-    marks = op.ScatterElements(zeros, idx, op.Expand(op.Constant(value_float=1.0), op.Shape(idx)), axis=1)
-    return op.Greater(marks, op.Constant(value_float=0.5))
-
-
-LOW_TOKENS = define_op("tokopt::low_tokens", _low_tokens, _low_tokens_fake, onnx=_low_tokens_onnx, tags=("quant",),
-                       exact=False)
+# No hand lowering: the decomposed reference is the same TopK and ScatterElements.
+LOW_TOKENS = define_op("tokopt::low_tokens", _low_tokens, _low_tokens_fake, tags=("quant",), exact=False)

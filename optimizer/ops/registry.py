@@ -23,7 +23,7 @@ from typing import Any, Callable, NamedTuple
 import torch
 
 __all__ = ["OpSpec", "AttentionArgs", "define_op", "OPS", "OPSET", "onnx_translation_table", "standardize",
-           "decompositions", "register_kernel", "kernel", "differentiable", "round_values", "rounding_jitter",
+           "decompose", "register_kernel", "kernel", "differentiable", "round_values", "rounding_jitter",
            "attention_spec"]
 
 OPSET = 23  # the first opset with a standard Attention op (GQA, bool/float masks, causal)
@@ -121,10 +121,12 @@ def onnx_translation_table() -> dict:
     return {spec.overload: spec.onnx for spec in OPS.values() if spec.onnx is not None}
 
 
-def decompositions(keep: Callable[[OpSpec], bool]) -> dict:
-    """A ``run_decompositions`` table that replaces every tokopt op ``keep`` rejects by its torch
-    reference, traced into ATen ops: how a backend runs an op it has no kernel for."""
-    return {spec.overload: spec.reference for spec in OPS.values() if not keep(spec)}
+def decompose(ep: torch.export.ExportedProgram, keep: Callable[[OpSpec], bool]) -> torch.export.ExportedProgram:
+    """``ep`` with every tokopt op it calls that ``keep`` rejects replaced by its torch reference,
+    traced into ATen ops: how a backend runs an op it has no kernel for."""
+    present = {spec for node in ep.graph.nodes for spec in OPS.values() if spec.matches(node)}
+    table = {spec.overload: spec.reference for spec in present if not keep(spec)}
+    return ep.run_decompositions(table) if table else ep
 
 
 def standardize(model) -> dict[str, int]:

@@ -49,7 +49,8 @@ import torch.nn.functional as F
 from onnxscript import opset23 as op
 
 from .registry import AttentionArgs, define_op, differentiable
-from .tca import _dim, _ints, _range, valid_keys
+from .onnx_build import arange as _range, dim as _dim, ints as _ints
+from .tca import valid_keys
 
 __all__ = ["STILL", "still_reference", "route", "linear_state", "feature_map", "FEATURES", "EPS"]
 

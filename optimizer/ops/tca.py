@@ -32,6 +32,7 @@ import onnxscript
 import torch
 from onnxscript import opset23 as op
 
+from .onnx_build import arange as _range, dim as _dim, ints as _ints
 from .registry import OPSET, AttentionArgs, define_op, differentiable
 
 __all__ = ["TCA", "TCA_CACHE", "tca_reference", "tca_cache_reference", "compact_size", "budget_counts", "valid_keys",
@@ -188,19 +189,6 @@ def _tca_fake(q, k, v, mask, scale, causal, budgets, windows, sinks, obs):
 
 
 _TRUE = onnx.helper.make_tensor("true", onnx.TensorProto.BOOL, [], [True])
-
-
-def _ints(*x):
-    return op.Constant(value_ints=list(x))
-
-
-def _range(n):
-    """0 .. n-1 for a 1-element shape tensor (or a scalar constant) ``n``."""
-    return op.Range(op.Constant(value_int=0), op.Squeeze(n), op.Constant(value_int=1))
-
-
-def _dim(x, axis: int):
-    return op.Shape(x, start=axis, end=axis + 1)
 
 
 def _budget_counts(budgets, total):

@@ -13,9 +13,7 @@ GQA without repeating k: q's heads are grouped by the kv head they share.
 """
 from __future__ import annotations
 
-import onnx_ir as ir
 import torch
-from onnxscript import opset23 as op23
 
 from .registry import define_op
 
@@ -86,90 +84,7 @@ def _token_scores_fake(q, k, mask, scale, causal, score, o=None):
     return q.new_empty((q.shape[0], k.shape[2]))
 
 
-def _token_scores_onnx(q, k, mask=None, scale: float = 1.0, causal: bool = False, score: str = "cls", o=None):
-    # heads and head_dim are static: a constant reshape target (0 = copy the batch) keeps a
-    # single -1 even after ORT's fusions fold shape arithmetic (a computed one came out with two)
-    kv_heads, head_dim = int(k.shape[1]), int(q.shape[3])
-    base, score = score.partition("@")[0], _row(score) or score
-    if score == "cls":
-        q = op23.Slice(q, op23.Constant(value_ints=[0]), op23.Constant(value_ints=[1]), op23.Constant(value_ints=[2]))
-    elif score == "last":
-        q = op23.Slice(q, op23.Constant(value_ints=[-1]), op23.Constant(value_ints=[_BIG]),
-                       op23.Constant(value_ints=[2]))
-    target = op23.Constant(value_ints=[0, kv_heads, -1, head_dim])
-    grouped = op23.Reshape(q, target)
-    logits = op23.Mul(op23.MatMul(grouped, op23.Transpose(k, perm=[0, 1, 3, 2])),
-                      op23.CastLike(op23.Constant(value_float=scale), grouped))
-    rep = op23.Div(op23.Slice(op23.Shape(grouped), op23.Constant(value_ints=[2]), op23.Constant(value_ints=[3])),
-                   op23.Slice(op23.Shape(q), op23.Constant(value_ints=[2]), op23.Constant(value_ints=[3])))
-    tiles = op23.Concat(op23.Constant(value_ints=[1, 1]), rep, op23.Constant(value_ints=[1]), axis=0)
-    neg = op23.CastLike(op23.Constant(value_float=float("-inf")), logits)
-    if mask is not None:
-        is_bool = mask.dtype == ir.DataType.BOOL  # read on the input: fresh values carry no dtype yet
-        if score == "cls":
-            mask = op23.Slice(mask, op23.Constant(value_ints=[0]), op23.Constant(value_ints=[1]),
-                              op23.Constant(value_ints=[2]))
-        elif score == "last":
-            mask = op23.Slice(mask, op23.Constant(value_ints=[-1]), op23.Constant(value_ints=[_BIG]),
-                              op23.Constant(value_ints=[2]))
-        mask = op23.Tile(mask, tiles)
-        logits = op23.Where(mask, logits, neg) if is_bool else op23.Add(logits, mask)
-    if causal and score != "last":
-        n = op23.Slice(op23.Shape(k), op23.Constant(value_ints=[2]), op23.Constant(value_ints=[3]))
-        r = op23.Slice(op23.Shape(q), op23.Constant(value_ints=[2]), op23.Constant(value_ints=[3]))
-        ones = op23.ConstantOfShape(op23.Concat(r, n, axis=0), value=_ones_int32())
-        tri = op23.Tile(op23.Trilu(ones, upper=0), op23.Concat(rep, op23.Constant(value_ints=[1]), axis=0))
-        logits = op23.Where(op23.Cast(tri, to=9), logits, neg)
-    probs = op23.Softmax(logits, axis=-1)
-    zero = op23.CastLike(op23.Constant(value_float=0.0), logits)
-    probs = op23.Where(op23.IsNaN(probs), zero, probs)
-    if base == "head_weighted":
-        w = op23.ReduceL2(o, op23.Constant(value_ints=[-1]), keepdims=0)                    # [B, H, N]
-        w = op23.Div(w, op23.Max(op23.ReduceSum(w, op23.Constant(value_ints=[1]), keepdims=1),
-                                 op23.CastLike(op23.Constant(value_float=1e-30), w)))
-        w = op23.Unsqueeze(w, op23.Constant(value_ints=[2]))                                  # [B, H, 1, N]
-        w = op23.Reshape(w, op23.Constant(value_ints=[0, kv_heads, -1, 0]))                   # [B, Hkv, rep, N]
-        return op23.ReduceSum(op23.Mul(probs, w), op23.Constant(value_ints=[1, 2]), keepdims=0)
-    if base == "diverse":
-        imp = op23.ReduceMean(probs, op23.Constant(value_ints=[1, 2]), keepdims=0)           # [B, N]
-        metric = op23.ReduceMean(k, op23.Constant(value_ints=[1]), keepdims=0)                # [B, N, d]
-        metric = op23.Div(metric, op23.Max(op23.ReduceL2(metric, op23.Constant(value_ints=[-1]), keepdims=1),
-                                           op23.CastLike(op23.Constant(value_float=1e-12), metric)))
-        sim = op23.MatMul(metric, op23.Transpose(metric, perm=[0, 2, 1]))
-        above = op23.Greater(op23.Unsqueeze(imp, op23.Constant(value_ints=[1])),
-                             op23.Unsqueeze(imp, op23.Constant(value_ints=[2])))
-        red = op23.ReduceMax(op23.Where(above, sim, op23.CastLike(op23.Constant(value_float=-1.0), sim)),
-                             op23.Constant(value_ints=[-1]), keepdims=0)
-        red = op23.Max(red, zero)
-        top = op23.Max(op23.ReduceMax(imp, op23.Constant(value_ints=[-1]), keepdims=1),
-                       op23.CastLike(op23.Constant(value_float=1e-30), imp))
-        return op23.Sub(op23.Div(imp, top), op23.Mul(op23.CastLike(op23.Constant(value_float=DIVERSITY), red), red))
-    if score != "debiased":
-        return op23.ReduceMean(probs, op23.Constant(value_ints=[1, 2]), keepdims=0)
-    one = op23.CastLike(op23.Constant(value_float=1.0), logits)
-    last, rows, heads = (op23.Constant(value_ints=[a]) for a in (-1, 2, 1))
-    n = op23.Squeeze(op23.Slice(op23.Shape(k), op23.Constant(value_ints=[2]), op23.Constant(value_ints=[3])))
-    positions = op23.Range(op23.Constant(value_int=0), n, op23.Constant(value_int=1))
-    not_sink = op23.CastLike(op23.Greater(positions, op23.Constant(value_int=0)), logits)
-    seen = op23.Mul(op23.CastLike(op23.Greater(logits, op23.CastLike(op23.Constant(value_float=-1e30), logits)),
-                                  logits), not_sink)
-    rest = op23.Mul(probs, not_sink)
-    rest = op23.Div(rest, op23.Max(op23.ReduceSum(rest, last, keepdims=1),
-                                   op23.CastLike(op23.Constant(value_float=1e-30), logits)))
-    relative = op23.Mul(rest, op23.Max(op23.ReduceSum(seen, last, keepdims=1), one))
-    per_key = op23.Div(op23.ReduceSum(relative, rows, keepdims=0),
-                       op23.Max(op23.ReduceSum(seen, rows, keepdims=0), one))
-    return op23.ReduceMean(per_key, heads, keepdims=0)
-
-
-_BIG = 2 ** 62
-
-
-def _ones_int32():
-    import onnx
-    return onnx.helper.make_tensor("one", onnx.TensorProto.INT32, [1], [1])
-
-
-TOKEN_SCORES = define_op("tokopt::token_scores", _token_scores, _token_scores_fake, onnx=_token_scores_onnx,
-                         tags=("scores",))
+# No hand lowering: torch.onnx's export of the decomposed reference is as fast in ONNX Runtime
+# (MiniLM, token_prune keep=0.7 after layer 3, 256 tokens: 49.6 vs 49.8 ms median, outputs equal).
+TOKEN_SCORES = define_op("tokopt::token_scores", _token_scores, _token_scores_fake, tags=("scores",))
 
