@@ -4,7 +4,7 @@ Every installed Python distribution ships its README as the body of ``*.dist-inf
 public English text, present offline. This keeps the paragraphs that read as prose (few code
 characters, mostly words), strips inline markup, and writes JSONL ``{"text", "source"}``.
 
-    python scripts/extract_passages.py --out calibration/passages.jsonl --limit 400
+    python scripts/extract_passages.py --out optimizer/passages.jsonl --limit 400
 """
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ def passages(sites: list[Path]):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="calibration/passages.jsonl")
+    ap.add_argument("--out", default="optimizer/passages.jsonl")
     ap.add_argument("--limit", type=int, default=400)
     ap.add_argument("--per-package", type=int, default=12)
     args = ap.parse_args(argv)

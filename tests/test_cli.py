@@ -33,6 +33,7 @@ def test_passes_and_targets(capsys):
     assert code == 0 and "x86-cpu" in out and "tensorrt" in out
 
 
+@pytest.mark.slow
 def test_inspect_model_and_bundle(capsys, model_dir, tmp_path):
     code, out, _ = _run(capsys, "inspect", str(model_dir("llama")))
     assert code == 0 and "2 attention blocks recognised" in out and "model.layers.1.self_attn" in out
@@ -108,6 +109,7 @@ def test_trust_pickle_allows_bin(capsys, model_dir, tmp_path):
     assert got == 0, err
 
 
+@pytest.mark.slow
 def test_console_script_end_to_end(model_dir, tmp_path):
     """The installed `tokopt` entry point, as a shell user runs it."""
     exe = shutil.which("tokopt") or pytest.skip("console script not on PATH")

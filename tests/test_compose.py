@@ -120,8 +120,13 @@ def _runs_in_onnxruntime(program, family: str, tmp_path: Path) -> None:
     assert got[main].shape == tuple(ref[main].shape) and np.isfinite(got[main]).all()
 
 
+# canonicalize runs first in every plan, so a pair with it is the other pass alone, which that
+# pass's own tests compile; these are the pairs of the five rewriting passes the plan accepts.
+RUN_PAIRS = [p for p in PAIRS if "canonicalize" not in p and frozenset(p) not in REFUSED]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("a,b", [p for p in PAIRS if frozenset(p) not in REFUSED])
+@pytest.mark.parametrize("a,b", RUN_PAIRS)
 def test_causal_lm_pair_compiles_and_runs(a, b, model_dir, ids_file, tmp_path):
     program = _run_plan("llama", model_dir, ids_file, a, b)
     names = [h["name"] for h in program.history]

@@ -111,6 +111,7 @@ def edgeqat_lm(tmp_path_factory):
                           calib=REFERENCE_LM / "heldout.txt", measure=False)
 
 
+@pytest.mark.slow
 def test_edgeqat_on_the_reference_lm(edgeqat_lm):
     """Per layer: attention input, q, k, v, MLP input and intermediate quantized, one token split
     per layer, every body linear a packed W4 matmul; a dozen training steps already lower the

@@ -41,6 +41,7 @@ def _hf_greedy(model, ids, mask=None, n=64):
                               max_new_tokens=n, do_sample=False, pad_token_id=0).numpy()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", DECODERS)
 def test_greedy_equals_transformers(family, tmp_path):
     model = _no_eos(_tiny(family).eval())
@@ -110,6 +111,7 @@ def test_stop_tokens_end_generation(llama_bundle):
     assert got[0, -1] == stop and got.shape[1] <= 14
 
 
+@pytest.mark.slow
 def test_bad_generation_requests(llama_bundle, tmp_path, model_dir):
     run = tokopt.load(llama_bundle[1].bundle)
     with pytest.raises(UsageError, match="cache holds at most 512 tokens.*at most 12 new"):
@@ -140,6 +142,7 @@ def test_cli_generation_errors(llama_bundle, capsys):
     assert "KV cache 2 layers x 2 heads x 16 dims (float32), up to 512 tokens" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_reference_lm_generates_like_transformers(tmp_path, capsys):
     """Trained weights, real prompt, CLI end to end: the streamed text is transformers' greedy
     continuation; the report has the decode latency and the cache size."""

@@ -18,6 +18,7 @@ from .conftest import FAMILIES, MORE_FAMILIES, feed_for
 TOL = 1e-4  # fp32 eager vs ORT, through a different attention kernel
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES + MORE_FAMILIES)
 def test_bundle_matches_eager(tmp_path, model_dir, family):
     res = tokopt.compile(model_dir(family), out=tmp_path / "b", measure=False, verify_each=True)

@@ -46,6 +46,7 @@ def test_heldout_perplexity_beats_ngram_baselines(lm):
     assert stated["heldout_ppl"] < stated["bigram_ppl"] < stated["unigram_ppl"]
 
 
+@pytest.mark.slow
 def test_compile_reference_lm(tmp_path, capsys):
     res = tokopt.compile(REFERENCE_LM, out=tmp_path / "b", calib=REFERENCE_LM / "heldout.txt",
                          bench_runs=3, bench_len=256, threads=1)

@@ -121,6 +121,7 @@ def rsq_lm(tmp_path_factory):
                           calib=REFERENCE_LM / "heldout.txt", bench_runs=5, bench_len=64, threads=2)
 
 
+@pytest.mark.slow
 def test_rsq_on_the_reference_lm(rsq_lm):
     """Trained weights, held-out code: int4 RSQ keeps perplexity within 5% of fp32; every
     linear of the 4 layers is a packed int4 matmul, the tied embedding/LM head int8."""
@@ -133,6 +134,7 @@ def test_rsq_on_the_reference_lm(rsq_lm):
     assert ops.count("MatMulNBits") == 29 and "Gather" in ops
 
 
+@pytest.mark.slow
 def test_rsq_bundle_size_log_and_report(rsq_lm):
     """<= 0.30x the plain fp32 export on disk; quant_log.csv has one row per quantized linear;
     the report's quality on real text is close to the original."""
@@ -171,6 +173,7 @@ def test_int8_compute(tmp_path):
     assert np.abs(got - rounded.numpy()).max() < 0.1 * np.abs(rounded.numpy() - exact.numpy()).max() + 1e-4
 
 
+@pytest.mark.slow
 def test_int8_compute_on_a_deep_encoder(tmp_path, minilm_dir):
     """compute=int8 on MiniLM (36 rounded matmuls in a row): nudging the reference's rounding
     inputs by 1e-6 moves its output by percents (a flip changes later inputs by a whole step,
@@ -195,6 +198,7 @@ def test_int8_compute_on_a_deep_encoder(tmp_path, minilm_dir):
     assert wrong is not None and wrong.startswith("outputs differ")
 
 
+@pytest.mark.slow
 def test_rsq_on_minilm_keeps_embeddings(tmp_path, minilm_dir):
     """A post-norm BERT cannot be rotated: rotate=auto says so and quantizes without; the int4
     sentence embeddings stay within cosine 0.98 of fp32 on real passages."""
@@ -206,6 +210,7 @@ def test_rsq_on_minilm_keeps_embeddings(tmp_path, minilm_dir):
     assert res.report["quality"]["embedding_cosine"] > 0.98
 
 
+@pytest.mark.slow
 def test_token_ids_calibration_and_cache(tmp_path, model_dir):
     """Calibration from a token-id file; the second compile with the same weights, data and
     options reads the GPTQ result from the cache and builds the same graph."""
@@ -231,6 +236,7 @@ def test_short_text_gives_shorter_windows(tmp_path, model_dir):
     assert out.history[-1]["stats"]["calibration"] == "4 windows of 64 tokens"
 
 
+@pytest.mark.slow
 def test_generation_graph(tmp_path, model_dir):
     """On a --generate graph values stay unrotated (the cache keeps the model's layout), the
     exporter checks prefill and decode steps against the graph, and the bundle decodes."""
@@ -243,6 +249,7 @@ def test_generation_graph(tmp_path, model_dir):
     assert tokopt.load(res.bundle).generate(input_ids=ids, max_new_tokens=5).shape == (2, 12)
 
 
+@pytest.mark.slow
 def test_standard_onnx_for_tensorrt(tmp_path, model_dir):
     """The TensorRT path's ONNX: no contrib ops, weights as INT4 initializers behind blocked
     DequantizeLinear, and it reproduces the graph (checked by the exporter against the program)."""
@@ -258,6 +265,7 @@ def test_standard_onnx_for_tensorrt(tmp_path, model_dir):
     assert len(int4) == 2 * 7 and sum(n.op_type == "DequantizeLinear" for n in m.graph.node) == 2 * 7 + 1
 
 
+@pytest.mark.slow
 def test_bad_requests(tmp_path, model_dir, minilm_dir):
     with pytest.raises(UsageError, match="bits=3 is not supported"):
         tokopt.compile(model_dir("llama"), out=tmp_path / "a", passes="rsq:bits=3")

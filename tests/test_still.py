@@ -96,6 +96,7 @@ def test_onnx_lowering_matches_reference(tmp_path, causal, top_k, feature, exact
         assert np.abs(got - ref.numpy()).max() < 1e-5
 
 
+@pytest.mark.slow
 def test_exact_routing_leaves_the_model_unchanged(tmp_path, model_dir):
     """Structural and numerical: every attention replaced, and with every token salient the
     compiled bundle's logits equal the original model's (float tolerance)."""
@@ -116,6 +117,7 @@ def test_exact_routing_leaves_the_model_unchanged(tmp_path, model_dir):
     assert "Attention" not in {n.op_type for n in onnx.load(str(tmp_path / "b" / "model.onnx")).graph.node}
 
 
+@pytest.mark.slow
 def test_bidirectional_encoder(tmp_path, model_dir):
     """An encoder (BERT, padded batch) takes the bidirectional form; stage 1 trains, no LoRA."""
     ids = tmp_path / "ids.npy"
@@ -131,6 +133,7 @@ def test_bidirectional_encoder(tmp_path, model_dir):
     assert np.isfinite(tokopt.load(res.bundle)(**feed)["last_hidden_state"]).all()
 
 
+@pytest.mark.slow
 def test_distilled_on_the_reference_lm(tmp_path, monkeypatch):
     """Trained weights, real held-out code, at 512 tokens: the middle two layers become STILL,
     attention transfer cuts each layer's error, LoRA is merged where it pays, perplexity stays
@@ -160,6 +163,7 @@ def test_distilled_on_the_reference_lm(tmp_path, monkeypatch):
     assert trained and all(torch.equal(again.ep.state_dict[n], res.program.ep.state_dict[n]) for n in trained)
 
 
+@pytest.mark.slow
 def test_bad_requests(tmp_path, model_dir):
     lm = model_dir("llama")
     for spec, msg in (("still:top_k=-1", r"top_k=-1 must be in \[0, chunk=64\]"),

@@ -77,6 +77,7 @@ def test_onnx_lowering_matches_reference(tmp_path, causal):
         assert np.abs(got - ref.numpy()).max() < 1e-5
 
 
+@pytest.mark.slow
 def test_uniform_pass_replaces_every_attention(tmp_path, model_dir):
     res = tokopt.compile(model_dir("llama"), out=tmp_path / "b", passes="tca:uniform=0.25,window=4", measure=False)
     assert res.program.count(TCA.overload) == 2 and res.program.count("tokopt.attention.default") == 0
@@ -96,6 +97,7 @@ def test_uniform_pass_replaces_every_attention(tmp_path, model_dir):
     assert dense.count(TCA.overload) == 0 and dense.history[-1]["stats"]["dense_layers"] == [0, 1]
 
 
+@pytest.mark.slow
 def test_generation_within_the_window_is_exact(tmp_path):
     """On a --generate graph the decode step runs the op too, on a compacting cache; while every
     key lies in the window, tokens equal transformers' greedy decoding."""
@@ -111,6 +113,7 @@ def test_generation_within_the_window_is_exact(tmp_path):
     np.testing.assert_array_equal(got, ref)
 
 
+@pytest.mark.slow
 def test_calibrated_on_the_reference_lm(tmp_path, monkeypatch):
     """Trained weights, real held-out code: calibrated per-head (window, budget) pairs use far
     fewer keys than dense at a perplexity within 2%; the budgets ship in the bundle; a second
@@ -134,6 +137,7 @@ def test_calibrated_on_the_reference_lm(tmp_path, monkeypatch):
     assert again.artifacts["budgets.json"]["heads"] == heads
 
 
+@pytest.mark.slow
 def test_bad_requests(tmp_path, model_dir):
     with pytest.raises(UsageError, match="uniform=1.5 must be a budget"):
         tokopt.compile(model_dir("llama"), out=tmp_path / "a", passes="tca:uniform=1.5")
@@ -148,6 +152,7 @@ def test_bad_requests(tmp_path, model_dir):
     assert not any((tmp_path / n).exists() for n in "abcd")
 
 
+@pytest.mark.slow
 def test_calibrates_on_a_generation_graph(tmp_path, monkeypatch):
     """Calibration runs on a --generate graph too (prefills into an empty cache); the budgets
     ship and the bundle still decodes."""

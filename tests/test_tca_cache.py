@@ -94,6 +94,7 @@ def tiny_llama():
     return model
 
 
+@pytest.mark.slow
 def test_compacted_cache_holds_the_original_keys(tiny_llama):
     """Structural: the graph reads and writes past/present_index_i, and after a prefill of L
     tokens each layer holds sinks + window + ceil(budget x L) entries. Numerical: every kept
@@ -118,6 +119,7 @@ def test_compacted_cache_holds_the_original_keys(tiny_llama):
             assert torch.equal(got[f"present_{kv}_{i}"], want)
 
 
+@pytest.mark.slow
 def test_padded_batch_within_the_window_decodes_as_transformers(tmp_path, tiny_llama):
     """Left-padded rows through prefill and decode steps with a compacting cache (the index
     keeps padding masked): greedy tokens equal transformers' while every key fits the window."""
@@ -133,6 +135,7 @@ def test_padded_batch_within_the_window_decodes_as_transformers(tmp_path, tiny_l
     np.testing.assert_array_equal(got, ref)
 
 
+@pytest.mark.slow
 def test_decode_quality_and_cache_on_the_reference_lm(tmp_path, monkeypatch):
     """Trained weights, held-out code: with calibrated budgets, the compacted cache holds at most
     half the full one, and the perplexity of 128 tokens decoded one step at a time after a

@@ -117,6 +117,7 @@ def test_merge_lengths_restore_and_padding(merging, n):
     assert all(tuple(v.tolist()) in rows for v in full[1].round(decimals=4))
 
 
+@pytest.mark.slow
 def test_merge_carries_sizes_across_layers(bert):
     """A second merge reads each key's size from the first merge's mask (log size) and averages
     by size: token 2 (size 3) merging into token 3 (size 2) gives (3 x2 + 2 x3) / 5, size 5."""
@@ -259,6 +260,7 @@ def test_causal_refusals(llama, spec, message):
     ("fuse", 0.5, lambda n: kept_length(n, 0.5) + 1),
     ("merge", 0.7, lambda n: merged_length(n, 0.7)),
 ])
+@pytest.mark.slow
 def test_encoder_modes_run_in_onnxruntime(tmp_path, model_dir, mode, keep, length):
     res = tokopt.compile(model_dir("bert"), out=tmp_path / "b", measure=False,
                          passes=f"token_prune:keep={keep},layers=0,mode={mode}")
@@ -268,6 +270,7 @@ def test_encoder_modes_run_in_onnxruntime(tmp_path, model_dir, mode, keep, lengt
     assert np.abs(got - res.program.run(feed)["last_hidden_state"].numpy()).max() < 1e-4
 
 
+@pytest.mark.slow
 def test_pruned_bundle_runs_in_onnxruntime(tmp_path, model_dir):
     res = tokopt.compile(model_dir("llama"), out=tmp_path / "b", passes="token_prune:keep=0.5,layers=0,score=last",
                          measure=False)
@@ -279,6 +282,7 @@ def test_pruned_bundle_runs_in_onnxruntime(tmp_path, model_dir):
     assert not any(r.reason for r in res.program.rejected), res.program.rejected
 
 
+@pytest.mark.slow
 def test_quality_on_minilm_real_text(tmp_path, minilm_dir):
     """Trained weights, the shipped passages: what pruning half the tokens after layer 1 costs."""
     res = tokopt.compile(minilm_dir, out=tmp_path / "b", passes="token_prune:keep=0.5,layers=1,score=cls",
@@ -289,6 +293,7 @@ def test_quality_on_minilm_real_text(tmp_path, minilm_dir):
 
 
 
+@pytest.mark.slow
 def test_restore_through_two_cuts(bert, model_dir):
     """Every position gets back the representation it had just before the cut that dropped it:
     kept through both cuts, the pruned graph's own output (in order); dropped at the first, the
@@ -359,6 +364,7 @@ def test_token_level_heads_need_restore(tmp_path, capsys, head):
             torch.testing.assert_close(same[name], ref[name], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_vision_transformer_with_a_fixed_token_count(tmp_path, model_dir):
     """A ViT's token count is fixed by its image size (17 here: 16 patches + CLS), so later shapes
     spell it as a literal; the pass rewrites those. Token counts per mode, keep=1 exact, restore

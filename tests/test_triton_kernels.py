@@ -79,6 +79,7 @@ def _interpreted(script: str) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_tca_kernel_matches_reference_interpreted():
     """Causal and bidirectional, GQA, left padding, a decode step, full and partial budgets."""
     assert _interpreted(CHECK) < 1e-5
