@@ -28,11 +28,15 @@ from ..optimizer.errors import UsageError
 from ..optimizer.ops import Tap, attention_reference
 from ..optimizer.program import AttentionBlock, Program
 
-__all__ = ["head_errors", "cheapest_within", "weights_hash", "cache_dir", "cached", "cached_tensors"]
+__all__ = ["head_errors", "cheapest_within", "program_hash", "cache_dir", "cached", "cached_tensors"]
 
 
-def weights_hash(program: Program) -> str:
-    h = hashlib.sha256()
+def program_hash(program: Program) -> str:
+    """What a calibration result depends on besides its data and options: the weights, and the
+    passes that shaped the graph it ran on (pruned tokens or sparse attention change every
+    activation downstream while the weights stay the same)."""
+    h = hashlib.sha256(json.dumps([[p["name"], p["options"]] for p in program.history], sort_keys=True,
+                                  default=str).encode())
     for name, t in sorted(program.ep.state_dict.items()):
         h.update(name.encode())
         h.update(t.detach().contiguous().view(torch.uint8).numpy().tobytes())

@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 from ..calibration.gptq import QuantizedWeight, quantize_gptq, quantize_rtn
 from ..calibration.lm_eval import full_feed, perplexity
-from ..calibration.stats import cached_tensors, weights_hash
+from ..calibration.stats import cached_tensors, program_hash
 from ..optimizer.data import token_source, token_windows
 from ..optimizer.errors import PassError, UsageError
 from ..optimizer.ops import BITS, EMBEDDING_Q8, MATMUL_NBITS, TOKEN_SCORES, Tap, attention_spec
@@ -218,7 +218,7 @@ class RSQPass(Pass):
         layer_of = layer_of_linears(rw, first)
         # the cache key hashes the weights before rotation: the rotated ones carry BLAS rounding
         # that varies with memory alignment from run to run
-        model_hash = weights_hash(program)
+        model_hash = program_hash(program)
         stats["rotation"] = self._rotate(program, rw)
         body, heads = linear_layers(rw)
         if not body:
@@ -232,7 +232,7 @@ class RSQPass(Pass):
         calib, held_out = self._data(program) if needs_data else ([], [])
         key = {"version": CACHE_VERSION, "weights": model_hash, "options": {
             k: v for k, v in dataclasses.asdict(opts).items() if k not in ("eval_windows", "compute", "embed_bits")},
-            "group_size": bs, "graph": [b.spelling for b in program.attention],
+            "group_size": bs,
             "data": [hashlib.sha256(torch.cat(calib, 1).numpy().tobytes()).hexdigest()] if calib else None}
         result, hit = cached_tensors("rsq", key, lambda: self._solve(rw, body, calib, layer_of, names, bs))
         stats["cached"] = hit

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..calibration.lm_eval import full_feed, passkey_stats, perplexity
-from ..calibration.stats import cached_tensors, weights_hash
+from ..calibration.stats import cached_tensors, program_hash
 from ..optimizer.data import token_source, token_windows
 from ..optimizer.errors import PassError, UsageError
 from ..optimizer.ops import STILL, Tap
@@ -300,7 +300,7 @@ class StillPass(Pass):
         rw = program.rewrite()
         params = self._rewrite(rw, blocks)
         causal_lm = program.task == "causal-lm" and "logits" in program.output_names and program.keeps_positions
-        key = {"version": CACHE_VERSION, "weights": weights_hash(original),
+        key = {"version": CACHE_VERSION, "weights": program_hash(original),
                "data": hashlib.sha256(torch.cat(train, 1).numpy().tobytes()).hexdigest() if train else None,
                "options": {k: v for k, v in opts.__dict__.items() if k not in STAGE2 + ("eval_windows",)}}
         start = time.perf_counter()

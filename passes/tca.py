@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from ..calibration.lm_eval import full_feed, passkey_stats, perplexity
-from ..calibration.stats import cached, cheapest_within, head_errors, weights_hash
+from ..calibration.stats import cached, cheapest_within, head_errors, program_hash
 from ..optimizer.data import token_source, token_windows
 from ..optimizer.errors import PassError, UsageError
 from ..optimizer.ops import TCA, TCA_CACHE
@@ -141,7 +141,7 @@ class TCAPass(Pass):
         def candidate(q, k, v, mask, scale, causal, config):
             return tca_reference(q, k, v, mask, scale, causal, [config[1]], [config[0]], opts.sinks, opts.obs)
 
-        key = {"version": CALIBRATION_VERSION, "weights": weights_hash(program), "data": _file_hash(source),
+        key = {"version": CALIBRATION_VERSION, "weights": program_hash(program), "data": _file_hash(source),
                "length": length, "windows": len(calib), "sinks": opts.sinks, "obs": opts.obs,
                "configs": configs, "graph": "generate" if program.cache else "forward", "layers": layers}
         result, hit = cached("tca", key, lambda: {"errors": {str(layer): e.tolist() for layer, e in head_errors(

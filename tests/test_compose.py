@@ -166,3 +166,16 @@ def test_tca_then_rsq_on_the_reference_lm(tmp_path):
     ids = np.random.default_rng(1).integers(10, 4096, (2, 300))
     out = tokopt.load(res.bundle)(input_ids=ids, attention_mask=np.ones_like(ids))
     assert out["logits"].shape == (2, 300, 4096) and np.isfinite(out["logits"]).all()
+
+
+def test_calibration_caches_know_the_passes_before(model_dir, ids_file):
+    """rsq after token_prune calibrates on the pruned activations: the cache entry rsq alone wrote
+    for the same weights, data and options is not reused (it was, before the key held the
+    passes that shaped the graph)."""
+    captured = tokopt.capture(model_dir("llama"))
+    captured.calib = str(ids_file)
+    alone = PassManager(plan(plan_passes(spec("rsq", True))).passes).run(captured)
+    again = PassManager(plan(plan_passes(spec("rsq", True))).passes).run(captured)
+    pruned = PassManager(plan(plan_passes(f"{spec('token_prune', True)},{spec('rsq', True)}")).passes).run(captured)
+    assert again.history[-1]["stats"]["cached"] and not pruned.history[-1]["stats"]["cached"]
+    assert alone.history[-1]["stats"]["mean_relative_error"] != pruned.history[-1]["stats"]["mean_relative_error"]
