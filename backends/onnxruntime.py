@@ -21,9 +21,10 @@ from ..optimizer.program import Program
 from ..optimizer.generation import with_positions
 from ..optimizer.report import bench_inputs, time_calls, verification_feeds
 from ..optimizer.runtime import Backend, Runner, register_backend
+from .decoder import decoder_feeds, lower_decoder
 from .targets import Target, get_target, require_providers
 
-__all__ = ["OnnxRuntimeBackend", "OnnxRuntimeRunner", "export_onnx", "for_onnx", "export_baseline", "make_session",
+__all__ = ["OnnxRuntimeBackend", "OnnxRuntimeRunner", "BoundDecoding", "export_onnx", "for_onnx", "export_baseline", "make_session",
            "MODEL_FILE"]
 
 MODEL_FILE = "model.onnx"
@@ -183,9 +184,44 @@ class OnnxRuntimeRunner(Runner):
         super().__init__(bundle, manifest)
         self.providers = require_providers(get_target(manifest["target"]))
         self.session = make_session(bundle / MODEL_FILE, self.providers, threads)
+        self.graph_inputs = {i.name for i in self.session.get_inputs()}
 
     def _run(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
-        return self.session.run(None, feed)
+        # an input the lowering made unused (position_ids, once RoPE reads cache indices) is gone
+        return self.session.run(None, {k: v for k, v in feed.items() if k in self.graph_inputs})
+
+    def decoding(self, batch: int, capacity: int):
+        if not (self.manifest.get("generation") or {}).get("shared_buffer"):
+            return super().decoding(batch, capacity)
+        return BoundDecoding(self.session, self.cache_spec(), batch, capacity, self.graph_inputs)
+
+
+class BoundDecoding:
+    """Decoding with the cache in one preallocated buffer per layer's keys and values, bound
+    through ORT's IOBinding as both the graph's past and its present: GroupQueryAttention
+    writes each step's keys in place, nothing is copied or concatenated between steps."""
+
+    def __init__(self, session, spec, batch: int, capacity: int, inputs: set[str]):
+        import onnxruntime as ort
+        self.session, self.positions = session, "position_ids" in inputs
+        self.io = session.io_binding()
+        self.io.bind_output("logits")   # bound first: get_outputs() follows binding order
+        self.buffers = []               # kept alive as long as the binding uses them
+        for i in range(spec.layers):
+            for kv in ("key", "value"):
+                buf = ort.OrtValue.ortvalue_from_numpy(
+                    np.zeros((batch, spec.kv_heads[i], capacity, spec.head_dim[i]), dtype=spec.dtype))
+                self.io.bind_ortvalue_input(f"past_{kv}_{i}", buf)
+                self.io.bind_ortvalue_output(f"present_{kv}_{i}", buf)
+                self.buffers.append(buf)
+
+    def __call__(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        self.io.bind_cpu_input("input_ids", np.ascontiguousarray(ids))
+        self.io.bind_cpu_input("attention_mask", np.ascontiguousarray(mask))
+        if self.positions:
+            self.io.bind_cpu_input("position_ids", np.ascontiguousarray(pos))
+        self.session.run_with_iobinding(self.io)
+        return self.io.get_outputs()[0].numpy()[:, -1].copy()   # the array is the output's buffer, reused
 
 
 @register_backend
@@ -199,9 +235,15 @@ class OnnxRuntimeBackend(Backend):
         return target
 
     def lower(self, program: Program, out_dir: Path, target: Target) -> dict:
+        decoder = {}
+        if program.cache is not None and target.contrib_fusions:
+            program, decoder = lower_decoder(program)
         info = export_onnx(program, out_dir / MODEL_FILE, fusions=target.contrib_fusions,
-                           check_feeds=verification_feeds(program))
-        return {"model": MODEL_FILE, **info}
+                           check_feeds=decoder_feeds(program) if decoder.get("cached_attention") else
+                           verification_feeds(program))
+        shared = len(decoder.get("cached_attention", ())) == (program.cache.layers if program.cache else -1)
+        return {"model": MODEL_FILE, **info, **({"decoder": decoder} if decoder else {}),
+                **({"shared_buffer": True} if shared else {})}
 
     def latency(self, captured: Program, bundle_dir: Path, target: Target, runs: int, length: int,
                 threads: int | None) -> dict:

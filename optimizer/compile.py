@@ -170,7 +170,9 @@ def compile(model, example_inputs=None, *, out=None, passes=None, recipe=None, b
         if program.cache is not None:
             data["generation"] = {"graph": "one graph: prefill = empty cache, decode step = one token",
                                   "cache": program.cache.to_json(),
-                                  "per_head_cache_length": None}  # None: every head keeps every token
+                                  "per_head_cache_length": None,  # None: every head keeps every token
+                                  "shared_buffer": bool(lowered.pop("shared_buffer", False)),
+                                  "one_row_chunks": bool(lowered.get("decoder", {}).get("cached_attention"))}
         report = {"source": source.get("path", source.get("class", "module")), "backend": be.name,
                   "target": tgt.name, "passes": program.history, **({"plan": the_plan.notes} if the_plan.notes else {}),
                   "attention": [b.row() for b in program.attention],
@@ -211,7 +213,7 @@ def _measure_generation(be, tgt, captured: Program, bundle_dir: Path, data: dict
                         threads, steps: int = 16) -> dict:
     ids, mask, desc = generation_prompts(captured, texts, length)
     spec = CacheSpec.from_json(data["generation"]["cache"])
-    q = generation_quality(captured, lambda feed: runner(**feed), ids, mask, steps, spec)
+    q = generation_quality(captured, runner, ids, mask, steps, spec)
     q["probe"] = f"{desc}, {steps} decode steps"
     full = {str(n): captured.cache.nbytes(n) for n in (1024, 4096)}
     result = {"quality": q, "kv_cache_bytes": full}

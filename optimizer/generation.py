@@ -30,7 +30,8 @@ import torch
 
 from .errors import UsageError
 
-__all__ = ["CacheSpec", "GenerateEntry", "cache_spec", "example_feed", "with_positions", "generate_ids", "decode_text"]
+__all__ = ["CacheSpec", "GenerateEntry", "cache_spec", "example_feed", "with_positions", "generate_ids", "decode_text",
+           "FeedDecoding"]
 
 
 @dataclass(frozen=True)
@@ -186,16 +187,33 @@ def _pick(logits: np.ndarray, rng: np.random.Generator | None, temperature: floa
     return np.array([rng.choice(p.shape[-1], p=row) for row in p])
 
 
-def generate_ids(step: Callable[[dict], dict], spec: CacheSpec, input_ids, attention_mask=None, *,
+class FeedDecoding:
+    """Decoding through a function of whole feeds: ``step(feed) -> {name: array}`` reads the
+    cache as inputs and returns it as outputs, which the next call feeds back."""
+
+    def __init__(self, step: Callable[[dict], dict], spec: CacheSpec):
+        self.step, self.spec, self.past = step, spec, None
+
+    def __call__(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        """The logits of the last position of ``ids`` [B, S], the cache so far before them."""
+        past = self.past if self.past is not None else {k: v.numpy() for k, v in self.spec.empty(ids.shape[0]).items()}
+        out = self.step({"input_ids": ids, "attention_mask": mask, "position_ids": pos, **past})
+        self.past = {p: out[o] for p, o in zip(self.spec.input_names, self.spec.output_names)}
+        return np.asarray(out["logits"])[:, -1]
+
+
+def generate_ids(step, spec: CacheSpec, input_ids, attention_mask=None, *,
                  max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int = 0, stop_tokens=None, forced=None,
                  on_token: Callable[[np.ndarray], None] | None = None,
                  on_logits: Callable[[np.ndarray], None] | None = None) -> np.ndarray:
-    """Prefill, then one decode step per new token. ``step(feed) -> {name: array}`` runs the
-    graph (a bundle's runner or the captured program). Left-padded batches are supported
-    (``attention_mask`` zeros on the left). A row that emits a stop token is padded after it;
-    the loop ends when every row has stopped. ``forced`` ([B, T] ids) replaces the choice at
-    each step (teacher forcing, for quality measurement). Returns [B, S + new] ids."""
+    """Prefill, then one decode step per new token. ``step`` runs the graph: a function
+    ``step(feed) -> {name: array}`` (a bundle's runner call or the captured program), or an object
+    whose ``decoding(batch, capacity)`` holds the cache itself (a runner that keeps it in bound
+    buffers). Left-padded batches are supported (``attention_mask`` zeros on the left). A row
+    that emits a stop token is padded after it; the loop ends when every row has stopped.
+    ``forced`` ([B, T] ids) replaces the choice at each step (teacher forcing, for quality
+    measurement). Returns [B, S + new] ids."""
     ids = np.asarray(input_ids, dtype=np.int64)
     ids = ids[None] if ids.ndim == 1 else ids
     if ids.ndim != 2 or ids.shape[1] == 0:
@@ -217,15 +235,15 @@ def generate_ids(step: Callable[[dict], dict], spec: CacheSpec, input_ids, atten
         raise UsageError(f"attention_mask has shape {list(mask.shape)}; it must match input_ids {list(ids.shape)}.")
     pos = np.cumsum(mask, -1) - 1
     pos[mask == 0] = 1
-    feed = {"input_ids": ids, "attention_mask": mask, "position_ids": pos,
-            **{k: v.numpy() for k, v in spec.empty(batch).items()}}
+    decode = step.decoding(batch, length + int(max_new_tokens)) if hasattr(step, "decoding") else \
+        FeedDecoding(step, spec)
     rng = np.random.default_rng(seed) if do_sample else None
     stop = np.array(sorted(set(_token_ids(stop_tokens)) | set(spec.eos_token_ids)) or [-1])
     done = np.zeros(batch, dtype=bool)
     new = []
+    inputs = ids
     for t in range(int(max_new_tokens)):
-        out = step(feed)
-        logits = np.asarray(out["logits"])[:, -1]
+        logits = decode(inputs, mask, pos)
         if on_logits is not None:
             on_logits(logits)
         nxt = np.asarray(forced)[:, t] if forced is not None else _pick(logits, rng, temperature, top_k, top_p)
@@ -238,8 +256,7 @@ def generate_ids(step: Callable[[dict], dict], spec: CacheSpec, input_ids, atten
             break
         mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], 1)
         pos = pos[:, -1:] + 1
-        feed = {"input_ids": nxt[:, None], "attention_mask": mask, "position_ids": pos,
-                **{p: out[o] for p, o in zip(spec.input_names, spec.output_names)}}
+        inputs = nxt[:, None]
     return np.concatenate([ids, np.stack(new, 1)], 1)
 
 

@@ -71,10 +71,31 @@ class Runner:
                                  f"{limit} rows, so each must be in 0..{limit - 1}. Were the ids made "
                                  "by another model's tokenizer?")
             feed[name] = arr.astype(spec["dtype"], copy=False)
+        gen = self.manifest.get("generation") or {}
+        if gen.get("one_row_chunks") and feed["input_ids"].shape[0] > 1 and feed["input_ids"].shape[1] > 1 \
+                and feed["past_key_0"].shape[2] > 0:
+            raise UsageError("this bundle's decoder kernel (ONNX Runtime's GroupQueryAttention) takes several new "
+                             "tokens after a cache for one row at a time: prefill a batch into an empty cache and "
+                             "decode it a token at a time, or feed the rows one by one.")
         return feed
 
     def __call__(self, **inputs) -> dict[str, np.ndarray]:
         return dict(zip(self.output_names, self._run(self._feed(inputs))))
+
+    def decoding(self, batch: int, capacity: int):
+        """A decoding session (see ``generation.generate_ids``) for ``batch`` rows of at most
+        ``capacity`` tokens; this one feeds the cache through the bundle's inputs and outputs."""
+        from .generation import FeedDecoding
+        return FeedDecoding(lambda feed: self(**feed), self.cache_spec())
+
+    def _check_prompt(self, spec, input_ids, attention_mask) -> None:
+        """The input checks of a call, once for the prompt (decoding steps skip them)."""
+        ids = np.asarray(input_ids, dtype=np.int64)
+        ids = ids[None] if ids.ndim == 1 else ids
+        if ids.ndim == 2 and ids.size:
+            mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, dtype=np.int64)
+            self._feed({"input_ids": ids, "attention_mask": mask, "position_ids": np.zeros_like(ids),
+                        **{k: v.numpy() for k, v in spec.empty(ids.shape[0]).items()}})
 
     def tokenizer(self, padding_side: str | None = None):
         if not self.manifest.get("tokenizer"):
@@ -113,7 +134,8 @@ class Runner:
         if on_text is not None:
             tok = tok or self.tokenizer()
             on_token = _text_stream(tok, on_text, on_token)
-        ids = generate_ids(lambda feed: self(**feed), spec, input_ids, attention_mask,
+        self._check_prompt(spec, input_ids, attention_mask)
+        ids = generate_ids(self, spec, input_ids, attention_mask,
                            max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
                            top_k=top_k, top_p=top_p, seed=seed, stop_tokens=stop_tokens, on_token=on_token)
         if prompt is None:

@@ -1,0 +1,261 @@
+"""Generation graphs onto ONNX Runtime's decoder kernel (targets that allow contrib ops).
+
+For every canonical attention of a ``--generate`` program whose keys and values are the layer's
+cache input with this call's keys appended (``cat(past_key_i, k)``), the attention index and a
+walk over the graph find:
+
+    q, k, v   the token-major projection outputs [B,S,H*d] the attention's inputs are views of
+              (through the view to heads, the transpose and, for q and k, RoPE)
+    RoPE      ``x cos + rotate_half(x) sin``; cos and sin are functions of ``position_ids`` alone,
+              evaluated once over every position the model supports into a [M, d/2] cache
+    out       the token-major [B,S,H*d] the output projection reads
+
+and the layer becomes one ``tokopt::cached_attention`` (ONNX: ``GroupQueryAttention``, RoPE
+fused, ``present`` written into the cache buffer when the runner binds one buffer as past and
+present), its inputs one packed projection: q, k and v linears (or ``matmul_nbits``) of the same
+input are concatenated into one. What the index cannot place (no cache concatenation, RoPE
+that reads more than ``position_ids``, a head size ONNX Runtime's rotary kernel refuses) stays as
+it was and is reported. The result is checked against the program on the probe and on unseen
+shapes before the export sees it.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+
+from ..optimizer.errors import BackendError
+from ..optimizer.ops import ATTENTION, CACHED_ATTENTION, MATMUL_NBITS
+from ..optimizer.ops.gqa import padding_bias
+from ..optimizer.patterns import PASS_THROUGH
+from ..optimizer.program import Program, Rewrite, inherit_meta
+
+__all__ = ["lower_decoder", "decoder_feeds"]
+
+# GroupQueryAttention takes several new tokens after a cache for one row only
+# ("batch_size must be 1 when sequence_length > 1 and past context is given"): a batch
+# prefills into an empty cache and decodes a token at a time, a chunk after a cache is one row
+FEEDS = ((2, 7, 0), (3, 1, 9), (1, 4, 5))
+
+aten = torch.ops.aten
+_VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+_FULL = 2 ** 63 - 1
+
+
+def _strip(node):
+    """Through pass-through ops and full slices."""
+    while isinstance(node, torch.fx.Node) and node.op == "call_function":
+        if node.target in PASS_THROUGH:
+            node = node.args[0]
+        elif node.target == aten.slice.Tensor and list(node.args[2:]) in ([0, _FULL], [0, _FULL, 1]):
+            node = node.args[0]
+        else:
+            break
+    return node
+
+
+def _cache_concat(node, inputs: dict) -> tuple[str, torch.fx.Node] | None:
+    """(the cache input's name, the new keys) of ``cat([past, new], -2)``; past may itself be a
+    concatenation with an empty tensor (how a cache object starts)."""
+    node = _strip(node)
+    if not (node.op == "call_function" and node.target == aten.cat.default and len(node.args[0]) == 2
+            and (node.args[1] if len(node.args) > 1 else 0) in (-2, 2)):
+        return None
+    past, new = node.args[0]
+    while past.op == "call_function" and past.target == aten.cat.default:
+        parts = [p for p in past.args[0] if not (p.meta.get("val") is not None and p.meta["val"].numel() == 0)]
+        if len(parts) != 1:
+            return None
+        past = _strip(parts[0])
+    names = {n: name for name, n in inputs.items()}
+    return (names[past], new) if past in names else None
+
+
+def _rope(node):
+    """(x, cos, sin) of ``x * cos + rotate_half(x) * sin``, else (node, None, None)."""
+    node = _strip(node)
+    if node.target != aten.add.Tensor:
+        return node, None, None
+    for a, b in (node.args, node.args[::-1]):
+        if not all(isinstance(t, torch.fx.Node) and t.target == aten.mul.Tensor for t in (a, b)):
+            continue
+        for x, cos in (a.args, a.args[::-1]):
+            for rot, sin in (b.args, b.args[::-1]):
+                if _rotates_half(rot, x):
+                    return x, cos, sin
+    return node, None, None
+
+
+def _rotates_half(rot, x) -> bool:
+    """Is ``rot`` ``cat([-x[..., h:], x[..., :h]], -1)``?"""
+    if not (isinstance(rot, torch.fx.Node) and rot.target == aten.cat.default and len(rot.args[0]) == 2):
+        return False
+    neg, low = rot.args[0]
+    if not (isinstance(neg, torch.fx.Node) and neg.target == aten.neg.default):
+        return False
+    high = neg.args[0]
+    d = x.meta["val"].shape[-1]
+    return all(isinstance(t, torch.fx.Node) and t.target == aten.slice.Tensor and t.args[0] is x and t.args[1] in (3, -1)
+               for t in (high, low)) and list(high.args[2:4]) == [d // 2, _FULL] and list(low.args[2:4]) == [0, d // 2]
+
+
+def _token_major(node):
+    """The [B,S,H*d] tensor that ``transpose(view(it, [B,S,H,d]), 1, 2)`` makes ``node`` of."""
+    node = _strip(node)
+    if node.target != aten.transpose.int or sorted(a % 4 for a in node.args[1:]) != [1, 2]:
+        return None
+    view = _strip(node.args[0])
+    if view.target not in _VIEWS or view.args[0].meta["val"].dim() != 3:
+        return None
+    return view.args[0]
+
+
+def _output_flat(att):
+    """The [B,S,H*d] view of ``att``'s output that the output projection reads."""
+    node, transposed = att, False
+    while len(node.users) == 1:
+        (user,) = node.users
+        if user.target == aten.transpose.int and sorted(a % 4 for a in user.args[1:]) == [1, 2] and not transposed:
+            transposed = True
+        elif user.target in _VIEWS and transposed and user.meta["val"].dim() == 3:
+            return user
+        elif user.target not in PASS_THROUGH + _VIEWS or user.meta["val"].dim() != 4:
+            return None
+        node = user
+    return None
+
+
+def _rotary_cache(rw: Rewrite, cos, sin, positions: int):
+    """cos and sin over positions 0..positions-1, [positions, d/2], from the graph's own
+    computation (which must read ``position_ids`` and constants only); None if it reads more or
+    its halves differ (not rotate_half's layout)."""
+    keep = {cos, sin}
+    todo = [cos, sin]
+    while todo:
+        for a in todo.pop().all_input_nodes:
+            if a not in keep:
+                keep.add(a)
+                todo.append(a)
+    inputs = rw.inputs
+    if {n for n in keep if n.op == "placeholder"} - {inputs.get("position_ids")}:
+        return None
+    graph, env = torch.fx.Graph(), {}
+    env[inputs["position_ids"]] = graph.placeholder("position_ids")
+    for n in rw.graph.nodes:
+        if n in keep and n.op != "placeholder":
+            env[n] = graph.node_copy(n, env.__getitem__)
+    graph.output((env[cos], env[sin]))
+    with torch.no_grad():
+        c, s = torch.fx.GraphModule(rw.gm, graph)(torch.arange(positions)[None])
+    c, s = (t.reshape(positions, -1) for t in (c, s))
+    half = c.shape[-1] // 2
+    if not (torch.equal(c[:, :half], c[:, half:]) and torch.equal(s[:, :half], s[:, half:])):
+        return None
+    return c[:, :half].contiguous(), s[:, :half].contiguous()
+
+
+def _packed(rw: Rewrite, projections: list, name: str):
+    """One projection computing q, k and v side by side: their linears (or matmul_nbits) fused
+    when they read the same input, else their outputs concatenated."""
+    lins = [_strip(p) for p in projections]
+    x = lins[0].args[0]
+    g = rw.graph
+    if all(p.target == aten.linear.default and p.args[0] is x and rw.tensor(p.args[1]) is not None for p in lins):
+        biases = [rw.tensor(p.args[2]) if len(p.args) > 2 and p.args[2] is not None else None for p in lins]
+        if all(b is None for b in biases) or all(b is not None for b in biases):
+            w = rw.constant(f"{name}_qkv_weight", torch.cat([rw.tensor(p.args[1]) for p in lins]))
+            b = rw.constant(f"{name}_qkv_bias", torch.cat(biases)) if biases[0] is not None else None
+            with g.inserting_after(lins[-1]):
+                return g.call_function(aten.linear.default, (x, w, b) if b is not None else (x, w))
+    if all(MATMUL_NBITS.matches(p) and p.args[0] is x and p.args[4:6] == lins[0].args[4:6]
+           and p.args[8:] == lins[0].args[8:] and p.args[3] is None for p in lins):
+        qw = rw.constant(f"{name}_qkv_qweight", torch.cat([rw.tensor(p.args[1]) for p in lins]))
+        sc = rw.constant(f"{name}_qkv_scales", torch.cat([rw.tensor(p.args[2]) for p in lins]))
+        n = sum(p.args[7] for p in lins)
+        with g.inserting_after(lins[-1]):
+            return g.call_function(MATMUL_NBITS.overload, (x, qw, sc, None, *lins[0].args[4:7], n, *lins[0].args[8:]))
+    with g.inserting_after(max(projections, key=list(g.nodes).index)):
+        return g.call_function(aten.cat.default, (list(projections), -1))
+
+
+def lower_decoder(program: Program) -> tuple[Program, dict]:
+    """``program`` with its decoder attention on ``cached_attention`` (see the module
+    docstring), and what was done: {"cached_attention": layers, "kept": {layer: why}}."""
+    spec = program.cache
+    if spec is None or spec.index:
+        return program, {}
+    rw = program.rewrite()
+    nodes = {n.name: n for n in rw.graph.nodes}
+    inputs, outputs = rw.inputs, rw.outputs
+    kept, done, rotary = {}, [], {}
+    first = next(n for n in rw.graph.nodes if n.op not in ("placeholder", "get_attr"))
+    with rw.graph.inserting_before(first):   # once, for every layer
+        new_tokens = rw.graph.call_function(aten.sym_size.int, (inputs["input_ids"], 1))
+        padding = rw.graph.call_function(padding_bias, (inputs["attention_mask"], new_tokens))
+    for block in program.attention:
+        att = nodes.get(block.node)
+        why = None
+        if block.spelling != "canonical" or att is None or not ATTENTION.matches(att):
+            why = f"attention is {block.spelling}"
+        elif not block.causal:
+            why = "not causal"
+        if why is None:
+            q_arg, k_arg, v_arg = att.args[:3]
+            kc, vc = _cache_concat(k_arg, inputs), _cache_concat(v_arg, inputs)
+            if kc is None or vc is None or not kc[0].startswith("past_key_") or not vc[0].startswith("past_value_"):
+                why = "its keys and values are not the cache input with this call's appended"
+        if why is None:
+            q0, cos, sin = _rope(q_arg)
+            k0, kcos, ksin = _rope(kc[1])
+            q, k, v = _token_major(q0), _token_major(k0), _token_major(vc[1])
+            out = _output_flat(att)
+            if None in (q, k, v, out) or (cos is None) != (kcos is None) or (cos is not None and (cos, sin) != (kcos, ksin)):
+                why = "its q, k, v or output are not views of token-major projections with one RoPE"
+            elif cos is not None and block.head_dim % 16:
+                why = f"head size {block.head_dim}: ONNX Runtime's fused rotary needs a multiple of 16"
+        if why is None and cos is not None and (cos, sin) not in rotary:
+            rotary[(cos, sin)] = _rotary_cache(rw, cos, sin, spec.max_length or 4096)
+            if rotary[(cos, sin)] is not None:
+                c, s = rotary[(cos, sin)]
+                rotary[(cos, sin)] = (rw.constant(f"rotary_cos_{len(rotary)}", c), rw.constant(f"rotary_sin_{len(rotary)}", s))
+        if why is None and cos is not None and rotary[(cos, sin)] is None:
+            why = "its RoPE reads more than position_ids, or does not rotate halves"
+        if why is not None:
+            kept[block.layer] = why
+            continue
+        layer = kc[0].removeprefix("past_key_")
+        qkv = _packed(rw, [q, k, v], f"layer{layer}")
+        c, s = rotary[(cos, sin)] if cos is not None else (None, None)
+        with rw.graph.inserting_before(out):
+            call = rw.graph.call_function(CACHED_ATTENTION.overload, (
+                qkv, inputs[kc[0]], inputs[vc[0]], inputs["attention_mask"], padding, c, s, block.heads,
+                block.kv_heads, float(block.scale)))
+            parts = [rw.graph.call_function(operator.getitem, (call, i)) for i in range(3)]
+        inherit_meta(call, att)
+        out.replace_all_uses_with(parts[0])
+        outputs[f"present_key_{layer}"], outputs[f"present_value_{layer}"] = parts[1], parts[2]
+        done.append(block.layer)
+    if not done:
+        return program, {"kept": kept}
+    rw.set_outputs(outputs)
+    lowered = rw.commit("lowering the decoder attention")
+    _check(program, lowered)
+    return lowered, {"cached_attention": done, **({"kept": kept} if kept else {})}
+
+
+def decoder_feeds(program: Program) -> list[dict]:
+    """Inputs a lowered decoder takes (see FEEDS), as numpy."""
+    from ..optimizer.generation import example_feed
+    return [{k: v.numpy() for k, v in example_feed(program.cache, *shape, seed=2).items()} for shape in FEEDS]
+
+
+def _check(program: Program, lowered: Program) -> None:
+    from ..optimizer.pass_manager import max_abs_error
+    for feed in decoder_feeds(program):
+        feed = {k: torch.from_numpy(v) for k, v in feed.items()}
+        want, got = program.run(feed), lowered.run(feed)
+        err = max_abs_error(want, got)
+        if not err <= 1e-4 * max(1.0, max(float(v.abs().max()) for v in want.values() if v.numel())):
+            shape = ", ".join(f"{k} {list(v.shape)}" for k, v in feed.items() if not k.startswith("past_value"))
+            raise BackendError(f"the decoder lowering changed the graph's outputs by {err:.3g} at {shape}; this is "
+                               "a tokopt bug, report it.")
