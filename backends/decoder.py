@@ -54,26 +54,45 @@ def _strip(node):
     return node
 
 
-def _cache_concat(node, inputs: dict) -> tuple[str, torch.fx.Node] | None:
+def _cache_concat(node, inputs: dict, longest: int | None) -> tuple[str, torch.fx.Node] | None:
     """(the cache input's name, the new keys) of ``cat([past, new], -2)``; past may itself be a
-    concatenation with an empty tensor (how a cache object starts)."""
+    concatenation with an empty tensor (how a cache object starts), or the cache's last W
+    entries where W is at least the longest sequence the bundle takes (a sliding-window cache
+    that never slides)."""
     node = _strip(node)
     if not (node.op == "call_function" and node.target == aten.cat.default and len(node.args[0]) == 2
             and (node.args[1] if len(node.args) > 1 else 0) in (-2, 2)):
         return None
     past, new = node.args[0]
-    while past.op == "call_function" and past.target == aten.cat.default:
-        parts = [p for p in past.args[0] if not (p.meta.get("val") is not None and p.meta["val"].numel() == 0)]
-        if len(parts) != 1:
+    while past.op == "call_function":
+        if past.target == aten.cat.default:
+            parts = [p for p in past.args[0] if not (p.meta.get("val") is not None and p.meta["val"].numel() == 0)]
+            if len(parts) != 1:
+                return None
+            past = _strip(parts[0])
+        elif past.target == aten.slice.Tensor and past.args[1] in (2, -2) and list(past.args[3:4]) == [_FULL] \
+                and isinstance(past.args[2], int) and past.args[2] < 0 and longest is not None \
+                and -past.args[2] >= longest - 1:
+            past = _strip(past.args[0])
+        else:
             return None
-        past = _strip(parts[0])
     names = {n: name for name, n in inputs.items()}
     return (names[past], new) if past in names else None
 
 
 def _rope(node):
-    """(x, cos, sin) of ``x * cos + rotate_half(x) * sin``, else (node, None, None)."""
+    """(x, cos, sin) of ``x * cos + rotate_half(x) * sin``, or of its partial form
+    ``cat([rope(x[..., :r]), x[..., r:]], -1)`` (cos and sin then r wide), else (node, None, None)."""
     node = _strip(node)
+    if node.target == aten.cat.default and len(node.args[0]) == 2 and (node.args[1] if len(node.args) > 1 else 0) \
+            in (-1, 3):
+        rotated, rest = node.args[0]
+        x, cos, sin = _rope(rotated)
+        if cos is not None and all(isinstance(t, torch.fx.Node) and t.target == aten.slice.Tensor for t in (x, rest)) \
+                and x.args[0] is rest.args[0] and x.args[1] == rest.args[1] in (3, -1) \
+                and list(x.args[2:4]) == [0, rest.args[2]] and list(rest.args[3:4]) == [_FULL]:
+            return x.args[0], cos, sin
+        return node, None, None
     if node.target != aten.add.Tensor:
         return node, None, None
     for a, b in (node.args, node.args[::-1]):
@@ -158,8 +177,12 @@ def _packed(rw: Rewrite, projections: list, name: str):
     """One projection computing q, k and v side by side: their linears (or matmul_nbits) fused
     when they read the same input, else their outputs concatenated."""
     lins = [_strip(p) for p in projections]
-    x = lins[0].args[0]
     g = rw.graph
+    splits = {p.args[0] for p in lins if p.target == operator.getitem}
+    if len(splits) == 1 and [p.args[1] for p in lins] == [0, 1, 2] and next(iter(splits)).target in (
+            aten.split.Tensor, aten.split_with_sizes.default) and next(iter(splits)).args[2] in (-1, 2):
+        return next(iter(splits)).args[0]    # already one projection, split into q, k, v (GPT-2's c_attn)
+    x = lins[0].args[0]
     if all(p.target == aten.linear.default and p.args[0] is x and rw.tensor(p.args[1]) is not None for p in lins):
         biases = [rw.tensor(p.args[2]) if len(p.args) > 2 and p.args[2] is not None else None for p in lins]
         if all(b is None for b in biases) or all(b is not None for b in biases):
@@ -201,7 +224,7 @@ def lower_decoder(program: Program) -> tuple[Program, dict]:
             why = "not causal"
         if why is None:
             q_arg, k_arg, v_arg = att.args[:3]
-            kc, vc = _cache_concat(k_arg, inputs), _cache_concat(v_arg, inputs)
+            kc, vc = _cache_concat(k_arg, inputs, spec.max_length), _cache_concat(v_arg, inputs, spec.max_length)
             if kc is None or vc is None or not kc[0].startswith("past_key_") or not vc[0].startswith("past_value_"):
                 why = "its keys and values are not the cache input with this call's appended"
         if why is None:
@@ -220,6 +243,9 @@ def lower_decoder(program: Program) -> tuple[Program, dict]:
                 rotary[(cos, sin)] = (rw.constant(f"rotary_cos_{len(rotary)}", c), rw.constant(f"rotary_sin_{len(rotary)}", s))
         if why is None and cos is not None and rotary[(cos, sin)] is None:
             why = "its RoPE reads more than position_ids, or does not rotate halves"
+        elif why is None and cos is not None and rw.tensor(rotary[(cos, sin)][0]).shape[1] % 8:
+            why = (f"its RoPE rotates {2 * rw.tensor(rotary[(cos, sin)][0]).shape[1]} dims: ONNX Runtime's fused "
+                   "rotary needs a multiple of 16")
         if why is not None:
             kept[block.layer] = why
             continue

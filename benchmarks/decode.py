@@ -1,20 +1,25 @@
-"""Decoding speed of a --generate bundle against what a user would run instead, in one run.
+"""Decoding speed of --generate bundles against what a user would run instead, in one run.
 
-    python benchmarks/decode.py [MODEL] [--prompts 256 2048] [--new 64] [--threads 2]
+    python benchmarks/decode.py [MODEL] [--prompts 256 896] [--new 128] [--threads 2] [--low-precision ...]
 
 MODEL defaults to the shipped reference LM. Each candidate decodes the same prompt (held-out
 text cut to each length) greedily for ``--new`` tokens, batch 1, the same thread count:
     eager           transformers' generate() in PyTorch eager (sdpa), torch.no_grad
     onnx-plain      torch.onnx.export(ep, dynamo=True) defaults of the same prefill/decode graph,
                     run by tokopt's decoding loop in ONNX Runtime
-    tokopt          the `tokopt compile --generate` bundle (canonicalize: ONNX Attention + ORT
-                    fusions) run by ``runner.generate``
-Reported: time to the first token (prefill), decode tokens/s after it, and ratios to tokopt;
-each candidate first runs once at the same prompt length (2 new tokens) so allocation and
-first-call costs are not timed, then candidates take turns for ``--rounds`` rounds (medians
-reported), so a neighbour's busy threads do not favour whoever runs first.
-All three must produce the same tokens (checked). The reference LM was trained on 1024-token
-windows; prompts past that are timed with its RoPE extended (a speed measurement only).
+    tokopt          the `tokopt compile --generate` bundle run by ``runner.generate`` (decoder
+                    attention on GroupQueryAttention, the cache in bound buffers)
+    tokopt <passes> the same with each of ``--low-precision`` (default: rsq int4 and int8 with
+                    int8 compute, calibrated on the held-out text's start)
+    genai-fp32/int4/int8
+                    onnxruntime-genai's model builder (``python -m onnxruntime_genai.models.builder
+                    -p fp32|int4|int8 -e cpu``) run by its own generator, where it is installed
+                    (``pip install -e ".[bench]"``); a row says why where it is not
+Reported: time to the first token (prefill), decode tokens/s after it, ratios to the fp32
+tokopt bundle, and how many leading tokens each candidate shares with the fp32 tokopt bundle
+(which must equal eager's and plain ONNX's: checked). Each candidate first runs once (2 new
+tokens) so allocation and first-call costs are not timed, then candidates take turns for
+``--rounds`` rounds (medians reported), so a neighbour's busy threads favour nobody.
 Prints a table, writes bench-out/decode.json.
 """
 from __future__ import annotations
@@ -64,13 +69,47 @@ class _Streamer:
         pass
 
 
+def _genai(model_dir: str, precision: str, work: Path, threads: int):
+    """A decode function over onnxruntime-genai's build of the model, or the reason there is none."""
+    import subprocess
+    import sys
+    try:
+        import onnxruntime_genai as og
+    except ImportError as e:
+        return f"onnxruntime-genai is not installed ({e}); pip install -e '.[bench]'"
+    out = work / f"genai-{precision}"
+    run = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", model_dir, "-o", str(out),
+                          "-p", precision, "-e", "cpu"], capture_output=True, text=True)
+    if run.returncode != 0:
+        return f"the model builder failed: {(run.stderr or run.stdout).strip().splitlines()[-1][:200]}"
+    config = json.loads((out / "genai_config.json").read_text())
+    config["model"]["decoder"]["session_options"]["intra_op_num_threads"] = threads
+    (out / "genai_config.json").write_text(json.dumps(config, indent=1))
+    model = og.Model(str(out))
+
+    def decode(ids: np.ndarray, n: int, clock) -> np.ndarray:
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=ids.shape[1] + n, min_length=ids.shape[1] + n, do_sample=False)
+        gen = og.Generator(model, params)
+        gen.append_tokens(ids.astype(np.int32))
+        new = []
+        while not gen.is_done():
+            gen.generate_next_token()
+            new.append(int(gen.get_next_tokens()[0]))
+            clock.tick()
+        return np.concatenate([ids, np.array([new])], 1)
+    return decode
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", nargs="?", default=str(ROOT / "models" / "reference-lm"))
-    ap.add_argument("--prompts", type=int, nargs="+", default=[256, 2048])
-    ap.add_argument("--new", type=int, default=64)
+    ap.add_argument("--prompts", type=int, nargs="+", default=[256, 896])
+    ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--low-precision", nargs="*", default=["rsq:bits=4,compute=int8", "rsq:bits=8,compute=int8"])
+    ap.add_argument("--no-eager", action="store_true", help="leave out transformers' generate (the slowest)")
     ap.add_argument("--out", default="bench-out/decode.json")
     args = ap.parse_args(argv)
 
@@ -88,19 +127,25 @@ def main(argv=None):
     model.config.max_position_embeddings = max(model.config.max_position_embeddings, longest)
     model.generation_config.eos_token_id = None  # every candidate decodes exactly --new tokens
     work = Path(tempfile.mkdtemp(prefix="tokopt-decode-"))
+    heldout = ROOT / "models" / "reference-lm" / "heldout.txt"
     res = tokopt.compile(model, out=work / "bundle", generate=True, measure=False, threads=args.threads)
     runner = tokopt.load(res.bundle, threads=args.threads)
+    quantized = {f"tokopt {spec}": tokopt.load(tokopt.compile(args.model, out=work / f"q{i}", generate=True,
+                                                              passes=spec, calib=heldout, measure=False).bundle,
+                                               threads=args.threads)
+                 for i, spec in enumerate(args.low_precision)}
     export_baseline(tokopt.capture(model, generate=True), work / "plain.onnx")
     plain = make_session(work / "plain.onnx", ["CPUExecutionProvider"], args.threads)
     spec = res.program.cache
     names = [i.name for i in plain.get_inputs()]
+    genai = {f"genai-{p}": _genai(args.model, p, work, args.threads) for p in ("fp32", "int4", "int8")}
 
     def plain_step(feed):
         outs = plain.run(None, {n: feed[n] for n in names})
         return dict(zip(["logits", *spec.output_names], outs))
 
-    text = (ROOT / "models" / "reference-lm" / "heldout.txt").read_text()
-    all_ids = tok(text)["input_ids"]
+    text = heldout.read_text()
+    all_ids = tok(text)["input_ids"][-(max(args.prompts) + 10):]   # the end of the held-out text
     rows = []
     for length in args.prompts:
         ids = np.array([all_ids[:length]], dtype=np.int64)
@@ -108,7 +153,12 @@ def main(argv=None):
             "eager": lambda n, clock: model.generate(torch.from_numpy(ids), max_new_tokens=n, do_sample=False,
                                                      pad_token_id=0, streamer=_Streamer(clock)).numpy(),
             "onnx-plain": lambda n, clock: generate_ids(plain_step, spec, ids, max_new_tokens=n, on_token=clock.tick),
-            "tokopt": lambda n, clock: runner.generate(input_ids=ids, max_new_tokens=n, on_token=clock.tick)}
+            "tokopt": lambda n, clock: runner.generate(input_ids=ids, max_new_tokens=n, on_token=clock.tick),
+            **{name: (lambda n, clock, r=r: r.generate(input_ids=ids, max_new_tokens=n, on_token=clock.tick))
+               for name, r in quantized.items()},
+            **{name: (lambda n, clock, g=g: g(ids, n, clock)) for name, g in genai.items() if callable(g)}}
+        if args.no_eager:
+            del candidates["eager"]
         rounds, tokens = {name: [] for name in candidates}, {}
         with torch.no_grad():
             for name, run in candidates.items():
@@ -119,19 +169,26 @@ def main(argv=None):
                     tokens[name] = run(args.new, clock)
                     rounds[name].append(clock.result(args.new))
         timings = {name: {k: float(np.median([r[k] for r in rs])) for k in rs[0]} for name, rs in rounds.items()}
-        for name, t in tokens.items():
-            assert np.array_equal(t, tokens["tokopt"]), f"{name} decoded different tokens at {length}"
+        for name in ("eager", "onnx-plain"):
+            if name in tokens:
+                assert np.array_equal(tokens[name], tokens["tokopt"]), f"{name} decoded different tokens at {length}"
         ours = timings["tokopt"]
         for name, t in timings.items():
+            same = tokens[name][0, length:] == tokens["tokopt"][0, length:]
             rows.append({"prompt": length, "candidate": name, **t,
-                         "tokopt_speedup_decode": ours["decode_tok_s"] / t["decode_tok_s"],
-                         "tokopt_speedup_first_token": t["first_token_ms"] / ours["first_token_ms"]})
+                         "vs_tokopt_decode": t["decode_tok_s"] / ours["decode_tok_s"],
+                         "leading_tokens_equal": int(same.argmin()) if not same.all() else len(same)})
+        rows += [{"prompt": length, "candidate": name, "unavailable": why} for name, why in genai.items()
+                 if not callable(why)]
 
-    print(f"{'prompt':>6}  {'candidate':<11}{'1st token ms':>13}{'decode tok/s':>13}{'tokopt x (decode)':>19}"
-          f"{'tokopt x (1st)':>16}")
+    print(f"{'prompt':>6}  {'candidate':<34}{'1st token ms':>13}{'decode tok/s':>13}{'vs tokopt':>10}"
+          f"{'same tokens':>12}")
     for r in rows:
-        print(f"{r['prompt']:>6}  {r['candidate']:<11}{r['first_token_ms']:>13.1f}{r['decode_tok_s']:>13.1f}"
-              f"{r['tokopt_speedup_decode']:>18.2f}x{r['tokopt_speedup_first_token']:>15.2f}x")
+        if "unavailable" in r:
+            print(f"{r['prompt']:>6}  {r['candidate']:<34}{'unavailable: ' + r['unavailable']}")
+            continue
+        print(f"{r['prompt']:>6}  {r['candidate']:<34}{r['first_token_ms']:>13.1f}{r['decode_tok_s']:>13.1f}"
+              f"{r['vs_tokopt_decode']:>9.2f}x{r['leading_tokens_equal']:>12}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"model": args.model, "threads": args.threads, "new_tokens": args.new,

@@ -251,7 +251,7 @@ def generate_ids(step, spec: CacheSpec, input_ids, attention_mask=None, *,
         new.append(nxt)
         if on_token is not None:
             on_token(nxt)
-        done |= np.isin(nxt, stop)
+        done |= (nxt[:, None] == stop).any(1)
         if done.all() or t == max_new_tokens - 1:
             break
         mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], 1)

@@ -5,7 +5,7 @@ the same function while its weights are easier to quantize (a Hadamard spreads o
 channels over all channels):
 
 1. every RMSNorm weight ``g`` is folded into the linears that read the norm (``W <- W diag(g)``)
-   and the norm's multiply is removed (an RMSNorm without weight commutes with rotations);
+   and the norm's weight becomes ones (an RMSNorm without weight commutes with rotations);
 2. the residual stream is rotated by a random Hadamard ``Q`` (``d x d``): the embedding
    ``E <- E Q``, the linears that read it ``W <- W Q``, those that write it ``W <- Q^T W``,
    ``b <- b Q``; a tied embedding / LM head is untied, since the two now differ;
@@ -152,13 +152,14 @@ def rotate(rw: Rewrite, seed: int = 0, online: bool = True, heads: bool = True) 
         return new_weights.get(lin, rw.tensor(lin.args[1]).detach().double())
 
     folded = 0
+    ones = rw.constant("rot_norm_ones", torch.ones(d)) if norms else None
     for w_mul, (x, wnode) in norms.items():
         gvec = rw.tensor(wnode).detach().double()
-        normed = next(a for a in w_mul.args if a is not wnode)
         for lin in readers[w_mul]:
             new_weights[lin] = weight(lin) * gvec[None] @ q
-        w_mul.replace_all_uses_with(normed)
-        g.erase_node(w_mul)
+        # the folded norm keeps a weight of ones: the same function, in the form runtimes fuse
+        # into one RMSNorm kernel (ONNX Runtime's SimplifiedLayerNormalization)
+        w_mul.replace_input_with(wnode, ones)
         folded += 1
     for lin in writers:
         new_weights[lin] = q.T @ weight(lin)

@@ -63,25 +63,63 @@ def test_batched_left_padding_equals_transformers(llama_bundle):
 
 
 def test_graph_structure(llama_bundle, tmp_path):
-    """One graph, both modes: cache in, cache out, one ONNX Attention per layer; present length
-    is past + new at prefill (empty cache), decode (one token) and in between."""
+    """One graph, both modes: cache in, cache out, each layer's attention one GroupQueryAttention
+    (RoPE fused, q/k/v one packed projection, no concatenation of the cache left); present length
+    is past + new at prefill (empty cache), decode (one token) and a one-row chunk after a cache;
+    a batch's chunk after a cache is refused by name (the kernel's limit)."""
     _, res = llama_bundle
     prog, spec = res.program, res.program.cache
     assert prog.input_names == ["input_ids", "attention_mask", "position_ids", *spec.input_names]
     assert prog.output_names == ["logits", *spec.output_names] and spec.layers == 2
     assert list(res.manifest["generation"]["cache"]["kv_heads"]) == [2, 2] and spec.eos_token_ids == ()
+    assert res.manifest["lowering"]["decoder"] == {"cached_attention": [0, 1]}
+    assert res.manifest["generation"]["shared_buffer"] and res.manifest["generation"]["one_row_chunks"]
     outs = {o["name"]: o["shape"] for o in res.manifest["outputs"]}
     assert outs["present_key_1"] == ["batch", 2, "past_sequence + sequence", 16]
-    model = onnx.load(str(res.bundle / "model.onnx"))
-    assert sum(n.op_type == "Attention" for n in model.graph.node) == 2
+    graph = onnx.load(str(res.bundle / "model.onnx")).graph
+    ops = [n.op_type for n in graph.node]
+    assert ops.count("GroupQueryAttention") == 2 and "Attention" not in ops
+    assert not [n for n in graph.node if n.op_type == "Concat" and any(i.startswith("past_") for i in n.input)]
+    assert ops.count("MatMul") == 2 * 5 + 1  # per layer q/k/v packed, o, gate, up, down; the LM head
     run = tokopt.load(res.bundle)
-    for batch, seq, past in ((1, 6, 0), (2, 1, 13), (3, 4, 5)):
+    for batch, seq, past in ((1, 6, 0), (2, 1, 13), (1, 4, 5)):
         feed = {k: v.numpy() for k, v in example_feed(spec, batch, seq, past, seed=5).items()}
         got = run(**feed)
         ref = prog.run({k: torch.from_numpy(v) for k, v in feed.items()})
         assert got["logits"].shape == (batch, 1, 256)
         assert got["present_value_0"].shape == (batch, 2, past + seq, 16)
         assert np.abs(got["logits"] - ref["logits"].numpy()).max() < 1e-4  # float32 kernels differ
+        assert np.abs(got["present_key_1"] - ref["present_key_1"].numpy()).max() < 1e-4
+    with pytest.raises(UsageError, match="several new tokens after a cache for one row at a time"):
+        run(**{k: v.numpy() for k, v in example_feed(spec, 3, 4, 5).items()})
+
+
+def test_decoding_writes_the_cache_in_place(llama_bundle):
+    """The runner's decoding binds one buffer per layer as past and present: after prefill and
+    decode steps the graph's present outputs are those buffers (nothing copied), and the tokens
+    equal a decode that feeds the cache back as plain arrays."""
+    from tokopt.optimizer.generation import FeedDecoding
+    run = tokopt.load(llama_bundle[1].bundle)
+    ids = np.random.default_rng(6).integers(10, 256, (2, 7))
+    mask, pos = np.ones_like(ids), np.arange(7)[None].repeat(2, 0)
+    bound, plain = run.decoding(2, 12), FeedDecoding(lambda feed: run(**feed), run.cache_spec())
+    for step in range(4):
+        a, b = bound(ids, mask, pos), plain(ids, mask, pos)
+        assert np.abs(a - b).max() < 1e-4
+        outputs = bound.io.get_outputs()
+        assert [o.data_ptr() for o in outputs] == [buf.data_ptr() for buf in bound.buffers]  # logits too
+        ids, pos = a.argmax(-1)[:, None], pos[:, -1:] + 1
+        mask = np.concatenate([mask, np.ones((2, 1), np.int64)], 1)
+
+
+def test_standard_targets_keep_the_standard_attention(llama_bundle, tmp_path):
+    """A target without contrib ops (TensorRT) gets no GroupQueryAttention: the decoder stays
+    ONNX's Attention with the cache concatenated."""
+    from tokopt.backends.onnxruntime import OnnxRuntimeBackend
+    from tokopt.backends.targets import TARGETS
+    info = OnnxRuntimeBackend().lower(llama_bundle[1].program, tmp_path, TARGETS["tensorrt"])
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "model.onnx")).graph.node]
+    assert "decoder" not in info and "GroupQueryAttention" not in ops and ops.count("Attention") == 2
 
 
 def test_sampling_is_seeded(llama_bundle):
@@ -162,3 +200,22 @@ def test_reference_lm_generates_like_transformers(tmp_path, capsys):
     got = tokopt.load(out).generate(input_ids=ids, max_new_tokens=64)
     np.testing.assert_array_equal(got, ref)
     assert streamed.rstrip("\n") == prompt + tok.decode(ref[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def test_partial_rotary_is_fused_where_the_kernel_takes_it(tmp_path):
+    """Phi rotates part of each head (here 16 of 32 dims): the lowering fuses it into the
+    decoder kernel, and greedy decoding still equals transformers'. Where the rotated part is
+    narrower than the kernel takes (the tiny Phi's 8 dims), the layer stays standard and says why."""
+    import transformers as tf
+    torch.manual_seed(0)
+    model = _no_eos(tf.PhiForCausalLM(tf.PhiConfig(hidden_size=128, intermediate_size=128, num_hidden_layers=2,
+                                                   num_attention_heads=4, vocab_size=256,
+                                                   max_position_embeddings=512)).eval())
+    res = tokopt.compile(model, out=tmp_path / "phi", generate=True, measure=False)
+    assert res.manifest["lowering"]["decoder"] == {"cached_attention": [0, 1]}
+    ids = np.random.default_rng(7).integers(10, 256, (1, 9))
+    np.testing.assert_array_equal(tokopt.load(res.bundle).generate(input_ids=ids, max_new_tokens=32),
+                                  _hf_greedy(model, ids, n=32))
+    narrow = tokopt.compile(_tiny("phi").eval(), out=tmp_path / "narrow", generate=True, measure=False)
+    assert "fused rotary needs a multiple of 16" in narrow.manifest["lowering"]["decoder"]["kept"][0]
+    assert not narrow.manifest["generation"]["shared_buffer"]
