@@ -22,6 +22,7 @@ from ..optimizer.generation import with_positions
 from ..optimizer.report import bench_inputs, time_calls, verification_feeds
 from ..optimizer.runtime import Backend, Runner, register_backend
 from .decoder import decoder_feeds, lower_decoder
+from .onnx_shapes import static_reshapes
 from .targets import Target, get_target, require_providers
 
 __all__ = ["OnnxRuntimeBackend", "OnnxRuntimeRunner", "BoundDecoding", "export_onnx", "for_onnx", "export_baseline", "make_session",
@@ -136,6 +137,7 @@ def export_onnx(program: Program, path: Path, *, fusions: bool = True, check_fee
         from onnxscript.rewriter import ort_fusions
         plain = ir.from_proto(ir.to_proto(model))   # kept for when the fused graph is refused
         fused_model, fused = ort_fusions.optimize_for_ort(model)
+        static_reshapes(fused_model)
         with tempfile.TemporaryDirectory() as tmp:
             rejected = check(fused_model, Path(tmp) / path.name)
             if rejected is None:
@@ -144,6 +146,7 @@ def export_onnx(program: Program, path: Path, *, fusions: bool = True, check_fee
                 return {"fusions": {k: v for k, v in fused.items() if v}}
         model = plain
     onnxscript.optimizer.optimize(model)
+    static_reshapes(model)
     standardized = {} if fusions else standardize(model)
     why = check(model, path)
     if why is not None:

@@ -47,7 +47,7 @@ from ..calibration.stats import cached_tensors, program_hash
 from ..optimizer.data import token_source, token_windows
 from ..optimizer.errors import PassError, UsageError
 from ..optimizer.ops import BITS, EMBEDDING_Q8, MATMUL_NBITS, TOKEN_SCORES, Tap, attention_spec
-from ..optimizer.ops.nbits import pack
+from ..optimizer.ops.nbits import pack, quantize_table
 from ..optimizer.pass_manager import CANONICAL_ATTENTION, FLOAT_WEIGHTS, Pass, PassResult, max_abs_error, opt, \
     register_pass
 from ..optimizer.program import Program, Rewrite, call_function_nodes, inherit_meta
@@ -301,9 +301,7 @@ class RSQPass(Pass):
             table = rw.tensor(node.args[0])
             if table is None or table.shape[1] % bs:
                 continue
-            blocks = table.float().reshape(table.shape[0], -1, bs)
-            scales = (blocks.abs().amax(-1) / 127).clamp_min(1e-12)
-            codes = torch.round(blocks / scales[..., None]).clamp(-127, 127).to(torch.int8).reshape(table.shape)
+            codes, scales = quantize_table(table, bs)
             qt = rw.constant(f"{node.name}_table", codes)
             qs = rw.constant(f"{node.name}_scales", scales)
             with g.inserting_before(node):

@@ -85,7 +85,7 @@ def test_low_bit_ops_lower_to_onnx_runtime(tmp_path, bits, k):
     n, bs = 24, 16
     codes = torch.randint(0, 1 << bits, (n, k), generator=g)
     qw, sc = pack(codes, bits, bs), torch.rand(n, -(-k // bs), generator=g) * 0.1
-    table, tscale = torch.randint(-127, 128, (50, 32), dtype=torch.int8, generator=g), torch.rand(50, 2, generator=g)
+    table, tscale = torch.randint(1, 256, (50, 32), dtype=torch.uint8, generator=g), torch.rand(50, 2, generator=g)
     bias = torch.randn(n, generator=g)
 
     class M(torch.nn.Module):
@@ -103,10 +103,11 @@ def test_low_bit_ops_lower_to_onnx_runtime(tmp_path, bits, k):
     assert np.abs(ref[0] - (x2 @ w.T + bias).numpy()).max() < 1e-5
     for form in ("contrib", "standard"):
         if form == "standard":
-            assert standardize(model) == {"tokopt::matmul_nbits": 1}
+            assert standardize(model) == {"tokopt::matmul_nbits": 1, "tokopt::embedding_q8": 1}
         ir.save(model, tmp_path / f"{form}.onnx")
         ops = [nd.op_type for nd in onnx.load(str(tmp_path / f"{form}.onnx")).graph.node]
-        assert ("MatMulNBits" in ops) == (form == "contrib") and ("DequantizeLinear" in ops) == (form == "standard")
+        assert ("MatMulNBits" in ops) == ("GatherBlockQuantized" in ops) == (form == "contrib")
+        assert ops.count("DequantizeLinear") == (2 if form == "standard" else 0)
         so = ort.SessionOptions()
         so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
         sess = ort.InferenceSession(str(tmp_path / f"{form}.onnx"), so, providers=["CPUExecutionProvider"])
@@ -131,7 +132,7 @@ def test_rsq_on_the_reference_lm(rsq_lm):
     assert stats["rotation"]["norms_folded"] == 9 and stats["group_size"] == 32
     assert stats["perplexity_quantized"] < 1.05 * stats["perplexity_fp32"]
     ops = [n.op_type for n in onnx.load(str(rsq_lm.bundle / "model.onnx")).graph.node]
-    assert ops.count("MatMulNBits") == 29 and "Gather" in ops
+    assert ops.count("MatMulNBits") == 29 and ops.count("GatherBlockQuantized") == 1  # tied head: one int8 table
 
 
 @pytest.mark.slow
@@ -258,11 +259,11 @@ def test_standard_onnx_for_tensorrt(tmp_path, model_dir):
         tokopt.capture(model_dir("llama")))
     info = export_onnx(program, tmp_path / "m.onnx", fusions=False,
                        check_feeds=[{k: v.numpy() for k, v in feed_for("llama", 2, 11).items()}])
-    assert info["standardized"] == {"tokopt::matmul_nbits": 2 * 7 + 1}
+    assert info["standardized"] == {"tokopt::matmul_nbits": 2 * 7 + 1, "tokopt::embedding_q8": 1}
     m = onnx.load(str(tmp_path / "m.onnx"))
     assert not [n for n in m.graph.node if n.domain not in ("", "ai.onnx")]
     int4 = [i for i in m.graph.initializer if i.data_type == onnx.TensorProto.INT4]
-    assert len(int4) == 2 * 7 and sum(n.op_type == "DequantizeLinear" for n in m.graph.node) == 2 * 7 + 1
+    assert len(int4) == 2 * 7 and sum(n.op_type == "DequantizeLinear" for n in m.graph.node) == 2 * 7 + 1 + 1
 
 
 @pytest.mark.slow

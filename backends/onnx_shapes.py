@@ -1,0 +1,90 @@
+"""Reshapes with shapes known at export time, in the exported ONNX graph.
+
+torch.onnx spells ``x.view(B, S, 11, 64)`` with symbolic B and S as
+``Reshape(x, Concat(Shape(x)[0:1], Shape(x)[1:2], [11], [64]))``: a Concat (and its slices) runs
+before every such Reshape at every call. Where each computed piece is the size of ``x``'s own
+dimension at the same position, ONNX's ``0`` (copy that dimension) says the same thing, and the
+shape becomes a constant: ``Reshape(x, [0, 0, 11, 64])`` (``allowzero`` dropped, which is safe
+when no literal size is 0). At one token per decode step these
+small nodes are a visible part of the step (see the README's decode table).
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import onnx_ir.passes.common
+
+__all__ = ["static_reshapes"]
+
+
+def _one_dim(value: ir.Value) -> tuple[ir.Value, int] | None:
+    """(tensor, axis) when ``value`` is that tensor's size along ``axis`` as a 1-element shape."""
+    node = value.producer()
+    if node is None:
+        return None
+    if node.op_type == "Shape" and node.domain in ("", "ai.onnx"):
+        src = node.inputs[0]
+        rank = src.shape.rank() if src.shape is not None else None
+        start = node.attributes["start"].as_int() if "start" in node.attributes else 0
+        end = node.attributes["end"].as_int() if "end" in node.attributes else rank
+        if rank is None or end is None:
+            return None
+        start, end = start % rank if start < 0 else start, end % rank if end < 0 else min(end, rank)
+        return (src, start) if end - start == 1 else None
+    if node.op_type in ("Gather", "Slice") and node.domain in ("", "ai.onnx"):
+        full = node.inputs[0].producer()
+        if full is None or full.op_type != "Shape" or "start" in full.attributes or "end" in full.attributes:
+            return None
+        consts = [i.const_value.numpy().reshape(-1) if i is not None and i.const_value is not None else None
+                  for i in node.inputs[1:]]
+        if node.op_type == "Gather" and consts[0] is not None and consts[0].size == 1:
+            return full.inputs[0], int(consts[0][0])
+        if node.op_type == "Slice" and len(consts) >= 2 and None not in consts[:2] and consts[0].size == 1 \
+                and int(consts[1][0]) - int(consts[0][0]) == 1:
+            return full.inputs[0], int(consts[0][0])
+    return None
+
+
+def _same(a, b) -> bool:
+    return a is not None and b is not None and (a == b if isinstance(a, int) else
+                                                isinstance(b, ir.SymbolicDim) and a.value is not None
+                                                and a.value == b.value)
+
+
+def static_reshapes(model: ir.Model) -> int:
+    """Rewrite such Reshapes in place (see the module docstring); returns how many."""
+    count, made = 0, {}
+    for node in list(model.graph):
+        if node.op_type != "Reshape" or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
+            continue
+        x, shape = node.inputs[0], node.inputs[1]
+        concat = shape.producer() if shape is not None else None
+        if concat is None or concat.op_type != "Concat" or x.shape is None:
+            continue
+        dims = []
+        for pos, piece in enumerate(concat.inputs):
+            if piece.const_value is not None:
+                dims += [int(v) for v in piece.const_value.numpy().reshape(-1)]
+                continue
+            source = _one_dim(piece)
+            if source is None or len(dims) >= x.shape.rank() or source[0].shape is None:
+                break
+            src, axis = source
+            if not _same(src.shape[axis], x.shape[len(dims)]):
+                break
+            dims.append(0)
+        else:
+            # torch.onnx writes allowzero=1 (a 0 is an empty dimension); the copies need 0 to mean
+            # "copy", which is safe when no literal size is 0
+            if dims.count(-1) <= 1 and not any(piece.const_value is not None and 0 in piece.const_value.numpy().reshape(-1)
+                            for piece in concat.inputs):
+                node.attributes.pop("allowzero", None)
+                if shape.name not in made:
+                    made[shape.name] = ir.Value(name=f"{shape.name}_static", const_value=ir.tensor(
+                        np.array(dims, np.int64), name=f"{shape.name}_static"))
+                    model.graph.register_initializer(made[shape.name])
+                node.replace_input_with(1, made[shape.name])
+                count += 1
+    if count:
+        ir.passes.common.RemoveUnusedNodesPass()(model)
+    return count
