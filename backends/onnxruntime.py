@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..optimizer.errors import BackendError
+from ..optimizer.errors import BackendError, UsageError
 from ..optimizer.ops import OPS, OPSET, decompose, onnx_translation_table, rounding_jitter, standardize
 from ..optimizer.program import Program
 from ..optimizer.generation import with_positions
@@ -212,7 +212,7 @@ class BoundDecoding:
 
     def __init__(self, session, spec, batch: int, capacity: int, inputs: set[str]):
         import onnxruntime as ort
-        self.session, self.positions = session, "position_ids" in inputs
+        self.session, self.positions, self.capacity = session, "position_ids" in inputs, capacity
         self.io = session.io_binding()
         self.logits = np.zeros((batch, 1, spec.vocab_size), dtype=spec.dtype)
         self.buffers = [ort.OrtValue.ortvalue_from_numpy(self.logits)]   # kept alive while bound
@@ -226,6 +226,9 @@ class BoundDecoding:
                 self.buffers.append(buf)
 
     def __call__(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        if mask.shape[1] > self.capacity:
+            raise UsageError(f"the cache holds {self.capacity} tokens and this step would make it {mask.shape[1]}: "
+                             "open the decoding with a larger capacity (prompt + new tokens).")
         self.io.bind_cpu_input("input_ids", np.ascontiguousarray(ids))
         self.io.bind_cpu_input("attention_mask", np.ascontiguousarray(mask))
         if self.positions:

@@ -191,7 +191,17 @@ def generation_quality(program: Program, bundle_step, ids: np.ndarray, mask: np.
             "decode_steps": len(ref_logits),
             "logit_kl": float((lp.exp() * (lp - lq)).sum(-1).mean()),
             "top1_agreement": float((lp.argmax(-1) == lq.argmax(-1)).double().mean()),
-            "greedy_match": float(np.mean([np.array_equal(a, b) for a, b in zip(ref, own)]))}
+            "greedy_match": float(np.mean([np.array_equal(a, b) for a, b in zip(ref, own)])),
+            "leading_tokens_equal": float(np.mean([_leading_equal(a[ids.shape[1]:], b[ids.shape[1]:])
+                                                   for a, b in zip(ref, own)])),
+            "logit_kl_per_step": [float(x) for x in (lp.exp() * (lp - lq)).sum(-1).mean(-1)]}
+
+
+def _leading_equal(a: np.ndarray, b: np.ndarray) -> int:
+    """How many leading tokens two continuations share."""
+    n = min(len(a), len(b))
+    differ = np.flatnonzero(a[:n] != b[:n])
+    return int(differ[0]) if differ.size else n
 
 
 def time_calls(fn, runs: int, warmup: int = 2) -> dict:
@@ -220,7 +230,8 @@ def format_report(report: dict) -> str:
         lines.append(f"quality vs the original model ({q['probe']}):")
         for name, err in q["max_abs_error"].items():
             lines.append(f"  max abs error [{name}]".ljust(38) + _fmt(err))
-        for key in ("tokens_kept", "decode_steps", "logit_kl", "top1_agreement", "greedy_match", "last_logit_kl",
+        for key in ("tokens_kept", "decode_steps", "logit_kl", "top1_agreement", "greedy_match", "leading_tokens_equal",
+                    "last_logit_kl",
                     "last_top1_agreement", "perplexity_original", "perplexity_bundle", "embedding_cosine",
                     "embedding_cosine_min"):
             if key in q:

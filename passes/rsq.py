@@ -24,7 +24,11 @@ round-to-nearest: the baselines, through the same lowering.
 
 ``compute=int8`` sets MatMulNBits' ``accuracy_level=4``: ONNX Runtime rounds each block of
 activations to int8 and runs its integer kernels (the reference does the same rounding), trading
-a little accuracy for CPU speed; the default keeps float activations.
+a little accuracy for CPU speed (at one token per step, float activations make MatMulNBits slower
+than a float MatMul on this CPU); ``compute=float`` keeps float activations. ``compute=auto``
+(the default) measures both on held-out calibration windows and takes int8 when its outputs stay
+within ``int8_budget`` of float compute: the KL divergence of the next-token distributions for a
+language model, 1 - cosine of the first output otherwise; the report gives the measurement.
 
 Block sizes must be powers of two >= 16 (``MatMulNBits``); an input dimension that is not a
 multiple is padded (the last block's missing columns are zeros). ``group_size=0`` picks 128 for
@@ -78,8 +82,10 @@ class RSQOptions:
     seq_len: int = opt(512, "tokens per window (at most the context; shorter if the text is short)", ">= 16")
     expand: int = opt(1, "each window also rolled expand-1 times (RSQ's dataset expansion)", ">= 1")
     embed_bits: int = opt(8, "int8 embedding tables and output heads, or keep them float", "8|0")
-    compute: str = opt("float", "MatMulNBits on float activations, or int8-rounded ones (faster on CPUs)",
-                       "float|int8")
+    compute: str = opt("auto", "MatMulNBits on float activations, on int8-rounded ones (faster on CPUs), or "
+                       "int8 where held-out outputs stay within int8_budget", "auto|float|int8")
+    int8_budget: float = opt(0.01, "compute=auto: how far int8 compute may move held-out outputs (KL in nats for "
+                             "language models, 1 - cosine otherwise)", ">= 0")
     eval_windows: int = opt(4, "held-out windows for the reported perplexity (causal LMs)", ">= 0")
     seed: int = opt(0, "random seed of the rotations", "int")
 
@@ -97,8 +103,11 @@ class RSQOptions:
             raise ValueError("importance range: need 0 < min_value <= max_value")
         if self.samples < 1 or self.seq_len < 16 or self.expand < 1 or self.damp <= 0:
             raise ValueError("samples and expand must be at least 1, seq_len at least 16, damp positive")
-        if self.compute not in ("float", "int8"):
-            raise ValueError(f"compute={self.compute!r}: use float (exact weight-only) or int8 (ORT's int8 kernels)")
+        if self.compute not in ("auto", "float", "int8"):
+            raise ValueError(f"compute={self.compute!r}: use float (exact weight-only), int8 (ORT's int8 kernels) "
+                             "or auto (int8 where held-out outputs allow)")
+        if self.int8_budget < 0:
+            raise ValueError(f"int8_budget={self.int8_budget} must be >= 0")
         if self.embed_bits not in (0, 8):
             raise ValueError(f"embed_bits={self.embed_bits}: use 8 (int8 tables and heads) or 0 (keep float)")
 
@@ -129,7 +138,7 @@ class RSQPass(Pass):
                                             "importance=none,rotate=off, which needs no data).")
         limit = (program.seq_range or (1, None))[1] or opts.seq_len
         length = min(opts.seq_len, limit)
-        want = opts.samples + (opts.eval_windows if program.task == "causal-lm" and program.cache is None else 0)
+        want = opts.samples + opts.eval_windows
         windows = token_windows(source, tok, seq_len=length, count=want)
         shorter = len(windows) * length // want // 16 * 16
         if len(windows) < want and shorter >= 64:  # too little text for full windows: as many, shorter
@@ -231,7 +240,8 @@ class RSQPass(Pass):
         needs_data = opts.solver == "gptq" or opts.importance == "attncon"
         calib, held_out = self._data(program) if needs_data else ([], [])
         key = {"version": CACHE_VERSION, "weights": model_hash, "options": {
-            k: v for k, v in dataclasses.asdict(opts).items() if k not in ("eval_windows", "compute", "embed_bits")},
+            k: v for k, v in dataclasses.asdict(opts).items()
+            if k not in ("eval_windows", "compute", "int8_budget", "embed_bits")},
             "group_size": bs,
             "data": [hashlib.sha256(torch.cat(calib, 1).numpy().tobytes()).hexdigest()] if calib else None}
         result, hit = cached_tensors("rsq", key, lambda: self._solve(rw, body, calib, layer_of, names, bs))
@@ -243,14 +253,16 @@ class RSQPass(Pass):
         for lin in heads if opts.embed_bits else []:
             w = rw.tensor(lin.args[1]).detach().float()
             quantized[lin] = quantize_rtn(w, 8, bs)
-        self._rewrite(rw, quantized)
+        self._rewrite(rw, quantized, 4 if opts.compute == "int8" else 0)
         stats.update(self._rewrite_embeddings(rw, bs))
         out = rw.commit("rsq")
+        if opts.compute == "auto":
+            out, stats["compute"] = self._pick_compute(out, held_out)
         stats.update({"linears": len(body), "heads": len(heads) if opts.embed_bits else 0,
                       "mean_relative_error": sum(r["relative_error"] for r in rows) / len(rows),
                       "calibration": f"{len(calib)} windows of {calib[0].shape[1]} tokens" if calib else "none"})
         out.artifacts["quant_log.csv"] = _csv(rows)
-        if held_out and program.keeps_positions:
+        if held_out and program.keeps_positions and program.task == "causal-lm" and program.cache is None:
             stats["perplexity_fp32"] = perplexity(program, held_out)
             stats["perplexity_quantized"] = perplexity(out, held_out)
             stats["eval_tokens"] = sum(w.shape[1] for w in held_out)
@@ -285,8 +297,35 @@ class RSQPass(Pass):
         return {"weight": name, "layer": layer, "rows": w.shape[0], "cols": w.shape[1], "bits": qw.bits,
                 "block_size": qw.block_size, "relative_error": max(rel, 0.0) ** 0.5, "seconds": round(seconds, 3)}
 
-    def _rewrite(self, rw: Rewrite, quantized: dict) -> None:
-        level = 4 if self.options.compute == "int8" else 0  # MatMulNBits' accuracy_level
+    def _pick_compute(self, out: Program, held_out: list[torch.Tensor]) -> tuple[Program, dict]:
+        """compute=auto: the float-compute program, or its int8-compute twin where held-out
+        outputs allow (see the module docstring)."""
+        if not held_out:
+            return out, {"chosen": "float", "why": "no held-out calibration windows to measure int8 compute on"}
+        rw = out.rewrite()
+        for node in call_function_nodes(rw.graph):
+            if MATMUL_NBITS.matches(node):
+                node.args = (*node.args[:8], 4)      # MatMulNBits' accuracy_level (export drops a default 0)
+        fast = rw.commit("rsq: int8 compute")
+        exact_run, fast_run = out.runner(), fast.runner()
+        moved = []
+        for ids in held_out:
+            feed = full_feed(out, ids)
+            a, b = exact_run(feed)[out.output_names[0]].double(), fast_run(feed)[out.output_names[0]].double()
+            if "logits" in out.output_names[:1]:
+                lp, lq = a.log_softmax(-1), b.log_softmax(-1)
+                moved.append(float((lp.exp() * (lp - lq)).sum(-1).mean()))
+            else:
+                pa, pb = (t.reshape(t.shape[0], -1, t.shape[-1]).mean(1) for t in (a, b))
+                moved.append(float(1 - torch.nn.functional.cosine_similarity(pa, pb, dim=-1).mean()))
+        measure = "next-token KL" if "logits" in out.output_names[:1] else "1 - cosine"
+        value = sum(moved) / len(moved)
+        chosen = value <= self.options.int8_budget
+        return (fast if chosen else out), {"chosen": "int8" if chosen else "float", measure: value,
+                                           "budget": self.options.int8_budget, "windows": len(held_out)}
+
+    def _rewrite(self, rw: Rewrite, quantized: dict, level: int) -> None:
+        """Each linear -> matmul_nbits (``level``: MatMulNBits' accuracy_level)."""
         for lin, qw in quantized.items():
             n, k = qw.codes.shape
             packed = rw.constant(f"{lin.name}_qweight", pack(qw.codes, qw.bits, qw.block_size))

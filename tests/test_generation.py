@@ -110,6 +110,11 @@ def test_decoding_writes_the_cache_in_place(llama_bundle):
         assert [o.data_ptr() for o in outputs] == [buf.data_ptr() for buf in bound.buffers]  # logits too
         ids, pos = a.argmax(-1)[:, None], pos[:, -1:] + 1
         mask = np.concatenate([mask, np.ones((2, 1), np.int64)], 1)
+    bound(ids, mask, pos)  # 11 tokens
+    full = np.concatenate([mask, np.ones((2, 1), np.int64)], 1)
+    bound(ids, full, pos + 1)  # 12: the buffer is full
+    with pytest.raises(UsageError, match="the cache holds 12 tokens and this step would make it 13"):
+        bound(ids, np.concatenate([full, np.ones((2, 1), np.int64)], 1), pos + 2)
 
 
 def test_standard_targets_keep_the_standard_attention(llama_bundle, tmp_path):
