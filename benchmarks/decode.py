@@ -1,6 +1,6 @@
 """Decoding speed of --generate bundles against what a user would run instead, in one run.
 
-    python benchmarks/decode.py [MODEL] [--prompts 256 896] [--new 128] [--threads 2] [--low-precision ...]
+    python benchmarks/decode.py [MODEL] [--prompts 256 896] [--new 128] [--threads 2] [--passes SPEC ...]
 
 MODEL defaults to the shipped reference LM. Each candidate decodes the same prompt (held-out
 text cut to each length) greedily for ``--new`` tokens, batch 1, the same thread count:
@@ -9,8 +9,8 @@ text cut to each length) greedily for ``--new`` tokens, batch 1, the same thread
                     run by tokopt's decoding loop in ONNX Runtime
     tokopt          the `tokopt compile --generate` bundle run by ``runner.generate`` (decoder
                     attention on GroupQueryAttention, the cache in bound buffers)
-    tokopt <passes> the same with each of ``--low-precision`` (default: rsq int4 and int8 with
-                    int8 compute, calibrated on the held-out text's start)
+    tokopt <passes> the same with each of ``--passes`` (default: rsq int4 and int8, int4 without
+                    the online rotation, TCA; calibrated on the held-out text's start)
     genai-fp32/int4/int8
                     onnxruntime-genai's model builder (``python -m onnxruntime_genai.models.builder
                     -p fp32|int4|int8 -e cpu``) run by its own generator, where it is installed
@@ -108,7 +108,7 @@ def main(argv=None):
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--low-precision", nargs="*", default=["rsq:bits=4,compute=int8", "rsq:bits=8,compute=int8"])
+    ap.add_argument("--passes", nargs="*", default=["rsq:bits=4", "rsq:bits=4,online=false", "rsq:bits=8", "tca"])
     ap.add_argument("--no-eager", action="store_true", help="leave out transformers' generate (the slowest)")
     ap.add_argument("--out", default="bench-out/decode.json")
     args = ap.parse_args(argv)
@@ -133,7 +133,7 @@ def main(argv=None):
     quantized = {f"tokopt {spec}": tokopt.load(tokopt.compile(args.model, out=work / f"q{i}", generate=True,
                                                               passes=spec, calib=heldout, measure=False).bundle,
                                                threads=args.threads)
-                 for i, spec in enumerate(args.low_precision)}
+                 for i, spec in enumerate(args.passes)}
     export_baseline(tokopt.capture(model, generate=True), work / "plain.onnx")
     plain = make_session(work / "plain.onnx", ["CPUExecutionProvider"], args.threads)
     spec = res.program.cache
