@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--recipe", default=None, help="YAML file with a 'passes:' list")
     c.add_argument("--backend", default="onnxruntime")
     c.add_argument("--target", default="x86-cpu")
+    c.add_argument("--precision", default="auto", help="auto | fp32 | bf16 (OpenVINO: bf16 where the CPU has it)")
     c.add_argument("--calib", default=None, help="calibration data: text file, JSONL of texts, or .npy ids")
     c.add_argument("--out", default=None, help="bundle folder (default: ./<model name>.tokopt)")
     c.add_argument("--force", action="store_true", help="replace an existing --out folder")
@@ -86,7 +87,8 @@ def _cmd_compile(args) -> int:
         calib=args.calib, force=args.force, verify_each=args.verify_each, seq_len=args.seq_len,
         max_seq_len=args.max_seq_len, trust_pickle=args.trust_pickle, attn_implementation=args.attn,
         measure=not args.no_measure, bench_runs=args.bench_runs, bench_len=args.bench_len,
-        threads=args.threads, generate=args.generate, progress=not (args.quiet or args.json))
+        threads=args.threads, generate=args.generate, progress=not (args.quiet or args.json),
+        precision=args.precision)
     if args.json:
         print(json.dumps(result.report, indent=1, default=float))
     else:

@@ -89,7 +89,8 @@ def for_onnx(ep):
     return decompose(ep, keep=lambda spec: spec.onnx is not None)
 
 
-def export_onnx(program: Program, path: Path, *, fusions: bool = True, check_feeds: list[dict] | None = None) -> dict:
+def export_onnx(program: Program, path: Path, *, fusions: bool = True, standard: bool | None = None,
+                check_feeds: list[dict] | None = None) -> dict:
     """Export ``program`` to ``path`` with tokopt's lowerings and onnxscript's optimizer.
 
     The exported graph is checked against the program itself on ``check_feeds`` (a lowering
@@ -98,7 +99,9 @@ def export_onnx(program: Program, path: Path, *, fusions: bool = True, check_fee
     that fails or disagrees is not shipped, the plain optimized one is checked and shipped, and
     the reason is recorded. (torch.onnx's own post-export optimizer is not used: at opset 23 it
     rewrites RoPE into a RotaryEmbedding whose batch-1 cos/sin caches ONNX Runtime refuses for
-    batch > 1.) Returns {"fusions": counts} or {"fusions_rejected": reason}."""
+    batch > 1.) ``standard`` (default: without ``fusions``) rewrites the ops' contrib-op lowerings
+    into standard ONNX (TensorRT); OpenVINO takes the contrib ``MatMulNBits`` and
+    ``GatherBlockQuantized`` as they are. Returns {"fusions": counts} or {"fusions_rejected": reason}."""
     import onnx_ir as ir
     import onnxscript.optimizer
     import torch
@@ -147,7 +150,7 @@ def export_onnx(program: Program, path: Path, *, fusions: bool = True, check_fee
         model = plain
     onnxscript.optimizer.optimize(model)
     static_reshapes(model)
-    standardized = {} if fusions else standardize(model)
+    standardized = standardize(model) if (not fusions if standard is None else standard) else {}
     why = check(model, path)
     if why is not None:
         raise BackendError(f"the ONNX lowering does not reproduce the graph: {why}. This is a tokopt "
@@ -247,7 +250,7 @@ class OnnxRuntimeBackend(Backend):
         require_providers(target)
         return target
 
-    def lower(self, program: Program, out_dir: Path, target: Target) -> dict:
+    def lower(self, program: Program, out_dir: Path, target: Target, precision: str = "auto") -> dict:
         decoder = {}
         if program.cache is not None and target.contrib_fusions:
             program, decoder = lower_decoder(program)
@@ -259,7 +262,7 @@ class OnnxRuntimeBackend(Backend):
                 **({"shared_buffer": True} if shared else {})}
 
     def latency(self, captured: Program, bundle_dir: Path, target: Target, runs: int, length: int,
-                threads: int | None) -> dict:
+                threads: int | None, manifest: dict | None = None) -> dict:
         """Median/p90 of the bundle and of the plain-export baseline: same feed, same run."""
         providers = require_providers(target)
         feed = bench_inputs(captured, length)

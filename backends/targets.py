@@ -20,13 +20,18 @@ class Target:
     providers: tuple[str, ...]
     contrib_fusions: bool = True
     gpu: bool = False
+    openvino_device: str | None = None   # the OpenVINO device the openvino backend compiles for
 
 
 TARGETS: dict[str, Target] = {t.name: t for t in (
-    Target("x86-cpu", "x86-64 server or desktop CPU, ONNX Runtime CPU provider",
-           ("CPUExecutionProvider",)),
-    Target("arm64-cpu", "ARM64 CPU (Graviton, Apple silicon, Raspberry Pi), ONNX Runtime CPU provider",
-           ("CPUExecutionProvider",)),
+    Target("x86-cpu", "x86-64 server or desktop CPU: ONNX Runtime's CPU provider, or OpenVINO's CPU device",
+           ("CPUExecutionProvider",), openvino_device="CPU"),
+    Target("arm64-cpu", "ARM64 CPU (Graviton, Apple silicon, Raspberry Pi): ONNX Runtime's CPU provider, or "
+           "OpenVINO's CPU device", ("CPUExecutionProvider",), openvino_device="CPU"),
+    Target("intel-gpu", "Intel integrated or Arc GPU through OpenVINO (--backend openvino)",
+           ("OpenVINOExecutionProvider",), contrib_fusions=False, gpu=True, openvino_device="GPU"),
+    Target("intel-npu", "Intel NPU (Core Ultra) through OpenVINO (--backend openvino)",
+           ("OpenVINOExecutionProvider",), contrib_fusions=False, openvino_device="NPU"),
     Target("cuda", "NVIDIA GPU through ONNX Runtime's CUDA provider (CPU for unsupported ops)",
            ("CUDAExecutionProvider", "CPUExecutionProvider"), gpu=True),
     Target("tensorrt", "NVIDIA GPU through ONNX Runtime's TensorRT provider, then CUDA",

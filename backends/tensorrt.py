@@ -56,7 +56,7 @@ class TensorRTBackend(Backend):
         require_tensorrt()
         return get_target(name)
 
-    def lower(self, program: Program, out_dir: Path, target: Target) -> dict:
+    def lower(self, program: Program, out_dir: Path, target: Target, precision: str = "auto") -> dict:
         trt = require_tensorrt()
         from ..optimizer.compile import io_spec
         onnx_path = out_dir / ONNX_FILE

@@ -122,7 +122,7 @@ def compile(model, example_inputs=None, *, out=None, passes=None, recipe=None, b
             seq_len: int = DEFAULT_SEQ_LEN, max_seq_len: int | None = None, trust_pickle: bool = False,
             attn_implementation: str = "sdpa", measure: bool = True, bench_runs: int = 20,
             bench_len: int = 128, threads: int | None = None, texts: list[str] | None = None,
-            generate: bool = False, progress: bool = False) -> CompileResult:
+            generate: bool = False, progress: bool = False, precision: str = "auto") -> CompileResult:
     """Compile ``model`` into a bundle at ``out`` and measure it. See ``tokopt compile --help``.
     With ``generate``, a causal LM is compiled as one prefill/decode graph with a KV cache and
     the bundle's runner gets ``generate()``."""
@@ -131,6 +131,7 @@ def compile(model, example_inputs=None, *, out=None, passes=None, recipe=None, b
     pass_list = the_plan.passes
     be = get_backend(backend)
     tgt = be.target(target)
+    be.check_precision(tgt, precision)
     out = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="tokopt-")) / "bundle"
     check_out(out, force)
     if calib is not None and not Path(calib).exists():
@@ -152,7 +153,7 @@ def compile(model, example_inputs=None, *, out=None, passes=None, recipe=None, b
 
     with atomic_bundle(out, force) as tmp:
         with progress_.step(f"lowering to {be.name} for {tgt.name}"):
-            lowered = be.lower(program, tmp, tgt)
+            lowered = be.lower(program, tmp, tgt, precision)
         if program.tokenizer_dir:
             (tmp / "tokenizer").mkdir()
             for name in _TOKENIZER_FILES:
@@ -177,8 +178,8 @@ def compile(model, example_inputs=None, *, out=None, passes=None, recipe=None, b
                   "target": tgt.name, "passes": program.history, **({"plan": the_plan.notes} if the_plan.notes else {}),
                   "attention": [b.row() for b in program.attention],
                   "attention_refused": [r.__dict__ for r in program.rejected],
-                  "size_bytes": {"tokopt": sum(p.stat().st_size for p in tmp.iterdir()
-                                               if p.name.startswith(lowered["model"]))}}
+                  "size_bytes": {"tokopt": sum(p.stat().st_size for p in tmp.iterdir()   # model.onnx(.data), .xml + .bin
+                                               if p.name.startswith(Path(lowered["model"]).stem + "."))}}
         if measure:
             with progress_.step("measuring quality and latency against the original"):
                 if texts is None and captured.tokenizer_dir:
@@ -203,7 +204,7 @@ def _measure(be, tgt, captured: Program, bundle_dir: Path, data: dict, texts, ru
         q = quality_rows(captured, lambda row: runner(**{k: v.numpy() for k, v in row.items()}), feed)
     q["probe"] = desc
     result = {"quality": q}
-    lat = be.latency(captured, bundle_dir, tgt, runs, length, threads)
+    lat = be.latency(captured, bundle_dir, tgt, runs, length, threads, manifest=data)
     if lat is not None:
         result["latency"] = lat
     return result
@@ -222,7 +223,7 @@ def _measure_generation(be, tgt, captured: Program, bundle_dir: Path, data: dict
                                                                       example_feed(spec, 1, n, 0).items()}))
                                     for n in (1024, 4096) if spec.max_length is None or n <= spec.max_length}
         result["kv_cache_bytes_full"] = full
-    lat = be.latency(captured, bundle_dir, tgt, runs, length, threads)
+    lat = be.latency(captured, bundle_dir, tgt, runs, length, threads, manifest=data)
     if lat is not None:
         result["latency"] = {**lat, "label": f"decode step, {length} cached tokens, batch 1"}
     return result

@@ -168,12 +168,18 @@ class Backend:
         """The target profile ``name``, checked for this machine (raises if unusable)."""
         raise NotImplementedError
 
-    def lower(self, program, out_dir: Path, target) -> dict:
+    def check_precision(self, target, precision: str) -> None:
+        """Refuse (UsageError) a ``--precision`` this backend cannot give on ``target``."""
+        if precision not in ("auto", "fp32"):
+            raise UsageError(f"precision {precision!r}: the {self.name} backend runs the graph's own precision "
+                             "(auto or fp32); bf16 is an OpenVINO precision (--backend openvino).")
+
+    def lower(self, program, out_dir: Path, target, precision: str = "auto") -> dict:
         """Write the engine files into ``out_dir``; return {"model": file, ...details}."""
         raise NotImplementedError
 
     def latency(self, captured, bundle_dir: Path, target, runs: int, length: int,
-                threads: int | None) -> dict | None:
+                threads: int | None, manifest: dict) -> dict | None:
         """Time the bundle against this backend's no-pass baseline; None where it cannot run here."""
         return None
 

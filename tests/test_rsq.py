@@ -18,7 +18,7 @@ from tokopt.optimizer.errors import PassError, UsageError
 from tokopt.backends.onnxruntime import for_onnx
 from tokopt.optimizer.ops import OPSET, onnx_translation_table, standardize
 from tokopt.optimizer.pass_manager import PassManager, resolve
-from tokopt.optimizer.ops.nbits import EMBEDDING_Q8, MATMUL_NBITS, pack
+from tokopt.optimizer.ops.nbits import EMBEDDING_Q8, MATMUL_NBITS, dequantize, pack
 from tokopt.passes.rotation import NotRotatable, hadamard, random_hadamard, rotate
 
 from .conftest import REFERENCE_LM, feed_for
@@ -281,3 +281,32 @@ def test_bad_requests(tmp_path, model_dir, minilm_dir):
     with pytest.raises(UsageError, match=r"holds 2 windows of 1024 tokens; samples=40"):  # 2200 tokens
         tokopt.compile(REFERENCE_LM, out=tmp_path / "e", passes="rsq:samples=40,seq_len=1024", calib=short)
     assert not any((tmp_path / n).exists() for n in "abcde")
+
+
+@pytest.mark.parametrize("k", [64, 40])
+def test_int8_compute_keeps_its_rounding_in_standard_onnx(tmp_path, k):
+    """A MatMulNBits at accuracy level 4 rounds its activations to int8 per block; its standard
+    form (TensorRT, OpenVINO) does the same rounding with standard ops, so it still reproduces the
+    reference (a padded last block included), where plain DequantizeLinear + MatMul would not."""
+    import onnx_ir as ir
+    import onnxruntime as ort
+    g = torch.Generator().manual_seed(k)
+    n, bs = 24, 16
+    qw = pack(torch.randint(0, 16, (n, k), generator=g), 4, bs)
+    sc = torch.rand(n, -(-k // bs), generator=g) * 0.1
+
+    class M(torch.nn.Module):
+        def forward(self, x):
+            return MATMUL_NBITS.op(x, qw, sc, None, 4, bs, k, n, 4)
+
+    x = torch.randn(2, 5, k, generator=g) * 3
+    ep = torch.export.export(M(), (x,), dynamic_shapes=({0: Dim.AUTO, 1: Dim.AUTO},))
+    model = torch.onnx.export(for_onnx(ep), dynamo=True, opset_version=OPSET, optimize=False, input_names=["x"],
+                              custom_translation_table=onnx_translation_table()).model
+    onnxscript.optimizer.optimize(model)  # as export_onnx does: folds the scales' reshape
+    assert standardize(model) == {"tokopt::matmul_nbits": 1}
+    ir.save(model, tmp_path / "m.onnx")
+    x2 = torch.randn(3, 7, k, generator=g) * 3
+    got = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x2.numpy()})
+    want, plain = M()(x2), x2 @ dequantize(qw, sc, 4, k).T
+    assert np.abs(got[0] - want.numpy()).max() < 1e-4 < (want - plain).abs().max()

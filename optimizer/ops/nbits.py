@@ -184,10 +184,45 @@ EMBEDDING_Q8 = define_op("tokopt::embedding_q8", _embedding_q8, _embedding_q8_fa
                          tags=("quant",), standardize=standardize_embedding)
 
 
+def _int8_block_nodes(x, k: int, bs: int, name: str) -> list:
+    """``_int8_blocks`` in standard ONNX nodes (onnx_ir): pad K to blocks, per block scale
+    max|x| / 127, round, scale back, unpad. The last node's output is the rounded activation."""
+    import onnx_ir as ir
+
+    pad = (-k) % bs
+    nodes = []
+
+    def add(op_type, inputs, **attrs):
+        nodes.append(ir.node(op_type, [v.outputs[0] if isinstance(v, ir.Node) else v for v in inputs],
+                             attributes=attrs))
+        return nodes[-1]
+
+    def const(values, dtype=np.int64):
+        return add("Constant", [], value=ir.tensor(np.asarray(values, dtype=dtype)))
+    lead = add("Shape", [x], end=-1)
+    src = x
+    if pad:
+        zeros = add("Constant", [], value=ir.tensor(np.zeros(1, np.int64)))
+        src = add("Pad", [x, add("Concat", [add("Expand", [zeros, add("Shape", [lead])]), const([0]),
+                                            add("Expand", [zeros, add("Shape", [lead])]), const([pad])], axis=0)])
+    blocks = add("Reshape", [src, add("Concat", [lead, const([-1, bs])], axis=0)])
+    scale = add("Div", [add("ReduceMax", [add("Abs", [blocks]), const([-1])], keepdims=1),
+                        const(127.0, np.float32)])
+    inverse = add("Where", [add("Greater", [scale, const(0.0, np.float32)]), add("Reciprocal", [scale]),
+                            const(0.0, np.float32)])
+    rounded = add("Mul", [add("Round", [add("Mul", [blocks, inverse])]), scale])
+    flat = add("Reshape", [rounded, add("Concat", [lead, const([-1])], axis=0)])
+    if pad:
+        flat = add("Slice", [flat, const([0]), const([k]), const([-1])])
+    return nodes
+
+
 def standardize_nbits(model) -> int:
     """Rewrite every ``MatMulNBits`` of an onnx_ir model into standard ONNX (opset 21+):
     ``MatMul(x, DequantizeLinear(W[K, N] int4|int8, scales[K/bs, N], axis=0, block_size))``
-    (+ ``Add`` bias), the form strongly typed TensorRT builds weight-only int4 engines from.
+    (+ ``Add`` bias), the form strongly typed TensorRT builds weight-only int4 engines from. An
+    int8-compute node (accuracy level 4) keeps its semantics: its activations are rounded to int8
+    per block first, as the reference rounds them (standard ops, no integer kernel).
     Returns how many were rewritten."""
     import ml_dtypes
     import onnx_ir as ir
@@ -213,8 +248,10 @@ def standardize_nbits(model) -> int:
         for v in (w, s):
             graph.register_initializer(v)
         deq = ir.node("DequantizeLinear", [w, s], attributes={"axis": 0, "block_size": bs})
-        mm = ir.node("MatMul", [x, deq.outputs[0]])
-        new = [deq, mm]
+        emulated = _int8_block_nodes(x, k, bs, f"{qw.name}_act") if \
+            "accuracy_level" in a and a["accuracy_level"].as_int() == 4 else []
+        mm = ir.node("MatMul", [emulated[-1].outputs[0] if emulated else x, deq.outputs[0]])
+        new = [*emulated, deq, mm]
         if bias is not None:
             new.append(ir.node("Add", [mm.outputs[0], bias]))
         graph.insert_before(node, new)

@@ -1,0 +1,185 @@
+"""OpenVINO backend: Program -> tokopt's standard ONNX -> OpenVINO IR (``model.xml``/``model.bin``).
+
+Conversion: the post-pass program is exported to ONNX without ONNX Runtime's graph fusions
+(every tokopt op decomposed or in its hand lowering: ``MatMulNBits`` and ``GatherBlockQuantized``
+for low-bit weights, which OpenVINO's ONNX frontend turns into compressed-weight kernels;
+``QuantizeLinear``/``DequantizeLinear`` pairs for quantized activations, which it turns into
+``FakeQuantize`` on its integer kernels), checked against the program in ONNX Runtime, and handed
+to OpenVINO's own converter (``ov.convert_model``). Going through tokopt's ONNX rather than
+``convert_model(ExportedProgram)`` reuses one verified lowering of every tokopt op (OpenVINO's
+PyTorch frontend has no rule for custom ops) and gives OpenVINO the QDQ form it quantizes from.
+ONNX Runtime's OpenVINO execution provider (``onnxruntime-openvino``) would be another route; it
+replaces the ``onnxruntime`` package itself, lagging its releases, so tokopt uses OpenVINO's own
+runtime beside ONNX Runtime.
+
+Precision is a hint per target: ``auto`` is bf16 on a CPU that has it (AVX-512 BF16, AMX), fp32
+elsewhere; ``fp32`` and ``bf16`` can be asked for, and bf16 on a CPU without it is refused. The
+report measures the bundle's quality at the precision it runs.
+"""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from ..optimizer.errors import BackendError, UsageError
+from ..optimizer.program import Program
+from ..optimizer.report import bench_inputs, time_calls, verification_feeds
+from ..optimizer.runtime import Backend, Runner, register_backend
+from .onnxruntime import export_baseline, export_onnx
+from .targets import TARGETS, Target, get_target
+
+__all__ = ["OpenVinoBackend", "OpenVinoRunner", "require_openvino", "MODEL_FILE"]
+
+MODEL_FILE = "model.xml"
+PRECISIONS = ("auto", "fp32", "bf16")
+# tokopt ops whose ONNX form OpenVINO 2026.4's converter refuses, and why (checked before export)
+REFUSED = {
+    "tokopt::tca_attention": "its per-KV-head gathers (GatherElements with indices narrower than the data "
+                             "outside the gathered axis, which ONNX allows) fail OpenVINO's shape check",
+    "tokopt::tca_cache_attention": "the same per-KV-head gathers as tca_attention",
+}
+
+
+def require_openvino():
+    try:
+        import openvino as ov
+    except ImportError:
+        raise BackendError("the openvino backend needs OpenVINO, which is not installed. Install it "
+                           "(pip install 'tokopt[openvino]'), or use --backend onnxruntime.") from None
+    return ov
+
+
+def _hint(ov, core, device: str, precision: str) -> dict:
+    """The compile config for ``precision`` on ``device`` (a UsageError where it lacks it)."""
+    caps = core.get_property(device, "OPTIMIZATION_CAPABILITIES")
+    if precision == "auto":
+        precision = "bf16" if device == "CPU" and "BF16" in caps else "fp32"
+    if precision == "bf16" and "BF16" not in caps:
+        raise UsageError(f"precision bf16: OpenVINO's {device} here has no bf16 ({', '.join(caps)}); "
+                         "choose --precision fp32 or auto.")
+    types = {"fp32": ov.Type.f32, "bf16": ov.Type.bf16}
+    return {"precision": precision, "config": {ov.properties.hint.inference_precision: types[precision]}}
+
+
+def _compile(path: Path, device: str, precision: str, threads: int | None):
+    ov = require_openvino()
+    core = ov.Core()
+    hint = _hint(ov, core, device, precision)
+    config = dict(hint["config"])
+    if threads:
+        config[ov.properties.inference_num_threads] = threads
+    return core.compile_model(core.read_model(str(path)), device, config)
+
+
+class OpenVinoRunner(Runner):
+    def __init__(self, bundle: Path, manifest: dict, threads: int | None = None):
+        super().__init__(bundle, manifest)
+        lowering = manifest["lowering"]
+        self.compiled = _compile(Path(bundle) / MODEL_FILE, lowering["device"], lowering["precision"], threads)
+        self.request = self.compiled.create_infer_request()
+        self.graph_inputs = {i.get_any_name() for i in self.compiled.inputs}
+
+    def _run(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        out = self.request.infer({k: v for k, v in feed.items() if k in self.graph_inputs})
+        return [out[o] for o in self.compiled.outputs]
+
+
+def _check_runs(program: Program, path: Path) -> None:
+    """OpenVINO's CPU device runs the IR on the probe and on shapes the export never saw, in
+    fp32, and reproduces the program (where the graph's rounding decisions allow it: a graph
+    of quantizers or rank cuts is only required to run): else a BackendError before shipping."""
+    import torch
+    from ..optimizer.ops import OPS
+    compiled = _compile(path, "CPU", "fp32", None)
+    names = {i.get_any_name() for i in compiled.inputs}
+    exact = all(spec.is_exact(n) for n in program.graph.nodes for spec in OPS.values() if spec.matches(n))
+    for feed in verification_feeds(program):
+        shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in feed.items())
+        try:
+            out = compiled.create_infer_request().infer({k: v for k, v in feed.items() if k in names})
+        except Exception as e:
+            raise BackendError(f"OpenVINO converted the graph but cannot run it at {shapes}: "
+                               f"{str(e).strip().splitlines()[-1][:300]}. Use --backend onnxruntime for this "
+                               "model and passes.") from e
+        if exact:
+            want = program.run({k: torch.from_numpy(v) for k, v in feed.items()})
+            for port, name in zip(compiled.outputs, program.output_names):
+                ref = want[name].numpy()
+                if ref.dtype.kind == "f" and not np.allclose(out[port], ref, rtol=1e-3, atol=1e-3):
+                    raise BackendError(f"OpenVINO's result differs from the graph by up to "
+                                       f"{float(np.abs(out[port] - ref).max()):.3g} at {shapes}; this is a "
+                                       "tokopt or OpenVINO bug, report it.")
+
+
+@register_backend
+class OpenVinoBackend(Backend):
+    name = "openvino"
+    runner_cls = OpenVinoRunner
+
+    def target(self, name: str) -> Target:
+        target = get_target(name)
+        ov = require_openvino()
+        if target.openvino_device is None:
+            served = ", ".join(t for t, spec in TARGETS.items() if spec.openvino_device)
+            raise BackendError(f"target '{name}' is not one OpenVINO serves; choose one of {served}, or another "
+                               "backend for it.")
+        have = ov.Core().available_devices
+        if not any(d.split(".")[0] == target.openvino_device for d in have):
+            raise BackendError(f"target '{name}' needs OpenVINO's {target.openvino_device} device, which this machine "
+                               f"does not have (it has: {', '.join(have)}). Choose --target x86-cpu.")
+        return target
+
+    def check_precision(self, target: Target, precision: str) -> None:
+        if precision not in PRECISIONS:
+            raise UsageError(f"precision {precision!r}: the openvino backend takes {', '.join(PRECISIONS)}.")
+        ov = require_openvino()
+        _hint(ov, ov.Core(), target.openvino_device, precision)
+
+    def lower(self, program: Program, out_dir: Path, target: Target, precision: str = "auto") -> dict:
+        ov = require_openvino()
+        from ..optimizer.ops import OPS
+        for name, why in REFUSED.items():
+            if any(OPS[name].matches(n) for n in program.graph.nodes):
+                raise BackendError(f"the openvino backend cannot take {name}: {why}. Use --backend onnxruntime "
+                                   "for this pass.")
+        with tempfile.TemporaryDirectory() as tmp:
+            onnx_path = Path(tmp) / "model.onnx"
+            # low-bit weights stay MatMulNBits / GatherBlockQuantized, which OpenVINO's ONNX frontend
+            # turns into compressed-weight kernels (its frontend has no blocked DequantizeLinear-23)
+            info = export_onnx(program, onnx_path, fusions=False, standard=False,
+                               check_feeds=verification_feeds(program))
+            try:
+                model = ov.convert_model(str(onnx_path))
+            except Exception as e:  # the converter's messages name the op it has no rule for
+                raise BackendError(f"OpenVINO cannot convert tokopt's ONNX: {str(e).strip().splitlines()[0]}") from e
+            ov.save_model(model, str(out_dir / MODEL_FILE), compress_to_fp16=False)  # weights as they are
+        _check_runs(program, out_dir / MODEL_FILE)
+        hint = _hint(ov, ov.Core(), target.openvino_device, precision)
+        return {"model": MODEL_FILE, "device": target.openvino_device, "precision": hint["precision"]}
+
+    def latency(self, captured: Program, bundle_dir: Path, target: Target, runs: int, length: int,
+                threads: int | None, manifest: dict) -> dict:
+        """The bundle against what a user gets from OpenVINO alone: ``ov.convert_model`` of the
+        plain ``torch.onnx.export``, OpenVINO's default precision; same feed, same run."""
+        ov = require_openvino()
+        lowering = manifest["lowering"]
+        feed = bench_inputs(captured, length)
+        ours = _compile(bundle_dir / MODEL_FILE, lowering["device"], lowering["precision"], threads)
+        with tempfile.TemporaryDirectory() as tmp:
+            export_baseline(captured, Path(tmp) / "baseline.onnx")
+            core = ov.Core()
+            base = core.compile_model(ov.convert_model(str(Path(tmp) / "baseline.onnx")), lowering["device"],
+                                      {ov.properties.inference_num_threads: threads} if threads else {})
+            size = sum(p.stat().st_size for p in Path(tmp).iterdir())
+        names = {i.get_any_name() for i in ours.inputs}
+        own = ours.create_infer_request()
+        plain = base.create_infer_request()
+        result = {"feed": {k: list(v.shape) for k, v in feed.items()}, "threads": threads,
+                  "device": lowering["device"], "precision": lowering["precision"],
+                  "tokopt": time_calls(lambda: own.infer({k: v for k, v in feed.items() if k in names}), runs),
+                  "baseline": time_calls(lambda: plain.infer(feed), runs), "size_bytes": {"baseline": size}}
+        result["speedup_median"] = result["baseline"]["median_ms"] / result["tokopt"]["median_ms"]
+        return result
+

@@ -1,0 +1,87 @@
+"""The OpenVINO backend: tokopt's standard ONNX converted to OpenVINO IR, run by OpenVINO's CPU
+device at lengths the export never saw; passes' ops convert; what it cannot serve is refused."""
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import tokopt
+from tokopt.optimizer.errors import BackendError, UsageError
+
+from .conftest import REFERENCE_LM, _tiny, feed_for
+
+pytest.importorskip("openvino", reason="OpenVINO is not installed (pip install 'tokopt[openvino]')")
+
+
+@pytest.mark.parametrize("family", ["bert", "llama", "vit"])
+def test_bundle_matches_eager(family, tmp_path, model_dir):
+    """fp32 (asked for): within float tolerance of eager at a batch and length never seen; the
+    IR is in the bundle and the runner is the same API as ONNX Runtime's."""
+    res = tokopt.compile(model_dir(family), out=tmp_path / "b", backend="openvino", precision="fp32", measure=False)
+    assert res.manifest["lowering"] == {"model": "model.xml", "device": "CPU", "precision": "fp32"}
+    assert {"model.xml", "model.bin"} <= set(res.manifest["files"])
+    feed = feed_for(family, 3, 29)
+    got = tokopt.load(res.bundle)(**{k: v.numpy() for k, v in feed.items()})
+    with torch.no_grad():
+        ref = res.program.module(**feed)
+    main = "logits" if "logits" in got else "last_hidden_state"
+    err = np.abs(got[main] - ref[main].numpy())
+    if "attention_mask" in feed and not feed["attention_mask"].all():
+        err = err[feed["attention_mask"].bool().numpy()]
+    assert err.max() < 1e-4
+
+
+@pytest.mark.slow
+def test_minilm_in_bf16_and_reference_lm_generation(tmp_path, minilm_dir):
+    """Trained weights: MiniLM at the CPU's bf16 (auto here) keeps its embeddings (report, real
+    passages); the reference LM's generation bundle decodes greedily like transformers in fp32."""
+    res = tokopt.compile(minilm_dir, out=tmp_path / "m", backend="openvino", bench_runs=3, bench_len=64, threads=2)
+    assert res.manifest["lowering"]["precision"] in ("bf16", "fp32")
+    assert res.report["quality"]["embedding_cosine"] > 0.9995 and res.report["latency"]["precision"]
+    from transformers import AutoModelForCausalLM
+    lm = tokopt.compile(REFERENCE_LM, out=tmp_path / "g", backend="openvino", precision="fp32", generate=True,
+                        measure=False)
+    model = AutoModelForCausalLM.from_pretrained(REFERENCE_LM, local_files_only=True).eval()
+    model.generation_config.eos_token_id = None
+    ids = np.random.default_rng(2).integers(10, 4000, (1, 20))
+    with torch.no_grad():
+        want = model.generate(torch.from_numpy(ids), max_new_tokens=24, do_sample=False, pad_token_id=0).numpy()
+    np.testing.assert_array_equal(tokopt.load(lm.bundle).generate(input_ids=ids, max_new_tokens=24), want)
+
+
+def test_passes_ops_convert(tmp_path, model_dir):
+    """RSQ's int4 weights (MatMulNBits, which OpenVINO runs on compressed weights) and STILL's
+    hybrid attention convert and reproduce the program; TCA is refused by name."""
+    res = tokopt.compile(model_dir("llama"), out=tmp_path / "b", backend="openvino", precision="fp32",
+                         passes="rsq:solver=rtn,importance=none,group_size=16,compute=float", measure=False)
+    import openvino as ov
+    ops = {op.get_type_name() for op in ov.Core().read_model(str(res.bundle / "model.xml")).get_ops()}
+    assert "Convert" in ops   # u4 weights decompressed where they are used
+    feed = feed_for("llama", 2, 40)
+    got = tokopt.load(res.bundle)(**{k: v.numpy() for k, v in feed.items()})["logits"]
+    want = res.program.run(feed)["logits"].numpy()
+    assert np.abs(got - want).max() < 1e-3
+    with pytest.raises(BackendError, match="cannot take tokopt::tca_attention: its per-KV-head gathers"):
+        tokopt.compile(model_dir("llama"), out=tmp_path / "t", backend="openvino", passes="tca:uniform=0.5,window=4")
+    assert not (tmp_path / "t").exists()
+
+
+def test_what_openvino_cannot_serve_is_refused(tmp_path, model_dir, monkeypatch):
+    with pytest.raises(UsageError, match="bf16 is an OpenVINO precision"):
+        tokopt.compile(model_dir("bert"), out=tmp_path / "a", precision="bf16")
+    with pytest.raises(BackendError, match="not one OpenVINO serves; choose one of x86-cpu, arm64-cpu"):
+        tokopt.compile(model_dir("bert"), out=tmp_path / "b", backend="openvino", target="tensorrt")
+    import openvino as ov
+    if "GPU" not in ov.Core().available_devices:
+        with pytest.raises(BackendError, match="needs OpenVINO's GPU device, which this machine does not have"):
+            tokopt.compile(model_dir("bert"), out=tmp_path / "c", backend="openvino", target="intel-gpu")
+    if "BF16" not in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        with pytest.raises(UsageError, match="has no bf16"):
+            tokopt.compile(model_dir("bert"), out=tmp_path / "d", backend="openvino", precision="bf16")
+    monkeypatch.setitem(sys.modules, "openvino", None)   # as if it were not installed
+    with pytest.raises(BackendError, match="needs OpenVINO, which is not installed.*tokopt\\[openvino\\]"):
+        tokopt.compile(model_dir("bert"), out=tmp_path / "e", backend="openvino")
+    assert not any((tmp_path / n).exists() for n in "abcde")
