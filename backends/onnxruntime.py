@@ -30,7 +30,9 @@ __all__ = ["OnnxRuntimeBackend", "OnnxRuntimeRunner", "BoundDecoding", "export_o
 
 MODEL_FILE = "model.onnx"
 _TWO_GB = 2 * 1024 ** 3
-ROUNDING_NUDGE = 1e-6  # relative: float noise between kernels, as the reference sees it
+# relative nudges of the reference's rounding inputs: float noise between kernels as the reference
+# sees it (one nudge may happen to flip nothing; a deep int8 graph's kernels differ by up to 1e-5)
+ROUNDING_NUDGES = (1e-6, 1e-5)
 
 
 @contextlib.contextmanager
@@ -55,7 +57,7 @@ def _disagreement(session, feeds: list[dict], reference, exact: bool = True) -> 
     ``exact=False`` (a graph with rounding decisions, which float noise between kernels can
     flip one step either way) accepts a mean error within 2% of the mean magnitude and a
     largest error within a quarter of the largest value, each widened by twice what the
-    reference itself moves when its rounding inputs are nudged by 1e-6 (in a deep graph of
+    reference itself moves when its rounding inputs are nudged by 1e-6 or 1e-5 (in a deep graph of
     int8 roundings that alone can be several percent): a wrong lowering is far outside."""
     names = {i.name for i in session.get_inputs()}
     for feed in feeds:
@@ -63,14 +65,14 @@ def _disagreement(session, feeds: list[dict], reference, exact: bool = True) -> 
             got = session.run(None, {k: v for k, v in feed.items() if k in names})
         except Exception as e:
             return f"it fails at {_shapes(feed)}: {str(e).strip().splitlines()[0][:300]}"
-        nudged = None if exact else reference(feed, ROUNDING_NUDGE)
+        nudged = None if exact else [reference(feed, eps) for eps in ROUNDING_NUDGES]
         for i, (x, y) in enumerate(zip(reference(feed), got)):
             if x.shape != y.shape:
                 return f"output shape {list(y.shape)} instead of {list(x.shape)} at {_shapes(feed)}"
             if x.dtype.kind != "f":
                 continue
             err = np.abs(x - y)
-            noise = None if exact else np.abs(x - nudged[i])
+            noise = None if exact else np.max([np.abs(x - n[i]) for n in nudged], axis=0)
             ok = (np.allclose(x, y, rtol=1e-3, atol=1e-4) if exact else
                   err.mean() <= 0.02 * np.abs(x).mean() + 2 * noise.mean()
                   and err.max() <= 0.25 * np.abs(x).max() + 2 * noise.max())

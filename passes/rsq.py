@@ -30,6 +30,13 @@ than a float MatMul on this CPU); ``compute=float`` keeps float activations. ``c
 within ``int8_budget`` of float compute: the KL divergence of the next-token distributions for a
 language model, 1 - cosine of the first output otherwise; the report gives the measurement.
 
+``act_bits=8`` (with ``bits=8``) is W8A8: weights int8 per output channel (GPTQ over whole rows),
+and each body linear's input quantized to uint8 with one scale and zero point per tensor,
+calibrated on the same windows through the quantized graph (``act_range=mse``: the clipping of
+the observed range with the least squared error; ``minmax``: the range itself). The linears
+become ``tokopt::linear_w8a8`` (a QDQ pattern ONNX Runtime runs as ``MatMulIntegerToFloat`` and
+OpenVINO as ``FakeQuantize`` + an int8 GEMM).
+
 Block sizes must be powers of two >= 16 (``MatMulNBits``); an input dimension that is not a
 multiple is padded (the last block's missing columns are zeros). ``group_size=0`` picks 128 for
 models at least 2048 wide and 32 below (RSQ's per-channel scales suit 4096-wide models; a
@@ -50,7 +57,8 @@ from ..calibration.lm_eval import full_feed, perplexity
 from ..calibration.stats import cached_tensors, program_hash
 from ..optimizer.data import token_source, token_windows
 from ..optimizer.errors import PassError, UsageError
-from ..optimizer.ops import BITS, EMBEDDING_Q8, MATMUL_NBITS, TOKEN_SCORES, Tap, attention_spec
+from ..optimizer.ops import BITS, EMBEDDING_Q8, LINEAR_W8A8, MATMUL_NBITS, TOKEN_SCORES, Tap, attention_spec
+from ..optimizer.ops.int8 import quantize_activation_range
 from ..optimizer.ops.nbits import pack, quantize_table
 from ..optimizer.pass_manager import CANONICAL_ATTENTION, FLOAT_WEIGHTS, Pass, PassResult, max_abs_error, opt, \
     register_pass
@@ -84,6 +92,11 @@ class RSQOptions:
     embed_bits: int = opt(8, "int8 embedding tables and output heads, or keep them float", "8|0")
     compute: str = opt("auto", "MatMulNBits on float activations, on int8-rounded ones (faster on CPUs), or "
                        "int8 where held-out outputs stay within int8_budget", "auto|float|int8")
+    act_bits: int = opt(0, "activation bits of the body's linears: 0 keeps them float; 8 quantizes each linear's "
+                        "input to uint8 with one scale calibrated per tensor (W8A8, the QDQ form ONNX Runtime and "
+                        "OpenVINO run on integer kernels; needs bits=8, weights per channel)", "0|8")
+    act_range: str = opt("mse", "how each activation's range is calibrated: min/max of the calibration "
+                         "activations, or the clipping of it with the least squared error", "minmax|mse")
     int8_budget: float = opt(0.01, "compute=auto: how far int8 compute may move held-out outputs (KL in nats for "
                              "language models, 1 - cosine otherwise)", ">= 0")
     eval_windows: int = opt(4, "held-out windows for the reported perplexity (causal LMs)", ">= 0")
@@ -108,6 +121,10 @@ class RSQOptions:
                              "or auto (int8 where held-out outputs allow)")
         if self.int8_budget < 0:
             raise ValueError(f"int8_budget={self.int8_budget} must be >= 0")
+        if self.act_bits not in (0, 8) or (self.act_bits and self.bits != 8):
+            raise ValueError(f"act_bits={self.act_bits}: use 0 (float activations) or 8 with bits=8 (W8A8)")
+        if self.act_range not in ("minmax", "mse"):
+            raise ValueError(f"act_range={self.act_range!r}: use minmax or mse")
         if self.embed_bits not in (0, 8):
             raise ValueError(f"embed_bits={self.embed_bits}: use 8 (int8 tables and heads) or 0 (keep float)")
 
@@ -201,7 +218,7 @@ class RSQPass(Pass):
             for lin in group:
                 w = rw.tensor(lin.args[1]).detach().float()
                 name = names.get(lin.name, lin.name)
-                qw = self._quantize(w, h, opts.bits, bs, name)
+                qw = self._quantize(w, h, opts.bits, w.shape[1] if opts.act_bits else bs, name)
                 deq = qw.dequantize()
                 if feeds:  # later groups calibrate on what this one computes once quantized
                     rw.set_tensor(rw.weight_name(lin.args[1]), deq)
@@ -248,12 +265,17 @@ class RSQPass(Pass):
         stats["cached"] = hit
         rows = result["rows"]
         by_name = {n.name: n for n in body}
-        quantized = {by_name[name]: QuantizedWeight(codes, result["scales"][name], opts.bits, bs)
+        quantized = {by_name[name]: QuantizedWeight(codes, result["scales"][name], opts.bits,
+                                                    codes.shape[1] if opts.act_bits else bs)
                      for name, codes in result["codes"].items()}
-        for lin in heads if opts.embed_bits else []:
-            w = rw.tensor(lin.args[1]).detach().float()
-            quantized[lin] = quantize_rtn(w, 8, bs)
-        self._rewrite(rw, quantized, 4 if opts.compute == "int8" else 0)
+        heads_q = {lin: quantize_rtn(rw.tensor(lin.args[1]).detach().float(), 8, bs)
+                   for lin in (heads if opts.embed_bits else [])}
+        if opts.act_bits:
+            ranges = self._activation_ranges(rw, quantized, calib)
+            stats["activations"] = {"bits": 8, "tensors": len(ranges), "range": opts.act_range}
+            self._rewrite_w8a8(rw, quantized, ranges)
+            quantized = {}
+        self._rewrite(rw, {**quantized, **heads_q}, 4 if opts.compute == "int8" else 0)
         stats.update(self._rewrite_embeddings(rw, bs))
         out = rw.commit("rsq")
         if opts.compute == "auto":
@@ -324,6 +346,40 @@ class RSQPass(Pass):
         return (fast if chosen else out), {"chosen": "int8" if chosen else "float", measure: value,
                                            "budget": self.options.int8_budget, "windows": len(held_out)}
 
+    def _activation_ranges(self, rw: Rewrite, quantized: dict, calib) -> dict[str, tuple[float, int]]:
+        """{input node name: (scale, zero point)} of every quantized linear's input, observed on
+        the calibration windows through the graph with its weights already quantized."""
+        for lin, qw in quantized.items():
+            rw.set_tensor(rw.weight_name(lin.args[1]), qw.dequantize())
+        inputs = {lin.args[0].name for lin in quantized}
+        tap = Tap(rw.module(), values=inputs)
+        seen: dict[str, list[torch.Tensor]] = {n: [] for n in inputs}
+        with torch.no_grad():
+            for ids in calib:
+                tap.run_feed(full_feed(rw.program, ids), rw.input_names)
+                for n in inputs:
+                    seen[n].append(tap.values[n].reshape(-1))
+        return {n: _range(torch.cat(v), self.options.act_range) for n, v in seen.items()}
+
+    def _rewrite_w8a8(self, rw: Rewrite, quantized: dict, ranges: dict) -> None:
+        """Each linear -> linear_w8a8 on its int8 weights and its input's calibrated scale."""
+        consts: dict[str, tuple] = {}
+        for lin, qw in quantized.items():
+            x = lin.args[0]
+            if x.name not in consts:
+                scale, zero = ranges[x.name]
+                consts[x.name] = (rw.constant(f"{x.name}_act_scale", torch.tensor(scale, dtype=torch.float32)),
+                                  rw.constant(f"{x.name}_act_zero", torch.tensor(zero, dtype=torch.uint8)))
+            weight = (qw.codes.to(torch.int16) - 128).to(torch.int8).T.contiguous()      # [K, N]
+            w = rw.constant(f"{lin.name}_w8", weight)
+            ws = rw.constant(f"{lin.name}_w8_scale", qw.scales[:, 0].contiguous())
+            bias = lin.args[2] if len(lin.args) > 2 else None
+            with rw.graph.inserting_before(lin):
+                new = rw.graph.call_function(LINEAR_W8A8.overload, (x, w, ws, *consts[x.name], bias))
+            inherit_meta(new, lin)
+            lin.replace_all_uses_with(new)
+            rw.graph.erase_node(lin)
+
     def _rewrite(self, rw: Rewrite, quantized: dict, level: int) -> None:
         """Each linear -> matmul_nbits (``level``: MatMulNBits' accuracy_level)."""
         for lin, qw in quantized.items():
@@ -352,11 +408,29 @@ class RSQPass(Pass):
         return {"embeddings": count}
 
     def ensures(self, program: Program, stats: dict) -> None:
-        if not program.count(MATMUL_NBITS.overload):
-            raise PassError("rsq left no tokopt::matmul_nbits in the graph")
+        if not program.count(MATMUL_NBITS.overload) and not program.count(LINEAR_W8A8.overload):
+            raise PassError("rsq left no quantized linear (matmul_nbits, linear_w8a8) in the graph")
         left = [n.name for n in linear_layers(program)[0]]
         if left:
             raise PassError(f"rsq left linear layers unquantized: {', '.join(left[:5])}")
+
+
+def _range(values: torch.Tensor, how: str) -> tuple[float, int]:
+    """(scale, zero point) of the uint8 grid for ``values``: their min/max, or (``mse``) the
+    shrinking of it, in 1% steps down to 30%, with the least squared quantization error."""
+    values = values.float()
+    low, high = float(values.min()), float(values.max())
+    best, best_err = quantize_activation_range(low, high), float("inf")
+    if how == "minmax":
+        return best
+    sample = values[torch.randperm(values.numel(), generator=torch.Generator().manual_seed(0))[:200_000]]
+    for i in range(71):
+        scale, zero = quantize_activation_range(low * (1 - i / 100), high * (1 - i / 100))
+        q = torch.clamp(torch.round(sample / scale) + zero, 0, 255)
+        err = float(((q - zero) * scale - sample).pow(2).mean())
+        if err < best_err:
+            best, best_err = (scale, zero), err
+    return best
 
 
 def _csv(rows: list[dict]) -> str:

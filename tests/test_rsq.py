@@ -177,10 +177,10 @@ def test_int8_compute(tmp_path):
 @pytest.mark.slow
 def test_int8_compute_on_a_deep_encoder(tmp_path, minilm_dir):
     """compute=int8 on MiniLM (36 rounded matmuls in a row): nudging the reference's rounding
-    inputs by 1e-6 moves its output by percents (a flip changes later inputs by a whole step,
+    inputs by 1e-5 moves its output by percents (a flip changes later inputs by a whole step,
     which flips more), about as far as ONNX Runtime's output is from it. The exporter's check
     allows for that, so the bundle compiles; a lowering 20% off still fails the check."""
-    from tokopt.backends.onnxruntime import ROUNDING_NUDGE, _disagreement, make_session
+    from tokopt.backends.onnxruntime import ROUNDING_NUDGES, _disagreement, make_session
     from tokopt.optimizer.ops import rounding_jitter
     res = tokopt.compile(minilm_dir, out=tmp_path / "b", measure=False,
                          passes="rsq:bits=8,compute=int8,solver=rtn,importance=none")
@@ -191,7 +191,7 @@ def test_int8_compute_on_a_deep_encoder(tmp_path, minilm_dir):
         with rounding_jitter(nudge):
             out = res.program.run({k: torch.from_numpy(v) for k, v in feed.items()})
         return [out[n].numpy() * off for n in res.program.output_names]
-    plain, nudged = reference(feed)[0], reference(feed, ROUNDING_NUDGE)[0]
+    plain, nudged = reference(feed)[0], reference(feed, ROUNDING_NUDGES[-1])[0]
     assert np.abs(plain - nudged).mean() > 0.005 * np.abs(plain).mean()
     session = make_session(res.bundle / "model.onnx", ["CPUExecutionProvider"])
     assert _disagreement(session, [feed], reference, exact=False) is None

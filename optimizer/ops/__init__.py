@@ -6,6 +6,7 @@ from .registry import (OPS, OPSET, AttentionArgs, OpSpec, attention_spec, decomp
                        kernel, onnx_translation_table, register_kernel, round_values, rounding_jitter, standardize)
 from .attention import ATTENTION, attention_reference, expand_kv
 from .gqa import CACHED_ATTENTION
+from .int8 import LINEAR_W8A8
 from .nbits import BITS, EMBEDDING_Q8, MATMUL_NBITS
 from .quantizers import ACT_QUANT, LOW_TOKENS, TOKEN_QUANT, WEIGHT_QUANT
 from .still import STILL
@@ -15,5 +16,5 @@ from .token_scores import TOKEN_SCORES
 
 __all__ = ["OPS", "OPSET", "AttentionArgs", "OpSpec", "attention_spec", "decompose", "define_op", "differentiable",
            "kernel", "onnx_translation_table", "register_kernel", "round_values", "rounding_jitter", "standardize",
-           "ATTENTION", "attention_reference", "expand_kv", "CACHED_ATTENTION", "BITS", "EMBEDDING_Q8", "MATMUL_NBITS", "ACT_QUANT",
+           "ATTENTION", "attention_reference", "expand_kv", "CACHED_ATTENTION", "LINEAR_W8A8", "BITS", "EMBEDDING_Q8", "MATMUL_NBITS", "ACT_QUANT",
            "LOW_TOKENS", "TOKEN_QUANT", "WEIGHT_QUANT", "STILL", "Tap", "TCA", "TCA_CACHE", "TOKEN_SCORES"]

@@ -1,0 +1,54 @@
+"""``tokopt::linear_w8a8``: a linear layer on int8 weights and statically quantized activations.
+
+    linear_w8a8(x[..., K], weight[K, N] i8, w_scale[N], x_scale[], x_zero[] u8, bias?[N]) -> [..., N]
+        x_q = clamp(round(x / x_scale) + x_zero, 0, 255)          (uint8, one scale per tensor)
+        y   = ((x_q - x_zero) x_scale) @ (weight w_scale) + bias
+
+(the weight stored input-major, as ``MatMul`` reads it: ONNX Runtime fuses a weight
+``DequantizeLinear`` only when its input is an initializer)
+
+Weights are symmetric per output channel, activations asymmetric per tensor with a scale and
+zero point calibrated once (static), unsigned: the form both runtimes run on integer kernels.
+The hand lowering is that form in QDQ (``QuantizeLinear``/``DequantizeLinear`` on x, a
+per-channel ``DequantizeLinear`` on the int8 weights, ``MatMul``): ONNX Runtime fuses it into
+``MatMulIntegerToFloat`` (u8 x s8, its VNNI kernel on x86), OpenVINO into ``FakeQuantize`` and an
+int8 GEMM; the decomposed reference would be float arithmetic neither recognises.
+"""
+from __future__ import annotations
+
+import torch
+from onnxscript import opset23 as op
+
+from .registry import define_op, round_values
+
+__all__ = ["LINEAR_W8A8", "quantize_activation_range"]
+
+
+def quantize_activation_range(low: float, high: float) -> tuple[float, int]:
+    """(scale, zero point) of the uint8 grid over [low, high], zero exactly representable."""
+    low, high = min(low, 0.0), max(high, 0.0)
+    scale = max((high - low) / 255, 1e-12)
+    return scale, int(min(255, max(0, round(-low / scale))))
+
+
+def _linear_w8a8(x: torch.Tensor, weight: torch.Tensor, w_scale: torch.Tensor, x_scale: torch.Tensor,
+                 x_zero: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    zero = x_zero.to(x.dtype)
+    xq = torch.clamp(round_values(x / x_scale) + zero, 0, 255)
+    y = ((xq - zero) * x_scale) @ (weight.to(x.dtype) * w_scale)
+    return y if bias is None else y + bias
+
+
+def _linear_w8a8_fake(x, weight, w_scale, x_scale, x_zero, bias):
+    return x.new_empty((*x.shape[:-1], weight.shape[1]))
+
+
+def _linear_w8a8_onnx(x, weight, w_scale, x_scale, x_zero, bias=None):
+    xd = op.DequantizeLinear(op.QuantizeLinear(x, x_scale, x_zero), x_scale, x_zero)
+    w = op.DequantizeLinear(weight, w_scale, axis=1)                                    # [K, N], per column
+    y = op.MatMul(xd, w)
+    return y if bias is None else op.Add(y, bias)
+
+
+LINEAR_W8A8 = define_op("tokopt::linear_w8a8", _linear_w8a8, _linear_w8a8_fake, onnx=_linear_w8a8_onnx,
+                        tags=("quant",), exact=False)
