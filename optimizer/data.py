@@ -8,8 +8,10 @@
                                    the end-of-text token) and cut into windows, a .npy/.pt
                                    source of ids is used as it is
 
-Shipped: ``passages.jsonl`` beside this file (English passages of 40-200 words from the
-descriptions installed Python packages ship; ``scripts/extract_passages.py`` rebuilds it).
+Shipped beside this file: English passages of 40-200 words from the descriptions installed
+Python packages ship, split once into ``passages-calib.jsonl`` (what calibration and training
+use by default) and ``passages-eval.jsonl`` (every fifth passage: what reports measure on, never
+seen by calibration); ``scripts/extract_passages.py`` rebuilds both.
 """
 from __future__ import annotations
 
@@ -26,11 +28,12 @@ from ..optimizer.errors import UsageError
 __all__ = ["load_texts", "load_ids", "calibration_batches", "token_windows", "default_texts", "token_source",
            "PASSAGES"]
 
-PASSAGES = Path(__file__).with_name("passages.jsonl")
+PASSAGES = {split: Path(__file__).with_name(f"passages-{split}.jsonl") for split in ("calib", "eval")}
 
 
 def token_source(program, who: str, refusal: str):
-    """(source, tokenizer) pass ``who`` calibrates on: ``--calib`` (default: the shipped passages)
+    """(source, tokenizer) pass ``who`` calibrates on: ``--calib`` (default: the shipped passages'
+    calibration split)
     and the model's tokenizer (None without one, where only a token-id file will do). Raises a
     UsageError with ``refusal`` when no token ids can be had."""
     from ..optimizer.runtime import load_tokenizer
@@ -40,7 +43,7 @@ def token_source(program, who: str, refusal: str):
     if program.tokenizer_dir is None and not (program.calib and Path(program.calib).suffix in (".npy", ".pt")):
         raise UsageError(refusal)
     tok = load_tokenizer(program.tokenizer_dir) if program.tokenizer_dir else None
-    return (Path(program.calib) if program.calib else PASSAGES), tok
+    return (Path(program.calib) if program.calib else PASSAGES["calib"]), tok
 
 
 def load_texts(path) -> list[str]:
@@ -112,11 +115,9 @@ def token_windows(source, tokenizer=None, *, seq_len: int, count: int | None = N
 
 
 def default_texts(split: str = "all") -> list[str]:
-    """The shipped passages: ``"eval"`` is every fifth one (what reports measure on),
-    ``"calib"`` the rest (what calibration and training steps may use), ``"all"`` both."""
-    texts = load_texts(PASSAGES) if PASSAGES.exists() else []
-    if split == "eval":
-        return texts[::5]
-    if split == "calib":
-        return [t for i, t in enumerate(texts) if i % 5]
-    return texts
+    """The shipped passages: ``"eval"`` (what reports measure on), ``"calib"`` (what calibration
+    and training steps may use), ``"all"`` both in their original order (every fifth is eval)."""
+    if split != "all":
+        return load_texts(PASSAGES[split])
+    calib, held = default_texts("calib"), default_texts("eval")
+    return [t for i in range(len(held)) for t in (held[i], *calib[4 * i:4 * i + 4])] + calib[4 * len(held):]

@@ -95,7 +95,12 @@ class RSQOptions:
     act_bits: int = opt(0, "activation bits of the body's linears: 0 keeps them float; 8 quantizes each linear's "
                         "input to uint8 with one scale calibrated per tensor (W8A8, the QDQ form ONNX Runtime and "
                         "OpenVINO run on integer kernels; needs bits=8, weights per channel)", "0|8")
-    act_range: str = opt("mse", "how each activation's range is calibrated: min/max of the calibration "
+    smooth: float = opt(0.8, "act_bits=8: SmoothQuant's alpha, moving activation outlier channels into the "
+                        "weights (x/s, W s, s = max|x|^alpha / max|W|^(1-alpha), one multiply per input); 0: off",
+                        "[0, 1)")
+    bias_correction: bool = opt(True, "act_bits=8: correct each linear's bias by the mean shift quantization "
+                                "leaves in its output on the calibration windows", "true|false")
+    act_range: str = opt("minmax", "how each activation's range is calibrated: min/max of the calibration "
                          "activations, or the clipping of it with the least squared error", "minmax|mse")
     int8_budget: float = opt(0.01, "compute=auto: how far int8 compute may move held-out outputs (KL in nats for "
                              "language models, 1 - cosine otherwise)", ">= 0")
@@ -123,6 +128,8 @@ class RSQOptions:
             raise ValueError(f"int8_budget={self.int8_budget} must be >= 0")
         if self.act_bits not in (0, 8) or (self.act_bits and self.bits != 8):
             raise ValueError(f"act_bits={self.act_bits}: use 0 (float activations) or 8 with bits=8 (W8A8)")
+        if not 0 <= self.smooth < 1:
+            raise ValueError(f"smooth={self.smooth} must be in [0, 1) (0: off)")
         if self.act_range not in ("minmax", "mse"):
             raise ValueError(f"act_range={self.act_range!r}: use minmax or mse")
         if self.embed_bits not in (0, 8):
@@ -254,8 +261,11 @@ class RSQPass(Pass):
         width = max(rw.tensor(n.args[1]).shape[1] for n in body)
         bs = opts.group_size or (128 if width >= 2048 else 32)
         stats["group_size"] = bs
-        needs_data = opts.solver == "gptq" or opts.importance == "attncon"
+        needs_data = opts.solver == "gptq" or opts.importance == "attncon" or opts.act_bits
         calib, held_out = self._data(program) if needs_data else ([], [])
+        if opts.act_bits and opts.smooth:
+            stats["smoothed"] = self._smooth(rw, body, calib)
+        floats = {lin: rw.tensor(lin.args[1]).detach().clone() for lin in body} if opts.act_bits else {}
         key = {"version": CACHE_VERSION, "weights": model_hash, "options": {
             k: v for k, v in dataclasses.asdict(opts).items()
             if k not in ("eval_windows", "compute", "int8_budget", "embed_bits")},
@@ -273,7 +283,10 @@ class RSQPass(Pass):
         if opts.act_bits:
             ranges = self._activation_ranges(rw, quantized, calib)
             stats["activations"] = {"bits": 8, "tensors": len(ranges), "range": opts.act_range}
-            self._rewrite_w8a8(rw, quantized, ranges)
+            made = self._rewrite_w8a8(rw, quantized, ranges)
+            if opts.bias_correction:
+                stats["bias_corrected"] = self._correct_biases(rw, {new: floats[lin] for new, lin in made.items()},
+                                                               calib)
             quantized = {}
         self._rewrite(rw, {**quantized, **heads_q}, 4 if opts.compute == "int8" else 0)
         stats.update(self._rewrite_embeddings(rw, bs))
@@ -361,9 +374,61 @@ class RSQPass(Pass):
                     seen[n].append(tap.values[n].reshape(-1))
         return {n: _range(torch.cat(v), self.options.act_range) for n, v in seen.items()}
 
-    def _rewrite_w8a8(self, rw: Rewrite, quantized: dict, ranges: dict) -> None:
-        """Each linear -> linear_w8a8 on its int8 weights and its input's calibrated scale."""
+    def _smooth(self, rw: Rewrite, body, calib) -> int:
+        """SmoothQuant: for each group of linears reading the same input x, per input channel j
+        s_j = max|x_j|^a / max|W_:,j|^(1-a) over the group's weights; x -> x / s (one multiply),
+        W -> W s. The same function, with the activations' outlier channels moved into weights,
+        which are quantized per output channel. Returns how many inputs were smoothed."""
+        groups: dict = {}
+        for lin in body:
+            groups.setdefault(lin.args[0], []).append(lin)
+        tap = Tap(rw.module(), values=[x.name for x in groups])
+        amax: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            for ids in calib:
+                tap.run_feed(full_feed(rw.program, ids), rw.input_names)
+                for name, v in tap.values.items():
+                    m = v.abs().reshape(-1, v.shape[-1]).amax(0)
+                    amax[name] = m if name not in amax else torch.maximum(amax[name], m)
+        a = self.options.smooth
+        for x, lins in groups.items():
+            wmax = torch.stack([rw.tensor(lin.args[1]).abs().amax(0) for lin in lins]).amax(0)
+            scale = (amax[x.name].clamp_min(1e-5) ** a / wmax.clamp_min(1e-5) ** (1 - a)).clamp_min(1e-5)
+            inverse = rw.constant(f"{x.name}_smooth", (1 / scale).float())
+            with rw.graph.inserting_before(lins[0]):
+                smoothed = rw.graph.call_function(aten.mul.Tensor, (x, inverse))
+            for lin in lins:
+                lin.replace_input_with(x, smoothed)
+                rw.set_tensor(rw.weight_name(lin.args[1]), rw.tensor(lin.args[1]) * scale[None].float())
+        return len(groups)
+
+    def _correct_biases(self, rw: Rewrite, weight_of: dict, calib) -> int:
+        """Each W8A8 linear's bias += the mean, over the calibration tokens, of what its float
+        weights compute minus what it computes, both on the input the quantized graph gives it
+        (empirical bias correction): quantization's systematic shift, removed layer by layer."""
+        nodes = list(weight_of)
+        tap = Tap(rw.module(), values=[n.name for n in nodes] + [n.args[0].name for n in nodes])
+        shift = {n: 0.0 for n in nodes}
+        count = 0
+        with torch.no_grad():
+            for ids in calib:
+                tap.run_feed(full_feed(rw.program, ids), rw.input_names)
+                for n in nodes:
+                    x, y = tap.values[n.args[0].name], tap.values[n.name]
+                    exact = x @ weight_of[n].T + (rw.tensor(n.args[5]) if n.args[5] is not None else 0)
+                    shift[n] = shift[n] + (exact - y).reshape(-1, y.shape[-1]).sum(0)
+                count += tap.values[nodes[0].name].reshape(-1, tap.values[nodes[0].name].shape[-1]).shape[0]
+        for n in nodes:
+            delta = (shift[n] / count).float()
+            bias = rw.tensor(n.args[5])
+            n.update_arg(5, rw.constant(f"{n.name}_bias", delta if bias is None else bias + delta))
+        return len(nodes)
+
+    def _rewrite_w8a8(self, rw: Rewrite, quantized: dict, ranges: dict) -> dict:
+        """Each linear -> linear_w8a8 on its int8 weights and its input's calibrated scale;
+        returns {new node: the linear it replaced}."""
         consts: dict[str, tuple] = {}
+        made = {}
         for lin, qw in quantized.items():
             x = lin.args[0]
             if x.name not in consts:
@@ -379,6 +444,8 @@ class RSQPass(Pass):
             inherit_meta(new, lin)
             lin.replace_all_uses_with(new)
             rw.graph.erase_node(lin)
+            made[new] = lin
+        return made
 
     def _rewrite(self, rw: Rewrite, quantized: dict, level: int) -> None:
         """Each linear -> matmul_nbits (``level``: MatMulNBits' accuracy_level)."""

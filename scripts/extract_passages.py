@@ -2,9 +2,11 @@
 
 Every installed Python distribution ships its README as the body of ``*.dist-info/METADATA``:
 public English text, present offline. This keeps the paragraphs that read as prose (few code
-characters, mostly words), strips inline markup, and writes JSONL ``{"text", "source"}``.
+characters, mostly words), strips inline markup, and writes JSONL ``{"text", "source"}``: every
+fifth passage to ``passages-eval.jsonl`` (held out from calibration), the rest to
+``passages-calib.jsonl``.
 
-    python scripts/extract_passages.py --out optimizer/passages.jsonl --limit 400
+    python scripts/extract_passages.py --out optimizer --limit 400
 """
 from __future__ import annotations
 
@@ -62,7 +64,7 @@ def passages(sites: list[Path]):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="optimizer/passages.jsonl")
+    ap.add_argument("--out", default="optimizer", help="folder for passages-calib.jsonl and passages-eval.jsonl")
     ap.add_argument("--limit", type=int, default=400)
     ap.add_argument("--per-package", type=int, default=12)
     args = ap.parse_args(argv)
@@ -77,7 +79,10 @@ def main(argv=None):
         count += 1
         if count >= args.limit:
             break
-    Path(args.out).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    out = Path(args.out)
+    (out / "passages-eval.jsonl").write_text("\n".join(lines[::5]) + "\n", encoding="utf-8")
+    (out / "passages-calib.jsonl").write_text("\n".join(l for i, l in enumerate(lines) if i % 5) + "\n",
+                                              encoding="utf-8")
     print(f"{count} passages from {len(per)} packages -> {args.out}")
 
 

@@ -49,12 +49,16 @@ def test_report_files_and_table(minilm_bundle):
     assert (minilm_bundle.bundle / "tokenizer" / "tokenizer.json").exists()
 
 
-def test_shipped_passages():
+def test_shipped_passages(minilm_bundle):
+    """Two disjoint splits; calibration without --calib reads only the one reports do not."""
+    from tokopt.optimizer.data import PASSAGES, token_source
     texts = default_texts()
     assert len(texts) >= 150
     assert all(40 <= len(t.split()) <= 200 for t in texts)
     evaluation, calib = default_texts("eval"), default_texts("calib")
     assert len(evaluation) + len(calib) == len(texts) and not set(evaluation) & set(calib)
+    assert texts[::5] == evaluation
+    assert token_source(minilm_bundle.program, "rsq", "")[0] == PASSAGES["calib"]
 
 
 def test_runner_refuses_what_the_bundle_cannot_take(minilm_bundle, capsys):
