@@ -207,7 +207,20 @@ def _measure(be, tgt, captured: Program, bundle_dir: Path, data: dict, texts, ru
     lat = be.latency(captured, bundle_dir, tgt, runs, length, threads, manifest=data)
     if lat is not None:
         result["latency"] = lat
+        longer = _longer_length(captured, length)
+        if longer:  # where passes that scale with length (pruning, sparse attention) show their gain
+            result["latency_long"] = be.latency(captured, bundle_dir, tgt, runs, longer, threads, manifest=data)
     return result
+
+
+def _longer_length(captured: Program, length: int) -> int | None:
+    """The report's second latency length: 4x the first, or the model's limit; None for inputs
+    whose length is fixed (images) or when the limit leaves nothing longer."""
+    if "input_ids" not in captured.input_names:
+        return None
+    limit = (captured.seq_range or (1, None))[1]
+    longer = 4 * length if limit is None else min(4 * length, limit)
+    return longer if longer > length else None
 
 
 def _measure_generation(be, tgt, captured: Program, bundle_dir: Path, data: dict, runner, texts, runs: int, length: int,

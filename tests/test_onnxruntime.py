@@ -113,7 +113,7 @@ def test_existing_out_needs_force(tmp_path, model_dir):
 def test_failed_compile_leaves_nothing(tmp_path, model_dir, monkeypatch):
     from tokopt.backends.onnxruntime import OnnxRuntimeBackend
 
-    def explode(self, program, out_dir, target):
+    def explode(self, program, out_dir, target, precision="auto"):
         (out_dir / "model.onnx").write_bytes(b"half")
         raise BackendError("disk full (simulated)")
     monkeypatch.setattr(OnnxRuntimeBackend, "lower", explode)

@@ -30,6 +30,8 @@ def test_latency_and_size_measured_against_baseline(minilm_bundle):
         assert lat[side]["median_ms"] > 0 and lat[side]["p90_ms"] >= lat[side]["median_ms"]
         assert lat[side]["runs"] == 5
     assert lat["feed"]["input_ids"] == [1, 64]
+    longer = r["latency_long"]  # the second length, where length-dependent passes show
+    assert longer["feed"]["input_ids"] == [1, 256] and longer["tokopt"]["median_ms"] > lat["tokopt"]["median_ms"]
     assert 0.9 < r["size_bytes"]["tokopt"] / lat["size_bytes"]["baseline"] < 1.1
     assert r["passes"][0]["stats"]["attention_canonicalized"] == 6
 
