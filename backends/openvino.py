@@ -67,7 +67,9 @@ def _compile(path: Path, device: str, precision: str, threads: int | None):
     ov = require_openvino()
     core = ov.Core()
     hint = _hint(ov, core, device, precision)
-    config = dict(hint["config"])
+    # OpenVINO's CPU rounds the activations of compressed-weight MatMuls to int8 per group unless
+    # told not to; tokopt's graph says where activations are rounded (rsq's compute=int8 spells it)
+    config = {**hint["config"], ov.properties.hint.dynamic_quantization_group_size: 0}
     if threads:
         config[ov.properties.inference_num_threads] = threads
     return core.compile_model(core.read_model(str(path)), device, config)

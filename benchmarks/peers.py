@@ -9,7 +9,8 @@ candidate pays for the previous runtime's spinning threads; the median over roun
   tokopt fp32              ``tokopt compile``, no passes, ONNX Runtime: the ratio base
   tokopt w8a8 [ORT|OV]     ``rsq:bits=8,act_bits=8`` (SmoothQuant, static uint8 activations,
                            int8 weights per channel) on ONNX Runtime / OpenVINO
-  tokopt prune+w8a8 [..]   ``token_prune:keep=0.7,layers=3`` stacked under it
+  tokopt w8a8 tokens [..]  the same with ``outlier_tokens=2,smooth=0.5`` (token-adaptive activations)
+  tokopt prune+w8a8 [..]   ``token_prune:keep=0.7,layers=3,score=head_weighted`` stacked under W8A8
   tokopt OV                no passes on OpenVINO at its default precision (bf16 on this CPU)
   ort dynamic int8         onnxruntime.quantization.quantize_dynamic (per channel) on the plain export
   ort static int8 (QDQ)    onnxruntime.quantization.quantize_static, MatMuls, per channel, calibrated on the
@@ -37,13 +38,15 @@ from token_prune import embeddings, spearman
 
 warnings.filterwarnings("ignore")
 W8A8 = "rsq:bits=8,act_bits=8,samples=16,seq_len=128"
-PRUNE = "token_prune:keep=0.7,layers=3"
+TOKENS = f"{W8A8},outlier_tokens=2,smooth=0.5"
+PRUNE = "token_prune:keep=0.7,layers=3,score=head_weighted"
 
 
 def _tokopt(model, work: Path, threads: int) -> dict:
     import tokopt
     specs = {"tokopt fp32": ("canonicalize", "onnxruntime"),
              "tokopt w8a8 ORT": (W8A8, "onnxruntime"), "tokopt w8a8 OV": (W8A8, "openvino"),
+             "tokopt w8a8 tokens ORT": (TOKENS, "onnxruntime"), "tokopt w8a8 tokens OV": (TOKENS, "openvino"),
              "tokopt prune+w8a8 ORT": (f"{PRUNE},{W8A8}", "onnxruntime"),
              "tokopt prune+w8a8 OV": (f"{PRUNE},{W8A8}", "openvino"),
              "tokopt OV": ("canonicalize", "openvino")}

@@ -21,7 +21,7 @@ from onnxscript import opset23 as op
 
 from .registry import define_op, round_values
 
-__all__ = ["LINEAR_W8A8", "quantize_activation_range"]
+__all__ = ["LINEAR_W8A8", "outlier_rows", "put_rows", "quantize_activation_range", "take_rows"]
 
 
 def quantize_activation_range(low: float, high: float) -> tuple[float, int]:
@@ -52,3 +52,21 @@ def _linear_w8a8_onnx(x, weight, w_scale, x_scale, x_zero, bias=None):
 
 LINEAR_W8A8 = define_op("tokopt::linear_w8a8", _linear_w8a8, _linear_w8a8_fake, onnx=_linear_w8a8_onnx,
                         tags=("quant",), exact=False)
+
+
+# Token-adaptive W8A8 (rsq's outlier_tokens): plain functions a rewrite calls and export traces
+# into ATen ops (TopK, GatherElements, ScatterElements in ONNX) around two linear_w8a8.
+
+def outlier_rows(x: torch.Tensor, k: int) -> torch.Tensor:
+    """[B, min(k, N)] indices of the tokens of ``x`` [B, N, width] with the largest max |x|."""
+    peak = torch.maximum(x.amax(-1), -x.amin(-1))  # two reductions; abs() would write a copy of x
+    return peak.topk(torch.sym_min(k, peak.shape[1]), dim=1).indices
+
+
+def take_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    return x.gather(1, rows.unsqueeze(-1).expand(*rows.shape, x.shape[-1]))
+
+
+def put_rows(y: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``y`` with its ``rows`` (per batch row) replaced by ``values``."""
+    return y.scatter(1, rows.unsqueeze(-1).expand(*rows.shape, y.shape[-1]), values)
