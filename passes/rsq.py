@@ -38,15 +38,15 @@ become ``tokopt::linear_w8a8`` (a QDQ pattern ONNX Runtime runs as ``MatMulInteg
 OpenVINO as ``FakeQuantize`` + an int8 GEMM).
 
 ``outlier_tokens=K`` makes W8A8's activations token-adaptive (EdgeQAT's point that tokens differ
-in what precision they need, with magnitude as the measure): at each quantized input the K tokens
-of largest magnitude (CLS, separators, punctuation carry activations several times the others')
-are quantized on their own static grid, and the rest on a grid calibrated without them, so they
-no longer widen every other token's. The graph picks the K rows at run time (``topk`` of each
-token's max |x|), runs them through a second ``linear_w8a8`` on the same int8 weights and
-scatters its rows over the first's: both stay QDQ patterns the runtimes fuse into integer GEMMs.
-Applied to an input only where the calibrated range of all tokens is at least
-``OUTLIER_SPREAD`` (3) times that of the rest. Pair it with ``smooth=0.5``: SmoothQuant at 0.8
-already flattens most of what the split would catch, and the two together are what measured best.
+in the precision they need, with magnitude as the measure): each input's grid is calibrated
+without the K tokens of largest magnitude per window (CLS, separators, punctuation carry
+activations several times the others'), so they no longer widen every other token's grid; at run
+time each token is divided by how far it reaches past that grid (``row_factors``: 1 for a token
+inside it), quantized, and the GEMM's output row multiplied back: a per-token scale of factor x
+grid, on the same integer GEMM, for however many tokens need it. Applied to an input only where
+the calibrated range of all tokens is at least ``OUTLIER_SPREAD`` (3) times that of the rest.
+Pair it with ``smooth=0.5``: SmoothQuant at 0.8 already flattens most of what it would catch, and
+the two together measured best.
 
 Block sizes must be powers of two >= 16 (``MatMulNBits``); an input dimension that is not a
 multiple is padded (the last block's missing columns are zeros). ``group_size=0`` picks 128 for
@@ -69,7 +69,7 @@ from ..calibration.stats import cached_tensors, program_hash
 from ..optimizer.data import token_source, token_windows
 from ..optimizer.errors import PassError, UsageError
 from ..optimizer.ops import BITS, EMBEDDING_Q8, LINEAR_W8A8, MATMUL_NBITS, TOKEN_SCORES, Tap, attention_spec
-from ..optimizer.ops.int8 import outlier_rows, put_rows, quantize_activation_range, take_rows
+from ..optimizer.ops.int8 import outlier_rows, quantize_activation_range, row_factors, scale_rows
 from ..optimizer.ops.nbits import pack, quantize_table
 from ..optimizer.pass_manager import CANONICAL_ATTENTION, FLOAT_WEIGHTS, Pass, PassResult, max_abs_error, opt, \
     register_pass
@@ -80,9 +80,10 @@ from .rotation import NotRotatable, rotate
 __all__ = ["RSQPass", "RSQOptions"]
 
 aten = torch.ops.aten
-# range(all tokens) / range(the rest) from which a second grid pays for its GEMM: the outliers cost
-# the rest log2(3) = 1.6 bits. On MiniLM (smooth=0.5) that is the FFN-down inputs of layers 0-3,
-# spreads 3.2-7.8; splitting 9 inputs (spread >= 1.5) gained 0.0001 cosine and cost 0.3 ms more.
+# range(all tokens) / range(the rest) from which per-token scales pay for their two extra passes
+# over the activations: the outliers cost the rest log2(3) = 1.6 bits. On MiniLM (smooth=0.5) that
+# is the FFN-down inputs of layers 0-3, spreads 3.2-7.8; taking 9 inputs (spread >= 1.5) gained
+# 0.0001 cosine and cost 0.4 ms at 128 tokens on OpenVINO.
 OUTLIER_SPREAD = 3.0
 CACHE_VERSION = 2  # part of the cache key: bump when the solver or its statistics change
 
@@ -115,8 +116,8 @@ class RSQOptions:
                         "[0, 1)")
     bias_correction: bool = opt(True, "act_bits=8: correct each linear's bias by the mean shift quantization "
                                 "leaves in its output on the calibration windows", "true|false")
-    outlier_tokens: int = opt(0, "act_bits=8: per quantized input, the K tokens of largest magnitude get their "
-                              "own activation scale (token-adaptive W8A8; the rest keep a tight grid; pair with smooth=0.5)",
+    outlier_tokens: int = opt(0, "act_bits=8: each input's grid is calibrated without its K largest tokens, and a "
+                              "token past it gets its own scale at run time (token-adaptive W8A8; pair with smooth=0.5)",
                               ">= 0; 0: off")
     act_range: str = opt("minmax", "how each activation's range is calibrated: min/max of the calibration "
                          "activations, or the clipping of it with the least squared error", "minmax|mse")
@@ -309,7 +310,7 @@ class RSQPass(Pass):
             made = self._rewrite_w8a8(rw, quantized, ranges)
             if opts.bias_correction:
                 stats["bias_corrected"] = self._correct_biases(
-                    rw, {out: (floats[lin], parts[0].args[0], parts) for out, (lin, parts) in made.items()}, calib)
+                    rw, {out: (floats[lin], x, holder) for out, (lin, x, holder) in made.items()}, calib)
             quantized = {}
         self._rewrite(rw, {**quantized, **heads_q}, 4 if opts.compute == "int8" else 0)
         stats.update(self._rewrite_embeddings(rw, bs))
@@ -383,17 +384,16 @@ class RSQPass(Pass):
                                            "budget": self.options.int8_budget, "windows": len(held_out)}
 
     def _activation_ranges(self, rw: Rewrite, quantized: dict, calib) -> dict[str, tuple]:
-        """{input node name: ((scale, zero point), outlier grid)} of every quantized linear's input,
-        observed on the calibration windows through the graph with its weights already quantized.
-        With ``outlier_tokens`` the first grid is the rest's and the outlier grid that of the K
-        tokens of largest magnitude per window, where that split pays (else None)."""
+        """{input node name: ((scale, zero point), token-adaptive?)} of every quantized linear's
+        input, observed on the calibration windows through the graph with its weights already
+        quantized. With ``outlier_tokens``, where that pays, the grid leaves out the K tokens of
+        largest magnitude per window and the input is marked token-adaptive."""
         for lin, qw in quantized.items():
             rw.set_tensor(rw.weight_name(lin.args[1]), qw.dequantize())
         inputs = {lin.args[0].name for lin in quantized}
         tap = Tap(rw.module(), values=inputs)
         k = self.options.outlier_tokens
         seen: dict[str, list[torch.Tensor]] = {n: [] for n in inputs}
-        top: dict[str, list[torch.Tensor]] = {n: [] for n in inputs}
         rest: dict[str, list[torch.Tensor]] = {n: [] for n in inputs}
         with torch.no_grad():
             for ids in calib:
@@ -403,7 +403,6 @@ class RSQPass(Pass):
                     seen[n].append(v.reshape(-1))
                     if k and v.dim() == 3 and v.shape[1] > k:  # [B, N, width]: a token axis to pick from
                         picked = torch.zeros(v.shape[:2], dtype=torch.bool).scatter_(1, outlier_rows(v, k), True)
-                        top[n].append(v[picked].reshape(-1))
                         rest[n].append(v[~picked].reshape(-1))
         how = self.options.act_range
         ranges = {}
@@ -414,7 +413,7 @@ class RSQPass(Pass):
                 others = torch.cat(rest[n])
                 spread = float(values.max() - values.min()) / max(float(others.max() - others.min()), 1e-12)
                 if spread >= OUTLIER_SPREAD:
-                    ranges[n] = (_range(others, how), _range(torch.cat(top[n]), how))
+                    ranges[n] = (_range(others, how), True)
         return ranges
 
     def _smooth(self, rw: Rewrite, body, calib) -> int:
@@ -449,66 +448,62 @@ class RSQPass(Pass):
         """Each W8A8 linear's bias += the mean, over the calibration tokens, of what its float
         weights compute minus what it computes, both on the input the quantized graph gives it
         (empirical bias correction): quantization's systematic shift, removed layer by layer.
-        ``made``: {output node: (float weights, input node, the linear_w8a8 nodes producing it)}."""
+        ``made``: {output node: (float weights, input node, (node, argument) holding the bias)}."""
         tap = Tap(rw.module(), values=[n.name for n in made] + [x.name for _, x, _ in made.values()])
         shift = {n: 0.0 for n in made}
         count = 0
         with torch.no_grad():
             for ids in calib:
                 tap.run_feed(full_feed(rw.program, ids), rw.input_names)
-                for n, (weight, x, parts) in made.items():
+                for n, (weight, x, (holder, i)) in made.items():
                     y = tap.values[n.name]
-                    bias = rw.tensor(parts[0].args[5])
+                    bias = rw.tensor(holder.args[i])
                     exact = tap.values[x.name] @ weight.T + (bias if bias is not None else 0)
                     shift[n] = shift[n] + (exact - y).reshape(-1, y.shape[-1]).sum(0)
                 first = tap.values[next(iter(made)).name]
                 count += first.reshape(-1, first.shape[-1]).shape[0]
-        for n, (_, _, parts) in made.items():
+        for n, (_, _, (holder, i)) in made.items():
             delta = (shift[n] / count).float()
-            bias = rw.tensor(parts[0].args[5])
-            corrected = rw.constant(f"{n.name}_bias", delta if bias is None else bias + delta)
-            for part in parts:
-                part.update_arg(5, corrected)
+            bias = rw.tensor(holder.args[i])
+            holder.update_arg(i, rw.constant(f"{n.name}_bias", delta if bias is None else bias + delta))
         return len(made)
 
     def _rewrite_w8a8(self, rw: Rewrite, quantized: dict, ranges: dict) -> dict:
-        """Each linear -> linear_w8a8 on its int8 weights and its input's calibrated scale (with
-        an outlier grid: a second linear_w8a8 on the input's outlier rows, scattered over the
-        first's); returns {output node: (the replaced linear, its linear_w8a8 nodes)}."""
+        """Each linear -> linear_w8a8 on its int8 weights and its input's calibrated scale (token-
+        adaptive inputs: each token divided by its ``row_factors`` first, the output multiplied
+        back, the bias added after); returns {output node: (the replaced linear, x, bias holder)}."""
         consts: dict[str, tuple] = {}
-        outliers: dict[str, tuple] = {}
+        factors: dict[str, tuple] = {}
         made = {}
-        k = self.options.outlier_tokens
         for lin, qw in quantized.items():
             x = lin.args[0]
             if x.name not in consts:
-                (scale, zero), split = ranges[x.name]
+                (scale, zero), adaptive = ranges[x.name]
                 consts[x.name] = (rw.constant(f"{x.name}_act_scale", torch.tensor(scale, dtype=torch.float32)),
                                   rw.constant(f"{x.name}_act_zero", torch.tensor(zero, dtype=torch.uint8)))
-                if split:
+                if adaptive:
                     with rw.graph.inserting_after(x):
-                        rows = rw.graph.call_function(outlier_rows, (x, k))
-                    with rw.graph.inserting_after(rows):
-                        picked = rw.graph.call_function(take_rows, (x, rows))
-                    outliers[x.name] = (rows, picked, (
-                        rw.constant(f"{x.name}_outlier_scale", torch.tensor(split[0], dtype=torch.float32)),
-                        rw.constant(f"{x.name}_outlier_zero", torch.tensor(split[1], dtype=torch.uint8))))
+                        r = rw.graph.call_function(row_factors, (x, -zero * scale, (255 - zero) * scale))
+                    with rw.graph.inserting_after(r):
+                        factors[x.name] = (r, rw.graph.call_function(aten.div.Tensor, (x, r)))
             weight = (qw.codes.to(torch.int16) - 128).to(torch.int8).T.contiguous()      # [K, N]
             w = rw.constant(f"{lin.name}_w8", weight)
             ws = rw.constant(f"{lin.name}_w8_scale", qw.scales[:, 0].contiguous())
             bias = lin.args[2] if len(lin.args) > 2 else None
             with rw.graph.inserting_before(lin):
-                new = rw.graph.call_function(LINEAR_W8A8.overload, (x, w, ws, *consts[x.name], bias))
-                parts, out = [new], new
-                if x.name in outliers:
-                    rows, picked, grid = outliers[x.name]
-                    parts.append(rw.graph.call_function(LINEAR_W8A8.overload, (picked, w, ws, *grid, bias)))
-                    out = rw.graph.call_function(put_rows, (new, rows, parts[1]))
-            for node in parts + [out]:
+                if x.name in factors:
+                    r, scaled = factors[x.name]
+                    new = rw.graph.call_function(LINEAR_W8A8.overload, (scaled, w, ws, *consts[x.name], None))
+                    out = rw.graph.call_function(scale_rows, (new, r, bias))
+                    holder = (out, 2)
+                else:
+                    new = out = rw.graph.call_function(LINEAR_W8A8.overload, (x, w, ws, *consts[x.name], bias))
+                    holder = (new, 5)
+            for node in {new, out}:
                 inherit_meta(node, lin)
             lin.replace_all_uses_with(out)
             rw.graph.erase_node(lin)
-            made[out] = (lin, parts)
+            made[out] = (lin, x, holder)
         return made
 
     def _rewrite(self, rw: Rewrite, quantized: dict, level: int) -> None:

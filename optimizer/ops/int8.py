@@ -21,7 +21,7 @@ from onnxscript import opset23 as op
 
 from .registry import define_op, round_values
 
-__all__ = ["LINEAR_W8A8", "outlier_rows", "put_rows", "quantize_activation_range", "take_rows"]
+__all__ = ["LINEAR_W8A8", "outlier_rows", "quantize_activation_range", "row_factors", "scale_rows"]
 
 
 def quantize_activation_range(low: float, high: float) -> tuple[float, int]:
@@ -55,18 +55,23 @@ LINEAR_W8A8 = define_op("tokopt::linear_w8a8", _linear_w8a8, _linear_w8a8_fake, 
 
 
 # Token-adaptive W8A8 (rsq's outlier_tokens): plain functions a rewrite calls and export traces
-# into ATen ops (TopK, GatherElements, ScatterElements in ONNX) around two linear_w8a8.
+# into ATen ops (two reductions and two multiplies) around one linear_w8a8.
 
 def outlier_rows(x: torch.Tensor, k: int) -> torch.Tensor:
-    """[B, min(k, N)] indices of the tokens of ``x`` [B, N, width] with the largest max |x|."""
-    peak = torch.maximum(x.amax(-1), -x.amin(-1))  # two reductions; abs() would write a copy of x
+    """[B, min(k, N)] indices of the tokens of ``x`` [B, N, width] with the largest max |x|
+    (calibration: the tokens left out of the tight grid)."""
+    peak = torch.maximum(x.amax(-1), -x.amin(-1))
     return peak.topk(torch.sym_min(k, peak.shape[1]), dim=1).indices
 
 
-def take_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    return x.gather(1, rows.unsqueeze(-1).expand(*rows.shape, x.shape[-1]))
+def row_factors(x: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    """[..., 1]: per token, how far past the grid [low, high] its values reach (1 for a token
+    inside it): dividing the token by it puts it on the grid, its own scale = factor x the grid's."""
+    reach = x.amax(-1, keepdim=True) / high
+    if low < 0:
+        reach = torch.maximum(reach, x.amin(-1, keepdim=True) / low)
+    return reach.clamp_min(1.0)
 
 
-def put_rows(y: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """``y`` with its ``rows`` (per batch row) replaced by ``values``."""
-    return y.scatter(1, rows.unsqueeze(-1).expand(*rows.shape, y.shape[-1]), values)
+def scale_rows(y: torch.Tensor, factors: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return y * factors if bias is None else y * factors + bias
