@@ -367,6 +367,7 @@ def test_token_adaptive_rows():
     exact = x @ (w.float() * ws)
     shared = LINEAR_W8A8.overload(x, w, ws, s, z, None)
     r = row_factors(x, -zero * scale, (255 - zero) * scale)
+    assert torch.equal(row_factors(-x.abs(), 0.0, 0.0), torch.ones(1, 16, 1))  # a grid of one point: no scaling
     others = torch.arange(16) != 5
     assert r[0, 5, 0] > 10 and (r[0, others] - 1).abs().max() < 0.01  # the grid's edge rounds by < 1%
     adaptive = scale_rows(LINEAR_W8A8.overload(x / r, w, ws, s, z, None), r, None)

@@ -67,9 +67,11 @@ def outlier_rows(x: torch.Tensor, k: int) -> torch.Tensor:
 def row_factors(x: torch.Tensor, low: float, high: float) -> torch.Tensor:
     """[..., 1]: per token, how far past the grid [low, high] its values reach (1 for a token
     inside it): dividing the token by it puts it on the grid, its own scale = factor x the grid's."""
-    reach = x.amax(-1, keepdim=True) / high
-    if low < 0:
-        reach = torch.maximum(reach, x.amin(-1, keepdim=True) / low)
+    sides = ([x.amax(-1, keepdim=True) / high] if high > 0 else []) + \
+        ([x.amin(-1, keepdim=True) / low] if low < 0 else [])
+    if not sides:  # a grid of one point (zero): nothing to scale onto it
+        return x.new_ones(*x.shape[:-1], 1)
+    reach = sides[0] if len(sides) == 1 else torch.maximum(*sides)
     return reach.clamp_min(1.0)
 
 
