@@ -161,13 +161,12 @@ class OpenVinoBackend(Backend):
         hint = _hint(ov, ov.Core(), target.openvino_device, precision)
         return {"model": MODEL_FILE, "device": target.openvino_device, "precision": hint["precision"]}
 
-    def latency(self, captured: Program, bundle_dir: Path, target: Target, runs: int, length: int,
-                threads: int | None, manifest: dict) -> dict:
+    def latency(self, captured: Program, bundle_dir: Path, target: Target, runs: int, lengths: list[int],
+                threads: int | None, manifest: dict) -> list[dict]:
         """The bundle against what a user gets from OpenVINO alone: ``ov.convert_model`` of the
-        plain ``torch.onnx.export``, OpenVINO's default precision; same feed, same run."""
+        plain ``torch.onnx.export``, OpenVINO's default precision; same feed, same run, at each length."""
         ov = require_openvino()
         lowering = manifest["lowering"]
-        feed = bench_inputs(captured, length)
         ours = _compile(bundle_dir / MODEL_FILE, lowering["device"], lowering["precision"], threads)
         with tempfile.TemporaryDirectory() as tmp:
             export_baseline(captured, Path(tmp) / "baseline.onnx")
@@ -178,10 +177,14 @@ class OpenVinoBackend(Backend):
         names = {i.get_any_name() for i in ours.inputs}
         own = ours.create_infer_request()
         plain = base.create_infer_request()
-        result = {"feed": {k: list(v.shape) for k, v in feed.items()}, "threads": threads,
-                  "device": lowering["device"], "precision": lowering["precision"],
-                  "tokopt": time_calls(lambda: own.infer({k: v for k, v in feed.items() if k in names}), runs),
-                  "baseline": time_calls(lambda: plain.infer(feed), runs), "size_bytes": {"baseline": size}}
-        result["speedup_median"] = result["baseline"]["median_ms"] / result["tokopt"]["median_ms"]
-        return result
+        results = []
+        for length in lengths:
+            feed = bench_inputs(captured, length)
+            result = {"feed": {k: list(v.shape) for k, v in feed.items()}, "threads": threads,
+                      "device": lowering["device"], "precision": lowering["precision"],
+                      "tokopt": time_calls(lambda: own.infer({k: v for k, v in feed.items() if k in names}), runs),
+                      "baseline": time_calls(lambda: plain.infer(feed), runs), "size_bytes": {"baseline": size}}
+            result["speedup_median"] = result["baseline"]["median_ms"] / result["tokopt"]["median_ms"]
+            results.append(result)
+        return results
 

@@ -204,12 +204,11 @@ def _measure(be, tgt, captured: Program, bundle_dir: Path, data: dict, texts, ru
         q = quality_rows(captured, lambda row: runner(**{k: v.numpy() for k, v in row.items()}), feed)
     q["probe"] = desc
     result = {"quality": q}
-    lat = be.latency(captured, bundle_dir, tgt, runs, length, threads, manifest=data)
-    if lat is not None:
-        result["latency"] = lat
-        longer = _longer_length(captured, length)
-        if longer:  # where passes that scale with length (pruning, sparse attention) show their gain
-            result["latency_long"] = be.latency(captured, bundle_dir, tgt, runs, longer, threads, manifest=data)
+    # the longer length is where passes that scale with length (pruning, sparse attention) show
+    lengths = [length, *filter(None, [_longer_length(captured, length)])]
+    lats = be.latency(captured, bundle_dir, tgt, runs, lengths, threads, manifest=data)
+    if lats is not None:
+        result.update(zip(("latency", "latency_long"), lats))
     return result
 
 
@@ -236,7 +235,7 @@ def _measure_generation(be, tgt, captured: Program, bundle_dir: Path, data: dict
                                                                       example_feed(spec, 1, n, 0).items()}))
                                     for n in (1024, 4096) if spec.max_length is None or n <= spec.max_length}
         result["kv_cache_bytes_full"] = full
-    lat = be.latency(captured, bundle_dir, tgt, runs, length, threads, manifest=data)
-    if lat is not None:
-        result["latency"] = {**lat, "label": f"decode step, {length} cached tokens, batch 1"}
+    lats = be.latency(captured, bundle_dir, tgt, runs, [length], threads, manifest=data)
+    if lats is not None:
+        result["latency"] = {**lats[0], "label": f"decode step, {length} cached tokens, batch 1"}
     return result

@@ -178,9 +178,10 @@ class Backend:
         """Write the engine files into ``out_dir``; return {"model": file, ...details}."""
         raise NotImplementedError
 
-    def latency(self, captured, bundle_dir: Path, target, runs: int, length: int,
-                threads: int | None, manifest: dict) -> dict | None:
-        """Time the bundle against this backend's no-pass baseline; None where it cannot run here."""
+    def latency(self, captured, bundle_dir: Path, target, runs: int, lengths: list[int],
+                threads: int | None, manifest: dict) -> list[dict] | None:
+        """Time the bundle against this backend's no-pass baseline at each length (one result
+        each, the baseline built once); None where it cannot run here."""
         return None
 
 

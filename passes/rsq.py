@@ -304,9 +304,9 @@ class RSQPass(Pass):
         if opts.act_bits:
             ranges = self._activation_ranges(rw, quantized, calib)
             stats["activations"] = {"bits": 8, "tensors": len(ranges), "range": opts.act_range}
-            split = sum(1 for _, outlier in ranges.values() if outlier)
             if opts.outlier_tokens:
-                stats["activations"]["outlier_tokens"] = {"tokens": opts.outlier_tokens, "inputs": split}
+                stats["activations"]["outlier_tokens"] = {"tokens": opts.outlier_tokens,
+                                                          "inputs": sum(adaptive for _, adaptive in ranges.values())}
             made = self._rewrite_w8a8(rw, quantized, ranges)
             if opts.bias_correction:
                 stats["bias_corrected"] = self._correct_biases(
@@ -407,13 +407,13 @@ class RSQPass(Pass):
         how = self.options.act_range
         ranges = {}
         for n in inputs:
-            values = torch.cat(seen[n])
-            ranges[n] = (_range(values, how), None)
+            grid, adaptive = torch.cat(seen[n]), False
             if len(rest[n]) == len(calib) and calib:
                 others = torch.cat(rest[n])
-                spread = float(values.max() - values.min()) / max(float(others.max() - others.min()), 1e-12)
+                spread = float(grid.max() - grid.min()) / max(float(others.max() - others.min()), 1e-12)
                 if spread >= OUTLIER_SPREAD:
-                    ranges[n] = (_range(others, how), True)
+                    grid, adaptive = others, True
+            ranges[n] = (_range(grid, how), adaptive)
         return ranges
 
     def _smooth(self, rw: Rewrite, body, calib) -> int:
