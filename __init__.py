@@ -15,9 +15,9 @@ from .optimizer.compile import CompileResult, compile
 from .optimizer.errors import (BackendError, BundleError, CaptureError, PassError, TokoptError,
                                UnsupportedModelError, UsageError)
 from .optimizer.pass_manager import PASSES
-from .optimizer.runtime import load
+from .optimizer.runtime import BACKENDS, load
 
-__all__ = ["compile", "load", "capture", "list_passes", "list_targets", "CompileResult", "TokoptError",
+__all__ = ["compile", "load", "capture", "list_passes", "list_targets", "list_backends", "CompileResult", "TokoptError",
            "UsageError", "CaptureError", "UnsupportedModelError", "PassError", "BackendError",
            "BundleError", "__version__"]
 
@@ -29,3 +29,21 @@ def list_passes() -> dict[str, str]:
 
 def list_targets() -> dict[str, str]:
     return {name: t.description for name, t in TARGETS.items()}
+
+
+def list_backends() -> dict[str, dict]:
+    """Backend names -> {"summary": one line, "targets": the targets it can compile for on this
+    machine, "not_here": target -> why not}."""
+    import sys
+    out = {}
+    for name, cls in BACKENDS.items():
+        here, why = [], {}
+        for target in TARGETS:
+            try:
+                cls().target(target)
+                here.append(target)
+            except TokoptError as e:
+                why[target] = str(e)
+        out[name] = {"summary": (sys.modules[cls.__module__].__doc__ or name).strip().splitlines()[0].replace("``", ""),
+                     "targets": here, "not_here": why}
+    return out

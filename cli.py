@@ -3,7 +3,7 @@
     tokopt compile MODEL [--passes …] [--recipe …] [--backend …] [--target …] [--out DIR] …
     tokopt run BUNDLE --text "…" | --input-ids 1,2,3 [--max-new-tokens N [--sample …]]
     tokopt inspect MODEL|BUNDLE
-    tokopt passes | targets
+    tokopt passes | targets | backends
 
 Errors print one paragraph and exit with the error's code (2 usage, 3 unreadable model,
 4 unsupported model, 5 pass failed, 6 backend, 7 bundle, 1 internal); ``--debug`` shows the
@@ -76,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("passes", help="list the passes and their options")
     sub.add_parser("targets", help="list the deployment targets")
+    sub.add_parser("backends", help="list the backends and the targets each can compile for here")
     return ap
 
 
@@ -253,6 +254,14 @@ def _cmd_targets(args) -> int:
     return 0
 
 
+def _cmd_backends(args) -> int:
+    import tokopt
+    for name, info in tokopt.list_backends().items():
+        print(f"{name:<12} {info['summary']}")
+        print(f"{'':<12} targets on this machine: {', '.join(info['targets']) or 'none'}")
+    return 0
+
+
 def _quiet_libraries():
     warnings.filterwarnings("ignore")
     for name in ("torch", "torch.onnx", "torch.export", "torch._dynamo", "onnxscript", "transformers"):
@@ -269,7 +278,8 @@ def main(argv=None) -> int:
         _quiet_libraries()
     from .optimizer.errors import TokoptError
     handler = {"compile": _cmd_compile, "run": _cmd_run, "inspect": _cmd_inspect,
-               "passes": _cmd_passes, "targets": _cmd_targets}[args.command]
+               "passes": _cmd_passes, "targets": _cmd_targets,
+               "backends": _cmd_backends}[args.command]
     try:
         return handler(args)
     except TokoptError as e:

@@ -1,4 +1,4 @@
 """Backends; importing this package registers them (and the kernels they bring for tokopt ops)."""
-from . import onnxruntime, openvino, tensorrt, triton  # noqa: F401
+from . import inductor, onnxruntime, openvino, tensorrt, triton  # noqa: F401
 
-__all__ = ["onnxruntime", "openvino", "tensorrt", "triton"]
+__all__ = ["inductor", "onnxruntime", "openvino", "tensorrt", "triton"]

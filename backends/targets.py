@@ -21,19 +21,22 @@ class Target:
     contrib_fusions: bool = True
     gpu: bool = False
     openvino_device: str | None = None   # the OpenVINO device the openvino backend compiles for
+    inductor_device: str | None = None   # the torch device the inductor backend compiles for
 
 
 TARGETS: dict[str, Target] = {t.name: t for t in (
-    Target("x86-cpu", "x86-64 server or desktop CPU: ONNX Runtime's CPU provider, or OpenVINO's CPU device",
-           ("CPUExecutionProvider",), openvino_device="CPU"),
-    Target("arm64-cpu", "ARM64 CPU (Graviton, Apple silicon, Raspberry Pi): ONNX Runtime's CPU provider, or "
-           "OpenVINO's CPU device", ("CPUExecutionProvider",), openvino_device="CPU"),
+    Target("x86-cpu", "x86-64 server or desktop CPU: ONNX Runtime's CPU provider, OpenVINO's CPU device, or "
+           "Inductor's C++ kernels",
+           ("CPUExecutionProvider",), openvino_device="CPU", inductor_device="cpu"),
+    Target("arm64-cpu", "ARM64 CPU (Graviton, Apple silicon, Raspberry Pi): ONNX Runtime's CPU provider, "
+           "OpenVINO's CPU device, or Inductor's C++ kernels (built on the device)", ("CPUExecutionProvider",),
+           openvino_device="CPU", inductor_device="cpu"),
     Target("intel-gpu", "Intel integrated or Arc GPU through OpenVINO (--backend openvino)",
            ("OpenVINOExecutionProvider",), contrib_fusions=False, gpu=True, openvino_device="GPU"),
     Target("intel-npu", "Intel NPU (Core Ultra) through OpenVINO (--backend openvino)",
            ("OpenVINOExecutionProvider",), contrib_fusions=False, openvino_device="NPU"),
-    Target("cuda", "NVIDIA GPU through ONNX Runtime's CUDA provider (CPU for unsupported ops)",
-           ("CUDAExecutionProvider", "CPUExecutionProvider"), gpu=True),
+    Target("cuda", "NVIDIA GPU through ONNX Runtime's CUDA provider (CPU for unsupported ops), or Inductor's "
+           "Triton kernels", ("CUDAExecutionProvider", "CPUExecutionProvider"), gpu=True, inductor_device="cuda"),
     Target("tensorrt", "NVIDIA GPU through ONNX Runtime's TensorRT provider, then CUDA",
            ("TensorrtExecutionProvider", "CUDAExecutionProvider"), contrib_fusions=False, gpu=True),
     Target("jetson-orin", "NVIDIA Jetson Orin (TensorRT provider, then CUDA)",

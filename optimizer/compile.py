@@ -152,7 +152,8 @@ def compile(model, example_inputs=None, *, out=None, passes=None, recipe=None, b
         program = PassManager(pass_list, verify=verify_each, source_hint=str(model)).run(captured)
 
     with atomic_bundle(out, force) as tmp:
-        with progress_.step(f"lowering to {be.name} for {tgt.name}"):
+        note = f" ({be.lowering_note})" if be.lowering_note else ""
+        with progress_.step(f"lowering to {be.name} for {tgt.name}{note}"):
             lowered = be.lower(program, tmp, tgt, precision)
         if program.tokenizer_dir:
             (tmp / "tokenizer").mkdir()

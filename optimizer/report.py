@@ -249,6 +249,9 @@ def format_report(report: dict) -> str:
         for key in ("median_ms", "p90_ms"):
             a, b = lat["tokopt"][key], lat["baseline"][key]
             lines.append(f"  {key.replace('_', ' ')}".ljust(38) + f"{a:10.2f}{b:10.2f}{b / a:7.2f}x")
+        for name, other in lat.get("others", {}).items():   # the same feed through another runtime's plain export
+            a, b = lat["tokopt"]["median_ms"], other["median_ms"]
+            lines.append(f"  median ms vs {name}".ljust(38) + f"{a:10.2f}{b:10.2f}{b / a:7.2f}x")
     if report.get("latency"):
         a, b = report["size_bytes"]["tokopt"], report["latency"]["size_bytes"]["baseline"]
         lines.append("size MB".ljust(38) + f"{a / 1e6:10.2f}{b / 1e6:10.2f}{a / b:7.2f}x")

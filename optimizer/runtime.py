@@ -163,6 +163,7 @@ def _text_stream(tok, on_text, on_token):
 class Backend:
     name: ClassVar[str]
     runner_cls: ClassVar[type[Runner]]
+    lowering_note: ClassVar[str] = ""   # what the progress line says of a slow lowering
 
     def target(self, name: str):
         """The target profile ``name``, checked for this machine (raises if unusable)."""

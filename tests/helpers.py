@@ -1,5 +1,8 @@
-"""The one helper that proves a pass: numerics, op counts, idempotence."""
+"""Helpers: the one that proves a pass (numerics, op counts, idempotence), and a look inside an
+AOTInductor package."""
 from __future__ import annotations
+
+import zipfile
 
 import torch
 
@@ -21,3 +24,9 @@ def prove_pass(program: Program, p: Pass, *, target, before: int, after: int, to
     again = p.call(out.copy())
     assert again.modified is False, f"{p.name} is not idempotent"
     return out
+
+
+def package_text(bundle) -> str:
+    """Every text file AOTInductor wrote into a bundle's package (wrapper and kernel C++, metadata)."""
+    with zipfile.ZipFile(bundle / "model.pt2") as z:
+        return "".join(z.read(n).decode(errors="ignore") for n in z.namelist() if n.endswith((".cpp", ".json")))

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ...optimizer.ops.still import DEN_EPS, linear_state, route
+from ...optimizer.ops.still import DEN_EPS, linear_state, route, still_reference
 from .common import online_softmax_step
 
 __all__ = ["still_attention_triton"]
@@ -84,8 +84,9 @@ def still_attention_triton(q, k, v, x, gate_w, fq_u, fq_w, fk_u, fk_w, mix, mask
                            block_n: int = 16) -> torch.Tensor:
     """Same contract as ``still_reference`` (``exact_window=True``). ``chunk``, head dims and the
     feature dimension must be powers of two (Triton's block shapes)."""
-    if not exact_window:
-        raise ValueError("the STILL kernel computes the exact-window form; exact_window=False runs the reference")
+    if not exact_window:   # the baselines without the exact window have no kernel
+        return still_reference(q, k, v, x, gate_w, fq_u, fq_w, fk_u, fk_w, mix, mask, scale, causal, top_k, chunk,
+                               feature, exact_window)
     bsz, h, n, _ = q.shape
     r = route(q, k, v, x, gate_w, mask, scale, causal, top_k, chunk)
     _, _, c, l, d = r.qc.shape
@@ -99,7 +100,7 @@ def still_attention_triton(q, k, v, x, gate_w, fq_u, fq_w, fk_u, fk_w, mix, mask
     top = r.top.to(torch.int32).contiguous() if kk else torch.zeros(1, dtype=torch.int32, device=q.device)
     valid = r.valid[:, 0].to(torch.int8).contiguous()
     out = torch.empty(bsz, h, c, l, dv, dtype=q.dtype, device=q.device)
-    _still_kernel[(c, bsz * h)](
+    torch.library.wrap_triton(_still_kernel)[(c, bsz * h)](
         r.qc.contiguous(), r.kc.contiguous(), r.vc.contiguous(), valid, top, fq.contiguous(), skv.contiguous(),
         sz.contiguous(), r.gc.contiguous(), out, h, c, kk, scale,
         CAUSAL=causal, LINEAR=linear, L=l, D=d, DV=dv, F=fq.shape[-1] if linear else 16, BLOCK_N=block_n)

@@ -121,11 +121,13 @@ def onnx_translation_table() -> dict:
     return {spec.overload: spec.onnx for spec in OPS.values() if spec.onnx is not None}
 
 
-def decompose(ep: torch.export.ExportedProgram, keep: Callable[[OpSpec], bool]) -> torch.export.ExportedProgram:
+def decompose(ep: torch.export.ExportedProgram, keep: Callable[[OpSpec], bool],
+              replace: dict[str, Callable] | None = None) -> torch.export.ExportedProgram:
     """``ep`` with every tokopt op it calls that ``keep`` rejects replaced by its torch reference,
-    traced into ATen ops: how a backend runs an op it has no kernel for."""
+    traced into ATen ops: how a backend runs an op it has no kernel for. ``replace`` (op name ->
+    a function with the reference's arguments) traces another body instead for the ops it names."""
     present = {spec for node in ep.graph.nodes for spec in OPS.values() if spec.matches(node)}
-    table = {spec.overload: spec.reference for spec in present if not keep(spec)}
+    table = {spec.overload: (replace or {}).get(spec.name, spec.reference) for spec in present if not keep(spec)}
     return ep.run_decompositions(table) if table else ep
 
 
