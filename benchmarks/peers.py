@@ -7,8 +7,8 @@ thread count, timed interleaved (each round calls every candidate a few times, s
 drift hits all alike; each block of calls starts after a pause and an untimed call, so no
 candidate pays for the previous runtime's spinning threads; the median over rounds is reported):
   tokopt fp32              ``tokopt compile``, no passes, ONNX Runtime: the ratio base
-  tokopt w8a8 [ORT|OV]     ``rsq:bits=8,act_bits=8`` (SmoothQuant, static uint8 activations,
-                           int8 weights per channel) on ONNX Runtime / OpenVINO
+  tokopt w8a8 [ORT|OV|inductor]  ``rsq:bits=8,act_bits=8`` (SmoothQuant, static uint8 activations,
+                           int8 weights per channel) on ONNX Runtime / OpenVINO / AOTInductor (oneDNN int8)
   tokopt w8a8 tokens [..]  the same with ``outlier_tokens=2,smooth=0.5`` (token-adaptive activations)
   tokopt prune+w8a8 [..]   ``token_prune:keep=0.7,layers=3,score=head_weighted`` stacked under W8A8
   tokopt OV                no passes on OpenVINO at its default precision (bf16 on this CPU)
@@ -49,6 +49,8 @@ def _tokopt(model, work: Path, threads: int) -> dict:
              "tokopt w8a8 tokens ORT": (TOKENS, "onnxruntime"), "tokopt w8a8 tokens OV": (TOKENS, "openvino"),
              "tokopt prune+w8a8 ORT": (f"{PRUNE},{W8A8}", "onnxruntime"),
              "tokopt prune+w8a8 OV": (f"{PRUNE},{W8A8}", "openvino"),
+             "tokopt w8a8 inductor": (W8A8, "inductor"),
+             "tokopt prune+w8a8 inductor": (f"{PRUNE},{W8A8}", "inductor"),
              "tokopt OV": ("canonicalize", "openvino")}
     out = {}
     for name, (passes, backend) in specs.items():

@@ -109,6 +109,29 @@ def test_package_matches_onnxruntime_at_unseen_shapes(family, tmp_path, model_di
             tokopt.load(out)
 
 
+@pytest.mark.slow
+def test_w8a8_runs_on_onednn_int8_linears(tmp_path, model_dir):
+    """rsq's W8A8 linears become oneDNN int8 linears inside the package (every one of them: counted
+    in the package's C++) and stay within the closeness of the ONNX Runtime bundle of the same program,
+    whose integer kernels round the same way."""
+    ids = tmp_path / "ids.npy"
+    np.save(ids, np.random.default_rng(0).integers(10, 256, (8, 64)))
+    passes = "rsq:bits=8,act_bits=8,solver=rtn,importance=none,rotate=off,samples=8"
+    ind = tokopt.compile(model_dir("bert"), out=tmp_path / "i", backend="inductor", passes=passes, calib=ids,
+                         measure=False)
+    linears = ind.manifest["lowering"]["int8_linears"]
+    assert linears["rewritten"] == ind.program.count("tokopt.linear_w8a8.default") > 0
+    assert linears["qlinear_calls"] == linears["rewritten"]
+    ort = tokopt.compile(model_dir("bert"), out=tmp_path / "o", passes=passes, calib=ids, measure=False)
+    feed = {k: v.numpy() for k, v in feed_for("bert", 3, 29).items()}
+    got, want = tokopt.load(ind.bundle)(**feed), tokopt.load(ort.bundle)(**feed)
+    ref = ind.program.run({k: torch.from_numpy(v) for k, v in feed.items()})
+    keep = feed["attention_mask"].astype(bool)
+    err_ind = np.abs(got["last_hidden_state"] - ref["last_hidden_state"].numpy())[keep]
+    err_ort = np.abs(want["last_hidden_state"] - ref["last_hidden_state"].numpy())[keep]
+    assert err_ind.mean() < 2 * err_ort.mean() + 1e-3
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_GPU)
 def test_cuda_package_calls_the_triton_kernels(tmp_path, model_dir):
     """On a GPU: TCA and RSQ's int4 matmul run as Triton kernels inside the package and match the
