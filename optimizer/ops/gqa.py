@@ -27,7 +27,7 @@ from onnxscript import opset23 as op
 from onnxscript.values import Op, Opset
 
 from .attention import attention_reference
-from .onnx_build import dim as _dim, ints as _ints
+from .onnx_build import dim, ints
 from .registry import define_op
 
 __all__ = ["CACHED_ATTENTION", "cached_attention_reference", "rotate", "padding_bias"]
@@ -104,8 +104,8 @@ def _cached_attention_onnx(qkv, past_k, past_v, attention_mask, padding, cos=Non
                            kv_heads: int = 1, scale: float = 1.0):
     # seqlens_k = T - 1 for every row (left padding is in ``padding``); shared by all layers
     # once the optimizer merges the identical subgraphs
-    total = _dim(attention_mask, 1)
-    seqlens = op.Cast(op.Expand(op.Sub(total, _ints(1)), _dim(attention_mask, 0)), to=6)       # [B] int32
+    total = dim(attention_mask, 1)
+    seqlens = op.Cast(op.Expand(op.Sub(total, ints(1)), dim(attention_mask, 0)), to=6)       # [B] int32
     return GroupQueryAttention(qkv, None, None, past_k, past_v, seqlens, op.Cast(op.Squeeze(total), to=6), cos, sin,
                                None, padding, num_heads=heads, kv_num_heads=kv_heads, scale=scale,
                                do_rotary=int(cos is not None))

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from onnxscript import opset23 as op
 
 from .registry import AttentionArgs, define_op, differentiable
-from .onnx_build import arange as _range, dim as _dim, ints as _ints
+from .onnx_build import arange, dim, ints
 from .tca import valid_keys
 
 __all__ = ["STILL", "still_reference", "route", "linear_state", "feature_map", "FEATURES", "EPS"]
@@ -232,24 +232,24 @@ def _shift_onnx(t, by: int, rank: int, c):
     pads = [0] * (2 * rank)
     if by >= 0:
         pads[2] = by
-        return op.Slice(op.Pad(t, _ints(*pads)), _ints(0), c, _ints(2))
+        return op.Slice(op.Pad(t, ints(*pads)), ints(0), c, ints(2))
     pads[rank + 2] = -by
-    return op.Slice(op.Pad(t, _ints(*pads)), _ints(-by), op.Add(c, _ints(-by)), _ints(2))
+    return op.Slice(op.Pad(t, ints(*pads)), ints(-by), op.Add(c, ints(-by)), ints(2))
 
 
 def _feature_onnx(x, u, w, feature: int):
     if feature == 2:
         return op.Add(op.Elu(x), _f(1.0, x))
     if feature == 0:
-        unit = op.Div(u, op.ReduceL2(u, _ints(-1), keepdims=1))
-        unit = op.Unsqueeze(unit, _ints(0, 2, 3))                                          # [1,H,1,1,d]
-        y = op.Sub(x, op.Mul(op.Mul(_f(2.0, x), op.ReduceSum(op.Mul(x, unit), _ints(-1), keepdims=1)), unit))
+        unit = op.Div(u, op.ReduceL2(u, ints(-1), keepdims=1))
+        unit = op.Unsqueeze(unit, ints(0, 2, 3))                                          # [1,H,1,1,d]
+        y = op.Sub(x, op.Mul(op.Mul(_f(2.0, x), op.ReduceSum(op.Mul(x, unit), ints(-1), keepdims=1)), unit))
     else:
         y = x
-    y = op.MatMul(y, op.Unsqueeze(op.Transpose(w, perm=[0, 2, 1]), _ints(0, 2)))       # [1,H,1,d,e]
+    y = op.MatMul(y, op.Unsqueeze(op.Transpose(w, perm=[0, 2, 1]), ints(0, 2)))       # [1,H,1,d,e]
     if feature == 0:
-        norm = op.Max(op.ReduceL2(y, _ints(-1), keepdims=1), _f(1e-12, y))
-        y = op.Div(op.Mul(op.ReduceL2(x, _ints(-1), keepdims=1), y), norm)
+        norm = op.Max(op.ReduceL2(y, ints(-1), keepdims=1), _f(1e-12, y))
+        y = op.Div(op.Mul(op.ReduceL2(x, ints(-1), keepdims=1), y), norm)
     return op.Max(op.Concat(op.Softmax(y, axis=-1), op.Softmax(op.Neg(y), axis=-1), axis=-1), _f(1e-12, y))
 
 
@@ -258,33 +258,33 @@ def _still_onnx(q, k, v, x, gate_w, fq_u=None, fq_w=None, fk_u=None, fk_w=None, 
     """The reference, op for op, in standard ONNX (opset 23): chunked MatMuls, TopK routing,
     CumSum for the linear state, one shared normaliser."""
     l = chunk
-    b, h, n, d, dv = _dim(q, 0), _dim(q, 1), _dim(q, 2), _dim(q, 3), _dim(v, 3)
-    one, zero = _ints(1), _ints(0)
-    g = op.Div(h, _dim(k, 1))
+    b, h, n, d, dv = dim(q, 0), dim(q, 1), dim(q, 2), dim(q, 3), dim(v, 3)
+    one, zero = ints(1), ints(0)
+    g = op.Div(h, dim(k, 1))
     # GQA: each KV head repeated for its query group
-    kv_shape = op.Concat(b, _dim(k, 1), g, n, d, axis=0)
-    k = op.Reshape(op.Expand(op.Unsqueeze(k, _ints(2)), kv_shape), op.Concat(b, h, n, d, axis=0))
-    v = op.Reshape(op.Expand(op.Unsqueeze(v, _ints(2)), op.Concat(b, _dim(v, 1), g, n, dv, axis=0)),
+    kv_shape = op.Concat(b, dim(k, 1), g, n, d, axis=0)
+    k = op.Reshape(op.Expand(op.Unsqueeze(k, ints(2)), kv_shape), op.Concat(b, h, n, d, axis=0))
+    v = op.Reshape(op.Expand(op.Unsqueeze(v, ints(2)), op.Concat(b, dim(v, 1), g, n, dv, axis=0)),
                    op.Concat(b, h, n, dv, axis=0))
-    c = op.Div(op.Add(n, _ints(l - 1)), _ints(l))
-    room = op.Sub(op.Mul(c, _ints(l)), n)
+    c = op.Div(op.Add(n, ints(l - 1)), ints(l))
+    room = op.Sub(op.Mul(c, ints(l)), n)
     neg = _f(float("-inf"), q)
     zero_f = _f(0.0, q)
 
     def chunks(t, e):
-        padded = op.Pad(t, op.Concat(_ints(0, 0, 0, 0, 0, 0), room, zero, axis=0))
-        return op.Reshape(padded, op.Concat(b, _dim(t, 1), c, _ints(l), e, axis=0))
+        padded = op.Pad(t, op.Concat(ints(0, 0, 0, 0, 0, 0), room, zero, axis=0))
+        return op.Reshape(padded, op.Concat(b, dim(t, 1), c, ints(l), e, axis=0))
 
     if mask is None:
         valid = op.Expand(op.Constant(value_float=1.0), op.Concat(b, n, axis=0))
     else:
-        last = op.Gather(mask, op.Sub(_dim(mask, 2), one), axis=2)
-        last = op.Reshape(last, op.Concat(_dim(mask, 0), n, axis=0))
+        last = op.Gather(mask, op.Sub(dim(mask, 2), one), axis=2)
+        last = op.Reshape(last, op.Concat(dim(mask, 0), n, axis=0))
         ok = last if mask.dtype is not None and mask.dtype.name == "BOOL" else \
             op.Greater(last, op.CastLike(op.Constant(value_float=-1e30), last))
         valid = op.Expand(op.Cast(ok, to=1), op.Concat(b, n, axis=0))
-    valid_f = op.Reshape(op.Pad(valid, op.Concat(_ints(0, 0, 0), room, axis=0)),
-                         op.Concat(b, one, c, _ints(l), axis=0))                            # [B,1,C,l] 0/1
+    valid_f = op.Reshape(op.Pad(valid, op.Concat(ints(0, 0, 0), room, axis=0)),
+                         op.Concat(b, one, c, ints(l), axis=0))                            # [B,1,C,l] 0/1
     valid_b = op.Cast(valid_f, to=9)
     qc, kc, vc = chunks(q, d), chunks(k, d), chunks(v, dv)
     gate = op.Sigmoid(op.MatMul(x, op.Transpose(gate_w, perm=[1, 0])))
@@ -299,7 +299,7 @@ def _still_onnx(q, k, v, x, gate_w, fq_u=None, fq_w=None, fk_u=None, fk_w=None, 
     j = np.arange(len(spans) * l)[None, :] - l
     tri = (j <= i) if causal else np.ones_like(j <= i)
     win_np = tri & (((j > i - l) & (j <= i)) if causal else ((j >= 0) & (j < l)))
-    local = op.And(op.Unsqueeze(vall, _ints(3)), _const(tri))                              # [B,1,C,l,K]
+    local = op.And(op.Unsqueeze(vall, ints(3)), _const(tri))                              # [B,1,C,l,K]
     logits = op.Mul(op.MatMul(qc, op.Transpose(kl, perm=[0, 1, 2, 4, 3])), _f(scale, q))
 
     # saliency (STILL's smoothed KL), routing. Masks enter as additive biases and factors built at
@@ -318,71 +318,71 @@ def _still_onnx(q, k, v, x, gate_w, fq_u=None, fq_w=None, fk_u=None, fk_w=None, 
     bt = op.Add(op.Div(op.Add(bb, _f(EPS, q)), _f(off_self, q)),
                 _const(((j == i) * (1.0 / l + EPS - EPS / off_self)).astype(np.float32)))
     kl_terms = op.Mul(at, op.Log(op.Div(at, op.Add(bt, _f(EPS, q)))))
-    score = op.ReduceSum(op.Mul(kl_terms, win_f), _ints(-1), keepdims=0)                 # [B,H,C,l]
+    score = op.ReduceSum(op.Mul(kl_terms, win_f), ints(-1), keepdims=0)                 # [B,H,C,l]
     score = op.Where(valid_b, score, neg)
     kk = min(top_k, l)
     parts = []  # (logits with their mask bias added, values)
     if exact_window:
         parts.append((op.Add(logits, op.Where(local, zero_f, neg)), vl))
     if kk:
-        _, top = op.TopK(score, _ints(kk), axis=-1)                                       # [B,H,C,kk]
+        _, top = op.TopK(score, ints(kk), axis=-1)                                       # [B,H,C,kk]
         hit = op.ScatterElements(op.Expand(op.Constant(value_float=0.0), op.Shape(score)), top,
                                  op.Expand(op.Constant(value_float=1.0), op.Shape(top)), axis=3)
         salient = op.And(op.Cast(hit, to=9), valid_b)
-        idx_d = op.Expand(op.Unsqueeze(top, _ints(4)), op.Concat(b, h, c, _ints(kk), d, axis=0))
-        idx_v = op.Expand(op.Unsqueeze(top, _ints(4)), op.Concat(b, h, c, _ints(kk), dv, axis=0))
-        ks = op.Reshape(op.GatherElements(kc, idx_d, axis=3), op.Concat(b, h, _ints(-1), d, axis=0))
-        vs = op.Reshape(op.GatherElements(vc, idx_v, axis=3), op.Concat(b, h, _ints(-1), dv, axis=0))
-        src = op.Div(_range(op.Mul(c, _ints(kk))), _ints(kk))
-        dst = op.Unsqueeze(_range(c), one)
-        seen = op.LessOrEqual(src, op.Sub(dst, _ints(2))) if causal else \
-            op.GreaterOrEqual(op.Abs(op.Sub(src, dst)), _ints(2))                          # [C, C*kk]
+        idx_d = op.Expand(op.Unsqueeze(top, ints(4)), op.Concat(b, h, c, ints(kk), d, axis=0))
+        idx_v = op.Expand(op.Unsqueeze(top, ints(4)), op.Concat(b, h, c, ints(kk), dv, axis=0))
+        ks = op.Reshape(op.GatherElements(kc, idx_d, axis=3), op.Concat(b, h, ints(-1), d, axis=0))
+        vs = op.Reshape(op.GatherElements(vc, idx_v, axis=3), op.Concat(b, h, ints(-1), dv, axis=0))
+        src = op.Div(arange(op.Mul(c, ints(kk))), ints(kk))
+        dst = op.Unsqueeze(arange(c), one)
+        seen = op.LessOrEqual(src, op.Sub(dst, ints(2))) if causal else \
+            op.GreaterOrEqual(op.Abs(op.Sub(src, dst)), ints(2))                          # [C, C*kk]
         sval = op.GatherElements(op.Expand(valid_b, op.Shape(score)), top, axis=3)
-        sal_ok = op.And(op.Unsqueeze(seen, _ints(0, 1, 3)),
-                        op.Reshape(sval, op.Concat(b, h, one, one, _ints(-1), axis=0)))
-        sal_logits = op.Mul(op.MatMul(qc, op.Unsqueeze(op.Transpose(ks, perm=[0, 1, 3, 2]), _ints(2))), _f(scale, q))
-        parts.append((op.Add(sal_logits, op.Where(sal_ok, zero_f, neg)), op.Unsqueeze(vs, _ints(2))))
+        sal_ok = op.And(op.Unsqueeze(seen, ints(0, 1, 3)),
+                        op.Reshape(sval, op.Concat(b, h, one, one, ints(-1), axis=0)))
+        sal_logits = op.Mul(op.MatMul(qc, op.Unsqueeze(op.Transpose(ks, perm=[0, 1, 3, 2]), ints(2))), _f(scale, q))
+        parts.append((op.Add(sal_logits, op.Where(sal_ok, zero_f, neg)), op.Unsqueeze(vs, ints(2))))
     else:
         salient = op.And(valid_b, op.Constant(value=onnx.helper.make_tensor("f", onnx.TensorProto.BOOL, [], [False])))
     num, den = None, None
     if parts:
-        tops = [op.ReduceMax(lg, _ints(-1), keepdims=0) for lg, _ in parts]
+        tops = [op.ReduceMax(lg, ints(-1), keepdims=0) for lg, _ in parts]
         top_m = tops[0] if len(tops) == 1 else op.Max(*tops)
-        top_m = op.Unsqueeze(op.Where(op.IsInf(top_m), zero_f, top_m), _ints(-1))
+        top_m = op.Unsqueeze(op.Where(op.IsInf(top_m), zero_f, top_m), ints(-1))
         for lg, val in parts:
             p = op.Exp(op.Sub(lg, top_m))
-            pn, pd = op.MatMul(p, val), op.ReduceSum(p, _ints(-1), keepdims=0)
+            pn, pd = op.MatMul(p, val), op.ReduceSum(p, ints(-1), keepdims=0)
             num, den = (pn, pd) if num is None else (op.Add(num, pn), op.Add(den, pd))
 
     if feature != 3:
         fq = _feature_onnx(qc, fq_u, fq_w, feature)
         fk = _feature_onnx(kc, fk_u, fk_w, feature)
         if mix is not None:
-            fq = op.Mul(fq, op.Unsqueeze(op.Sigmoid(mix), _ints(0, 2, 3, 4)))
-        routed = op.Mul(fk, op.Unsqueeze(op.Cast(op.And(valid_b, op.Not(salient)), to=1), _ints(-1)))
+            fq = op.Mul(fq, op.Unsqueeze(op.Sigmoid(mix), ints(0, 2, 3, 4)))
+        routed = op.Mul(fk, op.Unsqueeze(op.Cast(op.And(valid_b, op.Not(salient)), to=1), ints(-1)))
         kv = op.MatMul(op.Transpose(routed, perm=[0, 1, 2, 4, 3]), vc)                     # [B,H,C,F,dv]
-        z = op.ReduceSum(routed, _ints(3), keepdims=0)                                     # [B,H,C,F]
+        z = op.ReduceSum(routed, ints(3), keepdims=0)                                     # [B,H,C,F]
         if causal:
-            state_kv = _shift_onnx(op.CumSum(kv, _ints(2)), 2, 5, c)
-            state_z = _shift_onnx(op.CumSum(z, _ints(2)), 2, 4, c)
+            state_kv = _shift_onnx(op.CumSum(kv, ints(2)), 2, 5, c)
+            state_z = _shift_onnx(op.CumSum(z, ints(2)), 2, 4, c)
         else:
-            state_kv = op.Sub(op.ReduceSum(kv, _ints(2), keepdims=1),
+            state_kv = op.Sub(op.ReduceSum(kv, ints(2), keepdims=1),
                               op.Add(op.Add(_shift_onnx(kv, 1, 5, c), kv), _shift_onnx(kv, -1, 5, c)))
-            state_z = op.Sub(op.ReduceSum(z, _ints(2), keepdims=1),
+            state_z = op.Sub(op.ReduceSum(z, ints(2), keepdims=1),
                              op.Add(op.Add(_shift_onnx(z, 1, 4, c), z), _shift_onnx(z, -1, 4, c)))
         lin_num = op.MatMul(fq, state_kv)
-        lin_den = op.ReduceSum(op.Mul(fq, op.Unsqueeze(state_z, _ints(3))), _ints(-1), keepdims=0)
+        lin_den = op.ReduceSum(op.Mul(fq, op.Unsqueeze(state_z, ints(3))), ints(-1), keepdims=0)
         if not exact_window:
-            fkv = op.Mul(fk, op.Unsqueeze(valid_f, _ints(-1)))
+            fkv = op.Mul(fk, op.Unsqueeze(valid_f, ints(-1)))
             fl = op.Concat(*[_shift_onnx(fkv, s, 5, c) for s in spans], axis=3)
             w = op.Mul(op.MatMul(fq, op.Transpose(fl, perm=[0, 1, 2, 4, 3])), op.Cast(local, to=1))
             lin_num = op.Add(lin_num, op.MatMul(w, vl))
-            lin_den = op.Add(lin_den, op.ReduceSum(w, _ints(-1), keepdims=0))
+            lin_den = op.Add(lin_den, op.ReduceSum(w, ints(-1), keepdims=0))
         lin_num = op.Mul(gc, lin_num)
         num, den = (lin_num, lin_den) if num is None else (op.Add(num, lin_num), op.Add(den, lin_den))
-    out = op.Div(num, op.Unsqueeze(op.Add(den, _f(DEN_EPS, q)), _ints(-1)))
-    out = op.Reshape(out, op.Concat(b, h, _ints(-1), dv, axis=0))
-    return op.Slice(out, zero, n, _ints(2))
+    out = op.Div(num, op.Unsqueeze(op.Add(den, _f(DEN_EPS, q)), ints(-1)))
+    out = op.Reshape(out, op.Concat(b, h, ints(-1), dv, axis=0))
+    return op.Slice(out, zero, n, ints(2))
 
 
 def _routes_exactly(node) -> bool:

@@ -32,7 +32,7 @@ import onnxscript
 import torch
 from onnxscript import opset23 as op
 
-from .onnx_build import arange as _range, dim as _dim, ints as _ints
+from .onnx_build import arange, dim, ints
 from .registry import OPSET, AttentionArgs, define_op, differentiable
 
 __all__ = ["TCA", "TCA_CACHE", "tca_reference", "tca_cache_reference", "compact_size", "budget_counts", "valid_keys",
@@ -208,14 +208,14 @@ def _tca_onnx(q, k, v, mask=None, scale: float = 1.0, causal: bool = True, budge
     GatherElements and Gather fetch the selected and the windowed keys, one shared softmax
     normaliser; the heads' outputs are concatenated. Up to ``QUERY_BLOCK`` queries (a decode
     step on a whole cache) take ``_few_queries`` instead (an ``If``)."""
-    b, nk = _dim(q, 0), _dim(k, 2)
-    one = _ints(1)
+    b, nk = dim(q, 0), dim(k, 2)
+    one = ints(1)
     bk = op.Concat(b, nk, axis=0)
     if mask is None:
         valid = op.Expand(op.Constant(value=_TRUE), bk)
     else:
-        last = op.Gather(mask, op.Sub(_dim(mask, 2), one), axis=2)                 # [B',1,1,Nk]
-        last = op.Reshape(last, op.Concat(_dim(mask, 0), nk, axis=0))
+        last = op.Gather(mask, op.Sub(dim(mask, 2), one), axis=2)                 # [B',1,1,Nk]
+        last = op.Reshape(last, op.Concat(dim(mask, 0), nk, axis=0))
         valid = last if mask.dtype is not None and mask.dtype.name == "BOOL" else \
             op.Greater(last, op.CastLike(op.Constant(value_float=-1e30), last))
         valid = op.Expand(valid, bk)
@@ -225,7 +225,7 @@ def _tca_onnx(q, k, v, mask=None, scale: float = 1.0, causal: bool = True, budge
     def per_head():
         return (_cat_heads(_per_head(q, k, v, lambda i: valid, scale, causal, budgets, windows, sinks, obs)[0]),)
 
-    return _if(op.Squeeze(op.LessOrEqual(_dim(q, 2), _ints(QUERY_BLOCK))), few, per_head, dtype=q.dtype)[0]
+    return _if(op.Squeeze(op.LessOrEqual(dim(q, 2), ints(QUERY_BLOCK))), few, per_head, dtype=q.dtype)[0]
 
 
 def _cat_heads(xs):
@@ -235,12 +235,12 @@ def _cat_heads(xs):
 def _per_head(q, k, v, valid_of, scale, causal, budgets, windows, sinks, obs, total=None):
     """``_tca_onnx_heads`` for each KV head (``valid_of(i)``: its valid keys [B,Nk]): the heads'
     attentions and their scores, two lists (``_cat_heads`` joins what a caller needs)."""
-    one = _ints(1)
-    g = op.Div(_dim(q, 1), _ints(len(budgets)))
+    one = ints(1)
+    g = op.Div(dim(q, 1), ints(len(budgets)))
     outs, scores = [], []
     for i, (budget, window) in enumerate(zip(budgets, windows)):
-        qi = op.Slice(q, op.Mul(g, _ints(i)), op.Mul(g, _ints(i + 1)), one)
-        ki, vi = op.Slice(k, _ints(i), _ints(i + 1), one), op.Slice(v, _ints(i), _ints(i + 1), one)
+        qi = op.Slice(q, op.Mul(g, ints(i)), op.Mul(g, ints(i + 1)), one)
+        ki, vi = op.Slice(k, ints(i), ints(i + 1), one), op.Slice(v, ints(i), ints(i + 1), one)
         out, score = _tca_onnx_heads(qi, ki, vi, valid_of(i), scale, causal, budget, sinks, window, obs, total)
         outs.append(out)
         scores.append(score)
@@ -254,98 +254,98 @@ def _tca_onnx_heads(q, k, v, valid, scale, causal, budget, sinks, window, obs, t
     span = bq + w if causal else bq + 2 * w
     neg_inf = op.CastLike(op.Constant(value_float=float("-inf")), q)
     zero_f = op.CastLike(op.Constant(value_float=0.0), q)
-    b, hkv, nq, nk, d, dv = _dim(q, 0), _dim(k, 1), _dim(q, 2), _dim(k, 2), _dim(q, 3), _dim(v, 3)
+    b, hkv, nq, nk, d, dv = dim(q, 0), dim(k, 1), dim(q, 2), dim(k, 2), dim(q, 3), dim(v, 3)
     off = op.Sub(nk, nq)
-    one, zero = _ints(1), _ints(0)
+    one, zero = ints(1), ints(0)
     scale_c = op.CastLike(op.Constant(value_float=scale), q)
     # selection: evenly spaced queries score the keys outside their windows, summed per group
-    n_obs = op.Min(nq, _ints(obs))
-    rows = op.Sub(op.Div(op.Mul(op.Add(_range(n_obs), one), nq), n_obs), one)        # [n]
-    qs = op.Reshape(op.Gather(q, rows, axis=2), op.Concat(b, hkv, _ints(-1), d, axis=0))
+    n_obs = op.Min(nq, ints(obs))
+    rows = op.Sub(op.Div(op.Mul(op.Add(arange(n_obs), one), nq), n_obs), one)        # [n]
+    qs = op.Reshape(op.Gather(q, rows, axis=2), op.Concat(b, hkv, ints(-1), d, axis=0))
     kt = op.Transpose(k, perm=[0, 1, 3, 2])
     logits = op.Mul(op.MatMul(qs, kt), scale_c)                                       # [B,Hkv,G*n,Nk]
-    gap = op.Sub(op.Unsqueeze(op.Add(rows, off), one), op.Unsqueeze(_range(nk), zero))
-    far = op.GreaterOrEqual(gap if causal else op.Abs(gap), _ints(window))
-    groups = op.Div(_dim(q, 1), hkv)
-    ok = op.And(op.Unsqueeze(op.Tile(far, op.Concat(groups, one, axis=0)), _ints(0, 1)),
-                op.Unsqueeze(valid, _ints(1, 2)))
+    gap = op.Sub(op.Unsqueeze(op.Add(rows, off), one), op.Unsqueeze(arange(nk), zero))
+    far = op.GreaterOrEqual(gap if causal else op.Abs(gap), ints(window))
+    groups = op.Div(dim(q, 1), hkv)
+    ok = op.And(op.Unsqueeze(op.Tile(far, op.Concat(groups, one, axis=0)), ints(0, 1)),
+                op.Unsqueeze(valid, ints(1, 2)))
     probs = op.Softmax(op.Where(ok, logits, neg_inf), axis=-1)
-    score = op.ReduceSum(op.Where(op.IsNaN(probs), zero_f, probs), _ints(2), keepdims=0)   # [B,Hkv,Nk]
+    score = op.ReduceSum(op.Where(op.IsNaN(probs), zero_f, probs), ints(2), keepdims=0)   # [B,Hkv,Nk]
     is_sink = _sink_keys(valid, sinks)                                                # [B,Nk]
     score = op.Where(op.Unsqueeze(is_sink, one), op.CastLike(op.Constant(value_float=-1.0), q), score)
-    room = op.Max(op.Sub(nk, _ints(sinks)), zero)
+    room = op.Max(op.Sub(nk, ints(sinks)), zero)
     counts = op.Min(_budget_counts([budget], nk if total is None else total), room)   # [Hkv]
     m = op.ReduceMax(counts, keepdims=1)
     _, top = op.TopK(score, m, axis=-1)                                               # [B,Hkv,M]
-    ns = op.Min(nk, _ints(sinks))
+    ns = op.Min(nk, ints(sinks))
     # each row's sinks in key order: the smallest of index + Nk x (not a sink)
-    order = op.Add(op.Cast(_range(nk), to=1), op.Mul(op.Cast(op.Not(is_sink), to=1), op.Cast(nk, to=1)))
+    order = op.Add(op.Cast(arange(nk), to=1), op.Mul(op.Cast(op.Not(is_sink), to=1), op.Cast(nk, to=1)))
     _, first = op.TopK(order, ns, axis=-1, largest=0)                                  # [B,ns]
     bhs = op.Concat(b, hkv, ns, axis=0)
     idx = op.Concat(op.Expand(op.Unsqueeze(first, one), bhs), top, axis=-1)            # [B,Hkv,M']
-    ranked = op.Less(op.Unsqueeze(_range(m), zero),
+    ranked = op.Less(op.Unsqueeze(arange(m), zero),
                      op.Unsqueeze(counts, one))                                       # [Hkv,M]
     count = op.Concat(op.Expand(op.Unsqueeze(op.GatherElements(is_sink, first, axis=1), one), bhs),
                       op.Expand(op.Unsqueeze(ranked, zero), op.Concat(b, hkv, m, axis=0)), axis=-1)
     count = op.And(count,
                    op.GatherElements(op.Expand(op.Unsqueeze(valid, one), op.Concat(b, hkv, nk, axis=0)), idx, axis=2))
-    mp = _dim(idx, 2)
-    ks = op.GatherElements(k, op.Expand(op.Unsqueeze(idx, _ints(3)), op.Concat(b, hkv, mp, d, axis=0)), axis=2)
-    vs = op.GatherElements(v, op.Expand(op.Unsqueeze(idx, _ints(3)), op.Concat(b, hkv, mp, dv, axis=0)), axis=2)
-    qpos = op.Add(_range(nq), off)
-    gap = op.Sub(op.Unsqueeze(qpos, _ints(0, 1, 3)), op.Unsqueeze(idx, _ints(2)))    # [B,Hkv,Nq,M']
-    far = op.GreaterOrEqual(gap if causal else op.Abs(gap), _ints(w))
-    ok1 = op.And(op.Unsqueeze(count, _ints(2)), far)
+    mp = dim(idx, 2)
+    ks = op.GatherElements(k, op.Expand(op.Unsqueeze(idx, ints(3)), op.Concat(b, hkv, mp, d, axis=0)), axis=2)
+    vs = op.GatherElements(v, op.Expand(op.Unsqueeze(idx, ints(3)), op.Concat(b, hkv, mp, dv, axis=0)), axis=2)
+    qpos = op.Add(arange(nq), off)
+    gap = op.Sub(op.Unsqueeze(qpos, ints(0, 1, 3)), op.Unsqueeze(idx, ints(2)))    # [B,Hkv,Nq,M']
+    far = op.GreaterOrEqual(gap if causal else op.Abs(gap), ints(w))
+    ok1 = op.And(op.Unsqueeze(count, ints(2)), far)
     # scale q once and mask by adding a bias built at the group-shared size: both cheaper than
     # scaling and selecting over the G-times larger logits
-    qg = op.Mul(op.Reshape(q, op.Concat(b, hkv, _ints(-1), d, axis=0)), scale_c)     # [B,Hkv,G*Nq,d]
+    qg = op.Mul(op.Reshape(q, op.Concat(b, hkv, ints(-1), d, axis=0)), scale_c)     # [B,Hkv,G*Nq,d]
     l1 = op.MatMul(qg, op.Transpose(ks, perm=[0, 1, 3, 2]))
-    l1 = op.Reshape(l1, op.Concat(b, hkv, _ints(-1), nq, mp, axis=0))                 # [B,Hkv,G,Nq,M']
-    l1 = op.Add(l1, op.Unsqueeze(op.Where(ok1, zero_f, neg_inf), _ints(2)))
+    l1 = op.Reshape(l1, op.Concat(b, hkv, ints(-1), nq, mp, axis=0))                 # [B,Hkv,G,Nq,M']
+    l1 = op.Add(l1, op.Unsqueeze(op.Where(ok1, zero_f, neg_inf), ints(2)))
 
     # local window
-    nb = op.Div(op.Add(nq, _ints(bq - 1)), _ints(bq))
-    nbw = op.Mul(nb, _ints(bq))
-    starts = op.Add(op.Add(op.Mul(_range(nb), op.Constant(value_int=bq)), off), _ints(0 if causal else 1))
-    kidx = op.Add(op.Unsqueeze(starts, one), op.Unsqueeze(_range(_ints(span)), zero))  # [nb,span]
-    flat = op.Reshape(kidx, _ints(-1))
-    pads = _ints(0, 0, w, 0, 0, 0, span + bq, 0)
-    kb = op.Reshape(op.Gather(op.Pad(k, pads), flat, axis=2), op.Concat(b, hkv, one, nb, _ints(span), d, axis=0))
-    vb = op.Reshape(op.Gather(op.Pad(v, pads), flat, axis=2), op.Concat(b, hkv, one, nb, _ints(span), dv, axis=0))
-    q5 = op.Reshape(qg, op.Concat(b, hkv, _ints(-1), nq, d, axis=0))
-    qpad = op.Concat(_ints(0, 0, 0, 0, 0, 0, 0, 0), op.Sub(nbw, nq), zero, axis=0)
-    qb = op.Reshape(op.Pad(q5, qpad), op.Concat(b, hkv, _ints(-1), nb, _ints(bq), d, axis=0))
-    qp = op.Reshape(op.Add(_range(nbw), off), op.Concat(nb, _ints(bq, 1), axis=0))   # [nb,bq,1]
-    diff = op.Sub(qp, op.Unsqueeze(op.Sub(kidx, _ints(w)), one))                        # [nb,bq,span]
+    nb = op.Div(op.Add(nq, ints(bq - 1)), ints(bq))
+    nbw = op.Mul(nb, ints(bq))
+    starts = op.Add(op.Add(op.Mul(arange(nb), op.Constant(value_int=bq)), off), ints(0 if causal else 1))
+    kidx = op.Add(op.Unsqueeze(starts, one), op.Unsqueeze(arange(ints(span)), zero))  # [nb,span]
+    flat = op.Reshape(kidx, ints(-1))
+    pads = ints(0, 0, w, 0, 0, 0, span + bq, 0)
+    kb = op.Reshape(op.Gather(op.Pad(k, pads), flat, axis=2), op.Concat(b, hkv, one, nb, ints(span), d, axis=0))
+    vb = op.Reshape(op.Gather(op.Pad(v, pads), flat, axis=2), op.Concat(b, hkv, one, nb, ints(span), dv, axis=0))
+    q5 = op.Reshape(qg, op.Concat(b, hkv, ints(-1), nq, d, axis=0))
+    qpad = op.Concat(ints(0, 0, 0, 0, 0, 0, 0, 0), op.Sub(nbw, nq), zero, axis=0)
+    qb = op.Reshape(op.Pad(q5, qpad), op.Concat(b, hkv, ints(-1), nb, ints(bq), d, axis=0))
+    qp = op.Reshape(op.Add(arange(nbw), off), op.Concat(nb, ints(bq, 1), axis=0))   # [nb,bq,1]
+    diff = op.Sub(qp, op.Unsqueeze(op.Sub(kidx, ints(w)), one))                        # [nb,bq,span]
     if causal:
-        band = op.And(op.GreaterOrEqual(diff, zero), op.Less(diff, _ints(w)))
+        band = op.And(op.GreaterOrEqual(diff, zero), op.Less(diff, ints(w)))
     else:
-        band = op.Less(op.Abs(diff), _ints(w))
-    vpad = op.Pad(op.Cast(valid, to=6), _ints(0, w, 0, span + bq))
-    validb = op.Reshape(op.Gather(vpad, flat, axis=1), op.Concat(b, nb, one, _ints(span), axis=0))
-    ok2 = op.Unsqueeze(op.And(op.Unsqueeze(band, zero), op.Cast(validb, to=9)), _ints(1, 2))
+        band = op.Less(op.Abs(diff), ints(w))
+    vpad = op.Pad(op.Cast(valid, to=6), ints(0, w, 0, span + bq))
+    validb = op.Reshape(op.Gather(vpad, flat, axis=1), op.Concat(b, nb, one, ints(span), axis=0))
+    ok2 = op.Unsqueeze(op.And(op.Unsqueeze(band, zero), op.Cast(validb, to=9)), ints(1, 2))
     l2 = op.MatMul(qb, op.Transpose(kb, perm=[0, 1, 2, 3, 5, 4]))                      # [B,Hkv,G,nb,bq,span]
     l2 = op.Add(l2, op.Where(ok2, zero_f, neg_inf))
 
     # one softmax normaliser over both parts
-    m1 = op.ReduceMax(l1, _ints(-1), keepdims=0)                                       # [B,Hkv,G,Nq]
-    m2 = op.ReduceMax(l2, _ints(-1), keepdims=0)
-    m2 = op.Slice(op.Reshape(m2, op.Concat(b, hkv, _ints(-1), nbw, axis=0)), zero, nq, _ints(3))
+    m1 = op.ReduceMax(l1, ints(-1), keepdims=0)                                       # [B,Hkv,G,Nq]
+    m2 = op.ReduceMax(l2, ints(-1), keepdims=0)
+    m2 = op.Slice(op.Reshape(m2, op.Concat(b, hkv, ints(-1), nbw, axis=0)), zero, nq, ints(3))
     top_ = op.Max(m1, m2)
     top_ = op.Where(op.IsInf(top_), zero_f, top_)
-    p1 = op.Exp(op.Sub(l1, op.Unsqueeze(top_, _ints(-1))))
-    topb = op.Reshape(op.Pad(top_, op.Concat(_ints(0, 0, 0, 0, 0, 0, 0), op.Sub(nbw, nq), axis=0)),
-                      op.Concat(b, hkv, _ints(-1), nb, _ints(bq, 1), axis=0))
+    p1 = op.Exp(op.Sub(l1, op.Unsqueeze(top_, ints(-1))))
+    topb = op.Reshape(op.Pad(top_, op.Concat(ints(0, 0, 0, 0, 0, 0, 0), op.Sub(nbw, nq), axis=0)),
+                      op.Concat(b, hkv, ints(-1), nb, ints(bq, 1), axis=0))
     p2 = op.Exp(op.Sub(l2, topb))
-    num1 = op.MatMul(p1, op.Unsqueeze(vs, _ints(2)))                                   # [B,Hkv,G,Nq,dv]
-    num2 = op.Reshape(op.MatMul(p2, vb), op.Concat(b, hkv, _ints(-1), nbw, dv, axis=0))
-    num2 = op.Slice(num2, zero, nq, _ints(3))
-    den2 = op.Slice(op.Reshape(op.ReduceSum(p2, _ints(-1), keepdims=0), op.Concat(b, hkv, _ints(-1), nbw, axis=0)),
-                    zero, nq, _ints(3))
-    den = op.Add(op.ReduceSum(p1, _ints(-1), keepdims=0), den2)
+    num1 = op.MatMul(p1, op.Unsqueeze(vs, ints(2)))                                   # [B,Hkv,G,Nq,dv]
+    num2 = op.Reshape(op.MatMul(p2, vb), op.Concat(b, hkv, ints(-1), nbw, dv, axis=0))
+    num2 = op.Slice(num2, zero, nq, ints(3))
+    den2 = op.Slice(op.Reshape(op.ReduceSum(p2, ints(-1), keepdims=0), op.Concat(b, hkv, ints(-1), nbw, axis=0)),
+                    zero, nq, ints(3))
+    den = op.Add(op.ReduceSum(p1, ints(-1), keepdims=0), den2)
     den = op.Max(den, op.CastLike(op.Constant(value_float=torch.finfo(torch.float32).tiny), q))
-    out = op.Div(op.Add(num1, num2), op.Unsqueeze(den, _ints(-1)))
-    return op.Reshape(out, op.Concat(b, _ints(-1), nq, dv, axis=0)), score
+    out = op.Div(op.Add(num1, num2), op.Unsqueeze(den, ints(-1)))
+    return op.Reshape(out, op.Concat(b, ints(-1), nq, dv, axis=0)), score
 
 
 # Hand lowering: an If picks, at run time, one selection over all heads for up to QUERY_BLOCK
@@ -411,43 +411,43 @@ def _few_queries(q, k, v, valid, total, scale, causal, budgets, windows, sinks, 
     its head's sinks + window + selected keys (``valid`` [B,Hkv or 1,n]; budgets are fractions of
     ``total``). Exact as the per-head form; costs S x n per head instead of S x (window + budget
     x total), so only for a few queries."""
-    b, hkv, s, n, d, dv = _dim(q, 0), _dim(k, 1), _dim(q, 2), _dim(k, 2), _dim(q, 3), _dim(v, 3)
-    one, zero = _ints(1), _ints(0)
+    b, hkv, s, n, d, dv = dim(q, 0), dim(k, 1), dim(q, 2), dim(k, 2), dim(q, 3), dim(v, 3)
+    one, zero = ints(1), ints(0)
     neg_inf = op.CastLike(op.Constant(value_float=float("-inf")), q)
     zero_f = op.CastLike(op.Constant(value_float=0.0), q)
     # unscaled product, then the scale: the scores round as the per-head form's
-    qg = op.Reshape(q, op.Concat(b, hkv, _ints(-1), d, axis=0))                           # [B,Hkv,G*S,d]
+    qg = op.Reshape(q, op.Concat(b, hkv, ints(-1), d, axis=0))                           # [B,Hkv,G*S,d]
     logits = op.Mul(op.MatMul(qg, op.Transpose(k, perm=[0, 1, 3, 2])), op.CastLike(op.Constant(value_float=scale), q))
-    logits = op.Reshape(logits, op.Concat(b, hkv, _ints(-1), s, n, axis=0))               # [B,Hkv,G,S,n]
-    gap = op.Sub(op.Unsqueeze(op.Add(_range(s), op.Sub(n, s)), one), op.Unsqueeze(_range(n), zero))   # [S,n]
+    logits = op.Reshape(logits, op.Concat(b, hkv, ints(-1), s, n, axis=0))               # [B,Hkv,G,S,n]
+    gap = op.Sub(op.Unsqueeze(op.Add(arange(s), op.Sub(n, s)), one), op.Unsqueeze(arange(n), zero))   # [S,n]
     far = op.GreaterOrEqual(op.Unsqueeze(gap if causal else op.Abs(gap), zero),
-                            op.Reshape(_ints(*windows), _ints(-1, 1, 1)))                 # [Hkv,S,n]
+                            op.Reshape(ints(*windows), ints(-1, 1, 1)))                 # [Hkv,S,n]
     near = op.And(op.Unsqueeze(op.GreaterOrEqual(gap, zero), zero), op.Not(far)) if causal else op.Not(far)
     # scores: what the evenly spaced observation rows pay to the keys outside their windows
-    n_obs = op.Min(s, _ints(obs))
-    rows = op.Sub(op.Div(op.Mul(op.Add(_range(n_obs), one), s), n_obs), one)
-    ok = op.And(op.Unsqueeze(op.Gather(far, rows, axis=1), _ints(0, 2)), op.Unsqueeze(valid, _ints(2, 3)))
+    n_obs = op.Min(s, ints(obs))
+    rows = op.Sub(op.Div(op.Mul(op.Add(arange(n_obs), one), s), n_obs), one)
+    ok = op.And(op.Unsqueeze(op.Gather(far, rows, axis=1), ints(0, 2)), op.Unsqueeze(valid, ints(2, 3)))
     probs = op.Softmax(op.Where(ok, op.Gather(logits, rows, axis=3), neg_inf), axis=-1)
-    score = op.ReduceSum(op.Where(op.IsNaN(probs), zero_f, probs), _ints(2, 3), keepdims=0)   # [B,Hkv,n]
+    score = op.ReduceSum(op.Where(op.IsNaN(probs), zero_f, probs), ints(2, 3), keepdims=0)   # [B,Hkv,n]
     is_sink = _sink_keys(valid, sinks)                                                      # [B,Hkv|1,n]
     score = op.Where(is_sink, op.CastLike(op.Constant(value_float=-1.0), q), score)
     # each head's ceil(budget x total) best-scored keys, ranked by one TopK
-    counts = op.Min(_budget_counts(budgets, total), op.Max(op.Sub(n, _ints(sinks)), zero))   # [Hkv]
+    counts = op.Min(_budget_counts(budgets, total), op.Max(op.Sub(n, ints(sinks)), zero))   # [Hkv]
     most = op.ReduceMax(counts, keepdims=1)
     _, top = op.TopK(score, most, axis=-1)                                                # [B,Hkv,M]
-    ranked = op.Cast(op.Less(op.Unsqueeze(_range(most), zero), op.Unsqueeze(counts, one)), to=1)
+    ranked = op.Cast(op.Less(op.Unsqueeze(arange(most), zero), op.Unsqueeze(counts, one)), to=1)
     chosen = op.ScatterElements(op.ConstantOfShape(op.Concat(b, hkv, n, axis=0)), top,
                                 op.Expand(ranked, op.Shape(top)), axis=2)
-    core = op.Unsqueeze(op.Or(op.Greater(chosen, op.Constant(value_float=0.5)), is_sink), _ints(2, 3))
-    near, far = op.Unsqueeze(near, _ints(0, 2)), op.Unsqueeze(far, _ints(0, 2))             # [1,Hkv,1,S,n]
-    attend = op.And(op.Unsqueeze(valid, _ints(2, 3)), op.Or(near, op.And(far, core)))
+    core = op.Unsqueeze(op.Or(op.Greater(chosen, op.Constant(value_float=0.5)), is_sink), ints(2, 3))
+    near, far = op.Unsqueeze(near, ints(0, 2)), op.Unsqueeze(far, ints(0, 2))             # [1,Hkv,1,S,n]
+    attend = op.And(op.Unsqueeze(valid, ints(2, 3)), op.Or(near, op.And(far, core)))
     masked = op.Add(logits, op.Where(attend, zero_f, neg_inf))                            # [B,Hkv,G,S,n]
-    top_ = op.ReduceMax(masked, _ints(-1), keepdims=1)
+    top_ = op.ReduceMax(masked, ints(-1), keepdims=1)
     p = op.Exp(op.Sub(masked, op.Where(op.IsInf(top_), zero_f, top_)))
-    den = op.Max(op.ReduceSum(p, _ints(-1), keepdims=1),
+    den = op.Max(op.ReduceSum(p, ints(-1), keepdims=1),
                  op.CastLike(op.Constant(value_float=torch.finfo(torch.float32).tiny), q))
-    out = op.Div(op.MatMul(p, op.Unsqueeze(v, _ints(2))), den)                             # [B,Hkv,G,S,dv]
-    return op.Reshape(out, op.Concat(b, _ints(-1), s, dv, axis=0)), score
+    out = op.Div(op.MatMul(p, op.Unsqueeze(v, ints(2))), den)                             # [B,Hkv,G,S,dv]
+    return op.Reshape(out, op.Concat(b, ints(-1), s, dv, axis=0)), score
 
 
 def _tca_cache_onnx(q, k, v, index, attention_mask, scale: float = 1.0, budgets=(1.0,), windows=(64,),
@@ -458,8 +458,8 @@ def _tca_cache_onnx(q, k, v, index, attention_mask, scale: float = 1.0, budgets=
     what a decode step's time goes to); an ``If`` picks one at run time. Then TopK over the
     compaction priority and a smallest-first TopK that puts the kept entries back in context
     order."""
-    b, hkv, n, s, m = _dim(k, 0), _dim(k, 1), _dim(k, 2), _dim(q, 2), _dim(attention_mask, 1)
-    one, zero = _ints(1), _ints(0)
+    b, hkv, n, s, m = dim(k, 0), dim(k, 1), dim(k, 2), dim(q, 2), dim(attention_mask, 1)
+    one, zero = ints(1), ints(0)
     bhm = op.Concat(b, hkv, m, axis=0)
     new = op.Expand(op.Range(op.Squeeze(op.Sub(m, s)), op.Squeeze(m), op.Constant(value_int=1)),
                     op.Concat(b, hkv, s, axis=0))
@@ -468,25 +468,25 @@ def _tca_cache_onnx(q, k, v, index, attention_mask, scale: float = 1.0, budgets=
     valid = op.Greater(seen, op.CastLike(op.Constant(value_int=0), seen))
 
     def valid_of(i):
-        return op.Squeeze(op.Slice(valid, _ints(i), _ints(i + 1), one), one)
+        return op.Squeeze(op.Slice(valid, ints(i), ints(i + 1), one), one)
 
-    few = op.Squeeze(op.LessOrEqual(s, _ints(QUERY_BLOCK)))
+    few = op.Squeeze(op.LessOrEqual(s, ints(QUERY_BLOCK)))
     out, score = _if(few, lambda: _few_queries(q, k, v, valid, m, scale, True, budgets, windows, sinks, obs),
                      lambda: tuple(map(_cat_heads, _per_head(q, k, v, valid_of, scale, True, budgets, windows, sinks,
                                                              obs, total=m))),
                      dtype=q.dtype)
-    ns = op.Min(n, _ints(sinks))
-    wins = _ints(*windows)                                                                  # [Hkv]
+    ns = op.Min(n, ints(sinks))
+    wins = ints(*windows)                                                                  # [Hkv]
     keep = op.Min(n, op.ReduceMax(op.Add(op.Add(ns, wins), _budget_counts(budgets, m)), keepdims=1))
-    window = op.GreaterOrEqual(op.Unsqueeze(_range(n), zero), op.Unsqueeze(op.Sub(n, wins), one))   # [Hkv,n]
+    window = op.GreaterOrEqual(op.Unsqueeze(arange(n), zero), op.Unsqueeze(op.Sub(n, wins), one))   # [Hkv,n]
     pinned = op.Or(_sink_keys(valid, sinks), op.Unsqueeze(window, zero))                  # [B,Hkv,n]
     prio = op.Where(valid, score, op.CastLike(op.Constant(value_float=-1.0), score))
     prio = op.Where(pinned, op.CastLike(op.Constant(value_float=PINNED), score), prio)
     _, sel = op.TopK(prio, keep, axis=-1)
     sel, _ = op.TopK(sel, keep, axis=-1, largest=0)                                        # context order
-    d, dv = _dim(k, 3), _dim(v, 3)
-    ks = op.GatherElements(k, op.Expand(op.Unsqueeze(sel, _ints(3)), op.Concat(b, hkv, keep, d, axis=0)), axis=2)
-    vs = op.GatherElements(v, op.Expand(op.Unsqueeze(sel, _ints(3)), op.Concat(b, hkv, keep, dv, axis=0)), axis=2)
+    d, dv = dim(k, 3), dim(v, 3)
+    ks = op.GatherElements(k, op.Expand(op.Unsqueeze(sel, ints(3)), op.Concat(b, hkv, keep, d, axis=0)), axis=2)
+    vs = op.GatherElements(v, op.Expand(op.Unsqueeze(sel, ints(3)), op.Concat(b, hkv, keep, dv, axis=0)), axis=2)
     return out, ks, vs, op.GatherElements(idx, sel, axis=2)
 
 
