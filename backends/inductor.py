@@ -23,6 +23,7 @@ refuses one built by another torch version.
 """
 from __future__ import annotations
 
+import functools
 import platform
 from pathlib import Path
 
@@ -30,11 +31,11 @@ import numpy as np
 
 from ..optimizer.errors import BackendError, BundleError
 from ..optimizer.program import Program
-from ..optimizer.report import bench_inputs, time_calls, verification_feeds
+from ..optimizer.report import time_lengths, verification_feeds
 from ..optimizer.runtime import Backend, Runner, register_backend
 from .onnxruntime import disagreement, export_baseline, is_exact, make_session, program_reference
 from .targets import TARGETS, Target, get_target
-from .triton import graph_ops, register_cuda_kernels
+from .triton import KERNELS, graph_ops, register_cuda_kernels
 
 __all__ = ["InductorBackend", "InductorRunner", "MODEL_FILE", "graph_for"]
 
@@ -106,7 +107,7 @@ def _how(name: str, device: str) -> str:
         return "int8 linear (PT2E's quantized form, oneDNN qlinear)"
     if device == "cuda" and name in graph_ops():
         return "triton kernel, in the package"
-    if device == "cuda" and name in register_cuda_kernels():
+    if device == "cuda" and name in KERNELS:   # the rest of them are the op's CUDA implementation
         return "triton kernel, called"
     return "torch reference, called" if name in OPAQUE else "decomposed"
 
@@ -237,16 +238,9 @@ class InductorBackend(Backend):
             if device == "cpu":
                 export_baseline(captured, Path(tmp) / "baseline.onnx")
                 ort = make_session(Path(tmp) / "baseline.onnx", ["CPUExecutionProvider"], threads)
-        results = []
-        for length in lengths:
-            feed = bench_inputs(captured, length)
-            own = ours._feed(feed)
-            result = {"feed": {k: list(v.shape) for k, v in feed.items()}, "threads": threads, "device": device,
-                      "tokopt": time_calls(lambda: ours._run(own), runs),
-                      "baseline": time_calls(lambda: _call(base, device, captured.input_names, feed), runs),
-                      "size_bytes": {"baseline": size}}
-            if device == "cpu":
-                result["others"] = {"onnxruntime": time_calls(lambda: ort.run(None, feed), runs)}
-            result["speedup_median"] = result["baseline"]["median_ms"] / result["tokopt"]["median_ms"]
-            results.append(result)
-        return results
+        return time_lengths(captured, lengths, runs,
+                            ours=lambda feed: functools.partial(ours._run, ours._feed(feed)),
+                            baseline=lambda feed: lambda: _call(base, device, captured.input_names, feed),
+                            baseline_bytes=size, threads=threads, device=device,
+                            others={"onnxruntime": lambda feed: lambda: ort.run(None, feed)} if device == "cpu"
+                            else None)

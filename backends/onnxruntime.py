@@ -19,7 +19,7 @@ from ..optimizer.errors import BackendError, UsageError
 from ..optimizer.ops import OPS, OPSET, decompose, onnx_translation_table, rounding_jitter, standardize
 from ..optimizer.program import Program
 from ..optimizer.generation import with_positions
-from ..optimizer.report import bench_inputs, time_calls, verification_feeds
+from ..optimizer.report import time_lengths, verification_feeds
 from ..optimizer.runtime import Backend, Runner, register_backend
 from .decoder import decoder_feeds, lower_decoder
 from .onnx_shapes import static_reshapes
@@ -288,16 +288,10 @@ class OnnxRuntimeBackend(Backend):
             size = sum(p.stat().st_size for p in Path(tmp).iterdir())
         ours = make_session(bundle_dir / MODEL_FILE, providers, threads)
         names = [i.name for i in ours.get_inputs()]
-        results = []
-        for length in lengths:
-            feed = bench_inputs(captured, length)
-            own = {k: v for k, v in with_positions(feed, names).items() if k in names}
-            result = {"feed": {k: list(v.shape) for k, v in feed.items()}, "threads": threads,
-                      "providers": providers,
-                      "tokopt": time_calls(lambda: ours.run(None, own), runs),
-                      "baseline": time_calls(lambda: base.run(None, feed), runs),
-                      "size_bytes": {"baseline": size}}
-            result["speedup_median"] = result["baseline"]["median_ms"] / result["tokopt"]["median_ms"]
-            results.append(result)
-        return results
+
+        def own(feed):
+            fed = {k: v for k, v in with_positions(feed, names).items() if k in names}
+            return lambda: ours.run(None, fed)
+        return time_lengths(captured, lengths, runs, ours=own, baseline=lambda feed: lambda: base.run(None, feed),
+                            baseline_bytes=size, threads=threads, providers=providers)
 

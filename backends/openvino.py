@@ -25,7 +25,7 @@ import numpy as np
 
 from ..optimizer.errors import BackendError, UsageError
 from ..optimizer.program import Program
-from ..optimizer.report import bench_inputs, time_calls, verification_feeds
+from ..optimizer.report import time_lengths, verification_feeds
 from ..optimizer.runtime import Backend, Runner, register_backend
 from .onnxruntime import export_baseline, export_onnx
 from .targets import TARGETS, Target, get_target
@@ -177,14 +177,8 @@ class OpenVinoBackend(Backend):
         names = {i.get_any_name() for i in ours.inputs}
         own = ours.create_infer_request()
         plain = base.create_infer_request()
-        results = []
-        for length in lengths:
-            feed = bench_inputs(captured, length)
-            result = {"feed": {k: list(v.shape) for k, v in feed.items()}, "threads": threads,
-                      "device": lowering["device"], "precision": lowering["precision"],
-                      "tokopt": time_calls(lambda: own.infer({k: v for k, v in feed.items() if k in names}), runs),
-                      "baseline": time_calls(lambda: plain.infer(feed), runs), "size_bytes": {"baseline": size}}
-            result["speedup_median"] = result["baseline"]["median_ms"] / result["tokopt"]["median_ms"]
-            results.append(result)
-        return results
+        return time_lengths(captured, lengths, runs,
+                            ours=lambda feed: lambda: own.infer({k: v for k, v in feed.items() if k in names}),
+                            baseline=lambda feed: lambda: plain.infer(feed), baseline_bytes=size,
+                            threads=threads, device=lowering["device"], precision=lowering["precision"])
 

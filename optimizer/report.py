@@ -221,6 +221,25 @@ def time_calls(fn, runs: int, warmup: int = 2, settle: float = 0.05) -> dict:
             "runs": runs}
 
 
+def time_lengths(program: Program, lengths: list[int], runs: int, ours, baseline, baseline_bytes: int,
+                 others: dict | None = None, **fields) -> list[dict]:
+    """The report's latency entries: at each length, on one feed (``bench_inputs``) in one run,
+    the bundle's call ``ours(feed)`` and the no-pass baseline's ``baseline(feed)`` timed (each
+    returns the zero-argument call to time, its feed already prepared), then any ``others``
+    (runtime name -> the same), plus ``fields`` as given."""
+    results = []
+    for length in lengths:
+        feed = bench_inputs(program, length)
+        result = {"feed": {k: list(v.shape) for k, v in feed.items()}, **fields,
+                  "tokopt": time_calls(ours(feed), runs), "baseline": time_calls(baseline(feed), runs),
+                  "size_bytes": {"baseline": baseline_bytes}}
+        if others:
+            result["others"] = {name: time_calls(call(feed), runs) for name, call in others.items()}
+        result["speedup_median"] = result["baseline"]["median_ms"] / result["tokopt"]["median_ms"]
+        results.append(result)
+    return results
+
+
 def _fmt(x) -> str:
     if isinstance(x, float):
         return f"{x:.3g}" if abs(x) < 1e-3 or abs(x) >= 1e4 else f"{x:.4f}".rstrip("0").rstrip(".")

@@ -57,7 +57,8 @@ def matmul_nbits_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
     sc = scales.contiguous()
     out = torch.empty(m, out_features, dtype=x.dtype, device=x.device)
     grid = (triton.cdiv(m, block_m), triton.cdiv(out_features, block_n))
-    torch.library.wrap_triton(_nbits_kernel)[grid](x2, qw, sc, bias if bias is not None else sc, out, m, out_features, in_features,
-                        x2.stride(0), qw.stride(0), sc.stride(0), out.stride(0),
-                        BITS=bits, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_size)
+    torch.library.wrap_triton(_nbits_kernel)[grid](
+        x2, qw, sc, bias if bias is not None else sc, out, m, out_features, in_features,
+        x2.stride(0), qw.stride(0), sc.stride(0), out.stride(0),
+        BITS=bits, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_size)
     return out.reshape(*lead, out_features)

@@ -97,9 +97,10 @@ def tca_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
         idx, count = idx[:, 0].contiguous(), count[:, 0].to(torch.int8).contiguous()   # [B, M]
         oi = out[:, i * g:(i + 1) * g]
         grid = (triton.cdiv(nq, block_m), b * g)
-        torch.library.wrap_triton(_tca_kernel)[grid](qi, ki, vi, idx, count, valid, oi,
-                          qi.stride(0), qi.stride(1), qi.stride(2), ki.stride(0), ki.stride(2), vi.stride(0),
-                          vi.stride(2), idx.stride(0), valid.stride(0), oi.stride(0), oi.stride(1), oi.stride(2),
-                          g, nq, nk, idx.shape[1], windows[i], scale,
-                          CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, D=d, DV=dv)
+        torch.library.wrap_triton(_tca_kernel)[grid](
+            qi, ki, vi, idx, count, valid, oi,
+            qi.stride(0), qi.stride(1), qi.stride(2), ki.stride(0), ki.stride(2), vi.stride(0),
+            vi.stride(2), idx.stride(0), valid.stride(0), oi.stride(0), oi.stride(1), oi.stride(2),
+            g, nq, nk, idx.shape[1], windows[i], scale,
+            CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, D=d, DV=dv)
     return out
