@@ -5,6 +5,7 @@
     print(result)                     # the measured report
     run = tokopt.load("bundle")
     outputs = run(input_ids=ids, attention_mask=mask)
+    tokopt.verify("bundle", emulate=True)   # an ARM bundle on ARM code, under qemu
 """
 __version__ = "0.1.0"
 
@@ -16,8 +17,9 @@ from .optimizer.errors import (BackendError, BundleError, CaptureError, PassErro
                                UnsupportedModelError, UsageError)
 from .optimizer.pass_manager import PASSES
 from .optimizer.runtime import BACKENDS, load
+from .optimizer.verify import verify
 
-__all__ = ["compile", "load", "capture", "list_passes", "list_targets", "list_backends", "CompileResult", "TokoptError",
+__all__ = ["compile", "load", "verify", "capture", "list_passes", "list_targets", "list_backends", "CompileResult", "TokoptError",
            "UsageError", "CaptureError", "UnsupportedModelError", "PassError", "BackendError",
            "BundleError", "__version__"]
 

@@ -3,11 +3,12 @@
     tokopt compile MODEL [--passes …] [--recipe …] [--backend …] [--target …] [--out DIR] …
     tokopt run BUNDLE --text "…" | --input-ids 1,2,3 [--max-new-tokens N [--sample …]]
     tokopt inspect MODEL|BUNDLE
+    tokopt verify BUNDLE [--emulate] | --setup
     tokopt passes | targets | backends
 
 Errors print one paragraph and exit with the error's code (2 usage, 3 unreadable model,
-4 unsupported model, 5 pass failed, 6 backend, 7 bundle, 1 internal); ``--debug`` shows the
-traceback.
+4 unsupported model, 5 pass failed, 6 backend, 7 bundle, 1 internal; ``tokopt verify`` exits 8
+when the bundle disagrees); ``--debug`` shows the traceback.
 """
 from __future__ import annotations
 
@@ -74,6 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--trust-pickle", action="store_true")
     i.add_argument("--json", action="store_true")
 
+    v = sub.add_parser("verify", help="run a bundle here and against its original model; --emulate runs an ARM "
+                                      "bundle on ARM code under qemu")
+    v.add_argument("bundle", nargs="?", help="the bundle folder (omit with --setup)")
+    v.add_argument("--emulate", action="store_true", help="also run it on emulated aarch64 ONNX Runtime")
+    v.add_argument("--setup", action="store_true", help="download the emulated aarch64 Python and ONNX Runtime "
+                                                        "(once; about 50 MB from Debian and PyPI)")
+    v.add_argument("--json", action="store_true")
     sub.add_parser("passes", help="list the passes and their options")
     sub.add_parser("targets", help="list the deployment targets")
     sub.add_parser("backends", help="list the backends and the targets each can compile for here")
@@ -233,6 +241,21 @@ def _cmd_inspect(args) -> int:
     return 0
 
 
+def _cmd_verify(args) -> int:
+    from .optimizer.errors import UsageError
+    if args.setup:
+        from .backends.emulate import setup
+        setup(progress=lambda line: print(f"tokopt: {line}", file=sys.stderr))
+        if args.bundle is None:
+            return 0
+    if args.bundle is None:
+        raise UsageError("tokopt verify needs a bundle folder (or --setup alone to prepare the emulator).")
+    from .optimizer.verify import format_verification, verify
+    result = verify(args.bundle, emulate=args.emulate)
+    print(json.dumps(result, indent=1) if args.json else format_verification(result))
+    return 0 if result["ok"] else 8
+
+
 def _cmd_passes(args) -> int:
     import tokopt
     from .optimizer.pass_manager import PASSES, describe_options
@@ -277,7 +300,7 @@ def main(argv=None) -> int:
     if not args.debug:
         _quiet_libraries()
     from .optimizer.errors import TokoptError
-    handler = {"compile": _cmd_compile, "run": _cmd_run, "inspect": _cmd_inspect,
+    handler = {"compile": _cmd_compile, "run": _cmd_run, "inspect": _cmd_inspect, "verify": _cmd_verify,
                "passes": _cmd_passes, "targets": _cmd_targets,
                "backends": _cmd_backends}[args.command]
     try:

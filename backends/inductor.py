@@ -24,7 +24,6 @@ refuses one built by another torch version.
 from __future__ import annotations
 
 import functools
-import platform
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +33,7 @@ from ..optimizer.program import Program
 from ..optimizer.report import time_lengths, verification_feeds
 from ..optimizer.runtime import Backend, Runner, register_backend
 from .onnxruntime import disagreement, export_baseline, is_exact, make_session, program_reference
-from .targets import TARGETS, Target, get_target
+from .targets import TARGETS, Target, get_target, host_arch
 from .triton import KERNELS, graph_ops, register_cuda_kernels
 
 __all__ = ["InductorBackend", "InductorRunner", "MODEL_FILE", "graph_for"]
@@ -54,8 +53,6 @@ REFUSED = {
                                "(and torch 2.13's C++ vectorizer does not compile the result); called as an opaque "
                                "op, AOTInductor's proxy executor returns wrong values for it",
 }
-# the machine architecture each CPU target's C++ is built for (Inductor compiles for the host)
-_CPU_ARCH = {"x86-cpu": ("x86_64", "AMD64"), "arm64-cpu": ("aarch64", "arm64")}
 
 
 def graph_for(program: Program, device: str):
@@ -197,10 +194,9 @@ class InductorBackend(Backend):
             raise BackendError(f"target '{name}' compiles Triton kernels for a CUDA GPU, and torch sees none on this "
                                "machine (a CPU build of torch, or no GPU). Compile on a machine with an NVIDIA GPU and "
                                "a CUDA build of torch, or choose --target x86-cpu.")
-        machine = platform.machine()
-        if target.inductor_device == "cpu" and machine not in _CPU_ARCH[name]:
+        if target.inductor_device == "cpu" and target.arch != host_arch():
             raise BackendError(f"target '{name}': Inductor builds C++ for the machine it runs on, and this one is "
-                               f"{machine}. Compile the bundle on a {_CPU_ARCH[name][0]} machine, or use "
+                               f"{host_arch()}. Compile the bundle on a {target.arch} machine, or use "
                                "--backend onnxruntime, whose bundles are portable.")
         return target
 

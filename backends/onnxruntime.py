@@ -23,12 +23,15 @@ from ..optimizer.report import time_lengths, verification_feeds
 from ..optimizer.runtime import Backend, Runner, register_backend
 from .decoder import decoder_feeds, lower_decoder
 from .onnx_shapes import static_reshapes
-from .targets import Target, get_target, require_providers
+from .ort_options import DISABLED_OPTIMIZERS, session_options
+from .targets import Target, get_target, host_arch, host_providers
 
 __all__ = ["OnnxRuntimeBackend", "OnnxRuntimeRunner", "BoundDecoding", "export_onnx", "for_onnx", "export_baseline", "make_session",
            "disagreement", "program_reference", "is_exact", "MODEL_FILE"]
 
 MODEL_FILE = "model.onnx"
+ORT_FILE = "model.ort"                       # ORT format (ORT Mobile, minimal builds)
+OPS_CONFIG = "required_operators.config"
 _TWO_GB = 2 * 1024 ** 3
 # relative nudges of the reference's rounding inputs: float noise between kernels as the reference
 # sees it (one nudge may happen to flip nothing; a deep int8 graph's kernels differ by up to 1e-5)
@@ -102,14 +105,49 @@ def _shapes(feed: dict) -> str:
     return ", ".join(f"{k} {list(v.shape)}" for k, v in feed.items())
 
 
-def for_onnx(ep):
+def for_onnx(ep, primitive: dict | None = None):
     """``ep`` with the tokopt ops that have no hand-written ONNX lowering decomposed (torch.onnx
-    lowers their ATen ops)."""
-    return decompose(ep, keep=lambda spec: spec.onnx is not None)
+    lowers their ATen ops); ``primitive`` (op name -> a body with the reference's arguments)
+    decomposes the ops it names into that body instead of their hand lowering."""
+    primitive = primitive or {}
+    return decompose(ep, keep=lambda spec: spec.onnx is not None and spec.name not in primitive, replace=primitive)
+
+
+def signed_activations(model) -> int:
+    """Each QuantizeLinear with a constant uint8 zero point, and the DequantizeLinear nodes
+    reading it, re-encoded on the int8 grid (zero point - 128): the same values, in the
+    signedness ARM's dot-product kernels take (W8A8's activations). Returns how many."""
+    import onnx_ir as ir
+    count, made = 0, {}   # one int8 zero point per uint8 one (q, k and v quantize one input)
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        if node.op_type != "QuantizeLinear" or node.domain not in ("", "ai.onnx") or len(node.inputs) < 3:
+            continue
+        zero = ir.convenience.get_const_tensor(node.inputs[2]) if node.inputs[2] is not None else None
+        if zero is None or zero.dtype != ir.DataType.UINT8:
+            continue
+        if node.inputs[2] not in made:
+            name = f"{node.inputs[2].name}_s8"
+            made[node.inputs[2]] = ir.Value(name=name, const_value=ir.tensor(
+                (zero.numpy().astype(np.int16) - 128).astype(np.int8), name=name))
+            model.graph.register_initializer(made[node.inputs[2]])
+        signed = made[node.inputs[2]]
+        node.replace_input_with(2, signed)
+        out = node.outputs[0]
+        out.type = ir.TensorType(ir.DataType.INT8)
+        for use in list(out.uses()):
+            reader = use.node
+            if reader.op_type == "DequantizeLinear" and len(reader.inputs) > 2:
+                reader.replace_input_with(2, signed)
+        count += 1
+    for old in made:
+        if not old.uses() and old.name in model.graph.initializers:
+            del model.graph.initializers[old.name]
+    return count
 
 
 def export_onnx(program: Program, path: Path, *, fusions: bool = True, standard: bool | None = None,
-                check_feeds: list[dict] | None = None) -> dict:
+                check_feeds: list[dict] | None = None, primitive: dict | None = None,
+                int8_activations: str = "uint8") -> dict:
     """Export ``program`` to ``path`` with tokopt's lowerings and onnxscript's optimizer.
 
     The exported graph is checked against the program itself on ``check_feeds`` (a lowering
@@ -120,14 +158,16 @@ def export_onnx(program: Program, path: Path, *, fusions: bool = True, standard:
     rewrites RoPE into a RotaryEmbedding whose batch-1 cos/sin caches ONNX Runtime refuses for
     batch > 1.) ``standard`` (default: without ``fusions``) rewrites the ops' contrib-op lowerings
     into standard ONNX (TensorRT); OpenVINO takes the contrib ``MatMulNBits`` and
-    ``GatherBlockQuantized`` as they are. Returns {"fusions": counts} or {"fusions_rejected": reason}."""
+    ``GatherBlockQuantized`` as they are. ``primitive``: see ``for_onnx``. ``int8_activations="int8"``
+    re-encodes W8A8's activations as int8 (``signed_activations``; ARM). Returns {"fusions": counts}
+    or {"fusions_rejected": reason}, with {"int8_activations": count} where it re-encoded some."""
     import onnx_ir as ir
     import onnxscript.optimizer
     import torch
     try:
         with _quiet():
             onnx_program = torch.onnx.export(
-                for_onnx(program.ep), dynamo=True, opset_version=OPSET, verbose=False, optimize=False,
+                for_onnx(program.ep, primitive), dynamo=True, opset_version=OPSET, verbose=False, optimize=False,
                 input_names=program.input_names, output_names=program.output_names,
                 custom_translation_table=onnx_translation_table())
     except Exception as e:
@@ -140,7 +180,11 @@ def export_onnx(program: Program, path: Path, *, fusions: bool = True, standard:
         model.graph.inputs.remove(value)
     feeds, reference, exact = check_feeds or [], program_reference(program), is_exact(program)
 
+    signed = {}
+
     def check(candidate, where: Path) -> str | None:
+        if int8_activations == "int8":
+            signed["int8_activations"] = signed_activations(candidate)
         _save(candidate, where)
         try:
             session = make_session(where, ["CPUExecutionProvider"])
@@ -161,7 +205,7 @@ def export_onnx(program: Program, path: Path, *, fusions: bool = True, standard:
             if rejected is None:
                 for f in Path(tmp).iterdir():
                     shutil.move(str(f), path.parent / f.name)
-                return {"fusions": {k: v for k, v in fused.items() if v}}
+                return {"fusions": {k: v for k, v in fused.items() if v}, **_nonzero(signed)}
         model = plain
     onnxscript.optimizer.optimize(model)
     static_reshapes(model)
@@ -171,8 +215,40 @@ def export_onnx(program: Program, path: Path, *, fusions: bool = True, standard:
         raise BackendError(f"the ONNX lowering does not reproduce the graph: {why}. This is a tokopt "
                            "bug; rerun with --debug and report it.")
     if rejected is not None:
-        return {"fusions_rejected": rejected}
-    return {"fusions": {}, **({"standardized": standardized} if standardized else {})}
+        return {"fusions_rejected": rejected, **_nonzero(signed)}
+    return {"fusions": {}, **({"standardized": standardized} if standardized else {}), **_nonzero(signed)}
+
+
+def _nonzero(counts: dict) -> dict:
+    return {k: v for k, v in counts.items() if v}
+
+
+def write_ort_format(onnx_path: Path, feeds: list[dict], program: Program) -> dict:
+    """``model.ort`` beside the ONNX model: ONNX Runtime's own converter, optimizations fixed at
+    conversion for an ARM CPU (what ORT Mobile's CPU provider runs), and ``required_operators.config``,
+    the operator list a minimal ONNX Runtime build is configured with. Checked against the program
+    on ``feeds`` before it ships."""
+    from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
+    out = onnx_path.parent
+    with tempfile.TemporaryDirectory() as tmp:
+        with _quiet():
+            convert_onnx_models_to_ort(onnx_path, output_dir=Path(tmp), optimization_styles=[OptimizationStyle.Fixed],
+                                       target_platform="arm")
+        shutil.move(str(Path(tmp) / ORT_FILE), out / ORT_FILE)
+        ops = [line for line in (Path(tmp) / f"{onnx_path.stem}.required_operators.config").read_text().splitlines()
+               if line and not line.startswith("#")]
+    (out / OPS_CONFIG).write_text(f"# the operators {ORT_FILE} needs: a minimal ONNX Runtime build takes this file "
+                                  "(build.py --minimal_build --include_ops_by_config)\n" + "\n".join(ops) + "\n")
+    session = make_session(out / ORT_FILE, ["CPUExecutionProvider"])
+    names = {i.name for i in session.get_inputs()}
+    why = disagreement(lambda feed: session.run(None, {k: v for k, v in feed.items() if k in names}),
+                       feeds, program_reference(program), is_exact(program))
+    if why is not None:
+        raise BackendError(f"the ORT-format model does not reproduce the graph: {why}. This is a tokopt bug; "
+                           "rerun with --debug and report it.")
+    return {"ort_model": ORT_FILE, "ort_format": {"optimizations": "fixed at conversion, level all, for ARM",
+                                                  "operators": OPS_CONFIG,
+                                                  "domains": sorted({line.split(";")[0] for line in ops})}}
 
 
 def export_baseline(program: Program, path: Path) -> None:
@@ -188,28 +264,26 @@ def export_baseline(program: Program, path: Path) -> None:
 
 def make_session(path: Path, providers: list[str], threads: int | None = None):
     import onnxruntime as ort
-    ort.set_default_logger_severity(3)  # failures surface as exceptions with tokopt's message
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    # ORT fuses DequantizeLinear + MatMul into MatMulNBits and would then quantize the
-    # activations to int8 (its default accuracy level 4): keep the float math the bundle promises
-    so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
-    if threads:
-        so.intra_op_num_threads = threads
     try:
-        # ONNX Runtime 1.32's QDQ propagation and its S8->U8 rewrite together emit QuantizeLinear
-        # nodes whose output type contradicts their zero point (edgeqat's per-token QDQ pairs
-        # fail to load); tokopt graphs never need the rewrite (it targets int8 MatMul/Conv)
-        return ort.InferenceSession(str(path), so, providers=providers, disabled_optimizers=["QDQS8ToU8Transformer"])
+        return ort.InferenceSession(str(path), session_options(ort, threads), providers=providers,
+                                    disabled_optimizers=DISABLED_OPTIMIZERS)
     except Exception as e:
         raise BackendError(f"ONNX Runtime cannot load {path}: {str(e).strip().splitlines()[0]}") from e
+
+
+def bundle_model(manifest: dict | None) -> str:
+    """The model file a bundle's runner loads: the ORT-format one where the target has it."""
+    return ((manifest or {}).get("lowering") or {}).get("ort_model", MODEL_FILE)
 
 
 class OnnxRuntimeRunner(Runner):
     def __init__(self, bundle: Path, manifest: dict, threads: int | None = None):
         super().__init__(bundle, manifest)
-        self.providers = require_providers(get_target(manifest["target"]))
-        self.session = make_session(bundle / MODEL_FILE, self.providers, threads)
+        target = get_target(manifest["target"])
+        self.providers, self.checked_on = host_providers(target)
+        if threads is None and target.arch == host_arch():
+            threads = target.threads   # on the device: its thread count
+        self.session = make_session(bundle / bundle_model(manifest), self.providers, threads)
         self.graph_inputs = {i.name for i in self.session.get_inputs()}
 
     def _run(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -262,31 +336,54 @@ class OnnxRuntimeBackend(Backend):
 
     def target(self, name: str) -> Target:
         target = get_target(name)
-        require_providers(target)
+        host_providers(target)
         return target
 
+    def checked_on(self, target: Target) -> str | None:
+        return host_providers(target)[1]
+
     def lower(self, program: Program, out_dir: Path, target: Target, precision: str = "auto") -> dict:
+        from ..optimizer.compile import io_spec
+        from .tensorrt import engine_script, longest, parser_check, primitive_attention
         decoder = {}
         if program.cache is not None and target.contrib_fusions:
             program, decoder = lower_decoder(program)
-        info = export_onnx(program, out_dir / MODEL_FILE, fusions=target.contrib_fusions,
-                           check_feeds=decoder_feeds(program) if decoder.get("cached_attention") else
-                           verification_feeds(program))
+        primitive = primitive_attention(target)
+        feeds = decoder_feeds(program) if decoder.get("cached_attention") else verification_feeds(program)
+        info = export_onnx(program, out_dir / MODEL_FILE, fusions=target.contrib_fusions, check_feeds=feeds,
+                           primitive=primitive, int8_activations=target.int8_activations)
         shared = len(decoder.get("cached_attention", ())) == (program.cache.layers if program.cache else -1)
-        return {"model": MODEL_FILE, **info, **({"decoder": decoder} if decoder else {}),
-                **({"shared_buffer": True} if shared else {})}
+        lowered = {"model": MODEL_FILE, **info, **({"decoder": decoder} if decoder else {}),
+                   **({"shared_buffer": True} if shared else {}), "target_profile": target.profile(),
+                   **({"attention": f"MatMul/Softmax (TensorRT {target.tensorrt} parses no fused Attention)"}
+                      if primitive else {})}
+        if target.tensorrt is not None:
+            check = parser_check(out_dir / MODEL_FILE, target.tensorrt)
+            if not check["parses"]:
+                raise BackendError(f"target '{target.name}' runs TensorRT {target.tensorrt}, whose ONNX parser would "
+                                   f"refuse this graph: {'; '.join(check['problems'])}. Leave out the pass that "
+                                   "makes it, or choose a CPU target.")
+            lowered["tensorrt_check"] = check
+            script = out_dir / "build_engine.sh"
+            script.write_text(engine_script(io_spec(program)[0], longest(program.seq_range)))
+            script.chmod(0o755)
+        if target.ort_format:
+            lowered.update(write_ort_format(out_dir / MODEL_FILE, feeds, program))
+        return lowered
 
     def latency(self, captured: Program, bundle_dir: Path, target: Target, runs: int, lengths: list[int],
                 threads: int | None, manifest: dict | None = None) -> list[dict]:
         """Median/p90 of the bundle and of the plain-export baseline at each length: same feed,
         same run."""
-        providers = require_providers(target)
+        providers, _ = host_providers(target)
+        if target.gpu and providers[0] == "CPUExecutionProvider":
+            return None   # an edge GPU's latency is not this CPU's
         with tempfile.TemporaryDirectory() as tmp:
             base_path = Path(tmp) / "baseline.onnx"
             export_baseline(captured, base_path)
             base = make_session(base_path, providers, threads)
             size = sum(p.stat().st_size for p in Path(tmp).iterdir())
-        ours = make_session(bundle_dir / MODEL_FILE, providers, threads)
+        ours = make_session(bundle_dir / bundle_model(manifest), providers, threads)
         names = [i.name for i in ours.get_inputs()]
 
         def own(feed):

@@ -18,7 +18,8 @@ from ..optimizer.runtime import Backend, Runner, register_backend
 from .onnxruntime import export_onnx
 from .targets import Target, get_target
 
-__all__ = ["TensorRTBackend", "TensorRTRunner", "ENGINE_FILE", "require_tensorrt"]
+__all__ = ["TensorRTBackend", "TensorRTRunner", "ENGINE_FILE", "require_tensorrt", "parser_check", "engine_script", "longest",
+           "primitive_attention"]
 
 ENGINE_FILE = "model.engine"
 ONNX_FILE = "model.onnx"
@@ -38,9 +39,101 @@ def require_tensorrt():
     return trt
 
 
+# The ONNX ops TensorRT's parser takes: onnx-tensorrt's docs/operators.md at TensorRT 10.0/10.1 (opsets 9-20),
+# then the ops later releases added, with the release (their changelogs: Attention in 10.14, with one output;
+# RMSNormalization in 10.15). An op outside both is not parsed by any release.
+_PARSED = set("""
+Abs Acos Acosh Add And ArgMax ArgMin Asin Asinh Atan Atanh AveragePool BatchNormalization Cast CastLike Ceil Celu
+Clip Concat Constant ConstantOfShape Conv ConvTranspose Cos Cosh CumSum DeformConv DepthToSpace DequantizeLinear Div
+Dropout Einsum Elu Equal Erf Exp Expand EyeLike Flatten Floor Gather GatherElements GatherND Gelu Gemm
+GlobalAveragePool GlobalLpPool GlobalMaxPool Greater GreaterOrEqual GridSample GroupNormalization GRU HardSigmoid
+HardSwish Hardmax Identity If ImageScaler InstanceNormalization IsInf IsNaN LayerNormalization LeakyRelu Less
+LessOrEqual Log LogSoftmax Loop LRN LSTM LpNormalization LpPool MatMul Max MaxPool Mean MeanVarianceNormalization
+Min Mish Mod Mul Neg NonMaxSuppression NonZero Not OneHot Or Pad ParametricSoftplus Pow PRelu QuantizeLinear
+RandomNormal RandomNormalLike RandomUniform RandomUniformLike Range Reciprocal ReduceL1 ReduceL2 ReduceLogSum
+ReduceLogSumExp ReduceMax ReduceMean ReduceMin ReduceProd ReduceSum ReduceSumSquare Relu Reshape Resize
+ReverseSequence RNN RoiAlign Round ScaledTanh Scan Scatter ScatterElements ScatterND Selu Shape Shrink Sigmoid Sign
+Sin Sinh Size Slice Softmax Softplus Softsign SpaceToDepth Split Sqrt Squeeze Sub Sum Tan Tanh ThresholdedRelu Tile
+TopK Transpose Trilu Unsqueeze Upsample Where Xor""".split())
+_LATER = {"Attention": "10.14", "RMSNormalization": "10.15"}
+
+
+def _version(v: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in v.split("."))
+
+
+def primitive_attention(target: Target) -> dict | None:
+    """``export_onnx``'s ``primitive`` for ``target``: attention as MatMul/Softmax where its TensorRT
+    parses no fused Attention (before 10.14: JetPack 6's 10.3), else None."""
+    from ..optimizer.ops.attention import attention_primitive
+    if target.tensorrt is None or _version(target.tensorrt) >= _version(_LATER["Attention"]):
+        return None
+    return {"tokopt::attention": attention_primitive}
+
+
+def parser_check(model_path: Path, tensorrt: str) -> dict:
+    """Whether TensorRT ``tensorrt``'s ONNX parser takes the graph at ``model_path``, checked
+    statically against its documented operator list and the restrictions tokopt graphs can hit:
+    ONNX Runtime contrib ops, ops added after that release, Attention with more than one output,
+    Q/DQ with a nonzero zero point or a uint8 grid (TensorRT's int8 is symmetric and signed).
+    Returns {"tensorrt", "parses", "ops": counts, "oldest": the oldest release that parses it,
+    "problems": one line each}."""
+    import onnx_ir as ir
+    model = ir.load(str(model_path))
+    ops: dict[str, int] = {}
+    problems: dict[str, str] = {}
+    oldest = "10.0"
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        name = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"
+        ops[name] = ops.get(name, 0) + 1
+        if node.domain not in ("", "ai.onnx"):
+            problems[name] = f"{name}: not an ONNX op (an ONNX Runtime contrib op); TensorRT parses standard ONNX only"
+        elif node.op_type in _LATER:
+            since = _LATER[node.op_type]
+            oldest = max(oldest, since, key=_version)
+            if _version(since) > _version(tensorrt):
+                problems[name] = f"{name}: parsed from TensorRT {since}, and the target has {tensorrt}"
+            if node.op_type == "Attention" and sum(1 for o in node.outputs[1:] if o.name) > 0:
+                problems[name + "/outputs"] = f"{name}: TensorRT takes Attention with one output (this one has more)"
+        elif node.op_type not in _PARSED:
+            problems[name] = f"{name}: no TensorRT release's ONNX parser takes it"
+        elif node.op_type in ("QuantizeLinear", "DequantizeLinear") and len(node.inputs) > 2 and node.inputs[2] is not None:
+            zero = ir.convenience.get_const_tensor(node.inputs[2])
+            if zero is None or zero.dtype == ir.DataType.UINT8 or np.any(zero.numpy() != 0):
+                problems[name + "/zero"] = (f"{name}: a {'uint8' if zero is not None and zero.dtype == ir.DataType.UINT8 else 'nonzero'} "
+                                            "zero point; TensorRT's quantization is symmetric int8 (zero point 0), so "
+                                            "asymmetric W8A8 activations (rsq act_bits=8) do not build")
+    return {"tensorrt": tensorrt, "parses": not problems, "ops": dict(sorted(ops.items())), "oldest": oldest,
+            "problems": sorted(problems.values())}
+
+
+def engine_script(inputs: list[dict], seq_max: int, onnx_file: str = "model.onnx") -> str:
+    """``build_engine.sh``: builds the engine on the device with trtexec, over the shapes the bundle
+    accepts (the profile the tensorrt backend builds with)."""
+    shapes = [_profile_shapes(spec, seq_max) for spec in inputs]
+
+    def flag(i: int) -> str:
+        return ",".join(f"{spec['name']}:{'x'.join(map(str, s[i]))}" for spec, s in zip(inputs, shapes))
+    return "\n".join([
+        "#!/bin/sh",
+        "# Build this bundle's TensorRT engine on the device (JetPack ships trtexec in /usr/src/tensorrt/bin).",
+        "# The shapes are the range the bundle accepts; extra arguments go to trtexec (e.g. --fp16).",
+        "set -e",
+        'cd "$(dirname "$0")"',
+        'TRTEXEC="${TRTEXEC:-$(command -v trtexec || echo /usr/src/tensorrt/bin/trtexec)}"',
+        f'"$TRTEXEC" --onnx={onnx_file} --saveEngine=model.engine \\',
+        f"    --minShapes={flag(0)} \\", f"    --optShapes={flag(1)} \\", f"    --maxShapes={flag(2)} \\",
+        '    "$@"', ""])
+
+
 # axis kind -> (min, opt, max) given the longest sequence; a generation graph's cache starts empty
 _RANGES = {"batch": lambda n: (1, 1, 8), "sequence": lambda n: (1, min(128, n), n),
            "total_sequence": lambda n: (1, min(128, n), n), "past_sequence": lambda n: (0, min(128, n - 1), n - 1)}
+
+
+def longest(seq_range) -> int:
+    """The longest sequence an engine's profile spans: the bundle's limit, else 512."""
+    return (seq_range or (1, 512))[1] or 512
 
 
 def _profile_shapes(spec: dict, seq_max: int) -> tuple[tuple, tuple, tuple]:
@@ -60,7 +153,7 @@ class TensorRTBackend(Backend):
         trt = require_tensorrt()
         from ..optimizer.compile import io_spec
         onnx_path = out_dir / ONNX_FILE
-        export_onnx(program, onnx_path, fusions=False)
+        export_onnx(program, onnx_path, fusions=False, primitive=primitive_attention(target))
         logger = trt.Logger(trt.Logger.WARNING)
         builder = trt.Builder(logger)
         network = builder.create_network(0)
@@ -71,7 +164,7 @@ class TensorRTBackend(Backend):
         config = builder.create_builder_config()
         profile = builder.create_optimization_profile()
         inputs, _ = io_spec(program)
-        seq_max = (program.seq_range or (1, 512))[1] or 512
+        seq_max = longest(program.seq_range)
         for spec in inputs:
             profile.set_shape(spec["name"], *_profile_shapes(spec, seq_max))
         config.add_optimization_profile(profile)

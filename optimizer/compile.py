@@ -151,6 +151,7 @@ def compile(model, example_inputs=None, *, out=None, passes=None, recipe=None, b
     with progress_.step(f"running passes: {', '.join(p.name for p in pass_list)}"):
         program = PassManager(pass_list, verify=verify_each, source_hint=str(model)).run(captured)
 
+    from ..backends.onnxruntime import is_exact
     with atomic_bundle(out, force) as tmp:
         note = f" ({be.lowering_note})" if be.lowering_note else ""
         with progress_.step(f"lowering to {be.name} for {tgt.name}{note}"):
@@ -168,7 +169,8 @@ def compile(model, example_inputs=None, *, out=None, passes=None, recipe=None, b
                 "passes": [{"name": p.name, "options": h["options"]} for p, h in zip(pass_list, program.history)],
                 "inputs": inputs, "outputs": outputs, "seq_range": program.seq_range,
                 "tokenizer": "tokenizer" if program.tokenizer_dir else None,
-                "lowering": lowered, "calib": str(calib) if calib else None}
+                "lowering": lowered, "calib": str(calib) if calib else None,
+                "rounding": not is_exact(program)}   # kernels may differ by a rounding step (verify's tolerance)
         if program.cache is not None:
             data["generation"] = {"graph": "one graph: prefill = empty cache, decode step = one token",
                                   "cache": program.cache.to_json(),
@@ -179,8 +181,7 @@ def compile(model, example_inputs=None, *, out=None, passes=None, recipe=None, b
                   "target": tgt.name, "passes": program.history, **({"plan": the_plan.notes} if the_plan.notes else {}),
                   "attention": [b.row() for b in program.attention],
                   "attention_refused": [r.__dict__ for r in program.rejected],
-                  "size_bytes": {"tokopt": sum(p.stat().st_size for p in tmp.iterdir()   # model.onnx(.data), .xml + .bin
-                                               if p.name.startswith(Path(lowered["model"]).stem + "."))}}
+                  "size_bytes": {"tokopt": _model_bytes(tmp, lowered)}}
         if measure:
             with progress_.step("measuring quality and latency against the original"):
                 if texts is None and captured.tokenizer_dir:
@@ -191,11 +192,26 @@ def compile(model, example_inputs=None, *, out=None, passes=None, recipe=None, b
     return CompileResult(out, manifest, report, program)
 
 
+def _model_bytes(bundle: Path, lowered: dict) -> int:
+    """What the device loads: model.onnx(.data), .xml + .bin, .pt2; the ORT-format model where there is one."""
+    if "ort_model" in lowered:
+        return (bundle / lowered["ort_model"]).stat().st_size
+    return sum(p.stat().st_size for p in bundle.iterdir() if p.name.startswith(Path(lowered["model"]).stem + "."))
+
+
 def _measure(be, tgt, captured: Program, bundle_dir: Path, data: dict, texts, runs: int, length: int,
              threads) -> dict:
     runner = be.runner_cls(bundle_dir, data, threads=threads)
+    where = be.checked_on(tgt)
     if captured.cache is not None:
-        return _measure_generation(be, tgt, captured, bundle_dir, data, runner, texts, runs, length, threads)
+        result = _measure_generation(be, tgt, captured, bundle_dir, data, runner, texts, runs, length, threads)
+    else:
+        result = _measure_encoder(be, tgt, captured, bundle_dir, data, runner, texts, runs, length, threads)
+    return {**result, **({"checked_on": where} if where else {})}
+
+
+def _measure_encoder(be, tgt, captured: Program, bundle_dir: Path, data: dict, runner, texts, runs: int, length: int,
+                     threads) -> dict:
     feed, desc = probe_inputs(captured, texts, length=length)
     reference = captured.run(feed)
     got = runner(**{k: v.numpy() for k, v in feed.items()})

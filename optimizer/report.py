@@ -259,6 +259,8 @@ def format_report(report: dict) -> str:
                     "embedding_cosine_min"):
             if key in q:
                 lines.append(f"  {key.replace('_', ' ')}".ljust(38) + _fmt(q[key]))
+    if report.get("checked_on"):
+        lines.append(f"where: {report['checked_on']}")
     for lat in (report.get("latency"), report.get("latency_long")):
         if not lat:
             continue

@@ -179,6 +179,10 @@ class Backend:
         """Write the engine files into ``out_dir``; return {"model": file, ...details}."""
         raise NotImplementedError
 
+    def checked_on(self, target) -> str | None:
+        """Where the compile checks a bundle for ``target`` when that is not the target itself."""
+        return None
+
     def latency(self, captured, bundle_dir: Path, target, runs: int, lengths: list[int],
                 threads: int | None, manifest: dict) -> list[dict] | None:
         """Time the bundle against this backend's no-pass baseline at each length (one result

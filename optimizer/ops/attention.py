@@ -14,7 +14,7 @@ from onnxscript import opset23 as op23
 
 from .registry import AttentionArgs, define_op, differentiable
 
-__all__ = ["ATTENTION", "attention_reference", "expand_kv"]
+__all__ = ["ATTENTION", "attention_reference", "attention_primitive", "expand_kv"]
 
 
 def expand_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -32,6 +32,20 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
         causal = False
     return F.scaled_dot_product_attention(q, expand_kv(k, q.shape[1]), expand_kv(v, q.shape[1]),
                                           attn_mask=mask, is_causal=causal, scale=scale)
+
+
+def attention_primitive(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                        scale: float, causal: bool) -> torch.Tensor:
+    """The same attention as MatMul, Softmax and masking, for a runtime whose parser has no fused
+    attention (TensorRT before 10.14): the ops every ONNX consumer takes."""
+    h = q.shape[1]
+    scores = (q @ expand_kv(k, h).transpose(-1, -2)) * scale
+    if causal:
+        nq, nk = q.shape[-2], k.shape[-2]
+        scores = scores.masked_fill(~torch.ones(nq, nk, dtype=torch.bool, device=q.device).tril(nk - nq), float("-inf"))
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    return scores.softmax(-1) @ expand_kv(v, h)
 
 
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
