@@ -3,11 +3,13 @@
 The bundle is run here on a few of the shipped evaluation passages (a prefill into an empty cache
 for a generation bundle) and compared with the original model, re-captured from the source the
 manifest names where it is still on disk. With ``emulate``, an ARM bundle is also run on ARM code
-(``backends/emulate.py``: the aarch64 ONNX Runtime under qemu) and compared with the run here: the
-same graph on the other CPU's kernels must agree, to ``allclose(rtol=1e-3, atol=1e-4)`` for a
-graph without rounding ops, and for one with them (int8 activations: float noise between kernels
-may flip a rounding step) to a mean error within 2% of the mean magnitude and a cosine of at least
-0.999 per output.
+(``backends/emulate.py``: the aarch64 ONNX Runtime under qemu). It passes when:
+- a graph without rounding ops: the ARM outputs equal the ones here to ``allclose(rtol=1e-3,
+  atol=1e-4)`` (the same graph on the other CPU's kernels);
+- a graph with rounding ops (int8 activations, where float noise between kernels flips rounding
+  steps and the flips compound over layers): the ARM outputs are as faithful to the original model
+  as the ones here, per output a mean error at most 1.5x theirs and a cosine at most 0.001 below;
+  without the original, within 2% mean error of the outputs here and a cosine of 0.999.
 """
 from __future__ import annotations
 
@@ -17,28 +19,37 @@ import numpy as np
 
 from .errors import TokoptError, UsageError
 
-__all__ = ["verify", "format_verification", "agreement"]
+__all__ = ["verify", "format_verification", "compare"]
 
 _TEXT_INPUTS = {"input_ids", "attention_mask", "token_type_ids", "position_ids"}
 
 
-def agreement(ours: list[np.ndarray], theirs: list[np.ndarray], names: list[str], rounding: bool) -> tuple[bool, dict]:
-    """(whether ``theirs`` reproduces ``ours``, per output: max/mean abs error and cosine)."""
-    ok, stats = True, {}
+def compare(ours: list[np.ndarray], theirs: list[np.ndarray], names: list[str]) -> dict:
+    """Per output of the same shape and a float dtype: max/mean abs error and cosine."""
+    stats = {}
     for name, a, b in zip(names, ours, theirs):
         if a.shape != b.shape or a.dtype.kind != "f":
-            if a.shape != b.shape:
-                ok, stats[name] = False, {"shape": [list(a.shape), list(b.shape)]}
             continue
         err = np.abs(a.astype(np.float64) - b)
         x, y = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
-        cos = float(x @ y / max(np.linalg.norm(x) * np.linalg.norm(y), 1e-30))
         stats[name] = {"max_abs_error": float(err.max(initial=0)), "mean_abs_error": float(err.mean()) if err.size else 0.0,
-                       "cosine": cos}
-        good = (err.mean() <= 0.02 * np.abs(a).mean() + 1e-6 and cos >= 0.999) if rounding else \
-            np.allclose(a, b, rtol=1e-3, atol=1e-4)
-        ok = ok and bool(good)
-    return ok, stats
+                       "cosine": float(x @ y / max(np.linalg.norm(x) * np.linalg.norm(y), 1e-30)),
+                       "allclose": bool(np.allclose(a, b, rtol=1e-3, atol=1e-4)),
+                       "mean_magnitude": float(np.abs(a).mean()) if a.size else 0.0}
+    return stats
+
+
+def _emulation_agrees(vs_here: dict, vs_original: dict | None, here_vs_original: dict | None, rounding: bool) -> bool:
+    if not rounding:
+        return all(s["allclose"] for s in vs_here.values())
+    for name, s in vs_here.items():
+        if vs_original and here_vs_original and name in vs_original and name in here_vs_original:
+            o, h = vs_original[name], here_vs_original[name]
+            if o["mean_abs_error"] > 1.5 * h["mean_abs_error"] + 1e-6 or o["cosine"] < h["cosine"] - 1e-3:
+                return False
+        elif s["mean_abs_error"] > 0.02 * s["mean_magnitude"] + 1e-6 or s["cosine"] < 0.999:
+            return False
+    return True
 
 
 def _feeds(runner, texts: list[str]) -> tuple[list[dict], str]:
@@ -103,23 +114,24 @@ def verify(bundle, *, emulate: bool = False, texts: list[str] | None = None) -> 
     here = [runner._run(f) for f in feeds]
     result = {"bundle": str(path), "target": target.name, "feeds": desc, "outputs": names, "ok": True}
     original, why = _original(manifest, feeds)
+    here_vs_original = None
     if original is None:
         result["original"] = {"skipped": why}
-    else:
-        # outputs a pass reshapes (pruned tokens) are left out
-        keep = [i for i, (a, b) in enumerate(zip(original[0], here[0])) if a.shape == b.shape]
-        _, stats = agreement([original[0][i] for i in keep], [here[0][i] for i in keep], [names[i] for i in keep],
-                             rounding=True)
-        result["original"] = {"vs_bundle_here": stats}
+    else:   # outputs a pass reshapes (pruned tokens) are left out
+        here_vs_original = compare(original[0], here[0], names)
+        result["original"] = {"vs_bundle_here": here_vs_original}
     if emulate:
         from ..backends import emulate as emu
         from ..backends.onnxruntime import bundle_model
         outs, info = emu.run(path / bundle_model(manifest), feeds)
         rounding = manifest.get("rounding", True)
-        ok, stats = agreement(here[0], outs[0], names, rounding)
-        result["emulated"] = {"info": info, "vs_bundle_here": stats, "agrees": ok,
-                              "criterion": "mean error <= 2% of the mean magnitude, cosine >= 0.999" if rounding
-                              else "allclose(rtol=1e-3, atol=1e-4)"}
+        vs_here = compare(here[0], outs[0], names)
+        vs_original = compare(original[0], outs[0], names) if original is not None else None
+        ok = _emulation_agrees(vs_here, vs_original, here_vs_original, rounding)
+        result["emulated"] = {"info": info, "vs_bundle_here": vs_here, "vs_original": vs_original, "agrees": ok,
+                              "criterion": "allclose(rtol=1e-3, atol=1e-4) to the bundle here" if not rounding else
+                              "as faithful to the original as the bundle here: mean error <= 1.5x, cosine within 0.001"
+                              if vs_original else "mean error <= 2% of the mean magnitude, cosine >= 0.999"}
         result["ok"] = ok
     return result
 
@@ -130,9 +142,8 @@ def format_verification(r: dict) -> str:
     def table(title: str, stats: dict) -> None:
         lines.append(title)
         for name, s in stats.items():
-            lines.append(f"  {name:<24}" + (f"shapes differ {s['shape']}" if "shape" in s else
-                                            f"max abs {s['max_abs_error']:.3g}  mean abs {s['mean_abs_error']:.3g}  "
-                                            f"cosine {s['cosine']:.6f}"))
+            lines.append(f"  {name:<24}max abs {s['max_abs_error']:.3g}  mean abs {s['mean_abs_error']:.3g}  "
+                         f"cosine {s['cosine']:.6f}")
     o = r["original"]
     if "skipped" in o:
         lines.append(f"original model: not compared ({o['skipped']})")
@@ -143,6 +154,8 @@ def format_verification(r: dict) -> str:
         i = e["info"]
         table(f"emulated {i['machine']} (qemu, ONNX Runtime {i['onnxruntime']}) vs the bundle here: "
               f"{'agrees' if e['agrees'] else 'DISAGREES'} ({e['criterion']})", e["vs_bundle_here"])
+        if e["vs_original"]:
+            table("emulated vs the original model:", e["vs_original"])
         lines.append("  kernels run on ARM: " + ", ".join(f"{k} x{v}" for k, v in i["kernels"].items()))
         lines.append(f"  load {i['load_s']:.1f} s, run {i['run_s']:.1f} s under emulation (not the device's speed)")
     return "\n".join(lines)
