@@ -17,7 +17,7 @@ from .optimizer.errors import (BackendError, BundleError, CaptureError, PassErro
                                UnsupportedModelError, UsageError)
 from .optimizer.pass_manager import PASSES
 from .optimizer.runtime import BACKENDS, load
-from .optimizer.verify import verify
+from .backends.verify import verify
 
 __all__ = ["compile", "load", "verify", "capture", "list_passes", "list_targets", "list_backends", "CompileResult", "TokoptError",
            "UsageError", "CaptureError", "UnsupportedModelError", "PassError", "BackendError",

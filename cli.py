@@ -1,6 +1,7 @@
 """``tokopt`` on the command line: a thin face over the Python API.
 
     tokopt compile MODEL [--passes …] [--recipe …] [--backend …] [--target …] [--out DIR] …
+    tokopt compile MODEL --max-drop cosine=0.002 [--optimize latency|size] [--search-time 20m]
     tokopt run BUNDLE --text "…" | --input-ids 1,2,3 [--max-new-tokens N [--sample …]]
     tokopt inspect MODEL|BUNDLE
     tokopt verify BUNDLE [--emulate] | --setup
@@ -32,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("model", help="Hugging Face folder, .pt2 file, or package.module:callable")
     c.add_argument("--passes", default=None, help="e.g. 'canonicalize' or 'name:opt=value,opt2=v,other'")
     c.add_argument("--recipe", default=None, help="YAML file with a 'passes:' list")
-    c.add_argument("--backend", default="onnxruntime")
+    c.add_argument("--backend", default=None, help="onnxruntime (default), openvino, inductor, tensorrt; with "
+                                                   "--max-drop, the search's choice unless given")
     c.add_argument("--target", default="x86-cpu")
     c.add_argument("--precision", default="auto", help="auto | fp32 | bf16 (OpenVINO: bf16 where the CPU has it)")
     c.add_argument("--calib", default=None, help="calibration data: text file, JSONL of texts, or .npy ids")
@@ -50,6 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--generate", action="store_true",
                    help="causal LMs: compile the prefill/decode graph with a KV cache (for "
                         "`tokopt run --max-new-tokens`)")
+    c.add_argument("--max-drop", default=None, help="search the passes for the fastest bundle within a quality "
+                                                    "budget: cosine=0.002, spearman=0.995, ppl=2%%, kl=0.01, top1=99%%")
+    c.add_argument("--optimize", default="latency", choices=("latency", "size"), help="with --max-drop")
+    c.add_argument("--search-time", default="20m", help="with --max-drop: how long to search (20m, 90s, 1h)")
+    c.add_argument("--search-trials", type=int, default=None, help="with --max-drop: at most this many trials")
+    c.add_argument("--seed", type=int, default=0, help="with --max-drop: the sampler's seed")
     c.add_argument("--json", action="store_true", help="print the report as JSON")
     c.add_argument("--quiet", action="store_true", help="no progress lines")
 
@@ -97,7 +105,8 @@ def _cmd_compile(args) -> int:
         max_seq_len=args.max_seq_len, trust_pickle=args.trust_pickle, attn_implementation=args.attn,
         measure=not args.no_measure, bench_runs=args.bench_runs, bench_len=args.bench_len,
         threads=args.threads, generate=args.generate, progress=not (args.quiet or args.json),
-        precision=args.precision)
+        precision=args.precision, max_drop=args.max_drop, optimize=args.optimize, search_time=args.search_time,
+        search_trials=args.search_trials, seed=args.seed)
     if args.json:
         print(json.dumps(result.report, indent=1, default=float))
     else:
@@ -214,6 +223,9 @@ def _cmd_inspect(args) -> int:
                   f"{c['head_dim'][0]} dims ({c['dtype']}), up to {c['max_length']} tokens")
         if report:
             print(format_report(report))
+        if (target / "search.json").exists():
+            from .optimizer.search import format_front
+            print(format_front(json.loads((target / "search.json").read_text())))
         return 0
     import tokopt
     from .passes.token_prune import per_token_heads
@@ -250,7 +262,7 @@ def _cmd_verify(args) -> int:
             return 0
     if args.bundle is None:
         raise UsageError("tokopt verify needs a bundle folder (or --setup alone to prepare the emulator).")
-    from .optimizer.verify import format_verification, verify
+    from .backends.verify import format_verification, verify
     result = verify(args.bundle, emulate=args.emulate)
     print(json.dumps(result, indent=1) if args.json else format_verification(result))
     return 0 if result["ok"] else 8

@@ -136,8 +136,9 @@ def _emulate(root: Path, args: list[str], timeout: float = 1800) -> subprocess.C
 
 
 def run(model: Path, feeds: list[dict[str, np.ndarray]]) -> tuple[list[list[np.ndarray]], dict]:
-    """``model`` (.onnx or .ort) run on emulated ARM code on each feed: (outputs per feed, info:
-    machine, versions, seconds, and the kernels ONNX Runtime's aarch64 build ran, per node type)."""
+    """``model`` (.onnx or .ort) run on emulated ARM code on each feed: (outputs per feed, info: the
+    model file, machine, versions, seconds, and the kernels ONNX Runtime's aarch64 build ran, per
+    node type)."""
     why = missing()
     if why:
         raise BackendError(f"cannot run on emulated ARM code: {why}")
@@ -153,7 +154,7 @@ def run(model: Path, feeds: list[dict[str, np.ndarray]]) -> tuple[list[list[np.n
         if proc.returncode != 0:
             raise BackendError(f"the bundle failed on emulated ARM code: {(proc.stderr or proc.stdout).strip()[-500:]}")
         out = np.load(tmp / "out.npz")
-        info = json.loads((tmp / "info.json").read_text())
+        info = {"model": Path(model).name, **json.loads((tmp / "info.json").read_text())}
         outputs = [[out[f"{i}/{j}"] for j in range(sum(1 for k in out.files if k.startswith(f"{i}/")))]
                    for i in range(len(feeds))]
     return outputs, info

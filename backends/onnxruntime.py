@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from ..optimizer.errors import BackendError, UsageError
-from ..optimizer.ops import OPS, OPSET, decompose, onnx_translation_table, rounding_jitter, standardize
+from ..optimizer.ops import OPSET, decompose, onnx_translation_table, rounding_jitter, standardize
+from ..optimizer.ops import is_exact as graph_is_exact
 from ..optimizer.program import Program
 from ..optimizer.generation import with_positions
 from ..optimizer.report import time_lengths, verification_feeds
@@ -98,7 +99,7 @@ def program_reference(program: Program):
 
 def is_exact(program: Program) -> bool:
     """Whether every tokopt op in the program is exact (no rounding decisions)."""
-    return all(spec.is_exact(n) for n in program.graph.nodes for spec in OPS.values() if spec.matches(n))
+    return graph_is_exact(program.graph)
 
 
 def _shapes(feed: dict) -> str:

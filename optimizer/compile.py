@@ -20,6 +20,7 @@ from .bundle import atomic_bundle, check_out, write_manifest
 from .capture import DEFAULT_SEQ_LEN, capture
 from .errors import UsageError
 from .generation import CacheSpec, example_feed
+from .ops import is_exact
 from .pass_manager import PassManager, PassSpec, load_recipe, parse_pass_spec, plan
 from .program import Program
 from .report import format_report, generation_prompts, generation_quality, probe_inputs, quality, quality_rows
@@ -117,15 +118,30 @@ def _probe_texts(calib) -> list[str]:
     return default_texts("eval")
 
 
-def compile(model, example_inputs=None, *, out=None, passes=None, recipe=None, backend: str = "onnxruntime",
+def compile(model, example_inputs=None, *, out=None, passes=None, recipe=None, backend: str | None = None,
             target: str = "x86-cpu", calib=None, force: bool = False, verify_each: bool = False,
             seq_len: int = DEFAULT_SEQ_LEN, max_seq_len: int | None = None, trust_pickle: bool = False,
             attn_implementation: str = "sdpa", measure: bool = True, bench_runs: int = 20,
             bench_len: int = 128, threads: int | None = None, texts: list[str] | None = None,
-            generate: bool = False, progress: bool = False, precision: str = "auto") -> CompileResult:
+            generate: bool = False, progress: bool = False, precision: str = "auto", max_drop: str | None = None,
+            optimize: str = "latency", search_time="20m", search_trials: int | None = None, seed: int = 0,
+            extra_files: dict | None = None, extra_report: dict | None = None) -> CompileResult:
     """Compile ``model`` into a bundle at ``out`` and measure it. See ``tokopt compile --help``.
     With ``generate``, a causal LM is compiled as one prefill/decode graph with a KV cache and
-    the bundle's runner gets ``generate()``."""
+    the bundle's runner gets ``generate()``. With ``max_drop`` (e.g. ``"cosine=0.002"``), the passes
+    and backend are searched for the fastest (``optimize="latency"``) or smallest bundle within that
+    quality budget (``optimizer/search.py``); ``backend`` then fixes the backend."""
+    if max_drop is not None:
+        if passes is not None or recipe is not None:
+            raise UsageError("--max-drop searches the passes itself: leave out --passes and --recipe (the search "
+                             "writes the recipe it found to the bundle's recipe.yaml).")
+        from .search import search
+        return search(model, max_drop, out=out, optimize=optimize, search_time=search_time, trials=search_trials,
+                      seed=seed, backend=backend, target=target, calib=calib, force=force, bench_len=bench_len,
+                      bench_runs=bench_runs, threads=threads, progress=progress, measure=measure, seq_len=seq_len,
+                      max_seq_len=max_seq_len, trust_pickle=trust_pickle, attn_implementation=attn_implementation,
+                      generate=generate, precision=precision)
+    backend = backend or "onnxruntime"
     progress_ = _Progress(progress)
     the_plan = plan(plan_passes(passes, recipe), generate=generate)
     pass_list = the_plan.passes
@@ -151,7 +167,6 @@ def compile(model, example_inputs=None, *, out=None, passes=None, recipe=None, b
     with progress_.step(f"running passes: {', '.join(p.name for p in pass_list)}"):
         program = PassManager(pass_list, verify=verify_each, source_hint=str(model)).run(captured)
 
-    from ..backends.onnxruntime import is_exact
     with atomic_bundle(out, force) as tmp:
         note = f" ({be.lowering_note})" if be.lowering_note else ""
         with progress_.step(f"lowering to {be.name} for {tgt.name}{note}"):
@@ -161,8 +176,11 @@ def compile(model, example_inputs=None, *, out=None, passes=None, recipe=None, b
             for name in _TOKENIZER_FILES:
                 if (Path(program.tokenizer_dir) / name).exists():
                     shutil.copy2(Path(program.tokenizer_dir) / name, tmp / "tokenizer" / name)
-        for name, content in program.artifacts.items():
-            (tmp / name).write_text(content if isinstance(content, str) else json.dumps(content, indent=1) + "\n")
+        for name, content in {**program.artifacts, **(extra_files or {})}.items():
+            if isinstance(content, bytes):
+                (tmp / name).write_bytes(content)
+            else:
+                (tmp / name).write_text(content if isinstance(content, str) else json.dumps(content, indent=1) + "\n")
         inputs, outputs = io_spec(program)
         source = {k: v for k, v in program.source.items() if k != "module_prefix"}
         data = {"source": source, "backend": be.name, "target": tgt.name, "task": program.task,
@@ -170,7 +188,7 @@ def compile(model, example_inputs=None, *, out=None, passes=None, recipe=None, b
                 "inputs": inputs, "outputs": outputs, "seq_range": program.seq_range,
                 "tokenizer": "tokenizer" if program.tokenizer_dir else None,
                 "lowering": lowered, "calib": str(calib) if calib else None,
-                "rounding": not is_exact(program)}   # kernels may differ by a rounding step (verify's tolerance)
+                "rounding": not is_exact(program.graph)}   # kernels may differ by a rounding step (verify's tolerance)
         if program.cache is not None:
             data["generation"] = {"graph": "one graph: prefill = empty cache, decode step = one token",
                                   "cache": program.cache.to_json(),
@@ -181,7 +199,7 @@ def compile(model, example_inputs=None, *, out=None, passes=None, recipe=None, b
                   "target": tgt.name, "passes": program.history, **({"plan": the_plan.notes} if the_plan.notes else {}),
                   "attention": [b.row() for b in program.attention],
                   "attention_refused": [r.__dict__ for r in program.rejected],
-                  "size_bytes": {"tokopt": _model_bytes(tmp, lowered)}}
+                  "size_bytes": {"tokopt": _model_bytes(tmp, lowered)}, **(extra_report or {})}
         if measure:
             with progress_.step("measuring quality and latency against the original"):
                 if texts is None and captured.tokenizer_dir:

@@ -281,6 +281,16 @@ def format_report(report: dict) -> str:
         lines.append("kv cache per sequence".ljust(38) + ", ".join(
             f"{int(n) // 1024}K tokens {b / 2**20:.2f} MiB"
             + (f" ({b / full[n]:.2f}x of the full cache)" if n in full else "") for n, b in kv.items()))
+    sr = report.get("search")
+    if sr:
+        lines.append(f"search ({sr['budget']}, {sr['optimize']}): {sr['trials']} trials, {sr['candidates']} recipes in "
+                     f"{sr['seconds']} s; chosen {sr['chosen']}")
+        if sr.get("no_pass_met_it"):
+            lines.append(f"  {sr['no_pass_met_it']}")
+        for split in ("search", "held_out"):
+            if sr.get(f"{split}_drops"):
+                lines.append(f"  drops on the {split.replace('_', '-')} split".ljust(38) + ", ".join(
+                    f"{k} {_fmt(v)}" for k, v in sr[f"{split}_drops"].items()))
     for p in report.get("passes", []):
         stats = ", ".join(f"{k}={_fmt(v)}" for k, v in p["stats"].items())
         lines.append(f"pass {p['name']}: {stats or 'no changes'}")

@@ -3,7 +3,7 @@ op: the canonical attention, TCA's sparse attention and its compacting cache, ST
 attention, the low-bit matmul and embedding, EdgeQAT's quantizers and the token scores; beside
 them the value taps that passes and calibration share."""
 from .registry import (OPS, OPSET, AttentionArgs, OpSpec, attention_spec, decompose, define_op, differentiable,
-                       kernel, onnx_translation_table, register_kernel, round_values, rounding_jitter, standardize)
+                       is_exact, kernel, onnx_translation_table, register_kernel, round_values, rounding_jitter, standardize)
 from .attention import ATTENTION, attention_reference, expand_kv
 from .gqa import CACHED_ATTENTION
 from .int8 import LINEAR_W8A8
@@ -15,6 +15,6 @@ from .tca import TCA, TCA_CACHE
 from .token_scores import TOKEN_SCORES
 
 __all__ = ["OPS", "OPSET", "AttentionArgs", "OpSpec", "attention_spec", "decompose", "define_op", "differentiable",
-           "kernel", "onnx_translation_table", "register_kernel", "round_values", "rounding_jitter", "standardize",
+           "is_exact", "kernel", "onnx_translation_table", "register_kernel", "round_values", "rounding_jitter", "standardize",
            "ATTENTION", "attention_reference", "expand_kv", "CACHED_ATTENTION", "LINEAR_W8A8", "BITS", "EMBEDDING_Q8", "MATMUL_NBITS", "ACT_QUANT",
            "LOW_TOKENS", "TOKEN_QUANT", "WEIGHT_QUANT", "STILL", "Tap", "TCA", "TCA_CACHE", "TOKEN_SCORES"]

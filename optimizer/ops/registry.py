@@ -131,6 +131,11 @@ def decompose(ep: torch.export.ExportedProgram, keep: Callable[[OpSpec], bool],
     return ep.run_decompositions(table) if table else ep
 
 
+def is_exact(graph) -> bool:
+    """Whether every tokopt op in the FX ``graph`` is exact (no rounding decisions)."""
+    return all(spec.is_exact(n) for n in graph.nodes for spec in OPS.values() if spec.matches(n))
+
+
 def standardize(model) -> dict[str, int]:
     """Rewrite every contrib-op lowering in ``model`` (onnx_ir) into standard ONNX."""
     counts = {spec.name: spec.standardize(model) for spec in OPS.values() if spec.standardize is not None}

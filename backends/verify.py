@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import TokoptError, UsageError
+from ..optimizer.errors import TokoptError, UsageError
 
 __all__ = ["verify", "format_verification", "compare"]
 
@@ -77,7 +77,7 @@ def _original(manifest: dict, feeds: list[dict]) -> tuple[list[list[np.ndarray]]
     """The original model's outputs on ``feeds``, or (None, why not)."""
     import torch
 
-    from .capture import capture
+    from ..optimizer.capture import capture
     path = manifest["source"].get("path")
     if not path or not Path(path).exists():
         return None, "the source model is not on disk here (the manifest names none, or it moved)"
@@ -96,9 +96,9 @@ def _original(manifest: dict, feeds: list[dict]) -> tuple[list[list[np.ndarray]]
 def verify(bundle, *, emulate: bool = False, texts: list[str] | None = None) -> dict:
     """Run ``bundle`` here (and on emulated ARM code with ``emulate``) and compare; see the module
     docstring. Returns a dict with "ok" (the emulated run agrees, where there is one)."""
-    from ..backends.targets import get_target
-    from .data import default_texts
-    from .runtime import load
+    from ..optimizer.data import default_texts
+    from ..optimizer.runtime import load
+    from .targets import get_target
     path = Path(bundle)
     runner = load(path)
     manifest = runner.manifest
@@ -121,8 +121,8 @@ def verify(bundle, *, emulate: bool = False, texts: list[str] | None = None) -> 
         here_vs_original = compare(original[0], here[0], names)
         result["original"] = {"vs_bundle_here": here_vs_original}
     if emulate:
-        from ..backends import emulate as emu
-        from ..backends.onnxruntime import bundle_model
+        from . import emulate as emu
+        from .onnxruntime import bundle_model
         outs, info = emu.run(path / bundle_model(manifest), feeds)
         rounding = manifest.get("rounding", True)
         vs_here = compare(here[0], outs[0], names)
