@@ -37,7 +37,7 @@ def _run(model, budgets: dict, length: int, args, work: Path) -> list[dict]:
     import tokopt
     from tokopt.optimizer.data import default_texts
     from tokopt.optimizer.report import time_calls
-    from tokopt.optimizer.search import Judge, _bench_feed, parse_budget
+    from tokopt.optimizer.search import Judge, bench_feed, parse_budget
     program = tokopt.capture(model)
     held = Judge(program, default_texts("eval")[:40], length=length)
     dense = tokopt.compile(model, out=work / "dense", measure=False, force=True).bundle
@@ -56,7 +56,7 @@ def _run(model, budgets: dict, length: int, args, work: Path) -> list[dict]:
         chosen = json.loads((found.bundle / "search.json").read_text())["chosen"]
         bundles["searched"] = (chosen["passes"], chosen["backend"], found.bundle)
         runners = {k: tokopt.load(b, threads=args.threads) for k, (_, _, b) in bundles.items()}
-        feed = held.feeds[0] if held.task == "causal-lm" else _bench_feed(held, length)
+        feed = bench_feed(held, length)
         times = {k: [] for k in runners}
         for _ in range(args.rounds):
             for k, r in runners.items():

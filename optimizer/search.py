@@ -269,9 +269,10 @@ def search(model, max_drop: str, *, out, optimize: str = "latency", search_time=
     work = Path(tempfile.mkdtemp(prefix="tokopt-search-"))
     study = new_study(space, seed)
     candidates: dict[tuple[str, str], dict] = {}
-    started = time.perf_counter()
+    started, done = time.perf_counter(), 0
     try:
-        while time.perf_counter() - started < budget_seconds and (trials is None or len(study.trials) < trials):
+        while time.perf_counter() - started < budget_seconds and (trials is None or done < trials):
+            done += 1   # (study.trials also lists the queued anchors)
             trial = study.ask()
             passes, be = space.recipe(trial)
             key = (passes, be)
@@ -296,7 +297,7 @@ def search(model, max_drop: str, *, out, optimize: str = "latency", search_time=
         for c in candidates.values():
             c.pop("_dir", None)
     record = {"budget": {"metric": budget.metric, "limit": budget.limit, "text": budget.text},
-              "optimize": optimize, "seed": seed, "seconds": round(searched, 1), "trials": len(study.trials),
+              "optimize": optimize, "seed": seed, "seconds": round(searched, 1), "trials": done,
               "search_split": f"{len(judge.feeds if program.task == 'encoder' else judge.feeds[0]['input_ids'])} "
                               f"{'passages' if program.task == 'encoder' else 'windows'} of the calibration text",
               "held_out_split": "the shipped evaluation passages",
@@ -331,7 +332,7 @@ def _evaluate(compile_one, load, time_calls, model, passes, backend, out, judge,
         drops = judge.drops(runner)
     except TokoptError as e:
         return {"error": str(e).splitlines()[0][:300], "seconds": round(time.perf_counter() - start, 1)}
-    feed = judge.feeds[0] if judge.task == "causal-lm" else _bench_feed(judge, length)
+    feed = bench_feed(judge, length)
     lat = time_calls(lambda: runner(**feed), runs)["median_ms"]
     keep = budget.ok(drops) or passes == "canonicalize"   # the no-pass recipe is within any budget
     if not keep:
@@ -340,8 +341,11 @@ def _evaluate(compile_one, load, time_calls, model, passes, backend, out, judge,
             "seconds": round(time.perf_counter() - start, 1), **({"_dir": str(out)} if keep else {})}
 
 
-def _bench_feed(judge, length: int) -> dict:
-    """One row of ``length`` tokens (the passages' tokens repeated): the latency feed."""
+def bench_feed(judge, length: int) -> dict:
+    """The latency feed: one row of ``length`` tokens (an LM's first window; an encoder's passages'
+    tokens repeated)."""
+    if judge.task == "causal-lm":
+        return {k: v[:1] for k, v in judge.feeds[0].items()}
     ids = np.concatenate([f["input_ids"][0] for f in judge.feeds])
     ids = np.resize(ids, length)[None].astype(np.int64)
     return {n: ids if n == "input_ids" else np.ones_like(ids) if n == "attention_mask" else np.zeros_like(ids)
@@ -362,7 +366,7 @@ def _choose(candidates: dict, budget: Budget, optimize: str, judge: Judge, held:
         close = [k for k in feasible if candidates[k][cost] <= 1.15 * best][:4]
         if len(close) > 1:
             runners = {k: load(candidates[k]["_dir"], threads=threads) for k in close}
-            feed = judge.feeds[0] if judge.task == "causal-lm" else _bench_feed(judge, length)
+            feed = bench_feed(judge, length)
             times = {k: [] for k in close}
             for _ in range(4):   # rounds: drift on this machine hits every candidate alike
                 for k, runner in runners.items():

@@ -83,9 +83,9 @@ def test_search_respects_the_budget_and_replays(tmp_path, tiny_encoder, capsys):
     some candidates meet and once with a zero budget: the first bundle's recipe is the smallest
     within the budget, within it on the held-out split too, and replays from recipe.yaml; the
     second is the no-pass bundle, saying how close a recipe with a pass came."""
-    kw = dict(optimize="size", search_trials=3, seed=3, backend="onnxruntime", bench_runs=3)
+    kw = dict(optimize="size", search_trials=3, seed=3, backend="onnxruntime", bench_runs=3, measure=False)
     a = tokopt.compile(tiny_encoder, out=tmp_path / "a", max_drop="cosine=0.05", **kw)
-    b = tokopt.compile(tiny_encoder, out=tmp_path / "b", max_drop="cosine=0", measure=False, **kw)
+    b = tokopt.compile(tiny_encoder, out=tmp_path / "b", max_drop="cosine=0", **kw)
     ra, rb = (json.loads((r.bundle / "search.json").read_text()) for r in (a, b))
     assert [c["passes"] for c in ra["candidates"]] == [c["passes"] for c in rb["candidates"]] == \
         ["canonicalize", "rsq:bits=8,act_bits=8", "rsq:bits=8,compute=int8"]
