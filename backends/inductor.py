@@ -32,7 +32,8 @@ from ..optimizer.errors import BackendError, BundleError
 from ..optimizer.program import Program
 from ..optimizer.report import time_lengths, verification_feeds
 from ..optimizer.runtime import Backend, Runner, register_backend
-from .onnxruntime import disagreement, export_baseline, is_exact, make_session, program_reference
+from ..optimizer.ops import is_exact
+from .onnxruntime import disagreement, export_baseline, make_session, program_reference
 from .targets import TARGETS, Target, get_target, host_arch
 from .triton import KERNELS, graph_ops, register_cuda_kernels
 
@@ -171,7 +172,7 @@ def _check_runs(program: Program, path: Path, device: str) -> None:
     closeness every backend's lowering is held to (``disagreement``), else a BackendError."""
     model = _load(path)
     why = disagreement(lambda feed: _call(model, device, program.input_names, feed), verification_feeds(program),
-                       program_reference(program), is_exact(program))
+                       program_reference(program), is_exact(program.graph))
     if why is not None:
         raise BackendError(f"the AOTInductor package does not reproduce the graph: {why}. This is a tokopt or "
                            "Inductor bug; use --backend onnxruntime, and report it.")

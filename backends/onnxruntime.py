@@ -16,8 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..optimizer.errors import BackendError, UsageError
-from ..optimizer.ops import OPSET, decompose, onnx_translation_table, rounding_jitter, standardize
-from ..optimizer.ops import is_exact as graph_is_exact
+from ..optimizer.ops import OPSET, decompose, is_exact, onnx_translation_table, rounding_jitter, standardize
 from ..optimizer.program import Program
 from ..optimizer.generation import with_positions
 from ..optimizer.report import time_lengths, verification_feeds
@@ -28,7 +27,7 @@ from .ort_options import DISABLED_OPTIMIZERS, session_options
 from .targets import Target, get_target, host_arch, host_providers
 
 __all__ = ["OnnxRuntimeBackend", "OnnxRuntimeRunner", "BoundDecoding", "export_onnx", "for_onnx", "export_baseline", "make_session",
-           "disagreement", "program_reference", "is_exact", "MODEL_FILE"]
+           "disagreement", "program_reference", "session_disagreement", "MODEL_FILE"]
 
 MODEL_FILE = "model.onnx"
 ORT_FILE = "model.ort"                       # ORT format (ORT Mobile, minimal builds)
@@ -97,9 +96,16 @@ def program_reference(program: Program):
     return reference
 
 
-def is_exact(program: Program) -> bool:
-    """Whether every tokopt op in the program is exact (no rounding decisions)."""
-    return graph_is_exact(program.graph)
+def session_disagreement(path: Path, feeds: list[dict], reference, exact: bool) -> str | None:
+    """``disagreement`` of the model file at ``path`` run by ONNX Runtime's CPU provider (each feed
+    cut to the inputs the graph reads), or why it does not even load."""
+    try:
+        session = make_session(path, ["CPUExecutionProvider"])
+    except BackendError as e:
+        return str(e)
+    names = {i.name for i in session.get_inputs()}
+    return disagreement(lambda feed: session.run(None, {k: v for k, v in feed.items() if k in names}),
+                        feeds, reference, exact)
 
 
 def _shapes(feed: dict) -> str:
@@ -179,7 +185,7 @@ def export_onnx(program: Program, path: Path, *, fusions: bool = True, standard:
     # have to be fed at every call; the runner feeds the graph only what it reads
     for value in [v for v in model.graph.inputs if not v.uses()]:
         model.graph.inputs.remove(value)
-    feeds, reference, exact = check_feeds or [], program_reference(program), is_exact(program)
+    feeds, reference, exact = check_feeds or [], program_reference(program), is_exact(program.graph)
 
     signed = {}
 
@@ -187,13 +193,7 @@ def export_onnx(program: Program, path: Path, *, fusions: bool = True, standard:
         if int8_activations == "int8":
             signed["int8_activations"] = signed_activations(candidate)
         _save(candidate, where)
-        try:
-            session = make_session(where, ["CPUExecutionProvider"])
-        except BackendError as e:  # it does not even load
-            return str(e)
-        names = {i.name for i in session.get_inputs()}
-        return disagreement(lambda feed: session.run(None, {k: v for k, v in feed.items() if k in names}),
-                            feeds, reference, exact)
+        return session_disagreement(where, feeds, reference, exact)
 
     rejected = None
     if fusions:
@@ -240,10 +240,7 @@ def write_ort_format(onnx_path: Path, feeds: list[dict], program: Program) -> di
                if line and not line.startswith("#")]
     (out / OPS_CONFIG).write_text(f"# the operators {ORT_FILE} needs: a minimal ONNX Runtime build takes this file "
                                   "(build.py --minimal_build --include_ops_by_config)\n" + "\n".join(ops) + "\n")
-    session = make_session(out / ORT_FILE, ["CPUExecutionProvider"])
-    names = {i.name for i in session.get_inputs()}
-    why = disagreement(lambda feed: session.run(None, {k: v for k, v in feed.items() if k in names}),
-                       feeds, program_reference(program), is_exact(program))
+    why = session_disagreement(out / ORT_FILE, feeds, program_reference(program), is_exact(program.graph))
     if why is not None:
         raise BackendError(f"the ORT-format model does not reproduce the graph: {why}. This is a tokopt bug; "
                            "rerun with --debug and report it.")

@@ -93,10 +93,10 @@ def _check_runs(program: Program, path: Path) -> None:
     fp32, and reproduces the program (where the graph's rounding decisions allow it: a graph
     of quantizers or rank cuts is only required to run): else a BackendError before shipping."""
     import torch
-    from ..optimizer.ops import OPS
+    from ..optimizer.ops import is_exact
     compiled = _compile(path, "CPU", "fp32", None)
     names = {i.get_any_name() for i in compiled.inputs}
-    exact = all(spec.is_exact(n) for n in program.graph.nodes for spec in OPS.values() if spec.matches(n))
+    exact = is_exact(program.graph)
     for feed in verification_feeds(program):
         shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in feed.items())
         try:

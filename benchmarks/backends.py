@@ -25,8 +25,8 @@ Inductor package) and for ONNX Runtime. Prints a table; writes bench-out/backend
 from __future__ import annotations
 
 import argparse
+import functools
 import json
-import statistics
 import tempfile
 import time
 import warnings
@@ -71,14 +71,11 @@ def _torch_peers(model_cls, model_dir) -> dict:
 
 
 def _time(runs: dict, feed: dict, rounds: int, calls: int) -> dict[str, float]:
-    from tokopt.optimizer.report import time_calls
+    from tokopt.optimizer.report import time_interleaved
     for run in runs.values():   # torch.compile builds at the first call of a shape: not timed
         run(feed)
-    times = {name: [] for name in runs}
-    for _ in range(rounds):
-        for name, run in runs.items():
-            times[name].append(time_calls(lambda run=run: run(feed), calls, warmup=1)["median_ms"])
-    return {name: statistics.median(v) for name, v in times.items()}
+    return time_interleaved({name: functools.partial(run, feed) for name, run in runs.items()}, calls, rounds,
+                            warmup=1)
 
 
 def minilm_part(args, work: Path) -> list[dict]:

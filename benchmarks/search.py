@@ -12,6 +12,7 @@ latency interleaved round by round at the search's length (MiniLM 128 tokens; th
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import tempfile
@@ -19,7 +20,6 @@ import time
 import warnings
 from pathlib import Path
 
-import numpy as np
 
 warnings.filterwarnings("ignore")
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,7 +36,7 @@ LM = {"ppl=2%": [("tca", "tca", "onnxruntime")], "ppl=5%": [("tca", "tca", "onnx
 def _run(model, budgets: dict, length: int, args, work: Path) -> list[dict]:
     import tokopt
     from tokopt.optimizer.data import default_texts
-    from tokopt.optimizer.report import time_calls
+    from tokopt.optimizer.report import time_interleaved
     from tokopt.optimizer.search import Judge, bench_feed, parse_budget
     program = tokopt.capture(model)
     held = Judge(program, default_texts("eval")[:40], length=length)
@@ -57,11 +57,8 @@ def _run(model, budgets: dict, length: int, args, work: Path) -> list[dict]:
         bundles["searched"] = (chosen["passes"], chosen["backend"], found.bundle)
         runners = {k: tokopt.load(b, threads=args.threads) for k, (_, _, b) in bundles.items()}
         feed = bench_feed(held, length)
-        times = {k: [] for k in runners}
-        for _ in range(args.rounds):
-            for k, r in runners.items():
-                times[k].append(time_calls(lambda r=r: r(**feed), max(2, args.runs // args.rounds))["median_ms"])
-        ms = {k: float(np.median(v)) for k, v in times.items()}
+        ms = time_interleaved({k: functools.partial(r, **feed) for k, r in runners.items()},
+                              max(2, args.runs // args.rounds), args.rounds)
         best_hand = min((label for label, _, _ in hands), key=lambda k: ms[k])
         for k, (passes, backend, _) in bundles.items():
             drops = held.drops(runners[k])

@@ -18,6 +18,7 @@ similarities. Speed at 128 and 256 tokens. Prints tables, writes bench-out/stack
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import tempfile
@@ -55,12 +56,9 @@ def _compile(model, specs: dict, work: Path, calib) -> tuple[dict, dict]:
 
 def _interleaved(sessions: dict, feed: dict, runs: int, rounds: int = 5) -> dict[str, float]:
     """Median ms per candidate; rounds of a few calls each, so drift hits every candidate alike."""
-    from tokopt.optimizer.report import time_calls
-    times = {name: [] for name in sessions}
-    for _ in range(rounds):
-        for name, s in sessions.items():
-            times[name].append(time_calls(lambda s=s: s.run(None, feed), max(1, runs // rounds), warmup=1)["median_ms"])
-    return {name: float(np.median(t)) for name, t in times.items()}
+    from tokopt.optimizer.report import time_interleaved
+    return time_interleaved({name: functools.partial(s.run, None, feed) for name, s in sessions.items()},
+                            max(1, runs // rounds), rounds, warmup=1)
 
 
 def _perplexity(session, windows: list[np.ndarray]) -> float:

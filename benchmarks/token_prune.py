@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tokopt.optimizer.search import spearman  # noqa: F401  (also the measure stacks.py and peers.py import from here)
+
 warnings.filterwarnings("ignore")
 
 SCHEDULES = [
@@ -44,11 +46,6 @@ SCHEDULES = [
     "token_prune:schedule=0.7@0/0.7@2,score=cls",
     "token_prune:schedule=0.5@0/0.5@2,score=mean",
 ]
-
-
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    ra, rb = a.argsort().argsort().astype(float), b.argsort().argsort().astype(float)
-    return float(np.corrcoef(ra, rb)[0, 1])
 
 
 def embeddings(run, tok, texts, names) -> np.ndarray:

@@ -221,6 +221,16 @@ def time_calls(fn, runs: int, warmup: int = 2, settle: float = 0.05) -> dict:
             "runs": runs}
 
 
+def time_interleaved(calls: dict, per_round: int, rounds: int, warmup: int = 2) -> dict[str, float]:
+    """Median ms of each zero-argument call in ``calls``, timed in ``rounds`` rounds of ``per_round``
+    calls each, every candidate in every round, so this machine's drift hits them alike."""
+    times = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, fn in calls.items():
+            times[name].append(time_calls(fn, per_round, warmup=warmup)["median_ms"])
+    return {name: float(statistics.median(t)) for name, t in times.items()}
+
+
 def time_lengths(program: Program, lengths: list[int], runs: int, ours, baseline, baseline_bytes: int,
                  others: dict | None = None, **fields) -> list[dict]:
     """The report's latency entries: at each length, on one feed (``bench_inputs``) in one run,

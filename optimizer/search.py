@@ -26,6 +26,7 @@ KL at most K nats; ``top1=A%`` next-token top-1 agreement at least A% (causal LM
 """
 from __future__ import annotations
 
+import functools
 import re
 import shutil
 import tempfile
@@ -36,8 +37,11 @@ from pathlib import Path
 import numpy as np
 
 from .errors import TokoptError, UsageError, did_you_mean
+from .report import time_calls, time_interleaved
+from .runtime import load
 
-__all__ = ["Budget", "parse_budget", "parse_duration", "search", "new_study", "Space", "METRICS", "format_front"]
+__all__ = ["Budget", "parse_budget", "parse_duration", "search", "new_study", "Space", "METRICS", "format_front",
+           "spearman", "bench_feed"]
 
 
 @dataclass(frozen=True)
@@ -140,7 +144,7 @@ class Judge:
             b = _unit(np.stack([g[0].mean(0) for g in got]))   # pruned bundles: the kept tokens
             cos = float((a * b).sum(1).mean())
             iu = np.triu_indices(len(a), 1)
-            return {"cosine": 1 - cos, "spearman": 1 - _spearman((a @ a.T)[iu], (b @ b.T)[iu])}
+            return {"cosine": 1 - cos, "spearman": 1 - spearman((a @ a.T)[iu], (b @ b.T)[iu])}
         ref, new = self.reference[0], got[0]
         lp, lq = _log_softmax(ref), _log_softmax(new)
         ids = self.feeds[0]["input_ids"][:, 1:, None]
@@ -153,7 +157,8 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman's rank correlation of two 1-D arrays (ties broken by position)."""
     ra, rb = a.argsort().argsort().astype(float), b.argsort().argsort().astype(float)
     return float(np.corrcoef(ra, rb)[0, 1]) if len(a) > 1 else 1.0
 
@@ -245,10 +250,8 @@ def search(model, max_drop: str, *, out, optimize: str = "latency", search_time=
 
     from .bundle import check_out
     from .capture import capture
-    from .compile import compile as compile_one
+    from .compile import compile as compile_one   # compile() calls search(): imported here
     from .data import default_texts
-    from .report import time_calls
-    from .runtime import load
     if optimize not in ("latency", "size"):
         raise UsageError(f"--optimize {optimize!r}: use latency or size.")
     if trials is not None and trials < 1:
@@ -277,8 +280,8 @@ def search(model, max_drop: str, *, out, optimize: str = "latency", search_time=
             passes, be = space.recipe(trial)
             key = (passes, be)
             if key not in candidates:
-                candidates[key] = _evaluate(compile_one, load, time_calls, model, passes, be, work / f"c{len(candidates)}",
-                                            judge, budget, target, calib, bench_len, bench_runs, threads, compile_kw)
+                candidates[key] = _evaluate(compile_one, model, passes, be, work / f"c{len(candidates)}", judge, budget,
+                                            target, calib, bench_len, bench_runs, threads, compile_kw)
                 c = candidates[key]
                 say(f"tokopt: search {len(candidates)}: {be} {passes}: "
                     + (f"error: {c['error']}" if "error" in c else
@@ -290,8 +293,7 @@ def search(model, max_drop: str, *, out, optimize: str = "latency", search_time=
                 continue
             trial.set_user_attr("excess", c["drops"][budget.metric] - budget.limit)
             study.tell(trial, [c["latency_ms"] if optimize == "latency" else c["size_bytes"], c["drops"][budget.metric]])
-        chosen, timing = _choose(candidates, budget, optimize, judge, held, load, time_calls, bench_len, bench_runs,
-                                 threads)
+        chosen, timing = _choose(candidates, budget, optimize, judge, held, bench_len, bench_runs, threads)
     finally:
         searched = time.perf_counter() - started
         for c in candidates.values():
@@ -318,8 +320,8 @@ def search(model, max_drop: str, *, out, optimize: str = "latency", search_time=
     return result
 
 
-def _evaluate(compile_one, load, time_calls, model, passes, backend, out, judge, budget, target, calib, length, runs,
-              threads, compile_kw) -> dict:
+def _evaluate(compile_one, model, passes, backend, out, judge, budget, target, calib, length, runs, threads,
+              compile_kw) -> dict:
     """One candidate: compiled (not measured), its drops on the search split, its latency at
     ``length`` tokens and its size; its bundle kept (``_dir``) where it is within the budget."""
     start = time.perf_counter()
@@ -352,8 +354,8 @@ def bench_feed(judge, length: int) -> dict:
             for n in judge.names}
 
 
-def _choose(candidates: dict, budget: Budget, optimize: str, judge: Judge, held: Judge, load, time_calls,
-            length: int, runs: int, threads):
+def _choose(candidates: dict, budget: Budget, optimize: str, judge: Judge, held: Judge, length: int, runs: int,
+            threads):
     """The chosen (passes, backend): the feasible candidates within 15% of the best are retimed
     interleaved (for latency), then the first of them in order that meets the budget on the
     held-out split; the no-pass recipe where none does."""
@@ -365,14 +367,11 @@ def _choose(candidates: dict, budget: Budget, optimize: str, judge: Judge, held:
         best = candidates[feasible[0]][cost]
         close = [k for k in feasible if candidates[k][cost] <= 1.15 * best][:4]
         if len(close) > 1:
-            runners = {k: load(candidates[k]["_dir"], threads=threads) for k in close}
             feed = bench_feed(judge, length)
-            times = {k: [] for k in close}
-            for _ in range(4):   # rounds: drift on this machine hits every candidate alike
-                for k, runner in runners.items():
-                    times[k].append(time_calls(lambda: runner(**feed), max(2, runs // 4))["median_ms"])
-            timing = {f"{k[1]}: {k[0]}": float(np.median(v)) for k, v in times.items()}
-            close.sort(key=lambda k: float(np.median(times[k])))
+            ms = time_interleaved({k: functools.partial(load(candidates[k]["_dir"], threads=threads), **feed)
+                                   for k in close}, max(2, runs // 4), rounds=4)
+            timing = {f"{k[1]}: {k[0]}": v for k, v in ms.items()}
+            close.sort(key=ms.get)
             feasible = close + [k for k in feasible if k not in close]
     for key in feasible:
         c = candidates[key]
