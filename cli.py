@@ -46,7 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--trust-pickle", action="store_true", help="allow .bin/.pt pickle weights")
     c.add_argument("--attn", choices=("sdpa", "eager"), default="sdpa", help="attention implementation to load")
     c.add_argument("--no-measure", action="store_true", help="skip the quality and latency report")
-    c.add_argument("--bench-runs", type=int, default=20)
+    c.add_argument("--bench-runs", type=int, default=20, help="calls timed per candidate and length, at most")
+    c.add_argument("--max-memory", metavar="SIZE", help="memory the compile may hold, e.g. 16GB (default: what is "
+                   "available); a model that cannot fit is refused before it is read")
+    c.add_argument("--bench-time", type=float, default=10.0, metavar="SECONDS",
+                   help="stop timing a candidate after this many seconds of calls (at least 3 calls)")
     c.add_argument("--bench-len", type=int, default=128, help="tokens per sequence for the latency probe")
     c.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
     c.add_argument("--generate", action="store_true",
@@ -103,7 +107,7 @@ def _cmd_compile(args) -> int:
         args.model, out=out, passes=args.passes, recipe=args.recipe, backend=args.backend, target=args.target,
         calib=args.calib, force=args.force, verify_each=args.verify_each, seq_len=args.seq_len,
         max_seq_len=args.max_seq_len, trust_pickle=args.trust_pickle, attn_implementation=args.attn,
-        measure=not args.no_measure, bench_runs=args.bench_runs, bench_len=args.bench_len,
+        measure=not args.no_measure, bench_runs=args.bench_runs, bench_time=args.bench_time, max_memory=args.max_memory, bench_len=args.bench_len,
         threads=args.threads, generate=args.generate, progress=not (args.quiet or args.json),
         precision=args.precision, max_drop=args.max_drop, optimize=args.optimize, search_time=args.search_time,
         search_trials=args.search_trials, seed=args.seed)

@@ -30,7 +30,7 @@ import numpy as np
 
 from ..optimizer.errors import BackendError, BundleError
 from ..optimizer.program import Program
-from ..optimizer.report import time_lengths, verification_feeds
+from ..optimizer.report import Bench, time_lengths, verification_feeds
 from ..optimizer.runtime import Backend, Runner, register_backend
 from ..optimizer.ops import is_exact
 from .onnxruntime import disagreement, export_baseline, make_session, program_reference
@@ -220,7 +220,7 @@ class InductorBackend(Backend):
                 "qlinear_pointwise")}
         return info
 
-    def latency(self, captured: Program, bundle_dir: Path, target: Target, runs: int, lengths: list[int],
+    def latency(self, captured: Program, bundle_dir: Path, target: Target, bench: Bench, lengths: list[int],
                 threads: int | None, manifest: dict) -> list[dict]:
         """The bundle against the no-pass program through the same backend (AOTInductor of the plain
         export; Inductor's cache makes it cheap after the first time) and against ONNX Runtime's
@@ -228,16 +228,17 @@ class InductorBackend(Backend):
         import tempfile
         device = manifest["lowering"]["device"]
         ours = InductorRunner(bundle_dir, manifest, threads=threads)
-        with tempfile.TemporaryDirectory() as tmp:
-            _package(graph_for(captured, device), Path(tmp) / MODEL_FILE)
-            base = _load(Path(tmp) / MODEL_FILE)
-            size = (Path(tmp) / MODEL_FILE).stat().st_size
-            if device == "cpu":
-                export_baseline(captured, Path(tmp) / "baseline.onnx")
-                ort = make_session(Path(tmp) / "baseline.onnx", ["CPUExecutionProvider"], threads)
-        return time_lengths(captured, lengths, runs,
+        base = size = ort = None
+        if bench.baseline:
+            with tempfile.TemporaryDirectory() as tmp:
+                _package(graph_for(captured, device), Path(tmp) / MODEL_FILE)
+                base = _load(Path(tmp) / MODEL_FILE)
+                size = (Path(tmp) / MODEL_FILE).stat().st_size
+                if device == "cpu":
+                    export_baseline(captured, Path(tmp) / "baseline.onnx")
+                    ort = make_session(Path(tmp) / "baseline.onnx", ["CPUExecutionProvider"], threads)
+        return time_lengths(captured, lengths, bench,
                             ours=lambda feed: functools.partial(ours._run, ours._feed(feed)),
-                            baseline=lambda feed: lambda: _call(base, device, captured.input_names, feed),
+                            baseline=None if base is None else (lambda feed: lambda: _call(base, device, captured.input_names, feed)),
                             baseline_bytes=size, threads=threads, device=device,
-                            others={"onnxruntime": lambda feed: lambda: ort.run(None, feed)} if device == "cpu"
-                            else None)
+                            others={"onnxruntime": lambda feed: lambda: ort.run(None, feed)} if ort else None)

@@ -18,8 +18,9 @@ import numpy as np
 from ..optimizer.errors import BackendError, UsageError
 from ..optimizer.ops import OPSET, decompose, is_exact, onnx_translation_table, rounding_jitter, standardize
 from ..optimizer.program import Program
+from ..optimizer.resources import page_out
 from ..optimizer.generation import with_positions
-from ..optimizer.report import time_lengths, verification_feeds
+from ..optimizer.report import Bench, time_lengths, verification_feeds
 from ..optimizer.runtime import Backend, Runner, register_backend
 from .decoder import decoder_feeds, lower_decoder
 from .onnx_shapes import static_reshapes
@@ -32,7 +33,7 @@ __all__ = ["OnnxRuntimeBackend", "OnnxRuntimeRunner", "BoundDecoding", "export_o
 MODEL_FILE = "model.onnx"
 ORT_FILE = "model.ort"                       # ORT format (ORT Mobile, minimal builds)
 OPS_CONFIG = "required_operators.config"
-_TWO_GB = 2 * 1024 ** 3
+EXTERNAL_BYTES = 256 * 2**20    # larger models keep their weights beside the graph
 # relative nudges of the reference's rounding inputs: float noise between kernels as the reference
 # sees it (one nudge may happen to flip nothing; a deep int8 graph's kernels differ by up to 1e-5)
 ROUNDING_NUDGES = (1e-6, 1e-5)
@@ -46,11 +47,14 @@ def _quiet():
 
 
 def _save(model, path: Path) -> None:
+    """Weights above ``EXTERNAL_BYTES`` go to ``model.onnx.data``, written tensor by tensor (no
+    serialized copy of them in memory) at 64 KiB-aligned offsets, which ONNX Runtime maps instead of
+    reading."""
     import onnx_ir as ir
     size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if size > _TWO_GB:
-        ir.save(model, path, external_data=path.name + ".data")
+    if size > EXTERNAL_BYTES:
+        ir.save(model, path, external_data=path.name + ".data", alignment=65536)
     else:
         ir.save(model, path)
 
@@ -94,6 +98,15 @@ def program_reference(program: Program):
             out = program.run({k: torch.from_numpy(v) for k, v in feed.items()})
         return [out[n].numpy() for n in program.output_names]
     return reference
+
+
+def _computed(reference, feeds: list[dict], exact: bool):
+    """``reference`` (see ``program_reference``) evaluated now on ``feeds`` (with the nudges
+    ``disagreement`` asks for where not ``exact``), so torch's weights can leave memory before a
+    runtime loads its own copy to be checked against it."""
+    nudges = (0.0,) if exact else (0.0, *ROUNDING_NUDGES)
+    table = {id(feed): {eps: reference(feed, eps) for eps in nudges} for feed in feeds}
+    return lambda feed, nudge=0.0: table[id(feed)][nudge]
 
 
 def session_disagreement(path: Path, feeds: list[dict], reference, exact: bool) -> str | None:
@@ -168,8 +181,52 @@ def export_onnx(program: Program, path: Path, *, fusions: bool = True, standard:
     ``GatherBlockQuantized`` as they are. ``primitive``: see ``for_onnx``. ``int8_activations="int8"``
     re-encodes W8A8's activations as int8 (``signed_activations``; ARM). Returns {"fusions": counts}
     or {"fusions_rejected": reason}, with {"int8_activations": count} where it re-encoded some."""
-    import onnx_ir as ir
     import onnxscript.optimizer
+    model = _torch_export(program, primitive)
+    feeds, exact = check_feeds or [], is_exact(program.graph)
+    reference = _computed(program_reference(program), feeds, exact)
+
+    signed = {}
+
+    def save(candidate, where: Path) -> None:
+        if int8_activations == "int8":
+            signed["int8_activations"] = signed_activations(candidate)
+        _save(candidate, where)
+
+    # each candidate is dropped once saved: its folded weights (transposed linears) are then on disk,
+    # not in memory beside the copy ONNX Runtime loads to check it
+    rejected = None
+    if fusions:
+        from onnxscript.rewriter import ort_fusions
+        model, fused = ort_fusions.optimize_for_ort(model)
+        static_reshapes(model)
+        with tempfile.TemporaryDirectory() as tmp:
+            save(model, Path(tmp) / path.name)
+            model = None
+            page_out(program)
+            rejected = session_disagreement(Path(tmp) / path.name, feeds, reference, exact)
+            if rejected is None:
+                for f in Path(tmp).iterdir():
+                    shutil.move(str(f), path.parent / f.name)
+                return {"fusions": {k: v for k, v in fused.items() if v}, **_nonzero(signed)}
+        model = _torch_export(program, primitive)   # again rather than a copy kept: the weights once in memory
+    onnxscript.optimizer.optimize(model)
+    static_reshapes(model)
+    standardized = standardize(model) if (not fusions if standard is None else standard) else {}
+    save(model, path)
+    del model
+    page_out(program)
+    why = session_disagreement(path, feeds, reference, exact)
+    if why is not None:
+        raise BackendError(f"the ONNX lowering does not reproduce the graph: {why}. This is a tokopt "
+                           "bug; rerun with --debug and report it.")
+    if rejected is not None:
+        return {"fusions_rejected": rejected, **_nonzero(signed)}
+    return {"fusions": {}, **({"standardized": standardized} if standardized else {}), **_nonzero(signed)}
+
+
+def _torch_export(program: Program, primitive: dict | None):
+    """``program`` as an onnx_ir model, every input it reads (see ``export_onnx``)."""
     import torch
     try:
         with _quiet():
@@ -185,39 +242,7 @@ def export_onnx(program: Program, path: Path, *, fusions: bool = True, standard:
     # have to be fed at every call; the runner feeds the graph only what it reads
     for value in [v for v in model.graph.inputs if not v.uses()]:
         model.graph.inputs.remove(value)
-    feeds, reference, exact = check_feeds or [], program_reference(program), is_exact(program.graph)
-
-    signed = {}
-
-    def check(candidate, where: Path) -> str | None:
-        if int8_activations == "int8":
-            signed["int8_activations"] = signed_activations(candidate)
-        _save(candidate, where)
-        return session_disagreement(where, feeds, reference, exact)
-
-    rejected = None
-    if fusions:
-        from onnxscript.rewriter import ort_fusions
-        plain = ir.from_proto(ir.to_proto(model))   # kept for when the fused graph is refused
-        fused_model, fused = ort_fusions.optimize_for_ort(model)
-        static_reshapes(fused_model)
-        with tempfile.TemporaryDirectory() as tmp:
-            rejected = check(fused_model, Path(tmp) / path.name)
-            if rejected is None:
-                for f in Path(tmp).iterdir():
-                    shutil.move(str(f), path.parent / f.name)
-                return {"fusions": {k: v for k, v in fused.items() if v}, **_nonzero(signed)}
-        model = plain
-    onnxscript.optimizer.optimize(model)
-    static_reshapes(model)
-    standardized = standardize(model) if (not fusions if standard is None else standard) else {}
-    why = check(model, path)
-    if why is not None:
-        raise BackendError(f"the ONNX lowering does not reproduce the graph: {why}. This is a tokopt "
-                           "bug; rerun with --debug and report it.")
-    if rejected is not None:
-        return {"fusions_rejected": rejected, **_nonzero(signed)}
-    return {"fusions": {}, **({"standardized": standardized} if standardized else {}), **_nonzero(signed)}
+    return model
 
 
 def _nonzero(counts: dict) -> dict:
@@ -254,8 +279,9 @@ def export_baseline(program: Program, path: Path) -> None:
     import torch
     try:
         with _quiet():
-            torch.onnx.export(program.ep, dynamo=True, verbose=False, input_names=program.input_names,
-                              output_names=program.output_names).save(str(path))
+            onnx_program = torch.onnx.export(program.ep, dynamo=True, verbose=False, input_names=program.input_names,
+                                             output_names=program.output_names)
+        _save(onnx_program.model, path)
     except Exception as e:
         raise BackendError(f"the baseline torch.onnx.export failed: {str(e).strip().splitlines()[0]}") from e
 
@@ -369,24 +395,26 @@ class OnnxRuntimeBackend(Backend):
             lowered.update(write_ort_format(out_dir / MODEL_FILE, feeds, program))
         return lowered
 
-    def latency(self, captured: Program, bundle_dir: Path, target: Target, runs: int, lengths: list[int],
+    def latency(self, captured: Program, bundle_dir: Path, target: Target, bench: Bench, lengths: list[int],
                 threads: int | None, manifest: dict | None = None) -> list[dict]:
         """Median/p90 of the bundle and of the plain-export baseline at each length: same feed,
         same run."""
         providers, _ = host_providers(target)
         if target.gpu and providers[0] == "CPUExecutionProvider":
             return None   # an edge GPU's latency is not this CPU's
-        with tempfile.TemporaryDirectory() as tmp:
-            base_path = Path(tmp) / "baseline.onnx"
-            export_baseline(captured, base_path)
-            base = make_session(base_path, providers, threads)
-            size = sum(p.stat().st_size for p in Path(tmp).iterdir())
+        base, size = None, None
+        if bench.baseline:
+            with tempfile.TemporaryDirectory() as tmp:
+                base_path = Path(tmp) / "baseline.onnx"
+                export_baseline(captured, base_path)
+                base = make_session(base_path, providers, threads)
+                size = sum(p.stat().st_size for p in Path(tmp).iterdir())
         ours = make_session(bundle_dir / bundle_model(manifest), providers, threads)
         names = [i.name for i in ours.get_inputs()]
 
         def own(feed):
             fed = {k: v for k, v in with_positions(feed, names).items() if k in names}
             return lambda: ours.run(None, fed)
-        return time_lengths(captured, lengths, runs, ours=own, baseline=lambda feed: lambda: base.run(None, feed),
+        return time_lengths(captured, lengths, bench, ours=own,
+                            baseline=None if base is None else (lambda feed: lambda: base.run(None, feed)),
                             baseline_bytes=size, threads=threads, providers=providers)
-

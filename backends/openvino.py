@@ -25,7 +25,7 @@ import numpy as np
 
 from ..optimizer.errors import BackendError, UsageError
 from ..optimizer.program import Program
-from ..optimizer.report import time_lengths, verification_feeds
+from ..optimizer.report import Bench, time_lengths, verification_feeds
 from ..optimizer.runtime import Backend, Runner, register_backend
 from .onnxruntime import export_baseline, export_onnx
 from .targets import TARGETS, Target, get_target
@@ -150,8 +150,8 @@ class OpenVinoBackend(Backend):
             onnx_path = Path(tmp) / "model.onnx"
             # low-bit weights stay MatMulNBits / GatherBlockQuantized, which OpenVINO's ONNX frontend
             # turns into compressed-weight kernels (its frontend has no blocked DequantizeLinear-23)
-            info = export_onnx(program, onnx_path, fusions=False, standard=False,
-                               check_feeds=verification_feeds(program))
+            export_onnx(program, onnx_path, fusions=False, standard=False,
+                        check_feeds=verification_feeds(program))
             try:
                 model = ov.convert_model(str(onnx_path))
             except Exception as e:  # the converter's messages name the op it has no rule for
@@ -161,24 +161,25 @@ class OpenVinoBackend(Backend):
         hint = _hint(ov, ov.Core(), target.openvino_device, precision)
         return {"model": MODEL_FILE, "device": target.openvino_device, "precision": hint["precision"]}
 
-    def latency(self, captured: Program, bundle_dir: Path, target: Target, runs: int, lengths: list[int],
+    def latency(self, captured: Program, bundle_dir: Path, target: Target, bench: Bench, lengths: list[int],
                 threads: int | None, manifest: dict) -> list[dict]:
         """The bundle against what a user gets from OpenVINO alone: ``ov.convert_model`` of the
         plain ``torch.onnx.export``, OpenVINO's default precision; same feed, same run, at each length."""
         ov = require_openvino()
         lowering = manifest["lowering"]
         ours = _compile(bundle_dir / MODEL_FILE, lowering["device"], lowering["precision"], threads)
-        with tempfile.TemporaryDirectory() as tmp:
-            export_baseline(captured, Path(tmp) / "baseline.onnx")
-            core = ov.Core()
-            base = core.compile_model(ov.convert_model(str(Path(tmp) / "baseline.onnx")), lowering["device"],
-                                      {ov.properties.inference_num_threads: threads} if threads else {})
-            size = sum(p.stat().st_size for p in Path(tmp).iterdir())
+        plain, size = None, None
+        if bench.baseline:
+            with tempfile.TemporaryDirectory() as tmp:
+                export_baseline(captured, Path(tmp) / "baseline.onnx")
+                core = ov.Core()
+                base = core.compile_model(ov.convert_model(str(Path(tmp) / "baseline.onnx")), lowering["device"],
+                                          {ov.properties.inference_num_threads: threads} if threads else {})
+                size = sum(p.stat().st_size for p in Path(tmp).iterdir())
+            plain = base.create_infer_request()
         names = {i.get_any_name() for i in ours.inputs}
         own = ours.create_infer_request()
-        plain = base.create_infer_request()
-        return time_lengths(captured, lengths, runs,
+        return time_lengths(captured, lengths, bench,
                             ours=lambda feed: lambda: own.infer({k: v for k, v in feed.items() if k in names}),
-                            baseline=lambda feed: lambda: plain.infer(feed), baseline_bytes=size,
+                            baseline=None if plain is None else (lambda feed: lambda: plain.infer(feed)), baseline_bytes=size,
                             threads=threads, device=lowering["device"], precision=lowering["precision"])
-

@@ -25,6 +25,7 @@ from torch.export import Dim
 from .errors import CaptureError, UnsupportedModelError, UsageError
 from .generation import GenerateEntry, cache_spec, example_feed
 from .program import Program
+from .resources import check_fits, checkpoint_bytes
 
 __all__ = ["capture", "sha256_files", "DEFAULT_SEQ_LEN"]
 
@@ -253,7 +254,7 @@ def _task(model, cls_name: str) -> str:
 
 
 def _from_hf_folder(folder: Path, *, seq_len: int, max_seq_len: int | None, trust_pickle: bool,
-                    attn_implementation: str, generate: bool = False) -> Program:
+                    attn_implementation: str, generate: bool = False, max_memory: int | None = None) -> Program:
     cfg_path = folder / "config.json"
     if not cfg_path.exists():
         raise CaptureError(f"{folder} has no config.json, so it is not a Hugging Face model "
@@ -263,6 +264,9 @@ def _from_hf_folder(folder: Path, *, seq_len: int, max_seq_len: int | None, trus
     except json.JSONDecodeError as e:
         raise CaptureError(f"{cfg_path} is not valid JSON ({e}). Restore the file.") from e
     weights = _check_weights(folder, trust_pickle)
+    if weights[0].suffix == ".safetensors":
+        stored, as_fp32 = checkpoint_bytes(weights)
+        check_fits(as_fp32, stored != as_fp32, max_memory, str(folder))
     import transformers
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
@@ -273,8 +277,12 @@ def _from_hf_folder(folder: Path, *, seq_len: int, max_seq_len: int | None, trus
                                     f"({str(e).splitlines()[0]}). Upgrade transformers or use a "
                                     "supported architecture.") from e
     cls = _model_class(config, folder)
+    stored = getattr(config, "dtype", None)
+    stored = stored if isinstance(stored, torch.dtype) else torch.float32
     try:
-        model = cls.from_pretrained(folder, local_files_only=True, attn_implementation=attn_implementation)
+        # half-precision checkpoints become fp32: the lowering's check and the CPU targets run fp32 kernels
+        model = cls.from_pretrained(folder, local_files_only=True, attn_implementation=attn_implementation,
+                                    dtype=torch.float32)
     except Exception as e:
         raise CaptureError(f"{folder}: loading the weights into {cls.__name__} failed "
                            f"({str(e).strip().splitlines()[0]}). Check that the weights belong "
@@ -290,7 +298,8 @@ def _from_hf_folder(folder: Path, *, seq_len: int, max_seq_len: int | None, trus
     tok = folder if any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json",
                                                         "vocab.txt")) else None
     source = {"kind": "hf-folder", "path": str(folder.resolve()), "class": cls.__name__,
-              "sha256": sha256_files(weights), "attn_implementation": attn_implementation}
+              "sha256": sha256_files(weights), "attn_implementation": attn_implementation,
+              **({"converted": f"{str(stored).removeprefix('torch.')} -> float32"} if stored != torch.float32 else {})}
     if generate:
         _require_causal_lm(model, str(folder))
         return _generate_program(model, source=source, max_len=max_len, tokenizer_dir=str(tok) if tok else None)
@@ -364,9 +373,11 @@ def _from_callable(spec: str, **kw) -> Program:
 
 def capture(source, example_inputs=None, *, seq_len: int = DEFAULT_SEQ_LEN, max_seq_len: int | None = None,
             trust_pickle: bool = False, attn_implementation: str = "sdpa",
-            dynamic_axes: dict[str, dict[int, str]] | None = None, generate: bool = False) -> Program:
+            dynamic_axes: dict[str, dict[int, str]] | None = None, generate: bool = False,
+            max_memory: int | None = None) -> Program:
     """Capture ``source`` into a Program (see the module docstring for the accepted sources).
-    With ``generate``, a causal LM becomes the prefill/decode graph with a KV cache."""
+    With ``generate``, a causal LM becomes the prefill/decode graph with a KV cache. A folder whose
+    compile would not fit ``max_memory`` bytes (default: the memory available) is refused unread."""
     if isinstance(source, torch.export.ExportedProgram):
         raise UsageError("pass a saved .pt2 path (torch.export.save), not an ExportedProgram object.")
     if isinstance(source, torch.nn.Module) and generate:
@@ -390,7 +401,7 @@ def capture(source, example_inputs=None, *, seq_len: int = DEFAULT_SEQ_LEN, max_
         return _from_pt2(path)
     if path.is_dir():
         return _from_hf_folder(path, seq_len=seq_len, max_seq_len=max_seq_len, trust_pickle=trust_pickle,
-                               attn_implementation=attn_implementation, generate=generate)
+                               attn_implementation=attn_implementation, generate=generate, max_memory=max_memory)
     if ":" in text and not path.exists() and not text.startswith((".", "/")):
         return _from_callable(text, seq_len=seq_len, max_seq_len=max_seq_len, generate=generate)
     if path.exists():

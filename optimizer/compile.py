@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,11 +21,13 @@ from .generation import CacheSpec, example_feed
 from .ops import is_exact
 from .pass_manager import PassManager, PassSpec, load_recipe, parse_pass_spec, plan
 from .program import Program
-from .report import format_report, generation_prompts, generation_quality, probe_inputs, quality, quality_rows
+from .resources import PEAK_SOURCE, check_disk, page_out, parse_bytes, stage, weights_bytes
+from .report import Bench, format_report, generation_prompts, generation_quality, probe_inputs, quality, quality_rows
 from .runtime import check_threads, get_backend
 
 __all__ = ["compile", "CompileResult", "io_spec", "plan_passes"]
 
+LARGE_BYTES = 2**30   # above, the report times the bundle alone and probes fewer rows (see _measure)
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
                     "merges.txt", "vocab.json", "tokenizer.model", "added_tokens.json")
 
@@ -41,28 +41,6 @@ class CompileResult:
 
     def __str__(self) -> str:
         return format_report(self.report)
-
-
-class _Progress:
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
-
-    def step(self, what: str):
-        if self.enabled:
-            print(f"tokopt: {what} ...", file=sys.stderr, flush=True)
-        return _Timer(self.enabled)
-
-
-class _Timer:
-    def __init__(self, enabled):
-        self.enabled, self.t = enabled, time.perf_counter()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        if self.enabled and exc[0] is None:
-            print(f"tokopt:   done in {time.perf_counter() - self.t:.1f} s", file=sys.stderr, flush=True)
 
 
 def plan_passes(passes=None, recipe=None) -> list[PassSpec]:
@@ -122,9 +100,10 @@ def compile(model, example_inputs=None, *, out=None, passes=None, recipe=None, b
             target: str = "x86-cpu", calib=None, force: bool = False, verify_each: bool = False,
             seq_len: int = DEFAULT_SEQ_LEN, max_seq_len: int | None = None, trust_pickle: bool = False,
             attn_implementation: str = "sdpa", measure: bool = True, bench_runs: int = 20,
-            bench_len: int = 128, threads: int | None = None, texts: list[str] | None = None,
+            bench_time: float | None = 10.0, bench_len: int = 128, threads: int | None = None, texts: list[str] | None = None,
             generate: bool = False, progress: bool = False, precision: str = "auto", max_drop: str | None = None,
             optimize: str = "latency", search_time="20m", search_trials: int | None = None, seed: int = 0,
+            max_memory: str | int | None = None,
             extra_files: dict | None = None, extra_report: dict | None = None) -> CompileResult:
     """Compile ``model`` into a bundle at ``out`` and measure it. See ``tokopt compile --help``.
     With ``generate``, a causal LM is compiled as one prefill/decode graph with a KV cache and
@@ -142,7 +121,7 @@ def compile(model, example_inputs=None, *, out=None, passes=None, recipe=None, b
                       max_seq_len=max_seq_len, trust_pickle=trust_pickle, attn_implementation=attn_implementation,
                       generate=generate, precision=precision)
     backend = backend or "onnxruntime"
-    progress_ = _Progress(progress)
+    stages: list[dict] = []
     the_plan = plan(plan_passes(passes, recipe), generate=generate)
     pass_list = the_plan.passes
     be = get_backend(backend)
@@ -156,20 +135,27 @@ def compile(model, example_inputs=None, *, out=None, passes=None, recipe=None, b
     if measure and (bench_runs < 1 or bench_len < 1):
         raise UsageError(f"bench_runs={bench_runs}, bench_len={bench_len}: both must be at least 1 "
                          "(--no-measure skips the measurement).")
+    if measure and bench_time is not None and not bench_time > 0:
+        raise UsageError(f"--bench-time {bench_time}: give the seconds each timing may take, more than 0.")
     if seq_len < 2:
         raise UsageError("--seq-len must be at least 2 (a length of 1 would be specialised by torch.export).")
 
-    with progress_.step(f"capturing {model if isinstance(model, (str, Path)) else type(model).__name__}"):
+    budget = parse_bytes(max_memory) if isinstance(max_memory, str) else max_memory
+    with stage("capture", stages, progress, f"capturing {model if isinstance(model, (str, Path)) else type(model).__name__}"):
         captured = capture(model, example_inputs, seq_len=seq_len, max_seq_len=max_seq_len,
                            trust_pickle=trust_pickle, attn_implementation=attn_implementation,
-                           generate=generate)
+                           generate=generate, max_memory=budget)
     captured.calib = str(calib) if calib is not None else None
-    with progress_.step(f"running passes: {', '.join(p.name for p in pass_list)}"):
+    weights = weights_bytes(captured)
+    check_disk(out.parent, weights + 2**26, f"the bundle ({weights / 2**30:.1f} GiB of weights)")
+    with stage("passes", None, progress, f"running passes: {', '.join(p.name for p in pass_list)}"):
         program = PassManager(pass_list, verify=verify_each, source_hint=str(model)).run(captured)
+    stages += [{"stage": f"pass {h['name']}", "seconds": h["seconds"], "peak_rss_bytes": h["peak_rss_bytes"]}
+               for h in program.history]
 
     with atomic_bundle(out, force) as tmp:
         note = f" ({be.lowering_note})" if be.lowering_note else ""
-        with progress_.step(f"lowering to {be.name} for {tgt.name}{note}"):
+        with stage("lowering", stages, progress, f"lowering to {be.name} for {tgt.name}{note}"):
             lowered = be.lower(program, tmp, tgt, precision)
         if program.tokenizer_dir:
             (tmp / "tokenizer").mkdir()
@@ -199,12 +185,20 @@ def compile(model, example_inputs=None, *, out=None, passes=None, recipe=None, b
                   "target": tgt.name, "passes": program.history, **({"plan": the_plan.notes} if the_plan.notes else {}),
                   "attention": [b.row() for b in program.attention],
                   "attention_refused": [r.__dict__ for r in program.rejected],
-                  "size_bytes": {"tokopt": _model_bytes(tmp, lowered)}, **(extra_report or {})}
+                  "size_bytes": {"tokopt": _model_bytes(tmp, lowered)}, **(extra_report or {}),
+                  **({"converted": source["converted"]} if "converted" in source else {})}
         if measure:
-            with progress_.step("measuring quality and latency against the original"):
+            with stage("measurement", stages, progress, "measuring quality and latency against the original"):
                 if texts is None and captured.tokenizer_dir:
                     texts = _probe_texts(calib)
-                report.update(_measure(be, tgt, captured, tmp, data, texts, bench_runs, bench_len, threads))
+                large = weights > LARGE_BYTES
+                bench = Bench(bench_runs, bench_time, baseline=not large)
+                if large:
+                    report["baseline_skipped"] = (f"the weights ({weights / 2**30:.1f} GiB) are above "
+                                                  f"{LARGE_BYTES / 2**30:.0f} GiB; a second export would "
+                                                  "double the compile's memory and time")
+                report.update(_measure(be, tgt, captured, tmp, data, texts, bench, bench_len, threads, large))
+        report["stages"] = {"rows": stages, "weights_bytes": weights, "peak_rss": PEAK_SOURCE}
         (tmp / "report.json").write_text(json.dumps(report, indent=1, default=float) + "\n")
         manifest = write_manifest(tmp, data)
     return CompileResult(out, manifest, report, program)
@@ -217,34 +211,42 @@ def _model_bytes(bundle: Path, lowered: dict) -> int:
     return sum(p.stat().st_size for p in bundle.iterdir() if p.name.startswith(Path(lowered["model"]).stem + "."))
 
 
-def _measure(be, tgt, captured: Program, bundle_dir: Path, data: dict, texts, runs: int, length: int,
-             threads) -> dict:
-    runner = be.runner_cls(bundle_dir, data, threads=threads)
+def _measure(be, tgt, captured: Program, bundle_dir: Path, data: dict, texts, bench: Bench, length: int,
+             threads, large: bool) -> dict:
+    # each quality probe opens the bundle's runner and drops it on return: the timing loads the bundle
+    # itself, one copy of its weights in memory at a time
     where = be.checked_on(tgt)
     if captured.cache is not None:
-        result = _measure_generation(be, tgt, captured, bundle_dir, data, runner, texts, runs, length, threads)
+        result = _generation_quality(captured, data, be.runner_cls(bundle_dir, data, threads=threads), texts, length)
+        lengths = [length]
     else:
-        result = _measure_encoder(be, tgt, captured, bundle_dir, data, runner, texts, runs, length, threads)
+        # a large model is probed on 2 rows instead of 4: the original runs in torch on this CPU
+        result = _encoder_quality(captured, lambda: be.runner_cls(bundle_dir, data, threads=threads), texts,
+                                  length, batch=2 if large else 4)
+        # the longer length is where passes that scale with length (pruning, sparse attention) show
+        lengths = [length, *filter(None, [_longer_length(captured, length)])]
+    lats = be.latency(captured, bundle_dir, tgt, bench, lengths, threads, manifest=data)
+    if lats is not None and captured.cache is not None:
+        result["latency"] = {**lats[0], "label": f"decode step, {length} cached tokens, batch 1"}
+    elif lats is not None:
+        result.update(zip(("latency", "latency_long"), lats))
     return {**result, **({"checked_on": where} if where else {})}
 
 
-def _measure_encoder(be, tgt, captured: Program, bundle_dir: Path, data: dict, runner, texts, runs: int, length: int,
-                     threads) -> dict:
-    feed, desc = probe_inputs(captured, texts, length=length)
+def _encoder_quality(captured: Program, open_runner, texts, length: int, batch: int) -> dict:
+    feed, desc = probe_inputs(captured, texts, length=length, batch=batch)
     reference = captured.run(feed)
+    page_out(captured)   # the original's weights leave memory before the bundle's are loaded
+    runner = open_runner()
     got = runner(**{k: v.numpy() for k, v in feed.items()})
-    if all(got[k].shape == tuple(reference[k].shape) for k in reference):
-        q = quality(captured, reference, got, feed)
-    else:  # the bundle changes the token count: compare what its contract keeps, row by row
+    if any(got[k].shape != tuple(reference[k].shape) for k in reference):
+        # the bundle changes the token count: compare what its contract keeps, row by row
         q = quality_rows(captured, lambda row: runner(**{k: v.numpy() for k, v in row.items()}), feed)
+    else:
+        del runner   # its weights leave memory before the comparison's float64 work
+        q = quality(captured, reference, got, feed)
     q["probe"] = desc
-    result = {"quality": q}
-    # the longer length is where passes that scale with length (pruning, sparse attention) show
-    lengths = [length, *filter(None, [_longer_length(captured, length)])]
-    lats = be.latency(captured, bundle_dir, tgt, runs, lengths, threads, manifest=data)
-    if lats is not None:
-        result.update(zip(("latency", "latency_long"), lats))
-    return result
+    return {"quality": q}
 
 
 def _longer_length(captured: Program, length: int) -> int | None:
@@ -257,8 +259,7 @@ def _longer_length(captured: Program, length: int) -> int | None:
     return longer if longer > length else None
 
 
-def _measure_generation(be, tgt, captured: Program, bundle_dir: Path, data: dict, runner, texts, runs: int, length: int,
-                        threads, steps: int = 16) -> dict:
+def _generation_quality(captured: Program, data: dict, runner, texts, length: int, steps: int = 16) -> dict:
     ids, mask, desc = generation_prompts(captured, texts, length)
     spec = CacheSpec.from_json(data["generation"]["cache"])
     q = generation_quality(captured, runner, ids, mask, steps, spec)
@@ -270,7 +271,4 @@ def _measure_generation(be, tgt, captured: Program, bundle_dir: Path, data: dict
                                                                       example_feed(spec, 1, n, 0).items()}))
                                     for n in (1024, 4096) if spec.max_length is None or n <= spec.max_length}
         result["kv_cache_bytes_full"] = full
-    lats = be.latency(captured, bundle_dir, tgt, runs, [length], threads, manifest=data)
-    if lats is not None:
-        result["latency"] = {**lats[0], "label": f"decode step, {length} cached tokens, batch 1"}
     return result

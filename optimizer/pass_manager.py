@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import time
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +36,7 @@ import torch
 
 from .errors import PassError, TokoptError, UsageError, did_you_mean
 from .program import Program
+from .resources import stage
 
 __all__ = ["Pass", "PassResult", "PASSES", "register_pass", "parse_pass_spec", "load_recipe", "make_options",
            "PassManager", "PassSpec", "Plan", "plan", "resolve", "max_abs_error", "Property", "opt", "describe_options",
@@ -398,23 +398,23 @@ class PassManager:
 
     def run(self, program: Program) -> Program:
         for i, p in enumerate(self.passes):
-            started = time.perf_counter()
-            try:
-                self.requirements(p, program)
-                ref = program.run() if self.verify else None
-                result = p.call(program.copy())
-                if result.modified:
-                    result.program.invalidate()  # the attention index and the rest: recomputed when read
-                err = self.check(p, result, ref)
-            except UsageError:
-                raise  # an option the program rules out: the user's to fix, not the pass's
-            except TokoptError as e:
-                self._fail(program, i, p, str(e).rstrip("."), e)
-            except Exception as e:  # a bug in a pass: still name it and what ran before
-                self._fail(program, i, p, f"{type(e).__name__}: {e}", e)
+            with stage(p.name) as cost:
+                try:
+                    self.requirements(p, program)
+                    ref = program.run() if self.verify else None
+                    result = p.call(program.copy())
+                    if result.modified:
+                        result.program.invalidate()  # the attention index and the rest: recomputed when read
+                    err = self.check(p, result, ref)
+                except UsageError:
+                    raise  # an option the program rules out: the user's to fix, not the pass's
+                except TokoptError as e:
+                    self._fail(program, i, p, str(e).rstrip("."), e)
+                except Exception as e:  # a bug in a pass: still name it and what ran before
+                    self._fail(program, i, p, f"{type(e).__name__}: {e}", e)
             program = result.program
             program.history.append({
                 "name": p.name, "options": dataclasses.asdict(p.options), "modified": result.modified,
-                "stats": result.stats, "seconds": round(time.perf_counter() - started, 3),
+                "stats": result.stats, "seconds": cost["seconds"], "peak_rss_bytes": cost["peak_rss_bytes"],
                 **({"probe_max_abs_error": err} if self.verify else {})})
         return program

@@ -20,6 +20,8 @@ from __future__ import annotations
 import math
 import statistics
 import time
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -27,7 +29,7 @@ from .generation import example_feed, generate_ids
 from .program import Program
 from .runtime import load_tokenizer
 
-__all__ = ["probe_inputs", "quality", "quality_rows", "time_calls", "format_report", "bench_inputs",
+__all__ = ["Bench", "probe_inputs", "quality", "quality_rows", "time_calls", "format_report", "bench_inputs",
            "verification_feeds", "generation_prompts", "generation_quality"]
 
 
@@ -80,19 +82,22 @@ def quality(program: Program, reference: dict[str, torch.Tensor], got: dict[str,
 
     out = {"max_abs_error": {k: err(reference[k], got[k]) for k in reference if reference[k].is_floating_point()}}
     if program.task == "causal-lm" and "logits" in reference:
-        ref = reference["logits"].double()
-        new = torch.from_numpy(np.asarray(got["logits"])).double()
-        valid = mask.bool() if mask is not None else torch.ones(ref.shape[:2], dtype=torch.bool)
-        lp, lq = ref.log_softmax(-1), new.log_softmax(-1)
-        kl = (lp.exp() * (lp - lq)).sum(-1)[valid]
-        out["logit_kl"] = float(kl.mean())
-        out["top1_agreement"] = float((ref.argmax(-1) == new.argmax(-1))[valid].double().mean())
-        if "input_ids" in feed and ref.shape[1] > 1:
-            ids = feed["input_ids"][:, 1:]
-            pair = valid[:, 1:] & valid[:, :-1]
-            for name, logp in (("original", lp), ("bundle", lq)):
-                nll = -logp[:, :-1].gather(-1, ids[..., None])[..., 0][pair]
-                out[f"perplexity_{name}"] = float(math.exp(nll.mean()))
+        logits = torch.from_numpy(np.asarray(got["logits"]))
+        valid = mask.bool() if mask is not None else torch.ones(logits.shape[:2], dtype=torch.bool)
+        kl, agree, nll = [], [], {"original": [], "bundle": []}
+        for row in range(logits.shape[0]):   # a row at a time: [T, vocab] in float64 is large for big vocabularies
+            lp, lq = reference["logits"][row].double().log_softmax(-1), logits[row].double().log_softmax(-1)
+            kl.append((lp.exp() * (lp - lq)).sum(-1)[valid[row]])
+            agree.append((lp.argmax(-1) == lq.argmax(-1))[valid[row]])
+            if "input_ids" in feed and logits.shape[1] > 1:
+                pair = valid[row, 1:] & valid[row, :-1]
+                for name, logp in (("original", lp), ("bundle", lq)):
+                    nll[name].append(-logp[:-1].gather(-1, feed["input_ids"][row, 1:, None])[:, 0][pair])
+        out["logit_kl"] = float(torch.cat(kl).mean())
+        out["top1_agreement"] = float(torch.cat(agree).double().mean())
+        for name, parts in nll.items():
+            if parts:
+                out[f"perplexity_{name}"] = float(math.exp(torch.cat(parts).mean()))
     key = "last_hidden_state" if "last_hidden_state" in reference else None
     if key is not None and program.task in ("encoder", "vision"):
         ref = reference[key].double()
@@ -204,21 +209,37 @@ def _leading_equal(a: np.ndarray, b: np.ndarray) -> int:
     return int(differ[0]) if differ.size else n
 
 
-def time_calls(fn, runs: int, warmup: int = 2, settle: float = 0.05) -> dict:
-    """Median and p90 ms of ``runs`` calls of ``fn``. It first waits ``settle`` seconds: ONNX
-    Runtime's and OpenVINO's worker threads spin after a call, and a candidate timed right after
-    another runtime's would pay for them (measured: 8.3 -> 12.0 ms for an int8 MiniLM)."""
+@dataclass(frozen=True)
+class Bench:
+    """How the report times: at most ``runs`` calls per candidate and length, stopping after
+    ``seconds`` of them (at least 3 calls); the plain-export ``baseline`` beside the bundle or not."""
+    runs: int = 20
+    seconds: float | None = 10.0
+    baseline: bool = True
+
+
+def time_calls(fn, runs: int, warmup: int = 2, settle: float = 0.05, budget: float | None = None) -> dict:
+    """Median and p90 ms of ``runs`` calls of ``fn`` (fewer when they pass ``budget`` seconds, at
+    least 3). It first waits ``settle`` seconds: ONNX Runtime's and OpenVINO's worker threads spin
+    after a call, and a candidate timed right after another runtime's would pay for them (measured:
+    8.3 -> 12.0 ms for an int8 MiniLM)."""
     time.sleep(settle)
+    started = time.perf_counter()
     for _ in range(warmup):
         fn()
+        if budget is not None and time.perf_counter() - started > budget / 4:
+            break   # one call that slow has warmed what it needs
     times = []
+    started = time.perf_counter()
     for _ in range(runs):
         t = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t) * 1e3)
+        if budget is not None and len(times) >= 3 and time.perf_counter() - started > budget:
+            break
     times.sort()
     return {"median_ms": statistics.median(times), "p90_ms": times[min(len(times) - 1, int(0.9 * len(times)))],
-            "runs": runs}
+            "runs": len(times)}
 
 
 def time_interleaved(calls: dict, per_round: int, rounds: int, warmup: int = 2) -> dict[str, float]:
@@ -231,21 +252,23 @@ def time_interleaved(calls: dict, per_round: int, rounds: int, warmup: int = 2) 
     return {name: float(statistics.median(t)) for name, t in times.items()}
 
 
-def time_lengths(program: Program, lengths: list[int], runs: int, ours, baseline, baseline_bytes: int,
+def time_lengths(program: Program, lengths: list[int], bench: Bench, ours, baseline, baseline_bytes: int | None,
                  others: dict | None = None, **fields) -> list[dict]:
     """The report's latency entries: at each length, on one feed (``bench_inputs``) in one run,
-    the bundle's call ``ours(feed)`` and the no-pass baseline's ``baseline(feed)`` timed (each
-    returns the zero-argument call to time, its feed already prepared), then any ``others``
-    (runtime name -> the same), plus ``fields`` as given."""
+    the bundle's call ``ours(feed)`` and the no-pass baseline's ``baseline(feed)`` (None: not
+    measured) timed (each returns the zero-argument call to time, its feed already prepared), then
+    any ``others`` (runtime name -> the same), plus ``fields`` as given."""
+    def timed(call):
+        return time_calls(call, bench.runs, budget=bench.seconds)
     results = []
     for length in lengths:
         feed = bench_inputs(program, length)
-        result = {"feed": {k: list(v.shape) for k, v in feed.items()}, **fields,
-                  "tokopt": time_calls(ours(feed), runs), "baseline": time_calls(baseline(feed), runs),
-                  "size_bytes": {"baseline": baseline_bytes}}
+        result = {"feed": {k: list(v.shape) for k, v in feed.items()}, **fields, "tokopt": timed(ours(feed))}
+        if baseline is not None:
+            result.update(baseline=timed(baseline(feed)), size_bytes={"baseline": baseline_bytes})
+            result["speedup_median"] = result["baseline"]["median_ms"] / result["tokopt"]["median_ms"]
         if others:
-            result["others"] = {name: time_calls(call(feed), runs) for name, call in others.items()}
-        result["speedup_median"] = result["baseline"]["median_ms"] / result["tokopt"]["median_ms"]
+            result["others"] = {name: timed(call(feed)) for name, call in others.items()}
         results.append(result)
     return results
 
@@ -258,6 +281,8 @@ def _fmt(x) -> str:
 
 def format_report(report: dict) -> str:
     lines = [f"tokopt report  {report['source']}  ->  {report['backend']} / {report['target']}"]
+    if report.get("converted"):
+        lines.append(f"weights converted {report['converted']} (the lowering's check and CPU kernels run fp32)")
     q = report.get("quality")
     if q:
         lines.append(f"quality vs the original model ({q['probe']}):")
@@ -275,15 +300,19 @@ def format_report(report: dict) -> str:
         if not lat:
             continue
         shape = lat.get("label") or ", ".join(f"{k} {v}" for k, v in lat["feed"].items())
+        base = lat.get("baseline")
         lines.append(f"latency ({shape}; {lat['tokopt']['runs']} runs, {lat['threads'] or 'default'} "
-                     f"threads)".ljust(38) + "tokopt".rjust(10) + "baseline".rjust(10) + "ratio".rjust(8))
+                     f"threads)".ljust(38) + "tokopt".rjust(10) + ("baseline".rjust(10) + "ratio".rjust(8) if base else ""))
         for key in ("median_ms", "p90_ms"):
-            a, b = lat["tokopt"][key], lat["baseline"][key]
-            lines.append(f"  {key.replace('_', ' ')}".ljust(38) + f"{a:10.2f}{b:10.2f}{b / a:7.2f}x")
+            a = lat["tokopt"][key]
+            lines.append(f"  {key.replace('_', ' ')}".ljust(38) + f"{a:10.2f}"
+                         + (f"{base[key]:10.2f}{base[key] / a:7.2f}x" if base else ""))
         for name, other in lat.get("others", {}).items():   # the same feed through another runtime's plain export
             a, b = lat["tokopt"]["median_ms"], other["median_ms"]
             lines.append(f"  median ms vs {name}".ljust(38) + f"{a:10.2f}{b:10.2f}{b / a:7.2f}x")
-    if report.get("latency"):
+    if report.get("baseline_skipped"):
+        lines.append(f"baseline not measured: {report['baseline_skipped']}")
+    if (report.get("latency") or {}).get("baseline"):
         a, b = report["size_bytes"]["tokopt"], report["latency"]["size_bytes"]["baseline"]
         lines.append("size MB".ljust(38) + f"{a / 1e6:10.2f}{b / 1e6:10.2f}{a / b:7.2f}x")
     kv, full = report.get("kv_cache_bytes"), report.get("kv_cache_bytes_full", {})
@@ -301,6 +330,14 @@ def format_report(report: dict) -> str:
             if sr.get(f"{split}_drops"):
                 lines.append(f"  drops on the {split.replace('_', '-')} split".ljust(38) + ", ".join(
                     f"{k} {_fmt(v)}" for k, v in sr[f"{split}_drops"].items()))
+    st = report.get("stages")
+    if st:
+        lines.append(f"cost per stage (weights {st['weights_bytes'] / 2**30:.2f} GiB; peak resident memory "
+                     f"{st['peak_rss']})")
+        for row in st["rows"]:
+            peak = row["peak_rss_bytes"]
+            lines.append(f"  {row['stage']}".ljust(38) + f"{row['seconds']:8.1f} s {peak / 2**30:8.2f} GiB"
+                         + (f" {peak / st['weights_bytes']:5.1f}x the weights" if st["weights_bytes"] > 2**30 else ""))
     for p in report.get("passes", []):
         stats = ", ".join(f"{k}={_fmt(v)}" for k, v in p["stats"].items())
         lines.append(f"pass {p['name']}: {stats or 'no changes'}")

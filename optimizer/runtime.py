@@ -183,10 +183,11 @@ class Backend:
         """Where the compile checks a bundle for ``target`` when that is not the target itself."""
         return None
 
-    def latency(self, captured, bundle_dir: Path, target, runs: int, lengths: list[int],
+    def latency(self, captured, bundle_dir: Path, target, bench, lengths: list[int],
                 threads: int | None, manifest: dict) -> list[dict] | None:
-        """Time the bundle against this backend's no-pass baseline at each length (one result
-        each, the baseline built once); None where it cannot run here."""
+        """Time the bundle against this backend's no-pass baseline (where ``bench.baseline``) at
+        each length as ``bench`` (``report.Bench``) says: one result each, the baseline built once;
+        None where it cannot run here."""
         return None
 
 

@@ -1,0 +1,200 @@
+"""What a compile costs and whether it fits: wall time and peak resident memory per stage, the
+weights' size, and the checks that refuse a model that cannot fit before hours of work.
+
+Peak memory is the kernel's high-water mark (``VmHWM``), reset per stage through
+``/proc/self/clear_refs`` (Linux); nested stages keep the outer stage's peak. Elsewhere the peak
+is the process's since it started (``getrusage``) and the report says so.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import mmap
+import resource
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from .errors import UsageError
+
+__all__ = ["stage", "peak_rss", "weights_bytes", "page_out", "checkpoint_bytes", "available_memory", "parse_bytes", "check_fits",
+           "PEAK_SOURCE", "COPIES"]
+
+_STATUS, _CLEAR = Path("/proc/self/status"), Path("/proc/self/clear_refs")
+
+
+def _resettable() -> bool:
+    try:
+        _CLEAR.write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+PEAK_SOURCE = "per stage (VmHWM, reset per stage)" if _resettable() else "since the process started (getrusage)"
+_carried = 0   # the highest peak read before a reset: the enclosing stage's
+# copies of the fp32 weights a compile holds at its peak: ONNX Runtime's session (prepacked, and a
+# tied embedding kept for its Gather besides) while torch's own are paged out (page_out), or, when
+# torch's are not file-backed (a checkpoint converted to fp32), both
+COPIES = {"mapped": 1.5, "converted": 2.0}
+
+
+def peak_rss() -> int:
+    """The peak resident set size, in bytes, since the last reset."""
+    if _STATUS.exists():
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    scale = 1 if sys.platform == "darwin" else 1024   # macOS reports bytes, Linux KiB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def _reset() -> None:
+    with contextlib.suppress(OSError):
+        _CLEAR.write_text("5")
+
+
+@contextlib.contextmanager
+def stage(name: str, rows: list | None = None, progress: bool = False, what: str | None = None):
+    """Time ``name`` and take its peak resident memory; the row ``{"stage", "seconds",
+    "peak_rss_bytes"}`` is appended to ``rows`` and yielded (filled on exit)."""
+    global _carried
+    if progress:
+        print(f"tokopt: {what or name} ...", file=sys.stderr, flush=True)
+    outer = max(_carried, peak_rss())
+    _carried = 0
+    _reset()
+    row = {"stage": name}
+    started = time.perf_counter()
+    try:
+        yield row
+    finally:
+        peak = max(_carried, peak_rss())
+        _carried = max(outer, peak)
+        row.update(seconds=round(time.perf_counter() - started, 2), peak_rss_bytes=peak)
+        if rows is not None:
+            rows.append(row)
+    if progress:
+        print(f"tokopt:   done in {row['seconds']:.1f} s, peak {peak / 2**30:.2f} GiB resident", file=sys.stderr,
+              flush=True)
+
+
+def weights_bytes(program) -> int:
+    """The bytes of the program's parameters and buffers (what a checkpoint of it holds)."""
+    return sum(size for _, size in _storages(program))
+
+
+def _storages(program):
+    seen = {}
+    for t in [*program.ep.state_dict.values(), *program.ep.constants.values()]:
+        if hasattr(t, "untyped_storage"):
+            seen.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+    return seen.items()
+
+
+def page_out(program) -> None:
+    """Ask the kernel to evict the program's weights from memory (``MADV_PAGEOUT``) before a
+    runtime loads its own copy. Weights mapped from a safetensors file are clean file pages: they
+    leave the resident set and fault back in when torch next reads them; nothing is lost. Memory
+    that is not file-backed stays (there is no swap to page it to). Linux 5.4+; elsewhere nothing."""
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    page = mmap.PAGESIZE
+    for ptr, size in _storages(program):
+        lo, hi = -(-ptr // page) * page, (ptr + size) // page * page   # whole pages inside the tensor only
+        if hi > lo:
+            libc.madvise(lo, hi - lo, _MADV_PAGEOUT)   # a hint: an old kernel refuses it and nothing changes
+
+
+_MADV_PAGEOUT = 21
+
+
+def checkpoint_bytes(files) -> tuple[int, int]:
+    """(bytes on disk, bytes as fp32) of the tensors in safetensors ``files``, from their headers."""
+    from safetensors import safe_open
+    stored = as_fp32 = 0
+    for f in files:
+        with safe_open(str(f), "pt") as h:
+            for key in h.keys():
+                piece = h.get_slice(key)
+                n = 1
+                for d in piece.get_shape():
+                    n *= d
+                size = _DTYPE_BYTES.get(piece.get_dtype(), 4)
+                stored += n * size
+                as_fp32 += n * (4 if piece.get_dtype() in ("BF16", "F16", "F32") else size)
+    return stored, as_fp32   # equal: stored in fp32 (or integers), mapped as it is
+
+
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+                "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def check_fits(fp32_bytes: int, converted: bool, max_memory: int | None, source: str) -> None:
+    """Refuse before loading a model whose compile cannot fit ``max_memory`` bytes (default: the
+    memory available now)."""
+    budget = max_memory if max_memory is not None else available_memory()
+    copies = COPIES["converted" if converted else "mapped"]
+    needed = copies * fp32_bytes + 2**30   # + the interpreter, torch and a layer's activations
+    if budget is not None and needed > budget:
+        where = "is the --max-memory budget" if max_memory is not None else "are available"
+        why = ("torch's converted copy and ONNX Runtime's" if converted else
+               "ONNX Runtime's, prepacked, while torch's are paged out")
+        raise UsageError(f"{source}: its weights are {fp32_bytes / 2**30:.1f} GiB as fp32 and a compile holds "
+                         f"{copies:g} times that at its peak ({why}), about {needed / 2**30:.1f} GiB; "
+                         f"{budget / 2**30:.1f} GiB {where}. Use a machine with more memory, or a smaller model.")
+
+
+def available_memory() -> int | None:
+    """Memory this process may still take: MemAvailable, capped by a cgroup limit."""
+    avail = None
+    meminfo = Path("/proc/meminfo")
+    if meminfo.exists():
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                avail = int(line.split()[1]) * 1024
+    for limit in (Path("/sys/fs/cgroup/memory.max"), Path("/sys/fs/cgroup/memory/memory.limit_in_bytes")):
+        with contextlib.suppress(OSError, ValueError):
+            cap = int(limit.read_text().strip()) - _cgroup_usage(limit.parent)
+            avail = cap if avail is None else min(avail, cap)
+    return avail
+
+
+def _cgroup_usage(folder: Path) -> int:
+    for name in ("memory.current", "memory.usage_in_bytes"):
+        with contextlib.suppress(OSError, ValueError):
+            return int((folder / name).read_text().strip())
+    return 0
+
+
+_UNITS = {"": 1, "B": 1, "K": 2**10, "KB": 2**10, "M": 2**20, "MB": 2**20, "G": 2**30, "GB": 2**30,
+          "T": 2**40, "TB": 2**40, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_bytes(text: str, option: str = "--max-memory") -> int:
+    """``16GB``, ``512M``, ``2.5G`` -> bytes (binary units)."""
+    s = str(text).strip().upper().replace(" ", "")
+    number = s.rstrip("KMGTIB")
+    unit = s[len(number):]
+    try:
+        value = float(number)
+    except ValueError:
+        value = -1.0
+    if unit not in _UNITS or not value > 0:
+        raise UsageError(f"{option} {text!r}: give a size such as 16GB, 512MB or 2.5G.")
+    return int(value * _UNITS[unit])
+
+
+def check_disk(folder: Path, needed: int, what: str) -> None:
+    """Refuse before the work when ``folder``'s file system has less free space than ``needed``."""
+    folder = Path(folder)
+    while not folder.exists():
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise UsageError(f"{what} needs about {needed / 2**30:.1f} GiB of disk and {folder} has "
+                         f"{free / 2**30:.1f} GiB free. Free some space or choose another --out.")
+

@@ -1,0 +1,118 @@
+"""Compiles sized for big models: weights streamed to external data, the cost of each stage in the
+report, bounded timing, half-precision checkpoints, and models refused before they are read."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import tokopt
+from tokopt.backends import onnxruntime as ort_backend
+from tokopt.optimizer import compile as compile_module
+from tokopt.optimizer.errors import UsageError
+from tokopt.optimizer.report import format_report, time_calls
+from tokopt.optimizer.resources import check_disk, checkpoint_bytes, parse_bytes, stage
+
+from .conftest import _tiny, feed_for
+
+
+def _outputs(bundle, feed):
+    return tokopt.load(bundle)(**{k: v.numpy() for k, v in feed.items()})
+
+
+def test_external_weights_give_the_same_bundle(model_dir, tmp_path, monkeypatch):
+    """The streamed layout (weights in model.onnx.data, written tensor by tensor at aligned
+    offsets) runs bit-identically to the one-file layout."""
+    folder = model_dir("llama")
+    one = tokopt.compile(folder, out=tmp_path / "one", measure=False)
+    monkeypatch.setattr(ort_backend, "EXTERNAL_BYTES", 0)
+    streamed = tokopt.compile(folder, out=tmp_path / "streamed", measure=False)
+    assert not (one.bundle / "model.onnx.data").exists()
+    weights = sum(p.numel() * 4 for p in _tiny("llama").parameters())
+    assert (streamed.bundle / "model.onnx.data").stat().st_size > 0.9 * weights
+    moved = (one.bundle / "model.onnx").stat().st_size - (streamed.bundle / "model.onnx").stat().st_size
+    assert moved > 0.9 * weights   # the graph file no longer holds them
+    feed = feed_for("llama", 2, 11)
+    a, b = _outputs(one.bundle, feed), _outputs(streamed.bundle, feed)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_stage_peaks_nest():
+    """A stage's peak is what it allocated, not the process's; the enclosing stage keeps it."""
+    rows = []
+    with stage("outer", rows):
+        with stage("inner", rows):
+            block = np.ones(50 * 2**20 // 8)   # 50 MiB, touched
+            del block
+        with stage("after", rows):
+            pass
+    inner, after, outer = rows
+    assert inner["peak_rss_bytes"] - after["peak_rss_bytes"] > 40 * 2**20
+    assert outer["peak_rss_bytes"] >= inner["peak_rss_bytes"]
+    assert [r["stage"] for r in rows] == ["inner", "after", "outer"]
+
+
+def test_report_has_each_stage_and_times_within_budget(model_dir, tmp_path, monkeypatch):
+    """Above the size limit the plain-export baseline is not built and the report says why, and the
+    probe has 2 rows;
+    every stage (capture, each pass, lowering, measurement) has its time and peak memory."""
+    monkeypatch.setattr(compile_module, "LARGE_BYTES", 0)
+    res = tokopt.compile(model_dir("llama"), out=tmp_path / "b", bench_runs=50, bench_time=1e-4, threads=1)
+    r = res.report
+    assert [row["stage"] for row in r["stages"]["rows"]] == ["capture", "pass canonicalize", "lowering", "measurement"]
+    assert all(row["seconds"] > 0 and row["peak_rss_bytes"] > 100 * 2**20 for row in r["stages"]["rows"])
+    model = _tiny("llama")
+    assert r["stages"]["weights_bytes"] == sum(t.numel() * 4 for t in [*model.parameters(), *model.buffers()])
+    assert "baseline" not in r["latency"] and "GiB" in r["baseline_skipped"]
+    assert r["quality"]["probe"].startswith("synthetic inputs (batch 2,")
+    assert r["latency"]["tokopt"]["runs"] == 3   # the fewest once the budget is spent
+    text = format_report(r)
+    assert "baseline not measured" in text and "lowering" in text and "cost per stage" in text
+
+
+def test_time_calls_stops_at_its_budget():
+    got = time_calls(lambda: time.sleep(0.02), runs=100, warmup=1, settle=0, budget=0.1)
+    assert 3 <= got["runs"] <= 8 and got["median_ms"] >= 20
+
+
+def test_half_precision_checkpoint_runs_as_fp32(tmp_path):
+    """A bf16 checkpoint is compiled in fp32 (ONNX Runtime's CPU kernels) and the report says so;
+    the bundle reproduces the bf16 weights widened to fp32."""
+    model = _tiny("llama").to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "bf16")
+    stored, as_fp32 = checkpoint_bytes(sorted((tmp_path / "bf16").glob("*.safetensors")))
+    assert as_fp32 == 2 * stored
+    res = tokopt.compile(tmp_path / "bf16", out=tmp_path / "b", measure=False)
+    assert res.manifest["source"]["converted"] == "bfloat16 -> float32"
+    feed = feed_for("llama", 1, 9)
+    with torch.no_grad():
+        want = model.float()(**feed).logits.numpy()
+    assert np.abs(_outputs(res.bundle, feed)["logits"] - want).max() < 1e-4
+
+
+def test_too_big_refused_before_reading(model_dir, tmp_path):
+    with pytest.raises(UsageError, match=r"weights are 0\.0 GiB as fp32 .* 1\.5 times that .* is the --max-memory budget"):
+        tokopt.compile(model_dir("llama"), out=tmp_path / "b", max_memory="64MB")
+    assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("bad", ["lots", "-1GB", "12XB", "0"])
+def test_bad_memory_budget(model_dir, tmp_path, bad):
+    with pytest.raises(UsageError, match="give a size such as 16GB"):
+        tokopt.compile(model_dir("llama"), out=tmp_path / "b", max_memory=bad)
+
+
+def test_sizes_parse():
+    assert parse_bytes("16GB") == 16 * 2**30 and parse_bytes("512m") == 512 * 2**20 and parse_bytes("2.5G") == 2.5 * 2**30
+
+
+def test_too_little_disk(tmp_path):
+    with pytest.raises(UsageError, match="GiB of disk and .* GiB free"):
+        check_disk(tmp_path / "not" / "yet", 2**60, "the bundle")
+
+
+def test_bench_time_must_be_positive(model_dir, tmp_path):
+    with pytest.raises(UsageError, match="--bench-time 0"):
+        tokopt.compile(model_dir("llama"), out=tmp_path / "b", bench_time=0)
