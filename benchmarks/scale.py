@@ -5,7 +5,7 @@ against the checkpoint's size.
 
 Config-built Llama-family models with random weights (Qwen2.5-0.5B's shape, TinyLlama-1.1B's,
 Llama-3.2-3B's, Llama-3-8B's; ``3B-bf16``/``8B-bf16`` are saved in bfloat16), written once under
-``--work`` and reused. Each recipe is compiled by ``tokopt compile`` in its own process (so one
+``--work`` and reused (calibrating passes read random token ids: memory and time, not quality). Each recipe is compiled by ``tokopt compile`` in its own process (so one
 compile's memory is not the next one's), as a user runs it; the stages come from the bundle's
 report (its per-stage high-water marks), the whole process's peak from the kernel (``wait4``).
 A compile that fails (refused as too large, out of memory) is a row saying so. Prints a table;
@@ -55,10 +55,21 @@ def _checkpoint(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
 
 
+def _calibration_ids(folder: Path) -> Path:
+    """Random token ids for the calibrating passes (random weights: the calibration proves the
+    memory and time, not the quality)."""
+    import numpy as np
+    path = folder / "calib-ids.npy"
+    if not path.exists():
+        vocab = json.loads((folder / "config.json").read_text())["vocab_size"]
+        np.save(path, np.random.default_rng(0).integers(10, vocab, 40_000))
+    return path
+
+
 def run(folder: Path, recipe: str, out: Path, extra: list[str]) -> dict:
     cmd = [sys.executable, "-m", "tokopt.cli", "compile", str(folder), "--out", str(out), "--force", *extra]
     if recipe != "none":
-        cmd += ["--passes", recipe]
+        cmd += ["--passes", recipe, "--calib", str(_calibration_ids(folder))]
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     text = proc.stdout.read()

@@ -16,6 +16,7 @@ import hashlib
 import importlib
 import inspect
 import json
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from torch.export import Dim
 from .errors import CaptureError, UnsupportedModelError, UsageError
 from .generation import GenerateEntry, cache_spec, example_feed
 from .program import Program
-from .resources import check_fits, checkpoint_bytes
+from .resources import check_disk, check_fits, checkpoint_bytes, widen_to_fp32
 
 __all__ = ["capture", "sha256_files", "DEFAULT_SEQ_LEN"]
 
@@ -264,9 +265,14 @@ def _from_hf_folder(folder: Path, *, seq_len: int, max_seq_len: int | None, trus
     except json.JSONDecodeError as e:
         raise CaptureError(f"{cfg_path} is not valid JSON ({e}). Restore the file.") from e
     weights = _check_weights(folder, trust_pickle)
+    load_from, widened = folder, None
     if weights[0].suffix == ".safetensors":
-        stored, as_fp32 = checkpoint_bytes(weights)
-        check_fits(as_fp32, stored != as_fp32, max_memory, str(folder))
+        stored_bytes, as_fp32 = checkpoint_bytes(weights)
+        check_fits(as_fp32, max_memory, str(folder))
+        if stored_bytes != as_fp32:   # half precision: an fp32 copy on disk, mapped like any checkpoint
+            widened = tempfile.TemporaryDirectory(prefix="tokopt-fp32-")
+            check_disk(Path(widened.name), as_fp32, f"the fp32 copy of {folder}'s half-precision weights")
+            load_from = widen_to_fp32(folder, weights, Path(widened.name))
     import transformers
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
@@ -281,12 +287,15 @@ def _from_hf_folder(folder: Path, *, seq_len: int, max_seq_len: int | None, trus
     stored = stored if isinstance(stored, torch.dtype) else torch.float32
     try:
         # half-precision checkpoints become fp32: the lowering's check and the CPU targets run fp32 kernels
-        model = cls.from_pretrained(folder, local_files_only=True, attn_implementation=attn_implementation,
-                                    dtype=torch.float32)
+        model = cls.from_pretrained(load_from, local_files_only=True, attn_implementation=attn_implementation,
+                                    dtype=torch.float32, config=config)
     except Exception as e:
         raise CaptureError(f"{folder}: loading the weights into {cls.__name__} failed "
                            f"({str(e).strip().splitlines()[0]}). Check that the weights belong "
                            "to this config.") from e
+    finally:
+        if widened is not None:
+            widened.cleanup()   # the mapped files stay readable until unmapped
     model.eval()
     limit = _context_limit(config)
     if max_seq_len is not None and limit is not None and max_seq_len > limit:

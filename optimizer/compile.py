@@ -220,7 +220,7 @@ def _measure(be, tgt, captured: Program, bundle_dir: Path, data: dict, texts, be
         result = _generation_quality(captured, data, be.runner_cls(bundle_dir, data, threads=threads), texts, length)
         lengths = [length]
     else:
-        # a large model is probed on 2 rows instead of 4: the original runs in torch on this CPU
+        # a large model is probed on 2 rows instead of 4: its original runs in torch on this CPU
         result = _encoder_quality(captured, lambda: be.runner_cls(bundle_dir, data, threads=threads), texts,
                                   length, batch=2 if large else 4)
         # the longer length is where passes that scale with length (pruning, sparse attention) show
@@ -245,7 +245,7 @@ def _encoder_quality(captured: Program, open_runner, texts, length: int, batch: 
     else:
         del runner   # its weights leave memory before the comparison's float64 work
         q = quality(captured, reference, got, feed)
-    q["probe"] = desc
+    q["probe"] = desc + (f" (2 rows, not 4: the weights are above {LARGE_BYTES / 2**30:g} GiB)" if batch == 2 else "")
     return {"quality": q}
 
 

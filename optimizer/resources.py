@@ -18,8 +18,8 @@ from pathlib import Path
 
 from .errors import UsageError
 
-__all__ = ["stage", "peak_rss", "weights_bytes", "page_out", "checkpoint_bytes", "available_memory", "parse_bytes", "check_fits",
-           "PEAK_SOURCE", "COPIES"]
+__all__ = ["stage", "peak_rss", "weights_bytes", "page_out", "checkpoint_bytes", "available_memory", "parse_bytes",
+           "check_fits", "check_disk", "widen_to_fp32", "PEAK_SOURCE", "COPIES"]
 
 _STATUS, _CLEAR = Path("/proc/self/status"), Path("/proc/self/clear_refs")
 
@@ -35,9 +35,8 @@ def _resettable() -> bool:
 PEAK_SOURCE = "per stage (VmHWM, reset per stage)" if _resettable() else "since the process started (getrusage)"
 _carried = 0   # the highest peak read before a reset: the enclosing stage's
 # copies of the fp32 weights a compile holds at its peak: ONNX Runtime's session (prepacked, and a
-# tied embedding kept for its Gather besides) while torch's own are paged out (page_out), or, when
-# torch's are not file-backed (a checkpoint converted to fp32), both
-COPIES = {"mapped": 1.5, "converted": 2.0}
+# tied embedding kept for its Gather besides) while torch's own, file-backed, are paged out (page_out)
+COPIES = 1.5
 
 
 def peak_rss() -> int:
@@ -133,19 +132,53 @@ _DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I1
                 "F8_E4M3": 1, "F8_E5M2": 1}
 
 
-def check_fits(fp32_bytes: int, converted: bool, max_memory: int | None, source: str) -> None:
+def check_fits(fp32_bytes: int, max_memory: int | None, source: str) -> None:
     """Refuse before loading a model whose compile cannot fit ``max_memory`` bytes (default: the
     memory available now)."""
     budget = max_memory if max_memory is not None else available_memory()
-    copies = COPIES["converted" if converted else "mapped"]
-    needed = copies * fp32_bytes + 2**30   # + the interpreter, torch and a layer's activations
+    needed = COPIES * fp32_bytes + 2**30   # + the interpreter, torch and a layer's activations
     if budget is not None and needed > budget:
         where = "is the --max-memory budget" if max_memory is not None else "are available"
-        why = ("torch's converted copy and ONNX Runtime's" if converted else
-               "ONNX Runtime's, prepacked, while torch's are paged out")
         raise UsageError(f"{source}: its weights are {fp32_bytes / 2**30:.1f} GiB as fp32 and a compile holds "
-                         f"{copies:g} times that at its peak ({why}), about {needed / 2**30:.1f} GiB; "
-                         f"{budget / 2**30:.1f} GiB {where}. Use a machine with more memory, or a smaller model.")
+                         f"{COPIES:g} times that at its peak (ONNX Runtime's prepacked copy, while torch's are "
+                         f"paged out), about {needed / 2**30:.1f} GiB; {budget / 2**30:.1f} GiB {where}. Use a "
+                         "machine with more memory, or a smaller model.")
+
+
+def widen_to_fp32(folder: Path, files: list[Path], into: Path) -> Path:
+    """``folder`` as a checkpoint in ``into`` whose half-precision tensors are fp32, written in
+    1 GiB shards (one shard in memory at a time), so that transformers maps fp32 weights from disk
+    instead of converting them into memory that cannot be paged out."""
+    import json
+
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    for name in ("config.json", "generation_config.json"):
+        if (folder / name).exists():
+            shutil.copy2(folder / name, into / name)
+    weight_map, shard, size, total = {}, {}, 0, 0
+
+    def flush():
+        name = f"model-fp32-{len(set(weight_map.values())):05d}.safetensors"
+        save_file(shard, str(into / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, name))
+        shard.clear()
+    for f in files:
+        with safe_open(str(f), "pt") as h:
+            for key in h.keys():
+                t = h.get_tensor(key)
+                shard[key] = t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
+                size += shard[key].nbytes
+                total += shard[key].nbytes
+                if size >= 2**30:
+                    flush()
+                    size = 0
+    if shard:
+        flush()
+    (into / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                   "weight_map": weight_map}))
+    return into
 
 
 def available_memory() -> int | None:

@@ -195,9 +195,12 @@ class RSQPass(Pass):
         calib = [torch.roll(w, i * w.shape[1] // opts.expand, 1) for w in calib for i in range(opts.expand)]
         return calib, windows[opts.samples:]
 
-    def _hessians(self, gm, input_names, group, k: int, block, feeds, weights_cache: dict, layer):
+    def _hessians(self, gm, input_names, group, k: int, block, feeds, weights_cache: dict, layer, marks: list):
         """2 X^T diag(w) X / tokens of the group's input X over the calibration feeds, each token
-        weighted by its importance at the layer's attention (computed once per layer and sample)."""
+        weighted by its importance at the layer's attention (computed once per layer and sample),
+        and the state each feed's run reached at the group's first linear (``marks``: where the
+        next group's run resumes, this group's linears then computed with their quantized weights;
+        layer by layer, not the whole graph again for each group)."""
         attention = block.node if block is not None else None
         need = self.options.importance == "attncon" and layer is not None and attention is not None
         per_sample = weights_cache.setdefault(layer, [None] * len(feeds)) if layer is not None else None
@@ -205,12 +208,16 @@ class RSQPass(Pass):
         x_node = group[0].args[0].name
         order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
         stop = max([group[-1].name] + ([attention] if fresh else []), key=order.__getitem__)  # needs both
-        tap = Tap(gm, values=[x_node], args=[attention] if fresh else [], stop=stop)
+        mark = min((lin.name for lin in group), key=order.__getitem__)
+        tap = Tap(gm, values=[x_node], args=[attention] if fresh else [], stop=stop, mark=mark)
         h = torch.zeros(k, k, dtype=torch.float64)
         count = 0
         for i, feed in enumerate(feeds):
+            # an attention op's arguments before the resume point were not kept: run from the inputs
+            resume = marks[i] if marks[i] is not None and not (fresh and order[attention] < order[marks[i][0]]) else None
             with torch.no_grad():
-                tap.run_feed(feed, input_names)
+                tap.run_feed(feed, input_names, resume=resume)
+            marks[i] = tap.marked
             x = tap.values[x_node].double().reshape(-1, k)
             if need:
                 if fresh:
@@ -235,14 +242,15 @@ class RSQPass(Pass):
         for n in body:
             groups.setdefault(n.args[0], []).append(n)
         gm = rw.module()
-        out, weights_cache = {"codes": {}, "scales": {}, "rows": []}, {}
+        out, weights_cache, marks = {"codes": {}, "scales": {}, "rows": []}, {}, [None] * len(feeds)
         for group in tqdm(list(groups.values()), desc="rsq: quantizing", leave=False, disable=not feeds):
             layer = layer_of.get(group[0].name)
             start = time.perf_counter()
             h = None
             if opts.solver == "gptq" and feeds:
                 k = rw.tensor(group[0].args[1]).shape[1]
-                h = self._hessians(gm, rw.input_names, group, k, attention_of.get(layer), feeds, weights_cache, layer)
+                h = self._hessians(gm, rw.input_names, group, k, attention_of.get(layer), feeds, weights_cache, layer,
+                                   marks)
             for lin in group:
                 w = rw.tensor(lin.args[1]).detach().float()
                 name = names.get(lin.name, lin.name)
@@ -273,6 +281,8 @@ class RSQPass(Pass):
         # the cache key hashes the weights before rotation: the rotated ones carry BLAS rounding
         # that varies with memory alignment from run to run
         model_hash = program_hash(program)
+        needs_data = opts.solver == "gptq" or opts.importance == "attncon" or opts.act_bits
+        calib, held_out = self._data(program) if needs_data else ([], [])   # no data: refused before any work
         stats["rotation"] = self._rotate(program, rw)
         body, heads = linear_layers(rw)
         if not body:
@@ -282,8 +292,6 @@ class RSQPass(Pass):
         width = max(rw.tensor(n.args[1]).shape[1] for n in body)
         bs = opts.group_size or (128 if width >= 2048 else 32)
         stats["group_size"] = bs
-        needs_data = opts.solver == "gptq" or opts.importance == "attncon" or opts.act_bits
-        calib, held_out = self._data(program) if needs_data else ([], [])
         if opts.act_bits and opts.smooth:
             stats["smoothed"] = self._smooth(rw, body, calib)
         floats = {lin: rw.tensor(lin.args[1]).detach().clone() for lin in body} if opts.act_bits else {}

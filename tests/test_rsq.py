@@ -229,6 +229,41 @@ def test_token_ids_calibration_and_cache(tmp_path, model_dir):
     assert torch.equal(runs[0].run(feed)["logits"], runs[1].run(feed)["logits"])
 
 
+def test_gptq_resumes_layer_by_layer(tmp_path, model_dir, monkeypatch):
+    """Each GPTQ group's calibration run resumes where the previous group's stopped (its linears
+    recomputed with their quantized weights) instead of running the graph from its inputs: the
+    codes are bit-identical to the from-the-inputs runs, with fewer nodes run."""
+    from tokopt.optimizer.ops.taps import Tap
+    ids = tmp_path / "ids.npy"
+    np.save(ids, np.random.default_rng(0).integers(0, 256, (4, 64)))
+    ran, resumed = [], []
+    run_node, run_feed = Tap.run_node, Tap.run_feed
+
+    def counting(self, node):
+        ran[-1] += 1
+        return run_node(self, node)
+
+    def from_inputs(self, feed, names, resume=None):
+        ran.append(0)
+        resumed.append(resume is not None)
+        return run_feed(self, feed, names, resume=None if from_start else resume)
+    monkeypatch.setattr(Tap, "run_node", counting)
+    monkeypatch.setattr(Tap, "run_feed", from_inputs)
+    programs, counts = [], []
+    for from_start in (True, False):
+        monkeypatch.setenv("TOKOPT_CACHE_DIR", str(tmp_path / f"cache{from_start}"))   # no cached result
+        captured = tokopt.capture(model_dir("llama"))
+        captured.calib = str(ids)
+        ran.clear()
+        programs.append(PassManager(resolve(plan_passes("rsq:samples=4,seq_len=64,group_size=16,eval_windows=0,"
+                                                        "compute=float"))).run(captured))
+        counts.append(sum(ran))
+    assert any(resumed)
+    a, b = (dict(p.ep.state_dict) for p in programs)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert counts[1] < 0.8 * counts[0]
+
+
 def test_short_text_gives_shorter_windows(tmp_path, model_dir):
     """Text too short for samples x seq_len calibrates on as many shorter windows (>= 64 tokens):
     600 ids hold 4 windows of 128, and 4 + 4 held-out windows of 64 are asked for."""

@@ -86,10 +86,21 @@ def test_half_precision_checkpoint_runs_as_fp32(tmp_path):
     assert as_fp32 == 2 * stored
     res = tokopt.compile(tmp_path / "bf16", out=tmp_path / "b", measure=False)
     assert res.manifest["source"]["converted"] == "bfloat16 -> float32"
+    # the fp32 weights are mapped from the widened copy on disk (so they can be paged out), not converted in memory
+    weight = res.program.ep.state_dict["model.model.layers.0.mlp.up_proj.weight"]
+    assert weight.dtype == torch.float32 and "tokopt-fp32-" in _mapping_of(weight.data_ptr())
     feed = feed_for("llama", 1, 9)
     with torch.no_grad():
         want = model.float()(**feed).logits.numpy()
     assert np.abs(_outputs(res.bundle, feed)["logits"] - want).max() < 1e-4
+
+
+def _mapping_of(address: int) -> str:
+    for line in open("/proc/self/maps"):
+        lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+        if lo <= address < hi:
+            return line
+    return ""
 
 
 def test_too_big_refused_before_reading(model_dir, tmp_path):
@@ -116,3 +127,29 @@ def test_too_little_disk(tmp_path):
 def test_bench_time_must_be_positive(model_dir, tmp_path):
     with pytest.raises(UsageError, match="--bench-time 0"):
         tokopt.compile(model_dir("llama"), out=tmp_path / "b", bench_time=0)
+
+
+def _rss_file() -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith("RssFile:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def test_page_out_releases_mapped_weights(tmp_path):
+    """A folder's weights are mapped from its safetensors file; paged out they leave the resident
+    set and come back unchanged when the program runs again."""
+    import transformers
+    from tokopt.optimizer.capture import capture
+    from tokopt.optimizer.resources import page_out, weights_bytes
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
+                                      num_key_value_heads=2, vocab_size=8000, max_position_embeddings=256)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "m")
+    program = capture(tmp_path / "m")
+    feed = feed_for("llama", 1, 13)
+    before = program.run(feed)["logits"]
+    resident = _rss_file()
+    page_out(program)
+    assert resident - _rss_file() > 0.8 * weights_bytes(program)
+    assert torch.equal(program.run(feed)["logits"], before)

@@ -8,7 +8,10 @@
 named nodes (an attention op's q, k, v, mask ...), kept in ``tap.args`` or, with ``on_args``,
 handed to ``on_args(node, args)`` as the run reaches them and not kept (calibration statistics
 over long windows stream this way). ``stop``: the run ends after that node (a GPTQ group needs
-the graph only up to its inputs). With autograd enabled the kept tensors carry gradients (QAT
+the graph only up to its inputs). ``mark``: the values live just before that node runs are kept
+(``tap.marked``), and a later run can resume there (``run_feed(..., resume=tap.marked)``) instead
+of from the inputs, reading the weights anew: GPTQ's layer-by-layer loop runs each group from the
+previous one, not the whole graph again. With autograd enabled the kept tensors carry gradients (QAT
 losses on attention maps read them). One helper for what rsq's Hessians, edgeqat's attention
 loss, still's teacher activations and the calibration statistics all record.
 """
@@ -27,13 +30,17 @@ class _Stop(Exception):
 
 class Tap(torch.fx.Interpreter):
     def __init__(self, gm: torch.fx.GraphModule, values=(), args=(), stop: str | None = None,
-                 on_args: Callable[[torch.fx.Node, tuple], None] | None = None):
+                 on_args: Callable[[torch.fx.Node, tuple], None] | None = None, mark: str | None = None):
         super().__init__(gm)
         self.watch_values, self.watch_args, self.stop, self.on_args = set(values), set(args), stop, on_args
+        self.mark = mark
         self.values: dict[str, torch.Tensor] = {}
         self.args: dict[str, tuple] = {}
+        self.marked: tuple[str, dict] | None = None
 
     def run_node(self, node):
+        if node.name == self.mark:   # weights (get_attr) are not kept: a resumed run reads them again
+            self.marked = (node.name, {n: v for n, v in self.env.items() if n.op != "get_attr"})
         if node.name in self.watch_args:
             args = self.fetch_args_kwargs_from_env(node)[0]
             if self.on_args is not None:
@@ -47,12 +54,25 @@ class Tap(torch.fx.Interpreter):
             raise _Stop
         return out
 
-    def run_feed(self, feed: dict, input_names) -> tuple | None:
+    def run_feed(self, feed: dict, input_names, resume: tuple[str, dict] | None = None) -> tuple | None:
         """Run on ``feed`` (inputs in ``input_names`` order); the graph's outputs as a tuple, or
-        None when the run stopped at ``stop``. Forgets what the previous run kept."""
-        self.values, self.args = {}, {}
+        None when the run stopped at ``stop``. Forgets what the previous run kept. ``resume``: a
+        ``marked`` state of this graph on this feed; the run starts at its node, every node before
+        it taken as computed (a watched value among them is read from the state)."""
+        self.values, self.args, self.marked = {}, {}, None
+        env = None
+        if resume is not None:
+            at, live = resume
+            env = {}
+            for node in self.graph.nodes:
+                if node.name == at:
+                    break
+                if node.op != "get_attr":
+                    env[node] = live.get(node)   # dead values stay None: nothing after the mark reads them
+                    if node.name in self.watch_values:
+                        self.values[node.name] = live[node]
         try:
-            out = self.run(*[feed[n] for n in input_names])
+            out = self.run(*[feed[n] for n in input_names], initial_env=env)
         except _Stop:
             return None
         return tuple(out) if isinstance(out, (tuple, list)) else (out,)
