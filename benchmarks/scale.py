@@ -7,7 +7,8 @@ Config-built Llama-family models with random weights (Qwen2.5-0.5B's shape, Tiny
 Llama-3.2-3B's, Llama-3-8B's; ``3B-bf16``/``8B-bf16`` are saved in bfloat16), written once under
 ``--work`` and reused (calibrating passes read random token ids: memory and time, not quality). Each recipe is compiled by ``tokopt compile`` in its own process (so one
 compile's memory is not the next one's), as a user runs it; the stages come from the bundle's
-report (its per-stage high-water marks), the whole process's peak from the kernel (``wait4``).
+report (its per-stage high-water marks), the whole process's peak the largest of them and the
+kernel's (``wait4``; the per-stage reset resets it too).
 A compile that fails (refused as too large, out of memory) is a row saying so. Prints a table;
 writes bench-out/scale.json.
 """
@@ -82,6 +83,8 @@ def run(folder: Path, recipe: str, out: Path, extra: list[str]) -> dict:
         return row
     report = json.loads((out / "report.json").read_text())
     row["stages"] = report["stages"]["rows"]
+    # the report resets the kernel's high-water mark per stage, which wait4's figure is too
+    row["peak_rss_bytes"] = max([row["peak_rss_bytes"], *(st["peak_rss_bytes"] for st in row["stages"])])
     row["bundle_bytes"] = sum(p.stat().st_size for p in out.iterdir() if p.name.startswith("model."))
     return row
 

@@ -155,6 +155,7 @@ def compile(model, example_inputs=None, *, out=None, passes=None, recipe=None, b
 
     with atomic_bundle(out, force) as tmp:
         note = f" ({be.lowering_note})" if be.lowering_note else ""
+        page_out(captured, keep=program)   # the original's weights a pass replaced: not read until the report's probe
         with stage("lowering", stages, progress, f"lowering to {be.name} for {tgt.name}{note}"):
             lowered = be.lower(program, tmp, tgt, precision)
         if program.tokenizer_dir:

@@ -92,17 +92,21 @@ def _storages(program):
     return seen.items()
 
 
-def page_out(program) -> None:
+def page_out(program, keep=None) -> None:
     """Ask the kernel to evict the program's weights from memory (``MADV_PAGEOUT``) before a
     runtime loads its own copy. Weights mapped from a safetensors file are clean file pages: they
     leave the resident set and fault back in when torch next reads them; nothing is lost. Memory
-    that is not file-backed stays (there is no swap to page it to). Linux 5.4+; elsewhere nothing."""
+    that is not file-backed stays (there is no swap to page it to). Weights ``keep`` (a program)
+    shares stay. Linux 5.4+; elsewhere nothing."""
     if not sys.platform.startswith("linux"):
         return
+    kept = {ptr for ptr, _ in _storages(keep)} if keep is not None else set()
     libc = ctypes.CDLL(None, use_errno=True)
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     page = mmap.PAGESIZE
     for ptr, size in _storages(program):
+        if ptr in kept:
+            continue
         lo, hi = -(-ptr // page) * page, (ptr + size) // page * page   # whole pages inside the tensor only
         if hi > lo:
             libc.madvise(lo, hi - lo, _MADV_PAGEOUT)   # a hint: an old kernel refuses it and nothing changes

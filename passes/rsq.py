@@ -74,6 +74,7 @@ from ..optimizer.ops.nbits import pack, quantize_table
 from ..optimizer.pass_manager import CANONICAL_ATTENTION, FLOAT_WEIGHTS, Pass, PassResult, max_abs_error, opt, \
     register_pass
 from ..optimizer.program import Program, Rewrite, call_function_nodes, inherit_meta
+from ..optimizer.resources import page_out
 from .linears import layer_of_linears, linear_layers, replace_linear
 from .rotation import NotRotatable, rotate
 
@@ -284,6 +285,7 @@ class RSQPass(Pass):
         needs_data = opts.solver == "gptq" or opts.importance == "attncon" or opts.act_bits
         calib, held_out = self._data(program) if needs_data else ([], [])   # no data: refused before any work
         stats["rotation"] = self._rotate(program, rw)
+        page_out(program)   # the unrotated weights are read again only by the held-out perplexity at the end
         body, heads = linear_layers(rw)
         if not body:
             raise UsageError(f"rsq found no linear layers with constant weights before the output "
