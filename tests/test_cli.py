@@ -56,6 +56,9 @@ def test_inspect_model_and_bundle(capsys, model_dir, tmp_path):
     (["--calib", "/nonexistent/calib.txt"], 2, "does not exist"),
     (["--bench-runs", "0"], 2, "bench_runs=0, bench_len=128: both must be at least 1"),
     (["--threads", "-3"], 2, "threads=-3: give a positive number"),
+    (["--bench-time", "0"], 2, "--bench-time 0.0: give the seconds"),
+    (["--max-memory", "lots"], 2, "--max-memory 'lots': give a size such as 16GB"),
+    (["--max-memory", "1MB"], 2, "is the --max-memory budget"),
 ])
 def test_bad_options(capsys, model_dir, tmp_path, argv, code, message):
     if "cuda" in argv or "tensorrt" in argv:
