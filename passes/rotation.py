@@ -211,7 +211,8 @@ def rotate(rw: Rewrite, seed: int = 0, online: bool = True, heads: bool = True) 
     # the embedding: a new table (a tied LM head keeps the old parameter, rotated above)
     table = rw.tensor(emb.args[0]).detach().double() @ q
     emb.replace_input_with(emb.args[0], rw.constant("rot_embedding", table.float().contiguous()))
-    for key, w in new_weights.items():
+    for key in list(new_weights):   # each float64 weight freed as its fp32 constant is made: not both sets at once
+        w = new_weights.pop(key)
         lin, what = key if isinstance(key, tuple) else (key, "weight")
         idx = 2 if what == "bias" else 1
         lin.replace_input_with(lin.args[idx], rw.constant(f"rot_{lin.name}_{what}", w.float().contiguous()))
