@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import math
 import mmap
 import resource
 import shutil
@@ -24,7 +25,8 @@ __all__ = ["stage", "peak_rss", "weights_bytes", "page_out", "checkpoint_bytes",
 _STATUS, _CLEAR = Path("/proc/self/status"), Path("/proc/self/clear_refs")
 
 
-def _resettable() -> bool:
+def _reset() -> bool:
+    """Reset the kernel's high-water mark; False where it cannot be."""
     try:
         _CLEAR.write_text("5")
         return True
@@ -32,7 +34,7 @@ def _resettable() -> bool:
         return False
 
 
-PEAK_SOURCE = "per stage (VmHWM, reset per stage)" if _resettable() else "since the process started (getrusage)"
+PEAK_SOURCE = "per stage (VmHWM, reset per stage)" if _reset() else "since the process started (getrusage)"
 _carried = 0   # the highest peak read before a reset: the enclosing stage's
 # copies of the fp32 weights a compile holds at its peak: ONNX Runtime's session (prepacked, and a
 # tied embedding kept for its Gather besides) while torch's own, file-backed, are paged out (page_out)
@@ -47,11 +49,6 @@ def peak_rss() -> int:
                 return int(line.split()[1]) * 1024
     scale = 1 if sys.platform == "darwin" else 1024   # macOS reports bytes, Linux KiB
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
-
-
-def _reset() -> None:
-    with contextlib.suppress(OSError):
-        _CLEAR.write_text("5")
 
 
 @contextlib.contextmanager
@@ -123,9 +120,7 @@ def checkpoint_bytes(files) -> tuple[int, int]:
         with safe_open(str(f), "pt") as h:
             for key in h.keys():
                 piece = h.get_slice(key)
-                n = 1
-                for d in piece.get_shape():
-                    n *= d
+                n = math.prod(piece.get_shape())
                 size = _DTYPE_BYTES.get(piece.get_dtype(), 4)
                 stored += n * size
                 as_fp32 += n * (4 if piece.get_dtype() in ("BF16", "F16", "F32") else size)
