@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .errors import UsageError
 
-__all__ = ["stage", "peak_rss", "weights_bytes", "page_out", "checkpoint_bytes", "available_memory", "parse_bytes",
+__all__ = ["stage", "peak_rss", "weights_bytes", "page_out", "page_out_tensor", "release_heap", "checkpoint_bytes", "available_memory", "parse_bytes",
            "check_fits", "check_disk", "widen_to_fp32", "PEAK_SOURCE", "COPIES"]
 
 _STATUS, _CLEAR = Path("/proc/self/status"), Path("/proc/self/clear_refs")
@@ -95,21 +95,38 @@ def page_out(program, keep=None) -> None:
     leave the resident set and fault back in when torch next reads them; nothing is lost. Memory
     that is not file-backed stays (there is no swap to page it to). Weights ``keep`` (a program)
     shares stay. Linux 5.4+; elsewhere nothing."""
-    if not sys.platform.startswith("linux"):
-        return
     kept = {ptr for ptr, _ in _storages(keep)} if keep is not None else set()
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    _advise_out([(ptr, size) for ptr, size in _storages(program) if ptr not in kept])
+
+
+def page_out_tensor(t) -> None:
+    """``page_out`` for one tensor's storage (a weight a pass has just replaced)."""
+    _advise_out([(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())])
+
+
+def _advise_out(spans) -> None:
+    if _LIBC is None:
+        return
     page = mmap.PAGESIZE
-    for ptr, size in _storages(program):
-        if ptr in kept:
-            continue
+    for ptr, size in spans:
         lo, hi = -(-ptr // page) * page, (ptr + size) // page * page   # whole pages inside the tensor only
         if hi > lo:
-            libc.madvise(lo, hi - lo, _MADV_PAGEOUT)   # a hint: an old kernel refuses it and nothing changes
+            _LIBC.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_PAGEOUT)   # a hint: an old kernel refuses it
 
 
 _MADV_PAGEOUT = 21
+
+
+def release_heap() -> None:
+    """Return the C heap's free pages to the kernel (glibc's ``malloc_trim``). A pass that makes
+    each new weight while it frees float64 temporaries leaves holes between the weights that malloc
+    keeps resident: +50% of the weights on a 155M Llama's rotation. Elsewhere nothing."""
+    trim = getattr(_LIBC, "malloc_trim", None)   # glibc's; musl has none
+    if trim is not None:
+        trim(0)
+
+
+_LIBC = ctypes.CDLL(None) if sys.platform.startswith("linux") else None
 
 
 def checkpoint_bytes(files) -> tuple[int, int]:

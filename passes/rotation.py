@@ -28,6 +28,7 @@ import torch
 
 from ..optimizer.patterns import PASS_THROUGH
 from ..optimizer.program import Rewrite, call_function_nodes
+from ..optimizer.resources import page_out_tensor, release_heap
 from .linears import is_weight
 
 __all__ = ["rotate", "NotRotatable", "random_hadamard", "hadamard"]
@@ -146,25 +147,29 @@ def rotate(rw: Rewrite, seed: int = 0, online: bool = True, heads: bool = True) 
         raise NotRotatable("a norm reads something other than the residual stream")
     readers = {w_mul: _readers(w_mul) for w_mul in norms}
     q = random_hadamard(d, gen)
-    new_weights: dict = {}   # linear node -> new weight (built up through the steps)
+    # each weight's transforms are planned first and applied at the end one weight at a time, so
+    # one float64 weight is alive at once instead of the whole model in float64 (4x its fp32 size)
+    plan: dict = {}   # (linear node, "weight" | "bias") -> [(float64 -> float64 transform, by rows), in order]
 
-    def weight(lin):
-        return new_weights.get(lin, rw.tensor(lin.args[1]).detach().double())
+    def then(lin, f, what="weight", rows=True):
+        """``rows``: ``f`` maps each row on its own (a transform of the inputs), so a large weight is
+        transformed a slice of rows at a time (an LM head over 152K tokens is 1 GB in float64)."""
+        plan.setdefault((lin, what), []).append((f, rows))
 
     folded = 0
     ones = rw.constant("rot_norm_ones", torch.ones(d)) if norms else None
     for w_mul, (x, wnode) in norms.items():
         gvec = rw.tensor(wnode).detach().double()
         for lin in readers[w_mul]:
-            new_weights[lin] = weight(lin) * gvec[None] @ q
+            then(lin, lambda w, gvec=gvec: w * gvec[None] @ q)
         # the folded norm keeps a weight of ones: the same function, in the form runtimes fuse
         # into one RMSNorm kernel (ONNX Runtime's SimplifiedLayerNormalization)
         w_mul.replace_input_with(wnode, ones)
         folded += 1
     for lin in writers:
-        new_weights[lin] = q.T @ weight(lin)
+        then(lin, lambda w: q.T @ w, rows=False)
         if len(lin.args) > 2 and lin.args[2] is not None:
-            new_weights[(lin, "bias")] = rw.tensor(lin.args[2]).detach().double() @ q
+            then(lin, lambda b: b @ q, "bias", rows=False)
     head_count = 0
     by_weight = {}
     for lin in call_function_nodes(g):
@@ -177,14 +182,11 @@ def rotate(rw: Rewrite, seed: int = 0, online: bool = True, heads: bool = True) 
         o_lin = _linear_of(block.o_proj, by_weight)
         if v_lin is None or o_lin is None:
             continue
-        hd = hadamard(block.head_dim)
-        wv = weight(v_lin)
-        new_weights[v_lin] = (hd.T @ wv.reshape(block.kv_heads, block.head_dim, -1)).reshape(wv.shape)
+        hd, kv, h, dh = hadamard(block.head_dim), block.kv_heads, block.heads, block.head_dim
+        then(v_lin, lambda w, hd=hd, kv=kv, dh=dh: (hd.T @ w.reshape(kv, dh, -1)).reshape(w.shape), rows=False)
         if len(v_lin.args) > 2 and v_lin.args[2] is not None:
-            bv = rw.tensor(v_lin.args[2]).detach().double()
-            new_weights[(v_lin, "bias")] = (bv.reshape(block.kv_heads, 1, -1) @ hd).reshape(-1)
-        wo = weight(o_lin)
-        new_weights[o_lin] = (wo.reshape(wo.shape[0], block.heads, block.head_dim) @ hd).reshape(wo.shape)
+            then(v_lin, lambda b, hd=hd, kv=kv: (b.reshape(kv, 1, -1) @ hd).reshape(-1), "bias", rows=False)
+        then(o_lin, lambda w, hd=hd, h=h, dh=dh: (w.reshape(w.shape[0], h, dh) @ hd).reshape(w.shape))
         head_count += 1
     o_lins = {_linear_of(b.o_proj, by_weight) for b in rw.attention if b.o_proj}
     online_count = 0
@@ -192,7 +194,7 @@ def rotate(rw: Rewrite, seed: int = 0, online: bool = True, heads: bool = True) 
         for lin in writers:
             if lin in o_lins:
                 continue
-            k = weight(lin).shape[1]
+            k = rw.tensor(lin.args[1]).shape[1]
             two = k & -k
             a, b = random_orthogonal(k // two, gen), hadamard(two)
             x = lin.args[0]
@@ -206,18 +208,33 @@ def rotate(rw: Rewrite, seed: int = 0, online: bool = True, heads: bool = True) 
             for node in (xs, y, z, flat):
                 node.meta["nn_module_stack"] = lin.meta.get("nn_module_stack", {})
             lin.replace_input_with(x, flat)
-            new_weights[lin] = weight(lin) @ torch.kron(a, b)
+            then(lin, lambda w, a=a, b=b: w @ torch.kron(a, b))
             online_count += 1
     # the embedding: a new table (a tied LM head keeps the old parameter, rotated above)
-    table = rw.tensor(emb.args[0]).detach().double() @ q
-    emb.replace_input_with(emb.args[0], rw.constant("rot_embedding", table.float().contiguous()))
-    for key in list(new_weights):   # each float64 weight freed as its fp32 constant is made: not both sets at once
-        w = new_weights.pop(key)
-        lin, what = key if isinstance(key, tuple) else (key, "weight")
-        idx = 2 if what == "bias" else 1
-        lin.replace_input_with(lin.args[idx], rw.constant(f"rot_{lin.name}_{what}", w.float().contiguous()))
+    for node, idx, name, steps in [(emb, 0, "rot_embedding", [(lambda e: e @ q, True)]), *(
+            (lin, 2 if what == "bias" else 1, f"rot_{lin.name}_{what}", steps) for (lin, what), steps in plan.items())]:
+        old = rw.tensor(node.args[idx])
+        node.replace_input_with(node.args[idx], rw.constant(name, _apply(old, steps)))
+        # the old weight's pages leave memory as its replacement is made, and float64 temporaries
+        # leave no holes: the rotated model is made in about one model's memory, not two
+        page_out_tensor(old)
+        release_heap()
     return {"hidden": d, "norms_folded": folded, "writers": len(writers), "head_rotations": head_count,
             "online_rotations": online_count}
+
+
+def _apply(w: torch.Tensor, steps: list, chunk: int = 4096) -> torch.Tensor:
+    """``w`` through ``steps`` in float64, as a new float32 tensor; by slices of rows where every
+    step maps rows on their own."""
+    if not all(rows for _, rows in steps) or w.dim() != 2:
+        chunk = w.shape[0]
+    out = torch.empty(w.shape, dtype=torch.float32)
+    for i in range(0, w.shape[0], chunk):
+        x = w[i:i + chunk].detach().double()
+        for f, _ in steps:
+            x = f(x)
+        out[i:i + chunk] = x
+    return out
 
 
 def _linear_of(weight_name: str, by_weight: dict):
