@@ -74,17 +74,25 @@ def block_scales(w: torch.Tensor, bits: int, block_size: int, clip: bool) -> tor
 def quantize_rtn(w: torch.Tensor, bits: int, block_size: int, clip: bool = False) -> QuantizedWeight:
     w = w.float()
     scales = block_scales(w, bits, block_size, clip)
-    s = scales.repeat_interleave(block_size, 1)[:, :w.shape[1]]
-    return QuantizedWeight(_q(w, s, bits).to(torch.uint8), scales, bits, block_size)
+    codes = torch.empty(w.shape, dtype=torch.uint8)
+    for i in range(0, w.shape[0], 4096):   # by slices of rows: an LM head's temporaries are 4 copies of it
+        s = scales[i:i + 4096].repeat_interleave(block_size, 1)[:, :w.shape[1]]
+        codes[i:i + 4096] = _q(w[i:i + 4096], s, bits)
+    return QuantizedWeight(codes, scales, bits, block_size)
 
 
 def _inverse_cholesky(h: torch.Tensor, damp: float, name: str) -> torch.Tensor:
-    eye = torch.eye(h.shape[0], dtype=h.dtype)
-    step = damp * h.diagonal().mean().clamp_min(1e-12)
+    """The upper Cholesky factor of the damped ``h``'s inverse. ``h`` is damped in place and
+    each intermediate freed as the next is made: two k x k float64 matrices beside ``h`` at
+    once (a 14336-wide MLP input's is 1.6 GB)."""
+    diagonal = h.diagonal().clone()
+    step = damp * diagonal.mean().clamp_min(1e-12)
     for attempt in range(1, 51):
-        l, info = torch.linalg.cholesky_ex(h + attempt * step * eye)
+        h.diagonal().copy_(diagonal + attempt * step)
+        l, info = torch.linalg.cholesky_ex(h)
         if int(info) == 0:
             inv = torch.cholesky_inverse(l)
+            del l
             u, info = torch.linalg.cholesky_ex(inv, upper=True)
             if int(info) == 0:
                 return u
@@ -104,8 +112,10 @@ def quantize_gptq(w: torch.Tensor, h: torch.Tensor, bits: int, block_size: int, 
     w[:, dead] = 0
     scales = block_scales(w.float(), bits, block_size, clip).double() if act_order else None
     perm = torch.argsort(h.diagonal(), descending=True) if act_order else torch.arange(k)
-    w, h = w[:, perm], h[perm][:, perm]
+    if act_order:
+        w, h = w[:, perm], h[perm][:, perm]
     hinv = _inverse_cholesky(h, damp, name)
+    del h
     codes = torch.zeros(n, k, dtype=torch.uint8)
     if scales is None:
         scales = torch.zeros(n, -(-k // block_size), dtype=torch.float64)
