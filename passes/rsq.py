@@ -74,7 +74,7 @@ from ..optimizer.ops.nbits import pack, quantize_table
 from ..optimizer.pass_manager import CANONICAL_ATTENTION, FLOAT_WEIGHTS, Pass, PassResult, max_abs_error, opt, \
     register_pass
 from ..optimizer.program import Program, Rewrite, call_function_nodes, inherit_meta
-from ..optimizer.resources import page_out
+from ..optimizer.resources import page_out, release_heap
 from .linears import layer_of_linears, linear_layers, replace_linear
 from .rotation import NotRotatable, rotate
 
@@ -261,6 +261,7 @@ class RSQPass(Pass):
                     rw.set_tensor(rw.weight_name(lin.args[1]), deq)
                 out["codes"][lin.name], out["scales"][lin.name] = qw.codes, qw.scales
                 out["rows"].append(self._log_row(name, layer, w, deq, h, qw, time.perf_counter() - start))
+            release_heap()   # each weight replaced by a new one and float64 Hessians freed: no holes kept
         return out
 
     def _quantize(self, w: torch.Tensor, h: torch.Tensor | None, bits: int, bs: int, name: str) -> QuantizedWeight:
@@ -284,8 +285,11 @@ class RSQPass(Pass):
         model_hash = program_hash(program)
         needs_data = opts.solver == "gptq" or opts.importance == "attncon" or opts.act_bits
         calib, held_out = self._data(program) if needs_data else ([], [])   # no data: refused before any work
+        evaluate = held_out and program.keeps_positions and program.task == "causal-lm" and program.cache is None
+        if evaluate:   # first, while the original weights are in memory: the rotation pages them out
+            stats["perplexity_fp32"] = perplexity(program, held_out)
         stats["rotation"] = self._rotate(program, rw)
-        page_out(program)   # the unrotated weights are read again only by the held-out perplexity at the end
+        page_out(program)
         body, heads = linear_layers(rw)
         if not body:
             raise UsageError(f"rsq found no linear layers with constant weights before the output "
@@ -331,8 +335,7 @@ class RSQPass(Pass):
                       "mean_relative_error": sum(r["relative_error"] for r in rows) / len(rows),
                       "calibration": f"{len(calib)} windows of {calib[0].shape[1]} tokens" if calib else "none"})
         out.artifacts["quant_log.csv"] = _csv(rows)
-        if held_out and program.keeps_positions and program.task == "causal-lm" and program.cache is None:
-            stats["perplexity_fp32"] = perplexity(program, held_out)
+        if evaluate:
             stats["perplexity_quantized"] = perplexity(out, held_out)
             stats["eval_tokens"] = sum(w.shape[1] for w in held_out)
         return PassResult(out, True, stats)
@@ -341,6 +344,7 @@ class RSQPass(Pass):
         opts = self.options
         if opts.rotate == "off":
             return "off"
+        ref = program.run()   # before: the rotation pages the original weights out as it replaces them
         try:
             info = rotate(rw, seed=opts.seed, online=opts.online, heads=program.cache is None)
         except NotRotatable as e:  # raised before the graph is touched
@@ -348,7 +352,7 @@ class RSQPass(Pass):
                 raise UsageError(f"rsq: rotate=on, but this graph cannot be rotated: {e}. Use rotate=auto "
                                  "or rotate=off.") from e
             return f"skipped: {e}"
-        ref, got = program.run(), rw.runner()(program.probe)  # a --generate graph's cache layout is unchanged too
+        got = rw.runner()(program.probe)  # a --generate graph's cache layout is unchanged too
         err = max_abs_error(ref, got)
         scale = max(float(v.abs().max()) for v in ref.values() if v.is_floating_point())
         if err > 1e-3 * max(scale, 1.0):
