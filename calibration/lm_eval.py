@@ -19,7 +19,7 @@ import torch
 from ..optimizer.errors import UsageError
 from ..optimizer.program import Program
 
-__all__ = ["perplexity", "decode_perplexity", "passkey", "passkey_stats", "full_feed"]
+__all__ = ["perplexity", "decode_perplexity", "passkey", "passkey_stats", "full_feed", "token_kl"]
 
 
 def full_feed(program: Program, ids: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -36,8 +36,22 @@ def full_feed(program: Program, ids: torch.Tensor) -> dict[str, torch.Tensor]:
     return feed
 
 
-def _logits(run, program: Program, ids: torch.Tensor) -> torch.Tensor:
-    return run(full_feed(program, ids))["logits"].double()
+def _nll(logits: torch.Tensor, target: torch.Tensor, rows: int = 256) -> float:
+    """Summed cross-entropy of ``logits`` [T, V] against ``target`` [T] in float64, a slice of rows
+    at a time: a 152K vocabulary's float64 log-softmax over 512 tokens is 1.2 GB at once."""
+    return sum(float(torch.nn.functional.cross_entropy(logits[i:i + rows].double(), target[i:i + rows], reduction="sum"))
+               for i in range(0, logits.shape[0], rows))
+
+
+def token_kl(ref: torch.Tensor, got: torch.Tensor, rows: int = 256) -> torch.Tensor:
+    """KL(softmax(ref) || softmax(got)) at each position of logits [..., V], in float64, a slice
+    of positions at a time."""
+    ref, got = ref.reshape(-1, ref.shape[-1]), got.reshape(-1, got.shape[-1])
+    parts = []
+    for i in range(0, ref.shape[0], rows):
+        lp, lq = ref[i:i + rows].double().log_softmax(-1), got[i:i + rows].double().log_softmax(-1)
+        parts.append((lp.exp() * (lp - lq)).sum(-1))
+    return torch.cat(parts)
 
 
 def perplexity(program: Program, windows: list[torch.Tensor], run=None) -> float:
@@ -49,8 +63,7 @@ def perplexity(program: Program, windows: list[torch.Tensor], run=None) -> float
     nll, n = 0.0, 0
     run = run or program.runner()
     for ids in windows:
-        logits = _logits(run, program, ids)[0, :-1]
-        nll += float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
+        nll += _nll(run(full_feed(program, ids))["logits"][0, :-1], ids[0, 1:])
         n += ids.shape[1] - 1
     return math.exp(nll / n)
 
@@ -66,9 +79,9 @@ def decode_perplexity(step, spec, windows: list[torch.Tensor], prompt: int) -> f
         got = []
         generate_ids(step, spec, ids[:, :prompt], max_new_tokens=ids.shape[1] - prompt, forced=ids[:, prompt:],
                      on_logits=got.append)
-        logits = torch.from_numpy(np.stack(got, 1)).double()               # [B, T, V]; T < N - prompt after an EOS
+        logits = torch.from_numpy(np.stack(got, 1))                        # [B, T, V]; T < N - prompt after an EOS
         target = torch.from_numpy(ids[:, prompt:prompt + logits.shape[1]])
-        nll += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="sum"))
+        nll += _nll(logits.flatten(0, 1), target.flatten())
         n += logits.shape[0] * logits.shape[1]
     return math.exp(nll / n)
 
@@ -92,7 +105,7 @@ def passkey(program: Program, tokenizer, filler: str, *, probes: int = 8, length
         body = filler_ids[start:start + room]
         at = int(len(body) * rng.uniform(0.05, 0.25))
         ids = torch.tensor([body[:at] + plant + body[at:] + ask + answer])
-        scores = _logits(run, program, ids)[0, -len(answer) - 1:-1].log_softmax(-1)
+        scores = run(full_feed(program, ids))["logits"][0, -len(answer) - 1:-1].double().log_softmax(-1)
         target = ids[0, -len(answer):]
         hits += bool((scores.argmax(-1) == target).all())
         logp.append(float(scores.gather(-1, target[:, None]).mean()))

@@ -64,7 +64,7 @@ import torch
 from tqdm import tqdm
 
 from ..calibration.gptq import QuantizedWeight, quantize_gptq, quantize_rtn
-from ..calibration.lm_eval import full_feed, perplexity
+from ..calibration.lm_eval import full_feed, perplexity, token_kl
 from ..calibration.stats import cached_tensors, program_hash
 from ..optimizer.data import token_source, token_windows
 from ..optimizer.errors import PassError, UsageError
@@ -384,12 +384,11 @@ class RSQPass(Pass):
         moved = []
         for ids in held_out:
             feed = full_feed(out, ids)
-            a, b = exact_run(feed)[out.output_names[0]].double(), fast_run(feed)[out.output_names[0]].double()
+            a, b = exact_run(feed)[out.output_names[0]], fast_run(feed)[out.output_names[0]]
             if "logits" in out.output_names[:1]:
-                lp, lq = a.log_softmax(-1), b.log_softmax(-1)
-                moved.append(float((lp.exp() * (lp - lq)).sum(-1).mean()))
+                moved.append(float(token_kl(a, b).mean()))
             else:
-                pa, pb = (t.reshape(t.shape[0], -1, t.shape[-1]).mean(1) for t in (a, b))
+                pa, pb = (t.double().reshape(t.shape[0], -1, t.shape[-1]).mean(1) for t in (a, b))
                 moved.append(float(1 - torch.nn.functional.cosine_similarity(pa, pb, dim=-1).mean()))
         measure = "next-token KL" if "logits" in out.output_names[:1] else "1 - cosine"
         value = sum(moved) / len(moved)

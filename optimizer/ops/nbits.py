@@ -113,10 +113,13 @@ def _matmul_nbits_onnx(x, qweight, scales, bias=None, bits: int = 4, block_size:
 def quantize_table(table: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """An embedding table [V, D] as embedding_q8 stores it: uint8 codes (symmetric int8 + 128)
     and one scale per block of ``block_size`` along D."""
-    blocks = table.float().reshape(table.shape[0], -1, block_size)
-    scales = (blocks.abs().amax(-1) / 127).clamp_min(1e-12)
-    codes = torch.round(blocks / scales[..., None]).clamp(-127, 127) + 128
-    return codes.to(torch.uint8).reshape(table.shape), scales
+    v, d = table.shape
+    codes, scales = torch.empty(v, d, dtype=torch.uint8), torch.empty(v, d // block_size)
+    for i in range(0, v, 4096):   # by slices of rows: a 152K vocabulary's float temporaries are 0.5 GB each
+        blocks = table[i:i + 4096].float().reshape(-1, d // block_size, block_size)
+        scales[i:i + 4096] = (blocks.abs().amax(-1) / 127).clamp_min(1e-12)
+        codes[i:i + 4096] = (torch.round(blocks / scales[i:i + 4096, :, None]).clamp(-127, 127) + 128).reshape(-1, d)
+    return codes, scales
 
 
 def _embedding_q8(table: torch.Tensor, scales: torch.Tensor, ids: torch.Tensor, block_size: int) -> torch.Tensor:
