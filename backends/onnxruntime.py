@@ -112,8 +112,14 @@ def _computed(reference, feeds: list[dict], exact: bool):
 def session_disagreement(path: Path, feeds: list[dict], reference, exact: bool) -> str | None:
     """``disagreement`` of the model file at ``path`` run by ONNX Runtime's CPU provider (each feed
     cut to the inputs the graph reads), or why it does not even load."""
+    import onnx
+    # unpacked, the weights stay in the mapped external-data file (pageable) instead of a second
+    # copy in memory; MatMulNBits quantizes its activations (accuracy_level 4) only when packed
+    m = onnx.load(str(path), load_external_data=False)
+    packed = any(n.op_type == "MatMulNBits" for g in (m.graph, *m.functions) for n in g.node)
+    del m
     try:
-        session = make_session(path, ["CPUExecutionProvider"])
+        session = make_session(path, ["CPUExecutionProvider"], prepack=packed)
     except BackendError as e:
         return str(e)
     names = {i.name for i in session.get_inputs()}
@@ -286,10 +292,10 @@ def export_baseline(program: Program, path: Path) -> None:
         raise BackendError(f"the baseline torch.onnx.export failed: {str(e).strip().splitlines()[0]}") from e
 
 
-def make_session(path: Path, providers: list[str], threads: int | None = None):
+def make_session(path: Path, providers: list[str], threads: int | None = None, prepack: bool = True):
     import onnxruntime as ort
     try:
-        return ort.InferenceSession(str(path), session_options(ort, threads), providers=providers,
+        return ort.InferenceSession(str(path), session_options(ort, threads, prepack), providers=providers,
                                     disabled_optimizers=DISABLED_OPTIMIZERS)
     except Exception as e:
         raise BackendError(f"ONNX Runtime cannot load {path}: {str(e).strip().splitlines()[0]}") from e

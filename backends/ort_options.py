@@ -13,7 +13,10 @@ __all__ = ["session_options", "DISABLED_OPTIMIZERS"]
 DISABLED_OPTIMIZERS = ["QDQS8ToU8Transformer"]
 
 
-def session_options(ort, threads: int | None = None):
+def session_options(ort, threads: int | None = None, prepack: bool = True):
+    """``prepack=False``: kernels read the weights where they lie (an external-data file ONNX
+    Runtime maps) instead of repacking them into a copy; for sessions that check numbers, not
+    speed, on graphs whose arithmetic does not depend on the packing."""
     ort.set_default_logger_severity(3)  # failures surface as exceptions with tokopt's message
     so = ort.SessionOptions()
     so.log_severity_level = 3
@@ -22,4 +25,6 @@ def session_options(ort, threads: int | None = None):
     so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
     if threads:
         so.intra_op_num_threads = threads
+    if not prepack:
+        so.add_session_config_entry("session.disable_prepacking", "1")
     return so

@@ -26,7 +26,7 @@ from torch.export import Dim
 from .errors import CaptureError, UnsupportedModelError, UsageError
 from .generation import GenerateEntry, cache_spec, example_feed
 from .program import Program
-from .resources import check_disk, check_fits, checkpoint_bytes, widen_to_fp32
+from .resources import COPIES, check_disk, check_fits, checkpoint_bytes, widen_to_fp32
 
 __all__ = ["capture", "sha256_files", "DEFAULT_SEQ_LEN"]
 
@@ -255,7 +255,8 @@ def _task(model, cls_name: str) -> str:
 
 
 def _from_hf_folder(folder: Path, *, seq_len: int, max_seq_len: int | None, trust_pickle: bool,
-                    attn_implementation: str, generate: bool = False, max_memory: int | None = None) -> Program:
+                    attn_implementation: str, generate: bool = False, max_memory: int | None = None,
+                    copies: float = COPIES) -> Program:
     cfg_path = folder / "config.json"
     if not cfg_path.exists():
         raise CaptureError(f"{folder} has no config.json, so it is not a Hugging Face model "
@@ -267,8 +268,8 @@ def _from_hf_folder(folder: Path, *, seq_len: int, max_seq_len: int | None, trus
     weights = _check_weights(folder, trust_pickle)
     load_from, widened = folder, None
     if weights[0].suffix == ".safetensors":
-        stored_bytes, as_fp32 = checkpoint_bytes(weights)
-        check_fits(as_fp32, max_memory, str(folder))
+        stored_bytes, as_fp32, largest = checkpoint_bytes(weights)
+        check_fits(as_fp32, largest, max_memory, str(folder), copies)
         if stored_bytes != as_fp32:   # half precision: an fp32 copy on disk, mapped like any checkpoint
             widened = tempfile.TemporaryDirectory(prefix="tokopt-fp32-")
             check_disk(Path(widened.name), as_fp32, f"the fp32 copy of {folder}'s half-precision weights")
@@ -383,10 +384,11 @@ def _from_callable(spec: str, **kw) -> Program:
 def capture(source, example_inputs=None, *, seq_len: int = DEFAULT_SEQ_LEN, max_seq_len: int | None = None,
             trust_pickle: bool = False, attn_implementation: str = "sdpa",
             dynamic_axes: dict[str, dict[int, str]] | None = None, generate: bool = False,
-            max_memory: int | None = None) -> Program:
+            max_memory: int | None = None, copies: float = COPIES) -> Program:
     """Capture ``source`` into a Program (see the module docstring for the accepted sources).
     With ``generate``, a causal LM becomes the prefill/decode graph with a KV cache. A folder whose
-    compile would not fit ``max_memory`` bytes (default: the memory available) is refused unread."""
+    compile would not fit ``max_memory`` bytes (default: the memory available) is refused unread
+    (``copies``: see ``resources.check_fits``)."""
     if isinstance(source, torch.export.ExportedProgram):
         raise UsageError("pass a saved .pt2 path (torch.export.save), not an ExportedProgram object.")
     if isinstance(source, torch.nn.Module) and generate:
@@ -410,7 +412,8 @@ def capture(source, example_inputs=None, *, seq_len: int = DEFAULT_SEQ_LEN, max_
         return _from_pt2(path)
     if path.is_dir():
         return _from_hf_folder(path, seq_len=seq_len, max_seq_len=max_seq_len, trust_pickle=trust_pickle,
-                               attn_implementation=attn_implementation, generate=generate, max_memory=max_memory)
+                               attn_implementation=attn_implementation, generate=generate, max_memory=max_memory,
+                               copies=copies)
     if ":" in text and not path.exists() and not text.startswith((".", "/")):
         return _from_callable(text, seq_len=seq_len, max_seq_len=max_seq_len, generate=generate)
     if path.exists():

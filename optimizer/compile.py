@@ -19,9 +19,9 @@ from .capture import DEFAULT_SEQ_LEN, capture
 from .errors import UsageError
 from .generation import CacheSpec, example_feed
 from .ops import is_exact
-from .pass_manager import PassManager, PassSpec, load_recipe, parse_pass_spec, plan
+from .pass_manager import FLOAT_WEIGHTS, PassManager, PassSpec, load_recipe, parse_pass_spec, plan
 from .program import Program
-from .resources import PEAK_SOURCE, check_disk, page_out, parse_bytes, stage, weights_bytes
+from .resources import COPIES, PEAK_SOURCE, check_disk, page_out, parse_bytes, stage, weights_bytes
 from .report import Bench, format_report, generation_prompts, generation_quality, probe_inputs, quality, quality_rows
 from .runtime import check_threads, get_backend
 
@@ -141,10 +141,12 @@ def compile(model, example_inputs=None, *, out=None, passes=None, recipe=None, b
         raise UsageError("--seq-len must be at least 2 (a length of 1 would be specialised by torch.export).")
 
     budget = parse_bytes(max_memory) if isinstance(max_memory, str) else max_memory
+    # measured, ONNX Runtime's sessions hold their own (prepacked) copy; passes that make weights hold theirs
+    copies = COPIES if measure or any(FLOAT_WEIGHTS in p.requires for p in pass_list) else 0.0
     with stage("capture", stages, progress, f"capturing {model if isinstance(model, (str, Path)) else type(model).__name__}"):
         captured = capture(model, example_inputs, seq_len=seq_len, max_seq_len=max_seq_len,
                            trust_pickle=trust_pickle, attn_implementation=attn_implementation,
-                           generate=generate, max_memory=budget)
+                           generate=generate, max_memory=budget, copies=copies)
     captured.calib = str(calib) if calib is not None else None
     weights = weights_bytes(captured)
     check_disk(out.parent, weights + 2**26, f"the bundle ({weights / 2**30:.1f} GiB of weights)")

@@ -66,6 +66,7 @@ def stage(name: str, rows: list | None = None, progress: bool = False, what: str
     try:
         yield row
     finally:
+        release_heap()   # what the stage freed leaves the process: the next stage starts from what is live
         peak = max(_carried, peak_rss())
         _carried = max(outer, peak)
         row.update(seconds=round(time.perf_counter() - started, 2), peak_rss_bytes=peak)
@@ -129,10 +130,11 @@ def release_heap() -> None:
 _LIBC = ctypes.CDLL(None) if sys.platform.startswith("linux") else None
 
 
-def checkpoint_bytes(files) -> tuple[int, int]:
-    """(bytes on disk, bytes as fp32) of the tensors in safetensors ``files``, from their headers."""
+def checkpoint_bytes(files) -> tuple[int, int, int]:
+    """(bytes on disk, bytes as fp32, the largest tensor's bytes as fp32) of the tensors in
+    safetensors ``files``, from their headers."""
     from safetensors import safe_open
-    stored = as_fp32 = 0
+    stored = as_fp32 = largest = 0
     for f in files:
         with safe_open(str(f), "pt") as h:
             for key in h.keys():
@@ -140,25 +142,32 @@ def checkpoint_bytes(files) -> tuple[int, int]:
                 n = math.prod(piece.get_shape())
                 size = _DTYPE_BYTES.get(piece.get_dtype(), 4)
                 stored += n * size
-                as_fp32 += n * (4 if piece.get_dtype() in ("BF16", "F16", "F32") else size)
-    return stored, as_fp32   # equal: stored in fp32 (or integers), mapped as it is
+                wide = n * (4 if piece.get_dtype() in ("BF16", "F16", "F32") else size)
+                as_fp32, largest = as_fp32 + wide, max(largest, wide)
+    return stored, as_fp32, largest   # the first two equal: stored in fp32 (or integers), mapped as it is
 
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
                 "F8_E4M3": 1, "F8_E5M2": 1}
 
 
-def check_fits(fp32_bytes: int, max_memory: int | None, source: str) -> None:
+def check_fits(fp32_bytes: int, largest: int, max_memory: int | None, source: str, copies: float = COPIES) -> None:
     """Refuse before loading a model whose compile cannot fit ``max_memory`` bytes (default: the
-    memory available now)."""
+    memory available now). ``copies``: the fp32 weights the compile holds in memory that cannot be
+    paged out (0 when torch's and ONNX Runtime's both read them from mapped files: no
+    measurement and no pass that makes new weights)."""
     budget = max_memory if max_memory is not None else available_memory()
-    needed = COPIES * fp32_bytes + 2**30   # + the interpreter, torch and a layer's activations
+    # + what torch.export and ONNX Runtime take as they load (the interpreter is in memory already:
+    # the budget is what is left beside it) and the largest tensor's temporaries
+    needed = copies * fp32_bytes + 2**28 + 2 * largest
     if budget is not None and needed > budget:
         where = "is the --max-memory budget" if max_memory is not None else "are available"
-        raise UsageError(f"{source}: its weights are {fp32_bytes / 2**30:.1f} GiB as fp32 and a compile holds "
-                         f"{COPIES:g} times that at its peak (ONNX Runtime's prepacked copy, while torch's are "
-                         f"paged out), about {needed / 2**30:.1f} GiB; {budget / 2**30:.1f} GiB {where}. Use a "
-                         "machine with more memory, or a smaller model.")
+        held = (f"a compile holds {copies:g} times that at its peak (ONNX Runtime's prepacked copy, while torch's "
+                "are paged out)" if copies else f"its largest tensor is {largest / 2**30:.2f} GiB")
+        raise UsageError(f"{source}: its weights are {fp32_bytes / 2**30:.1f} GiB as fp32 and {held}, about "
+                         f"{needed / 2**30:.1f} GiB with the runtimes' own; {budget / 2**30:.1f} GiB {where}. Use a "
+                         "machine with more memory, or a smaller model" + ("; --no-measure holds no runtime copy."
+                                                                          if copies else "."))
 
 
 def widen_to_fp32(folder: Path, files: list[Path], into: Path) -> Path:
@@ -198,24 +207,47 @@ def widen_to_fp32(folder: Path, files: list[Path], into: Path) -> Path:
 
 
 def available_memory() -> int | None:
-    """Memory this process may still take: MemAvailable, capped by a cgroup limit."""
+    """Memory this process may still take: MemAvailable, capped by the limits of the memory
+    cgroup it runs in and of each cgroup above it (page cache that can be dropped not counted)."""
     avail = None
     meminfo = Path("/proc/meminfo")
     if meminfo.exists():
         for line in meminfo.read_text().splitlines():
             if line.startswith("MemAvailable:"):
                 avail = int(line.split()[1]) * 1024
-    for limit in (Path("/sys/fs/cgroup/memory.max"), Path("/sys/fs/cgroup/memory/memory.limit_in_bytes")):
+    for folder in _memory_cgroups():
         with contextlib.suppress(OSError, ValueError):
-            cap = int(limit.read_text().strip()) - _cgroup_usage(limit.parent)
+            limit = (folder / "memory.max") if (folder / "memory.max").exists() else folder / "memory.limit_in_bytes"
+            cap = int(limit.read_text().strip()) - _cgroup_held(folder)
             avail = cap if avail is None else min(avail, cap)
     return avail
 
 
-def _cgroup_usage(folder: Path) -> int:
+def _memory_cgroups() -> list[Path]:
+    """The folders of this process's memory cgroup and its ancestors (cgroup v1 or v2)."""
+    found = []
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            _, controllers, path = line.split(":", 2)
+            root = Path("/sys/fs/cgroup/memory") if "memory" in controllers.split(",") else \
+                Path("/sys/fs/cgroup") if controllers == "" else None
+            if root is None or not root.is_dir():
+                continue
+            folder = root / path.lstrip("/")
+            while folder != root and folder.is_relative_to(root):
+                found.append(folder)
+                folder = folder.parent
+            found.append(root)
+    return found
+
+
+def _cgroup_held(folder: Path) -> int:
+    """Memory the cgroup holds, less the inactive page cache the kernel drops under pressure."""
     for name in ("memory.current", "memory.usage_in_bytes"):
         with contextlib.suppress(OSError, ValueError):
-            return int((folder / name).read_text().strip())
+            used = int((folder / name).read_text().strip())
+            stat = dict(line.split() for line in (folder / "memory.stat").read_text().splitlines())
+            return used - int(stat.get("total_inactive_file", stat.get("inactive_file", 0)))
     return 0
 
 

@@ -82,7 +82,7 @@ def test_half_precision_checkpoint_runs_as_fp32(tmp_path):
     the bundle reproduces the bf16 weights widened to fp32."""
     model = _tiny("llama").to(torch.bfloat16)
     model.save_pretrained(tmp_path / "bf16")
-    stored, as_fp32 = checkpoint_bytes(sorted((tmp_path / "bf16").glob("*.safetensors")))
+    stored, as_fp32, _ = checkpoint_bytes(sorted((tmp_path / "bf16").glob("*.safetensors")))
     assert as_fp32 == 2 * stored
     res = tokopt.compile(tmp_path / "bf16", out=tmp_path / "b", measure=False)
     assert res.manifest["source"]["converted"] == "bfloat16 -> float32"
@@ -153,3 +153,74 @@ def test_page_out_releases_mapped_weights(tmp_path):
     page_out(program)
     assert resident - _rss_file() > 0.8 * weights_bytes(program)
     assert torch.equal(program.run(feed)["logits"], before)
+
+
+def _memory_cgroup(name: str):
+    """A new cgroup-v1 memory group below this process's own (whose limits cap what its processes
+    hold, page cache included), or None where this machine does not let one be made."""
+    from tokopt.optimizer.resources import _memory_cgroups
+    for folder in _memory_cgroups():
+        if (folder / "memory.limit_in_bytes").exists():
+            try:
+                (folder / name).mkdir()
+                return folder / name
+            except OSError:
+                return None
+    return None
+
+
+def _capped(group, cap: int, args: list[str]):
+    """``tokopt args`` run in ``group`` capped at ``cap`` bytes; (process, peak bytes, times the cap was hit)."""
+    import subprocess
+    import sys
+    (group / "memory.limit_in_bytes").write_text(str(cap))
+    for f in ("memory.max_usage_in_bytes", "memory.failcnt"):
+        (group / f).write_text("0")
+    proc = subprocess.run(["sh", "-c", f'echo $$ > {group / "cgroup.procs"} && exec "$@"', "sh", sys.executable,
+                           "-m", "tokopt.cli", *args], capture_output=True, text=True, timeout=300)
+    return proc, int((group / "memory.max_usage_in_bytes").read_text()), int((group / "memory.failcnt").read_text())
+
+
+@pytest.mark.slow
+def test_compiles_under_a_memory_cap_smaller_than_its_weights(tmp_path):
+    """A 0.86 GB Llama compiles in a memory cgroup capped at 640 MiB (no measurement: measuring is
+    ONNX Runtime's prepacked copy of the weights): torch and ONNX Runtime read the weights from
+    mapped files, which the kernel pages out under the cap; none is copied where it cannot be. The
+    same model under 400 MiB is refused before its weights are read."""
+    import os
+
+    import transformers
+    group = _memory_cgroup(f"tokopt-test-{os.getpid()}")
+    if group is None:
+        pytest.skip("no memory cgroup (v1) can be made here to cap a compile")
+    try:
+        torch.manual_seed(0)
+        config = transformers.LlamaConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=13,
+                                          num_attention_heads=16, num_key_value_heads=4, vocab_size=8000,
+                                          max_position_embeddings=512)
+        transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "m")
+        checkpoint = tmp_path / "m" / "model.safetensors"
+        cap = 640 * 2**20
+        assert checkpoint.stat().st_size > 1.2 * cap
+        fd = os.open(checkpoint, os.O_RDONLY)   # out of the page cache: read again, its pages count against the cap
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+
+        refused, _, _ = _capped(group, 400 * 2**20, ["compile", str(tmp_path / "m"), "--out", str(tmp_path / "r"),
+                                                     "--no-measure"])
+        said = " ".join(refused.stderr.split())
+        assert refused.returncode == 2 and "0.8 GiB as fp32" in said and "are available" in said, said[-2000:]
+        assert not (tmp_path / "r").exists()
+
+        proc, peak, hits = _capped(group, cap, ["compile", str(tmp_path / "m"), "--out", str(tmp_path / "b"),
+                                                "--no-measure"])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert peak <= cap and hits > 0   # the cap bound: the kernel took pages back to stay under it
+    finally:
+        group.rmdir()
+    model = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "m").eval()
+    feed = feed_for("llama", 2, 37)
+    with torch.no_grad():
+        ref = model(**feed).logits.numpy()
+    np.testing.assert_allclose(_outputs(tmp_path / "b", feed)["logits"], ref, atol=1e-4, rtol=0)
