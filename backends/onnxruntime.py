@@ -115,9 +115,9 @@ def session_disagreement(path: Path, feeds: list[dict], reference, exact: bool) 
     import onnx
     # unpacked, the weights stay in the mapped external-data file (pageable) instead of a second
     # copy in memory; MatMulNBits quantizes its activations (accuracy_level 4) only when packed
-    m = onnx.load(str(path), load_external_data=False)
-    packed = any(n.op_type == "MatMulNBits" for g in (m.graph, *m.functions) for n in g.node)
-    del m
+    packed = path.suffix == ".ort" or any(   # an ORT-format model (not ONNX's protobuf) keeps the default
+        n.op_type == "MatMulNBits" for m in [onnx.load(str(path), load_external_data=False)]
+        for g in (m.graph, *m.functions) for n in g.node)
     try:
         session = make_session(path, ["CPUExecutionProvider"], prepack=packed)
     except BackendError as e:

@@ -39,7 +39,7 @@ def program_hash(program: Program) -> str:
                                   default=str).encode())
     for name, t in sorted(program.ep.state_dict.items()):
         h.update(name.encode())
-        h.update(t.detach().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(t.detach().contiguous().view(torch.uint8).numpy())   # the buffer itself, not a copy
     return h.hexdigest()
 
 

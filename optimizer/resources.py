@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .errors import UsageError
 
-__all__ = ["stage", "peak_rss", "weights_bytes", "page_out", "page_out_tensor", "release_heap", "checkpoint_bytes", "available_memory", "parse_bytes",
+__all__ = ["stage", "peak_rss", "weights_bytes", "page_out", "page_out_tensor", "release_heap", "file_backed", "checkpoint_bytes", "available_memory", "parse_bytes",
            "check_fits", "check_disk", "widen_to_fp32", "PEAK_SOURCE", "COPIES"]
 
 _STATUS, _CLEAR = Path("/proc/self/status"), Path("/proc/self/clear_refs")
@@ -101,21 +101,44 @@ def page_out(program, keep=None) -> None:
 
 
 def page_out_tensor(t) -> None:
-    """``page_out`` for one tensor's storage (a weight a pass has just replaced)."""
-    _advise_out([(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())])
+    """``page_out`` for one tensor's storage (a weight a pass has just replaced, or made
+    ``file_backed``: its pages are written to the file first, as reclaim does not write them)."""
+    _advise_out([(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())], write=True)
 
 
-def _advise_out(spans) -> None:
+def _advise_out(spans, write: bool = False) -> None:
     if _LIBC is None:
         return
     page = mmap.PAGESIZE
     for ptr, size in spans:
         lo, hi = -(-ptr // page) * page, (ptr + size) // page * page   # whole pages inside the tensor only
         if hi > lo:
+            if write:   # a shared file mapping's dirty pages; anywhere else a no-op
+                _LIBC.msync(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MS_SYNC)
             _LIBC.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_PAGEOUT)   # a hint: an old kernel refuses it
 
 
-_MADV_PAGEOUT = 21
+_MADV_PAGEOUT, _MS_SYNC = 21, 4
+
+
+def file_backed(shape, folder: Path, dtype=None):
+    """An uninitialised tensor whose pages live in a file in ``folder`` (removed at once: the
+    mapping keeps it until the tensor is freed). Under memory pressure, or after ``page_out_tensor``,
+    the kernel writes its pages to the file and drops them, where a tensor in anonymous memory would
+    stay resident (there is no swap): a pass's new weights held like the checkpoint's, on disk."""
+    import os
+    import tempfile
+
+    import torch
+    if math.prod(shape) == 0:
+        return torch.empty(shape, dtype=dtype or torch.float32)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, path = tempfile.mkstemp(prefix="weights-", dir=folder)
+    os.close(fd)
+    try:
+        return torch.from_file(path, shared=True, size=math.prod(shape), dtype=dtype or torch.float32).view(shape)
+    finally:
+        os.unlink(path)
 
 
 def release_heap() -> None:
@@ -269,7 +292,7 @@ def parse_bytes(text: str, option: str = "--max-memory") -> int:
     return int(value * _UNITS[unit])
 
 
-def check_disk(folder: Path, needed: int, what: str) -> None:
+def check_disk(folder: Path, needed: int, what: str, fix: str = "choose another --out") -> None:
     """Refuse before the work when ``folder``'s file system has less free space than ``needed``."""
     folder = Path(folder)
     while not folder.exists():
@@ -277,5 +300,5 @@ def check_disk(folder: Path, needed: int, what: str) -> None:
     free = shutil.disk_usage(folder).free
     if free < needed:
         raise UsageError(f"{what} needs about {needed / 2**30:.1f} GiB of disk and {folder} has "
-                         f"{free / 2**30:.1f} GiB free. Free some space or choose another --out.")
+                         f"{free / 2**30:.1f} GiB free. Free some space or {fix}.")
 

@@ -23,12 +23,13 @@ rotated graph's outputs against the original's.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 
 from ..optimizer.patterns import PASS_THROUGH
 from ..optimizer.program import Rewrite, call_function_nodes
-from ..optimizer.resources import page_out_tensor, release_heap
+from ..optimizer.resources import file_backed, page_out_tensor, release_heap
 from .linears import is_weight
 
 __all__ = ["rotate", "NotRotatable", "random_hadamard", "hadamard"]
@@ -110,10 +111,11 @@ def _readers(node) -> list:
     return out
 
 
-def rotate(rw: Rewrite, seed: int = 0, online: bool = True, heads: bool = True) -> dict:
+def rotate(rw: Rewrite, seed: int = 0, online: bool = True, heads: bool = True, spill: Path | None = None) -> dict:
     """Rotate the graph being rewritten (see module doc); returns what was rotated.
     ``heads=False`` leaves values unrotated (a --generate graph's cache keeps the model's
-    layout). Raises ``NotRotatable`` before touching the graph."""
+    layout). ``spill``: a folder the rotated weights are mapped from (``file_backed``), so they
+    leave memory as the original ones do. Raises ``NotRotatable`` before touching the graph."""
     g = rw.graph
     gen = torch.Generator().manual_seed(seed)
     embeds = [n for n in call_function_nodes(g) if n.target == aten.embedding.default]
@@ -214,21 +216,23 @@ def rotate(rw: Rewrite, seed: int = 0, online: bool = True, heads: bool = True) 
     for node, idx, name, steps in [(emb, 0, "rot_embedding", [(lambda e: e @ q, True)]), *(
             (lin, 2 if what == "bias" else 1, f"rot_{lin.name}_{what}", steps) for (lin, what), steps in plan.items())]:
         old = rw.tensor(node.args[idx])
-        node.replace_input_with(node.args[idx], rw.constant(name, _apply(old, steps)))
-        # the old weight's pages leave memory as its replacement is made, and float64 temporaries
-        # leave no holes: the rotated model is made in about one model's memory, not two
+        new = _apply(old, steps, torch.empty if spill is None else lambda shape: file_backed(shape, spill))
+        node.replace_input_with(node.args[idx], rw.constant(name, new))
+        # the old weight's pages (and the new one's, on disk) leave memory as the next is made, and
+        # float64 temporaries leave no holes: the rotation holds about one weight, not two models
         page_out_tensor(old)
+        page_out_tensor(new)
         release_heap()
     return {"hidden": d, "norms_folded": folded, "writers": len(writers), "head_rotations": head_count,
             "online_rotations": online_count}
 
 
-def _apply(w: torch.Tensor, steps: list, chunk: int = 4096) -> torch.Tensor:
-    """``w`` through ``steps`` in float64, as a new float32 tensor; by slices of rows where every
-    step maps rows on their own."""
+def _apply(w: torch.Tensor, steps: list, make, chunk: int = 4096) -> torch.Tensor:
+    """``w`` through ``steps`` in float64, into a new float32 tensor ``make(shape)``; by slices of
+    rows where every step maps rows on their own."""
     if not all(rows for _, rows in steps) or w.dim() != 2:
         chunk = w.shape[0]
-    out = torch.empty(w.shape, dtype=torch.float32)
+    out = make(w.shape)
     for i in range(0, w.shape[0], chunk):
         x = w[i:i + chunk].detach().double()
         for f, _ in steps:

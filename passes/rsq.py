@@ -65,7 +65,7 @@ from tqdm import tqdm
 
 from ..calibration.gptq import QuantizedWeight, quantize_gptq, quantize_rtn
 from ..calibration.lm_eval import full_feed, perplexity, token_kl
-from ..calibration.stats import cached_tensors, program_hash
+from ..calibration.stats import cache_dir, cached_tensors, program_hash
 from ..optimizer.data import token_source, token_windows
 from ..optimizer.errors import PassError, UsageError
 from ..optimizer.ops import BITS, EMBEDDING_Q8, LINEAR_W8A8, MATMUL_NBITS, TOKEN_SCORES, Tap, attention_spec
@@ -74,7 +74,7 @@ from ..optimizer.ops.nbits import pack, quantize_table
 from ..optimizer.pass_manager import CANONICAL_ATTENTION, FLOAT_WEIGHTS, Pass, PassResult, max_abs_error, opt, \
     register_pass
 from ..optimizer.program import Program, Rewrite, call_function_nodes, inherit_meta
-from ..optimizer.resources import page_out, release_heap
+from ..optimizer.resources import check_disk, file_backed, page_out, page_out_tensor, release_heap, weights_bytes
 from .linears import layer_of_linears, linear_layers, replace_linear
 from .rotation import NotRotatable, rotate
 
@@ -228,11 +228,11 @@ class RSQPass(Pass):
                     per_sample[i] = _importance(q, kk, mask, scale, causal, self.options.min_value,
                                                 self.options.max_value)
                 x = x * per_sample[i].reshape(-1).sqrt()[:, None]
-            h += x.T @ x
+            h.addmm_(x.T, x)   # in place: no k x k temporary (1.6 GB for a 14336-wide input)
             count += x.shape[0]
-        return 2 * h / max(count, 1)
+        return h.mul_(2).div_(max(count, 1))
 
-    def _solve(self, rw: Rewrite, body, calib, layer_of: dict, names: dict, bs: int) -> dict:
+    def _solve(self, rw: Rewrite, body, calib, layer_of: dict, names: dict, bs: int, spill) -> dict:
         """Quantize the body group by group, each on inputs from the already-quantized graph:
         {"codes": {node: codes}, "scales": {node: scales}, "rows": the log}."""
         opts = self.options
@@ -243,7 +243,7 @@ class RSQPass(Pass):
         for n in body:
             groups.setdefault(n.args[0], []).append(n)
         gm = rw.module()
-        out, weights_cache, marks = {"codes": {}, "scales": {}, "rows": []}, {}, [None] * len(feeds)
+        out, weights_cache, marks, read_again = {"codes": {}, "scales": {}, "rows": []}, {}, [None] * len(feeds), []
         for group in tqdm(list(groups.values()), desc="rsq: quantizing", leave=False, disable=not feeds):
             layer = layer_of.get(group[0].name)
             start = time.perf_counter()
@@ -252,13 +252,18 @@ class RSQPass(Pass):
                 k = rw.tensor(group[0].args[1]).shape[1]
                 h = self._hessians(gm, rw.input_names, group, k, attention_of.get(layer), feeds, weights_cache, layer,
                                    marks)
+            for t in read_again:   # the previous group's new weights, which this group's run read back in
+                page_out_tensor(t)
+            read_again = []
             for lin in group:
                 w = rw.tensor(lin.args[1]).detach().float()
                 name = names.get(lin.name, lin.name)
                 qw = self._quantize(w, h, opts.bits, w.shape[1] if opts.act_bits else bs, name)
                 deq = qw.dequantize()
                 if feeds:  # later groups calibrate on what this one computes once quantized
-                    rw.set_tensor(rw.weight_name(lin.args[1]), deq)
+                    mapped = file_backed(deq.shape, spill)
+                    rw.set_tensor(rw.weight_name(lin.args[1]), mapped.copy_(deq))
+                    read_again.append(mapped)
                 out["codes"][lin.name], out["scales"][lin.name] = qw.codes, qw.scales
                 out["rows"].append(self._log_row(name, layer, w, deq, h, qw, time.perf_counter() - start))
             release_heap()   # each weight replaced by a new one and float64 Hessians freed: no holes kept
@@ -288,7 +293,12 @@ class RSQPass(Pass):
         evaluate = held_out and program.keeps_positions and program.task == "causal-lm" and program.cache is None
         if evaluate:   # first, while the original weights are in memory: the rotation pages them out
             stats["perplexity_fp32"] = perplexity(program, held_out)
-        stats["rotation"] = self._rotate(program, rw)
+        # new weights (rotated, then dequantized) are mapped from files, so they leave memory as the
+        # checkpoint's do: what stays resident is the layer being calibrated, not the model twice
+        spill = cache_dir() / "spill"
+        check_disk(spill, weights_bytes(program) + 2**28, "rsq's new weights (mapped from disk to leave memory)",
+                   "set TOKOPT_CACHE_DIR to a folder on a larger disk")
+        stats["rotation"] = self._rotate(program, rw, spill)
         page_out(program)
         body, heads = linear_layers(rw)
         if not body:
@@ -306,7 +316,7 @@ class RSQPass(Pass):
             if k not in ("eval_windows", "compute", "int8_budget", "embed_bits")},
             "group_size": bs,
             "data": [hashlib.sha256(torch.cat(calib, 1).numpy().tobytes()).hexdigest()] if calib else None}
-        result, hit = cached_tensors("rsq", key, lambda: self._solve(rw, body, calib, layer_of, names, bs))
+        result, hit = cached_tensors("rsq", key, lambda: self._solve(rw, body, calib, layer_of, names, bs, spill))
         stats["cached"] = hit
         rows = result["rows"]
         by_name = {n.name: n for n in body}
@@ -328,6 +338,7 @@ class RSQPass(Pass):
             quantized = {}
         self._rewrite(rw, {**quantized, **heads_q}, 4 if opts.compute == "int8" else 0)
         stats.update(self._rewrite_embeddings(rw, bs))
+        _page_out(rw)   # the float weights just replaced, resident since calibration read them, until rw is freed
         out = rw.commit("rsq")
         if opts.compute == "auto":
             out, stats["compute"] = self._pick_compute(out, held_out)
@@ -340,13 +351,13 @@ class RSQPass(Pass):
             stats["eval_tokens"] = sum(w.shape[1] for w in held_out)
         return PassResult(out, True, stats)
 
-    def _rotate(self, program: Program, rw: Rewrite) -> dict | str:
+    def _rotate(self, program: Program, rw: Rewrite, spill) -> dict | str:
         opts = self.options
         if opts.rotate == "off":
             return "off"
         ref = program.run()   # before: the rotation pages the original weights out as it replaces them
         try:
-            info = rotate(rw, seed=opts.seed, online=opts.online, heads=program.cache is None)
+            info = rotate(rw, seed=opts.seed, online=opts.online, heads=program.cache is None, spill=spill)
         except NotRotatable as e:  # raised before the graph is touched
             if opts.rotate == "on":
                 raise UsageError(f"rsq: rotate=on, but this graph cannot be rotated: {e}. Use rotate=auto "
@@ -358,6 +369,7 @@ class RSQPass(Pass):
         if err > 1e-3 * max(scale, 1.0):
             raise PassError(f"rsq: the rotated graph does not reproduce the original (max abs error {err:.3g}); "
                             "this is a tokopt bug. Use rotate=off meanwhile.")
+        _page_out(rw)   # the check read every weight back in
         return {**info, "max_abs_error": err}
 
     @staticmethod
@@ -552,6 +564,12 @@ class RSQPass(Pass):
         left = [n.name for n in linear_layers(program)[0]]
         if left:
             raise PassError(f"rsq left linear layers unquantized: {', '.join(left[:5])}")
+
+
+def _page_out(rw: Rewrite) -> None:
+    """The weights of the graph being rewritten out of memory where they are mapped from files."""
+    for t in rw.module().state_dict().values():
+        page_out_tensor(t)
 
 
 def _range(values: torch.Tensor, how: str) -> tuple[float, int]:
