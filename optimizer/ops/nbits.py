@@ -96,7 +96,18 @@ def _matmul_nbits(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
                   accuracy_level: int = 0) -> torch.Tensor:
     if accuracy_level == 4:
         x = _int8_blocks(x, block_size)
-    return F.linear(x, dequantize(qweight, scales, bits, in_features).to(x.dtype), bias)
+    if out_features <= _ROWS:
+        return F.linear(x, dequantize(qweight, scales, bits, in_features).to(x.dtype), bias)
+    # an LM head over a 152K vocabulary dequantized at once is 4 float copies of it (2 GB): by slices of rows
+    out = x.new_empty((*x.shape[:-1], out_features))
+    for i in range(0, out_features, _ROWS):
+        rows = slice(i, i + _ROWS)
+        out[..., rows] = F.linear(x, dequantize(qweight[rows], scales[rows], bits, in_features).to(x.dtype),
+                                  None if bias is None else bias[rows])
+    return out
+
+
+_ROWS = 8192
 
 
 def _matmul_nbits_fake(x, qweight, scales, bias, bits, block_size, in_features, out_features, accuracy_level=0):
