@@ -109,22 +109,24 @@ def _computed(reference, feeds: list[dict], exact: bool):
     return lambda feed, nudge=0.0: table[id(feed)][nudge]
 
 
-def session_disagreement(path: Path, feeds: list[dict], reference, exact: bool) -> str | None:
+def session_disagreement(path: Path, feeds: list[dict], reference, exact: bool, prepack: bool = True) -> str | None:
     """``disagreement`` of the model file at ``path`` run by ONNX Runtime's CPU provider (each feed
-    cut to the inputs the graph reads), or why it does not even load."""
-    import onnx
-    # unpacked, the weights stay in the mapped external-data file (pageable) instead of a second
-    # copy in memory; MatMulNBits quantizes its activations (accuracy_level 4) only when packed
-    packed = path.suffix == ".ort" or any(   # an ORT-format model (not ONNX's protobuf) keeps the default
-        n.op_type == "MatMulNBits" for m in [onnx.load(str(path), load_external_data=False)]
-        for g in (m.graph, *m.functions) for n in g.node)
+    cut to the inputs the graph reads), or why it does not even load. ``prepack``: see
+    ``ort_options.session_options`` (``_needs_packing`` says when a graph must keep it)."""
     try:
-        session = make_session(path, ["CPUExecutionProvider"], prepack=packed)
+        session = make_session(path, ["CPUExecutionProvider"], prepack=prepack)
     except BackendError as e:
         return str(e)
     names = {i.name for i in session.get_inputs()}
     return disagreement(lambda feed: session.run(None, {k: v for k, v in feed.items() if k in names}),
                         feeds, reference, exact)
+
+
+def _needs_packing(model) -> bool:
+    """Whether the onnx-ir ``model``'s check session must prepack: MatMulNBits quantizes its
+    activations (accuracy_level 4) only packed. Elsewhere the check reads the weights unpacked from
+    the mapped external-data file (pageable) instead of a second copy in memory."""
+    return any(n.op_type == "MatMulNBits" for g in (model.graph, *model.functions.values()) for n in g)
 
 
 def _shapes(feed: dict) -> str:
@@ -208,9 +210,9 @@ def export_onnx(program: Program, path: Path, *, fusions: bool = True, standard:
         static_reshapes(model)
         with tempfile.TemporaryDirectory() as tmp:
             save(model, Path(tmp) / path.name)
-            model = None
+            packing, model = _needs_packing(model), None
             page_out(program)
-            rejected = session_disagreement(Path(tmp) / path.name, feeds, reference, exact)
+            rejected = session_disagreement(Path(tmp) / path.name, feeds, reference, exact, packing)
             if rejected is None:
                 for f in Path(tmp).iterdir():
                     shutil.move(str(f), path.parent / f.name)
@@ -220,9 +222,10 @@ def export_onnx(program: Program, path: Path, *, fusions: bool = True, standard:
     static_reshapes(model)
     standardized = standardize(model) if (not fusions if standard is None else standard) else {}
     save(model, path)
+    packing = _needs_packing(model)
     del model
     page_out(program)
-    why = session_disagreement(path, feeds, reference, exact)
+    why = session_disagreement(path, feeds, reference, exact, packing)
     if why is not None:
         raise BackendError(f"the ONNX lowering does not reproduce the graph: {why}. This is a tokopt "
                            "bug; rerun with --debug and report it.")
