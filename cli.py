@@ -53,9 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop timing a candidate after this many seconds of calls (at least 3 calls)")
     c.add_argument("--bench-len", type=int, default=128, help="tokens per sequence for the latency probe")
     c.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
-    c.add_argument("--generate", action="store_true",
-                   help="causal LMs: compile the prefill/decode graph with a KV cache (for "
-                        "`tokopt run --max-new-tokens`)")
+    c.add_argument("--generate", action=argparse.BooleanOptionalAction, default=None,
+                   help="causal LMs compile to one prefill/decode graph with a KV cache by default (runner.generate, "
+                        "`tokopt run --max-new-tokens`; a plain call still gives every position's logits); "
+                        "--no-generate: the full-sequence forward only")
     c.add_argument("--max-drop", default=None, help="search the passes for the fastest bundle within a quality "
                                                     "budget: cosine=0.002, spearman=0.995, ppl=2%%, kl=0.01, top1=99%%")
     c.add_argument("--optimize", default="latency", choices=("latency", "size"), help="with --max-drop")
@@ -161,7 +162,7 @@ def _cmd_run(args) -> int:
     sampling = args.sample or args.top_k or args.top_p != 1.0 or args.temperature != 1.0 or args.stop
     if args.max_new_tokens is None and sampling:
         raise UsageError("--sample, --temperature, --top-k, --top-p and --stop apply to generation; "
-                         "add --max-new-tokens N (the bundle must be compiled with --generate).")
+                         "add --max-new-tokens N (the bundle must be compiled for generation, the default for causal LMs).")
     tok = runner.tokenizer() if args.text is not None or m.get("tokenizer") else None
     ids = tok(args.text)["input_ids"] if args.text is not None else _ids(args.input_ids, "--input-ids")
     if not ids:

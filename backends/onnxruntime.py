@@ -19,7 +19,7 @@ from ..optimizer.errors import BackendError, UsageError
 from ..optimizer.ops import OPSET, decompose, is_exact, onnx_translation_table, rounding_jitter, standardize
 from ..optimizer.program import Program
 from ..optimizer.resources import page_out
-from ..optimizer.generation import with_positions
+from ..optimizer.generation import LOGITS_INDEX, with_positions
 from ..optimizer.report import Bench, time_lengths, verification_feeds
 from ..optimizer.runtime import Backend, Runner, register_backend
 from .decoder import decoder_feeds, lower_decoder
@@ -338,6 +338,7 @@ class BoundDecoding:
     def __init__(self, session, spec, batch: int, capacity: int, inputs: set[str]):
         import onnxruntime as ort
         self.session, self.positions, self.capacity = session, "position_ids" in inputs, capacity
+        self.index = LOGITS_INDEX in inputs   # the last position's logits are asked for (newer bundles)
         self.io = session.io_binding()
         self.logits = np.zeros((batch, 1, spec.vocab_size), dtype=spec.dtype)
         self.buffers = [ort.OrtValue.ortvalue_from_numpy(self.logits)]   # kept alive while bound
@@ -358,6 +359,8 @@ class BoundDecoding:
         self.io.bind_cpu_input("attention_mask", np.ascontiguousarray(mask))
         if self.positions:
             self.io.bind_cpu_input("position_ids", np.ascontiguousarray(pos))
+        if self.index:
+            self.io.bind_cpu_input(LOGITS_INDEX, np.array([ids.shape[1] - 1]))
         self.session.run_with_iobinding(self.io)
         return self.logits[:, -1].copy()   # the buffer is the next call's output
 

@@ -128,7 +128,8 @@ def engine_script(inputs: list[dict], seq_max: int, onnx_file: str = "model.onnx
 
 # axis kind -> (min, opt, max) given the longest sequence; a generation graph's cache starts empty
 _RANGES = {"batch": lambda n: (1, 1, 8), "sequence": lambda n: (1, min(128, n), n),
-           "total_sequence": lambda n: (1, min(128, n), n), "past_sequence": lambda n: (0, min(128, n - 1), n - 1)}
+           "total_sequence": lambda n: (1, min(128, n), n), "past_sequence": lambda n: (0, min(128, n - 1), n - 1),
+           "logits": lambda n: (1, 1, n)}
 
 
 def longest(seq_range) -> int:

@@ -50,7 +50,7 @@ def _bundles(model, work: Path, recipes: dict[str, str | None], threads: int) ->
         for i, (label, spec) in enumerate(recipes.items()):
             name = f"tokopt {backend}{' + ' + label if label else ''}"
             t = time.perf_counter()
-            res = tokopt.compile(model, out=work / f"{backend}{i}", backend=backend, passes=spec, measure=False)
+            res = tokopt.compile(model, generate=False, out=work / f"{backend}{i}", backend=backend, passes=spec, measure=False)
             build[name] = time.perf_counter() - t
             runner = tokopt.load(res.bundle, threads=threads)
             runs[name] = lambda feed, r=runner: r(**feed)

@@ -49,7 +49,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     model = args.model or _minilm()
     work = Path(tempfile.mkdtemp(prefix="tokopt-bench-"))
-    res = tokopt.compile(model, out=work / "bundle", measure=False, threads=args.threads)
+    res = tokopt.compile(model, generate=False, out=work / "bundle", measure=False, threads=args.threads)
     captured = tokopt.capture(model)
     eager = captured.module
     plain = work / "plain.onnx"

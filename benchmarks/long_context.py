@@ -131,7 +131,7 @@ def still_part(args, work: Path, text_ids) -> dict:
                     for name, spec in variants.items() if name.startswith(("STILL (", "sliding"))}
     quality, bundles = {}, {}
     for name, spec in variants.items():
-        res = tokopt.compile(LM, out=work / f"still-{len(quality)}", passes=spec, calib=calib, measure=False,
+        res = tokopt.compile(LM, generate=False, out=work / f"still-{len(quality)}", passes=spec, calib=calib, measure=False,
                              threads=args.threads)
         st = res.program.history[-1]["stats"]
         quality[name] = {k: st.get(k) for k in ("exact_keys_per_query", "perplexity_original", "perplexity_stage1",
@@ -148,7 +148,7 @@ def still_part(args, work: Path, text_ids) -> dict:
               f"trained in {st['train_seconds']:.0f} s", flush=True)
     if args.no_forward:
         return {"quality": quality, "equal_budget_window": window}
-    bundles = {"dense": tokopt.compile(LM, out=work / "still-dense", measure=False, threads=args.threads).bundle,
+    bundles = {"dense": tokopt.compile(LM, generate=False, out=work / "still-dense", measure=False, threads=args.threads).bundle,
                **bundles}
     lengths = [n for n in args.lengths if n <= args.ort_dense_max]
     times = _forward_times(bundles, text_ids, lengths, args.threads)
@@ -262,8 +262,8 @@ def main(argv=None):
         return
     calib = str(LM / "heldout.txt")
     spec = f"tca:tolerance={args.tolerance}"
-    res = tokopt.compile(LM, out=work / "tca", passes=spec, calib=calib, measure=False, threads=args.threads)
-    dense_bundle = tokopt.compile(LM, out=work / "dense", measure=False, threads=args.threads)
+    res = tokopt.compile(LM, generate=False, out=work / "tca", passes=spec, calib=calib, measure=False, threads=args.threads)
+    dense_bundle = tokopt.compile(LM, generate=False, out=work / "dense", measure=False, threads=args.threads)
     stats = res.program.history[-1]["stats"]
     table = res.program.artifacts["budgets.json"]
     sinks, obs = table["sinks"], table["obs"]

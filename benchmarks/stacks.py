@@ -48,7 +48,7 @@ def _compile(model, specs: dict, work: Path, calib) -> tuple[dict, dict]:
     bundles, seconds = {}, {}
     for i, (name, spec) in enumerate(specs.items()):
         started = time.perf_counter()
-        bundles[name] = tokopt.compile(model, out=work / f"b{i}", passes=spec, calib=calib, measure=False).bundle
+        bundles[name] = tokopt.compile(model, generate=False, out=work / f"b{i}", passes=spec, calib=calib, measure=False).bundle
         seconds[name] = round(time.perf_counter() - started, 1)
         print(f"compiled {name} in {seconds[name]} s", flush=True)
     return bundles, seconds

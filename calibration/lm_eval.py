@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ..optimizer.errors import UsageError
+from ..optimizer.generation import LOGITS_INDEX
 from ..optimizer.program import Program
 
 __all__ = ["perplexity", "decode_perplexity", "passkey", "passkey_stats", "full_feed", "token_kl"]
@@ -32,6 +33,7 @@ def full_feed(program: Program, ids: torch.Tensor) -> dict[str, torch.Tensor]:
         feed["token_type_ids"] = torch.zeros_like(ids)
     if program.cache is not None:
         feed["position_ids"] = torch.arange(ids.shape[1]).expand_as(ids)
+        feed[LOGITS_INDEX] = torch.arange(ids.shape[1])   # every position's logits
         feed.update(program.cache.empty(ids.shape[0]))
     return feed
 

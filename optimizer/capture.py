@@ -24,7 +24,7 @@ import torch
 from torch.export import Dim
 
 from .errors import CaptureError, UnsupportedModelError, UsageError
-from .generation import GenerateEntry, cache_spec, example_feed
+from .generation import LOGITS_INDEX, GenerateEntry, cache_spec, example_feed
 from .program import Program
 from .resources import COPIES, check_disk, check_fits, checkpoint_bytes, widen_to_fp32
 
@@ -167,13 +167,14 @@ def _generate_program(model: torch.nn.Module, *, source: dict, max_len: int | No
     """The one-graph prefill/decode program of a causal LM (see ``optimizer/generation.py``)."""
     model.eval()
     spec = cache_spec(model, max_len)
-    names = ["input_ids", "attention_mask", "position_ids", *spec.input_names]
-    # Distinct example sizes (batch 2, 3 new tokens, 5 cached), so no two axes share a symbol.
-    example = example_feed(spec, batch=2, seq=3, past=5)
+    names = ["input_ids", "attention_mask", "position_ids", LOGITS_INDEX, *spec.input_names]
+    # Distinct example sizes (batch 2, 4 new tokens, 5 cached, logits of 3), so no two axes share a symbol.
+    example = example_feed(spec, batch=2, seq=4, past=5, logits=3)
     wanted = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "total_sequence"},
-              "position_ids": {0: "batch", 1: "sequence"},
+              "position_ids": {0: "batch", 1: "sequence"}, LOGITS_INDEX: {0: "logits"},
               **{n: {0: "batch", 2: "past_sequence"} for n in spec.input_names}}
     ep = _export(_named(GenerateEntry, names)(model, spec.layers), names, example, wanted)
+    _select_logit_rows(ep)
     prog = Program(ep=ep, input_names=names, output_names=["logits", *spec.output_names],
                    dynamic_axes=_actual_axes(ep, names, wanted), probe=example, task="causal-lm",
                    source={**source, "module_prefix": _WRAPPER_PREFIX}, module=model,
@@ -181,8 +182,36 @@ def _generate_program(model: torch.nn.Module, *, source: dict, max_len: int | No
     return prog
 
 
+def _select_logit_rows(ep: torch.export.ExportedProgram) -> None:
+    """transformers picks the positions to score with ``hidden[:, logits_index]``, an aten.index
+    that exports to ONNX as Transpose-Gather-Transpose, and ONNX Runtime folds those transposes
+    into a FusedMatMul with the LM head that fails at batch > 1. ``index_select`` on the axis is
+    one Gather."""
+    graph = ep.graph
+    for node in list(graph.nodes):
+        if node.target is torch.ops.aten.index.Tensor and len(node.args[1]) == 2 and node.args[1][0] is None \
+                and getattr(node.args[1][1], "name", None) == LOGITS_INDEX:
+            with graph.inserting_before(node):
+                rows = graph.call_function(torch.ops.aten.index_select.default, (node.args[0], 1, node.args[1][1]))
+            rows.meta = dict(node.meta)
+            node.replace_all_uses_with(rows)
+            graph.erase_node(node)
+    ep.graph_module.recompile()
+
+
 def _context_limit(config) -> int | None:
     return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
+def _generates(model: torch.nn.Module) -> bool:
+    """Whether a causal LM with a plain per-layer KV cache (what the generation graph needs)."""
+    if not (hasattr(model, "config") and _task(model, type(model).__name__) == "causal-lm"):
+        return False
+    try:
+        cache_spec(model, None)
+    except UnsupportedModelError:
+        return False
+    return True
 
 
 def _require_causal_lm(model: torch.nn.Module, name: str) -> None:
@@ -255,7 +284,7 @@ def _task(model, cls_name: str) -> str:
 
 
 def _from_hf_folder(folder: Path, *, seq_len: int, max_seq_len: int | None, trust_pickle: bool,
-                    attn_implementation: str, generate: bool = False, max_memory: int | None = None,
+                    attn_implementation: str, generate: bool | None = False, max_memory: int | None = None,
                     copies: float = COPIES) -> Program:
     cfg_path = folder / "config.json"
     if not cfg_path.exists():
@@ -310,6 +339,8 @@ def _from_hf_folder(folder: Path, *, seq_len: int, max_seq_len: int | None, trus
     source = {"kind": "hf-folder", "path": str(folder.resolve()), "class": cls.__name__,
               "sha256": sha256_files(weights), "attn_implementation": attn_implementation,
               **({"converted": f"{str(stored).removeprefix('torch.')} -> float32"} if stored != torch.float32 else {})}
+    if generate is None:
+        generate = _generates(model)
     if generate:
         _require_causal_lm(model, str(folder))
         return _generate_program(model, source=source, max_len=max_len, tokenizer_dir=str(tok) if tok else None)
@@ -383,14 +414,18 @@ def _from_callable(spec: str, **kw) -> Program:
 
 def capture(source, example_inputs=None, *, seq_len: int = DEFAULT_SEQ_LEN, max_seq_len: int | None = None,
             trust_pickle: bool = False, attn_implementation: str = "sdpa",
-            dynamic_axes: dict[str, dict[int, str]] | None = None, generate: bool = False,
+            dynamic_axes: dict[str, dict[int, str]] | None = None, generate: bool | None = False,
             max_memory: int | None = None, copies: float = COPIES) -> Program:
     """Capture ``source`` into a Program (see the module docstring for the accepted sources).
-    With ``generate``, a causal LM becomes the prefill/decode graph with a KV cache. A folder whose
+    With ``generate``, a causal LM becomes the prefill/decode graph with a KV cache; with
+    ``generate=None``, a causal LM with a plain KV cache does (a folder, or a module given without
+    example inputs), anything else its forward. A folder whose
     compile would not fit ``max_memory`` bytes (default: the memory available) is refused unread
     (``copies``: see ``resources.check_fits``)."""
     if isinstance(source, torch.export.ExportedProgram):
         raise UsageError("pass a saved .pt2 path (torch.export.save), not an ExportedProgram object.")
+    if isinstance(source, torch.nn.Module) and generate is None:
+        generate = example_inputs is None and _generates(source)
     if isinstance(source, torch.nn.Module) and generate:
         _require_causal_lm(source, type(source).__name__)
         return _generate_program(source, source={"kind": "module", "class": type(source).__name__},
@@ -406,7 +441,7 @@ def capture(source, example_inputs=None, *, seq_len: int = DEFAULT_SEQ_LEN, max_
     if path.suffix == ".pt2":
         if not path.exists():
             raise CaptureError(f"{path} does not exist.")
-        if generate:
+        if generate:   # None: a .pt2 is its one graph
             raise UsageError("--generate needs the model itself (a Hugging Face folder or a module): "
                              "a .pt2 holds one fixed graph with no KV cache to build.")
         return _from_pt2(path)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import sympy
@@ -101,13 +101,14 @@ def compile(model, example_inputs=None, *, out=None, passes=None, recipe=None, b
             seq_len: int = DEFAULT_SEQ_LEN, max_seq_len: int | None = None, trust_pickle: bool = False,
             attn_implementation: str = "sdpa", measure: bool = True, bench_runs: int = 20,
             bench_time: float | None = 10.0, bench_len: int = 128, threads: int | None = None, texts: list[str] | None = None,
-            generate: bool = False, progress: bool = False, precision: str = "auto", max_drop: str | None = None,
+            generate: bool | None = None, progress: bool = False, precision: str = "auto", max_drop: str | None = None,
             optimize: str = "latency", search_time="20m", search_trials: int | None = None, seed: int = 0,
             max_memory: str | int | None = None,
             extra_files: dict | None = None, extra_report: dict | None = None) -> CompileResult:
     """Compile ``model`` into a bundle at ``out`` and measure it. See ``tokopt compile --help``.
-    With ``generate``, a causal LM is compiled as one prefill/decode graph with a KV cache and
-    the bundle's runner gets ``generate()``. With ``max_drop`` (e.g. ``"cosine=0.002"``), the passes
+    A causal LM is compiled as one prefill/decode graph with a KV cache and the bundle's runner
+    gets ``generate()`` unless ``generate=False`` (``None``: wherever the model and every pass
+    allow it; ``True``: refuse where they do not). With ``max_drop`` (e.g. ``"cosine=0.002"``), the passes
     and backend are searched for the fastest (``optimize="latency"``) or smallest bundle within that
     quality budget (``optimizer/search.py``); ``backend`` then fixes the backend."""
     if max_drop is not None:
@@ -122,8 +123,11 @@ def compile(model, example_inputs=None, *, out=None, passes=None, recipe=None, b
                       generate=generate, precision=precision)
     backend = backend or "onnxruntime"
     stages: list[dict] = []
-    the_plan = plan(plan_passes(passes, recipe), generate=generate)
+    the_plan = plan(plan_passes(passes, recipe), generate=bool(generate))
     pass_list = the_plan.passes
+    refusing = [p for p in pass_list if p.on_generate]
+    if generate is None and refusing:
+        generate = False   # a causal LM keeps its full-sequence forward; the plan says why below
     be = get_backend(backend)
     tgt = be.target(target)
     be.check_precision(tgt, precision)
@@ -148,6 +152,9 @@ def compile(model, example_inputs=None, *, out=None, passes=None, recipe=None, b
                            trust_pickle=trust_pickle, attn_implementation=attn_implementation,
                            generate=generate, max_memory=budget, copies=copies)
     captured.calib = str(calib) if calib is not None else None
+    if captured.task == "causal-lm" and captured.cache is None and refusing:
+        the_plan.notes.append(f"compiled as the full-sequence forward, without generate(): {refusing[0].name} "
+                              f"cannot run on a generation graph ({refusing[0].on_generate})")
     weights = weights_bytes(captured)
     check_disk(out.parent, weights + 2**26, f"the bundle ({weights / 2**30:.1f} GiB of weights)")
     with stage("passes", None, progress, f"running passes: {', '.join(p.name for p in pass_list)}"):
@@ -221,7 +228,8 @@ def _measure(be, tgt, captured: Program, bundle_dir: Path, data: dict, texts, be
     where = be.checked_on(tgt)
     if captured.cache is not None:
         result = _generation_quality(captured, data, be.runner_cls(bundle_dir, data, threads=threads), texts, length)
-        lengths = [length]
+        lengths = [length]   # the decode step at this context; then the first token after two prompt lengths
+        bench = replace(bench, prefill=(length, *filter(None, [_longer_length(captured, length)])))
     else:
         # a large model is probed on 2 rows instead of 4: its original runs in torch on this CPU
         result = _encoder_quality(captured, lambda: be.runner_cls(bundle_dir, data, threads=threads), texts,
@@ -231,6 +239,8 @@ def _measure(be, tgt, captured: Program, bundle_dir: Path, data: dict, texts, be
     lats = be.latency(captured, bundle_dir, tgt, bench, lengths, threads, manifest=data)
     if lats is not None and captured.cache is not None:
         result["latency"] = {**lats[0], "label": f"decode step, {length} cached tokens, batch 1"}
+        result["first_token"] = [{**lat, "label": f"first token, {lat['feed']['input_ids'][1]}-token prompt, batch 1"}
+                                 for lat in lats[1:]]
     elif lats is not None:
         result.update(zip(("latency", "latency_long"), lats))
     return {**result, **({"checked_on": where} if where else {})}

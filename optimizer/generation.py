@@ -4,13 +4,18 @@ The graph (ONNX Runtime GenAI's and Optimum's ``past_key_values``/``present`` co
 names that are Python identifiers)::
 
     inputs   input_ids [B, S]   attention_mask [B, P+S]   position_ids [B, S]
+             logits_index [K] (int64): which of the S new positions get logits, in 0..S-1
              past_key_i, past_value_i [B, Hkv, P, d]                 for every layer i
              past_index_i [B, Hkv, P] (int64)        only in a graph that compacts its cache
-    outputs  logits [B, 1, V] (the last position only)
+    outputs  logits [B, K, V] (decoding asks for the last position, K = 1; a full forward for all)
              present_key_i, present_value_i [B, Hkv, P+S, d]
              present_index_i                         (compacting graphs: P+S becomes what is kept)
 
 Prefill is a call with an empty cache (P = 0), a decode step a call with one token (S = 1).
+``logits_index`` is transformers' ``logits_to_keep`` as a tensor: the LM head runs on the
+positions asked for only, so a prefill that decodes pays for one row of it, and the same graph
+gives every position's logits to a caller who wants the full-sequence forward (the runner fills
+it, and an empty cache, when a call leaves them out).
 A graph that compacts its cache (``tca`` on a ``--generate`` graph) keeps, per layer, only some
 entries; ``past_index_i`` says which context position (a column of ``attention_mask``) each
 cached entry holds, so padding stays masked after entries are dropped.
@@ -30,7 +35,9 @@ import torch
 
 from .errors import UsageError
 
-__all__ = ["CacheSpec", "GenerateEntry", "cache_spec", "example_feed", "with_positions", "generate_ids", "decode_text",
+LOGITS_INDEX = "logits_index"
+
+__all__ = ["LOGITS_INDEX", "CacheSpec", "GenerateEntry", "cache_spec", "example_feed", "with_positions", "generate_ids", "decode_text",
            "FeedDecoding"]
 
 
@@ -101,18 +108,19 @@ class GenerateEntry(torch.nn.Module):
         import inspect
         params = inspect.signature(model.forward).parameters
         self.cache_kw = "cache" if "cache" in params else "past_key_values"
-        self.extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+        self.keeps = "logits_to_keep" in params   # else every position's logits, indexed after
 
-    def call(self, input_ids, attention_mask, position_ids, **past):
+    def call(self, input_ids, attention_mask, position_ids, logits_index, **past):
         from transformers import DynamicCache
         cache = DynamicCache(config=self.model.config)
         for i in range(self.layers):
             cache.update(past[f"past_key_{i}"], past[f"past_value_{i}"], i)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         use_cache=True, return_dict=True, **{self.cache_kw: cache}, **self.extra)
+                         use_cache=True, return_dict=True, **{self.cache_kw: cache},
+                         **({"logits_to_keep": logits_index} if self.keeps else {}))
         present = getattr(out, "cache", None) or out.past_key_values
         flat = [t for layer in present.layers[: self.layers] for t in (layer.keys, layer.values)]
-        return (out.logits[:, -1:], *flat)
+        return (out.logits if self.keeps else out.logits[:, logits_index], *flat)
 
 
 def _token_ids(value) -> tuple[int, ...]:
@@ -145,14 +153,16 @@ def cache_spec(model: torch.nn.Module, max_length: int | None) -> CacheSpec:
                      eos_token_ids=eos, pad_token_id=int(pad if pad is not None else (eos or (0,))[0]))
 
 
-def example_feed(spec: CacheSpec, batch: int, seq: int, past: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random token ids and cache: prefill when ``past == 0``, a decode step when ``seq == 1``."""
+def example_feed(spec: CacheSpec, batch: int, seq: int, past: int, seed: int = 0,
+                 logits: int = 1) -> dict[str, torch.Tensor]:
+    """Random token ids and cache: prefill when ``past == 0``, a decode step when ``seq == 1``;
+    the logits of the last ``logits`` positions."""
     gen = torch.Generator().manual_seed(seed)
     vocab = spec.vocab_size
     ids = torch.randint(min(10, vocab - 1), vocab, (batch, seq), generator=gen)
     return {"input_ids": ids, "attention_mask": torch.ones(batch, past + seq, dtype=torch.long),
             "position_ids": torch.arange(past, past + seq).expand(batch, seq).contiguous(),
-            **spec.empty(batch, past, gen)}
+            LOGITS_INDEX: torch.arange(seq - logits, seq), **spec.empty(batch, past, gen)}
 
 
 def with_positions(feed: dict, names) -> dict:
@@ -191,13 +201,15 @@ class FeedDecoding:
     """Decoding through a function of whole feeds: ``step(feed) -> {name: array}`` reads the
     cache as inputs and returns it as outputs, which the next call feeds back."""
 
-    def __init__(self, step: Callable[[dict], dict], spec: CacheSpec):
+    def __init__(self, step: Callable[[dict], dict], spec: CacheSpec, index: bool = True):
         self.step, self.spec, self.past = step, spec, None
+        self.index = index   # False: a bundle from before logits_index, whose logits are the last position's
 
     def __call__(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray) -> np.ndarray:
         """The logits of the last position of ``ids`` [B, S], the cache so far before them."""
         past = self.past if self.past is not None else {k: v.numpy() for k, v in self.spec.empty(ids.shape[0]).items()}
-        out = self.step({"input_ids": ids, "attention_mask": mask, "position_ids": pos, **past})
+        last = {LOGITS_INDEX: np.array([ids.shape[1] - 1])} if self.index else {}
+        out = self.step({"input_ids": ids, "attention_mask": mask, "position_ids": pos, **last, **past})
         self.past = {p: out[o] for p, o in zip(self.spec.input_names, self.spec.output_names)}
         return np.asarray(out["logits"])[:, -1]
 

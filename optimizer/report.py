@@ -144,11 +144,12 @@ def quality_rows(program: Program, run_bundle, feed: dict[str, torch.Tensor]) ->
     return out
 
 
-def bench_inputs(program: Program, length: int, batch: int = 1) -> dict[str, np.ndarray]:
+def bench_inputs(program: Program, length: int, batch: int = 1, prefill: bool = False) -> dict[str, np.ndarray]:
     """A latency feed of ``length`` tokens; for a generation graph, one decode step with
-    ``length`` tokens already in the cache."""
+    ``length`` tokens already in the cache, or with ``prefill`` a prompt of ``length`` into an
+    empty one (the first token's cost)."""
     if program.cache is not None:
-        feed = example_feed(program.cache, batch, 1, length)
+        feed = example_feed(program.cache, batch, length, 0) if prefill else example_feed(program.cache, batch, 1, length)
     else:
         feed, _ = probe_inputs(program, None, length=length, batch=batch)
     return {k: v.numpy() for k, v in feed.items()}
@@ -220,6 +221,7 @@ class Bench:
     runs: int = 20
     seconds: float | None = 10.0
     baseline: bool = True
+    prefill: tuple[int, ...] = ()   # a generation graph's prompts timed as prefills, after the lengths
 
 
 def time_calls(fn, runs: int, warmup: int = 2, settle: float = 0.05, budget: float | None = None) -> dict:
@@ -265,8 +267,8 @@ def time_lengths(program: Program, lengths: list[int], bench: Bench, ours, basel
     def timed(call):
         return time_calls(call, bench.runs, budget=bench.seconds)
     results = []
-    for length in lengths:
-        feed = bench_inputs(program, length)
+    for length, prefill in [*((n, False) for n in lengths), *((n, True) for n in bench.prefill)]:
+        feed = bench_inputs(program, length, prefill=prefill)
         result = {"feed": {k: list(v.shape) for k, v in feed.items()}, **fields, "tokopt": timed(ours(feed))}
         if baseline is not None:
             result.update(baseline=timed(baseline(feed)), size_bytes={"baseline": baseline_bytes})
@@ -300,7 +302,7 @@ def format_report(report: dict) -> str:
                 lines.append(f"  {key.replace('_', ' ')}".ljust(38) + _fmt(q[key]))
     if report.get("checked_on"):
         lines.append(f"where: {report['checked_on']}")
-    for lat in (report.get("latency"), report.get("latency_long")):
+    for lat in (report.get("latency"), report.get("latency_long"), *report.get("first_token", [])):
         if not lat:
             continue
         shape = lat.get("label") or ", ".join(f"{k} {v}" for k, v in lat["feed"].items())
@@ -311,6 +313,9 @@ def format_report(report: dict) -> str:
             a = lat["tokopt"][key]
             lines.append(f"  {key.replace('_', ' ')}".ljust(38) + f"{a:10.2f}"
                          + (f"{base[key]:10.2f}{base[key] / a:7.2f}x" if base else ""))
+        if "decode" in shape:
+            lines.append("  decode tokens/s (1000 / median ms)".ljust(38) + f"{1e3 / lat['tokopt']['median_ms']:10.0f}"
+                         + (f"{1e3 / base['median_ms']:10.0f}" if base else ""))
         for name, other in lat.get("others", {}).items():   # the same feed through another runtime's plain export
             a, b = lat["tokopt"]["median_ms"], other["median_ms"]
             lines.append(f"  median ms vs {name}".ljust(38) + f"{a:10.2f}{b:10.2f}{b / a:7.2f}x")

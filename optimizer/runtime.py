@@ -4,7 +4,8 @@ The core knows backends only through ``BACKENDS``; a backend module registers it
 is what ``tokopt.load`` returns: ``runner(**inputs) -> {output name: np.ndarray}``. It checks
 input names, ranks and the sequence range against the manifest before calling the engine, so a
 wrong input gets a message in tokopt's words instead of one from deep inside the runtime. A
-bundle compiled with ``--generate`` also answers ``runner.generate(...)`` on every backend.
+causal LM's bundle (compiled for generation, the default) also answers ``runner.generate(...)``
+on every backend, and a plain call of it is the full-sequence forward.
 """
 from __future__ import annotations
 
@@ -40,6 +41,8 @@ class Runner:
         raise NotImplementedError
 
     def _feed(self, inputs: dict) -> dict[str, np.ndarray]:
+        if self.manifest.get("generation") and "input_ids" in inputs:
+            inputs = self._forward_defaults(inputs)
         unknown = set(inputs) - set(self.inputs)
         if unknown:
             name = sorted(unknown)[0]
@@ -71,6 +74,11 @@ class Runner:
                                  f"{limit} rows, so each must be in 0..{limit - 1}. Were the ids made "
                                  "by another model's tokenizer?")
             feed[name] = arr.astype(spec["dtype"], copy=False)
+        index = feed.get("logits_index")
+        if index is not None and index.size and not 0 <= index.min() <= index.max() < feed["input_ids"].shape[1]:
+            raise UsageError(f"logits_index holds {index.min() if index.min() < 0 else index.max()}; it picks which of "
+                             f"the {feed['input_ids'].shape[1]} new tokens get logits, so each must be in "
+                             f"0..{feed['input_ids'].shape[1] - 1} (leave it out for all of them).")
         gen = self.manifest.get("generation") or {}
         if gen.get("one_row_chunks") and feed["input_ids"].shape[0] > 1 and feed["input_ids"].shape[1] > 1 \
                 and feed["past_key_0"].shape[2] > 0:
@@ -79,23 +87,45 @@ class Runner:
                              "decode it a token at a time, or feed the rows one by one.")
         return feed
 
+    def _forward_defaults(self, inputs: dict) -> dict:
+        """A generation bundle called as a full-sequence forward (``runner(input_ids=...,
+        attention_mask=...)``): what the call leaves out is filled as the model's own forward
+        would take it: an empty cache, positions counted from the cache's length (as a
+        --no-generate bundle and transformers' forward count them), every new position's logits. A call that gives part of the cache gets no defaults for
+        the rest (the missing-input message names it)."""
+        from .generation import LOGITS_INDEX
+        spec = self.cache_spec()
+        ids = np.asarray(inputs["input_ids"].numpy() if hasattr(inputs["input_ids"], "numpy") else inputs["input_ids"])
+        if ids.ndim != 2:
+            return inputs   # the rank check reports it
+        out = dict(inputs)
+        if not any(n in inputs for n in spec.input_names):
+            out.update({k: v.numpy() for k, v in spec.empty(ids.shape[0]).items()})
+        past = np.asarray(out[spec.input_names[0]]).shape[2] if spec.input_names[0] in out else 0
+        if "attention_mask" not in out:
+            out["attention_mask"] = np.ones((ids.shape[0], past + ids.shape[1]), dtype=np.int64)
+        if "position_ids" in self.inputs and "position_ids" not in out:   # as transformers' forward counts them
+            out["position_ids"] = np.ascontiguousarray(np.broadcast_to(np.arange(past, past + ids.shape[1]), ids.shape))
+        if LOGITS_INDEX in self.inputs and LOGITS_INDEX not in out:
+            out[LOGITS_INDEX] = np.arange(ids.shape[1], dtype=np.int64)
+        return out
+
     def __call__(self, **inputs) -> dict[str, np.ndarray]:
         return dict(zip(self.output_names, self._run(self._feed(inputs))))
 
     def decoding(self, batch: int, capacity: int):
         """A decoding session (see ``generation.generate_ids``) for ``batch`` rows of at most
         ``capacity`` tokens; this one feeds the cache through the bundle's inputs and outputs."""
-        from .generation import FeedDecoding
-        return FeedDecoding(lambda feed: self(**feed), self.cache_spec())
+        from .generation import LOGITS_INDEX, FeedDecoding
+        return FeedDecoding(lambda feed: self(**feed), self.cache_spec(), index=LOGITS_INDEX in self.inputs)
 
-    def _check_prompt(self, spec, input_ids, attention_mask) -> None:
+    def _check_prompt(self, input_ids, attention_mask) -> None:
         """The input checks of a call, once for the prompt (decoding steps skip them)."""
         ids = np.asarray(input_ids, dtype=np.int64)
         ids = ids[None] if ids.ndim == 1 else ids
         if ids.ndim == 2 and ids.size:
             mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, dtype=np.int64)
-            self._feed({"input_ids": ids, "attention_mask": mask, "position_ids": np.zeros_like(ids),
-                        **{k: v.numpy() for k, v in spec.empty(ids.shape[0]).items()}})
+            self._feed({"input_ids": ids, "attention_mask": mask})
 
     def tokenizer(self, padding_side: str | None = None):
         if not self.manifest.get("tokenizer"):
@@ -107,8 +137,9 @@ class Runner:
         from .generation import CacheSpec
         gen = self.manifest.get("generation")
         if gen is None:
-            raise UsageError(f"{self.bundle} has no decode graph: it was compiled without --generate. "
-                             "Recompile it with `tokopt compile MODEL --generate`.")
+            raise UsageError(f"{self.bundle} has no decode graph: it was compiled with --no-generate, from a "
+                             "model that is not a causal LM, or with a pass that needs the full-sequence forward "
+                             "(its report says which). Recompile it with `tokopt compile MODEL --generate`.")
         return CacheSpec.from_json(gen["cache"])
 
     def generate(self, prompt=None, *, input_ids=None, attention_mask=None, max_new_tokens: int = 32,
@@ -134,7 +165,7 @@ class Runner:
         if on_text is not None:
             tok = tok or self.tokenizer()
             on_token = _text_stream(tok, on_text, on_token)
-        self._check_prompt(spec, input_ids, attention_mask)
+        self._check_prompt(input_ids, attention_mask)
         ids = generate_ids(self, spec, input_ids, attention_mask,
                            max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
                            top_k=top_k, top_p=top_p, seed=seed, stop_tokens=stop_tokens, on_token=on_token)

@@ -124,7 +124,7 @@ class EdgeQATPass(Pass):
     trains_weights = True
     needs_positions = True
     on_generate = ("its per-token widths rank the tokens of a whole prefill, which a one-token decode step does "
-                   "not have. Compile without --generate.")
+                   "not have. Compile with --no-generate.")
     summary = "EdgeQAT: W4 weights, per-token A8/A4 activations by attention importance, QAT with distillation"
 
     def _data(self, program: Program):

@@ -36,7 +36,8 @@ __all__ = ["rotate", "NotRotatable", "random_hadamard", "hadamard"]
 
 aten = torch.ops.aten
 _VIEWS = PASS_THROUGH + (aten.view.default, aten.reshape.default, aten._unsafe_view.default,
-                         aten.slice.Tensor, aten._to_copy.default)
+                         aten.slice.Tensor, aten._to_copy.default,
+                         aten.index_select.default)   # a generation graph's pick of the positions to score
 
 
 _CASTS = PASS_THROUGH + (aten._to_copy.default,)

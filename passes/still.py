@@ -130,7 +130,7 @@ class StillPass(Pass):
     replaces_attention = True
     trains_weights = True   # LoRA on the converted layers' projections, merged into float weights
     on_generate = ("decoding needs STILL's recurrent cache (salient KV + linear state), which the bundle's KV-cache "
-                   "layout lacks. Compile without --generate.")
+                   "layout lacks. Compile with --no-generate.")
     summary = "STILL: salient tokens in exact softmax, the rest in NP-Map linear attention, distilled on --calib"
 
     def layers(self) -> tuple[int, ...] | None:
@@ -140,7 +140,7 @@ class StillPass(Pass):
         opts = self.options
         if program.cache is not None:
             raise UsageError("still does not support --generate graphs yet: decoding needs STILL's recurrent cache "
-                             "(salient KV + linear state). Compile without --generate.")
+                             "(salient KV + linear state). Compile with --no-generate.")
         blocks = [b for b in program.attention_blocks("still") if b.layer is not None]
         depth = max(b.layer for b in program.attention if b.layer is not None) + 1
         layers = opts.layers or (tuple(range(1, depth - 1)) if depth > 2 else tuple(range(depth)))

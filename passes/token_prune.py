@@ -465,7 +465,7 @@ class TokenPrunePass(Pass):
     requires = (CANONICAL_ATTENTION,)
     changes_tokens = True
     on_generate = ("a pruned prefill leaves the KV cache without the dropped tokens, which the decode steps then "
-                   "need. Prune the prefill-only graph (compile without --generate).")
+                   "need. Prune the prefill-only graph (compile with --no-generate).")
     tolerance = None  # approximate by design; keep=1.0 is exact (tested)
     summary = "keep the most attended tokens after chosen layers; later layers run on fewer tokens"
 
@@ -477,7 +477,7 @@ class TokenPrunePass(Pass):
         if program.cache is not None:
             raise UsageError("token_prune cannot run on a --generate graph: a pruned prefill leaves the KV "
                              "cache without the dropped tokens, which the decode steps then need. Prune the "
-                             "prefill-only graph (compile without --generate).")
+                             "prefill-only graph (compile with --no-generate).")
         for _, layer in steps:
             if not 0 <= layer < depth:
                 raise UsageError(f"token_prune: layer {layer} is past the model's depth ({depth} attention "

@@ -157,7 +157,7 @@ def test_tca_then_rsq_on_the_reference_lm(tmp_path):
     """The stack the composition issue opened with (rsq read the attention index tca had left
     stale): calibrated TCA, then RSQ calibrating its importance on TCA's own attention."""
     res = tokopt.compile(REFERENCE_LM, out=tmp_path / "b", passes="tca:calib_windows=1,eval_windows=1,"
-                         "rsq:samples=4,seq_len=256,eval_windows=1", measure=False)
+                         "rsq:samples=4,seq_len=256,eval_windows=1", measure=False, generate=False)
     stats = {h["name"]: h["stats"] for h in res.program.history}
     assert stats["tca"]["sparse_layers"] and stats["rsq"]["linears"] == 4 * 7
     assert {b.spelling for b in res.program.attention} >= {"tca_attention"}

@@ -69,7 +69,7 @@ def test_graph_structure(llama_bundle, tmp_path):
     a batch's chunk after a cache is refused by name (the kernel's limit)."""
     _, res = llama_bundle
     prog, spec = res.program, res.program.cache
-    assert prog.input_names == ["input_ids", "attention_mask", "position_ids", *spec.input_names]
+    assert prog.input_names == ["input_ids", "attention_mask", "position_ids", "logits_index", *spec.input_names]
     assert prog.output_names == ["logits", *spec.output_names] and spec.layers == 2
     assert list(res.manifest["generation"]["cache"]["kv_heads"]) == [2, 2] and spec.eos_token_ids == ()
     assert res.manifest["lowering"]["decoder"] == {"cached_attention": [0, 1]}
@@ -163,7 +163,7 @@ def test_bad_generation_requests(llama_bundle, tmp_path, model_dir):
         run.generate(input_ids=np.ones((1, 5), np.int64), max_new_tokens=0)
     with pytest.raises(UsageError, match="shape sampling, and this is greedy decoding: set do_sample=True"):
         run.generate(input_ids=np.ones((1, 5), np.int64), max_new_tokens=2, top_p=0.5)
-    plain = tokopt.compile(model_dir("llama"), out=tmp_path / "plain", measure=False)
+    plain = tokopt.compile(model_dir("llama"), out=tmp_path / "plain", measure=False, generate=False)
     with pytest.raises(UsageError, match="no decode graph.*--generate"):
         tokopt.load(plain.bundle).generate(input_ids=np.ones((1, 5), np.int64))
     with pytest.raises(UsageError, match="needs a causal language model"):
@@ -171,6 +171,47 @@ def test_bad_generation_requests(llama_bundle, tmp_path, model_dir):
     with pytest.raises(UsageError, match="token_prune cannot run on a --generate graph"):
         tokopt.compile(model_dir("llama"), out=tmp_path / "y", generate=True, passes="token_prune:keep=0.5")
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_causal_lms_compile_for_generation_by_default(tmp_path, model_dir, capsys):
+    """`tokopt compile LM` gives a generation bundle whose plain call is the full-sequence forward:
+    every position's logits, left padding included, equal to transformers' (1e-4: float32 kernels
+    differ). Structurally the LM head runs on the positions asked for only: ``logits_index`` is one
+    Gather on the sequence axis feeding the head's MatMul, and decoding asks for one row.
+    --no-generate gives the forward alone; a pass that needs the full forward falls back to it and
+    the report says why; a position outside the new tokens is refused by name."""
+    from transformers import AutoModelForCausalLM
+    src = model_dir("llama")
+    assert main(["compile", str(src), "--out", str(tmp_path / "gen"), "--no-measure", "--quiet"]) == 0
+    run = tokopt.load(tmp_path / "gen")
+    assert run.manifest["generation"] and "logits_index" in run.inputs
+    graph = onnx.load(str(tmp_path / "gen" / "model.onnx")).graph
+    made = {o: n for n in graph.node for o in n.output}
+    head = made["logits"]
+    gather = made[head.input[0]]
+    assert head.op_type == "MatMul" and gather.op_type == "Gather" and gather.attribute[0].i == 1
+    assert made[gather.input[1]].input[0] == "logits_index"   # flattened to 1-D first
+    ids = np.random.default_rng(8).integers(10, 256, (3, 13))
+    mask = np.ones_like(ids)
+    mask[1, :5] = 0
+    got = run(input_ids=ids, attention_mask=mask)
+    model = AutoModelForCausalLM.from_pretrained(src, local_files_only=True).eval()
+    with torch.no_grad():
+        ref = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits.numpy()
+    assert got["logits"].shape == (3, 13, 256) and got["present_key_0"].shape == (3, 2, 13, 16)
+    assert np.abs(got["logits"] - ref)[mask == 1].max() < 1e-4
+    np.testing.assert_array_equal(run.generate(input_ids=ids[:1], max_new_tokens=8),
+                                  _hf_greedy(_no_eos(model), ids[:1], n=8))
+    with pytest.raises(UsageError, match="logits_index holds 13; .* must be in 0..12"):
+        run(input_ids=ids, attention_mask=mask, logits_index=np.array([13]))
+
+    assert main(["compile", str(src), "--out", str(tmp_path / "fwd"), "--no-generate", "--no-measure", "--quiet"]) == 0
+    fwd = tokopt.load(tmp_path / "fwd")
+    assert "generation" not in fwd.manifest and set(fwd.inputs) == {"input_ids", "attention_mask"}
+    assert np.abs(fwd(input_ids=ids, attention_mask=mask)["logits"] - ref)[mask == 1].max() < 1e-4
+    pruned = tokopt.compile(src, out=tmp_path / "pruned", passes="token_prune:keep=0.5,score=last", measure=False)
+    assert "generation" not in pruned.manifest
+    assert "full-sequence forward, without generate(): token_prune" in pruned.report["plan"][0]
 
 
 def test_cli_generation_errors(llama_bundle, capsys):
@@ -188,13 +229,16 @@ def test_cli_generation_errors(llama_bundle, capsys):
 @pytest.mark.slow
 def test_reference_lm_generates_like_transformers(tmp_path, capsys):
     """Trained weights, real prompt, CLI end to end: the streamed text is transformers' greedy
-    continuation; the report has the decode latency and the cache size."""
+    continuation; the report has the decode latency, the first token's at two prompt lengths and
+    the cache size."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     out = tmp_path / "ref"
     assert main(["compile", str(REFERENCE_LM), "--generate", "--out", str(out), "--bench-runs", "5",
                  "--bench-len", "64", "--threads", "1", "--quiet"]) == 0
     report = capsys.readouterr().out
     assert "greedy match" in report and "decode step, 64 cached tokens" in report and "1K tokens 2.00 MiB" in report
+    assert "decode tokens/s" in report and "first token, 64-token prompt" in report
+    assert "first token, 256-token prompt" in report   # 4x the probe length: where prefill costs show
     prompt = "def read_config(path):\n    "
     assert main(["run", str(out), "--text", prompt, "--max-new-tokens", "64"]) == 0
     streamed = capsys.readouterr().out

@@ -54,13 +54,13 @@ def test_eager_spelling_compiles(tmp_path, model_dir):
 
 def test_onnx_uses_standard_attention(tmp_path, model_dir):
     import onnx
-    res = tokopt.compile(model_dir("qwen2"), out=tmp_path / "b", measure=False)
+    res = tokopt.compile(model_dir("qwen2"), out=tmp_path / "b", measure=False, generate=False)
     ops = [n.op_type for n in onnx.load(str(res.bundle / "model.onnx")).graph.node]
     assert ops.count("Attention") == 2  # GQA (1 kv head) carried by the op, no repeat in the graph
 
 
 def test_runner_rejects_bad_inputs(tmp_path, model_dir):
-    res = tokopt.compile(model_dir("llama"), out=tmp_path / "b", measure=False, max_seq_len=64)
+    res = tokopt.compile(model_dir("llama"), out=tmp_path / "b", measure=False, max_seq_len=64, generate=False)
     run = tokopt.load(res.bundle)
     ids = np.zeros((1, 8), dtype=np.int64)
     with pytest.raises(UsageError, match="no input 'input_id'.*Did you mean 'input_ids'"):

@@ -11,7 +11,7 @@ import torch
 import tokopt
 from tokopt.optimizer.errors import BackendError, UsageError
 
-from .conftest import REFERENCE_LM, _tiny, feed_for
+from .conftest import REFERENCE_LM, feed_for
 
 pytest.importorskip("openvino", reason="OpenVINO is not installed (pip install 'tokopt[openvino]')")
 
@@ -55,7 +55,7 @@ def test_minilm_in_bf16_and_reference_lm_generation(tmp_path, minilm_dir):
 def test_passes_ops_convert(tmp_path, model_dir):
     """RSQ's int4 weights (MatMulNBits, which OpenVINO runs on compressed weights) and STILL's
     hybrid attention convert and reproduce the program; TCA is refused by name."""
-    res = tokopt.compile(model_dir("llama"), out=tmp_path / "b", backend="openvino", precision="fp32",
+    res = tokopt.compile(model_dir("llama"), out=tmp_path / "b", backend="openvino", precision="fp32", generate=False,
                          passes="rsq:solver=rtn,importance=none,group_size=16,compute=float", measure=False)
     import openvino as ov
     ops = {op.get_type_name() for op in ov.Core().read_model(str(res.bundle / "model.xml")).get_ops()}
@@ -69,7 +69,8 @@ def test_passes_ops_convert(tmp_path, model_dir):
     hint = ov.properties.hint.dynamic_quantization_group_size
     assert tokopt.load(res.bundle).compiled.get_property(hint) == 0
     with pytest.raises(BackendError, match="cannot take tokopt::tca_attention: its per-KV-head gathers"):
-        tokopt.compile(model_dir("llama"), out=tmp_path / "t", backend="openvino", passes="tca:uniform=0.5,window=4")
+        tokopt.compile(model_dir("llama"), out=tmp_path / "t", backend="openvino", passes="tca:uniform=0.5,window=4",
+                       generate=False)
     assert not (tmp_path / "t").exists()
 
 

@@ -48,7 +48,7 @@ def test_heldout_perplexity_beats_ngram_baselines(lm):
 
 @pytest.mark.slow
 def test_compile_reference_lm(tmp_path, capsys):
-    res = tokopt.compile(REFERENCE_LM, out=tmp_path / "b", calib=REFERENCE_LM / "heldout.txt",
+    res = tokopt.compile(REFERENCE_LM, out=tmp_path / "b", generate=False, calib=REFERENCE_LM / "heldout.txt",
                          bench_runs=3, bench_len=256, threads=1)
     q = res.report["quality"]
     assert q["top1_agreement"] == 1.0 and q["logit_kl"] < 1e-8

@@ -119,7 +119,7 @@ def test_low_bit_ops_lower_to_onnx_runtime(tmp_path, bits, k):
 @pytest.fixture(scope="module")
 def rsq_lm(tmp_path_factory):
     out = tmp_path_factory.mktemp("rsq") / "bundle"
-    return tokopt.compile(REFERENCE_LM, out=out, passes="rsq:samples=8,eval_windows=4",
+    return tokopt.compile(REFERENCE_LM, out=out, generate=False, passes="rsq:samples=8,eval_windows=4",
                           calib=REFERENCE_LM / "heldout.txt", bench_runs=5, bench_len=64, threads=2)
 
 

@@ -79,7 +79,8 @@ def test_onnx_lowering_matches_reference(tmp_path, causal):
 
 @pytest.mark.slow
 def test_uniform_pass_replaces_every_attention(tmp_path, model_dir):
-    res = tokopt.compile(model_dir("llama"), out=tmp_path / "b", passes="tca:uniform=0.25,window=4", measure=False)
+    res = tokopt.compile(model_dir("llama"), out=tmp_path / "b", passes="tca:uniform=0.25,window=4", measure=False,
+                         generate=False)
     assert res.program.count(TCA.overload) == 2 and res.program.count("tokopt.attention.default") == 0
     assert res.report["passes"][-1]["stats"]["sparse_layers"] == [0, 1]
     table = json.loads((tmp_path / "b" / "budgets.json").read_text())
@@ -120,7 +121,7 @@ def test_calibrated_on_the_reference_lm(tmp_path, monkeypatch):
     compile reads the calibration from the cache."""
     monkeypatch.setenv("TOKOPT_CACHE_DIR", str(tmp_path / "cache"))
     spec = "tca:calib_len=512,calib_windows=2,eval_windows=2,windows=32/64/128"
-    res = tokopt.compile(REFERENCE_LM, out=tmp_path / "b", passes=spec, calib=REFERENCE_LM / "heldout.txt",
+    res = tokopt.compile(REFERENCE_LM, out=tmp_path / "b", passes=spec, calib=REFERENCE_LM / "heldout.txt", generate=False,
                          measure=False)
     stats = res.report["passes"][-1]["stats"]
     assert stats["calibration_cached"] is False and stats["mean_keys_per_query"] < 0.5 * 512
