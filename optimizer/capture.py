@@ -203,9 +203,13 @@ def _context_limit(config) -> int | None:
     return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
 
+def _is_causal_lm(model: torch.nn.Module) -> bool:
+    return hasattr(model, "config") and _task(model, type(model).__name__) == "causal-lm"
+
+
 def _generates(model: torch.nn.Module) -> bool:
     """Whether a causal LM with a plain per-layer KV cache (what the generation graph needs)."""
-    if not (hasattr(model, "config") and _task(model, type(model).__name__) == "causal-lm"):
+    if not _is_causal_lm(model):
         return False
     try:
         cache_spec(model, None)
@@ -215,7 +219,7 @@ def _generates(model: torch.nn.Module) -> bool:
 
 
 def _require_causal_lm(model: torch.nn.Module, name: str) -> None:
-    if not (hasattr(model, "config") and _task(model, type(model).__name__) == "causal-lm"):
+    if not _is_causal_lm(model):
         raise UsageError(f"--generate needs a causal language model (a transformers *ForCausalLM or "
                          f"*LMHeadModel); {name} is not one.")
 

@@ -91,8 +91,9 @@ class Runner:
         """A generation bundle called as a full-sequence forward (``runner(input_ids=...,
         attention_mask=...)``): what the call leaves out is filled as the model's own forward
         would take it: an empty cache, positions counted from the cache's length (as a
-        --no-generate bundle and transformers' forward count them), every new position's logits. A call that gives part of the cache gets no defaults for
-        the rest (the missing-input message names it)."""
+        --no-generate bundle and transformers' forward count them), every new position's logits.
+        A call that gives part of the cache gets no defaults for the rest (the missing-input
+        message names it)."""
         from .generation import LOGITS_INDEX
         spec = self.cache_spec()
         ids = np.asarray(inputs["input_ids"].numpy() if hasattr(inputs["input_ids"], "numpy") else inputs["input_ids"])
