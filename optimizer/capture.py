@@ -17,6 +17,7 @@ import importlib
 import inspect
 import json
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ import torch
 from torch.export import Dim
 
 from .errors import CaptureError, UnsupportedModelError, UsageError
-from .generation import LOGITS_INDEX, GenerateEntry, cache_spec, example_feed
+from .generation import LOGITS_INDEX, CacheSpec, GenerateEntry, cache_spec, example_feed
 from .program import Program
 from .resources import COPIES, check_disk, check_fits, checkpoint_bytes, widen_to_fp32
 
@@ -163,10 +164,11 @@ def _from_module(model: torch.nn.Module, example: dict[str, torch.Tensor], *, so
 
 
 def _generate_program(model: torch.nn.Module, *, source: dict, max_len: int | None,
-                      tokenizer_dir=None) -> Program:
-    """The one-graph prefill/decode program of a causal LM (see ``optimizer/generation.py``)."""
+                      tokenizer_dir=None, spec: CacheSpec | None = None) -> Program:
+    """The one-graph prefill/decode program of a causal LM (see ``optimizer/generation.py``);
+    ``spec``: its cache layout where already read (``_plain_cache``)."""
     model.eval()
-    spec = cache_spec(model, max_len)
+    spec = cache_spec(model, max_len) if spec is None else replace(spec, max_length=max_len)
     names = ["input_ids", "attention_mask", "position_ids", LOGITS_INDEX, *spec.input_names]
     # Distinct example sizes (batch 2, 4 new tokens, 5 cached, logits of 3), so no two axes share a symbol.
     example = example_feed(spec, batch=2, seq=4, past=5, logits=3)
@@ -207,15 +209,15 @@ def _is_causal_lm(model: torch.nn.Module) -> bool:
     return hasattr(model, "config") and _task(model, type(model).__name__) == "causal-lm"
 
 
-def _generates(model: torch.nn.Module) -> bool:
-    """Whether a causal LM with a plain per-layer KV cache (what the generation graph needs)."""
+def _plain_cache(model: torch.nn.Module) -> CacheSpec | None:
+    """The cache layout of a causal LM with a plain per-layer KV cache (what the generation graph
+    needs; read by an eager prefill, so read once); None for any other model."""
     if not _is_causal_lm(model):
-        return False
+        return None
     try:
-        cache_spec(model, None)
+        return cache_spec(model, None)
     except UnsupportedModelError:
-        return False
-    return True
+        return None
 
 
 def _require_causal_lm(model: torch.nn.Module, name: str) -> None:
@@ -343,11 +345,13 @@ def _from_hf_folder(folder: Path, *, seq_len: int, max_seq_len: int | None, trus
     source = {"kind": "hf-folder", "path": str(folder.resolve()), "class": cls.__name__,
               "sha256": sha256_files(weights), "attn_implementation": attn_implementation,
               **({"converted": f"{str(stored).removeprefix('torch.')} -> float32"} if stored != torch.float32 else {})}
+    spec = _plain_cache(model) if generate is None else None
     if generate is None:
-        generate = _generates(model)
+        generate = spec is not None
     if generate:
         _require_causal_lm(model, str(folder))
-        return _generate_program(model, source=source, max_len=max_len, tokenizer_dir=str(tok) if tok else None)
+        return _generate_program(model, source=source, max_len=max_len, tokenizer_dir=str(tok) if tok else None,
+                                 spec=spec)
     gen = torch.Generator().manual_seed(0)
     params = inspect.signature(model.forward).parameters
     if getattr(model, "main_input_name", "input_ids") == "pixel_values":
@@ -428,12 +432,14 @@ def capture(source, example_inputs=None, *, seq_len: int = DEFAULT_SEQ_LEN, max_
     (``copies``: see ``resources.check_fits``)."""
     if isinstance(source, torch.export.ExportedProgram):
         raise UsageError("pass a saved .pt2 path (torch.export.save), not an ExportedProgram object.")
+    spec = None
     if isinstance(source, torch.nn.Module) and generate is None:
-        generate = example_inputs is None and _generates(source)
+        spec = _plain_cache(source) if example_inputs is None else None
+        generate = spec is not None
     if isinstance(source, torch.nn.Module) and generate:
         _require_causal_lm(source, type(source).__name__)
         return _generate_program(source, source={"kind": "module", "class": type(source).__name__},
-                                 max_len=max_seq_len or _context_limit(source.config))
+                                 max_len=max_seq_len or _context_limit(source.config), spec=spec)
     if isinstance(source, torch.nn.Module):
         if example_inputs is None:
             raise UsageError("an nn.Module needs example_inputs (a dict name -> tensor, or a tuple).")

@@ -131,14 +131,18 @@ def compile(model, example_inputs=None, *, out=None, passes=None, recipe=None, b
     be = get_backend(backend)
     tgt = be.target(target)
     be.check_precision(tgt, precision)
+    if tgt.tensorrt is not None:   # a runtime without ONNX Runtime's contrib ops: passes that ask for one adapt or refuse
+        fitted = [p.for_standard_onnx(tgt.name) for p in pass_list]
+        pass_list = [p for p, _ in fitted]
+        the_plan.notes.extend(note for _, note in fitted if note)
     out = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="tokopt-")) / "bundle"
     check_out(out, force)
     if calib is not None and not Path(calib).exists():
         raise UsageError(f"--calib {calib} does not exist. Give a text file, a JSONL of texts or a .npy of token ids.")
     check_threads(threads)
-    if measure and (bench_runs < 1 or bench_len < 1):
-        raise UsageError(f"bench_runs={bench_runs}, bench_len={bench_len}: both must be at least 1 "
-                         "(--no-measure skips the measurement).")
+    if measure and (bench_runs < 0 or bench_len < 1):
+        raise UsageError(f"bench_runs={bench_runs}, bench_len={bench_len}: give at least 1 token and 0 runs "
+                         "(0: quality without latency; --no-measure skips the measurement).")
     if measure and bench_time is not None and not bench_time > 0:
         raise UsageError(f"--bench-time {bench_time}: give the seconds each timing may take, more than 0.")
     if seq_len < 2:
@@ -203,7 +207,9 @@ def compile(model, example_inputs=None, *, out=None, passes=None, recipe=None, b
                     texts = _probe_texts(calib)
                 large = weights > LARGE_BYTES
                 bench = Bench(bench_runs, bench_time, baseline=not large)
-                if large:
+                if not bench_runs:
+                    report["latency_skipped"] = "--bench-runs 0: quality only"
+                elif large:
                     report["baseline_skipped"] = (f"the weights ({weights / 2**30:.1f} GiB) are above "
                                                   f"{LARGE_BYTES / 2**30:.0f} GiB; a second export would "
                                                   "double the compile's memory and time")
@@ -236,7 +242,7 @@ def _measure(be, tgt, captured: Program, bundle_dir: Path, data: dict, texts, be
                                   length, batch=2 if large else 4)
         # the longer length is where passes that scale with length (pruning, sparse attention) show
         lengths = [length, *filter(None, [_longer_length(captured, length)])]
-    lats = be.latency(captured, bundle_dir, tgt, bench, lengths, threads, manifest=data)
+    lats = be.latency(captured, bundle_dir, tgt, bench, lengths, threads, manifest=data) if bench.runs else None
     if lats is not None and captured.cache is not None:
         result["latency"] = {**lats[0], "label": f"decode step, {length} cached tokens, batch 1"}
         result["first_token"] = [{**lat, "label": f"first token, {lat['feed']['input_ids'][1]}-token prompt, batch 1"}

@@ -150,6 +150,12 @@ class Pass:
     def call(self, program: Program) -> PassResult:
         raise NotImplementedError
 
+    def for_standard_onnx(self, target: str) -> tuple[Pass, str | None]:
+        """This pass for ``target``, whose runtime parses standard ONNX only (TensorRT: no ONNX
+        Runtime contrib ops): itself, or a variant and the plan's note saying why; a UsageError
+        where the options ask for a contrib kernel."""
+        return self, None
+
     def ensures(self, program: Program, stats: dict) -> None:
         """Raise PassError if the pass's promise does not hold on its output ``program``."""
 

@@ -319,6 +319,8 @@ def format_report(report: dict) -> str:
         for name, other in lat.get("others", {}).items():   # the same feed through another runtime's plain export
             a, b = lat["tokopt"]["median_ms"], other["median_ms"]
             lines.append(f"  median ms vs {name}".ljust(38) + f"{a:10.2f}{b:10.2f}{b / a:7.2f}x")
+    if report.get("latency_skipped"):
+        lines.append(f"latency not measured: {report['latency_skipped']}")
     if report.get("baseline_skipped"):
         lines.append(f"baseline not measured: {report['baseline_skipped']}")
     if (report.get("latency") or {}).get("baseline"):

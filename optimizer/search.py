@@ -254,6 +254,8 @@ def search(model, max_drop: str, *, out, optimize: str = "latency", search_time=
     from .data import default_texts
     if optimize not in ("latency", "size"):
         raise UsageError(f"--optimize {optimize!r}: use latency or size.")
+    if bench_runs < 1:
+        raise UsageError(f"--bench-runs {bench_runs}: --max-drop times every candidate, so give at least 1 run.")
     if trials is not None and trials < 1:
         raise UsageError(f"--search-trials {trials}: give at least 1.")
     budget_seconds = parse_duration(search_time)

@@ -276,6 +276,17 @@ class RSQPass(Pass):
         return quantize_gptq(w, h, bits, bs, damp=opts.damp, act_order=opts.act_order, clip=opts.clip, name=name)
 
     # -- the pass -------------------------------------------------------------------------
+    def for_standard_onnx(self, target: str) -> tuple[Pass, str | None]:
+        if self.options.compute == "int8":
+            raise UsageError(f"rsq:compute=int8 runs MatMulNBits on int8 activations (accuracy_level 4), an ONNX "
+                             f"Runtime contrib kernel, and target '{target}' parses standard ONNX only. Use "
+                             "compute=float (the low-bit weights dequantized in the graph), or bits=8,act_bits=8 "
+                             "(QDQ int8, which TensorRT runs on its integer kernels).")
+        if self.options.compute == "auto" and not self.options.act_bits:
+            return (type(self)(dataclasses.replace(self.options, compute="float")),
+                    f"rsq: compute=auto is float for target '{target}' (int8 compute is an ONNX Runtime contrib kernel)")
+        return self, None
+
     def call(self, program: Program) -> PassResult:
         opts = self.options
         if program.count(MATMUL_NBITS.overload) or any(EMBEDDING_Q8.matches(n) for n in program.graph.nodes):

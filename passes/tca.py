@@ -85,6 +85,10 @@ class TCAOptions:
             raise ValueError("calib_windows must be at least 1 and eval_windows at least 0")
         if any(layer < 0 for layer in self.layers):
             raise ValueError(f"layers {self.layers} must be non-negative layer indices")
+        if self.uniform == -1.0 and self.calib_len <= max(self.windows) + self.sinks:
+            raise ValueError(f"calib_len={self.calib_len}: calibration windows are not longer than sinks + the "
+                             f"widest window ({self.sinks + max(self.windows)}): every key would be kept. Use a "
+                             "longer calib_len or smaller windows.")
 
 
 def _file_hash(path: Path) -> str:

@@ -14,7 +14,9 @@ from tokopt.backends.onnxruntime import OnnxRuntimeBackend
 from tokopt.backends.targets import TARGETS
 from tokopt.backends.tensorrt import parser_check
 from tokopt.cli import main
+from tokopt.optimizer.compile import plan_passes
 from tokopt.optimizer.errors import BackendError, UsageError
+from tokopt.optimizer.pass_manager import plan
 
 W8A8 = "rsq:bits=8,act_bits=8,solver=rtn,importance=none,samples=4,seq_len=32"
 
@@ -62,7 +64,7 @@ def test_tensorrt_refuses_asymmetric_int8(w8a8, tmp_path):
 
 
 def test_mobile_targets_ship_an_ort_format_model(tmp_path, model_dir):
-    result = tokopt.compile(model_dir("bert"), out=tmp_path / "b", target="android-arm64", bench_runs=2)
+    result = tokopt.compile(model_dir("bert"), out=tmp_path / "b", target="android-arm64", bench_runs=0)
     low = result.manifest["lowering"]
     assert low["ort_model"] == "model.ort" and (tmp_path / "b" / "model.ort").stat().st_size > 0
     config = (tmp_path / "b" / "required_operators.config").read_text().splitlines()
@@ -89,6 +91,21 @@ def test_jetson_gets_attention_tensorrt_10_3_parses(tmp_path, model_dir):
     assert info["tensorrt_check"]["parses"] and info["tensorrt_check"]["oldest"] == "10.14"
     stale = parser_check(tmp_path / "t" / "model.onnx", "10.3")
     assert not stale["parses"] and stale["problems"] == ["Attention: parsed from TensorRT 10.14, and the target has 10.3"]
+
+
+def test_tensorrt_targets_refuse_the_int8_compute_kernel(tmp_path, model_dir):
+    """rsq's int8 compute is MatMulNBits' accuracy_level 4, a contrib kernel: asked for on a TensorRT
+    target it is refused before the model is read; compute=auto becomes float there, and the plan says so."""
+    with pytest.raises(UsageError, match=r"rsq:compute=int8 runs MatMulNBits on int8 activations \(accuracy_level "
+                                         r"4\).*target 'jetson-orin' parses standard ONNX only. Use compute=float"):
+        tokopt.compile(tmp_path / "not-read", out=tmp_path / "a", target="jetson-orin", passes="rsq:compute=int8")
+    assert not (tmp_path / "a").exists()
+    rsq = plan(plan_passes("rsq")).passes[-1]
+    fitted, note = rsq.for_standard_onnx("jetson-orin")
+    assert fitted.options.compute == "float" and rsq.options.compute == "auto"
+    assert note == "rsq: compute=auto is float for target 'jetson-orin' (int8 compute is an ONNX Runtime contrib kernel)"
+    w8a8 = plan(plan_passes(W8A8)).passes[-1]
+    assert w8a8.for_standard_onnx("jetson-orin") == (w8a8, None)   # QDQ int8: what TensorRT runs
 
 
 def test_tensorrt_check_names_contrib_ops(tmp_path, model_dir):

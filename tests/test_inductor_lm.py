@@ -16,30 +16,25 @@ from .helpers import package_text
 @pytest.mark.slow
 def test_reference_lm_with_tca_rsq_and_generation(tmp_path):
     """Trained weights, on real text at a length the export never saw, against the program itself
-    (what every ONNX Runtime bundle is checked against at 1e-4 before it ships). TCA: its op stays
-    one call of the registered CPU implementation inside the package (its key budgets size tensors
-    by computed values), within 1e-4. RSQ int4 (round-to-nearest, no calibration: the op is the
-    point here): within 1% of the logits' range (the kernels sum the dequantized products in
-    another order). A generation package decodes real text greedily token for token as
-    transformers does."""
+    (what every ONNX Runtime bundle is checked against before it ships), TCA and RSQ stacked in
+    one package: TCA's op stays one call of the registered CPU implementation (its key budgets
+    size tensors by computed values); RSQ's int4 matmul (round-to-nearest, no calibration: the op
+    is the point here) is decomposed; within 1% of the logits' range (the kernels sum the
+    dequantized products in another order). A generation package decodes real text greedily
+    token for token as transformers does."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     tok = AutoTokenizer.from_pretrained(REFERENCE_LM, local_files_only=True)
     text = (REFERENCE_LM / "heldout.txt").read_text()[:2000]
     ids = tok(text, return_tensors="np")["input_ids"][:, :150]
     feed = {"input_ids": np.concatenate([ids, ids[:, ::-1]]), "attention_mask": np.ones((2, ids.shape[1]), np.int64)}
-    for passes, tol in (("tca", 1e-4), ("rsq:solver=rtn,importance=none,rotate=off", None)):
-        ind = tokopt.compile(REFERENCE_LM, out=tmp_path / "i", backend="inductor", passes=passes, measure=False, generate=False,
-                             force=True)
-        got = tokopt.load(ind.bundle)(**feed)["logits"]
-        want = ind.program.run({k: torch.from_numpy(v) for k, v in feed.items()})["logits"].numpy()
-        limit = tol if tol is not None else 0.01 * float(np.abs(want).max())
-        assert np.abs(got - want).max() < limit, passes
-        ops = ind.manifest["lowering"]["ops"]
-        if passes == "tca":
-            assert ops["tokopt::tca_attention"] == "torch reference, called"
-            assert "tokopt::tca_attention" in package_text(ind.bundle)
-        else:
-            assert ops["tokopt::matmul_nbits"] == "decomposed"
+    ind = tokopt.compile(REFERENCE_LM, out=tmp_path / "i", backend="inductor", measure=False, generate=False,
+                         passes="tca,rsq:solver=rtn,importance=none,rotate=off")
+    got = tokopt.load(ind.bundle)(**feed)["logits"]
+    want = ind.program.run({k: torch.from_numpy(v) for k, v in feed.items()})["logits"].numpy()
+    assert np.abs(got - want).max() < 0.01 * float(np.abs(want).max())
+    ops = ind.manifest["lowering"]["ops"]
+    assert ops["tokopt::tca_attention"] == "torch reference, called" and ops["tokopt::matmul_nbits"] == "decomposed"
+    assert "tokopt::tca_attention" in package_text(ind.bundle)
     gen = tokopt.compile(REFERENCE_LM, out=tmp_path / "g", backend="inductor", generate=True, measure=False)
     model = AutoModelForCausalLM.from_pretrained(REFERENCE_LM, local_files_only=True).eval()
     model.generation_config.eos_token_id = None

@@ -49,7 +49,7 @@ def test_heldout_perplexity_beats_ngram_baselines(lm):
 @pytest.mark.slow
 def test_compile_reference_lm(tmp_path, capsys):
     res = tokopt.compile(REFERENCE_LM, out=tmp_path / "b", generate=False, calib=REFERENCE_LM / "heldout.txt",
-                         bench_runs=3, bench_len=256, threads=1)
+                         bench_runs=0, bench_len=256, threads=1)   # quality on real text, no timing
     q = res.report["quality"]
     assert q["top1_agreement"] == 1.0 and q["logit_kl"] < 1e-8
     assert q["perplexity_bundle"] == pytest.approx(q["perplexity_original"], rel=1e-5)

@@ -142,7 +142,7 @@ def test_calibrated_on_the_reference_lm(tmp_path, monkeypatch):
 def test_bad_requests(tmp_path, model_dir):
     with pytest.raises(UsageError, match="uniform=1.5 must be a budget"):
         tokopt.compile(model_dir("llama"), out=tmp_path / "a", passes="tca:uniform=1.5")
-    with pytest.raises(UsageError, match="not longer than sinks"):
+    with pytest.raises(UsageError, match="calib_len=200: calibration windows are not longer than sinks"):
         tokopt.compile(REFERENCE_LM, out=tmp_path / "b", passes="tca:calib_len=200", calib=REFERENCE_LM / "heldout.txt")
     ids = tmp_path / "ids.npy"
     np.save(ids, np.full((2, 600), 99999, dtype=np.int64))

@@ -286,7 +286,7 @@ def test_pruned_bundle_runs_in_onnxruntime(tmp_path, model_dir):
 def test_quality_on_minilm_real_text(tmp_path, minilm_dir):
     """Trained weights, the shipped passages: what pruning half the tokens after layer 1 costs."""
     res = tokopt.compile(minilm_dir, out=tmp_path / "b", passes="token_prune:keep=0.5,layers=1,score=cls",
-                         bench_runs=3, bench_len=128, threads=1)
+                         bench_runs=0, bench_len=128, threads=1)   # quality only
     q = res.report["quality"]
     assert q["tokens_kept"] == pytest.approx(0.5, abs=0.02)
     assert 0.85 < q["embedding_cosine"] < 0.999  # measured 0.92: a real, visible cost
