@@ -19,7 +19,7 @@ from ..optimizer.errors import BackendError, UsageError
 from ..optimizer.ops import OPSET, decompose, is_exact, onnx_translation_table, rounding_jitter, standardize
 from ..optimizer.program import Program
 from ..optimizer.resources import page_out
-from ..optimizer.generation import LOGITS_INDEX, with_positions
+from ..optimizer.generation import LOGITS_INDEX, CacheSpec, with_positions
 from ..optimizer.report import Bench, time_lengths, verification_feeds
 from ..optimizer.runtime import Backend, Runner, register_backend
 from .decoder import decoder_feeds, lower_decoder
@@ -423,10 +423,42 @@ class OnnxRuntimeBackend(Backend):
                 size = sum(p.stat().st_size for p in Path(tmp).iterdir())
         ours = make_session(bundle_dir / bundle_model(manifest), providers, threads)
         names = [i.name for i in ours.get_inputs()]
+        bound = ((manifest or {}).get("generation") or {}).get("shared_buffer")
 
         def own(feed):
             fed = {k: v for k, v in with_positions(feed, names).items() if k in names}
+            ids, mask = fed["input_ids"], fed.get("attention_mask")
+            if bound and ids.shape[1] == 1 and mask is not None and mask.shape[1] > 1:
+                # a decode step as generate() runs it: the cache in the buffers bound as past and present,
+                # the greedy pick included (as in the peer's generate_next_token)
+                step = BoundDecoding(ours, CacheSpec.from_json(manifest["generation"]["cache"]), 1, mask.shape[1],
+                                     set(names))
+                pos = fed.get("position_ids", np.array([[mask.shape[1] - 1]]))
+                return lambda: step(ids, mask, pos).argmax(-1)
             return lambda: ours.run(None, fed)
-        return time_lengths(captured, lengths, bench, ours=own,
-                            baseline=None if base is None else (lambda feed: lambda: base.run(None, feed)),
-                            baseline_bytes=size, threads=threads, providers=providers)
+        with tempfile.TemporaryDirectory() as tmp:
+            others, fields = {}, {}
+            if captured.cache is not None and providers[0] == "CPUExecutionProvider":
+                peer = self._peer(captured, bench, manifest, Path(tmp), threads)
+                if isinstance(peer, str):
+                    fields["peer_skipped"] = peer
+                else:
+                    others.update(peer)
+            return time_lengths(captured, lengths, bench, ours=own,
+                                baseline=None if base is None else (lambda feed: lambda: base.run(None, feed)),
+                                baseline_bytes=size, others=others or None, threads=threads, providers=providers,
+                                **fields)
+
+    @staticmethod
+    def _peer(captured: Program, bench: Bench, manifest: dict | None, work: Path, threads: int | None):
+        """{name: call} of onnxruntime-genai's build of the same folder, or why it is not timed."""
+        from . import genai
+        if captured.source.get("kind") != "hf-folder":
+            return f"{genai.PEER}: its model builder reads a Hugging Face folder, and this model was a module"
+        if not bench.baseline:
+            return f"{genai.PEER}: not built for a model this large (a second conversion of the weights)"
+        precision = genai.precision_of((manifest or {}).get("passes", []))
+        model = genai.build(Path(captured.source["path"]), precision, work / "genai", threads)
+        if isinstance(model, str):
+            return f"{genai.PEER} {precision}: {model}"
+        return {f"{genai.PEER} {precision}": genai.step_calls(model, captured.cache.vocab_size)}

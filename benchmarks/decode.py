@@ -71,27 +71,13 @@ class _Streamer:
 
 def _genai(model_dir: str, precision: str, work: Path, threads: int):
     """A decode function over onnxruntime-genai's build of the model, or the reason there is none."""
-    import subprocess
-    import sys
-    try:
-        import onnxruntime_genai as og
-    except ImportError as e:
-        return f"onnxruntime-genai is not installed ({e}); pip install -e '.[bench]'"
-    out = work / f"genai-{precision}"
-    run = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", model_dir, "-o", str(out),
-                          "-p", precision, "-e", "cpu"], capture_output=True, text=True)
-    if run.returncode != 0:
-        return f"the model builder failed: {(run.stderr or run.stdout).strip().splitlines()[-1][:200]}"
-    config = json.loads((out / "genai_config.json").read_text())
-    config["model"]["decoder"]["session_options"]["intra_op_num_threads"] = threads
-    (out / "genai_config.json").write_text(json.dumps(config, indent=1))
-    model = og.Model(str(out))
+    from tokopt.backends import genai
+    model = genai.build(Path(model_dir), precision, work / f"genai-{precision}", threads)
+    if isinstance(model, str):
+        return model
 
     def decode(ids: np.ndarray, n: int, clock) -> np.ndarray:
-        params = og.GeneratorParams(model)
-        params.set_search_options(max_length=ids.shape[1] + n, min_length=ids.shape[1] + n, do_sample=False)
-        gen = og.Generator(model, params)
-        gen.append_tokens(ids.astype(np.int32))
+        gen = genai.generator(model, ids, ids.shape[1] + n)
         new = []
         while not gen.is_done():
             gen.generate_next_token()

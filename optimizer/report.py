@@ -316,9 +316,11 @@ def format_report(report: dict) -> str:
         if "decode" in shape:
             lines.append("  decode tokens/s (1000 / median ms)".ljust(38) + f"{1e3 / lat['tokopt']['median_ms']:10.0f}"
                          + (f"{1e3 / base['median_ms']:10.0f}" if base else ""))
-        for name, other in lat.get("others", {}).items():   # the same feed through another runtime's plain export
+        for name, other in lat.get("others", {}).items():   # the same feed through another runtime (a peer)
             a, b = lat["tokopt"]["median_ms"], other["median_ms"]
             lines.append(f"  median ms vs {name}".ljust(38) + f"{a:10.2f}{b:10.2f}{b / a:7.2f}x")
+        if lat.get("peer_skipped") and lat is report.get("latency"):
+            lines.append(f"  not timed: {lat['peer_skipped']}")
     if report.get("latency_skipped"):
         lines.append(f"latency not measured: {report['latency_skipped']}")
     if report.get("baseline_skipped"):

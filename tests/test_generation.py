@@ -230,7 +230,10 @@ def test_cli_generation_errors(llama_bundle, capsys):
 def test_reference_lm_generates_like_transformers(tmp_path, capsys):
     """Trained weights, real prompt, CLI end to end: the streamed text is transformers' greedy
     continuation; the report has the decode latency, the first token's at two prompt lengths and
-    the cache size."""
+    the cache size, each beside onnxruntime-genai's build of the same folder where it is installed
+    (and a line saying why not where it is not)."""
+    import importlib.util
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
     out = tmp_path / "ref"
     assert main(["compile", str(REFERENCE_LM), "--generate", "--out", str(out), "--bench-runs", "5",
@@ -239,6 +242,13 @@ def test_reference_lm_generates_like_transformers(tmp_path, capsys):
     assert "greedy match" in report and "decode step, 64 cached tokens" in report and "1K tokens 2.00 MiB" in report
     assert "decode tokens/s" in report and "first token, 64-token prompt" in report
     assert "first token, 256-token prompt" in report   # 4x the probe length: where prefill costs show
+    timed = json.loads((out / "report.json").read_text())
+    if importlib.util.find_spec("onnxruntime_genai"):
+        assert report.count("median ms vs onnxruntime-genai fp32") == 3
+        assert all(lat["others"]["onnxruntime-genai fp32"]["median_ms"] > 0
+                   for lat in (timed["latency"], *timed["first_token"]))
+    else:
+        assert "not timed: onnxruntime-genai is not installed (pip install -e '.[bench]')" in report
     prompt = "def read_config(path):\n    "
     assert main(["run", str(out), "--text", prompt, "--max-new-tokens", "64"]) == 0
     streamed = capsys.readouterr().out
