@@ -1,6 +1,7 @@
 """Decoding speed of --generate bundles against what a user would run instead, in one run.
 
     python benchmarks/decode.py [MODEL] [--prompts 256 896] [--new 128] [--threads 2] [--passes SPEC ...]
+                                [--genai fp32 int4 int8] [--no-eager] [--no-plain] [--rounds 3]
 
 MODEL defaults to the shipped reference LM. Each candidate decodes the same prompt (held-out
 text cut to each length) greedily for ``--new`` tokens, batch 1, the same thread count:
@@ -96,6 +97,9 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--passes", nargs="*", default=["rsq:bits=4", "rsq:bits=4,online=false", "rsq:bits=8", "tca"])
     ap.add_argument("--no-eager", action="store_true", help="leave out transformers' generate (the slowest)")
+    ap.add_argument("--no-plain", action="store_true", help="leave out the plain torch.onnx.export graph")
+    ap.add_argument("--genai", nargs="*", default=["fp32", "int4", "int8"], choices=["fp32", "int4", "int8"],
+                    help="onnxruntime-genai builds to time (none: leave the peer out)")
     ap.add_argument("--out", default="bench-out/decode.json")
     args = ap.parse_args(argv)
 
@@ -124,7 +128,7 @@ def main(argv=None):
     plain = make_session(work / "plain.onnx", ["CPUExecutionProvider"], args.threads)
     spec = res.program.cache
     names = [i.name for i in plain.get_inputs()]
-    genai = {f"genai-{p}": _genai(args.model, p, work, args.threads) for p in ("fp32", "int4", "int8")}
+    genai = {f"genai-{p}": _genai(args.model, p, work, args.threads) for p in args.genai}
 
     def plain_step(feed):
         outs = plain.run(None, {n: feed[n] for n in names})
@@ -145,6 +149,8 @@ def main(argv=None):
             **{name: (lambda n, clock, g=g: g(ids, n, clock)) for name, g in genai.items() if callable(g)}}
         if args.no_eager:
             del candidates["eager"]
+        if args.no_plain:
+            del candidates["onnx-plain"]
         rounds, tokens = {name: [] for name in candidates}, {}
         with torch.no_grad():
             for name, run in candidates.items():

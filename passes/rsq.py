@@ -59,6 +59,7 @@ import dataclasses
 import hashlib
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -168,6 +169,29 @@ def _importance(q, k, mask, scale, causal, lo: float, hi: float) -> torch.Tensor
     return r / r.sum(-1, keepdim=True) * r.shape[-1]
 
 
+# the windows' resume states past this many bytes go to disk between groups (a wide MLP's at 0.5B: 0.38 GiB)
+SPILL_BYTES = 2**28
+
+
+def _spilled(state: tuple[str, dict] | None, folder: Path, limit: int) -> tuple[str, dict] | None:
+    """A GPTQ resume state (``Tap.marked``) whose tensors, where they hold more than ``limit``
+    bytes, are moved to file-backed pages and paged out: read back once, by the next group's run,
+    instead of resident through this group's Hessian and solve."""
+    if state is None:
+        return None
+    at, live = state
+    tensors = [v for v in live.values() if isinstance(v, torch.Tensor)]
+    if sum(t.numel() * t.element_size() for t in tensors) <= limit:
+        return state
+    moved = {}
+    for name, v in live.items():
+        if isinstance(v, torch.Tensor) and not v.requires_grad:
+            v = file_backed(tuple(v.shape), folder, v.dtype).copy_(v)
+            page_out_tensor(v)
+        moved[name] = v
+    return at, moved
+
+
 @register_pass
 class RSQPass(Pass):
     name = "rsq"
@@ -196,7 +220,8 @@ class RSQPass(Pass):
         calib = [torch.roll(w, i * w.shape[1] // opts.expand, 1) for w in calib for i in range(opts.expand)]
         return calib, windows[opts.samples:]
 
-    def _hessians(self, gm, input_names, group, k: int, block, feeds, weights_cache: dict, layer, marks: list):
+    def _hessians(self, gm, input_names, group, k: int, block, feeds, weights_cache: dict, layer, marks: list,
+                  spill: Path):
         """2 X^T diag(w) X / tokens of the group's input X over the calibration feeds, each token
         weighted by its importance at the layer's attention (computed once per layer and sample),
         and the state each feed's run reached at the group's first linear (``marks``: where the
@@ -218,7 +243,7 @@ class RSQPass(Pass):
             resume = marks[i] if marks[i] is not None and not (fresh and order[attention] < order[marks[i][0]]) else None
             with torch.no_grad():
                 tap.run_feed(feed, input_names, resume=resume)
-            marks[i] = tap.marked
+            marks[i] = _spilled(tap.marked, spill, SPILL_BYTES // len(feeds))
             x = tap.values[x_node].double().reshape(-1, k)
             if need:
                 if fresh:
@@ -251,7 +276,7 @@ class RSQPass(Pass):
             if opts.solver == "gptq" and feeds:
                 k = rw.tensor(group[0].args[1]).shape[1]
                 h = self._hessians(gm, rw.input_names, group, k, attention_of.get(layer), feeds, weights_cache, layer,
-                                   marks)
+                                   marks, spill)
             for t in read_again:   # the previous group's new weights, which this group's run read back in
                 page_out_tensor(t)
             read_again = []

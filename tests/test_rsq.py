@@ -234,7 +234,9 @@ def test_token_ids_calibration_and_cache(tmp_path, model_dir):
 def test_gptq_resumes_layer_by_layer(tmp_path, model_dir, monkeypatch):
     """Each GPTQ group's calibration run resumes where the previous group's stopped (its linears
     recomputed with their quantized weights) instead of running the graph from its inputs: the
-    codes are bit-identical to the from-the-inputs runs, with fewer nodes run."""
+    codes are bit-identical to the from-the-inputs runs, with fewer nodes run; and again when every
+    resume state is moved to disk between groups (as a wide model's are, past rsq.SPILL_BYTES)."""
+    import tokopt.passes.rsq as rsq_module
     from tokopt.optimizer.ops.taps import Tap
     ids = tmp_path / "ids.npy"
     np.save(ids, np.random.default_rng(0).integers(0, 256, (4, 64)))
@@ -251,18 +253,26 @@ def test_gptq_resumes_layer_by_layer(tmp_path, model_dir, monkeypatch):
         return run_feed(self, feed, names, resume=None if from_start else resume)
     monkeypatch.setattr(Tap, "run_node", counting)
     monkeypatch.setattr(Tap, "run_feed", from_inputs)
+    backed, file_backed = [], rsq_module.file_backed
+
+    def counted(shape, *args):
+        backed.append(shape)
+        return file_backed(shape, *args)
+    monkeypatch.setattr(rsq_module, "file_backed", counted)
     programs, counts = [], []
-    for from_start in (True, False):
-        monkeypatch.setenv("TOKOPT_CACHE_DIR", str(tmp_path / f"cache{from_start}"))   # no cached result
+    for from_start, spill in ((True, False), (False, False), (False, True)):
+        monkeypatch.setenv("TOKOPT_CACHE_DIR", str(tmp_path / f"cache{from_start}{spill}"))   # no cached result
+        monkeypatch.setattr(rsq_module, "SPILL_BYTES", 0 if spill else 2**28)
+        backed.clear()
         captured = tokopt.capture(model_dir("llama"))
         captured.calib = str(ids)
         ran.clear()
         programs.append(PassManager(resolve(plan_passes("rsq:samples=4,seq_len=64,group_size=16,eval_windows=0,"
                                                         "compute=float"))).run(captured))
         counts.append(sum(ran))
-    assert any(resumed)
-    a, b = (dict(p.ep.state_dict) for p in programs)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(resumed) and len([s for s in backed if len(s) == 3]) > 4   # [1, 64, 64] activations on disk
+    a, b, c = (dict(p.ep.state_dict) for p in programs)
+    assert a.keys() == b.keys() == c.keys() and all(torch.equal(a[k], b[k]) and torch.equal(a[k], c[k]) for k in a)
     assert counts[1] < 0.8 * counts[0]
 
 
