@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--trust-pickle", action="store_true", help="allow .bin/.pt pickle weights")
     c.add_argument("--attn", choices=("sdpa", "eager"), default="sdpa", help="attention implementation to load")
     c.add_argument("--no-measure", action="store_true", help="skip the quality and latency report")
-    c.add_argument("--bench-runs", type=int, default=20, help="calls timed per candidate and length, at most (0: quality only, no timing)")
+    c.add_argument("--bench-runs", type=int, default=20,
+                   help="calls timed per candidate and length, at most (0: quality only, no timing)")
     c.add_argument("--max-memory", metavar="SIZE", help="memory the compile may hold, e.g. 16GB (default: what is "
                    "available); a model that cannot fit is refused before it is read")
     c.add_argument("--bench-time", type=float, default=10.0, metavar="SECONDS",

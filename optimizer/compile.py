@@ -131,7 +131,7 @@ def compile(model, example_inputs=None, *, out=None, passes=None, recipe=None, b
     be = get_backend(backend)
     tgt = be.target(target)
     be.check_precision(tgt, precision)
-    if tgt.tensorrt is not None:   # a runtime without ONNX Runtime's contrib ops: passes that ask for one adapt or refuse
+    if tgt.tensorrt is not None:   # no ONNX Runtime contrib ops there: a pass that asks for one adapts or refuses
         fitted = [p.for_standard_onnx(tgt.name) for p in pass_list]
         pass_list = [p for p, _ in fitted]
         the_plan.notes.extend(note for _, note in fitted if note)
@@ -141,8 +141,8 @@ def compile(model, example_inputs=None, *, out=None, passes=None, recipe=None, b
         raise UsageError(f"--calib {calib} does not exist. Give a text file, a JSONL of texts or a .npy of token ids.")
     check_threads(threads)
     if measure and (bench_runs < 0 or bench_len < 1):
-        raise UsageError(f"bench_runs={bench_runs}, bench_len={bench_len}: give at least 1 token and 0 runs "
-                         "(0: quality without latency; --no-measure skips the measurement).")
+        raise UsageError(f"bench_runs={bench_runs}, bench_len={bench_len}: bench_runs must be 0 or more (0: "
+                         "quality without timing) and bench_len at least 1; --no-measure skips the measurement.")
     if measure and bench_time is not None and not bench_time > 0:
         raise UsageError(f"--bench-time {bench_time}: give the seconds each timing may take, more than 0.")
     if seq_len < 2:
