@@ -59,29 +59,36 @@ def generator(model, ids: np.ndarray, total: int):
     return gen
 
 
-def step_calls(model, vocab: int, headroom: int = 64):
-    """``call(feed) -> zero-argument call`` over the report's feeds: a prompt without a cache is
-    timed as its first token (prefill, then the pick); a feed after a cache of P tokens as one
-    decode step of a generator that has read P tokens (each call the next step: P, P+1, ...; a
-    fresh generator every ``headroom`` steps, the first call after it its warm-up)."""
+def step_calls(model, vocab: int, context: int | None, headroom: int = 64):
+    """``call(feed) -> zero-argument call`` over the report's feeds, or None where the peer cannot
+    take the feed within its ``context`` (it must have room for the token it picks): a prompt
+    without a cache is timed as its first token (prefill, then the pick); a feed after a cache of
+    P tokens as one decode step of a generator that has read P tokens (each call the next step:
+    P, P+1, ...; a fresh generator every ``headroom`` steps, the first call after it its warm-up)."""
     rng = np.random.default_rng(0)
+    room = context if context is not None else 2**31
 
     def call(feed):
         new = feed["input_ids"].shape[1]
         past = feed["attention_mask"].shape[1] - new
         if past == 0:
+            if new + 1 > room:
+                return None
             ids = feed["input_ids"][:1]
 
             def first():
-                generator(model, ids, new + 2).generate_next_token()
+                generator(model, ids, new + 1).generate_next_token()
             return first
+        steps = min(headroom, room - past)
+        if steps < 2:
+            return None
         prompt = rng.integers(10, vocab, (1, past))
         state = {}
 
         def step():
             gen = state.get("gen")
             if gen is None or gen.is_done():
-                gen = state["gen"] = generator(model, prompt, past + headroom)
+                gen = state["gen"] = generator(model, prompt, past + steps)
                 gen.generate_next_token()   # the prompt's own token: the steps after it decode
             gen.generate_next_token()
         return step

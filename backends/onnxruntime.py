@@ -461,4 +461,5 @@ class OnnxRuntimeBackend(Backend):
         model = genai.build(Path(captured.source["path"]), precision, work / "genai", threads)
         if isinstance(model, str):
             return f"{genai.PEER} {precision}: {model}"
-        return {f"{genai.PEER} {precision}": genai.step_calls(model, captured.cache.vocab_size)}
+        return {f"{genai.PEER} {precision}": genai.step_calls(model, captured.cache.vocab_size,
+                                                             captured.cache.max_length)}

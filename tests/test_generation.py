@@ -278,3 +278,16 @@ def test_partial_rotary_is_fused_where_the_kernel_takes_it(tmp_path):
     narrow = tokopt.compile(_tiny("phi").eval(), out=tmp_path / "narrow", generate=True, measure=False)
     assert "fused rotary needs a multiple of 16" in narrow.manifest["lowering"]["decoder"]["kept"][0]
     assert not narrow.manifest["generation"]["shared_buffer"]
+
+
+def test_peer_feeds_past_its_context_are_left_out():
+    """The report's peer times only what onnxruntime-genai can run within the model's context (it
+    needs room for the token it picks): a 1024-token prefill of a 1024-token model has no peer
+    line; a decode step after 1000 cached tokens still has one (fewer steps per generator)."""
+    from tokopt.backends import genai
+    calls = genai.step_calls(None, vocab=100, context=1024)
+
+    def feed(new, past):
+        return {"input_ids": np.zeros((1, new), np.int64), "attention_mask": np.ones((1, new + past), np.int64)}
+    assert calls(feed(1024, 0)) is None and callable(calls(feed(1023, 0)))
+    assert calls(feed(1, 1023)) is None and callable(calls(feed(1, 1000)))
