@@ -23,7 +23,7 @@ from ..optimizer.generation import LOGITS_INDEX, CacheSpec, with_positions
 from ..optimizer.report import Bench, time_lengths, verification_feeds
 from ..optimizer.runtime import Backend, Runner, register_backend
 from .decoder import decoder_feeds, lower_decoder
-from .onnx_shapes import static_reshapes
+from .onnx_shapes import drop_unread_outputs, static_reshapes
 from .ort_options import DISABLED_OPTIMIZERS, session_options
 from .targets import Target, get_target, host_arch, host_providers
 
@@ -208,6 +208,7 @@ def export_onnx(program: Program, path: Path, *, fusions: bool = True, standard:
         from onnxscript.rewriter import ort_fusions
         model, fused = ort_fusions.optimize_for_ort(model)
         static_reshapes(model)
+        drop_unread_outputs(model)
         with tempfile.TemporaryDirectory() as tmp:
             save(model, Path(tmp) / path.name)
             packing, model = _needs_packing(model), None
@@ -339,6 +340,7 @@ class BoundDecoding:
         import onnxruntime as ort
         self.session, self.positions, self.capacity = session, "position_ids" in inputs, capacity
         self.index = LOGITS_INDEX in inputs   # the last position's logits are asked for (newer bundles)
+        self.rows = None
         self.io = session.io_binding()
         self.logits = np.zeros((batch, 1, spec.vocab_size), dtype=spec.dtype)
         self.buffers = [ort.OrtValue.ortvalue_from_numpy(self.logits)]   # kept alive while bound
@@ -359,8 +361,9 @@ class BoundDecoding:
         self.io.bind_cpu_input("attention_mask", np.ascontiguousarray(mask))
         if self.positions:
             self.io.bind_cpu_input("position_ids", np.ascontiguousarray(pos))
-        if self.index:
-            self.io.bind_cpu_input(LOGITS_INDEX, np.array([ids.shape[1] - 1]))
+        if self.index and ids.shape[1] != self.rows:   # bound once for a prefill, once for the steps
+            self.rows, self.last = ids.shape[1], np.array([ids.shape[1] - 1])   # kept alive while bound
+            self.io.bind_cpu_input(LOGITS_INDEX, self.last)
         self.session.run_with_iobinding(self.io)
         return self.logits[:, -1].copy()   # the buffer is the next call's output
 

@@ -19,6 +19,7 @@ import torch
 from ..optimizer.errors import UsageError
 from ..optimizer.generation import LOGITS_INDEX
 from ..optimizer.program import Program
+from ..optimizer.report import float64_rows
 
 __all__ = ["perplexity", "decode_perplexity", "passkey", "passkey_stats", "full_feed", "token_kl"]
 
@@ -38,17 +39,19 @@ def full_feed(program: Program, ids: torch.Tensor) -> dict[str, torch.Tensor]:
     return feed
 
 
-def _nll(logits: torch.Tensor, target: torch.Tensor, rows: int = 256) -> float:
+def _nll(logits: torch.Tensor, target: torch.Tensor) -> float:
     """Summed cross-entropy of ``logits`` [T, V] against ``target`` [T] in float64, a slice of rows
     at a time: a 152K vocabulary's float64 log-softmax over 512 tokens is 1.2 GB at once."""
+    rows = float64_rows(logits.shape[-1])
     return sum(float(torch.nn.functional.cross_entropy(logits[i:i + rows].double(), target[i:i + rows], reduction="sum"))
                for i in range(0, logits.shape[0], rows))
 
 
-def token_kl(ref: torch.Tensor, got: torch.Tensor, rows: int = 256) -> torch.Tensor:
+def token_kl(ref: torch.Tensor, got: torch.Tensor) -> torch.Tensor:
     """KL(softmax(ref) || softmax(got)) at each position of logits [..., V], in float64, a slice
     of positions at a time."""
     ref, got = ref.reshape(-1, ref.shape[-1]), got.reshape(-1, got.shape[-1])
+    rows = float64_rows(ref.shape[-1])
     parts = []
     for i in range(0, ref.shape[0], rows):
         lp, lq = ref[i:i + rows].double().log_softmax(-1), got[i:i + rows].double().log_softmax(-1)

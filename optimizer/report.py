@@ -30,7 +30,17 @@ from .program import Program
 from .runtime import load_tokenizer
 
 __all__ = ["Bench", "probe_inputs", "quality", "quality_rows", "time_calls", "format_report", "bench_inputs",
-           "verification_feeds", "generation_prompts", "generation_quality"]
+           "verification_feeds", "generation_prompts", "generation_quality", "float64_rows"]
+
+# float64 elements in one slice of log-probabilities (32 MiB): a handful of such temporaries at a time
+SLICE_ELEMENTS = 2**22
+
+
+def float64_rows(vocab: int) -> int:
+    """How many positions' float64 log-softmax over ``vocab`` make one slice: 1024 for a 4K
+    vocabulary, 27 for a 152K one (whose 256 rows held 0.3 GB per temporary, four at once: the
+    peak of rsq's int8-compute check on a 0.5B model)."""
+    return max(1, SLICE_ELEMENTS // vocab)
 
 
 def _tokenize(program: Program, texts: list[str], max_len: int) -> dict[str, torch.Tensor] | None:
@@ -86,14 +96,15 @@ def quality(program: Program, reference: dict[str, torch.Tensor], got: dict[str,
         valid = mask.bool() if mask is not None else torch.ones(logits.shape[:2], dtype=torch.bool)
         kl, agree, nll = [], [], {"original": [], "bundle": []}
         t = logits.shape[1]
-        # 256 positions of a row at a time: [T, vocab] in float64 is 0.6 GB per copy for a 152K vocabulary at T=512
-        for row, i in ((row, i) for row in range(logits.shape[0]) for i in range(0, t, 256)):
-            at = slice(i, i + 256)
+        # a slice of a row at a time: [T, vocab] in float64 is 0.6 GB per copy for a 152K vocabulary at T=512
+        rows = float64_rows(logits.shape[-1])
+        for row, i in ((row, i) for row in range(logits.shape[0]) for i in range(0, t, rows)):
+            at = slice(i, i + rows)
             lp, lq = reference["logits"][row, at].double().log_softmax(-1), logits[row, at].double().log_softmax(-1)
             kl.append((lp.exp() * (lp - lq)).sum(-1)[valid[row, at]])
             agree.append((lp.argmax(-1) == lq.argmax(-1))[valid[row, at]])
             if "input_ids" in feed:
-                j = torch.arange(i, min(i + 256, t - 1))   # positions with a next token
+                j = torch.arange(i, min(i + rows, t - 1))   # positions with a next token
                 pair = valid[row, j + 1] & valid[row, j]
                 for name, logp in (("original", lp), ("bundle", lq)):
                     nll[name].append(-logp[:len(j)].gather(-1, feed["input_ids"][row, j + 1, None])[:, 0][pair])

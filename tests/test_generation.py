@@ -64,7 +64,8 @@ def test_batched_left_padding_equals_transformers(llama_bundle):
 
 def test_graph_structure(llama_bundle, tmp_path):
     """One graph, both modes: cache in, cache out, each layer's attention one GroupQueryAttention
-    (RoPE fused, q/k/v one packed projection, no concatenation of the cache left); present length
+    (RoPE fused, q/k/v one packed projection, no concatenation of the cache left), the norms fused
+    without the optional outputs nothing reads (mean, inverse deviation); present length
     is past + new at prefill (empty cache), decode (one token) and a one-row chunk after a cache;
     a batch's chunk after a cache is refused by name (the kernel's limit)."""
     _, res = llama_bundle
@@ -81,6 +82,9 @@ def test_graph_structure(llama_bundle, tmp_path):
     assert ops.count("GroupQueryAttention") == 2 and "Attention" not in ops
     assert not [n for n in graph.node if n.op_type == "Concat" and any(i.startswith("past_") for i in n.input)]
     assert ops.count("MatMul") == 2 * 5 + 1  # per layer q/k/v packed, o, gate, up, down; the LM head
+    norms = [n for n in graph.node if n.op_type == "SkipSimplifiedLayerNormalization"]
+    assert len(norms) == 2 * 2 and [len(n.output) for n in norms] == [4, 4, 4, 1], [n.output for n in norms]
+    assert all(n.output[1] == n.output[2] == "" and n.output[3] for n in norms[:-1])
     run = tokopt.load(res.bundle)
     for batch, seq, past in ((1, 6, 0), (2, 1, 13), (1, 4, 5)):
         feed = {k: v.numpy() for k, v in example_feed(spec, batch, seq, past, seed=5).items()}
