@@ -20,7 +20,8 @@ Reported: time to the first token (prefill), decode tokens/s after it, ratios to
 tokopt bundle, and how many leading tokens each candidate shares with the fp32 tokopt bundle
 (which must equal eager's and plain ONNX's: checked). Each candidate first runs once (2 new
 tokens) so allocation and first-call costs are not timed, then candidates take turns for
-``--rounds`` rounds (medians reported), so a neighbour's busy threads favour nobody.
+``--rounds`` rounds (medians reported), each turn after a short pause, so a neighbour's busy
+threads favour nobody.
 Prints a table, writes bench-out/decode.json.
 """
 from __future__ import annotations
@@ -37,6 +38,7 @@ import torch
 
 warnings.filterwarnings("ignore")
 ROOT = Path(__file__).resolve().parents[1]
+SETTLE = 0.05   # seconds, as the compile report's timing waits (report.time_calls)
 
 
 class _Clock:
@@ -157,6 +159,7 @@ def main(argv=None):
                 run(2, _Clock())
             for _ in range(args.rounds):
                 for name, run in candidates.items():
+                    time.sleep(SETTLE)   # the last candidate's runtime threads stop spinning first
                     clock = _Clock()
                     tokens[name] = run(args.new, clock)
                     rounds[name].append(clock.result(args.new))
