@@ -255,6 +255,8 @@ class RSQPass(Pass):
                 x = x * per_sample[i].reshape(-1).sqrt()[:, None]
             h.addmm_(x.T, x)   # in place: no k x k temporary (1.6 GB for a 14336-wide input)
             count += x.shape[0]
+            del x
+            release_heap()   # each window's freed activations, which malloc would keep resident to the next
         return h.mul_(2).div_(max(count, 1))
 
     def _solve(self, rw: Rewrite, body, calib, layer_of: dict, names: dict, bs: int, spill) -> dict:
