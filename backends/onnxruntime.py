@@ -340,7 +340,7 @@ class BoundDecoding:
         import onnxruntime as ort
         self.session, self.positions, self.capacity = session, "position_ids" in inputs, capacity
         self.index = LOGITS_INDEX in inputs   # the last position's logits are asked for (newer bundles)
-        self.rows = None
+        self.last = None   # the logits_index bound: the prompt's last row, then 0 at each step
         self.io = session.io_binding()
         self.logits = np.zeros((batch, 1, spec.vocab_size), dtype=spec.dtype)
         self.buffers = [ort.OrtValue.ortvalue_from_numpy(self.logits)]   # kept alive while bound
@@ -361,8 +361,8 @@ class BoundDecoding:
         self.io.bind_cpu_input("attention_mask", np.ascontiguousarray(mask))
         if self.positions:
             self.io.bind_cpu_input("position_ids", np.ascontiguousarray(pos))
-        if self.index and ids.shape[1] != self.rows:   # bound once for a prefill, once for the steps
-            self.rows, self.last = ids.shape[1], np.array([ids.shape[1] - 1])   # kept alive while bound
+        if self.index and (self.last is None or self.last[0] != ids.shape[1] - 1):   # once a mode
+            self.last = np.array([ids.shape[1] - 1])   # kept alive while bound
             self.io.bind_cpu_input(LOGITS_INDEX, self.last)
         self.session.run_with_iobinding(self.io)
         return self.logits[:, -1].copy()   # the buffer is the next call's output

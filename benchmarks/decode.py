@@ -38,7 +38,6 @@ import torch
 
 warnings.filterwarnings("ignore")
 ROOT = Path(__file__).resolve().parents[1]
-SETTLE = 0.05   # seconds, as the compile report's timing waits (report.time_calls)
 
 
 class _Clock:
@@ -111,6 +110,7 @@ def main(argv=None):
     import tokopt
     from tokopt.backends.onnxruntime import export_baseline, make_session
     from tokopt.optimizer.generation import generate_ids
+    from tokopt.optimizer.report import SETTLE
 
     torch.set_num_threads(args.threads)
     model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True).eval()

@@ -32,6 +32,8 @@ from .runtime import load_tokenizer
 __all__ = ["Bench", "probe_inputs", "quality", "quality_rows", "time_calls", "format_report", "bench_inputs",
            "verification_feeds", "generation_prompts", "generation_quality", "float64_rows"]
 
+# seconds a timing waits first: the last runtime's worker threads stop spinning (see time_calls)
+SETTLE = 0.05
 # float64 elements in one slice of log-probabilities (32 MiB): a handful of such temporaries at a time
 SLICE_ELEMENTS = 2**22
 
@@ -235,7 +237,7 @@ class Bench:
     prefill: tuple[int, ...] = ()   # a generation graph's prompts timed as prefills, after the lengths
 
 
-def time_calls(fn, runs: int, warmup: int = 2, settle: float = 0.05, budget: float | None = None) -> dict:
+def time_calls(fn, runs: int, warmup: int = 2, settle: float = SETTLE, budget: float | None = None) -> dict:
     """Median and p90 ms of ``runs`` calls of ``fn`` (fewer when they pass ``budget`` seconds, at
     least 3). It first waits ``settle`` seconds: ONNX Runtime's and OpenVINO's worker threads spin
     after a call, and a candidate timed right after another runtime's would pay for them (measured:
