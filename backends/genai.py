@@ -41,7 +41,7 @@ def build(folder: Path, precision: str, out: Path, threads: int | None):
                           "-p", precision, "-e", "cpu"], capture_output=True, text=True)
     if run.returncode != 0:
         lines = (run.stderr or run.stdout).strip().splitlines() or ["no output"]
-        return f"its model builder failed: {lines[-1][:200]}"
+        return f"{PEER} {precision}: its model builder failed: {lines[-1][:200]}"
     if threads:
         config = json.loads((out / "genai_config.json").read_text())
         config["model"]["decoder"]["session_options"]["intra_op_num_threads"] = threads

@@ -463,6 +463,6 @@ class OnnxRuntimeBackend(Backend):
         precision = genai.precision_of((manifest or {}).get("passes", []))
         model = genai.build(Path(captured.source["path"]), precision, work / "genai", threads)
         if isinstance(model, str):
-            return f"{genai.PEER} {precision}: {model}"
+            return model
         return {f"{genai.PEER} {precision}": genai.step_calls(model, captured.cache.vocab_size,
                                                              captured.cache.max_length)}

@@ -295,3 +295,15 @@ def test_peer_feeds_past_its_context_are_left_out():
         return {"input_ids": np.zeros((1, new), np.int64), "attention_mask": np.ones((1, new + past), np.int64)}
     assert calls(feed(1024, 0)) is None and callable(calls(feed(1023, 0)))
     assert calls(feed(1, 1023)) is None and callable(calls(feed(1, 1000)))
+
+
+def test_report_says_why_the_peer_is_not_timed(monkeypatch, tmp_path):
+    """Without onnxruntime-genai the peer's row is a line naming the package and how to install it
+    (CI has no [bench] extra, so this is the line a fresh install prints)."""
+    import sys
+
+    from tokopt.backends import genai
+    monkeypatch.setitem(sys.modules, "onnxruntime_genai", None)   # as if it were not installed
+    why = genai.build(REFERENCE_LM, "fp32", tmp_path / "genai", threads=1)
+    assert why == "onnxruntime-genai is not installed (pip install -e '.[bench]')"
+    assert not (tmp_path / "genai").exists()
