@@ -203,14 +203,15 @@ def _packed(rw: Rewrite, projections: list, name: str):
 
 def lower_decoder(program: Program) -> tuple[Program, dict]:
     """``program`` with its decoder attention on ``cached_attention`` (see the module
-    docstring), and what was done: {"cached_attention": layers, "kept": {layer: why}}."""
+    docstring), and what was done: {"cached_attention": layers, "kept": {layer: why}, "padding_side":
+    "right" where every layer is lowered (its rows then take right padding, no bias), else "left"}."""
     spec = program.cache
     if spec is None or spec.index:
         return program, {}
     rw = program.rewrite()
     nodes = {n.name: n for n in rw.graph.nodes}
     inputs, outputs = rw.inputs, rw.outputs
-    kept, done, rotary = {}, [], {}
+    kept, done, rotary, calls = {}, [], {}, []
     first = next(n for n in rw.graph.nodes if n.op not in ("placeholder", "get_attr"))
     with rw.graph.inserting_before(first):   # once, for every layer
         new_tokens = rw.graph.call_function(aten.sym_size.int, (inputs["input_ids"], 1))
@@ -258,15 +259,22 @@ def lower_decoder(program: Program) -> tuple[Program, dict]:
                 block.kv_heads, float(block.scale)))
             parts = [rw.graph.call_function(operator.getitem, (call, i)) for i in range(3)]
         inherit_meta(call, att)
+        calls.append(call)
         out.replace_all_uses_with(parts[0])
         outputs[f"present_key_{layer}"], outputs[f"present_value_{layer}"] = parts[1], parts[2]
         done.append(block.layer)
     if not done:
         return program, {"kept": kept}
+    right = not kept and len(done) == spec.layers
+    if right:   # every layer on the kernel: rows right-padded, no bias (see ops/gqa.py)
+        for call in calls:
+            call.args = (*call.args[:4], None, *call.args[5:])
+        rw.graph.erase_node(padding)
+        rw.graph.erase_node(new_tokens)
     rw.set_outputs(outputs)
     lowered = rw.commit("lowering the decoder attention")
     _check(program, lowered)
-    return lowered, {"cached_attention": done, **({"kept": kept} if kept else {})}
+    return lowered, {"cached_attention": done, **({"kept": kept} if kept else {}), "padding_side": "right" if right else "left"}
 
 
 def decoder_feeds(program: Program) -> list[dict]:

@@ -19,7 +19,7 @@ from ..optimizer.errors import BackendError, UsageError
 from ..optimizer.ops import OPSET, decompose, is_exact, onnx_translation_table, rounding_jitter, standardize
 from ..optimizer.program import Program
 from ..optimizer.resources import page_out
-from ..optimizer.generation import LOGITS_INDEX, CacheSpec, with_positions
+from ..optimizer.generation import LOGITS_INDEX, CacheSpec, logit_rows, with_positions
 from ..optimizer.report import Bench, time_lengths, verification_feeds
 from ..optimizer.runtime import Backend, Runner, register_backend
 from .decoder import decoder_feeds, lower_decoder
@@ -327,20 +327,21 @@ class OnnxRuntimeRunner(Runner):
     def decoding(self, batch: int, capacity: int):
         if not (self.manifest.get("generation") or {}).get("shared_buffer"):
             return super().decoding(batch, capacity)
-        return BoundDecoding(self.session, self.cache_spec(), batch, capacity, self.graph_inputs)
+        return BoundDecoding(self.session, self.cache_spec(), batch, capacity, self.graph_inputs, self.right_padded)
 
 
 class BoundDecoding:
     """Decoding with the cache in one preallocated buffer per layer's keys and values, bound
     through ORT's IOBinding as both the graph's past and its present: GroupQueryAttention
     writes each step's keys in place, nothing is copied or concatenated between steps. The
-    logits (the last position's, [B, 1, V] at every call) land in a bound buffer too."""
+    logits (one position per row, [B, 1, V]) land in a bound buffer too."""
 
-    def __init__(self, session, spec, batch: int, capacity: int, inputs: set[str]):
+    def __init__(self, session, spec, batch: int, capacity: int, inputs: set[str], right_padded: bool = False):
         import onnxruntime as ort
         self.session, self.positions, self.capacity = session, "position_ids" in inputs, capacity
+        self.right_padded = right_padded   # see generation.generate_ids
         self.index = LOGITS_INDEX in inputs   # the last position's logits are asked for (newer bundles)
-        self.last = None   # the logits_index bound: the prompt's last row, then 0 at each step
+        self.last = None   # the logits_index bound: the prompt's last row(s), then 0 at each step
         self.io = session.io_binding()
         self.logits = np.zeros((batch, 1, spec.vocab_size), dtype=spec.dtype)
         self.buffers = [ort.OrtValue.ortvalue_from_numpy(self.logits)]   # kept alive while bound
@@ -353,7 +354,8 @@ class BoundDecoding:
                 self.io.bind_ortvalue_output(f"present_{kv}_{i}", buf)
                 self.buffers.append(buf)
 
-    def __call__(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    def __call__(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, last: np.ndarray | None = None) -> np.ndarray:
+        import onnxruntime as ort
         if mask.shape[1] > self.capacity:
             raise UsageError(f"the cache holds {self.capacity} tokens and this step would make it {mask.shape[1]}: "
                              "open the decoding with a larger capacity (prompt + new tokens).")
@@ -361,11 +363,19 @@ class BoundDecoding:
         self.io.bind_cpu_input("attention_mask", np.ascontiguousarray(mask))
         if self.positions:
             self.io.bind_cpu_input("position_ids", np.ascontiguousarray(pos))
-        if self.index and (self.last is None or self.last[0] != ids.shape[1] - 1):   # once a mode
-            self.last = np.array([ids.shape[1] - 1])   # kept alive while bound
+        index, pick = logit_rows(ids, last)
+        if self.index and (self.last is None or not np.array_equal(self.last, index)):   # once a mode
+            self.last = index   # kept alive while bound
             self.io.bind_cpu_input(LOGITS_INDEX, self.last)
+        if len(index) == 1:
+            self.session.run_with_iobinding(self.io)
+            return self.logits[:, -1].copy()   # the buffer is the next call's output
+        # rows that end apart (a right-padded prompt): their logits in a buffer of this call's own
+        wide = np.zeros((len(pick), len(index), self.logits.shape[-1]), dtype=self.logits.dtype)
+        self.io.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(wide))
         self.session.run_with_iobinding(self.io)
-        return self.logits[:, -1].copy()   # the buffer is the next call's output
+        self.io.bind_ortvalue_output("logits", self.buffers[0])
+        return wide[np.arange(len(pick)), pick]
 
 
 @register_backend

@@ -194,7 +194,9 @@ def compile(model, example_inputs=None, *, out=None, passes=None, recipe=None, b
                                   "cache": program.cache.to_json(),
                                   "per_head_cache_length": None,  # None: every head keeps every token
                                   "shared_buffer": bool(lowered.pop("shared_buffer", False)),
-                                  "one_row_chunks": bool(lowered.get("decoder", {}).get("cached_attention"))}
+                                  "one_row_chunks": bool(lowered.get("decoder", {}).get("cached_attention")),
+                                  # right: a row's tokens are the first sum(attention_mask[b]) (ops/gqa.py)
+                                  "padding_side": lowered.get("decoder", {}).get("padding_side", "left")}
         report = {"source": source.get("path", source.get("class", "module")), "backend": be.name,
                   "target": tgt.name, "passes": program.history, **({"plan": the_plan.notes} if the_plan.notes else {}),
                   "attention": [b.row() for b in program.attention],

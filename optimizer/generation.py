@@ -12,6 +12,10 @@ names that are Python identifiers)::
              present_index_i                         (compacting graphs: P+S becomes what is kept)
 
 Prefill is a call with an empty cache (P = 0), a decode step a call with one token (S = 1).
+Padding is on the left (``attention_mask`` zeros first), except in a graph whose every layer is
+on ONNX Runtime's decoder kernel (manifest ``generation.padding_side: right``, as in
+onnxruntime-genai): there a row's tokens are its first ``attention_mask[b].sum()``, each row's
+new token goes after its own length, and ``generate_ids`` moves a left-padded prompt's rows so.
 ``logits_index`` is transformers' ``logits_to_keep`` as a tensor: the LM head runs on the
 positions asked for only, so a prefill that decodes pays for one row of it, and the same graph
 gives every position's logits to a caller who wants the full-sequence forward (the runner fills
@@ -37,7 +41,7 @@ from .errors import UsageError
 
 LOGITS_INDEX = "logits_index"
 
-__all__ = ["LOGITS_INDEX", "CacheSpec", "GenerateEntry", "cache_spec", "example_feed", "with_positions", "generate_ids", "decode_text",
+__all__ = ["LOGITS_INDEX", "CacheSpec", "GenerateEntry", "cache_spec", "example_feed", "with_positions", "generate_ids", "decode_text", "logit_rows",
            "FeedDecoding"]
 
 
@@ -197,21 +201,33 @@ def _pick(logits: np.ndarray, rng: np.random.Generator | None, temperature: floa
     return np.array([rng.choice(p.shape[-1], p=row) for row in p])
 
 
+def logit_rows(ids: np.ndarray, last: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """(the positions to ask ``logits_index`` for, which of them is each row's): each row's
+    ``last`` position (a right-padded prompt's rows end apart), the last new one by default."""
+    rows = np.full(ids.shape[0], ids.shape[1] - 1) if last is None else np.asarray(last)
+    index = np.unique(rows)
+    return index, np.searchsorted(index, rows)
+
+
 class FeedDecoding:
     """Decoding through a function of whole feeds: ``step(feed) -> {name: array}`` reads the
     cache as inputs and returns it as outputs, which the next call feeds back."""
 
-    def __init__(self, step: Callable[[dict], dict], spec: CacheSpec, index: bool = True):
+    def __init__(self, step: Callable[[dict], dict], spec: CacheSpec, index: bool = True, right_padded: bool = False):
         self.step, self.spec, self.past = step, spec, None
         self.index = index   # False: a bundle from before logits_index, whose logits are the last position's
+        self.right_padded = right_padded   # the graph's rows take right padding (see generate_ids)
 
-    def __call__(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray) -> np.ndarray:
-        """The logits of the last position of ``ids`` [B, S], the cache so far before them."""
+    def __call__(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, last: np.ndarray | None = None) -> np.ndarray:
+        """The logits of each row's ``last`` position of ``ids`` [B, S] (the last by default), the
+        cache so far before them."""
         past = self.past if self.past is not None else {k: v.numpy() for k, v in self.spec.empty(ids.shape[0]).items()}
-        last = {LOGITS_INDEX: np.array([ids.shape[1] - 1])} if self.index else {}
-        out = self.step({"input_ids": ids, "attention_mask": mask, "position_ids": pos, **last, **past})
+        index, pick = logit_rows(ids, last)
+        out = self.step({"input_ids": ids, "attention_mask": mask, "position_ids": pos,
+                         **({LOGITS_INDEX: index} if self.index else {}), **past})
         self.past = {p: out[o] for p, o in zip(self.spec.input_names, self.spec.output_names)}
-        return np.asarray(out["logits"])[:, -1]
+        logits = np.asarray(out["logits"])
+        return logits[np.arange(len(pick)), pick] if self.index else logits[:, -1]
 
 
 def generate_ids(step, spec: CacheSpec, input_ids, attention_mask=None, *,
@@ -222,7 +238,8 @@ def generate_ids(step, spec: CacheSpec, input_ids, attention_mask=None, *,
     """Prefill, then one decode step per new token. ``step`` runs the graph: a function
     ``step(feed) -> {name: array}`` (a bundle's runner call or the captured program), or an object
     whose ``decoding(batch, capacity)`` holds the cache itself (a runner that keeps it in bound
-    buffers). Left-padded batches are supported (``attention_mask`` zeros on the left). A row
+    buffers). Left-padded batches are supported (``attention_mask`` zeros on the left); a graph whose
+    rows take right padding (``right_padded`` on the decoding) is fed each row's tokens moved to its start. A row
     that emits a stop token is padded after it; the loop ends when every row has stopped.
     ``forced`` ([B, T] ids) replaces the choice at each step (teacher forcing, for quality
     measurement). Returns [B, S + new] ids."""
@@ -245,17 +262,23 @@ def generate_ids(step, spec: CacheSpec, input_ids, attention_mask=None, *,
     mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, dtype=np.int64)
     if mask.shape != ids.shape:
         raise UsageError(f"attention_mask has shape {list(mask.shape)}; it must match input_ids {list(ids.shape)}.")
-    pos = np.cumsum(mask, -1) - 1
-    pos[mask == 0] = 1
     decode = step.decoding(batch, length + int(max_new_tokens)) if hasattr(step, "decoding") else \
         FeedDecoding(step, spec)
+    right = getattr(decode, "right_padded", False)
+    lengths, last, inputs = mask.sum(1), None, ids
+    if right and (lengths < length).any():
+        # the graph takes right-padded rows: each row's tokens moved to its start, its logits read
+        # at its own last token, its new tokens written after its own length
+        order = np.argsort(mask == 0, axis=1, kind="stable")
+        inputs, mask, last = np.take_along_axis(ids, order, 1), np.take_along_axis(mask, order, 1), lengths - 1
+    pos = np.cumsum(mask, -1) - 1
+    pos[mask == 0] = 1
     rng = np.random.default_rng(seed) if do_sample else None
     stop = np.array(sorted(set(_token_ids(stop_tokens)) | set(spec.eos_token_ids)) or [-1])
     done = np.zeros(batch, dtype=bool)
     new = []
-    inputs = ids
     for t in range(int(max_new_tokens)):
-        logits = decode(inputs, mask, pos)
+        logits = decode(inputs, mask, pos) if last is None else decode(inputs, mask, pos, last)
         if on_logits is not None:
             on_logits(logits)
         nxt = np.asarray(forced)[:, t] if forced is not None else _pick(logits, rng, temperature, top_k, top_p)
@@ -266,9 +289,14 @@ def generate_ids(step, spec: CacheSpec, input_ids, attention_mask=None, *,
         done |= (nxt[:, None] == stop).any(1)
         if done.all() or t == max_new_tokens - 1:
             break
-        mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], 1)
-        pos = pos[:, -1:] + 1
-        inputs = nxt[:, None]
+        if right:
+            mask = np.concatenate([mask, np.zeros((batch, 1), dtype=np.int64)], 1)
+            mask[np.arange(batch), lengths + t] = 1
+            pos = (lengths + t)[:, None]
+        else:
+            mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], 1)
+            pos = pos[:, -1:] + 1
+        inputs, last = nxt[:, None], None
     return np.concatenate([ids, np.stack(new, 1)], 1)
 
 

@@ -112,13 +112,27 @@ class Runner:
         return out
 
     def __call__(self, **inputs) -> dict[str, np.ndarray]:
-        return dict(zip(self.output_names, self._run(self._feed(inputs))))
+        feed = self._feed(inputs)
+        mask = feed.get("attention_mask")
+        if self.right_padded and mask is not None and mask.shape[1] > 1 and (np.diff(mask, axis=1) > 0).any():
+            raise UsageError("this bundle's rows take right padding (ONNX Runtime's decoder kernel reads a row's "
+                             "length off attention_mask): put each row's tokens first and its padding after them "
+                             "(a tokenizer's padding_side='right'); generate() does this itself.")
+        return dict(zip(self.output_names, self._run(feed)))
 
     def decoding(self, batch: int, capacity: int):
         """A decoding session (see ``generation.generate_ids``) for ``batch`` rows of at most
         ``capacity`` tokens; this one feeds the cache through the bundle's inputs and outputs."""
         from .generation import LOGITS_INDEX, FeedDecoding
-        return FeedDecoding(lambda feed: self(**feed), self.cache_spec(), index=LOGITS_INDEX in self.inputs)
+        return FeedDecoding(lambda feed: self(**feed), self.cache_spec(), index=LOGITS_INDEX in self.inputs,
+                            right_padded=self.right_padded)
+
+    @property
+    def right_padded(self) -> bool:
+        """Whether the bundle's rows take right padding (a generation graph whose every layer is on
+        ONNX Runtime's decoder kernel, as onnxruntime-genai's): a row's tokens are its first
+        ``attention_mask[b].sum()``."""
+        return (self.manifest.get("generation") or {}).get("padding_side") == "right"
 
     def _check_prompt(self, input_ids, attention_mask) -> None:
         """The input checks of a call, once for the prompt (decoding steps skip them)."""

@@ -73,13 +73,17 @@ def test_graph_structure(llama_bundle, tmp_path):
     assert prog.input_names == ["input_ids", "attention_mask", "position_ids", "logits_index", *spec.input_names]
     assert prog.output_names == ["logits", *spec.output_names] and spec.layers == 2
     assert list(res.manifest["generation"]["cache"]["kv_heads"]) == [2, 2] and spec.eos_token_ids == ()
-    assert res.manifest["lowering"]["decoder"] == {"cached_attention": [0, 1]}
-    assert res.manifest["generation"]["shared_buffer"] and res.manifest["generation"]["one_row_chunks"]
+    assert res.manifest["lowering"]["decoder"] == {"cached_attention": [0, 1], "padding_side": "right"}
+    gen = res.manifest["generation"]
+    assert gen["shared_buffer"] and gen["one_row_chunks"] and gen["padding_side"] == "right"
     outs = {o["name"]: o["shape"] for o in res.manifest["outputs"]}
     assert outs["present_key_1"] == ["batch", 2, "past_sequence + sequence", 16]
     graph = onnx.load(str(res.bundle / "model.onnx")).graph
     ops = [n.op_type for n in graph.node]
     assert ops.count("GroupQueryAttention") == 2 and "Attention" not in ops
+    # rows right-padded: seqlens_k is the mask's sum - 1 and no bias is built or fed (genai's layout)
+    assert ops.count("ReduceSum") == 1 and "Where" not in ops and "Greater" not in ops
+    assert all(len(n.input) < 11 or n.input[10] == "" for n in graph.node if n.op_type == "GroupQueryAttention")
     assert not [n for n in graph.node if n.op_type == "Concat" and any(i.startswith("past_") for i in n.input)]
     assert ops.count("MatMul") == 2 * 5 + 1  # per layer q/k/v packed, o, gate, up, down; the LM head
     norms = [n for n in graph.node if n.op_type == "SkipSimplifiedLayerNormalization"]
@@ -179,8 +183,8 @@ def test_bad_generation_requests(llama_bundle, tmp_path, model_dir):
 
 def test_causal_lms_compile_for_generation_by_default(tmp_path, model_dir, capsys):
     """`tokopt compile LM` gives a generation bundle whose plain call is the full-sequence forward:
-    every position's logits, left padding included, equal to transformers' (1e-4: float32 kernels
-    differ). Structurally the LM head runs on the positions asked for only: ``logits_index`` is one
+    every position's logits, right padding included, equal to transformers' (1e-4: float32 kernels
+    differ); left padding is refused by name (the kernel reads a row's length off the mask). Structurally the LM head runs on the positions asked for only: ``logits_index`` is one
     Gather on the sequence axis feeding the head's MatMul, and decoding asks for one row.
     --no-generate gives the forward alone; a pass that needs the full forward falls back to it and
     the report says why; a position outside the new tokens is refused by name."""
@@ -197,8 +201,10 @@ def test_causal_lms_compile_for_generation_by_default(tmp_path, model_dir, capsy
     assert made[gather.input[1]].input[0] == "logits_index"   # flattened to 1-D first
     ids = np.random.default_rng(8).integers(10, 256, (3, 13))
     mask = np.ones_like(ids)
-    mask[1, :5] = 0
+    mask[1, 8:] = 0   # right padding: the decoder kernel reads a row's length off the mask
     got = run(input_ids=ids, attention_mask=mask)
+    with pytest.raises(UsageError, match="rows take right padding.*padding_side='right'"):
+        run(input_ids=ids, attention_mask=mask[:, ::-1])
     model = AutoModelForCausalLM.from_pretrained(src, local_files_only=True).eval()
     with torch.no_grad():
         ref = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits.numpy()
@@ -275,13 +281,13 @@ def test_partial_rotary_is_fused_where_the_kernel_takes_it(tmp_path):
                                                    num_attention_heads=4, vocab_size=256,
                                                    max_position_embeddings=512)).eval())
     res = tokopt.compile(model, out=tmp_path / "phi", generate=True, measure=False)
-    assert res.manifest["lowering"]["decoder"] == {"cached_attention": [0, 1]}
+    assert res.manifest["lowering"]["decoder"] == {"cached_attention": [0, 1], "padding_side": "right"}
     ids = np.random.default_rng(7).integers(10, 256, (1, 9))
     np.testing.assert_array_equal(tokopt.load(res.bundle).generate(input_ids=ids, max_new_tokens=32),
                                   _hf_greedy(model, ids, n=32))
     narrow = tokopt.compile(_tiny("phi").eval(), out=tmp_path / "narrow", generate=True, measure=False)
     assert "fused rotary needs a multiple of 16" in narrow.manifest["lowering"]["decoder"]["kept"][0]
-    assert not narrow.manifest["generation"]["shared_buffer"]
+    assert not narrow.manifest["generation"]["shared_buffer"] and narrow.manifest["generation"]["padding_side"] == "left"
 
 
 def test_peer_feeds_past_its_context_are_left_out():
