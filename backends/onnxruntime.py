@@ -355,7 +355,6 @@ class BoundDecoding:
                 self.buffers.append(buf)
 
     def __call__(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, last: np.ndarray | None = None) -> np.ndarray:
-        import onnxruntime as ort
         if mask.shape[1] > self.capacity:
             raise UsageError(f"the cache holds {self.capacity} tokens and this step would make it {mask.shape[1]}: "
                              "open the decoding with a larger capacity (prompt + new tokens).")
@@ -363,14 +362,24 @@ class BoundDecoding:
         self.io.bind_cpu_input("attention_mask", np.ascontiguousarray(mask))
         if self.positions:
             self.io.bind_cpu_input("position_ids", np.ascontiguousarray(pos))
-        index, pick = logit_rows(ids, last)
-        if self.index and (self.last is None or not np.array_equal(self.last, index)):   # once a mode
-            self.last = index   # kept alive while bound
+        if last is not None:
+            index, pick = logit_rows(ids, last)
+            if len(index) > 1:
+                return self._rows_apart(index, pick)
+            row = int(index[0])
+        else:
+            row = ids.shape[1] - 1
+        if self.index and (self.last is None or self.last[0] != row):   # once a mode
+            self.last = np.array([row])   # kept alive while bound
             self.io.bind_cpu_input(LOGITS_INDEX, self.last)
-        if len(index) == 1:
-            self.session.run_with_iobinding(self.io)
-            return self.logits[:, -1].copy()   # the buffer is the next call's output
-        # rows that end apart (a right-padded prompt): their logits in a buffer of this call's own
+        self.session.run_with_iobinding(self.io)
+        return self.logits[:, -1].copy()   # the buffer is the next call's output
+
+    def _rows_apart(self, index: np.ndarray, pick: np.ndarray) -> np.ndarray:
+        """A prompt whose rows end apart (right-padded): their logits in a buffer of this call's own."""
+        import onnxruntime as ort
+        self.last = index
+        self.io.bind_cpu_input(LOGITS_INDEX, self.last)
         wide = np.zeros((len(pick), len(index), self.logits.shape[-1]), dtype=self.logits.dtype)
         self.io.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(wide))
         self.session.run_with_iobinding(self.io)

@@ -275,27 +275,29 @@ def generate_ids(step, spec: CacheSpec, input_ids, attention_mask=None, *,
     pos[mask == 0] = 1
     rng = np.random.default_rng(seed) if do_sample else None
     stop = np.array(sorted(set(_token_ids(stop_tokens)) | set(spec.eos_token_ids)) or [-1])
-    done = np.zeros(batch, dtype=bool)
+    done, stopped = np.zeros(batch, dtype=bool), False
+    # the mask of every step is a view of one buffer, each step marks one column (a row's own
+    # column where rows are right-padded): the loop's numpy work is a few small ops per token
+    full = np.zeros((batch, length + int(max_new_tokens)), dtype=np.int64)
+    full[:, :length] = mask
+    rows, column = np.arange(batch), (lengths if right else np.full(batch, length))
+    following = lengths if right else pos[:, -1] + 1   # each row's position after the prompt
     new = []
     for t in range(int(max_new_tokens)):
-        logits = decode(inputs, mask, pos) if last is None else decode(inputs, mask, pos, last)
+        logits = decode(inputs, full[:, :length + t], pos) if last is None else decode(inputs, mask, pos, last)
         if on_logits is not None:
             on_logits(logits)
         nxt = np.asarray(forced)[:, t] if forced is not None else _pick(logits, rng, temperature, top_k, top_p)
-        nxt = np.where(done, spec.pad_token_id, nxt).astype(np.int64)
+        nxt = (np.where(done, spec.pad_token_id, nxt) if stopped else nxt).astype(np.int64, copy=False)
         new.append(nxt)
         if on_token is not None:
             on_token(nxt)
         done |= (nxt[:, None] == stop).any(1)
-        if done.all() or t == max_new_tokens - 1:
+        stopped = bool(done.any())
+        if t == max_new_tokens - 1 or (stopped and done.all()):
             break
-        if right:
-            mask = np.concatenate([mask, np.zeros((batch, 1), dtype=np.int64)], 1)
-            mask[np.arange(batch), lengths + t] = 1
-            pos = (lengths + t)[:, None]
-        else:
-            mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], 1)
-            pos = pos[:, -1:] + 1
+        full[rows, column + t] = 1
+        pos = (following + t)[:, None]
         inputs, last = nxt[:, None], None
     return np.concatenate([ids, np.stack(new, 1)], 1)
 
