@@ -20,8 +20,8 @@ Reported: time to the first token (prefill), decode tokens/s after it, ratios to
 tokopt bundle, and how many leading tokens each candidate shares with the fp32 tokopt bundle
 (which must equal eager's and plain ONNX's: checked). Each candidate first runs once (2 new
 tokens) so allocation and first-call costs are not timed, then candidates take turns for
-``--rounds`` rounds (medians reported), each turn after a short pause, so a neighbour's busy
-threads favour nobody.
+``--rounds`` rounds (medians reported), each turn after a short pause and each round starting one
+candidate later, so a neighbour's busy threads favour nobody.
 Prints a table, writes bench-out/decode.json.
 """
 from __future__ import annotations
@@ -126,10 +126,11 @@ def main(argv=None):
                                                               passes=spec, calib=heldout, measure=False).bundle,
                                                threads=args.threads)
                  for i, spec in enumerate(args.passes)}
-    export_baseline(tokopt.capture(model, generate=True), work / "plain.onnx")
-    plain = make_session(work / "plain.onnx", ["CPUExecutionProvider"], args.threads)
     spec = res.program.cache
-    names = [i.name for i in plain.get_inputs()]
+    if not args.no_plain:
+        export_baseline(tokopt.capture(model, generate=True), work / "plain.onnx")
+        plain = make_session(work / "plain.onnx", ["CPUExecutionProvider"], args.threads)
+        names = [i.name for i in plain.get_inputs()]
     genai = {f"genai-{p}": _genai(args.model, p, work, args.threads) for p in args.genai}
 
     def plain_step(feed):
@@ -157,8 +158,10 @@ def main(argv=None):
         with torch.no_grad():
             for name, run in candidates.items():
                 run(2, _Clock())
-            for _ in range(args.rounds):
-                for name, run in candidates.items():
+            order = list(candidates.items())
+            for r in range(args.rounds):
+                # each round starts one candidate later, so none always follows the same neighbour
+                for name, run in order[r % len(order):] + order[:r % len(order)]:
                     time.sleep(SETTLE)   # the last candidate's runtime threads stop spinning first
                     clock = _Clock()
                     tokens[name] = run(args.new, clock)
