@@ -14,8 +14,10 @@ and the layer becomes one ``tokopt::cached_attention`` (ONNX: ``GroupQueryAttent
 fused, ``present`` written into the cache buffer when the runner binds one buffer as past and
 present), its inputs one packed projection: q, k and v linears (or ``matmul_nbits``) of the same
 input are concatenated into one. What the index cannot place (no cache concatenation, RoPE
-that reads more than ``position_ids``, a head size ONNX Runtime's rotary kernel refuses) stays as
-it was and is reported. The result is checked against the program on the probe and on unseen
+that reads more than ``position_ids``, a head size ONNX Runtime's rotary kernel refuses) is
+reported, and then no layer is lowered: the kernel's rows are right-padded (``seqlens_k`` from
+the mask's sum, as onnxruntime-genai feeds them) and a standard layer's left-padded, and one graph
+takes one convention. The result is checked against the program on the probe and on unseen
 shapes before the export sees it.
 """
 from __future__ import annotations
@@ -26,7 +28,6 @@ import torch
 
 from ..optimizer.errors import BackendError
 from ..optimizer.ops import ATTENTION, CACHED_ATTENTION, MATMUL_NBITS
-from ..optimizer.ops.gqa import padding_bias
 from ..optimizer.patterns import PASS_THROUGH
 from ..optimizer.program import Program, Rewrite, inherit_meta
 
@@ -203,19 +204,15 @@ def _packed(rw: Rewrite, projections: list, name: str):
 
 def lower_decoder(program: Program) -> tuple[Program, dict]:
     """``program`` with its decoder attention on ``cached_attention`` (see the module
-    docstring), and what was done: {"cached_attention": layers, "kept": {layer: why}, "padding_side":
-    "right" where every layer is lowered (its rows then take right padding, no bias), else "left"}."""
+    docstring), and what was done: {"cached_attention": layers, "padding_side": "right"} (rows then
+    take right padding), or where some layer cannot be lowered none is: {"kept": {layer: why}}."""
     spec = program.cache
     if spec is None or spec.index:
         return program, {}
     rw = program.rewrite()
     nodes = {n.name: n for n in rw.graph.nodes}
     inputs, outputs = rw.inputs, rw.outputs
-    kept, done, rotary, calls = {}, [], {}, []
-    first = next(n for n in rw.graph.nodes if n.op not in ("placeholder", "get_attr"))
-    with rw.graph.inserting_before(first):   # once, for every layer
-        new_tokens = rw.graph.call_function(aten.sym_size.int, (inputs["input_ids"], 1))
-        padding = rw.graph.call_function(padding_bias, (inputs["attention_mask"], new_tokens))
+    kept, done, rotary = {}, [], {}
     for block in program.attention:
         att = nodes.get(block.node)
         why = None
@@ -255,26 +252,23 @@ def lower_decoder(program: Program) -> tuple[Program, dict]:
         c, s = rotary[(cos, sin)] if cos is not None else (None, None)
         with rw.graph.inserting_before(out):
             call = rw.graph.call_function(CACHED_ATTENTION.overload, (
-                qkv, inputs[kc[0]], inputs[vc[0]], inputs["attention_mask"], padding, c, s, block.heads,
+                qkv, inputs[kc[0]], inputs[vc[0]], inputs["attention_mask"], c, s, block.heads,
                 block.kv_heads, float(block.scale)))
             parts = [rw.graph.call_function(operator.getitem, (call, i)) for i in range(3)]
         inherit_meta(call, att)
-        calls.append(call)
         out.replace_all_uses_with(parts[0])
         outputs[f"present_key_{layer}"], outputs[f"present_value_{layer}"] = parts[1], parts[2]
         done.append(block.layer)
-    if not done:
-        return program, {"kept": kept}
-    right = not kept and len(done) == spec.layers
-    if right:   # every layer on the kernel: rows right-padded, no bias (see ops/gqa.py)
-        for call in calls:
-            call.args = (*call.args[:4], None, *call.args[5:])
-        rw.graph.erase_node(padding)
-        rw.graph.erase_node(new_tokens)
+    if kept or len(done) != spec.layers:
+        # every layer or none: the kernel's layers take right-padded rows, the others' left
+        if not kept:
+            kept = {"-": f"the attention of {spec.layers - len(done)} of {spec.layers} layers was not found"}
+        return program, {"kept": kept, "lowered": "no layer: every layer goes on the kernel or none (one padding "
+                                                  "convention for the graph)"}
     rw.set_outputs(outputs)
     lowered = rw.commit("lowering the decoder attention")
     _check(program, lowered)
-    return lowered, {"cached_attention": done, **({"kept": kept} if kept else {}), "padding_side": "right" if right else "left"}
+    return lowered, {"cached_attention": done, "padding_side": "right"}
 
 
 def decoder_feeds(program: Program) -> list[dict]:
