@@ -313,3 +313,40 @@ def test_report_says_why_the_peer_is_not_timed(monkeypatch, tmp_path):
     why = genai.build(REFERENCE_LM, "fp32", tmp_path / "genai", threads=1)
     assert why == "onnxruntime-genai is not installed (pip install -e '.[bench]')"
     assert not (tmp_path / "genai").exists()
+
+
+def test_right_padded_rows_match_the_kernel(llama_bundle):
+    """The lowered program's op (its torch reference, what every check of the lowering runs;
+    the program before lowering appends after the whole cache, and takes left padding) and ONNX
+    Runtime's GroupQueryAttention agree on ragged right-padded rows: a prefill where one
+    row is shorter, then a decode step where each row writes after its own length (1e-4 on the
+    logits and the cache entries each row holds; a padding position's output is unspecified)."""
+    from tokopt.backends.decoder import lower_decoder
+    _, res = llama_bundle
+    prog, info = lower_decoder(res.program)   # what the bundle's ONNX was exported from
+    spec = prog.cache
+    assert info == {"cached_attention": [0, 1], "padding_side": "right"}
+    run = tokopt.load(res.bundle)
+    ids = np.random.default_rng(9).integers(10, 256, (2, 7))
+    mask = np.ones_like(ids)
+    mask[1, 4:] = 0
+    feed = {"input_ids": ids, "attention_mask": mask, "position_ids": np.cumsum(mask, 1) - 1,
+            "logits_index": np.arange(7), **{k: v.numpy() for k, v in spec.empty(2).items()}}
+
+    def both(feed):
+        want = {k: v.numpy() for k, v in prog.run({k: torch.from_numpy(np.asarray(v)) for k, v in feed.items()}).items()}
+        return want, run(**feed)
+    want, got = both(feed)
+    lengths = mask.sum(1)
+    for b, n in enumerate(lengths):
+        assert np.abs(got["logits"][b, :n] - want["logits"][b, :n]).max() < 1e-4
+        assert np.abs(got["present_key_1"][b, :, :n] - want["present_key_1"][b, :, :n]).max() < 1e-4
+    step = np.concatenate([mask, np.zeros((2, 1), np.int64)], 1)
+    step[np.arange(2), lengths] = 1
+    feed = {"input_ids": got["logits"][np.arange(2), lengths - 1].argmax(-1)[:, None], "attention_mask": step,
+            "position_ids": lengths[:, None], "logits_index": np.array([0]),
+            **{p: got[o] for p, o in zip(spec.input_names, spec.output_names)}}
+    want, got = both(feed)
+    assert np.abs(got["logits"] - want["logits"]).max() < 1e-4
+    for b, n in enumerate(lengths + 1):
+        assert np.abs(got["present_value_0"][b, :, :n] - want["present_value_0"][b, :, :n]).max() < 1e-4
