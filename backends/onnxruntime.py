@@ -369,7 +369,7 @@ class BoundDecoding:
             row = int(index[0])
         else:
             row = ids.shape[1] - 1
-        if self.index and (self.last is None or self.last[0] != row):   # once a mode
+        if self.index and (self.last is None or len(self.last) > 1 or self.last[0] != row):   # once a mode
             self.last = np.array([row])   # kept alive while bound
             self.io.bind_cpu_input(LOGITS_INDEX, self.last)
         self.session.run_with_iobinding(self.io)

@@ -284,7 +284,7 @@ def generate_ids(step, spec: CacheSpec, input_ids, attention_mask=None, *,
     following = lengths if right else pos[:, -1] + 1   # each row's position after the prompt
     new = []
     for t in range(int(max_new_tokens)):
-        logits = decode(inputs, full[:, :length + t], pos) if last is None else decode(inputs, mask, pos, last)
+        logits = decode(inputs, full[:, :length + t], pos, last)
         if on_logits is not None:
             on_logits(logits)
         nxt = np.asarray(forced)[:, t] if forced is not None else _pick(logits, rng, temperature, top_k, top_p)

@@ -60,6 +60,9 @@ def test_batched_left_padding_equals_transformers(llama_bundle):
     mask[2, :9] = 0
     got = tokopt.load(res.bundle).generate(input_ids=ids, attention_mask=mask, max_new_tokens=24)
     np.testing.assert_array_equal(got, _hf_greedy(model, ids, mask, n=24))
+    mask[2, :10] = 0   # a one-token row: the prompt's logits rows are 0 and 10, the steps' row 0
+    got = tokopt.load(res.bundle).generate(input_ids=ids, attention_mask=mask, max_new_tokens=8)
+    np.testing.assert_array_equal(got, _hf_greedy(model, ids, mask, n=8))
 
 
 def test_graph_structure(llama_bundle, tmp_path):
