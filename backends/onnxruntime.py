@@ -92,10 +92,11 @@ def program_reference(program: Program):
     """``reference(feed, nudge=0.0)``: the program's outputs on a numpy feed, as a list in output
     order, with every rounding op's input nudged by a relative ``nudge`` (see ``disagreement``)."""
     import torch
+    run = program.runner()
 
     def reference(feed, nudge: float = 0.0):
         with rounding_jitter(nudge):
-            out = program.run({k: torch.from_numpy(v) for k, v in feed.items()})
+            out = run({k: torch.from_numpy(v) for k, v in feed.items()})
         return [out[n].numpy() for n in program.output_names]
     return reference
 

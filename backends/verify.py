@@ -86,9 +86,9 @@ def _original(manifest: dict, feeds: list[dict]) -> tuple[list[list[np.ndarray]]
                           attn_implementation=manifest["source"].get("attn_implementation", "sdpa"))
     except TokoptError as e:
         return None, f"the source could not be captured again: {e}"
-    outs = []
+    outs, run = [], program.runner()
     for feed in feeds:
-        got = program.run({k: torch.from_numpy(v) for k, v in feed.items() if k in program.input_names})
+        got = run({k: torch.from_numpy(v) for k, v in feed.items() if k in program.input_names})
         outs.append([got[n].numpy() for n in program.output_names])
     return outs, None
 

@@ -135,11 +135,11 @@ def quality_rows(program: Program, run_bundle, feed: dict[str, torch.Tensor]) ->
     alone, unpadded, and compared on what the contract keeps: the last position's logits for a
     causal LM, the mean-pooled embedding for an encoder."""
     mask = feed.get("attention_mask")
-    rows = []
+    rows, run = [], program.runner()
     for i in range(next(iter(feed.values())).shape[0]):
         n = int(mask[i].sum()) if mask is not None else None
         row = {k: v[i:i + 1, :n] if v.dim() >= 2 and n is not None else v[i:i + 1] for k, v in feed.items()}
-        ref = program.run(row)
+        ref = run(row)
         got = {k: torch.from_numpy(np.asarray(v)).double() for k, v in run_bundle(row).items()}
         r = {"tokens_kept": got[program.output_names[0]].shape[1] / ref[program.output_names[0]].shape[1]}
         if program.task == "causal-lm" and "logits" in ref:

@@ -130,7 +130,8 @@ class Judge:
                 feed["position_ids"] = np.broadcast_to(np.arange(length), ids.shape).copy()
             self.feeds = [feed]
         import torch
-        self.reference = self._outputs(lambda f: {k: v.numpy() for k, v in program.run(
+        run = program.runner()
+        self.reference = self._outputs(lambda f: {k: v.numpy() for k, v in run(
             {k: torch.from_numpy(v) for k, v in f.items()}).items()})
 
     def _outputs(self, run) -> list[np.ndarray]:
