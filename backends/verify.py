@@ -75,9 +75,8 @@ def _feeds(runner, texts: list[str]) -> tuple[list[dict], str]:
 
 def _original(manifest: dict, feeds: list[dict]) -> tuple[list[list[np.ndarray]] | None, str | None]:
     """The original model's outputs on ``feeds``, or (None, why not)."""
-    import torch
-
     from ..optimizer.capture import capture
+    from .onnxruntime import program_reference
     path = manifest["source"].get("path")
     if not path or not Path(path).exists():
         return None, "the source model is not on disk here (the manifest names none, or it moved)"
@@ -86,11 +85,8 @@ def _original(manifest: dict, feeds: list[dict]) -> tuple[list[list[np.ndarray]]
                           attn_implementation=manifest["source"].get("attn_implementation", "sdpa"))
     except TokoptError as e:
         return None, f"the source could not be captured again: {e}"
-    outs, run = [], program.runner()
-    for feed in feeds:
-        got = run({k: torch.from_numpy(v) for k, v in feed.items() if k in program.input_names})
-        outs.append([got[n].numpy() for n in program.output_names])
-    return outs, None
+    reference = program_reference(program)
+    return [reference(feed) for feed in feeds], None
 
 
 def verify(bundle, *, emulate: bool = False, texts: list[str] | None = None) -> dict:
