@@ -17,7 +17,10 @@ input are concatenated into one. What the index cannot place (no cache concatena
 that reads more than ``position_ids``, a head size ONNX Runtime's rotary kernel refuses) is
 reported, and then no layer is lowered: the kernel's rows are right-padded (``seqlens_k`` from
 the mask's sum, as onnxruntime-genai feeds them) and a standard layer's left-padded, and one graph
-takes one convention. The result is checked against the program on the probe and on unseen
+takes one convention. A layer whose cache TCA chooses once after the prefill (a
+``tokopt::tca_keep`` reading the attention's q and keys) rotates at ``position_ids`` (its cache
+index stops being the position once the runner compacts the cache), and its ``tca_keep``
+becomes ``tca_keep_packed``, which reads the packed projection and the kernel's cache. The result is checked against the program on the probe and on unseen
 shapes before the export sees it.
 """
 from __future__ import annotations
@@ -27,7 +30,7 @@ import operator
 import torch
 
 from ..optimizer.errors import BackendError
-from ..optimizer.ops import ATTENTION, CACHED_ATTENTION, MATMUL_NBITS
+from ..optimizer.ops import ATTENTION, CACHED_ATTENTION, MATMUL_NBITS, TCA_KEEP, TCA_KEEP_PACKED
 from ..optimizer.patterns import PASS_THROUGH
 from ..optimizer.program import Program, Rewrite, inherit_meta
 
@@ -213,6 +216,7 @@ def lower_decoder(program: Program) -> tuple[Program, dict]:
     nodes = {n.name: n for n in rw.graph.nodes}
     inputs, outputs = rw.inputs, rw.outputs
     kept, done, rotary = {}, [], {}
+    keeps = {n.args[0]: n for n in rw.graph.nodes if TCA_KEEP.matches(n)}   # by the attention's q
     for block in program.attention:
         att = nodes.get(block.node)
         why = None
@@ -250,12 +254,23 @@ def lower_decoder(program: Program) -> tuple[Program, dict]:
         layer = kc[0].removeprefix("past_key_")
         qkv = _packed(rw, [q, k, v], f"layer{layer}")
         c, s = rotary[(cos, sin)] if cos is not None else (None, None)
+        keep = keeps.get(q_arg)
+        positions = (inputs["position_ids"],) if keep is not None and c is not None else ()
         with rw.graph.inserting_before(out):
             call = rw.graph.call_function(CACHED_ATTENTION.overload, (
                 qkv, inputs[kc[0]], inputs[vc[0]], inputs["attention_mask"], c, s, block.heads,
-                block.kv_heads, float(block.scale)))
+                block.kv_heads, float(block.scale), *positions))
             parts = [rw.graph.call_function(operator.getitem, (call, i)) for i in range(3)]
         inherit_meta(call, att)
+        if keep is not None:
+            with rw.graph.inserting_after(parts[-1]):
+                packed = rw.graph.call_function(TCA_KEEP_PACKED.overload, (
+                    qkv, parts[1], inputs["attention_mask"], inputs["position_ids"], c, s, block.heads,
+                    block.kv_heads, *keep.args[3:]))
+            inherit_meta(packed, keep)
+            keep.replace_all_uses_with(packed)
+            rw.graph.erase_node(keep)
+            outputs.update({name: packed for name, node in outputs.items() if node is keep})
         out.replace_all_uses_with(parts[0])
         outputs[f"present_key_{layer}"], outputs[f"present_value_{layer}"] = parts[1], parts[2]
         done.append(block.layer)

@@ -12,6 +12,10 @@ Also, optional outputs no node reads: onnxscript's fusions name every output of 
 make (``SkipSimplifiedLayerNormalization``'s mean and inverse deviation too), and ONNX Runtime
 then allocates and writes each of them at every call (measured: the eight norms of the reference
 LM's decode step took 2.7x the time of genai's, which leave them out).
+
+And ``If`` nodes on one condition whose results are only graph outputs (TCA's per-layer
+``tca_keep``: a selection after a prefill, nothing at a decode step): one ``If`` runs both
+branches' nodes, so a decode step starts one subgraph instead of one per layer.
 """
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common
 
-__all__ = ["static_reshapes", "drop_unread_outputs"]
+__all__ = ["static_reshapes", "drop_unread_outputs", "merge_ifs"]
 
 # (domain, op) -> the output positions a node may leave empty
 OPTIONAL_OUTPUTS = {("com.microsoft", "SkipSimplifiedLayerNormalization"): (1, 2, 3),
@@ -111,3 +115,44 @@ def drop_unread_outputs(model: ir.Model) -> int:
                 node.outputs[i].name = ""   # an empty name is ONNX's absent output
                 count += 1
     return count
+
+
+def merge_ifs(model: ir.Model) -> int:
+    """Merge the main graph's ``If`` nodes that test the same value (after common-subexpression
+    elimination) and whose outputs only leave the graph, into one ``If`` where the last of them
+    was; returns how many nodes were merged away."""
+    graph = model.graph
+    if sum(n.op_type == "If" for n in graph) < 2:
+        return 0
+    ir.passes.common.CommonSubexpressionEliminationPass()(model)
+    groups: dict[int, list[ir.Node]] = {}
+    for node in graph:
+        if node.op_type == "If" and node.domain == "" and all(not v.uses() and v.is_graph_output()
+                                                              for v in node.outputs):
+            groups.setdefault(id(node.inputs[0]), []).append(node)
+    merged = 0
+    for nodes in (g for g in groups.values() if len(g) > 1):
+        branches = {}
+        for name in ("then_branch", "else_branch"):
+            inner, outs = [], []
+            for node in nodes:
+                sub = node.attributes[name].as_graph()
+                kept = list(sub)
+                for inner_node in kept:   # names are unique per graph, and the branches become one
+                    inner_node.name = f"{node.name}/{inner_node.name}"
+                outs.extend(sub.outputs)
+                sub.outputs.clear()
+                sub.remove(kept)
+                inner.extend(kept)
+            branches[name] = ir.Graph((), outs, nodes=inner, name=f"{nodes[0].name}_{name}")
+        new = ir.Node("", "If", [nodes[0].inputs[0]], num_outputs=len(branches["then_branch"].outputs),
+                      attributes=[ir.AttrGraph(k, g) for k, g in branches.items()], name=nodes[-1].name)
+        graph.insert_after(nodes[-1], new)
+        old = [v for node in nodes for v in node.outputs]
+        for value, out in zip(old, new.outputs):
+            out.name, out.type, out.shape = value.name, value.type, value.shape
+            graph.outputs[graph.outputs.index(value)] = out
+            value.name = None
+        graph.remove(nodes, safe=True)
+        merged += len(nodes) - 1
+    return merged

@@ -19,11 +19,11 @@ from ..optimizer.errors import BackendError, UsageError
 from ..optimizer.ops import OPSET, decompose, is_exact, onnx_translation_table, rounding_jitter, standardize
 from ..optimizer.program import Program
 from ..optimizer.resources import page_out
-from ..optimizer.generation import LOGITS_INDEX, CacheSpec, logit_rows, with_positions
+from ..optimizer.generation import LOGITS_INDEX, CacheSpec, Compaction, logit_rows, with_positions
 from ..optimizer.report import Bench, time_lengths, verification_feeds
 from ..optimizer.runtime import Backend, Runner, register_backend
 from .decoder import decoder_feeds, lower_decoder
-from .onnx_shapes import drop_unread_outputs, static_reshapes
+from .onnx_shapes import drop_unread_outputs, merge_ifs, static_reshapes
 from .ort_options import DISABLED_OPTIMIZERS, session_options
 from .targets import Target, get_target, host_arch, host_providers
 
@@ -210,6 +210,7 @@ def export_onnx(program: Program, path: Path, *, fusions: bool = True, standard:
         model, fused = ort_fusions.optimize_for_ort(model)
         static_reshapes(model)
         drop_unread_outputs(model)
+        merge_ifs(model)
         with tempfile.TemporaryDirectory() as tmp:
             save(model, Path(tmp) / path.name)
             packing, model = _needs_packing(model), None
@@ -222,6 +223,7 @@ def export_onnx(program: Program, path: Path, *, fusions: bool = True, standard:
         model = _torch_export(program, primitive)   # again rather than a copy kept: the weights once in memory
     onnxscript.optimizer.optimize(model)
     static_reshapes(model)
+    merge_ifs(model)
     standardized = standardize(model) if (not fusions if standard is None else standard) else {}
     save(model, path)
     packing = _needs_packing(model)
@@ -347,15 +349,22 @@ class BoundDecoding:
         self.logits = np.zeros((batch, 1, spec.vocab_size), dtype=spec.dtype)
         self.buffers = [ort.OrtValue.ortvalue_from_numpy(self.logits)]   # kept alive while bound
         self.io.bind_ortvalue_output("logits", self.buffers[0])
+        self.cache = {}   # the buffers' memory, as numpy (an OrtValue made from a CPU array shares it)
         for i in range(spec.layers):
             for kv in ("key", "value"):
-                buf = ort.OrtValue.ortvalue_from_numpy(
-                    np.zeros((batch, spec.kv_heads[i], capacity, spec.head_dim[i]), dtype=spec.dtype))
+                self.cache[f"past_{kv}_{i}"] = np.zeros((batch, spec.kv_heads[i], capacity, spec.head_dim[i]),
+                                                        dtype=spec.dtype)
+                buf = ort.OrtValue.ortvalue_from_numpy(self.cache[f"past_{kv}_{i}"])
                 self.io.bind_ortvalue_input(f"past_{kv}_{i}", buf)
                 self.io.bind_ortvalue_output(f"present_{kv}_{i}", buf)
                 self.buffers.append(buf)
+        self.spec, self.compaction, self.prefilled = spec, None, False
+        for name in spec.keep_names:   # tca select=prefill: what the prefill keeps, allocated by ORT
+            self.io.bind_output(name)
 
     def __call__(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, last: np.ndarray | None = None) -> np.ndarray:
+        if self.compaction is not None:
+            mask = self.compaction.mask(mask)
         if mask.shape[1] > self.capacity:
             raise UsageError(f"the cache holds {self.capacity} tokens and this step would make it {mask.shape[1]}: "
                              "open the decoding with a larger capacity (prompt + new tokens).")
@@ -366,7 +375,7 @@ class BoundDecoding:
         if last is not None:
             index, pick = logit_rows(ids, last)
             if len(index) > 1:
-                return self._rows_apart(index, pick)
+                return self._after(mask, self._rows_apart(index, pick))
             row = int(index[0])
         else:
             row = ids.shape[1] - 1
@@ -374,7 +383,30 @@ class BoundDecoding:
             self.last = np.array([row])   # kept alive while bound
             self.io.bind_cpu_input(LOGITS_INDEX, self.last)
         self.session.run_with_iobinding(self.io)
-        return self.logits[:, -1].copy()   # the buffer is the next call's output
+        return self._after(mask, self.logits[:, -1].copy())   # the buffer is the next call's output
+
+    def _after(self, mask: np.ndarray, logits: np.ndarray) -> np.ndarray:
+        if self.spec.keeps and not self.prefilled:
+            import onnxruntime as ort
+            self._compact(mask)
+            for i, name in enumerate(self.spec.keep_names):   # a decode step keeps nothing: [B, Hkv, 0]
+                empty = np.zeros((logits.shape[0], self.spec.kv_heads[i], 0), dtype=np.int64)
+                self.buffers.append(ort.OrtValue.ortvalue_from_numpy(empty))
+                self.io.bind_ortvalue_output(name, self.buffers[-1])
+        self.prefilled = True
+        return logits
+
+    def _compact(self, mask: np.ndarray) -> None:
+        """After the prefill: each buffer's kept entries moved to its start, in place."""
+        outs = self.io.get_outputs()[-self.spec.layers:]
+        keep = Compaction.keeps(self.spec, dict(zip(self.spec.keep_names, (o.numpy() for o in outs))), mask.shape[1])
+        if keep is None:
+            return
+        for i, sel in enumerate(keep):
+            for kv in ("key", "value"):
+                buf = self.cache[f"past_{kv}_{i}"]
+                buf[:, :, :sel.shape[-1]] = np.take_along_axis(buf[:, :, :mask.shape[1]], sel[..., None], 2)
+        self.compaction = Compaction(mask, keep, True)
 
     def _rows_apart(self, index: np.ndarray, pick: np.ndarray) -> np.ndarray:
         """A prompt whose rows end apart (right-padded): their logits in a buffer of this call's own."""

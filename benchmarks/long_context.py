@@ -19,8 +19,9 @@ quality     perplexity on held-out windows the calibration did not see: dense; T
             TCA's mean number of keys per query.
 
 TCA decode (``--parts decode``): ``--generate`` bundles (ONNX Runtime) of the reference LM: dense;
-TCA with budgets calibrated on the generation graph, cache compacted (the default) and not
-(``compact=false``); and sinks + a sliding window whose compacted cache is as large as TCA's
+TCA with budgets calibrated on the generation graph, cache compacted at every step, chosen once
+after the prefill (``select=prefill``: decode on GroupQueryAttention over the kept entries) and
+not compacted (``compact=false``); and sinks + a sliding window whose compacted cache is as large as TCA's
 (StreamingLLM's cache, at equal KV bytes). On held-out windows the calibration did not see: a
 prefill of ``--prompt`` tokens, then every later token of the 1024-token window decoded one step
 at a time (teacher-forced): perplexity of those tokens, time per decode step, and the KV-cache
@@ -174,7 +175,8 @@ def decode_part(args, work: Path) -> dict:
     tok = AutoTokenizer.from_pretrained(LM, local_files_only=True)
     windows = token_windows(calib, tok, seq_len=1024, count=8)[4:]
     spec = f"tca:tolerance={args.tolerance},eval_windows=0"
-    variants = {"dense": None, "tca": spec, "tca, full cache": spec + ",compact=false"}
+    variants = {"dense": None, "tca": spec, "tca, chosen at prefill": spec + ",select=prefill",
+                "tca, full cache": spec + ",compact=false"}
     compiled = {name: tokopt.compile(LM, out=work / f"gen-{i}", generate=True, passes=passes, calib=calib,
                                      measure=False, threads=args.threads)
                 for i, (name, passes) in enumerate(variants.items())}
@@ -191,7 +193,7 @@ def decode_part(args, work: Path) -> dict:
         runner = tokopt.load(res.bundle, threads=args.threads)
         spec_ = CacheSpec.from_json(runner.manifest["generation"]["cache"])
         t = time.perf_counter()
-        ppl = decode_perplexity(lambda feed: runner(**feed), spec_, windows, args.prompt)
+        ppl = decode_perplexity(runner, spec_, windows, args.prompt)   # the runner's own decoding loop
         step_ms = (time.perf_counter() - t) * 1e3 / (len(windows) * (1024 - args.prompt))
         held = spec_.held_bytes(runner(**{k: v.numpy() for k, v in example_feed(spec_, 1, 1024, 0).items()}))
         stats = res.program.history[-1]["stats"] if res.program.history else {}

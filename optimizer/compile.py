@@ -287,7 +287,7 @@ def _generation_quality(captured: Program, data: dict, runner, texts, length: in
     q["probe"] = f"{desc}, {steps} decode steps"
     full = {str(n): captured.cache.nbytes(n) for n in (1024, 4096)}
     result = {"quality": q, "kv_cache_bytes": full}
-    if spec.index:  # a compacting cache: what the bundle holds after a prefill of n tokens, measured
+    if spec.index or spec.keeps:  # a compacting cache: what the bundle holds after a prefill of n tokens, measured
         result["kv_cache_bytes"] = {str(n): spec.held_bytes(runner(**{k: v.numpy() for k, v in
                                                                       example_feed(spec, 1, n, 0).items()}))
                                     for n in (1024, 4096) if spec.max_length is None or n <= spec.max_length}

@@ -22,7 +22,11 @@ gives every position's logits to a caller who wants the full-sequence forward (t
 it, and an empty cache, when a call leaves them out).
 A graph that compacts its cache (``tca`` on a ``--generate`` graph) keeps, per layer, only some
 entries; ``past_index_i`` says which context position (a column of ``attention_mask``) each
-cached entry holds, so padding stays masked after entries are dropped.
+cached entry holds, so padding stays masked after entries are dropped. A graph that chooses its
+cache once (``tca:select=prefill``) instead returns ``keep_i`` [B, Hkv, K] after a prefill
+(empty after a decode step): the entries of each layer's cache the runner keeps (``Compaction``);
+later calls' ``attention_mask`` covers the kept entries and the new tokens, and ``position_ids``
+carries the positions.
 One graph serves both: the weights are stored once without external-data sharing between two
 files, every pass rewrites prefill and decode consistently by construction, and an exported
 decode graph would hold the same ops anyway. The cache has a dynamic length (concatenation)
@@ -42,7 +46,7 @@ from .errors import UsageError
 LOGITS_INDEX = "logits_index"
 
 __all__ = ["LOGITS_INDEX", "CacheSpec", "GenerateEntry", "cache_spec", "example_feed", "with_positions", "generate_ids", "decode_text", "logit_rows",
-           "FeedDecoding"]
+           "FeedDecoding", "Compaction"]
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,7 @@ class CacheSpec:
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int = 0
     index: bool = False            # the graph compacts its cache and carries past_index_i
+    keeps: bool = False            # a prefill returns keep_i: the entries the runner keeps (tca select=prefill)
 
     @property
     def _parts(self) -> tuple[str, ...]:
@@ -69,6 +74,10 @@ class CacheSpec:
     @property
     def output_names(self) -> list[str]:
         return [f"present_{kv}_{i}" for i in range(self.layers) for kv in self._parts]
+
+    @property
+    def keep_names(self) -> list[str]:
+        return [f"keep_{i}" for i in range(self.layers)] if self.keeps else []
 
     def entry_bytes(self, layer: int) -> int:
         """Bytes one cached position takes in ``layer``: every KV head's key and value, and its
@@ -90,7 +99,10 @@ class CacheSpec:
         return out
 
     def held_bytes(self, out: dict) -> int:
-        """Bytes of the cache a graph call returned (``present_*``), positions included."""
+        """Bytes of the cache a graph call returned (``present_*``), positions included; with
+        ``keep_i``, of the entries the runner keeps of it."""
+        if self.keeps:
+            return self.nbytes(np.asarray(out["keep_0"]).shape[-1], np.asarray(out["keep_0"]).shape[0])
         return sum(int(np.asarray(out[n]).nbytes) for n in self.output_names)
 
     def to_json(self) -> dict:
@@ -209,23 +221,60 @@ def logit_rows(ids: np.ndarray, last: np.ndarray | None) -> tuple[np.ndarray, np
     return index, np.searchsorted(index, rows)
 
 
+class Compaction:
+    """A cache compacted once after the prefill (``tca`` with ``select=prefill``): the graph
+    returned ``keep_i`` [B, Hkv, K], the entries each layer's heads keep, in context order. Every
+    head of a row keeps the same number of its valid entries (padding scores below them all), so
+    one attention mask over the kept entries serves every layer, and later calls' masks are the
+    context's translated to it: a row's kept entries, then its new tokens."""
+
+    def __init__(self, mask: np.ndarray, keep: list[np.ndarray], right_padded: bool):
+        kept = np.take_along_axis(mask, keep[0][:, 0], 1)
+        self.dropped = mask.sum(1) - kept.sum(1)          # per row: context entries no longer cached
+        self.shrink = mask.shape[1] - keep[0].shape[-1]
+        self.right_padded = right_padded
+
+    @staticmethod
+    def keeps(spec: CacheSpec, out, width: int) -> list[np.ndarray] | None:
+        """The ``keep_i`` of a call's outputs ``out`` (a name -> array lookup), when they drop
+        something from a cache of ``width`` entries."""
+        keep = [np.asarray(out[n]) for n in spec.keep_names]
+        return keep if keep and 0 < keep[0].shape[-1] < width else None
+
+    def mask(self, mask: np.ndarray) -> np.ndarray:
+        """The mask over the compacted cache for a call given the context's ``mask``."""
+        width = mask.shape[1] - self.shrink
+        held = (mask.sum(1) - self.dropped)[:, None]
+        cols = np.arange(width)
+        return (cols < held if self.right_padded else cols >= width - held).astype(np.int64)
+
+
 class FeedDecoding:
     """Decoding through a function of whole feeds: ``step(feed) -> {name: array}`` reads the
     cache as inputs and returns it as outputs, which the next call feeds back."""
 
     def __init__(self, step: Callable[[dict], dict], spec: CacheSpec, index: bool = True, right_padded: bool = False):
-        self.step, self.spec, self.past = step, spec, None
+        self.step, self.spec, self.past, self.compaction = step, spec, None, None
         self.index = index   # False: a bundle from before logits_index, whose logits are the last position's
         self.right_padded = right_padded   # the graph's rows take right padding (see generate_ids)
 
     def __call__(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, last: np.ndarray | None = None) -> np.ndarray:
         """The logits of each row's ``last`` position of ``ids`` [B, S] (the last by default), the
         cache so far before them."""
-        past = self.past if self.past is not None else {k: v.numpy() for k, v in self.spec.empty(ids.shape[0]).items()}
+        first = self.past is None
+        past = self.past if not first else {k: v.numpy() for k, v in self.spec.empty(ids.shape[0]).items()}
         index, pick = logit_rows(ids, last)
-        out = self.step({"input_ids": ids, "attention_mask": mask, "position_ids": pos,
+        fed = mask if self.compaction is None else self.compaction.mask(mask)
+        out = self.step({"input_ids": ids, "attention_mask": fed, "position_ids": pos,
                          **({LOGITS_INDEX: index} if self.index else {}), **past})
         self.past = {p: out[o] for p, o in zip(self.spec.input_names, self.spec.output_names)}
+        keep = Compaction.keeps(self.spec, out, fed.shape[1]) if first else None   # after the prefill
+        if keep is not None:
+            for i, sel in enumerate(keep):
+                for kv in ("key", "value"):
+                    name = f"past_{kv}_{i}"
+                    self.past[name] = np.take_along_axis(np.asarray(self.past[name]), sel[..., None], 2)
+            self.compaction = Compaction(fed, keep, self.right_padded)
         logits = np.asarray(out["logits"])
         return logits[np.arange(len(pick)), pick] if self.index else logits[:, -1]
 

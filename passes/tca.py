@@ -32,6 +32,14 @@ share one cache length, the largest head's (the others keep their next-best keys
 graph's cache stays one tensor per layer. Dense layers keep everything. ``past_index_i`` /
 ``present_index_i`` carry each entry's context position. ``compact=false`` keeps the full cache
 (each decode step selects among all of it).
+
+``select=prefill`` chooses the cache once: the attention stays dense, and each layer gains a
+``keep_i`` output (``tokopt::tca_keep``) that after a prefill names the entries each KV head
+keeps (sinks, window, best scores; one size for every layer, the largest layer's rule, so that
+one attention mask covers the cache). The runner moves them to the front of its cache and
+decode steps attend to them and to every new token, which lets the layer stay on ONNX Runtime's
+``GroupQueryAttention`` (rotating at ``position_ids``, the cache in bound buffers): a decode step
+costs the dense kernel's over the kept entries, with no selection or compaction in it.
 """
 from __future__ import annotations
 
@@ -47,7 +55,7 @@ from ..calibration.lm_eval import full_feed, passkey_stats, perplexity
 from ..calibration.stats import cached, cheapest_within, head_errors, program_hash
 from ..optimizer.data import token_source, token_windows
 from ..optimizer.errors import PassError, UsageError
-from ..optimizer.ops import TCA, TCA_CACHE
+from ..optimizer.ops import TCA, TCA_CACHE, TCA_KEEP
 from ..optimizer.ops.tca import compact_size, tca_reference
 from ..optimizer.pass_manager import ATTENTION_TO_REPLACE, Pass, PassResult, opt, register_pass
 from ..optimizer.program import Program, Rewrite, inherit_meta
@@ -72,6 +80,9 @@ class TCAOptions:
     calib_windows: int = opt(4, "calibration windows", ">= 1")
     eval_windows: int = opt(2, "held-out windows after the calibration ones, for perplexity", ">= 0")
     compact: bool = opt(True, "--generate graphs: keep only each head's core tokens in the KV cache", "true|false")
+    select: str = opt("step", "--generate graphs, compact=true: choose the kept entries at every step, or once "
+                              "after the prefill (decode steps then attend to all of them and to every new token, on "
+                              "ONNX Runtime's GroupQueryAttention where the target has it)", "step|prefill")
 
     def __post_init__(self):
         if not 0 < self.tolerance < 1:
@@ -81,6 +92,10 @@ class TCAOptions:
         if self.uniform != -1.0 and not 0 <= self.uniform <= 1:
             raise ValueError(f"uniform={self.uniform} must be a budget in [0, 1] (a fraction of the context), "
                              "or -1 for calibrated per-head budgets")
+        if self.select not in ("step", "prefill"):
+            raise ValueError(f"select={self.select!r} must be 'step' or 'prefill'")
+        if self.select == "prefill" and not self.compact:
+            raise ValueError("select=prefill chooses what the compacted cache keeps; it needs compact=true")
         if self.calib_windows < 1 or self.eval_windows < 0:
             raise ValueError("calib_windows must be at least 1 and eval_windows at least 0")
         if any(layer < 0 for layer in self.layers):
@@ -189,8 +204,9 @@ class TCAPass(Pass):
                                  "layer's cache can be compacted; pass compact=false to keep the full cache.")
             dense_cfg = [(min(opts.windows), 1.0)] * program.cache.kv_heads[0]
             full = {b.layer: budgets.get(b.layer, dense_cfg) for b in blocks}
-            compacted = _compact_cache(rw, {b.layer: nodes[b.node] for b in blocks}, full, opts)
-            changes["cache"] = replace(program.cache, index=True)
+            compact = _keep_after_prefill if opts.select == "prefill" else _compact_cache
+            compacted = compact(rw, {b.layer: nodes[b.node] for b in blocks}, full, opts)
+            changes["cache"] = replace(program.cache, **({"keeps": True} if opts.select == "prefill" else {"index": True}))
         else:
             for block in chosen:
                 if block.layer not in sparse:
@@ -223,6 +239,11 @@ class TCAPass(Pass):
         return PassResult(out, True, stats)
 
     def ensures(self, program: Program, stats: dict) -> None:
+        if stats.get("kept_after_prefill"):
+            kept = {n.name for n in program.graph.nodes if TCA_KEEP.matches(n)}
+            if len(kept) != program.cache.layers or program.output_names[-program.cache.layers:] != program.cache.keep_names:
+                raise PassError("tca select=prefill: every layer needs a tca_keep node and a keep_i output")
+            return
         ops = {"tca_attention", "tca_cache_attention"}
         missing = [layer for layer in stats["sparse_layers"]
                    if not any(b.layer == layer and b.spelling in ops for b in program.attention)]
@@ -268,3 +289,27 @@ def _compact_cache(rw: Rewrite, layer_nodes: dict[int, object], budgets: dict[in
                                                                       opts.sinks)
                         for layer, cfg in budgets.items()) for n in (1024, 4096)}
     return {"kv_cache_bytes": {n: {"full": spec.nbytes(int(n)), "compacted": b} for n, b in kept.items()}}
+
+
+def _keep_after_prefill(rw: Rewrite, layer_nodes: dict[int, object], budgets: dict[int, list[tuple[int, float]]],
+                        opts: TCAOptions) -> dict:
+    """Give the generation graph in ``rw`` a ``keep_i`` output per layer: after a prefill, the
+    cache entries each KV head keeps (``tokopt::tca_keep``, one size for every layer); the runner
+    compacts the cache once with them, and the attention stays dense. Returns the entries kept
+    and the cache bytes per sequence after a prefill of 1K and 4K tokens."""
+    spec = rw.program.cache
+    sizes = [cfg for _, layer in sorted(budgets.items()) for cfg in layer]
+    size_windows, size_budgets = [w for w, _ in sizes], [f for _, f in sizes]
+    outputs = rw.outputs
+    for layer, node in sorted(layer_nodes.items()):
+        q, k = node.args[:2]
+        with rw.graph.inserting_after(node):
+            keep = rw.graph.call_function(TCA_KEEP.overload, (q, k, rw.inputs["attention_mask"], node.args[4],
+                                                              [f for _, f in budgets[layer]],
+                                                              [w for w, _ in budgets[layer]], opts.sinks, opts.obs,
+                                                              size_budgets, size_windows))
+        outputs[f"keep_{layer}"] = keep
+    rw.set_outputs(outputs)
+    kept = {str(n): compact_size(n, n, size_budgets, size_windows, opts.sinks) for n in (1024, 4096)}
+    return {"kept_after_prefill": kept,
+            "kv_cache_bytes": {n: {"full": spec.nbytes(int(n)), "compacted": spec.nbytes(k)} for n, k in kept.items()}}

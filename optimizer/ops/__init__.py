@@ -12,9 +12,11 @@ from .quantizers import ACT_QUANT, LOW_TOKENS, TOKEN_QUANT, WEIGHT_QUANT
 from .still import STILL
 from .taps import Tap
 from .tca import TCA, TCA_CACHE
+from .tca_keep import TCA_KEEP, TCA_KEEP_PACKED
 from .token_scores import TOKEN_SCORES
 
 __all__ = ["OPS", "OPSET", "AttentionArgs", "OpSpec", "attention_spec", "decompose", "define_op", "differentiable",
            "is_exact", "kernel", "onnx_translation_table", "register_kernel", "round_values", "rounding_jitter", "standardize",
            "ATTENTION", "attention_reference", "expand_kv", "CACHED_ATTENTION", "LINEAR_W8A8", "BITS", "EMBEDDING_Q8", "MATMUL_NBITS", "ACT_QUANT",
-           "LOW_TOKENS", "TOKEN_QUANT", "WEIGHT_QUANT", "STILL", "Tap", "TCA", "TCA_CACHE", "TOKEN_SCORES"]
+           "LOW_TOKENS", "TOKEN_QUANT", "WEIGHT_QUANT", "STILL", "Tap", "TCA", "TCA_CACHE", "TCA_KEEP", "TCA_KEEP_PACKED",
+           "TOKEN_SCORES"]

@@ -1,7 +1,7 @@
 """``tokopt::cached_attention``: a decoder layer's attention with its KV cache, in one op.
 
     cached_attention(qkv[B,S,(H+2Hkv)d], past_k[B,Hkv,P,d], past_v[B,Hkv,P,d], attention_mask[B,T],
-                     cos?[M,r/2], sin?[M,r/2], heads, kv_heads, scale)
+                     cos?[M,r/2], sin?[M,r/2], heads, kv_heads, scale, position_ids?[B,S])
         -> out[B,S,H*d], present_k[B,Hkv,T,d], present_v[B,Hkv,T,d]          (T = P + S)
 
 q, k and v arrive packed, as the projections compute them (token-major). Rows are right-padded,
@@ -11,7 +11,8 @@ shorter row's padding follows its tokens), so each row writes and reads only its
 no padding bias is needed; the ONNX node reads ``seqlens_k`` off the mask's sum. With
 ``cos``/``sin`` (a rotary cache over positions 0..M-1, the first r dims rotated, non-interleaved
 halves) q and the new k are rotated at that cache index, which is the token's position in its
-row. Every query attends to the keys at or before its index (causal); a padding query's output
+row, or at ``position_ids`` where given (a cache compacted after the prefill, whose index is no
+longer the position: ``tca:select=prefill``). Every query attends to the keys at or before its index (causal); a padding query's output
 is whatever the kernel leaves (nothing reads it).
 
 The hand lowering is the point of the op: one ``com.microsoft.GroupQueryAttention`` node
@@ -44,15 +45,16 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 def cached_attention_reference(qkv: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor,
                                attention_mask: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
-                               heads: int, kv_heads: int, scale: float):
+                               heads: int, kv_heads: int, scale: float, position_ids: torch.Tensor | None = None):
     b, s, _ = qkv.shape
     d, p = past_k.shape[-1], past_k.shape[2]
     q, k, v = qkv.split([heads * d, kv_heads * d, kv_heads * d], -1)
     q, k, v = (t.reshape(b, s, -1, d).transpose(1, 2) for t in (q, k, v))
     start = (attention_mask.sum(1) - s).clamp(min=0) if p else attention_mask.new_zeros(b)
     index = start[:, None] + torch.arange(s, device=qkv.device)                                    # [B, S]
+    at_pos = index if position_ids is None else position_ids
     if cos is not None:
-        q, k = rotate(q, cos[index], sin[index]), rotate(k, cos[index], sin[index])
+        q, k = rotate(q, cos[at_pos], sin[at_pos]), rotate(k, cos[at_pos], sin[at_pos])
     at = index[:, None, :, None].expand(-1, kv_heads, -1, d)
     present_k = torch.cat([past_k, torch.zeros_like(k)], 2).scatter(2, at, k)
     present_v = torch.cat([past_v, torch.zeros_like(v)], 2).scatter(2, at, v)
@@ -63,12 +65,13 @@ def cached_attention_reference(qkv: torch.Tensor, past_k: torch.Tensor, past_v: 
 
 
 def _cached_attention(qkv: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor, attention_mask: torch.Tensor,
-                      cos: torch.Tensor | None, sin: torch.Tensor | None, heads: int,
-                      kv_heads: int, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return cached_attention_reference(qkv, past_k, past_v, attention_mask, cos, sin, heads, kv_heads, scale)
+                      cos: torch.Tensor | None, sin: torch.Tensor | None, heads: int, kv_heads: int, scale: float,
+                      position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return cached_attention_reference(qkv, past_k, past_v, attention_mask, cos, sin, heads, kv_heads, scale,
+                                      position_ids)
 
 
-def _cached_attention_fake(qkv, past_k, past_v, attention_mask, cos, sin, heads, kv_heads, scale):
+def _cached_attention_fake(qkv, past_k, past_v, attention_mask, cos, sin, heads, kv_heads, scale, position_ids=None):
     b, s, _ = qkv.shape
     t = attention_mask.shape[1]
     return (qkv.new_empty((b, s, heads * past_k.shape[-1])), past_k.new_empty((b, kv_heads, t, past_k.shape[-1])),
@@ -84,9 +87,10 @@ def _gqa_schema() -> onnx.defs.OpSchema:
         inputs=[P("query", "T"), P("key", "T", param_option=S), P("value", "T", param_option=S),
                 P("past_key", "T", param_option=S), P("past_value", "T", param_option=S), P("seqlens_k", "M"),
                 P("total_sequence_length", "M"), P("cos_cache", "T", param_option=S),
-                P("sin_cache", "T", param_option=S)],
+                P("sin_cache", "T", param_option=S), P("position_ids", "P", param_option=S)],
         outputs=[P("output", "T"), P("present_key", "T"), P("present_value", "T")],
-        type_constraints=[("T", ["tensor(float)", "tensor(float16)"], ""), ("M", ["tensor(int32)"], "")],
+        type_constraints=[("T", ["tensor(float)", "tensor(float16)"], ""), ("M", ["tensor(int32)"], ""),
+                          ("P", ["tensor(int64)"], "")],
         attributes=[a("num_heads", t.INT, ""), a("kv_num_heads", t.INT, ""), a("scale", t.FLOAT, ""),
                     a("do_rotary", onnx.helper.make_attribute("do_rotary", 0), "")])
 
@@ -95,12 +99,13 @@ GroupQueryAttention = Op(Opset("com.microsoft", 1), "GroupQueryAttention", _gqa_
 
 
 def _cached_attention_onnx(qkv, past_k, past_v, attention_mask, cos=None, sin=None, heads: int = 1,
-                           kv_heads: int = 1, scale: float = 1.0):
+                           kv_heads: int = 1, scale: float = 1.0, position_ids=None):
     # seqlens_k = each row's tokens - 1 (right padding), total = the mask's width; shared by all
     # layers once the optimizer merges the identical subgraphs
     seqlens = op.Cast(op.Sub(op.ReduceSum(attention_mask, ints(1), keepdims=0), ints(1)), to=6)          # [B] int32
     total = op.Cast(op.Squeeze(dim(attention_mask, 1)), to=6)
     return GroupQueryAttention(qkv, None, None, past_k, past_v, seqlens, total, cos, sin,
+                               *([] if position_ids is None or cos is None else [position_ids]),
                                num_heads=heads, kv_num_heads=kv_heads, scale=scale, do_rotary=int(cos is not None))
 
 
