@@ -305,7 +305,6 @@ def _keep_after_prefill(rw: Rewrite, layer_nodes: dict[int, object], budgets: di
         q, k = node.args[:2]
         with rw.graph.inserting_after(node):
             keep = rw.graph.call_function(TCA_KEEP.overload, (q, k, rw.inputs["attention_mask"], node.args[4],
-                                                              [f for _, f in budgets[layer]],
                                                               [w for w, _ in budgets[layer]], opts.sinks, opts.obs,
                                                               size_budgets, size_windows))
         outputs[f"keep_{layer}"] = keep

@@ -139,7 +139,8 @@ def test_padded_batch_within_the_window_decodes_as_transformers(tmp_path, tiny_l
 def test_decode_quality_and_cache_on_the_reference_lm(tmp_path, monkeypatch):
     """Trained weights, held-out code: with calibrated budgets, the compacted cache holds at most
     half the full one, and the perplexity of 128 tokens decoded one step at a time after a
-    384-token prompt stays within 2% of dense decoding."""
+    384-token prompt stays within 2% of dense decoding, with the cache chosen at every step and
+    once after the prefill."""
     from transformers import AutoTokenizer
 
     from tokopt.optimizer.data import calibration_batches
@@ -162,4 +163,9 @@ def test_decode_quality_and_cache_on_the_reference_lm(tmp_path, monkeypatch):
     dense = decode_perplexity(stepper(captured), captured.cache, windows, 384)
     tca = decode_perplexity(stepper(prog), prog.cache, windows, 384)
     assert tca < 1.02 * dense
+    # chosen once after the prefill (the calibration read from the cache): as close to dense
+    once = PassManager(resolve(plan_passes("tca:calib_len=512,calib_windows=2,eval_windows=0,windows=32/64/128,"
+                                           "select=prefill"))).run(captured)
+    assert once.history[-1]["stats"]["calibration_cached"]
+    assert decode_perplexity(stepper(once), once.cache, windows, 384) < 1.02 * dense
 

@@ -22,7 +22,7 @@ from tokopt.optimizer.pass_manager import PassManager, resolve
 
 from .conftest import _tiny
 
-FS, WS, SINKS, OBS = [0.1, 0.3], [4, 8], 2, 3
+WS, SINKS, OBS = [4, 8], 2, 3
 SIZE_FS, SIZE_WS = [0.1, 0.3, 0.05, 0.5], [4, 8, 16, 4]   # two layers' heads: the size rule is the largest
 
 
@@ -46,7 +46,7 @@ def _export(module, example, dynamic, names, path):
 
 
 def _keep(*args):
-    return tca_keep_reference(*args, 0.25, FS, WS, SINKS, OBS, SIZE_FS, SIZE_WS)
+    return tca_keep_reference(*args, 0.25, WS, SINKS, OBS, SIZE_FS, SIZE_WS)
 
 
 def test_keep_is_each_heads_sinks_window_and_best_keys():
@@ -80,7 +80,7 @@ def test_onnx_lowerings_match_the_references(tmp_path):
     tensor made outside it (from position_ids alone, so the layers share it)."""
     class Keep(torch.nn.Module):
         def forward(self, q, k, am):
-            return TCA_KEEP.op(q, k, am, 0.25, FS, WS, SINKS, OBS, SIZE_FS, SIZE_WS)
+            return TCA_KEEP.op(q, k, am, 0.25, WS, SINKS, OBS, SIZE_FS, SIZE_WS)
 
     sess = _export(Keep(), _case(5, 0), ({0: Dim.AUTO, 2: Dim.AUTO}, {0: Dim.AUTO, 2: Dim.AUTO},
                                          {0: Dim.AUTO, 1: Dim.AUTO}), ["q", "k", "am"], tmp_path / "k.onnx")
@@ -94,7 +94,7 @@ def test_onnx_lowerings_match_the_references(tmp_path):
 
     class Packed(torch.nn.Module):
         def forward(self, qkv, present_k, am, pos):
-            return TCA_KEEP_PACKED.op(qkv, present_k, am, pos, cos, sin, 4, 2, 0.25, FS, WS, SINKS, OBS,
+            return TCA_KEEP_PACKED.op(qkv, present_k, am, pos, cos, sin, 4, 2, 0.25, WS, SINKS, OBS,
                                       SIZE_FS, SIZE_WS)
 
     def packed_case(s, cap, pad):
@@ -109,7 +109,7 @@ def test_onnx_lowerings_match_the_references(tmp_path):
                    ["qkv", "k", "am", "pos"], tmp_path / "p.onnx")
     for s, cap, pad in ((70, 90, 5), (1, 90, 0)):
         qkv, present, am, pos = packed_case(s, cap, pad)
-        want = tca_keep_packed_reference(qkv, present, am, pos, cos, sin, 4, 2, 0.25, FS, WS, SINKS, OBS,
+        want = tca_keep_packed_reference(qkv, present, am, pos, cos, sin, 4, 2, 0.25, WS, SINKS, OBS,
                                          SIZE_FS, SIZE_WS)
         got = sess.run(None, {"qkv": qkv.numpy(), "k": present.numpy(), "am": am.numpy(), "pos": pos.numpy()})[0]
         np.testing.assert_array_equal(got, want.numpy())

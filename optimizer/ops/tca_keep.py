@@ -1,6 +1,6 @@
 """``tokopt::tca_keep``: which cache entries TCA keeps after a prefill (``tca:select=prefill``).
 
-    tca_keep(q[B,H,S,d], k[B,Hkv,T,d], attention_mask[B,T], scale, budgets[Hkv], windows[Hkv],
+    tca_keep(q[B,H,S,d], k[B,Hkv,T,d], attention_mask[B,T], scale, windows[Hkv],
              sinks, obs, size_budgets, size_windows) -> keep[B,Hkv,K] (int64)
     tca_keep_packed(qkv[B,S,(H+2Hkv)d], present_k[B,Hkv,>=T,d], attention_mask[B,T],
                     position_ids[B,S], cos?[M,r/2], sin?[M,r/2], heads, kv_heads, ...) -> the same
@@ -11,7 +11,8 @@ the keys that score highest under TCA's metric (what ``obs`` observation queries
 over the row's valid queries, pay to the keys outside their windows), ``K`` entries in all. K is
 ``compact_size(T, T, size_budgets, size_windows, sinks)``: the size rule of every layer of the
 model at once, so that all layers keep the same number of entries and one attention mask serves
-the whole compacted cache; a head with a smaller budget keeps its next-best keys. Padding scores
+the whole compacted cache; a head whose own rule is smaller keeps its next-best keys (the heads'
+calibrated budgets enter through ``size_budgets`` only). Padding scores
 below every valid key, so a row with fewer than K valid keys keeps them all, first (right
 padding) or last (left padding) in every head alike. A decode step (S = 1) returns no entries
 ([B,Hkv,0]): the runner compacts once, after the prefill, and decode steps attend densely to what
@@ -20,8 +21,8 @@ was kept and to every new token.
 ``q`` and ``k`` are the attention's (rotated) queries and keys as the model computes them.
 ``tca_keep_packed`` is the same on ONNX Runtime's decoder kernel, which rotates inside
 ``GroupQueryAttention``: it reads the packed projection and the kernel's cache buffer and rotates
-its observation queries itself, all inside the ONNX ``If`` that a decode step skips, so a decode
-step pays one ``If`` per layer for it.
+the observation rows (only those) itself, all inside the ONNX ``If`` that a decode step skips; the
+layers' ``If`` nodes test one value, and the export merges them into one (``merge_ifs``).
 """
 from __future__ import annotations
 
@@ -38,23 +39,23 @@ from .tca import PINNED, _if, _sink_keys, compact_size, sink_keys
 __all__ = ["TCA_KEEP", "TCA_KEEP_PACKED", "tca_keep_reference", "tca_keep_packed_reference"]
 
 
-def tca_keep_reference(q: torch.Tensor, k: torch.Tensor, attention_mask: torch.Tensor, scale: float,
-                       budgets: list[float], windows: list[int], sinks: int, obs: int, size_budgets: list[float],
-                       size_windows: list[int]) -> torch.Tensor:
-    b, h, s, d = q.shape
-    hkv, n = k.shape[1], k.shape[2]
-    if s <= 1:
-        return torch.zeros(b, hkv, 0, dtype=torch.long, device=q.device)
-    dev, g = q.device, h // hkv
-    valid = attention_mask[:, :n] > 0                                                    # [B,T]
-    # observation rows: evenly spaced over each row's valid queries, its last one included
+def _obs_rows(valid: torch.Tensor, s: int, obs: int) -> torch.Tensor:
+    """[B,m]: the observation queries of a call of ``s`` new tokens (``valid`` [B,T]), evenly
+    spaced over each row's valid queries, its last one included."""
+    n = valid.shape[1]
     qvalid = valid[:, n - s:]
     m = min(obs, s)
-    target = ((torch.arange(1, m + 1, device=dev) * qvalid.sum(1, keepdim=True)) // m - 1).clamp(min=0)   # [B,m]
+    target = ((torch.arange(1, m + 1, device=valid.device) * qvalid.sum(1, keepdim=True)) // m - 1).clamp(min=0)
     rank = qvalid.long().cumsum(1) - 1
-    rows = ((rank[:, None, :] == target[:, :, None]) & qvalid[:, None, :]).long().argmax(-1)           # [B,m]
-    qo = q.gather(2, rows[:, None, :, None].expand(b, h, m, d)).reshape(b, hkv, g * m, d)
-    logits = (qo @ k.transpose(-2, -1) * scale).reshape(b, hkv, g, m, n)
+    return ((rank[:, None, :] == target[:, :, None]) & qvalid[:, None, :]).long().argmax(-1)
+
+
+def _keep(qo: torch.Tensor, rows: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, s: int, scale: float,
+          windows, sinks: int, size_budgets, size_windows) -> torch.Tensor:
+    """The kept entries, given the observation queries ``qo`` [B,H,m,d] at ``rows``."""
+    b, h, m, d = qo.shape
+    hkv, n, dev = k.shape[1], k.shape[2], k.device
+    logits = (qo.reshape(b, hkv, -1, d) @ k.transpose(-2, -1) * scale).reshape(b, hkv, h // hkv, m, n)
     gap = (rows + (n - s))[:, None, :, None] - torch.arange(n, device=dev)                 # [B,1,m,T]
     far = gap >= torch.tensor(windows, device=dev)[:, None, None]                           # [B,Hkv,m,T]
     ok = (far & valid[:, None, None, :])[:, :, None]
@@ -67,49 +68,71 @@ def tca_keep_reference(q: torch.Tensor, k: torch.Tensor, attention_mask: torch.T
     return prio.sort(dim=-1, descending=True, stable=True).indices[..., :keep].sort(-1).values
 
 
+def tca_keep_reference(q: torch.Tensor, k: torch.Tensor, attention_mask: torch.Tensor, scale: float,
+                       windows: list[int], sinks: int, obs: int, size_budgets: list[float],
+                       size_windows: list[int]) -> torch.Tensor:
+    b, h, s, d = q.shape
+    if s <= 1:
+        return torch.zeros(b, k.shape[1], 0, dtype=torch.long, device=q.device)
+    valid = attention_mask[:, :k.shape[2]] > 0
+    rows = _obs_rows(valid, s, obs)
+    qo = q.gather(2, rows[:, None, :, None].expand(b, h, rows.shape[1], d))
+    return _keep(qo, rows, k, valid, s, scale, windows, sinks, size_budgets, size_windows)
+
+
 def tca_keep_packed_reference(qkv: torch.Tensor, present_k: torch.Tensor, attention_mask: torch.Tensor,
                               position_ids: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
-                              heads: int, kv_heads: int, scale: float, budgets: list[float], windows: list[int],
+                              heads: int, kv_heads: int, scale: float, windows: list[int],
                               sinks: int, obs: int, size_budgets: list[float], size_windows: list[int]) -> torch.Tensor:
     b, s, _ = qkv.shape
-    d = present_k.shape[-1]
-    q = qkv[..., :heads * d].reshape(b, s, heads, d).transpose(1, 2)
+    if s <= 1:
+        return torch.zeros(b, kv_heads, 0, dtype=torch.long, device=qkv.device)
+    d, n = present_k.shape[-1], attention_mask.shape[1]
+    valid = attention_mask > 0
+    rows = _obs_rows(valid, s, obs)
+    m = rows.shape[1]
+    # only the observation rows are sliced from the projection and rotated
+    qo = qkv.gather(1, rows[..., None].expand(b, m, qkv.shape[-1]))[..., :heads * d]
+    qo = qo.reshape(b, m, heads, d).transpose(1, 2)
     if cos is not None:
-        q = rotate(q, cos[position_ids], sin[position_ids])
-    return tca_keep_reference(q, present_k[:, :, :attention_mask.shape[1]], attention_mask, scale, budgets, windows,
-                              sinks, obs, size_budgets, size_windows)
+        at = position_ids.gather(1, rows)
+        qo = rotate(qo, cos[at], sin[at])
+    return _keep(qo, rows, present_k[:, :, :n], valid, s, scale, windows, sinks, size_budgets, size_windows)
 
 
-def _keep_fake(q, k, attention_mask, scale, budgets, windows, sinks, obs, size_budgets, size_windows):
+def _keep_fake(q, k, attention_mask, scale, windows, sinks, obs, size_budgets, size_windows):
     return q.new_empty((q.shape[0], k.shape[1], torch.library.get_ctx().new_dynamic_size()), dtype=torch.long)
 
 
-def _keep_packed_fake(qkv, present_k, attention_mask, position_ids, cos, sin, heads, kv_heads, scale, budgets,
-                      windows, sinks, obs, size_budgets, size_windows):
+def _keep_packed_fake(qkv, present_k, attention_mask, position_ids, cos, sin, heads, kv_heads, scale, windows, sinks, obs, size_budgets, size_windows):
     return qkv.new_empty((qkv.shape[0], kv_heads, torch.library.get_ctx().new_dynamic_size()), dtype=torch.long)
 
 
-def _keep_onnx_core(q, k, attention_mask, scale, budgets, windows, sinks, obs, size_budgets, size_windows):
-    """The reference's prefill branch in standard ONNX."""
-    b, h, s, d, hkv, n = dim(q, 0), dim(q, 1), dim(q, 2), dim(q, 3), dim(k, 1), dim(k, 2)
+def _obs_rows_onnx(valid, s, obs: int):
+    """``_obs_rows`` in ONNX."""
     one, zero = ints(1), ints(0)
-    neg_inf = op.CastLike(op.Constant(value_float=float("-inf")), q)
-    zero_f = op.CastLike(op.Constant(value_float=0.0), q)
-    valid = op.Greater(attention_mask, op.CastLike(op.Constant(value_int=0), attention_mask))       # [B,T]
+    n = dim(valid, 1)
     qvalid = op.Slice(valid, op.Sub(n, s), n, one)                                                   # [B,S]
     m = op.Min(s, ints(obs))
     counts = op.ReduceSum(op.Cast(qvalid, to=7), one, keepdims=1)                                    # [B,1]
     target = op.Max(op.Sub(op.Div(op.Mul(op.Unsqueeze(op.Add(arange(m), one), zero), counts), m), one), zero)
     rank = op.Sub(op.CumSum(op.Cast(qvalid, to=7), op.Constant(value_int=1)), one)                  # [B,S]
     hit = op.And(op.Equal(op.Unsqueeze(rank, one), op.Unsqueeze(target, ints(2))), op.Unsqueeze(qvalid, one))
-    rows = op.ArgMax(op.Cast(hit, to=7), axis=-1, keepdims=0)                                        # [B,m]
+    return op.ArgMax(op.Cast(hit, to=7), axis=-1, keepdims=0)                                        # [B,m]
+
+
+def _keep_onnx_core(qo, rows, k, valid, s, scale, windows, sinks, size_budgets, size_windows):
+    """``_keep`` in standard ONNX."""
+    b, h, m, d, hkv, n = dim(qo, 0), dim(qo, 1), dim(qo, 2), dim(qo, 3), dim(k, 1), dim(k, 2)
+    one = ints(1)
+    neg_inf = op.CastLike(op.Constant(value_float=float("-inf")), qo)
+    zero_f = op.CastLike(op.Constant(value_float=0.0), qo)
     g = op.Div(h, hkv)
-    idx = op.Expand(op.Unsqueeze(rows, ints(1, 3)), op.Concat(b, h, m, d, axis=0))
-    qo = op.Reshape(op.GatherElements(q, idx, axis=2), op.Concat(b, hkv, ints(-1), d, axis=0))
-    logits = op.Mul(op.MatMul(qo, op.Transpose(k, perm=[0, 1, 3, 2])), op.CastLike(op.Constant(value_float=scale), q))
+    qo = op.Reshape(qo, op.Concat(b, hkv, ints(-1), d, axis=0))
+    logits = op.Mul(op.MatMul(qo, op.Transpose(k, perm=[0, 1, 3, 2])), op.CastLike(op.Constant(value_float=scale), qo))
     logits = op.Reshape(logits, op.Concat(b, hkv, g, m, n, axis=0))
     gap = op.Sub(op.Unsqueeze(op.Add(rows, op.Sub(n, s)), ints(1, 3)), arange(n))                  # [B,1,m,T]
-    far = op.GreaterOrEqual(gap, op.Reshape(ints(*windows), ints(-1, 1, 1)))                  # [B,Hkv,m,T]
+    far = op.GreaterOrEqual(gap, op.Reshape(ints(*windows), ints(-1, 1, 1)))                        # [B,Hkv,m,T]
     ok = op.Unsqueeze(op.And(far, op.Unsqueeze(valid, ints(1, 2))), ints(2))
     probs = op.Softmax(op.Where(ok, logits, neg_inf), axis=-1)
     score = op.ReduceSum(op.Where(op.IsNaN(probs), zero_f, probs), ints(2, 3), keepdims=0)          # [B,Hkv,T]
@@ -128,16 +151,25 @@ def _keep_onnx_core(q, k, attention_mask, scale, budgets, windows, sinks, obs, s
     return (sel,)
 
 
+def _valid(attention_mask):
+    return op.Greater(attention_mask, op.CastLike(op.Constant(value_int=0), attention_mask))
+
+
 def _nothing(b, hkv):
     return (op.ConstantOfShape(op.Concat(b, hkv, ints(0), axis=0),
                                value=onnx.helper.make_tensor("zero", onnx.TensorProto.INT64, [1], [0])),)
 
 
-def _keep_onnx(q, k, attention_mask, scale: float = 1.0, budgets=(1.0,), windows=(64,), sinks: int = 4,
+def _keep_onnx(q, k, attention_mask, scale: float = 1.0, windows=(64,), sinks: int = 4,
                obs: int = 16, size_budgets=(1.0,), size_windows=(64,)):
-    return _if(op.Squeeze(op.Greater(dim(q, 2), ints(1))),
-               lambda: _keep_onnx_core(q, k, attention_mask, scale, budgets, windows, sinks, obs, size_budgets,
-                                       size_windows),
+    def prefill():
+        s, valid = dim(q, 2), _valid(op.Slice(attention_mask, ints(0), dim(k, 2), ints(1)))
+        rows = _obs_rows_onnx(valid, s, obs)
+        idx = op.Expand(op.Unsqueeze(rows, ints(1, 3)), op.Concat(dim(q, 0), dim(q, 1), dim(rows, 1), dim(q, 3), axis=0))
+        return _keep_onnx_core(op.GatherElements(q, idx, axis=2), rows, k, valid, s, scale, windows, sinks,
+                               size_budgets, size_windows)
+
+    return _if(op.Squeeze(op.Greater(dim(q, 2), ints(1))), prefill,
                lambda: _nothing(dim(q, 0), dim(k, 1)), dtype=ir.DataType.INT64)[0]
 
 
@@ -152,16 +184,22 @@ def _rotate_onnx(x, cos, sin):
 
 
 def _keep_packed_onnx(qkv, present_k, attention_mask, position_ids, cos=None, sin=None, heads: int = 1,
-                      kv_heads: int = 1, scale: float = 1.0, budgets=(1.0,), windows=(64,), sinks: int = 4,
+                      kv_heads: int = 1, scale: float = 1.0, windows=(64,), sinks: int = 4,
                       obs: int = 16, size_budgets=(1.0,), size_windows=(64,)):
     def prefill():
         b, s, d = dim(qkv, 0), dim(qkv, 1), dim(present_k, 3)
-        q = op.Slice(qkv, ints(0), op.Mul(ints(heads), d), ints(2))
-        q = op.Transpose(op.Reshape(q, op.Concat(b, s, ints(heads), d, axis=0)), perm=[0, 2, 1, 3])
+        valid = _valid(attention_mask)
+        rows = _obs_rows_onnx(valid, s, obs)
+        m = dim(rows, 1)
+        # only the observation rows are sliced from the projection and rotated
+        qo = op.GatherElements(qkv, op.Expand(op.Unsqueeze(rows, ints(2)), op.Concat(b, m, dim(qkv, 2), axis=0)), axis=1)
+        qo = op.Slice(qo, ints(0), op.Mul(ints(heads), d), ints(2))
+        qo = op.Transpose(op.Reshape(qo, op.Concat(b, m, ints(heads), d, axis=0)), perm=[0, 2, 1, 3])
         if cos is not None:
-            q = _rotate_onnx(q, op.Gather(cos, position_ids, axis=0), op.Gather(sin, position_ids, axis=0))
+            at = op.GatherElements(position_ids, rows, axis=1)
+            qo = _rotate_onnx(qo, op.Gather(cos, at, axis=0), op.Gather(sin, at, axis=0))
         k = op.Slice(present_k, ints(0), dim(attention_mask, 1), ints(2))
-        return _keep_onnx_core(q, k, attention_mask, scale, budgets, windows, sinks, obs, size_budgets, size_windows)
+        return _keep_onnx_core(qo, rows, k, valid, s, scale, windows, sinks, size_budgets, size_windows)
 
     # the test and the empty result read the graph input position_ids alone, the same in every
     # layer: outside the If they are computed once, and merge_ifs makes the layers' Ifs one
