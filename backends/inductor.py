@@ -47,6 +47,7 @@ OPAQUE = {
                              "with a size bound instead, torch 2.13's AOTInductor built a package that fails "
                              "at lengths other than the probe's",
     "tokopt::tca_cache_attention": "its compacted cache's length is a computed value, as in tca_attention",
+    "tokopt::tca_keep": "the number of entries it keeps is a computed value (none at a decode step)",
 }
 # ops the backend cannot take at all on a CPU, and why (checked before the C++ build)
 REFUSED = {

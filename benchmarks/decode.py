@@ -97,7 +97,7 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--passes", nargs="*", default=["rsq:bits=4", "rsq:bits=4,online=false", "rsq:bits=8", "tca",
-                                                       "tca:select=prefill"])
+                                                       "tca:select=step"])
     ap.add_argument("--no-eager", action="store_true", help="leave out transformers' generate (the slowest)")
     ap.add_argument("--no-plain", action="store_true", help="leave out the plain torch.onnx.export graph")
     ap.add_argument("--genai", nargs="*", default=["fp32", "int4", "int8"], choices=["fp32", "int4", "int8"],

@@ -175,7 +175,7 @@ def decode_part(args, work: Path) -> dict:
     tok = AutoTokenizer.from_pretrained(LM, local_files_only=True)
     windows = token_windows(calib, tok, seq_len=1024, count=8)[4:]
     spec = f"tca:tolerance={args.tolerance},eval_windows=0"
-    variants = {"dense": None, "tca": spec, "tca, chosen at prefill": spec + ",select=prefill",
+    variants = {"dense": None, "tca": spec + ",select=step", "tca, chosen at prefill": spec,
                 "tca, full cache": spec + ",compact=false"}
     compiled = {name: tokopt.compile(LM, out=work / f"gen-{i}", generate=True, passes=passes, calib=calib,
                                      measure=False, threads=args.threads)

@@ -23,7 +23,7 @@ Rewrite: the canonical attention of every layer (or of ``layers=``) with a budge
 dense and are reported. ``uniform=`` gives every head the same budget with no calibration (the
 baselines: ``uniform=0`` is sinks + ``window`` only).
 
-On a ``--generate`` graph (``compact=true``, the default) every layer's attention becomes
+On a ``--generate`` graph with ``select=step`` (and ``compact=true``) every layer's attention becomes
 ``tokopt::tca_cache_attention``, and the cache a call returns is compacted: per KV head the
 sinks, its window and its ``ceil(budget x context)`` best-scored keys, scored by the same
 observation queries that select them for attention (the prefill's evenly spaced queries, a
@@ -33,7 +33,7 @@ graph's cache stays one tensor per layer. Dense layers keep everything. ``past_i
 ``present_index_i`` carry each entry's context position. ``compact=false`` keeps the full cache
 (each decode step selects among all of it).
 
-``select=prefill`` chooses the cache once: the attention stays dense, and each layer gains a
+``select=prefill`` (the default) chooses the cache once: the attention stays dense, and each layer gains a
 ``keep_i`` output (``tokopt::tca_keep``) that after a prefill names the entries each KV head
 keeps (sinks, window, best scores; one size for every layer, the largest layer's rule, so that
 one attention mask covers the cache). The runner moves them to the front of its cache and
@@ -80,9 +80,10 @@ class TCAOptions:
     calib_windows: int = opt(4, "calibration windows", ">= 1")
     eval_windows: int = opt(2, "held-out windows after the calibration ones, for perplexity", ">= 0")
     compact: bool = opt(True, "--generate graphs: keep only each head's core tokens in the KV cache", "true|false")
-    select: str = opt("step", "--generate graphs, compact=true: choose the kept entries at every step, or once "
-                              "after the prefill (decode steps then attend to all of them and to every new token, on "
-                              "ONNX Runtime's GroupQueryAttention where the target has it)", "step|prefill")
+    select: str = opt("prefill", "--generate graphs, compact=true: choose the kept entries once after the prefill "
+                                 "(decode steps then attend to all of them and to every new token, on ONNX Runtime's "
+                                 "GroupQueryAttention where the target has it), or at every step (a smaller cache, "
+                                 "slower steps)", "prefill|step")
 
     def __post_init__(self):
         if not 0 < self.tolerance < 1:
@@ -94,8 +95,6 @@ class TCAOptions:
                              "or -1 for calibrated per-head budgets")
         if self.select not in ("step", "prefill"):
             raise ValueError(f"select={self.select!r} must be 'step' or 'prefill'")
-        if self.select == "prefill" and not self.compact:
-            raise ValueError("select=prefill chooses what the compacted cache keeps; it needs compact=true")
         if self.calib_windows < 1 or self.eval_windows < 0:
             raise ValueError("calib_windows must be at least 1 and eval_windows at least 0")
         if any(layer < 0 for layer in self.layers):

@@ -104,7 +104,7 @@ def test_generation_within_the_window_is_exact(tmp_path):
     key lies in the window, tokens equal transformers' greedy decoding."""
     model = _tiny("llama").eval()
     model.generation_config.eos_token_id = None
-    res = tokopt.compile(model, out=tmp_path / "g", generate=True, passes="tca:uniform=0.1,window=48",
+    res = tokopt.compile(model, out=tmp_path / "g", generate=True, passes="tca:uniform=0.1,window=48,select=step",
                          measure=False)
     assert res.program.count(TCA_CACHE.overload) == 2 and res.program.count(TCA.overload) == 0
     ids = np.random.default_rng(5).integers(10, 256, (1, 9))

@@ -101,7 +101,7 @@ def test_compacted_cache_holds_the_original_keys(tiny_llama):
     entry is the key and value the same attention without compaction caches at the position
     its index names."""
     captured = tokopt.capture(tiny_llama, generate=True)
-    prog = PassManager(resolve(plan_passes("tca:uniform=0.1,window=8"))).run(captured)
+    prog = PassManager(resolve(plan_passes("tca:uniform=0.1,window=8,select=step"))).run(captured)
     assert prog.cache.index and "past_index_1" in prog.input_names and "present_index_1" in prog.output_names
     stats = prog.history[-1]["stats"]
     assert stats["kv_cache_bytes"]["1024"]["compacted"] < 0.15 * stats["kv_cache_bytes"]["1024"]["full"]
@@ -123,7 +123,7 @@ def test_compacted_cache_holds_the_original_keys(tiny_llama):
 def test_padded_batch_within_the_window_decodes_as_transformers(tmp_path, tiny_llama):
     """Left-padded rows through prefill and decode steps with a compacting cache (the index
     keeps padding masked): greedy tokens equal transformers' while every key fits the window."""
-    res = tokopt.compile(tiny_llama, out=tmp_path / "g", generate=True, passes="tca:uniform=0.1,window=48",
+    res = tokopt.compile(tiny_llama, out=tmp_path / "g", generate=True, passes="tca:uniform=0.1,window=48,select=step",
                          measure=False)
     ids = np.random.default_rng(7).integers(10, 256, (2, 12))
     mask = np.ones_like(ids)
@@ -148,7 +148,7 @@ def test_decode_quality_and_cache_on_the_reference_lm(tmp_path, monkeypatch):
     monkeypatch.setenv("TOKOPT_CACHE_DIR", str(tmp_path / "cache"))
     captured = tokopt.capture(REFERENCE_LM, generate=True)
     captured.calib = str(REFERENCE_LM / "heldout.txt")
-    prog = PassManager(resolve(plan_passes("tca:calib_len=512,calib_windows=2,eval_windows=0,windows=32/64/128")
+    prog = PassManager(resolve(plan_passes("tca:calib_len=512,calib_windows=2,eval_windows=0,windows=32/64/128,select=step")
                                )).run(captured)
     kv = prog.history[-1]["stats"]["kv_cache_bytes"]
     assert all(v["compacted"] <= 0.5 * v["full"] for v in kv.values())

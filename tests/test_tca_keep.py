@@ -122,9 +122,7 @@ def test_onnx_lowerings_match_the_references(tmp_path):
             assert branches["else_branch"] == ["Identity"] and "TopK" in branches["then_branch"]
 
 
-def test_select_needs_compact():
-    with pytest.raises(UsageError, match="select=prefill .* needs compact=true"):
-        resolve(plan_passes("tca:uniform=0.1,compact=false,select=prefill"))
+def test_select_is_checked():
     with pytest.raises(UsageError, match="select='once' must be"):
         resolve(plan_passes("tca:uniform=0.1,select=once"))
 

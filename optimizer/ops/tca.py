@@ -36,6 +36,7 @@ from .onnx_build import arange, dim, ints
 from .registry import OPSET, AttentionArgs, define_op, differentiable
 
 __all__ = ["TCA", "TCA_CACHE", "tca_reference", "tca_cache_reference", "compact_size", "budget_counts", "valid_keys",
+           "onnx_if", "onnx_sink_keys",
            "sink_keys", "select_keys", "QUERY_BLOCK"]
 
 QUERY_BLOCK = 32  # window-part query block: each block reads (block + window) keys, not 2 windows
@@ -196,7 +197,7 @@ def _budget_counts(budgets, total):
     return op.Cast(op.Ceil(op.Mul(op.Constant(value_floats=list(budgets)), op.Cast(total, to=1))), to=7)
 
 
-def _sink_keys(valid, sinks: int):
+def onnx_sink_keys(valid, sinks: int):
     """``sink_keys`` in ONNX: each row's first ``sinks`` valid keys."""
     seen = op.CumSum(op.Cast(valid, to=7), op.Constant(value_int=-1))
     return op.And(valid, op.LessOrEqual(seen, op.Constant(value_int=sinks)))
@@ -225,7 +226,7 @@ def _tca_onnx(q, k, v, mask=None, scale: float = 1.0, causal: bool = True, budge
     def per_head():
         return (_cat_heads(_per_head(q, k, v, lambda i: valid, scale, causal, budgets, windows, sinks, obs)[0]),)
 
-    return _if(op.Squeeze(op.LessOrEqual(dim(q, 2), ints(QUERY_BLOCK))), few, per_head, dtype=q.dtype)[0]
+    return onnx_if(op.Squeeze(op.LessOrEqual(dim(q, 2), ints(QUERY_BLOCK))), few, per_head, dtype=q.dtype)[0]
 
 
 def _cat_heads(xs):
@@ -271,7 +272,7 @@ def _tca_onnx_heads(q, k, v, valid, scale, causal, budget, sinks, window, obs, t
                 op.Unsqueeze(valid, ints(1, 2)))
     probs = op.Softmax(op.Where(ok, logits, neg_inf), axis=-1)
     score = op.ReduceSum(op.Where(op.IsNaN(probs), zero_f, probs), ints(2), keepdims=0)   # [B,Hkv,Nk]
-    is_sink = _sink_keys(valid, sinks)                                                # [B,Nk]
+    is_sink = onnx_sink_keys(valid, sinks)                                                # [B,Nk]
     score = op.Where(op.Unsqueeze(is_sink, one), op.CastLike(op.Constant(value_float=-1.0), q), score)
     room = op.Max(op.Sub(nk, ints(sinks)), zero)
     counts = op.Min(_budget_counts([budget], nk if total is None else total), room)   # [Hkv]
@@ -393,7 +394,7 @@ def _branch(name: str, build):
         rec.nodes, rec.constant_farm = nodes, farm
 
 
-def _if(cond, then, otherwise, dtype):
+def onnx_if(cond, then, otherwise, dtype):
     """ONNX ``If``: ``then()`` or ``otherwise()`` at run time (each returns the same number of
     ``dtype`` tensors)."""
     then_graph, else_graph = _branch("then", then), _branch("else", otherwise)
@@ -429,7 +430,7 @@ def _few_queries(q, k, v, valid, total, scale, causal, budgets, windows, sinks, 
     ok = op.And(op.Unsqueeze(op.Gather(far, rows, axis=1), ints(0, 2)), op.Unsqueeze(valid, ints(2, 3)))
     probs = op.Softmax(op.Where(ok, op.Gather(logits, rows, axis=3), neg_inf), axis=-1)
     score = op.ReduceSum(op.Where(op.IsNaN(probs), zero_f, probs), ints(2, 3), keepdims=0)   # [B,Hkv,n]
-    is_sink = _sink_keys(valid, sinks)                                                      # [B,Hkv|1,n]
+    is_sink = onnx_sink_keys(valid, sinks)                                                      # [B,Hkv|1,n]
     score = op.Where(is_sink, op.CastLike(op.Constant(value_float=-1.0), q), score)
     # each head's ceil(budget x total) best-scored keys, ranked by one TopK
     counts = op.Min(_budget_counts(budgets, total), op.Max(op.Sub(n, ints(sinks)), zero))   # [Hkv]
@@ -471,7 +472,7 @@ def _tca_cache_onnx(q, k, v, index, attention_mask, scale: float = 1.0, budgets=
         return op.Squeeze(op.Slice(valid, ints(i), ints(i + 1), one), one)
 
     few = op.Squeeze(op.LessOrEqual(s, ints(QUERY_BLOCK)))
-    out, score = _if(few, lambda: _few_queries(q, k, v, valid, m, scale, True, budgets, windows, sinks, obs),
+    out, score = onnx_if(few, lambda: _few_queries(q, k, v, valid, m, scale, True, budgets, windows, sinks, obs),
                      lambda: tuple(map(_cat_heads, _per_head(q, k, v, valid_of, scale, True, budgets, windows, sinks,
                                                              obs, total=m))),
                      dtype=q.dtype)
@@ -479,7 +480,7 @@ def _tca_cache_onnx(q, k, v, index, attention_mask, scale: float = 1.0, budgets=
     wins = ints(*windows)                                                                  # [Hkv]
     keep = op.Min(n, op.ReduceMax(op.Add(op.Add(ns, wins), _budget_counts(budgets, m)), keepdims=1))
     window = op.GreaterOrEqual(op.Unsqueeze(arange(n), zero), op.Unsqueeze(op.Sub(n, wins), one))   # [Hkv,n]
-    pinned = op.Or(_sink_keys(valid, sinks), op.Unsqueeze(window, zero))                  # [B,Hkv,n]
+    pinned = op.Or(onnx_sink_keys(valid, sinks), op.Unsqueeze(window, zero))                  # [B,Hkv,n]
     prio = op.Where(valid, score, op.CastLike(op.Constant(value_float=-1.0), score))
     prio = op.Where(pinned, op.CastLike(op.Constant(value_float=PINNED), score), prio)
     _, sel = op.TopK(prio, keep, axis=-1)

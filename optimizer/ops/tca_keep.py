@@ -34,7 +34,7 @@ from onnxscript import opset23 as op
 from .gqa import rotate
 from .onnx_build import arange, dim, ints
 from .registry import define_op
-from .tca import PINNED, _if, _sink_keys, compact_size, sink_keys
+from .tca import PINNED, compact_size, onnx_if, onnx_sink_keys, sink_keys
 
 __all__ = ["TCA_KEEP", "TCA_KEEP_PACKED", "tca_keep_reference", "tca_keep_packed_reference"]
 
@@ -139,7 +139,7 @@ def _keep_onnx_core(qo, rows, k, valid, s, scale, windows, sinks, size_budgets, 
     after = op.CumSum(op.Cast(valid, to=7), op.Constant(value_int=1), reverse=1)
     window = op.And(op.Unsqueeze(valid, one),
                     op.LessOrEqual(op.Unsqueeze(after, one), op.Reshape(ints(*windows), ints(-1, 1))))
-    pinned = op.Or(op.Unsqueeze(_sink_keys(valid, sinks), one), window)
+    pinned = op.Or(op.Unsqueeze(onnx_sink_keys(valid, sinks), one), window)
     prio = op.Where(op.Unsqueeze(valid, one), score, op.CastLike(op.Constant(value_float=-1.0), score))
     prio = op.Where(pinned, op.CastLike(op.Constant(value_float=PINNED), score), prio)
     # compact_size(T, T, size_budgets, size_windows, sinks), as _budget_counts rounds it
@@ -169,7 +169,7 @@ def _keep_onnx(q, k, attention_mask, scale: float = 1.0, windows=(64,), sinks: i
         return _keep_onnx_core(op.GatherElements(q, idx, axis=2), rows, k, valid, s, scale, windows, sinks,
                                size_budgets, size_windows)
 
-    return _if(op.Squeeze(op.Greater(dim(q, 2), ints(1))), prefill,
+    return onnx_if(op.Squeeze(op.Greater(dim(q, 2), ints(1))), prefill,
                lambda: _nothing(dim(q, 0), dim(k, 1)), dtype=ir.DataType.INT64)[0]
 
 
@@ -204,7 +204,7 @@ def _keep_packed_onnx(qkv, present_k, attention_mask, position_ids, cos=None, si
     # the test and the empty result read the graph input position_ids alone, the same in every
     # layer: outside the If they are computed once, and merge_ifs makes the layers' Ifs one
     empty = _nothing(dim(position_ids, 0), ints(kv_heads))[0]
-    return _if(op.Squeeze(op.Greater(dim(position_ids, 1), ints(1))), prefill,
+    return onnx_if(op.Squeeze(op.Greater(dim(position_ids, 1), ints(1))), prefill,
                lambda: (op.Identity(empty),), dtype=ir.DataType.INT64)[0]
 
 
