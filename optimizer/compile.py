@@ -235,7 +235,8 @@ def _measure(be, tgt, captured: Program, bundle_dir: Path, data: dict, texts, be
     # itself, one copy of its weights in memory at a time
     where = be.checked_on(tgt)
     if captured.cache is not None:
-        result = _generation_quality(captured, data, be.runner_cls(bundle_dir, data, threads=threads), texts, length)
+        result = _generation_quality(captured, data, lambda: be.runner_cls(bundle_dir, data, threads=threads), texts,
+                                     length)
         lengths = [length]   # the decode step at this context; then the first token after two prompt lengths
         bench = replace(bench, prefill=(length, *filter(None, [_longer_length(captured, length)])))
     else:
@@ -280,10 +281,10 @@ def _longer_length(captured: Program, length: int) -> int | None:
     return longer if longer > length else None
 
 
-def _generation_quality(captured: Program, data: dict, runner, texts, length: int, steps: int = 16) -> dict:
+def _generation_quality(captured: Program, data: dict, open_runner, texts, length: int, steps: int = 16) -> dict:
     ids, mask, desc = generation_prompts(captured, texts, length)
     spec = CacheSpec.from_json(data["generation"]["cache"])
-    q = generation_quality(captured, runner, ids, mask, steps, spec)
+    q, runner = generation_quality(captured, open_runner, ids, mask, steps, spec)
     q["probe"] = f"{desc}, {steps} decode steps"
     full = {str(n): captured.cache.nbytes(n) for n in (1024, 4096)}
     result = {"quality": q, "kv_cache_bytes": full}

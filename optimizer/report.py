@@ -27,6 +27,7 @@ import torch
 
 from .generation import example_feed, generate_ids
 from .program import Program
+from .resources import page_out
 from .runtime import load_tokenizer
 
 __all__ = ["Bench", "probe_inputs", "quality", "quality_rows", "time_calls", "format_report", "bench_inputs",
@@ -191,10 +192,12 @@ def generation_prompts(program: Program, texts: list[str] | None, length: int,
     return ids, np.ones_like(ids), f"synthetic prompts (batch {batch}, {length} tokens)"
 
 
-def generation_quality(program: Program, bundle_step, ids: np.ndarray, mask: np.ndarray, steps: int,
-                       bundle_spec=None) -> dict:
-    """Prefill + ``steps`` decode steps, the original's greedy tokens fed to both. ``bundle_spec``:
-    the bundle's cache, where it differs from the original's (a compacting one)."""
+def generation_quality(program: Program, open_bundle, ids: np.ndarray, mask: np.ndarray, steps: int,
+                       bundle_spec=None) -> tuple[dict, object]:
+    """Prefill + ``steps`` decode steps, the original's greedy tokens fed to both; and the bundle's
+    runner, which ``open_bundle()`` opens once the original has run and its weights have left
+    memory (one copy of the weights resident at a time). ``bundle_spec``: the bundle's cache, where
+    it differs from the original's (a compacting one)."""
     run = program.runner()
 
     def reference_step(feed):
@@ -203,6 +206,9 @@ def generation_quality(program: Program, bundle_step, ids: np.ndarray, mask: np.
 
     ref_logits, got_logits = [], []
     ref = generate_ids(reference_step, program.cache, ids, mask, max_new_tokens=steps, on_logits=ref_logits.append)
+    del run
+    page_out(program)
+    bundle_step = open_bundle()
     spec = bundle_spec or program.cache
     generate_ids(bundle_step, spec, ids, mask, max_new_tokens=steps, forced=ref[:, ids.shape[1]:],
                  on_logits=got_logits.append)
@@ -217,7 +223,7 @@ def generation_quality(program: Program, bundle_step, ids: np.ndarray, mask: np.
             "greedy_match": float(np.mean([np.array_equal(a, b) for a, b in zip(ref, own)])),
             "leading_tokens_equal": float(np.mean([_leading_equal(a[ids.shape[1]:], b[ids.shape[1]:])
                                                    for a, b in zip(ref, own)])),
-            "logit_kl_per_step": [float(x) for x in (lp.exp() * (lp - lq)).sum(-1).mean(-1)]}
+            "logit_kl_per_step": [float(x) for x in (lp.exp() * (lp - lq)).sum(-1).mean(-1)]}, bundle_step
 
 
 def _leading_equal(a: np.ndarray, b: np.ndarray) -> int:
