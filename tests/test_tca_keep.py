@@ -169,6 +169,14 @@ def test_bundle_decodes_on_the_kernel_as_the_program(tmp_path, tiny_llama):
     np.testing.assert_array_equal(got, want)
     assert max(float(np.abs(a - b).max()) for a, b in zip(want_logits, got_logits)) < 1e-4
     assert bundle.opened.compaction.shrink == 90 - (4 + 8 + 9)   # sinks + window + ceil(0.1 x 90) kept
+    # a row shorter than what is kept (10 tokens, 16 kept entries): all of it stays, padding beside it
+    short = ids[:, :40].copy()
+    mask = np.ones_like(short)
+    mask[0, :30] = 0
+    want = generate_ids(step, prog.cache, short, mask, max_new_tokens=12)
+    np.testing.assert_array_equal(generate_ids(bundle, bundle.runner.cache_spec(), short, mask, max_new_tokens=12),
+                                  want)
+    assert bundle.opened.compaction.shrink == 40 - 16 and list(bundle.opened.compaction.dropped) == [0, 24]
 
 
 class _Opened:
