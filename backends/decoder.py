@@ -20,8 +20,9 @@ the mask's sum, as onnxruntime-genai feeds them) and a standard layer's left-pad
 takes one convention. A layer whose cache TCA chooses once after the prefill (a
 ``tokopt::tca_keep`` reading the attention's q and keys) rotates at ``position_ids`` (its cache
 index stops being the position once the runner compacts the cache), and its ``tca_keep``
-becomes ``tca_keep_packed``, which reads the packed projection and the kernel's cache. The result is checked against the program on the probe and on unseen
-shapes before the export sees it.
+becomes ``tca_keep_packed``, which reads the packed projection and the kernel's cache. The
+result is checked against the program on the probe and on unseen shapes before the export sees
+it.
 """
 from __future__ import annotations
 

@@ -398,15 +398,9 @@ class BoundDecoding:
 
     def _compact(self, mask: np.ndarray) -> None:
         """After the prefill: each buffer's kept entries moved to its start, in place."""
-        outs = self.io.get_outputs()[-self.spec.layers:]
-        keep = Compaction.keeps(self.spec, dict(zip(self.spec.keep_names, (o.numpy() for o in outs))), mask.shape[1])
-        if keep is None:
-            return
-        for i, sel in enumerate(keep):
-            for kv in ("key", "value"):
-                buf = self.cache[f"past_{kv}_{i}"]
-                buf[:, :, :sel.shape[-1]] = np.take_along_axis(buf[:, :, :mask.shape[1]], sel[..., None], 2)
-        self.compaction = Compaction(mask, keep, True)
+        outs = self.io.get_outputs()[-self.spec.layers:]   # the keep_i are bound last
+        keeps = dict(zip(self.spec.keep_names, (o.numpy() for o in outs)))
+        self.compaction = Compaction.after_prefill(self.spec, keeps, mask, self.cache, True)
 
     def _rows_apart(self, index: np.ndarray, pick: np.ndarray) -> np.ndarray:
         """A prompt whose rows end apart (right-padded): their logits in a buffer of this call's own."""

@@ -234,12 +234,22 @@ class Compaction:
         self.shrink = mask.shape[1] - keep[0].shape[-1]
         self.right_padded = right_padded
 
-    @staticmethod
-    def keeps(spec: CacheSpec, out, width: int) -> list[np.ndarray] | None:
-        """The ``keep_i`` of a call's outputs ``out`` (a name -> array lookup), when they drop
-        something from a cache of ``width`` entries."""
+    @classmethod
+    def after_prefill(cls, spec: CacheSpec, out, mask: np.ndarray, cache: dict[str, np.ndarray],
+                      right_padded: bool) -> "Compaction | None":
+        """Where the prefill's ``keep_i`` (in ``out``, a name -> array lookup) drop something from
+        the ``mask.shape[1]`` entries it cached: each layer's kept keys and values moved to the
+        front of its arrays in ``cache`` (``past_key_i``/``past_value_i``), in place, and the
+        compaction that later calls translate their masks by; else None."""
         keep = [np.asarray(out[n]) for n in spec.keep_names]
-        return keep if keep and 0 < keep[0].shape[-1] < width else None
+        width = mask.shape[1]
+        if not keep or not 0 < keep[0].shape[-1] < width:
+            return None
+        for i, sel in enumerate(keep):
+            for kv in ("key", "value"):
+                buf = cache[f"past_{kv}_{i}"]
+                buf[:, :, :sel.shape[-1]] = np.take_along_axis(buf[:, :, :width], sel[..., None], 2)
+        return cls(mask, keep, right_padded)
 
     def mask(self, mask: np.ndarray) -> np.ndarray:
         """The mask over the compacted cache for a call given the context's ``mask``."""
@@ -267,14 +277,12 @@ class FeedDecoding:
         fed = mask if self.compaction is None else self.compaction.mask(mask)
         out = self.step({"input_ids": ids, "attention_mask": fed, "position_ids": pos,
                          **({LOGITS_INDEX: index} if self.index else {}), **past})
-        self.past = {p: out[o] for p, o in zip(self.spec.input_names, self.spec.output_names)}
-        keep = Compaction.keeps(self.spec, out, fed.shape[1]) if first else None   # after the prefill
-        if keep is not None:
-            for i, sel in enumerate(keep):
-                for kv in ("key", "value"):
-                    name = f"past_{kv}_{i}"
-                    self.past[name] = np.take_along_axis(np.asarray(self.past[name]), sel[..., None], 2)
-            self.compaction = Compaction(fed, keep, self.right_padded)
+        self.past = {p: np.asarray(out[o]) for p, o in zip(self.spec.input_names, self.spec.output_names)}
+        if first and self.spec.keeps:
+            self.compaction = Compaction.after_prefill(self.spec, out, fed, self.past, self.right_padded)
+            if self.compaction is not None:   # the cache fed back is the kept entries only
+                kept = fed.shape[1] - self.compaction.shrink
+                self.past = {k: v[:, :, :kept] for k, v in self.past.items()}
         logits = np.asarray(out["logits"])
         return logits[np.arange(len(pick)), pick] if self.index else logits[:, -1]
 

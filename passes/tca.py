@@ -23,8 +23,8 @@ Rewrite: the canonical attention of every layer (or of ``layers=``) with a budge
 dense and are reported. ``uniform=`` gives every head the same budget with no calibration (the
 baselines: ``uniform=0`` is sinks + ``window`` only).
 
-On a ``--generate`` graph with ``select=step`` (and ``compact=true``) every layer's attention becomes
-``tokopt::tca_cache_attention``, and the cache a call returns is compacted: per KV head the
+On a ``--generate`` graph with ``select=step`` (and ``compact=true``) every layer's attention
+becomes ``tokopt::tca_cache_attention``, and the cache a call returns is compacted: per KV head the
 sinks, its window and its ``ceil(budget x context)`` best-scored keys, scored by the same
 observation queries that select them for attention (the prefill's evenly spaced queries, a
 decode step's one query), as TCA keeps only the selected KV in decode. All heads of a layer
@@ -33,10 +33,10 @@ graph's cache stays one tensor per layer. Dense layers keep everything. ``past_i
 ``present_index_i`` carry each entry's context position. ``compact=false`` keeps the full cache
 (each decode step selects among all of it).
 
-``select=prefill`` (the default) chooses the cache once: the attention stays dense, and each layer gains a
-``keep_i`` output (``tokopt::tca_keep``) that after a prefill names the entries each KV head
-keeps (sinks, window, best scores; one size for every layer, the largest layer's rule, so that
-one attention mask covers the cache). The runner moves them to the front of its cache and
+``select=prefill`` (the default) chooses the cache once: the attention stays dense, and each
+layer gains a ``keep_i`` output (``tokopt::tca_keep``) that after a prefill names the entries
+each KV head keeps (sinks, window, best scores; one size for every layer, the largest layer's
+rule, so that one attention mask covers the cache). The runner moves them to the front of its cache and
 decode steps attend to them and to every new token, which lets the layer stay on ONNX Runtime's
 ``GroupQueryAttention`` (rotating at ``position_ids``, the cache in bound buffers): a decode step
 costs the dense kernel's over the kept entries, with no selection or compaction in it.
@@ -205,7 +205,7 @@ class TCAPass(Pass):
             full = {b.layer: budgets.get(b.layer, dense_cfg) for b in blocks}
             compact = _keep_after_prefill if opts.select == "prefill" else _compact_cache
             compacted = compact(rw, {b.layer: nodes[b.node] for b in blocks}, full, opts)
-            changes["cache"] = replace(program.cache, **({"keeps": True} if opts.select == "prefill" else {"index": True}))
+            changes["cache"] = replace(program.cache, **{"keeps" if opts.select == "prefill" else "index": True})
         else:
             for block in chosen:
                 if block.layer not in sparse:
@@ -240,7 +240,8 @@ class TCAPass(Pass):
     def ensures(self, program: Program, stats: dict) -> None:
         if stats.get("kept_after_prefill"):
             kept = {n.name for n in program.graph.nodes if TCA_KEEP.matches(n)}
-            if len(kept) != program.cache.layers or program.output_names[-program.cache.layers:] != program.cache.keep_names:
+            spec = program.cache
+            if len(kept) != spec.layers or program.output_names[-spec.layers:] != spec.keep_names:
                 raise PassError("tca select=prefill: every layer needs a tca_keep node and a keep_i output")
             return
         ops = {"tca_attention", "tca_cache_attention"}

@@ -12,8 +12,8 @@ no padding bias is needed; the ONNX node reads ``seqlens_k`` off the mask's sum.
 ``cos``/``sin`` (a rotary cache over positions 0..M-1, the first r dims rotated, non-interleaved
 halves) q and the new k are rotated at that cache index, which is the token's position in its
 row, or at ``position_ids`` where given (a cache compacted after the prefill, whose index is no
-longer the position: ``tca:select=prefill``). Every query attends to the keys at or before its index (causal); a padding query's output
-is whatever the kernel leaves (nothing reads it).
+longer the position: ``tca:select=prefill``). Every query attends to the keys at or before its
+index (causal); a padding query's output is whatever the kernel leaves (nothing reads it).
 
 The hand lowering is the point of the op: one ``com.microsoft.GroupQueryAttention`` node
 (rotary fused, GQA without repeating k/v, the cache written into a preallocated buffer when the

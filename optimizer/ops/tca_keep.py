@@ -104,7 +104,8 @@ def _keep_fake(q, k, attention_mask, scale, windows, sinks, obs, size_budgets, s
     return q.new_empty((q.shape[0], k.shape[1], torch.library.get_ctx().new_dynamic_size()), dtype=torch.long)
 
 
-def _keep_packed_fake(qkv, present_k, attention_mask, position_ids, cos, sin, heads, kv_heads, scale, windows, sinks, obs, size_budgets, size_windows):
+def _keep_packed_fake(qkv, present_k, attention_mask, position_ids, cos, sin, heads, kv_heads, scale, windows, sinks,
+                      obs, size_budgets, size_windows):
     return qkv.new_empty((qkv.shape[0], kv_heads, torch.library.get_ctx().new_dynamic_size()), dtype=torch.long)
 
 
@@ -165,7 +166,8 @@ def _keep_onnx(q, k, attention_mask, scale: float = 1.0, windows=(64,), sinks: i
     def prefill():
         s, valid = dim(q, 2), _valid(op.Slice(attention_mask, ints(0), dim(k, 2), ints(1)))
         rows = _obs_rows_onnx(valid, s, obs)
-        idx = op.Expand(op.Unsqueeze(rows, ints(1, 3)), op.Concat(dim(q, 0), dim(q, 1), dim(rows, 1), dim(q, 3), axis=0))
+        idx = op.Expand(op.Unsqueeze(rows, ints(1, 3)),
+                        op.Concat(dim(q, 0), dim(q, 1), dim(rows, 1), dim(q, 3), axis=0))
         return _keep_onnx_core(op.GatherElements(q, idx, axis=2), rows, k, valid, s, scale, windows, sinks,
                                size_budgets, size_windows)
 
@@ -192,7 +194,8 @@ def _keep_packed_onnx(qkv, present_k, attention_mask, position_ids, cos=None, si
         rows = _obs_rows_onnx(valid, s, obs)
         m = dim(rows, 1)
         # only the observation rows are sliced from the projection and rotated
-        qo = op.GatherElements(qkv, op.Expand(op.Unsqueeze(rows, ints(2)), op.Concat(b, m, dim(qkv, 2), axis=0)), axis=1)
+        qo = op.GatherElements(qkv, op.Expand(op.Unsqueeze(rows, ints(2)), op.Concat(b, m, dim(qkv, 2), axis=0)),
+                               axis=1)
         qo = op.Slice(qo, ints(0), op.Mul(ints(heads), d), ints(2))
         qo = op.Transpose(op.Reshape(qo, op.Concat(b, m, ints(heads), d, axis=0)), perm=[0, 2, 1, 3])
         if cos is not None:
