@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--top-p", type=float, default=1.0, help="sample from the smallest set with this mass")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--stop", default=None, help="comma-separated extra stop token ids")
+    r.add_argument("--prompt-lookup", type=int, default=0, metavar="K",
+                   help="greedy: draft up to K tokens a step from earlier in the text and verify them in one "
+                        "call (same tokens, fewer calls where the text repeats itself)")
     r.add_argument("--json", action="store_true")
 
     i = sub.add_parser("inspect", help="show a model's attention index, or a bundle's manifest and report")
@@ -137,7 +140,7 @@ def _cmd_generate(args, runner, tok, ids: list[int]) -> int:
     out = runner.generate(input_ids=np.array([ids], dtype=np.int64), max_new_tokens=args.max_new_tokens,
                           do_sample=args.sample, temperature=args.temperature, top_k=args.top_k,
                           top_p=args.top_p, seed=args.seed, stop_tokens=_ids(args.stop or "", "--stop"),
-                          on_text=stream)
+                          on_text=stream, prompt_lookup=args.prompt_lookup)
     new = [int(t) for t in out[0, len(ids):]]
     if args.json:
         print(json.dumps({"prompt_tokens": len(ids), "new_ids": new,
@@ -160,9 +163,10 @@ def _cmd_run(args) -> int:
                          "with tokopt.load(BUNDLE)(**inputs).")
     if args.max_new_tokens is None and m.get("generation"):
         args.max_new_tokens = 32
-    sampling = args.sample or args.top_k or args.top_p != 1.0 or args.temperature != 1.0 or args.stop
+    sampling = args.sample or args.top_k or args.top_p != 1.0 or args.temperature != 1.0 or args.stop \
+        or args.prompt_lookup
     if args.max_new_tokens is None and sampling:
-        raise UsageError("--sample, --temperature, --top-k, --top-p and --stop apply to generation; "
+        raise UsageError("--sample, --temperature, --top-k, --top-p, --stop and --prompt-lookup apply to generation; "
                          "add --max-new-tokens N (the bundle must be compiled for generation, the default for causal LMs).")
     tok = runner.tokenizer() if args.text is not None or m.get("tokenizer") else None
     ids = tok(args.text)["input_ids"] if args.text is not None else _ids(args.input_ids, "--input-ids")

@@ -49,11 +49,15 @@ def build(folder: Path, precision: str, out: Path, threads: int | None):
     return og.Model(str(out))
 
 
-def generator(model, ids: np.ndarray, total: int):
-    """A greedy generator that has read ``ids`` and runs to exactly ``total`` tokens."""
+def generator(model, ids: np.ndarray, total: int, speculative: dict | None = None):
+    """A greedy generator that has read ``ids`` and runs to exactly ``total`` tokens;
+    ``speculative``: its speculative decoding options (``ngram_size``, ``max_draft_tokens``: n-gram
+    lookup in the tokens so far, the peer of ``runner.generate(prompt_lookup=K)``)."""
     import onnxruntime_genai as og
     params = og.GeneratorParams(model)
     params.set_search_options(max_length=total, min_length=total, do_sample=False)
+    if speculative:
+        params.set_speculative_options(**speculative)
     gen = og.Generator(model, params)
     gen.append_tokens(ids.astype(np.int32))
     return gen

@@ -363,6 +363,27 @@ class BoundDecoding:
             self.io.bind_output(name)
 
     def __call__(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, last: np.ndarray | None = None) -> np.ndarray:
+        mask = self._bind(ids, mask, pos)
+        if last is not None:
+            index, pick = logit_rows(ids, last)
+            if len(index) > 1:
+                return self._after(mask, self._wide(index)[np.arange(len(pick)), pick])
+            row = int(index[0])
+        else:
+            row = ids.shape[1] - 1
+        if self.index and (self.last is None or len(self.last) > 1 or self.last[0] != row):   # once a mode
+            self.last = np.array([row])   # kept alive while bound
+            self.io.bind_cpu_input(LOGITS_INDEX, self.last)
+        self.session.run_with_iobinding(self.io)
+        return self._after(mask, self.logits[:, -1].copy())   # the buffer is the next call's output
+
+    def every(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        """The logits of every position of ``ids`` [B, S, V]: a step that verifies drafted tokens
+        (the kernel writes them all into the buffers; the next call's mask says which count)."""
+        mask = self._bind(ids, mask, pos)
+        return self._after(mask, self._wide(np.arange(ids.shape[1])))
+
+    def _bind(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray) -> np.ndarray:
         if self.compaction is not None:
             mask = self.compaction.mask(mask)
         if mask.shape[1] > self.capacity:
@@ -372,18 +393,7 @@ class BoundDecoding:
         self.io.bind_cpu_input("attention_mask", np.ascontiguousarray(mask))
         if self.positions:
             self.io.bind_cpu_input("position_ids", np.ascontiguousarray(pos))
-        if last is not None:
-            index, pick = logit_rows(ids, last)
-            if len(index) > 1:
-                return self._after(mask, self._rows_apart(index, pick))
-            row = int(index[0])
-        else:
-            row = ids.shape[1] - 1
-        if self.index and (self.last is None or len(self.last) > 1 or self.last[0] != row):   # once a mode
-            self.last = np.array([row])   # kept alive while bound
-            self.io.bind_cpu_input(LOGITS_INDEX, self.last)
-        self.session.run_with_iobinding(self.io)
-        return self._after(mask, self.logits[:, -1].copy())   # the buffer is the next call's output
+        return mask
 
     def _after(self, mask: np.ndarray, logits: np.ndarray) -> np.ndarray:
         if self.spec.keeps and not self.prefilled:
@@ -402,16 +412,17 @@ class BoundDecoding:
         keeps = dict(zip(self.spec.keep_names, (o.numpy() for o in outs)))
         self.compaction = Compaction.after_prefill(self.spec, keeps, mask, self.cache, True)
 
-    def _rows_apart(self, index: np.ndarray, pick: np.ndarray) -> np.ndarray:
-        """A prompt whose rows end apart (right-padded): their logits in a buffer of this call's own."""
+    def _wide(self, index: np.ndarray) -> np.ndarray:
+        """The logits of the positions ``index`` (rows that end apart, drafts), [B, len(index), V], in
+        a buffer of this call's own."""
         import onnxruntime as ort
         self.last = index
         self.io.bind_cpu_input(LOGITS_INDEX, self.last)
-        wide = np.zeros((len(pick), len(index), self.logits.shape[-1]), dtype=self.logits.dtype)
+        wide = np.zeros((self.logits.shape[0], len(index), self.logits.shape[-1]), dtype=self.logits.dtype)
         self.io.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(wide))
         self.session.run_with_iobinding(self.io)
         self.io.bind_ortvalue_output("logits", self.buffers[0])
-        return wide[np.arange(len(pick)), pick]
+        return wide
 
 
 @register_backend

@@ -1,7 +1,7 @@
 """Decoding speed of --generate bundles against what a user would run instead, in one run.
 
     python benchmarks/decode.py [MODEL] [--prompts 256 896] [--new 128] [--threads 2] [--passes SPEC ...]
-                                [--genai fp32 int4 int8] [--no-eager] [--no-plain] [--rounds 3]
+                                [--genai fp32 int4 int8] [--no-eager] [--no-plain] [--rounds 3] [--lookup K ...]
 
 MODEL defaults to the shipped reference LM. Each candidate decodes the same prompt (held-out
 text cut to each length) greedily for ``--new`` tokens, batch 1, the same thread count:
@@ -12,6 +12,10 @@ text cut to each length) greedily for ``--new`` tokens, batch 1, the same thread
                     attention on GroupQueryAttention, the cache in bound buffers)
     tokopt <passes> the same with each of ``--passes`` (default: rsq int4 and int8, int4 without
                     the online rotation, TCA; calibrated on the held-out text's start)
+    ... lookup=K    with ``--lookup``: each tokopt bundle again, drafting up to K tokens a step
+                    from earlier in the text (``runner.generate(prompt_lookup=K)``); each genai
+                    build again with its own n-gram speculative decoding (``ngram_size``
+                    ``--genai-ngram``, ``max_draft_tokens`` K)
     genai-fp32/int4/int8
                     onnxruntime-genai's model builder (``python -m onnxruntime_genai.models.builder
                     -p fp32|int4|int8 -e cpu``) run by its own generator, where it is installed
@@ -78,8 +82,8 @@ def _genai(model_dir: str, precision: str, work: Path, threads: int):
     if isinstance(model, str):
         return model
 
-    def decode(ids: np.ndarray, n: int, clock) -> np.ndarray:
-        gen = genai.generator(model, ids, ids.shape[1] + n)
+    def decode(ids: np.ndarray, n: int, clock, speculative: dict | None = None) -> np.ndarray:
+        gen = genai.generator(model, ids, ids.shape[1] + n, speculative)
         new = []
         while not gen.is_done():
             gen.generate_next_token()
@@ -102,6 +106,11 @@ def main(argv=None):
     ap.add_argument("--no-plain", action="store_true", help="leave out the plain torch.onnx.export graph")
     ap.add_argument("--genai", nargs="*", default=["fp32", "int4", "int8"], choices=["fp32", "int4", "int8"],
                     help="onnxruntime-genai builds to time (none: leave the peer out)")
+    ap.add_argument("--lookup", type=int, nargs="*", default=[],
+                    help="also time each tokopt bundle with prompt lookup drafting up to K tokens a step")
+    ap.add_argument("--genai-ngram", type=int, default=2,
+                    help="with --lookup: the n-gram size of onnxruntime-genai's own lookup (its speculative "
+                         "ngram_size), timed with the same K")
     ap.add_argument("--out", default="bench-out/decode.json")
     args = ap.parse_args(argv)
 
@@ -150,7 +159,13 @@ def main(argv=None):
             "tokopt": lambda n, clock: runner.generate(input_ids=ids, max_new_tokens=n, on_token=clock.tick),
             **{name: (lambda n, clock, r=r: r.generate(input_ids=ids, max_new_tokens=n, on_token=clock.tick))
                for name, r in quantized.items()},
-            **{name: (lambda n, clock, g=g: g(ids, n, clock)) for name, g in genai.items() if callable(g)}}
+            **{f"{name} lookup={k}": (lambda n, clock, r=r, k=k: r.generate(input_ids=ids, max_new_tokens=n,
+                                                                          on_token=clock.tick, prompt_lookup=k))
+               for name, r in {"tokopt": runner, **quantized}.items() for k in args.lookup},
+            **{name: (lambda n, clock, g=g: g(ids, n, clock)) for name, g in genai.items() if callable(g)},
+            **{f"{name} ngram={k}": (lambda n, clock, g=g, k=k: g(ids, n, clock, {"ngram_size": args.genai_ngram,
+                                                                                 "max_draft_tokens": k}))
+               for name, g in genai.items() if callable(g) for k in args.lookup}}
         if args.no_eager:
             del candidates["eager"]
         if args.no_plain:
@@ -191,7 +206,7 @@ def main(argv=None):
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"model": args.model, "threads": args.threads, "new_tokens": args.new,
-                               "rounds": args.rounds,
+                               "rounds": args.rounds, "lookup": args.lookup,
                                "onnxruntime": ort.__version__, "torch": torch.__version__,
                                "kv_cache_bytes": {str(n): spec.nbytes(n) for n in (1024, 4096)},
                                "rows": rows}, indent=1) + "\n")

@@ -46,7 +46,7 @@ from .errors import UsageError
 LOGITS_INDEX = "logits_index"
 
 __all__ = ["LOGITS_INDEX", "CacheSpec", "GenerateEntry", "cache_spec", "example_feed", "with_positions", "generate_ids", "decode_text", "logit_rows",
-           "FeedDecoding", "Compaction"]
+           "FeedDecoding", "Compaction", "draft", "decode_lookup"]
 
 
 @dataclass(frozen=True)
@@ -271,10 +271,20 @@ class FeedDecoding:
     def __call__(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, last: np.ndarray | None = None) -> np.ndarray:
         """The logits of each row's ``last`` position of ``ids`` [B, S] (the last by default), the
         cache so far before them."""
+        index, pick = logit_rows(ids, last)
+        logits = self._run(ids, mask, pos, index)
+        return logits[np.arange(len(pick)), pick] if self.index else logits[:, -1]
+
+    def every(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        """The logits of every position of ``ids`` [B, S, V]: a step that verifies drafted tokens."""
+        return self._run(ids, mask, pos, np.arange(ids.shape[1]))
+
+    def _run(self, ids, mask, pos, index) -> np.ndarray:
         first = self.past is None
         past = self.past if not first else {k: v.numpy() for k, v in self.spec.empty(ids.shape[0]).items()}
-        index, pick = logit_rows(ids, last)
         fed = mask if self.compaction is None else self.compaction.mask(mask)
+        if not self.spec.index:   # entries a rejected draft left behind are cut off
+            past = {k: v[:, :, :fed.shape[1] - ids.shape[1]] for k, v in past.items()}
         out = self.step({"input_ids": ids, "attention_mask": fed, "position_ids": pos,
                          **({LOGITS_INDEX: index} if self.index else {}), **past})
         self.past = {p: np.asarray(out[o]) for p, o in zip(self.spec.input_names, self.spec.output_names)}
@@ -283,16 +293,16 @@ class FeedDecoding:
             if self.compaction is not None:   # the cache fed back is the kept entries only
                 kept = fed.shape[1] - self.compaction.shrink
                 self.past = {k: v[:, :, :kept] for k, v in self.past.items()}
-        logits = np.asarray(out["logits"])
-        return logits[np.arange(len(pick)), pick] if self.index else logits[:, -1]
+        return np.asarray(out["logits"])
 
 
 def generate_ids(step, spec: CacheSpec, input_ids, attention_mask=None, *,
                  max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int = 0, stop_tokens=None, forced=None,
                  on_token: Callable[[np.ndarray], None] | None = None,
-                 on_logits: Callable[[np.ndarray], None] | None = None) -> np.ndarray:
-    """Prefill, then one decode step per new token. ``step`` runs the graph: a function
+                 on_logits: Callable[[np.ndarray], None] | None = None, prompt_lookup: int = 0) -> np.ndarray:
+    """Prefill, then one decode step per new token (or, with ``prompt_lookup``, up to that many
+    drafted tokens verified per step: ``decode_lookup``). ``step`` runs the graph: a function
     ``step(feed) -> {name: array}`` (a bundle's runner call or the captured program), or an object
     whose ``decoding(batch, capacity)`` holds the cache itself (a runner that keeps it in bound
     buffers). Left-padded batches are supported (``attention_mask`` zeros on the left); a graph whose
@@ -321,6 +331,21 @@ def generate_ids(step, spec: CacheSpec, input_ids, attention_mask=None, *,
         raise UsageError(f"attention_mask has shape {list(mask.shape)}; it must match input_ids {list(ids.shape)}.")
     decode = step.decoding(batch, length + int(max_new_tokens)) if hasattr(step, "decoding") else \
         FeedDecoding(step, spec)
+    stop = np.array(sorted(set(_token_ids(stop_tokens)) | set(spec.eos_token_ids)) or [-1])
+    if prompt_lookup:
+        why = ("it drafts for one row at a time: give one prompt" if batch > 1 else
+               "it is greedy: leave out do_sample" if do_sample else
+               "teacher forcing feeds every token" if forced is not None else
+               "this graph compacts its cache every step (tca:select=step), so a rejected draft "
+               "cannot be taken back" if spec.index else
+               "this runner gives one position's logits per call" if not hasattr(decode, "every")
+               or not getattr(decode, "index", True) else None)
+        if why or prompt_lookup < 0:
+            raise UsageError(f"prompt_lookup={prompt_lookup} cannot be used here: "
+                             f"{why or 'it is the number of tokens drafted per step, at least 1'}.")
+        new = decode_lookup(decode, ids[0, mask[0] == 1], int(max_new_tokens), int(prompt_lookup), stop,
+                            on_token, on_logits)
+        return np.concatenate([ids, new[None]], 1)
     right = getattr(decode, "right_padded", False)
     lengths, last, inputs = mask.sum(1), None, ids
     if right and (lengths < length).any():
@@ -331,7 +356,6 @@ def generate_ids(step, spec: CacheSpec, input_ids, attention_mask=None, *,
     pos = np.cumsum(mask, -1) - 1
     pos[mask == 0] = 1
     rng = np.random.default_rng(seed) if do_sample else None
-    stop = np.array(sorted(set(_token_ids(stop_tokens)) | set(spec.eos_token_ids)) or [-1])
     done, stopped = np.zeros(batch, dtype=bool), False
     # the mask of every step is a view of one buffer, each step marks one column (a row's own
     # column where rows are right-padded): the loop's numpy work is a few small ops per token
@@ -357,6 +381,55 @@ def generate_ids(step, spec: CacheSpec, input_ids, attention_mask=None, *,
         pos = (following + t)[:, None]
         inputs, last = nxt[:, None], None
     return np.concatenate([ids, np.stack(new, 1)], 1)
+
+
+def draft(seq: np.ndarray, k: int, ngram: int = 3) -> np.ndarray:
+    """Prompt lookup (Saxena, 2023; transformers' ``prompt_lookup_num_tokens``): the up to ``k``
+    tokens that followed the latest earlier occurrence of the last ``n`` tokens of ``seq``, the
+    longest ``n <= ngram`` that occurs; none where nothing does."""
+    for n in range(min(ngram, len(seq) - 1), 0, -1):
+        windows = np.lib.stride_tricks.sliding_window_view(seq[:-1], n)
+        hits = np.flatnonzero((windows == seq[-n:]).all(1))
+        if len(hits):
+            return seq[hits[-1] + n:hits[-1] + n + k]
+    return seq[:0]
+
+
+def decode_lookup(decode, prompt: np.ndarray, max_new: int, k: int, stop: np.ndarray,
+                  on_token=None, on_logits=None) -> np.ndarray:
+    """Greedy decoding of one row that drafts tokens by ``draft`` and verifies them in one call: a
+    draft token is taken while it is the graph's own greedy choice, then the choice after the
+    last one taken, so the tokens are greedy decoding's (up to the few-ulp difference of a wider
+    call's arithmetic). Each drafted token costs a share of a step whether taken or not, so the
+    draft is as long as the last one's taken part plus one, doubling while all is taken, at most
+    ``k``. ``decode(ids, mask, pos)`` gives one position's logits, ``decode.every`` every
+    position's; a rejected draft's cache entries lie beyond the next call's mask (the decodings
+    cut them off or overwrite them). Returns the new ids."""
+    n = len(prompt)
+    seq = np.empty(n + max_new, dtype=np.int64)
+    seq[:n] = prompt
+    ones = np.ones((1, n + max_new), dtype=np.int64)
+    rows, drafted, c, width = decode(prompt[None], ones[:, :n], np.arange(n)[None]), seq[:0], 0, k
+    while True:
+        for i, row in enumerate(rows):
+            seq[n + c] = row.argmax()
+            c += 1
+            if on_logits is not None:
+                on_logits(row[None])
+            if on_token is not None:
+                on_token(seq[n + c - 1:n + c])
+            if c == max_new or (seq[n + c - 1] == stop).any():
+                return seq[n:n + c]
+            if i == len(drafted) or drafted[i] != seq[n + c - 1]:
+                break
+        if len(drafted):
+            width = min(k, 2 * width) if i == len(drafted) else i + 1
+        drafted = draft(seq[:n + c], min(width, max_new - c - 1))
+        fed = seq[None, n + c - 1:n + c + len(drafted)]
+        fed[0, 1:] = drafted   # seq's free tail holds the drafts until the choices overwrite them
+        pos = np.arange(n + c - 1, n + c + len(drafted))[None]
+        mask = ones[:, :n + c + len(drafted)]
+        rows = decode.every(fed, mask, pos)[0] if len(drafted) else decode(fed, mask, pos)
 
 
 def decode_text(tokenizer, ids: np.ndarray, prompt_len: int) -> list[str]:

@@ -159,7 +159,7 @@ class Runner:
 
     def generate(self, prompt=None, *, input_ids=None, attention_mask=None, max_new_tokens: int = 32,
                  do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                 seed: int = 0, stop_tokens=None, on_text=None, on_token=None):
+                 seed: int = 0, stop_tokens=None, on_text=None, on_token=None, prompt_lookup: int = 0):
         """Greedy (default) or seeded sampling from a ``--generate`` bundle.
 
         ``prompt``: a string or a list of strings (needs the bundle's tokenizer; batches are
@@ -167,7 +167,9 @@ class Runner:
         ``attention_mask``, zeros on the left for padding) -> ``[B, S + new]`` ids. Generation
         stops at ``max_new_tokens`` or when every row has produced a stop token (the model's
         EOS, plus ``stop_tokens``). ``on_text(str)`` receives the first row's text as it grows;
-        ``on_token(ids)`` each step's new token per row."""
+        ``on_token(ids)`` each step's new token per row. ``prompt_lookup=k`` (one prompt, greedy)
+        drafts up to k tokens a step from earlier in the text and verifies them in one call: the
+        same tokens in fewer calls where the text repeats itself (code, quotes, edits)."""
         from .generation import decode_text, generate_ids
         spec = self.cache_spec()
         tok = None
@@ -183,7 +185,8 @@ class Runner:
         self._check_prompt(input_ids, attention_mask)
         ids = generate_ids(self, spec, input_ids, attention_mask,
                            max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
-                           top_k=top_k, top_p=top_p, seed=seed, stop_tokens=stop_tokens, on_token=on_token)
+                           top_k=top_k, top_p=top_p, seed=seed, stop_tokens=stop_tokens, on_token=on_token,
+                           prompt_lookup=prompt_lookup)
         if prompt is None:
             return ids
         texts = decode_text(tok, ids, np.asarray(input_ids).shape[1])

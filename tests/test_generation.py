@@ -271,6 +271,8 @@ def test_reference_lm_generates_like_transformers(tmp_path, capsys):
     ref = _hf_greedy(model, ids)
     got = tokopt.load(out).generate(input_ids=ids, max_new_tokens=64)
     np.testing.assert_array_equal(got, ref)
+    # prompt lookup on trained weights: the same greedy tokens (its drafts come from the text)
+    np.testing.assert_array_equal(tokopt.load(out).generate(input_ids=ids, max_new_tokens=64, prompt_lookup=8), ref)
     assert streamed.rstrip("\n") == prompt + tok.decode(ref[0, ids.shape[1]:], skip_special_tokens=True)
 
 

@@ -53,7 +53,7 @@ def test_keep_is_each_heads_sinks_window_and_best_keys():
     """A prefill keeps compact_size entries (the largest head's size rule of every layer) per
     head, in context order: the row's first valid keys, its last window, then the best scores;
     padding only where a row has fewer valid keys than that, and the same count in every head.
-    A decode step keeps nothing."""
+    A call after a cache keeps nothing."""
     n = 60
     keep = compact_size(n, n, SIZE_FS, SIZE_WS, SINKS)
     assert keep == SINKS + 4 + 30 > SINKS + 8 + 18   # the other layer's head sets the size
@@ -70,6 +70,7 @@ def test_keep_is_each_heads_sinks_window_and_best_keys():
     sel = _keep(q, k, am)
     assert sel.shape == (2, 2, 20) and (am[0][sel[0]].sum(-1) == 10).all() and (am[0][sel[0, :, :10]] == 1).all()
     assert _keep(*_case(1, 40)).shape == (2, 2, 0)
+    assert _keep(*_case(5, 40)).shape == (2, 2, 0)   # several tokens after a cache (drafts): no prefill
 
 
 def test_onnx_lowerings_match_the_references(tmp_path):
@@ -84,7 +85,8 @@ def test_onnx_lowerings_match_the_references(tmp_path):
 
     sess = _export(Keep(), _case(5, 0), ({0: Dim.AUTO, 2: Dim.AUTO}, {0: Dim.AUTO, 2: Dim.AUTO},
                                          {0: Dim.AUTO, 1: Dim.AUTO}), ["q", "k", "am"], tmp_path / "k.onnx")
-    for s, past, pad, right in ((60, 0, 3, False), (60, 0, 7, True), (1, 40, 0, False), (200, 0, 50, True)):
+    for s, past, pad, right in ((60, 0, 3, False), (60, 0, 7, True), (1, 40, 0, False), (200, 0, 50, True),
+                                (5, 40, 0, False)):
         args = _case(s, past, pad, right, seed=s)
         got = sess.run(None, dict(zip(["q", "k", "am"], (a.numpy() for a in args))))[0]
         np.testing.assert_array_equal(got, _keep(*args).numpy())
@@ -97,23 +99,25 @@ def test_onnx_lowerings_match_the_references(tmp_path):
             return TCA_KEEP_PACKED.op(qkv, present_k, am, pos, cos, sin, 4, 2, 0.25, WS, SINKS, OBS,
                                       SIZE_FS, SIZE_WS)
 
-    def packed_case(s, cap, pad):
+    def packed_case(s, cap, pad, past=0):
         g = torch.Generator().manual_seed(s)
         qkv, present = torch.randn(2, s, 8 * 16, generator=g), torch.randn(2, 2, cap, 16, generator=g)
-        am = torch.ones(2, s, dtype=torch.long)
-        am[0, s - pad:] = 0
+        am = torch.ones(2, past + s, dtype=torch.long)
+        if pad:
+            am[0, s - pad:] = 0
         return qkv, present, am, (torch.arange(s) + 3).expand(2, s).contiguous()
 
     sess = _export(Packed(), packed_case(6, 9, 0), ({0: Dim.AUTO, 1: Dim.AUTO}, {0: Dim.AUTO, 2: Dim.AUTO},
                                                     {0: Dim.AUTO, 1: Dim.AUTO}, {0: Dim.AUTO, 1: Dim.AUTO}),
                    ["qkv", "k", "am", "pos"], tmp_path / "p.onnx")
-    for s, cap, pad in ((70, 90, 5), (1, 90, 0)):
-        qkv, present, am, pos = packed_case(s, cap, pad)
+    for s, cap, pad, past in ((70, 90, 5, 0), (1, 90, 0, 40), (4, 90, 0, 40)):
+        qkv, present, am, pos = packed_case(s, cap, pad, past)
         want = tca_keep_packed_reference(qkv, present, am, pos, cos, sin, 4, 2, 0.25, WS, SINKS, OBS,
                                          SIZE_FS, SIZE_WS)
         got = sess.run(None, {"qkv": qkv.numpy(), "k": present.numpy(), "am": am.numpy(), "pos": pos.numpy()})[0]
         np.testing.assert_array_equal(got, want.numpy())
-        if s > 1:   # the packed form is the op on the rotated q and the buffer's first T entries
+        assert got.shape[-1] == (0 if past else compact_size(s, s, SIZE_FS, SIZE_WS, SINKS))
+        if not past:   # the packed form is the op on the rotated q and the buffer's first T entries
             q = rotate(qkv[..., :64].reshape(2, s, 4, 16).transpose(1, 2), cos[pos], sin[pos])
             np.testing.assert_array_equal(want.numpy(), _keep(q, present[:, :, :s], am).numpy())
     for node in onnx.load(str(tmp_path / "p.onnx")).graph.node:
@@ -177,6 +181,14 @@ def test_bundle_decodes_on_the_kernel_as_the_program(tmp_path, tiny_llama):
     np.testing.assert_array_equal(generate_ids(bundle, bundle.runner.cache_spec(), short, mask, max_new_tokens=12),
                                   want)
     assert bundle.opened.compaction.shrink == 40 - 16 and list(bundle.opened.compaction.dropped) == [0, 24]
+    # prompt lookup: a step several tokens wide after the compacted prefill selects nothing again,
+    # and a rejected draft's entries are cut off (feed loop) or overwritten (bound buffers)
+    row = np.tile(ids[1, :30], 3)[None]
+    plain = generate_ids(step, prog.cache, row, max_new_tokens=24)
+    np.testing.assert_array_equal(generate_ids(step, prog.cache, row, max_new_tokens=24, prompt_lookup=6), plain)
+    np.testing.assert_array_equal(generate_ids(bundle, bundle.runner.cache_spec(), row, max_new_tokens=24,
+                                               prompt_lookup=6), plain)
+    assert bundle.opened.compaction.shrink > 0
 
 
 class _Opened:

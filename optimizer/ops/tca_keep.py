@@ -5,7 +5,7 @@
     tca_keep_packed(qkv[B,S,(H+2Hkv)d], present_k[B,Hkv,>=T,d], attention_mask[B,T],
                     position_ids[B,S], cos?[M,r/2], sin?[M,r/2], heads, kv_heads, ...) -> the same
 
-A prefill (S > 1) returns, per KV head, the cache entries (key indices, in context order) the
+A prefill (a call with no cache before it: T = S) returns, per KV head, the cache entries (key indices, in context order) the
 decode steps keep: the row's first ``sinks`` valid keys, its last ``windows[h]`` valid keys, and
 the keys that score highest under TCA's metric (what ``obs`` observation queries, evenly spaced
 over the row's valid queries, pay to the keys outside their windows), ``K`` entries in all. K is
@@ -16,7 +16,8 @@ calibrated budgets enter through ``size_budgets`` only). Padding scores
 below every valid key, so a row with fewer than K valid keys keeps them all, first (right
 padding) or last (left padding) in every head alike. A decode step (S = 1) returns no entries
 ([B,Hkv,0]): the runner compacts once, after the prefill, and decode steps attend densely to what
-was kept and to every new token.
+was kept and to every new token. So does any call after a cache (T > S), several tokens
+wide too: a step that verifies drafted tokens (prompt lookup) is no prefill.
 
 ``q`` and ``k`` are the attention's (rotated) queries and keys as the model computes them.
 ``tca_keep_packed`` is the same on ONNX Runtime's decoder kernel, which rotates inside
@@ -72,7 +73,7 @@ def tca_keep_reference(q: torch.Tensor, k: torch.Tensor, attention_mask: torch.T
                        windows: list[int], sinks: int, obs: int, size_budgets: list[float],
                        size_windows: list[int]) -> torch.Tensor:
     b, h, s, d = q.shape
-    if s <= 1:
+    if k.shape[2] != s:   # a cache before these tokens: not a prefill
         return torch.zeros(b, k.shape[1], 0, dtype=torch.long, device=q.device)
     valid = attention_mask[:, :k.shape[2]] > 0
     rows = _obs_rows(valid, s, obs)
@@ -85,7 +86,7 @@ def tca_keep_packed_reference(qkv: torch.Tensor, present_k: torch.Tensor, attent
                               heads: int, kv_heads: int, scale: float, windows: list[int],
                               sinks: int, obs: int, size_budgets: list[float], size_windows: list[int]) -> torch.Tensor:
     b, s, _ = qkv.shape
-    if s <= 1:
+    if attention_mask.shape[1] != s:
         return torch.zeros(b, kv_heads, 0, dtype=torch.long, device=qkv.device)
     d, n = present_k.shape[-1], attention_mask.shape[1]
     valid = attention_mask > 0
@@ -171,7 +172,7 @@ def _keep_onnx(q, k, attention_mask, scale: float = 1.0, windows=(64,), sinks: i
         return _keep_onnx_core(op.GatherElements(q, idx, axis=2), rows, k, valid, s, scale, windows, sinks,
                                size_budgets, size_windows)
 
-    return onnx_if(op.Squeeze(op.Greater(dim(q, 2), ints(1))), prefill,
+    return onnx_if(op.Squeeze(op.Equal(dim(q, 2), dim(k, 2))), prefill,
                lambda: _nothing(dim(q, 0), dim(k, 1)), dtype=ir.DataType.INT64)[0]
 
 
@@ -204,10 +205,11 @@ def _keep_packed_onnx(qkv, present_k, attention_mask, position_ids, cos=None, si
         k = op.Slice(present_k, ints(0), dim(attention_mask, 1), ints(2))
         return _keep_onnx_core(qo, rows, k, valid, s, scale, windows, sinks, size_budgets, size_windows)
 
-    # the test and the empty result read the graph input position_ids alone, the same in every
-    # layer: outside the If they are computed once, and merge_ifs makes the layers' Ifs one
+    # the test and the empty result read the graph inputs position_ids and attention_mask alone,
+    # the same in every layer: outside the If they are computed once, and merge_ifs makes the
+    # layers' Ifs one
     empty = _nothing(dim(position_ids, 0), ints(kv_heads))[0]
-    return onnx_if(op.Squeeze(op.Greater(dim(position_ids, 1), ints(1))), prefill,
+    return onnx_if(op.Squeeze(op.Equal(dim(position_ids, 1), dim(attention_mask, 1))), prefill,
                lambda: (op.Identity(empty),), dtype=ir.DataType.INT64)[0]
 
 
