@@ -46,7 +46,7 @@ from .errors import UsageError
 LOGITS_INDEX = "logits_index"
 
 __all__ = ["LOGITS_INDEX", "CacheSpec", "GenerateEntry", "cache_spec", "example_feed", "with_positions", "generate_ids", "decode_text", "logit_rows",
-           "FeedDecoding", "Compaction", "draft", "decode_lookup"]
+           "FeedDecoding", "Compaction", "Drafts", "decode_lookup"]
 
 
 @dataclass(frozen=True)
@@ -383,22 +383,32 @@ def generate_ids(step, spec: CacheSpec, input_ids, attention_mask=None, *,
     return np.concatenate([ids, np.stack(new, 1)], 1)
 
 
-def draft(seq: np.ndarray, k: int, ngram: int = 3) -> np.ndarray:
-    """Prompt lookup (Saxena, 2023; transformers' ``prompt_lookup_num_tokens``): the up to ``k``
-    tokens that followed the latest earlier occurrence of the last ``n`` tokens of ``seq``, the
-    longest ``n <= ngram`` that occurs; none where nothing does."""
-    for n in range(min(ngram, len(seq) - 1), 0, -1):
-        windows = np.lib.stride_tricks.sliding_window_view(seq[:-1], n)
-        hits = np.flatnonzero((windows == seq[-n:]).all(1))
-        if len(hits):
-            return seq[hits[-1] + n:hits[-1] + n + k]
-    return seq[:0]
+class Drafts:
+    """Prompt lookup (Saxena, 2023; transformers' ``prompt_lookup_num_tokens``): the tokens that
+    followed the latest earlier occurrence of the text's last ``n`` tokens, for the longest
+    ``n <= ngram`` that occurs. ``tokens`` is the text, a list the caller appends to; every
+    n-gram that ends before its last token is indexed once, so a lookup costs a few dict reads."""
+
+    def __init__(self, tokens: list[int], ngram: int = 3):
+        self.tokens, self.ngram, self.end, self.indexed = tokens, ngram, {}, 1
+
+    def __call__(self, k: int) -> list[int]:
+        t, length = self.tokens, len(self.tokens)
+        for e in range(self.indexed, length):   # n-grams t[e-n:e] that end before the last token
+            for n in range(1, min(self.ngram, e) + 1):
+                self.end[tuple(t[e - n:e])] = e
+        self.indexed = max(self.indexed, length)
+        for n in range(min(self.ngram, length - 1), 0, -1):
+            e = self.end.get(tuple(t[length - n:]))
+            if e is not None:
+                return t[e:e + k]
+        return []
 
 
 def decode_lookup(decode, prompt: np.ndarray, max_new: int, k: int, stop: np.ndarray,
                   on_token=None, on_logits=None) -> np.ndarray:
-    """Greedy decoding of one row that drafts tokens by ``draft`` and verifies them in one call: a
-    draft token is taken while it is the graph's own greedy choice, then the choice after the
+    """Greedy decoding of one row that drafts tokens by ``Drafts`` and verifies them in one call:
+    a draft token is taken while it is the graph's own greedy choice, then the choice after the
     last one taken, so the tokens are greedy decoding's (up to the few-ulp difference of a wider
     call's arithmetic). Each drafted token costs a share of a step whether taken or not, so the
     draft is as long as the last one's taken part plus one, doubling while all is taken, at most
@@ -406,30 +416,29 @@ def decode_lookup(decode, prompt: np.ndarray, max_new: int, k: int, stop: np.nda
     position's; a rejected draft's cache entries lie beyond the next call's mask (the decodings
     cut them off or overwrite them). Returns the new ids."""
     n = len(prompt)
-    seq = np.empty(n + max_new, dtype=np.int64)
-    seq[:n] = prompt
+    tokens = [int(t) for t in prompt]
+    drafts, stops = Drafts(tokens), {int(t) for t in stop}
     ones = np.ones((1, n + max_new), dtype=np.int64)
-    rows, drafted, c, width = decode(prompt[None], ones[:, :n], np.arange(n)[None]), seq[:0], 0, k
+    rows, drafted, width = decode(prompt[None], ones[:, :n], np.arange(n)[None]), [], k
     while True:
         for i, row in enumerate(rows):
-            seq[n + c] = row.argmax()
-            c += 1
+            tokens.append(int(row.argmax()))
+            c = len(tokens) - n
             if on_logits is not None:
                 on_logits(row[None])
             if on_token is not None:
-                on_token(seq[n + c - 1:n + c])
-            if c == max_new or (seq[n + c - 1] == stop).any():
-                return seq[n:n + c]
-            if i == len(drafted) or drafted[i] != seq[n + c - 1]:
+                on_token(np.array(tokens[-1:], dtype=np.int64))
+            if c == max_new or tokens[-1] in stops:
+                return np.array(tokens[n:], dtype=np.int64)
+            if i == len(drafted) or drafted[i] != tokens[-1]:
                 break
-        if len(drafted):
+        if drafted:
             width = min(k, 2 * width) if i == len(drafted) else i + 1
-        drafted = draft(seq[:n + c], min(width, max_new - c - 1))
-        fed = seq[None, n + c - 1:n + c + len(drafted)]
-        fed[0, 1:] = drafted   # seq's free tail holds the drafts until the choices overwrite them
-        pos = np.arange(n + c - 1, n + c + len(drafted))[None]
-        mask = ones[:, :n + c + len(drafted)]
-        rows = decode.every(fed, mask, pos)[0] if len(drafted) else decode(fed, mask, pos)
+        drafted = drafts(min(width, max_new - c - 1))
+        fed = np.array([tokens[-1:] + drafted], dtype=np.int64)
+        at = len(tokens) - 1
+        pos, mask = np.arange(at, at + fed.shape[1])[None], ones[:, :at + fed.shape[1]]
+        rows = decode.every(fed, mask, pos)[0] if drafted else decode(fed, mask, pos)
 
 
 def decode_text(tokenizer, ids: np.ndarray, prompt_len: int) -> list[str]:

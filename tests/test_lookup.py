@@ -17,18 +17,20 @@ import torch
 import tokopt
 from tokopt.cli import main
 from tokopt.optimizer.errors import UsageError
-from tokopt.optimizer.generation import FeedDecoding, draft, generate_ids
+from tokopt.optimizer.generation import Drafts, FeedDecoding, generate_ids
 
 from .conftest import _tiny
 
 
-def test_draft_takes_the_latest_longest_match():
-    seq = np.array([5, 6, 7, 1, 2, 5, 6, 9, 4, 5, 6])
+def test_drafts_follow_the_latest_longest_match():
+    text = [5, 6, 7, 1, 2, 5, 6, 9, 4, 5, 6]
+    drafts = Drafts(text)
     # "5 6" occurs twice before the end; the latest is followed by 9 4 5 6
-    np.testing.assert_array_equal(draft(seq, 3), [9, 4, 5])
-    np.testing.assert_array_equal(draft(seq, 10), [9, 4, 5, 6])
-    np.testing.assert_array_equal(draft(np.array([1, 2, 3, 2]), 2), [3, 2])   # a 1-gram when no longer one
-    assert len(draft(np.array([1, 2, 3, 4]), 5)) == 0 and len(draft(np.array([7]), 5)) == 0
+    assert drafts(3) == [9, 4, 5] and drafts(10) == [9, 4, 5, 6]
+    text += [9, 4]   # the caller appends; "6 9 4" occurred once, followed by "5 6 9 4"
+    assert drafts(8) == [5, 6, 9, 4]
+    assert Drafts([1, 2, 3, 2])(2) == [3, 2]   # a 1-gram where no longer one occurs
+    assert Drafts([1, 2, 3, 4])(5) == [] and Drafts([7])(5) == []
 
 
 class _Counted:
