@@ -11,7 +11,8 @@ names that are Python identifiers)::
              present_key_i, present_value_i [B, Hkv, P+S, d]
              present_index_i                         (compacting graphs: P+S becomes what is kept)
 
-Prefill is a call with an empty cache (P = 0), a decode step a call with one token (S = 1).
+Prefill is a call with an empty cache (P = 0), a decode step a call with one token (S = 1), a
+step that verifies drafted tokens (prompt lookup, ``decode_lookup``) a call of several after a cache.
 Padding is on the left (``attention_mask`` zeros first), except in a graph whose every layer is
 on ONNX Runtime's decoder kernel (manifest ``generation.padding_side: right``, as in
 onnxruntime-genai): there a row's tokens are its first ``attention_mask[b].sum()``, each row's

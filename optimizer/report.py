@@ -213,6 +213,7 @@ def generation_quality(program: Program, open_bundle, ids: np.ndarray, mask: np.
     generate_ids(bundle_step, spec, ids, mask, max_new_tokens=steps, forced=ref[:, ids.shape[1]:],
                  on_logits=got_logits.append)
     own = generate_ids(bundle_step, spec, ids, mask, max_new_tokens=steps)
+    lookup = {} if spec.index else {"prompt_lookup_match": _lookup_match(bundle_step, spec, ids, mask, own, steps)}
     ref_logits, got_logits = np.stack(ref_logits), np.stack(got_logits)
     lp = torch.from_numpy(ref_logits).double().log_softmax(-1)
     lq = torch.from_numpy(got_logits).double().log_softmax(-1)
@@ -223,7 +224,17 @@ def generation_quality(program: Program, open_bundle, ids: np.ndarray, mask: np.
             "greedy_match": float(np.mean([np.array_equal(a, b) for a, b in zip(ref, own)])),
             "leading_tokens_equal": float(np.mean([_leading_equal(a[ids.shape[1]:], b[ids.shape[1]:])
                                                    for a, b in zip(ref, own)])),
-            "logit_kl_per_step": [float(x) for x in (lp.exp() * (lp - lq)).sum(-1).mean(-1)]}, bundle_step
+            **lookup, "logit_kl_per_step": [float(x) for x in (lp.exp() * (lp - lq)).sum(-1).mean(-1)]}, bundle_step
+
+
+def _lookup_match(step, spec, ids: np.ndarray, mask: np.ndarray, own: np.ndarray, steps: int) -> float:
+    """The fraction of prompts whose continuation with prompt lookup (4 drafted tokens at most,
+    each prompt alone) equals the bundle's greedy one."""
+    same = []
+    for row, m, want in zip(ids, mask, own[:, ids.shape[1]:]):
+        got = generate_ids(step, spec, row[m == 1][None], max_new_tokens=steps, prompt_lookup=4)[0, int(m.sum()):]
+        same.append(np.array_equal(got, want[:len(got)]))
+    return float(np.mean(same))
 
 
 def _leading_equal(a: np.ndarray, b: np.ndarray) -> int:
@@ -315,7 +326,7 @@ def format_report(report: dict) -> str:
         for name, err in q["max_abs_error"].items():
             lines.append(f"  max abs error [{name}]".ljust(38) + _fmt(err))
         for key in ("tokens_kept", "decode_steps", "logit_kl", "top1_agreement", "greedy_match", "leading_tokens_equal",
-                    "last_logit_kl",
+                    "prompt_lookup_match", "last_logit_kl",
                     "last_top1_agreement", "perplexity_original", "perplexity_bundle", "embedding_cosine",
                     "embedding_cosine_min"):
             if key in q:
