@@ -156,18 +156,11 @@ def test_padding_never_outranks_real_tokens():
     assert _keep_indices(scores, None, 1, 2, keep_last=True).tolist() == [[0, 3, 5]]
 
 
-@pytest.mark.parametrize("score", ["cls", "last", "mean", "debiased", "head_weighted@cls", "diverse@last"])
-@pytest.mark.parametrize("kv,mask_kind", [(4, "bool"), (2, "float"), (1, "none"), (2, "causal")])
-def test_score_op_reference_and_onnx(tmp_path, score, kv, mask_kind):
-    g = torch.Generator().manual_seed(0)
-    q, k = torch.randn(2, 4, 10, 8, generator=g), torch.randn(2, kv, 10, 8, generator=g)
-    o = torch.randn(2, 4, 10, 8, generator=g) if score.startswith("head_weighted") else None
-    mask = {"bool": torch.rand(2, 1, 10, 10, generator=g) > 0.2, "float": torch.randn(2, 1, 10, 10, generator=g),
-            "none": None, "causal": None}[mask_kind]
-    if mask is not None and mask.dtype == torch.bool:
-        mask[..., 0] = True
-    causal = mask_kind == "causal"
-    # oracle: the full attention map, rows chosen afterwards
+SCORES = ("cls", "last", "mean", "debiased", "head_weighted@cls", "diverse@last")
+
+
+def _score_oracle(score, q, k, o, mask, causal, kv):
+    """The full attention map, rows chosen afterwards."""
     kk = k.repeat_interleave(4 // kv, 1)
     logits = q @ kk.transpose(-2, -1) * 0.3
     if mask is not None:
@@ -179,47 +172,62 @@ def test_score_op_reference_and_onnx(tmp_path, score, kv, mask_kind):
         seen = (logits > -1e30) & (torch.arange(10) > 0)
         rest = probs * (torch.arange(10) > 0)
         rel = rest / rest.sum(-1, keepdim=True).clamp_min(1e-30) * seen.sum(-1, keepdim=True)
-        want = (rel.reshape(2, kv, -1, 10).sum(2) / seen.reshape(2, kv, -1, 10).sum(2).clamp_min(1)).mean(1)
-    elif score == "head_weighted@cls":  # AS-ViT: the CLS row, each head weighted per token by its output norm
+        return (rel.reshape(2, kv, -1, 10).sum(2) / seen.reshape(2, kv, -1, 10).sum(2).clamp_min(1)).mean(1)
+    if score == "head_weighted@cls":  # AS-ViT: the CLS row, each head weighted per token by its output norm
         w = o.norm(dim=-1)
-        want = (probs[:, :, 0] * w / w.sum(1, keepdim=True)).sum(1)
-    elif score == "diverse@last":  # importance minus 0.5 x cosine to the closest token ranked above
+        return (probs[:, :, 0] * w / w.sum(1, keepdim=True)).sum(1)
+    if score == "diverse@last":  # importance minus 0.5 x cosine to the closest token ranked above
         imp = probs[:, :, -1].mean(1)
         unit = torch.nn.functional.normalize(kk.mean(1), dim=-1)
         red = torch.tensor([[max([0.0] + [float(unit[b, j] @ unit[b, i]) for i in range(10) if imp[b, i] > imp[b, j]])
                              for j in range(10)] for b in range(2)])
-        want = imp / imp.max(-1, keepdim=True).values - 0.5 * red
-    else:
-        rows = {"cls": probs[:, :, :1], "last": probs[:, :, -1:], "mean": probs}[score]
-        want = rows.mean(dim=(1, 2))
-    extra = (o,) if o is not None else ()
-    got = TOKEN_SCORES.op(q, k, mask, 0.3, causal, score, *extra)
-    assert torch.allclose(got, want, atol=1e-5)
+        return imp / imp.max(-1, keepdim=True).values - 0.5 * red
+    rows = {"cls": probs[:, :, :1], "last": probs[:, :, -1:], "mean": probs}[score]
+    return rows.mean(dim=(1, 2))
+
+
+@pytest.mark.parametrize("kv,mask_kind", [(4, "bool"), (2, "float"), (1, "none"), (2, "causal")])
+def test_score_op_reference_and_onnx(tmp_path, kv, mask_kind):
+    """Every score against an oracle over the full attention map (1e-5), then all of them in one
+    exported graph in ONNX Runtime at shapes the export never saw, against the reference."""
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 4, 10, 8, generator=g), torch.randn(2, kv, 10, 8, generator=g)
+    o = torch.randn(2, 4, 10, 8, generator=g)   # per-head outputs: head_weighted reads them
+    mask = {"bool": torch.rand(2, 1, 10, 10, generator=g) > 0.2, "float": torch.randn(2, 1, 10, 10, generator=g),
+            "none": None, "causal": None}[mask_kind]
+    if mask is not None and mask.dtype == torch.bool:
+        mask[..., 0] = True
+    causal = mask_kind == "causal"
+
+    def scores(q, k, m, o):
+        return tuple(TOKEN_SCORES.op(q, k, m, 0.3, causal, s, *((o,) if s.startswith("head_weighted") else ()))
+                     for s in SCORES)
+    for score, got in zip(SCORES, scores(q, k, mask, o)):
+        assert torch.allclose(got, _score_oracle(score, q, k, o, mask, causal, kv), atol=1e-5), score
 
     class M(torch.nn.Module):
-        def forward(self, q, k, m, *o):
-            return TOKEN_SCORES.op(q, k, m, 0.3, causal, score, *o)
+        def forward(self, q, k, m, o):
+            return scores(q, k, m, o)
 
     class NoMask(torch.nn.Module):
-        def forward(self, q, k, *o):
-            return TOKEN_SCORES.op(q, k, None, 0.3, causal, score, *o)
+        def forward(self, q, k, o):
+            return scores(q, k, None, o)
 
     seq = {0: Dim.AUTO, 2: Dim.AUTO}
-    args, shapes = ((q, k, mask), (seq, seq, {0: Dim.AUTO, 2: Dim.AUTO, 3: Dim.AUTO})) if mask is not None \
-        else ((q, k), (seq, seq))
-    ep = torch.export.export(M() if mask is not None else NoMask(), args + extra,
-                             dynamic_shapes=shapes + (((seq,),) if extra else ()))
-    ep = for_onnx(ep)  # as the backend does
+    args, shapes = ((q, k, mask, o), (seq, seq, {0: Dim.AUTO, 2: Dim.AUTO, 3: Dim.AUTO}, seq)) if mask is not None \
+        else ((q, k, o), (seq, seq, seq))
+    ep = for_onnx(torch.export.export(M() if mask is not None else NoMask(), args, dynamic_shapes=shapes))
     torch.onnx.export(ep, dynamo=True, opset_version=23, optimize=False,
                       custom_translation_table=onnx_translation_table()).save(str(tmp_path / "s.onnx"))
     sess = ort.InferenceSession(str(tmp_path / "s.onnx"), providers=["CPUExecutionProvider"])
-    q2, k2 = torch.randn(3, 4, 13, 8, generator=g), torch.randn(3, kv, 13, 8, generator=g)
+    q2, k2, o2 = (torch.randn(3, h, 13, 8, generator=g) for h in (4, kv, 4))
     m2 = None if mask is None else (torch.ones(3, 1, 13, 13, dtype=torch.bool) if mask.dtype == torch.bool
                                      else torch.randn(3, 1, 13, 13, generator=g))
-    o2 = (torch.randn(3, 4, 13, 8, generator=g),) if extra else ()
-    feeds = [q2, k2] + ([m2] if m2 is not None else []) + list(o2)
-    out = sess.run(None, {i.name: t.numpy() for i, t in zip(sess.get_inputs(), feeds)})[0]
-    np.testing.assert_allclose(out, TOKEN_SCORES.op(q2, k2, m2, 0.3, causal, score, *o2).numpy(), atol=1e-5)
+    feeds = [q2, k2] + ([m2] if m2 is not None else []) + [o2]
+    outs = sess.run(None, {i.name: t.numpy() for i, t in zip(sess.get_inputs(), feeds)})
+    assert len(outs) == len(SCORES)
+    for score, out, want in zip(SCORES, outs, scores(q2, k2, m2, o2)):
+        np.testing.assert_allclose(out, want.numpy(), atol=1e-5, err_msg=score)
 
 
 def test_debiased_score_removes_the_causal_position_trend():
