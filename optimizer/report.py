@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .generation import example_feed, generate_ids
+from .generation import FeedDecoding, example_feed, generate_ids
 from .program import Program
 from .resources import page_out
 from .runtime import load_tokenizer
@@ -213,7 +213,7 @@ def generation_quality(program: Program, open_bundle, ids: np.ndarray, mask: np.
     generate_ids(bundle_step, spec, ids, mask, max_new_tokens=steps, forced=ref[:, ids.shape[1]:],
                  on_logits=got_logits.append)
     own = generate_ids(bundle_step, spec, ids, mask, max_new_tokens=steps)
-    lookup = {} if spec.index else {"prompt_lookup_match": _lookup_match(bundle_step, spec, ids, mask, own, steps)}
+    lookup = {} if spec.index else _lookup_check(bundle_step, spec, ids, mask, own, steps)
     ref_logits, got_logits = np.stack(ref_logits), np.stack(got_logits)
     lp = torch.from_numpy(ref_logits).double().log_softmax(-1)
     lq = torch.from_numpy(got_logits).double().log_softmax(-1)
@@ -227,14 +227,42 @@ def generation_quality(program: Program, open_bundle, ids: np.ndarray, mask: np.
             **lookup, "logit_kl_per_step": [float(x) for x in (lp.exp() * (lp - lq)).sum(-1).mean(-1)]}, bundle_step
 
 
-def _lookup_match(step, spec, ids: np.ndarray, mask: np.ndarray, own: np.ndarray, steps: int) -> float:
-    """The fraction of prompts whose continuation with prompt lookup (4 drafted tokens at most,
-    each prompt alone) equals the bundle's greedy one."""
-    same = []
+def _lookup_check(step, spec, ids: np.ndarray, mask: np.ndarray, own: np.ndarray, steps: int) -> dict:
+    """Prompt lookup (4 drafted tokens at most, each prompt alone): the fraction of prompts it
+    continues as the bundle's greedy decoding does, and the new tokens per graph call after the
+    prefill (1 without it)."""
+    opened = []
+
+    def decoding(batch, capacity):
+        opened.append(_Counted(step.decoding(batch, capacity) if hasattr(step, "decoding")
+                               else FeedDecoding(step, spec)))
+        return opened[-1]
+    counting = type("Counting", (), {"decoding": staticmethod(decoding)})()
+    same, new = [], 0
     for row, m, want in zip(ids, mask, own[:, ids.shape[1]:]):
-        got = generate_ids(step, spec, row[m == 1][None], max_new_tokens=steps, prompt_lookup=4)[0, int(m.sum()):]
+        got = generate_ids(counting, spec, row[m == 1][None], max_new_tokens=steps, prompt_lookup=4)[0, int(m.sum()):]
         same.append(np.array_equal(got, want[:len(got)]))
-    return float(np.mean(same))
+        new += len(got) - 1   # the prefill's call gives the first
+    return {"prompt_lookup_match": float(np.mean(same)),
+            "prompt_lookup_tokens_per_call": new / max(sum(d.calls - 1 for d in opened), 1)}
+
+
+class _Counted:
+    """A decoding that counts its graph calls."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def __call__(self, *args):
+        self.calls += 1
+        return self.inner(*args)
+
+    def every(self, *args):
+        self.calls += 1
+        return self.inner.every(*args)
 
 
 def _leading_equal(a: np.ndarray, b: np.ndarray) -> int:
@@ -326,7 +354,7 @@ def format_report(report: dict) -> str:
         for name, err in q["max_abs_error"].items():
             lines.append(f"  max abs error [{name}]".ljust(38) + _fmt(err))
         for key in ("tokens_kept", "decode_steps", "logit_kl", "top1_agreement", "greedy_match", "leading_tokens_equal",
-                    "prompt_lookup_match", "last_logit_kl",
+                    "prompt_lookup_match", "prompt_lookup_tokens_per_call", "last_logit_kl",
                     "last_top1_agreement", "perplexity_original", "perplexity_bundle", "embedding_cosine",
                     "embedding_cosine_min"):
             if key in q:
