@@ -363,8 +363,10 @@ def generate_ids(step, spec: CacheSpec, input_ids, attention_mask=None, *,
     full = np.zeros((batch, length + int(max_new_tokens)), dtype=np.int64)
     full[:, :length] = mask
     rows, column = np.arange(batch), (lengths if right else np.full(batch, length))
+    one_column = column[0] if (column == column[0]).all() else None   # the rows' new tokens line up
     following = lengths if right else pos[:, -1] + 1   # each row's position after the prompt
-    new = []
+    positions = following + np.arange(int(max_new_tokens))[:, None]   # [T, B]: a step's row is contiguous
+    stops, new = set(stop.tolist()), []
     for t in range(int(max_new_tokens)):
         logits = decode(inputs, full[:, :length + t], pos, last)
         if on_logits is not None:
@@ -374,12 +376,16 @@ def generate_ids(step, spec: CacheSpec, input_ids, attention_mask=None, *,
         new.append(nxt)
         if on_token is not None:
             on_token(nxt)
-        done |= (nxt[:, None] == stop).any(1)
-        stopped = bool(done.any())
+        if not stops.isdisjoint(nxt.tolist()):   # a set test per step: this loop runs once per token
+            done |= np.isin(nxt, stop)
+            stopped = bool(done.any())
         if t == max_new_tokens - 1 or (stopped and done.all()):
             break
-        full[rows, column + t] = 1
-        pos = (following + t)[:, None]
+        if one_column is None:
+            full[rows, column + t] = 1
+        else:
+            full[:, one_column + t] = 1
+        pos = positions[t][:, None]
         inputs, last = nxt[:, None], None
     return np.concatenate([ids, np.stack(new, 1)], 1)
 
