@@ -2,7 +2,7 @@
 
     tokopt compile MODEL [--passes …] [--recipe …] [--backend …] [--target …] [--out DIR] …
     tokopt compile MODEL --max-drop cosine=0.002 [--optimize latency|size] [--search-time 20m]
-    tokopt run BUNDLE --text "…" | --input-ids 1,2,3 [--max-new-tokens N [--sample …]]
+    tokopt run BUNDLE --text "…" | --input-ids 1,2,3 [--max-new-tokens N [--sample … | --prompt-lookup K]]
     tokopt inspect MODEL|BUNDLE
     tokopt verify BUNDLE [--emulate] | --setup
     tokopt passes | targets | backends

@@ -206,7 +206,7 @@ def generation_quality(program: Program, open_bundle, ids: np.ndarray, mask: np.
 
     ref_logits, got_logits = [], []
     ref = generate_ids(reference_step, program.cache, ids, mask, max_new_tokens=steps, on_logits=ref_logits.append)
-    del run
+    run = None   # the original's module goes before its weights are paged out
     page_out(program)
     bundle_step = open_bundle()
     spec = bundle_spec or program.cache
