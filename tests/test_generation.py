@@ -165,6 +165,26 @@ def test_stop_tokens_end_generation(llama_bundle):
     assert got[0, -1] == stop and got.shape[1] <= 14
 
 
+def test_a_stopped_row_is_padded_while_the_others_go_on(llama_bundle):
+    """A batch where one row reaches a stop token first: that row's later tokens are padding, the
+    other row's are its free continuation, and generation ends when every row has stopped."""
+    run = tokopt.load(llama_bundle[1].bundle)
+    ids = np.random.default_rng(8).integers(10, 256, (2, 9))
+    free = run.generate(input_ids=ids, max_new_tokens=12)
+    pad = run.cache_spec().pad_token_id
+
+    def ends(stop):   # per row: the new tokens up to its first stop token
+        firsts = [np.flatnonzero(row[9:] == stop) for row in free]
+        return [int(f[0]) + 1 if len(f) else 12 for f in firsts]
+    stop = next(int(t) for t in free[0, 9:] if ends(int(t))[0] < ends(int(t))[1] and int(t) != pad)
+    end = ends(stop)
+    got = run.generate(input_ids=ids, max_new_tokens=12, stop_tokens=[stop])
+    assert got.shape[1] == 9 + max(end)
+    for r in range(2):
+        np.testing.assert_array_equal(got[r, 9:9 + end[r]], free[r, 9:9 + end[r]])
+        assert (got[r, 9 + end[r]:] == pad).all()
+
+
 @pytest.mark.slow
 def test_bad_generation_requests(llama_bundle, tmp_path, model_dir):
     run = tokopt.load(llama_bundle[1].bundle)
