@@ -47,7 +47,7 @@ from .errors import UsageError
 LOGITS_INDEX = "logits_index"
 
 __all__ = ["LOGITS_INDEX", "CacheSpec", "GenerateEntry", "cache_spec", "example_feed", "with_positions", "generate_ids", "decode_text", "logit_rows",
-           "FeedDecoding", "Compaction", "Drafts", "decode_lookup"]
+           "FeedDecoding", "Compaction", "Drafts", "decode_lookup", "open_decoding"]
 
 
 @dataclass(frozen=True)
@@ -284,8 +284,9 @@ class FeedDecoding:
         first = self.past is None
         past = self.past if not first else {k: v.numpy() for k, v in self.spec.empty(ids.shape[0]).items()}
         fed = mask if self.compaction is None else self.compaction.mask(mask)
-        if not self.spec.index:   # entries a rejected draft left behind are cut off
-            past = {k: v[:, :, :fed.shape[1] - ids.shape[1]] for k, v in past.items()}
+        held = fed.shape[1] - ids.shape[1]
+        if not self.spec.index and next(iter(past.values())).shape[2] > held:   # a rejected draft's entries
+            past = {k: v[:, :, :held] for k, v in past.items()}
         out = self.step({"input_ids": ids, "attention_mask": fed, "position_ids": pos,
                          **({LOGITS_INDEX: index} if self.index else {}), **past})
         self.past = {p: np.asarray(out[o]) for p, o in zip(self.spec.input_names, self.spec.output_names)}
@@ -295,6 +296,11 @@ class FeedDecoding:
                 kept = fed.shape[1] - self.compaction.shrink
                 self.past = {k: v[:, :, :kept] for k, v in self.past.items()}
         return np.asarray(out["logits"])
+
+
+def open_decoding(step, spec: CacheSpec, batch: int, capacity: int):
+    """The decoding ``step`` holds its cache in (``step.decoding``), or a feed loop over it."""
+    return step.decoding(batch, capacity) if hasattr(step, "decoding") else FeedDecoding(step, spec)
 
 
 def generate_ids(step, spec: CacheSpec, input_ids, attention_mask=None, *,
@@ -330,9 +336,9 @@ def generate_ids(step, spec: CacheSpec, input_ids, attention_mask=None, *,
     mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, dtype=np.int64)
     if mask.shape != ids.shape:
         raise UsageError(f"attention_mask has shape {list(mask.shape)}; it must match input_ids {list(ids.shape)}.")
-    decode = step.decoding(batch, length + int(max_new_tokens)) if hasattr(step, "decoding") else \
-        FeedDecoding(step, spec)
+    decode = open_decoding(step, spec, batch, length + int(max_new_tokens))
     stop = np.array(sorted(set(_token_ids(stop_tokens)) | set(spec.eos_token_ids)) or [-1])
+    stops = set(stop.tolist())
     if prompt_lookup:
         why = ("it drafts for one row at a time: give one prompt" if batch > 1 else
                "it is greedy: leave out do_sample" if do_sample else
@@ -344,7 +350,7 @@ def generate_ids(step, spec: CacheSpec, input_ids, attention_mask=None, *,
         if why or prompt_lookup < 0:
             raise UsageError(f"prompt_lookup={prompt_lookup} cannot be used here: "
                              f"{why or 'it is the number of tokens drafted per step, at least 1'}.")
-        new = decode_lookup(decode, ids[0, mask[0] == 1], int(max_new_tokens), int(prompt_lookup), stop,
+        new = decode_lookup(decode, ids[0, mask[0] == 1], int(max_new_tokens), int(prompt_lookup), stops,
                             on_token, on_logits)
         return np.concatenate([ids, new[None]], 1)
     right = getattr(decode, "right_padded", False)
@@ -366,7 +372,7 @@ def generate_ids(step, spec: CacheSpec, input_ids, attention_mask=None, *,
     one_column = column[0] if (column == column[0]).all() else None   # the rows' new tokens line up
     following = lengths if right else pos[:, -1] + 1   # each row's position after the prompt
     positions = following + np.arange(int(max_new_tokens))[:, None]   # [T, B]: a step's row is contiguous
-    stops, new = set(stop.tolist()), []
+    new = []
     for t in range(int(max_new_tokens)):
         logits = decode(inputs, full[:, :length + t], pos, last)
         if on_logits is not None:
@@ -412,7 +418,7 @@ class Drafts:
         return []
 
 
-def decode_lookup(decode, prompt: np.ndarray, max_new: int, k: int, stop: np.ndarray,
+def decode_lookup(decode, prompt: np.ndarray, max_new: int, k: int, stops: set[int],
                   on_token=None, on_logits=None) -> np.ndarray:
     """Greedy decoding of one row that drafts tokens by ``Drafts`` and verifies them in one call:
     a draft token is taken while it is the graph's own greedy choice, then the choice after the
@@ -424,7 +430,7 @@ def decode_lookup(decode, prompt: np.ndarray, max_new: int, k: int, stop: np.nda
     cut them off or overwrite them). Returns the new ids."""
     n = len(prompt)
     tokens = [int(t) for t in prompt]
-    drafts, stops = Drafts(tokens), {int(t) for t in stop}
+    drafts = Drafts(tokens)
     ones = np.ones((1, n + max_new), dtype=np.int64)
     rows, drafted, width = decode(prompt[None], ones[:, :n], np.arange(n)[None]), [], k
     while True:

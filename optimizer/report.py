@@ -21,11 +21,12 @@ import math
 import statistics
 import time
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 
-from .generation import FeedDecoding, example_feed, generate_ids
+from .generation import example_feed, generate_ids, open_decoding
 from .program import Program
 from .resources import page_out
 from .runtime import load_tokenizer
@@ -234,10 +235,9 @@ def _lookup_check(step, spec, ids: np.ndarray, mask: np.ndarray, own: np.ndarray
     opened = []
 
     def decoding(batch, capacity):
-        opened.append(_Counted(step.decoding(batch, capacity) if hasattr(step, "decoding")
-                               else FeedDecoding(step, spec)))
+        opened.append(_Counted(open_decoding(step, spec, batch, capacity)))
         return opened[-1]
-    counting = type("Counting", (), {"decoding": staticmethod(decoding)})()
+    counting = SimpleNamespace(decoding=decoding)
     same, new = [], 0
     for row, m, want in zip(ids, mask, own[:, ids.shape[1]:]):
         got = generate_ids(counting, spec, row[m == 1][None], max_new_tokens=steps, prompt_lookup=4)[0, int(m.sum()):]

@@ -272,7 +272,7 @@ def _tca_onnx_heads(q, k, v, valid, scale, causal, budget, sinks, window, obs, t
                 op.Unsqueeze(valid, ints(1, 2)))
     probs = op.Softmax(op.Where(ok, logits, neg_inf), axis=-1)
     score = op.ReduceSum(op.Where(op.IsNaN(probs), zero_f, probs), ints(2), keepdims=0)   # [B,Hkv,Nk]
-    is_sink = onnx_sink_keys(valid, sinks)                                                # [B,Nk]
+    is_sink = onnx_sink_keys(valid, sinks)                                            # [B,Nk]
     score = op.Where(op.Unsqueeze(is_sink, one), op.CastLike(op.Constant(value_float=-1.0), q), score)
     room = op.Max(op.Sub(nk, ints(sinks)), zero)
     counts = op.Min(_budget_counts([budget], nk if total is None else total), room)   # [Hkv]
@@ -430,7 +430,7 @@ def _few_queries(q, k, v, valid, total, scale, causal, budgets, windows, sinks, 
     ok = op.And(op.Unsqueeze(op.Gather(far, rows, axis=1), ints(0, 2)), op.Unsqueeze(valid, ints(2, 3)))
     probs = op.Softmax(op.Where(ok, op.Gather(logits, rows, axis=3), neg_inf), axis=-1)
     score = op.ReduceSum(op.Where(op.IsNaN(probs), zero_f, probs), ints(2, 3), keepdims=0)   # [B,Hkv,n]
-    is_sink = onnx_sink_keys(valid, sinks)                                                      # [B,Hkv|1,n]
+    is_sink = onnx_sink_keys(valid, sinks)                                                  # [B,Hkv|1,n]
     score = op.Where(is_sink, op.CastLike(op.Constant(value_float=-1.0), q), score)
     # each head's ceil(budget x total) best-scored keys, ranked by one TopK
     counts = op.Min(_budget_counts(budgets, total), op.Max(op.Sub(n, ints(sinks)), zero))   # [Hkv]
@@ -473,14 +473,14 @@ def _tca_cache_onnx(q, k, v, index, attention_mask, scale: float = 1.0, budgets=
 
     few = op.Squeeze(op.LessOrEqual(s, ints(QUERY_BLOCK)))
     out, score = onnx_if(few, lambda: _few_queries(q, k, v, valid, m, scale, True, budgets, windows, sinks, obs),
-                     lambda: tuple(map(_cat_heads, _per_head(q, k, v, valid_of, scale, True, budgets, windows, sinks,
-                                                             obs, total=m))),
-                     dtype=q.dtype)
+                         lambda: tuple(map(_cat_heads, _per_head(q, k, v, valid_of, scale, True, budgets, windows,
+                                                                 sinks, obs, total=m))),
+                         dtype=q.dtype)
     ns = op.Min(n, ints(sinks))
     wins = ints(*windows)                                                                  # [Hkv]
     keep = op.Min(n, op.ReduceMax(op.Add(op.Add(ns, wins), _budget_counts(budgets, m)), keepdims=1))
     window = op.GreaterOrEqual(op.Unsqueeze(arange(n), zero), op.Unsqueeze(op.Sub(n, wins), one))   # [Hkv,n]
-    pinned = op.Or(onnx_sink_keys(valid, sinks), op.Unsqueeze(window, zero))                  # [B,Hkv,n]
+    pinned = op.Or(onnx_sink_keys(valid, sinks), op.Unsqueeze(window, zero))              # [B,Hkv,n]
     prio = op.Where(valid, score, op.CastLike(op.Constant(value_float=-1.0), score))
     prio = op.Where(pinned, op.CastLike(op.Constant(value_float=PINNED), score), prio)
     _, sel = op.TopK(prio, keep, axis=-1)

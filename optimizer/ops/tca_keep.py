@@ -5,10 +5,11 @@
     tca_keep_packed(qkv[B,S,(H+2Hkv)d], present_k[B,Hkv,>=T,d], attention_mask[B,T],
                     position_ids[B,S], cos?[M,r/2], sin?[M,r/2], heads, kv_heads, ...) -> the same
 
-A prefill (a call with no cache before it: T = S) returns, per KV head, the cache entries (key indices, in context order) the
-decode steps keep: the row's first ``sinks`` valid keys, its last ``windows[h]`` valid keys, and
-the keys that score highest under TCA's metric (what ``obs`` observation queries, evenly spaced
-over the row's valid queries, pay to the keys outside their windows), ``K`` entries in all. K is
+A prefill (a call with no cache before it: T = S) returns, per KV head, the cache entries (key
+indices, in context order) the decode steps keep: the row's first ``sinks`` valid keys, its last
+``windows[h]`` valid keys, and the keys that score highest under TCA's metric (what ``obs``
+observation queries, evenly spaced over the row's valid queries, pay to the keys outside their
+windows), ``K`` entries in all. K is
 ``compact_size(T, T, size_budgets, size_windows, sinks)``: the size rule of every layer of the
 model at once, so that all layers keep the same number of entries and one attention mask serves
 the whole compacted cache; a head whose own rule is smaller keeps its next-best keys (the heads'
@@ -173,7 +174,7 @@ def _keep_onnx(q, k, attention_mask, scale: float = 1.0, windows=(64,), sinks: i
                                size_budgets, size_windows)
 
     return onnx_if(op.Squeeze(op.Equal(dim(q, 2), dim(k, 2))), prefill,
-               lambda: _nothing(dim(q, 0), dim(k, 1)), dtype=ir.DataType.INT64)[0]
+                   lambda: _nothing(dim(q, 0), dim(k, 1)), dtype=ir.DataType.INT64)[0]
 
 
 def _rotate_onnx(x, cos, sin):
@@ -210,7 +211,7 @@ def _keep_packed_onnx(qkv, present_k, attention_mask, position_ids, cos=None, si
     # layers' Ifs one
     empty = _nothing(dim(position_ids, 0), ints(kv_heads))[0]
     return onnx_if(op.Squeeze(op.Equal(dim(position_ids, 1), dim(attention_mask, 1))), prefill,
-               lambda: (op.Identity(empty),), dtype=ir.DataType.INT64)[0]
+                   lambda: (op.Identity(empty),), dtype=ir.DataType.INT64)[0]
 
 
 TCA_KEEP = define_op("tokopt::tca_keep", tca_keep_reference, _keep_fake, onnx=_keep_onnx, tags=("sparse", "cache"))
