@@ -6,6 +6,7 @@
     run = tokopt.load("bundle")
     outputs = run(input_ids=ids, attention_mask=mask)
     tokopt.verify("bundle", emulate=True)   # an ARM bundle on ARM code, under qemu
+    tokopt.export("bundle", "folder", to="genai")   # a generation bundle for onnxruntime-genai
 """
 __version__ = "0.1.0"
 
@@ -19,9 +20,22 @@ from .optimizer.pass_manager import PASSES
 from .optimizer.runtime import BACKENDS, load
 from .backends.verify import verify
 
-__all__ = ["compile", "load", "verify", "capture", "list_passes", "list_targets", "list_backends", "CompileResult", "TokoptError",
+__all__ = ["compile", "load", "verify", "export", "capture", "list_passes", "list_targets", "list_backends", "CompileResult", "TokoptError",
            "UsageError", "CaptureError", "UnsupportedModelError", "PassError", "BackendError",
            "BundleError", "__version__"]
+
+
+EXPORTS = ("genai",)
+
+
+def export(bundle, out, to: str = "genai", force: bool = False):
+    """``bundle`` rewritten into ``out`` for another runtime's loader: ``genai``, a generation
+    bundle as a folder onnxruntime-genai's ``og.Model`` loads (same graph and weights, its
+    ``genai_config.json``). Returns ``out``."""
+    if to not in EXPORTS:
+        raise UsageError(f"tokopt exports to {', '.join(EXPORTS)}, not '{to}'.")
+    from .backends.genai import export as to_genai
+    return to_genai(bundle, out, force)
 
 
 def list_passes() -> dict[str, str]:

@@ -99,6 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--setup", action="store_true", help="download the emulated aarch64 Python and ONNX Runtime "
                                                         "(once; about 50 MB from Debian and PyPI)")
     v.add_argument("--json", action="store_true")
+    e = sub.add_parser("export", help="write a bundle for another runtime's loader (genai: onnxruntime-genai)")
+    e.add_argument("bundle")
+    e.add_argument("--to", default="genai", help="the runtime: genai")
+    e.add_argument("--out", required=True)
+    e.add_argument("--force", action="store_true", help="replace --out if it exists")
     sub.add_parser("passes", help="list the passes and their options")
     sub.add_parser("targets", help="list the deployment targets")
     sub.add_parser("backends", help="list the backends and the targets each can compile for here")
@@ -278,6 +283,13 @@ def _cmd_verify(args) -> int:
     return 0 if result["ok"] else 8
 
 
+def _cmd_export(args) -> int:
+    from . import export
+    out = export(args.bundle, args.out, to=args.to, force=args.force)
+    print(f"written to {out}: load it with onnxruntime_genai.Model('{out}')")
+    return 0
+
+
 def _cmd_passes(args) -> int:
     import tokopt
     from .optimizer.pass_manager import PASSES, describe_options
@@ -323,7 +335,7 @@ def main(argv=None) -> int:
         _quiet_libraries()
     from .optimizer.errors import TokoptError
     handler = {"compile": _cmd_compile, "run": _cmd_run, "inspect": _cmd_inspect, "verify": _cmd_verify,
-               "passes": _cmd_passes, "targets": _cmd_targets,
+               "export": _cmd_export, "passes": _cmd_passes, "targets": _cmd_targets,
                "backends": _cmd_backends}[args.command]
     try:
         return handler(args)

@@ -5,6 +5,9 @@ converts the same Hugging Face folder at the precision of the bundle's weights, 
 generator is timed on what the report times tokopt on: the first token after a prompt (prefill)
 and decode steps after a cache of the report's length. It is a package of its own
 (``pip install -e ".[bench]"``); without it the report says so.
+
+``export`` goes the other way: a tokopt generation bundle as a folder genai loads (its
+``genai_config.json`` beside the graph), so a genai user runs tokopt's passes on genai's own loop.
 """
 from __future__ import annotations
 
@@ -15,9 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["PEER", "build", "generator", "precision_of", "step_calls"]
+__all__ = ["PEER", "build", "export", "generator", "precision_of", "step_calls"]
 
 PEER = "onnxruntime-genai"
+CONFIG = "genai_config.json"
 
 
 def precision_of(passes: list[dict]) -> str:
@@ -97,3 +101,76 @@ def step_calls(model, vocab: int, context: int | None, headroom: int = 64):
             gen.generate_next_token()
         return step
     return call
+
+
+def export(bundle, out, force: bool = False) -> Path:
+    """``bundle`` (a generation bundle lowered onto ONNX Runtime's GroupQueryAttention, its cache
+    in shared buffers) written to ``out`` as a folder onnxruntime-genai loads: the same graph but
+    for the logits, which genai reads at every prompt position of the prefill (the bundle's graph
+    gathers the positions its runner asks for, ``logits_index``), ``genai_config.json`` naming
+    the graph's inputs and outputs, and the tokenizer's files beside them."""
+    import shutil
+
+    import onnx
+
+    from ..optimizer.bundle import atomic_bundle
+    from ..optimizer.errors import UsageError
+    from ..optimizer.generation import LOGITS_INDEX, CacheSpec
+    from ..optimizer.runtime import read_manifest
+    bundle, out = Path(bundle), Path(out)
+    manifest = read_manifest(bundle)
+    gen = manifest.get("generation") or {}
+    cache = CacheSpec.from_json(gen["cache"]) if gen.get("cache") else None
+    why = ("it is not a generation bundle (compile a causal LM without --no-generate)" if cache is None else
+           f"its backend is {manifest['backend']} (genai runs ONNX Runtime graphs)" if manifest["backend"] != "onnxruntime"
+           else "its cache is not in shared buffers on GroupQueryAttention (a target with ONNX Runtime's contrib "
+                "ops, e.g. cpu, lowers it so)" if not gen.get("shared_buffer") else
+           "tca compacts its cache in tokopt's runner, which genai's generator does not do" if cache.index or cache.keeps
+           else None)
+    if why:
+        raise UsageError(f"{bundle} cannot be exported for {PEER}: {why}.")
+    model = onnx.load(str(bundle / "model.onnx"), load_external_data=False)
+    graph = model.graph
+    uses = {}
+    for node in graph.node:
+        for name in node.input:
+            uses.setdefault(name, []).append(node)
+    index = [n for n in graph.input if n.name == LOGITS_INDEX]
+    if index:   # logits_index -> (Reshape ->) Gather(hidden, index, axis=1): the chain goes
+        chain = [uses[LOGITS_INDEX][0]]
+        while chain[-1].op_type != "Gather":
+            chain.append(uses[chain[-1].output[0]][0])
+        gather = chain[-1]
+        for user in uses.get(gather.output[0], []):
+            user.input[:] = [gather.input[0] if x == gather.output[0] else x for x in user.input]
+        for node in chain:
+            graph.node.remove(node)
+        graph.input.remove(index[0])
+    gqa = next(n for n in graph.node if n.op_type == "GroupQueryAttention")
+    heads = next(a.i for a in gqa.attribute if a.name == "num_heads")
+    source = manifest.get("source", {})
+    kind = source.get("class", "").replace("ForCausalLM", "").lower() or "llama"
+    config = {"model": {
+        "context_length": cache.max_length or 4096,
+        "decoder": {"session_options": {"log_id": PEER, "provider_options": []}, "filename": "model.onnx",
+                    "head_size": cache.head_dim[0], "hidden_size": heads * cache.head_dim[0],
+                    "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
+                               "past_key_names": "past_key_%d", "past_value_names": "past_value_%d"},
+                    "outputs": {"logits": "logits", "present_key_names": "present_key_%d",
+                                "present_value_names": "present_value_%d"},
+                    "num_attention_heads": heads, "num_hidden_layers": cache.layers,
+                    "num_key_value_heads": cache.kv_heads[0]},
+        "eos_token_id": list(cache.eos_token_ids) if len(cache.eos_token_ids) > 1 else
+        (cache.eos_token_ids[0] if cache.eos_token_ids else 0),
+        "pad_token_id": cache.pad_token_id, "type": kind, "vocab_size": cache.vocab_size},
+        "search": {"do_sample": False, "max_length": cache.max_length or 4096, "min_length": 0, "num_beams": 1,
+                   "past_present_share_buffer": True, "top_k": 1, "top_p": 1.0, "temperature": 1.0}}
+    with atomic_bundle(out, force) as tmp:
+        for f in bundle.iterdir():   # the weights' external data, where the graph has it, under its own name
+            if f.is_file() and f.name.startswith("model.onnx") and f.name != "model.onnx":
+                shutil.copy2(f, tmp / f.name)
+        onnx.save(model, str(tmp / "model.onnx"))
+        for f in (bundle / (manifest.get("tokenizer") or "tokenizer")).glob("*"):
+            shutil.copy2(f, tmp / f.name)
+        (tmp / CONFIG).write_text(json.dumps(config, indent=1) + "\n")
+    return out
