@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["PEER", "build", "export", "generator", "precision_of", "step_calls"]
+__all__ = ["PEER", "build", "export", "generator", "load", "missing", "precision_of", "step_calls"]
 
 PEER = "onnxruntime-genai"
 CONFIG = "genai_config.json"
@@ -35,22 +35,32 @@ def precision_of(passes: list[dict]) -> str:
     return "fp32"
 
 
+def missing() -> str | None:
+    """Why genai cannot run here, or None."""
+    import importlib.util
+    return None if importlib.util.find_spec("onnxruntime_genai") else f"{PEER} is not installed (pip install -e '.[bench]')"
+
+
 def build(folder: Path, precision: str, out: Path, threads: int | None):
     """onnxruntime-genai's model of ``folder`` built into ``out``, or why there is none (a string)."""
-    try:
-        import onnxruntime_genai as og
-    except ImportError:
-        return f"{PEER} is not installed (pip install -e '.[bench]')"
+    if missing():
+        return missing()
     run = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(folder), "-o", str(out),
                           "-p", precision, "-e", "cpu"], capture_output=True, text=True)
     if run.returncode != 0:
         lines = (run.stderr or run.stdout).strip().splitlines() or ["no output"]
         return f"{PEER} {precision}: its model builder failed: {lines[-1][:200]}"
+    return load(out, threads)
+
+
+def load(folder: Path, threads: int | None):
+    """genai's model of a folder it loads (its builder's or ``export``'s), on ``threads`` threads."""
+    import onnxruntime_genai as og
     if threads:
-        config = json.loads((out / "genai_config.json").read_text())
+        config = json.loads((folder / CONFIG).read_text())
         config["model"]["decoder"]["session_options"]["intra_op_num_threads"] = threads
-        (out / "genai_config.json").write_text(json.dumps(config, indent=1))
-    return og.Model(str(out))
+        (folder / CONFIG).write_text(json.dumps(config, indent=1))
+    return og.Model(str(folder))
 
 
 def generator(model, ids: np.ndarray, total: int, speculative: dict | None = None):

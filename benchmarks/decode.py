@@ -1,7 +1,8 @@
 """Decoding speed of --generate bundles against what a user would run instead, in one run.
 
     python benchmarks/decode.py [MODEL] [--prompts 256 896] [--new 128] [--threads 2] [--passes SPEC ...]
-                                [--genai fp32 int4 int8] [--no-eager] [--no-plain] [--rounds 3] [--lookup K ...]
+                                [--genai fp32 int4 int8] [--genai-runs-ours] [--no-eager] [--no-plain]
+                                [--rounds 3] [--lookup K ...]
 
 MODEL defaults to the shipped reference LM. Each candidate decodes the same prompt (held-out
 text cut to each length) greedily for ``--new`` tokens, batch 1, the same thread count:
@@ -20,6 +21,9 @@ text cut to each length) greedily for ``--new`` tokens, batch 1, the same thread
                     onnxruntime-genai's model builder (``python -m onnxruntime_genai.models.builder
                     -p fp32|int4|int8 -e cpu``) run by its own generator, where it is installed
                     (``pip install -e ".[bench]"``); a row says why where it is not
+    genai runs tokopt [<passes>]
+                    with ``--genai-runs-ours``: each tokopt bundle exported for genai (``tokopt
+                    export --to genai``) run by genai's generator (its C++ loop on tokopt's graph)
 Reported: time to the first token (prefill), decode tokens/s after it, ratios to the fp32
 tokopt bundle, and how many leading tokens each candidate shares with the fp32 tokopt bundle
 (which must equal eager's and plain ONNX's: checked). Each candidate first runs once (2 new
@@ -79,8 +83,24 @@ def _genai(model_dir: str, precision: str, work: Path, threads: int):
     """A decode function over onnxruntime-genai's build of the model, or the reason there is none."""
     from tokopt.backends import genai
     model = genai.build(Path(model_dir), precision, work / f"genai-{precision}", threads)
-    if isinstance(model, str):
-        return model
+    return model if isinstance(model, str) else _genai_decode(model)
+
+
+def _genai_runs(bundle: Path, out: Path, threads: int):
+    """A decode function of genai's generator over ``tokopt export --to genai`` of ``bundle``, or
+    why there is none (a bundle the export refuses: tca's)."""
+    import tokopt
+    from tokopt.backends import genai
+    if genai.missing():
+        return genai.missing()
+    try:
+        return _genai_decode(genai.load(tokopt.export(bundle, out, to="genai"), threads))
+    except tokopt.UsageError as e:
+        return str(e)
+
+
+def _genai_decode(model):
+    from tokopt.backends import genai
 
     def decode(ids: np.ndarray, n: int, clock, speculative: dict | None = None) -> np.ndarray:
         gen = genai.generator(model, ids, ids.shape[1] + n, speculative)
@@ -108,6 +128,9 @@ def main(argv=None):
                     help="onnxruntime-genai builds to time (none: leave the peer out)")
     ap.add_argument("--lookup", type=int, nargs="*", default=[],
                     help="also time each tokopt bundle with prompt lookup drafting up to K tokens a step")
+    ap.add_argument("--genai-runs-ours", action="store_true",
+                    help="also time each tokopt bundle exported for onnxruntime-genai (tokopt export --to "
+                         "genai) on genai's own generator")
     ap.add_argument("--genai-ngram", type=int, default=2,
                     help="with --lookup: the n-gram size of onnxruntime-genai's own lookup (its speculative "
                          "ngram_size), timed with the same K")
@@ -142,6 +165,10 @@ def main(argv=None):
         plain = make_session(work / "plain.onnx", ["CPUExecutionProvider"], args.threads)
         names = [i.name for i in plain.get_inputs()]
     genai = {f"genai-{p}": _genai(args.model, p, work, args.threads) for p in args.genai}
+    if args.genai_runs_ours:
+        bundles = {"tokopt": res.bundle, **{name: r.bundle for name, r in quantized.items()}}
+        genai.update({f"genai runs {name}": _genai_runs(b, work / f"genai-ours-{i}", args.threads)
+                      for i, (name, b) in enumerate(bundles.items())})
 
     def plain_step(feed):
         outs = plain.run(None, {n: feed[n] for n in names})
@@ -195,13 +222,14 @@ def main(argv=None):
         rows += [{"prompt": length, "candidate": name, "unavailable": why} for name, why in genai.items()
                  if not callable(why)]
 
-    print(f"{'prompt':>6}  {'candidate':<34}{'1st token ms':>13}{'decode tok/s':>13}{'vs tokopt':>10}"
+    width = max(len(r["candidate"]) for r in rows) + 2
+    print(f"{'prompt':>6}  {'candidate':<{width}}{'1st token ms':>13}{'decode tok/s':>13}{'vs tokopt':>10}"
           f"{'same tokens':>12}")
     for r in rows:
         if "unavailable" in r:
-            print(f"{r['prompt']:>6}  {r['candidate']:<34}{'unavailable: ' + r['unavailable']}")
+            print(f"{r['prompt']:>6}  {r['candidate']:<{width}}{'unavailable: ' + r['unavailable']}")
             continue
-        print(f"{r['prompt']:>6}  {r['candidate']:<34}{r['first_token_ms']:>13.1f}{r['decode_tok_s']:>13.1f}"
+        print(f"{r['prompt']:>6}  {r['candidate']:<{width}}{r['first_token_ms']:>13.1f}{r['decode_tok_s']:>13.1f}"
               f"{r['vs_tokopt_decode']:>9.2f}x{r['leading_tokens_equal']:>12}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
