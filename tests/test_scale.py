@@ -195,7 +195,7 @@ def test_compiles_under_a_memory_cap_smaller_than_its_weights(tmp_path):
         pytest.skip("no memory cgroup (v1) can be made here to cap a compile")
     try:
         torch.manual_seed(0)
-        config = transformers.LlamaConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=13,
+        config = transformers.LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=3,  # few layers: a quick export
                                           num_attention_heads=16, num_key_value_heads=4, vocab_size=8000,
                                           max_position_embeddings=512)
         transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "m")
