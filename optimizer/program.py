@@ -13,8 +13,11 @@ weight values, inputs and outputs), may run it to calibrate, and ``commit``s: th
 exported again with ``torch.export`` at the program's probe and dynamic axes, which derives every
 node's ``meta["val"]``, the graph signature and the state dict anew, and a new Program comes
 back, its analyses computed afresh. (ExecuTorch's ``ExportPass`` re-traces instead; re-export
-gives the same guarantee through public torch API only.) tokopt's own node annotations live
-under ``node.meta["custom"]``, which export carries through.
+gives the same guarantee through public torch API only.) An edit that only swaps nodes for
+others of the same value (canonicalize's) opens an ``Edit`` instead: a copy of the exported graph
+itself, committed beside the program's signature and weights without a re-export (a second or
+more per compile). tokopt's own node annotations live under ``node.meta["custom"]``, which export
+carries through.
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ import torch
 
 from .errors import PassError, UsageError
 
-__all__ = ["AttentionBlock", "Rejected", "Program", "Rewrite", "META_BLOCK", "block_meta", "call_function_nodes",
+__all__ = ["AttentionBlock", "Rejected", "Program", "Rewrite", "Edit", "META_BLOCK", "block_meta", "call_function_nodes",
            "inherit_meta", "remove_dead_code"]
 
 # node.meta["custom"] key under which passes find what canonicalize read of an attention block
@@ -183,9 +186,15 @@ class Program:
         """An editable copy of the graph; ``commit`` it for the changed Program."""
         return Rewrite(self)
 
+    def edit(self) -> "Edit":
+        """A copy of the exported graph itself, for edits that change no input, weight or output
+        and give every new node its value's metadata (``inherit_meta``): its ``commit`` skips the
+        re-export a ``rewrite`` pays."""
+        return Edit(self)
+
     def with_tensors(self, values: dict[str, torch.Tensor], what: str) -> "Program":
         """This program with new values for existing weights and buffers (by state-dict name)."""
-        rw = self.rewrite()
+        rw = self.edit()
         for name, value in values.items():
             rw.set_tensor(name, value)
         return rw.commit(what)
@@ -329,6 +338,51 @@ class Rewrite:
             raise PassError(f"{what} does not re-export: {str(e).strip().splitlines()[0]}") from e
         return replace(self.program, ep=ep, input_names=self.input_names, output_names=self.output_names,
                        probe=self.probe, dynamic_axes=self.dynamic_axes, history=list(self.program.history),
+                       artifacts=dict(self.program.artifacts), **fields)
+
+
+class Edit:
+    """A copy of a Program's exported graph (lifted: weights are placeholders), nodes named as
+    the program's. ``commit`` puts it in a new ``ExportedProgram`` beside the program's own
+    signature, weights and shape ranges, as torch's own graph passes do (``run_decompositions``),
+    after checking that every node still carries the value export derived (``meta["val"]``)."""
+
+    def __init__(self, program: Program):
+        self.program = program
+        self.graph = torch.fx.Graph()
+        self.graph.output(self.graph.graph_copy(program.graph, {}))
+        self.tensors: dict[str, torch.Tensor] = {}
+
+    def set_tensor(self, target: str, value: torch.Tensor) -> None:
+        """A new value, of the same shape and dtype, for weight or buffer ``target``."""
+        ep = self.program.ep
+        old = ep.state_dict.get(target, ep.constants.get(target))
+        if not isinstance(old, torch.Tensor):
+            raise KeyError(f"the graph holds no tensor named {target}")
+        if old.shape != value.shape or old.dtype != value.dtype:
+            raise ValueError(f"{target} is {old.dtype} {tuple(old.shape)}, not {value.dtype} {tuple(value.shape)}")
+        value = value.detach()
+        self.tensors[target] = torch.nn.Parameter(value, requires_grad=False) if isinstance(
+            old, torch.nn.Parameter) else value
+
+    def commit(self, what: str, **fields) -> Program:
+        ep = self.program.ep
+        state = {k: self.tensors.get(k, v) for k, v in ep.state_dict.items()}
+        constants = {k: self.tensors.get(k, v) for k, v in ep.constants.items()}
+        remove_dead_code(self.graph)
+        self.graph.lint()
+        bare = [n.name for n in self.graph.nodes if n.op == "call_function" and "val" not in n.meta]
+        if bare:
+            raise PassError(f"{what} left nodes without export's metadata: {bare[:5]}")
+        gm = torch.fx.GraphModule(ep.graph_module, self.graph)
+        try:
+            new = torch.export.ExportedProgram(
+                root=gm, graph=gm.graph, graph_signature=ep.graph_signature, state_dict=state,
+                range_constraints=ep.range_constraints, module_call_graph=ep.module_call_graph,
+                example_inputs=ep.example_inputs, constants=constants, verifiers=ep.verifiers)
+        except Exception as e:
+            raise PassError(f"{what} does not verify: {str(e).strip().splitlines()[0]}") from e
+        return replace(self.program, ep=new, history=list(self.program.history),
                        artifacts=dict(self.program.artifacts), **fields)
 
 

@@ -30,7 +30,7 @@ class CanonicalizePass(Pass):
     summary = "every attention spelling (SDPA, eager softmax, GQA repeat_kv) -> tokopt.attention"
 
     def call(self, program: Program) -> PassResult:
-        rw = program.rewrite()
+        rw = program.edit()   # one node for another of the same value: no re-export
         graph = rw.graph
         causal = {b.node: b.causal for b in program.attention}
         prefix = program.source.get("module_prefix", "")

@@ -425,7 +425,7 @@ class RSQPass(Pass):
         outputs allow (see the module docstring)."""
         if not held_out:
             return out, {"chosen": "float", "why": "no held-out calibration windows to measure int8 compute on"}
-        rw = out.rewrite()
+        rw = out.edit()   # one argument of existing nodes changes: no re-export
         for node in call_function_nodes(rw.graph):
             if MATMUL_NBITS.matches(node):
                 node.args = (*node.args[:8], 4)      # MatMulNBits' accuracy_level (export drops a default 0)

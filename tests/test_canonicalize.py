@@ -94,3 +94,30 @@ def test_attention_op_gradients_match_sdpa():
                                    scale=0.3).square().sum().backward()
     for a, t in zip(got, (q, k, v)):
         assert torch.allclose(a, t.grad, atol=1e-5)
+
+
+def test_edits_commit_without_a_re_export(model_dir):
+    """canonicalize and weight updates edit a copy of the exported graph itself: the committed
+    program shares the weights' tensors (a re-export would have lifted them anew), its nodes keep
+    the program's names; a node left without export's value and a weight of another shape are
+    refused, and the program edited from is unchanged."""
+    from tokopt.optimizer.errors import PassError
+    prog = tokopt.capture(model_dir("llama"))
+    out = CanonicalizePass().call(prog).program
+    assert all(out.ep.state_dict[k] is v for k, v in prog.ep.state_dict.items())
+    assert out.count(SDPA) == 0 and prog.count(SDPA) == 2
+    assert {n.name for n in out.graph.nodes if n.op == "placeholder"} == \
+        {n.name for n in prog.graph.nodes if n.op == "placeholder"}
+    name, weight = next((k, v) for k, v in out.ep.state_dict.items() if v.dim() == 2)
+    moved = out.with_tensors({name: weight + 1}, "test")
+    assert torch.equal(moved.ep.state_dict[name], weight + 1) and torch.equal(out.ep.state_dict[name], weight)
+    assert isinstance(moved.ep.state_dict[name], torch.nn.Parameter)
+    with pytest.raises(ValueError, match="not torch.float32"):
+        out.with_tensors({name: weight[:1]}, "test")
+    edit = out.edit()
+    node = next(n for n in edit.graph.nodes if ATTENTION.matches(n))
+    with edit.graph.inserting_after(node):
+        bare = edit.graph.call_function(torch.ops.aten.neg.default, (node,))
+    node.replace_all_uses_with(bare, delete_user_cb=lambda user: user is not bare)
+    with pytest.raises(PassError, match="without export's metadata"):
+        edit.commit("an edit")
