@@ -194,10 +194,13 @@ class TCAPass(Pass):
         budgets, errors, extra = self._budgets(program, chosen, source, tok)
         sparse = sorted(layer for layer, cfg in budgets.items() if any(f < 1.0 for _, f in cfg))
         dense = sorted(b.layer for b in blocks if b.layer not in sparse)
-        rw = program.rewrite()
+        compacting = program.cache is not None and opts.compact and bool(sparse)
+        # compacting adds the cache's outputs; otherwise each attention node becomes one op of
+        # the same value, which needs no re-export
+        rw = program.rewrite() if compacting else program.edit()
         nodes = {n.name: n for n in rw.graph.nodes}
         compacted, changes = {}, {}
-        if program.cache is not None and opts.compact and sparse:
+        if compacting:
             if any(b.layer is None for b in blocks) or sorted(b.layer for b in blocks) != list(range(program.cache.layers)):
                 raise UsageError("tca: compact=true needs every layer's attention recognised, so that every "
                                  "layer's cache can be compacted; pass compact=false to keep the full cache.")
