@@ -28,7 +28,7 @@ import torch
 
 from .generation import example_feed, generate_ids, open_decoding
 from .program import Program
-from .resources import page_out
+from .resources import page_out, release_heap
 from .runtime import load_tokenizer
 
 __all__ = ["Bench", "probe_inputs", "quality", "quality_rows", "time_calls", "format_report", "bench_inputs",
@@ -209,6 +209,7 @@ def generation_quality(program: Program, open_bundle, ids: np.ndarray, mask: np.
     ref = generate_ids(reference_step, program.cache, ids, mask, max_new_tokens=steps, on_logits=ref_logits.append)
     run = None   # the original's module goes before its weights are paged out
     page_out(program)
+    release_heap()   # and the heap its activations left, before the bundle's weights come in
     bundle_step = open_bundle()
     spec = bundle_spec or program.cache
     generate_ids(bundle_step, spec, ids, mask, max_new_tokens=steps, forced=ref[:, ids.shape[1]:],
