@@ -43,8 +43,9 @@ def missing() -> str | None:
 
 def build(folder: Path, precision: str, out: Path, threads: int | None):
     """onnxruntime-genai's model of ``folder`` built into ``out``, or why there is none (a string)."""
-    if missing():
-        return missing()
+    why = missing()
+    if why:
+        return why
     run = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(folder), "-o", str(out),
                           "-p", precision, "-e", "cpu"], capture_output=True, text=True)
     if run.returncode != 0:
@@ -160,8 +161,9 @@ def export(bundle, out, force: bool = False) -> Path:
     heads = next(a.i for a in gqa.attribute if a.name == "num_heads")
     source = manifest.get("source", {})
     kind = source.get("class", "").replace("ForCausalLM", "").lower() or "llama"
+    context = cache.max_length or 4096
     config = {"model": {
-        "context_length": cache.max_length or 4096,
+        "context_length": context,
         "decoder": {"session_options": {"log_id": PEER, "provider_options": []}, "filename": "model.onnx",
                     "head_size": cache.head_dim[0], "hidden_size": heads * cache.head_dim[0],
                     "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
@@ -173,7 +175,7 @@ def export(bundle, out, force: bool = False) -> Path:
         "eos_token_id": list(cache.eos_token_ids) if len(cache.eos_token_ids) > 1 else
         (cache.eos_token_ids[0] if cache.eos_token_ids else 0),
         "pad_token_id": cache.pad_token_id, "type": kind, "vocab_size": cache.vocab_size},
-        "search": {"do_sample": False, "max_length": cache.max_length or 4096, "min_length": 0, "num_beams": 1,
+        "search": {"do_sample": False, "max_length": context, "min_length": 0, "num_beams": 1,
                    "past_present_share_buffer": True, "top_k": 1, "top_p": 1.0, "temperature": 1.0}}
     with atomic_bundle(out, force) as tmp:
         for f in bundle.iterdir():   # the weights' external data, where the graph has it, under its own name

@@ -91,8 +91,9 @@ def _genai_runs(bundle: Path, out: Path, threads: int):
     why there is none (a bundle the export refuses: tca's)."""
     import tokopt
     from tokopt.backends import genai
-    if genai.missing():
-        return genai.missing()
+    why = genai.missing()
+    if why:
+        return why
     try:
         return _genai_decode(genai.load(tokopt.export(bundle, out, to="genai"), threads))
     except tokopt.UsageError as e:

@@ -8,7 +8,6 @@ prefill), and its config names the graph's inputs and outputs.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 
@@ -17,6 +16,7 @@ import onnxruntime as ort
 import pytest
 
 import tokopt
+from tokopt.backends import genai
 from tokopt.cli import main
 from tokopt.optimizer.errors import UsageError
 
@@ -56,14 +56,9 @@ def test_export_is_the_bundles_graph_with_every_positions_logits(bundle, tmp_pat
     last = _prefill(bundle / "model.onnx", ids, {"logits_index": np.array([10])})
     np.testing.assert_allclose(every[:, -1], last[:, -1], atol=1e-5, rtol=0)
 
-    if importlib.util.find_spec("onnxruntime_genai") is None:
-        pytest.skip("onnxruntime-genai is not installed (pip install -e '.[bench]'): its generator is not run")
-    import onnxruntime_genai as og
-    model = og.Model(str(out))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=11 + 16, min_length=11 + 16, do_sample=False)
-    gen = og.Generator(model, params)
-    gen.append_tokens(ids.astype(np.int32))
+    if genai.missing():
+        pytest.skip(f"{genai.missing()}: its generator is not run")
+    gen = genai.generator(genai.load(out, None), ids, 11 + 16)
     while not gen.is_done():
         gen.generate_next_token()
     want = tokopt.load(bundle).generate(input_ids=ids, max_new_tokens=16)
