@@ -345,7 +345,9 @@ def main(argv=None) -> int:
         print(_paragraph(f"tokopt: error: {e}"), file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
-        print("tokopt: interrupted; nothing was written.", file=sys.stderr)
+        resumes = (" rsq's finished layers are kept in its cache: the same command resumes from them."
+                   if "rsq" in str(getattr(args, "passes", None) or "") else "")
+        print(f"tokopt: interrupted; no bundle was written.{resumes}", file=sys.stderr)
         return 130
     except Exception as e:
         if args.debug:

@@ -10,13 +10,15 @@ sums of the squared error and the squared norm of each query head's output.
 ``cheapest_within`` turns them into TCA's head-specific budgets: for each KV head, the cheapest
 candidate at which every query head that shares it keeps its relative output error
 ``||O_sparse - O||/||O||`` within ``tolerance``. Results are cached on
-disk keyed by (weights hash, data hash, options), so a second compile does not recompute.
+disk keyed by (weights hash, data hash, options), so a second compile does not recompute; a
+long computation saves its finished steps as it goes (``Steps``), so an interrupted one resumes.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -28,7 +30,7 @@ from ..optimizer.errors import UsageError
 from ..optimizer.ops import Tap, attention_reference
 from ..optimizer.program import AttentionBlock, Program
 
-__all__ = ["head_errors", "cheapest_within", "program_hash", "cache_dir", "cached", "cached_tensors"]
+__all__ = ["head_errors", "cheapest_within", "program_hash", "cache_dir", "cached", "cached_tensors", "Steps"]
 
 
 def program_hash(program: Program) -> str:
@@ -73,17 +75,41 @@ def cached(kind: str, key: dict, compute: Callable[[], dict]) -> tuple[dict, boo
     return result, False
 
 
-def cached_tensors(kind: str, key: dict, compute: Callable[[], dict]) -> tuple[dict, bool]:
-    """``cached`` for results that hold tensors (a dict of tensors, lists and numbers)."""
+def cached_tensors(kind: str, key: dict, compute: Callable[..., dict], steps: bool = False) -> tuple[dict, bool]:
+    """``cached`` for results that hold tensors (a dict of tensors, lists and numbers). With
+    ``steps``, ``compute(steps)`` gets the ``Steps`` of this key: what an interrupted run finished,
+    which the whole result replaces once it is stored."""
     path = _entry(kind, key, ".pt")
     if path.exists():
         try:
             return torch.load(path, weights_only=True), True
         except Exception:  # noqa: BLE001 - a damaged entry is recomputed
             pass
-    result = compute()
+    done = Steps(_entry(kind, key, ".steps"))
+    result = compute(done) if steps else compute()
     _store(path, lambda tmp: torch.save(result, tmp))
+    shutil.rmtree(done.folder, ignore_errors=True)
     return result, False
+
+
+class Steps:
+    """The finished steps of a long calibration (GPTQ's groups), each written to ``folder`` as it
+    ends: a run that is stopped (Ctrl-C, a killed process, a full machine) leaves them, and the next
+    run with the same weights, data and options loads them instead of computing them again."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def load(self, i: int) -> dict | None:
+        """Step ``i``'s result, or None where it was not finished (or its file is damaged)."""
+        path = self.folder / f"{i:05d}.pt"
+        try:
+            return torch.load(path, weights_only=True) if path.exists() else None
+        except Exception:  # noqa: BLE001 - a step cut off mid-write is computed again
+            return None
+
+    def save(self, i: int, result: dict) -> None:
+        _store(self.folder / f"{i:05d}.pt", lambda tmp: torch.save(result, tmp))
 
 
 def _collect(sums: dict, layer: int, block_causal: bool, grid, candidate, q, k, v, mask, scale, causal) -> None:

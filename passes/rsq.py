@@ -66,7 +66,7 @@ from tqdm import tqdm
 
 from ..calibration.gptq import QuantizedWeight, quantize_gptq, quantize_rtn
 from ..calibration.lm_eval import full_feed, perplexity, token_kl
-from ..calibration.stats import cache_dir, cached_tensors, program_hash
+from ..calibration.stats import Steps, cache_dir, cached_tensors, program_hash
 from ..optimizer.data import token_source, token_windows
 from ..optimizer.errors import PassError, UsageError
 from ..optimizer.ops import BITS, EMBEDDING_Q8, LINEAR_W8A8, MATMUL_NBITS, TOKEN_SCORES, Tap, attention_spec
@@ -192,6 +192,12 @@ def _spilled(state: tuple[str, dict] | None, folder: Path, limit: int) -> tuple[
     return at, moved
 
 
+def _page_out_all(weights: list) -> None:
+    for t in weights:
+        page_out_tensor(t)
+    weights.clear()
+
+
 @register_pass
 class RSQPass(Pass):
     name = "rsq"
@@ -259,9 +265,12 @@ class RSQPass(Pass):
             release_heap()   # each window's freed activations, which malloc would keep resident to the next
         return h.mul_(2).div_(max(count, 1))
 
-    def _solve(self, rw: Rewrite, body, calib, layer_of: dict, names: dict, bs: int, spill) -> dict:
+    def _solve(self, rw: Rewrite, body, calib, layer_of: dict, names: dict, bs: int, spill, steps: Steps) -> dict:
         """Quantize the body group by group, each on inputs from the already-quantized graph:
-        {"codes": {node: codes}, "scales": {node: scales}, "rows": the log}."""
+        {"codes": {node: codes}, "scales": {node: scales}, "rows": the log, "resumed": groups}.
+        Each group's result is saved to ``steps`` as it ends; the groups of whole layers an
+        interrupted run finished are loaded instead (a layer's importance is measured at its
+        first group, before its own linears are quantized, so a run resumes at a layer's start)."""
         opts = self.options
         program = rw.program
         feeds = [full_feed(program, w) for w in calib]
@@ -269,32 +278,60 @@ class RSQPass(Pass):
         groups: dict = {}
         for n in body:
             groups.setdefault(n.args[0], []).append(n)
+        groups = list(groups.values())
+        layers = [layer_of.get(g[0].name) for g in groups]
+        done = []
+        while len(done) < len(groups) and (step := steps.load(len(done))) is not None:
+            done.append(step)
+        while 0 < len(done) < len(groups) and layers[len(done)] is not None and layers[len(done)] == layers[len(done) - 1]:
+            done.pop()
         gm = rw.module()
-        out, weights_cache, marks, read_again = {"codes": {}, "scales": {}, "rows": []}, {}, [None] * len(feeds), []
-        for group in tqdm(list(groups.values()), desc="rsq: quantizing", leave=False, disable=not feeds):
+        out = {"codes": {}, "scales": {}, "rows": [], "resumed": len(done), "groups": len(groups)}
+        weights_cache, marks, read_again = {}, [None] * len(feeds), []
+        bar = tqdm(total=len(groups), initial=len(done), desc="rsq: quantizing", leave=False, disable=not feeds)
+        for i, group in enumerate(groups):
             layer = layer_of.get(group[0].name)
             start = time.perf_counter()
-            h = None
-            if opts.solver == "gptq" and feeds:
-                k = rw.tensor(group[0].args[1]).shape[1]
-                h = self._hessians(gm, rw.input_names, group, k, attention_of.get(layer), feeds, weights_cache, layer,
-                                   marks, spill)
-            for t in read_again:   # the previous group's new weights, which this group's run read back in
-                page_out_tensor(t)
-            read_again = []
-            for lin in group:
-                w = rw.tensor(lin.args[1]).detach().float()
-                name = names.get(lin.name, lin.name)
-                qw = self._quantize(w, h, opts.bits, w.shape[1] if opts.act_bits else bs, name)
-                deq = qw.dequantize()
-                if feeds:  # later groups calibrate on what this one computes once quantized
-                    mapped = file_backed(deq.shape, spill)
-                    rw.set_tensor(rw.weight_name(lin.args[1]), mapped.copy_(deq))
-                    read_again.append(mapped)
-                out["codes"][lin.name], out["scales"][lin.name] = qw.codes, qw.scales
-                out["rows"].append(self._log_row(name, layer, w, deq, h, qw, time.perf_counter() - start))
+            if i < len(done):   # finished by an interrupted run
+                result = done[i]
+                for lin in group:
+                    qw = QuantizedWeight(result["codes"][lin.name], result["scales"][lin.name], opts.bits,
+                                         result["codes"][lin.name].shape[1] if opts.act_bits else bs)
+                    self._keep(rw, lin, qw, feeds, spill, read_again)
+                _page_out_all(read_again)   # not read before the first group this run computes
+            else:
+                h = None
+                if opts.solver == "gptq" and feeds:
+                    k = rw.tensor(group[0].args[1]).shape[1]
+                    h = self._hessians(gm, rw.input_names, group, k, attention_of.get(layer), feeds, weights_cache,
+                                       layer, marks, spill)
+                _page_out_all(read_again)   # the previous group's new weights, which this group's run read back in
+                result = {"codes": {}, "scales": {}, "rows": []}
+                for lin in group:
+                    w = rw.tensor(lin.args[1]).detach().float()
+                    name = names.get(lin.name, lin.name)
+                    qw = self._quantize(w, h, opts.bits, w.shape[1] if opts.act_bits else bs, name)
+                    deq = self._keep(rw, lin, qw, feeds, spill, read_again)
+                    result["codes"][lin.name], result["scales"][lin.name] = qw.codes, qw.scales
+                    result["rows"].append(self._log_row(name, layer, w, deq, h, qw, time.perf_counter() - start))
+                steps.save(i, result)
+                bar.update()
+            out["rows"] += result["rows"]
+            out["codes"].update(result["codes"])
+            out["scales"].update(result["scales"])
             release_heap()   # each weight replaced by a new one and float64 Hessians freed: no holes kept
+        bar.close()
         return out
+
+    @staticmethod
+    def _keep(rw: Rewrite, lin, qw: QuantizedWeight, feeds, spill, read_again: list) -> torch.Tensor:
+        """Replace ``lin``'s weight by its dequantized value, which later groups calibrate on."""
+        deq = qw.dequantize()
+        if feeds:
+            mapped = file_backed(deq.shape, spill)
+            rw.set_tensor(rw.weight_name(lin.args[1]), mapped.copy_(deq))
+            read_again.append(mapped)
+        return deq
 
     def _quantize(self, w: torch.Tensor, h: torch.Tensor | None, bits: int, bs: int, name: str) -> QuantizedWeight:
         opts = self.options
@@ -334,7 +371,9 @@ class RSQPass(Pass):
         # new weights (rotated, then dequantized) are mapped from files, so they leave memory as the
         # checkpoint's do: what stays resident is the layer being calibrated, not the model twice
         spill = cache_dir() / "spill"
-        check_disk(spill, weights_bytes(program) + 2**28, "rsq's new weights (mapped from disk to leave memory)",
+        # new weights in fp32, and codes (a byte per weight) twice: the steps as they end, then the whole result
+        check_disk(spill, weights_bytes(program) * 3 // 2 + 2**28, "rsq's new weights (mapped from disk to leave "
+                   "memory) and its saved steps",
                    "set TOKOPT_CACHE_DIR to a folder on a larger disk")
         stats["rotation"] = self._rotate(program, rw, spill)
         page_out(program)
@@ -354,8 +393,11 @@ class RSQPass(Pass):
             if k not in ("eval_windows", "compute", "int8_budget", "embed_bits")},
             "group_size": bs,
             "data": [hashlib.sha256(torch.cat(calib, 1).numpy().tobytes()).hexdigest()] if calib else None}
-        result, hit = cached_tensors("rsq", key, lambda: self._solve(rw, body, calib, layer_of, names, bs, spill))
+        result, hit = cached_tensors("rsq", key, lambda steps: self._solve(rw, body, calib, layer_of, names, bs,
+                                                                           spill, steps), steps=True)
         stats["cached"] = hit
+        if result.get("resumed") and not hit:
+            stats["resumed"] = f"{result['resumed']} of {result['groups']} groups from an interrupted run"
         rows = result["rows"]
         by_name = {n.name: n for n in body}
         quantized = {by_name[name]: QuantizedWeight(codes, result["scales"][name], opts.bits,

@@ -276,6 +276,46 @@ def test_gptq_resumes_layer_by_layer(tmp_path, model_dir, monkeypatch):
     assert counts[1] < 0.8 * counts[0]
 
 
+def test_an_interrupted_gptq_resumes_from_its_saved_steps(tmp_path, model_dir, monkeypatch):
+    """GPTQ stopped mid-way (Ctrl-C while it solves layer 1's up projection) leaves every finished
+    group on disk; the next compile with the same weights, data and options loads the whole layers
+    among them (layer 0: a layer's importance is measured before its own linears are quantized) and
+    solves the rest: weights bit-identical to an uninterrupted run's, and the saved steps removed once
+    the whole result is cached."""
+    from tokopt.passes.rsq import RSQPass
+    ids = tmp_path / "ids.npy"
+    np.save(ids, np.random.default_rng(0).integers(0, 256, (4, 64)))
+
+    def compile_with(cache):
+        monkeypatch.setenv("TOKOPT_CACHE_DIR", str(cache))
+        captured = tokopt.capture(model_dir("llama"))
+        captured.calib = str(ids)
+        return PassManager(resolve(plan_passes("rsq:samples=4,seq_len=64,group_size=16,eval_windows=0,"
+                                               "compute=float"))).run(captured)
+    whole = compile_with(tmp_path / "whole")
+    solved, stop, quantize = [], [12], RSQPass._quantize
+
+    def stopping(self, w, h, bits, bs, name):
+        if len(solved) == stop[0]:
+            raise KeyboardInterrupt
+        solved.append(name)
+        return quantize(self, w, h, bits, bs, name)
+    monkeypatch.setattr(RSQPass, "_quantize", stopping)
+    with pytest.raises(KeyboardInterrupt):
+        compile_with(tmp_path / "cut")
+    steps = list((tmp_path / "cut" / "rsq").glob("*.steps/*.pt"))
+    assert len(steps) == 6   # layer 0's q/k/v, o, gate/up and down, then layer 1's q/k/v and o
+    solved.clear()
+    stop[0] = None
+    resumed = compile_with(tmp_path / "cut")
+    stats = resumed.history[-1]["stats"]
+    assert stats["resumed"] == "4 of 8 groups from an interrupted run" and not stats["cached"]
+    assert len(solved) == 7 and all(".1." in name for name in solved)   # layer 1's linears only
+    a, b = dict(whole.ep.state_dict), dict(resumed.ep.state_dict)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not list((tmp_path / "cut" / "rsq").glob("*.steps")) and list((tmp_path / "cut" / "rsq").glob("*.pt"))
+
+
 def test_short_text_gives_shorter_windows(tmp_path, model_dir):
     """Text too short for samples x seq_len calibrates on as many shorter windows (>= 64 tokens):
     600 ids hold 4 windows of 128, and 4 + 4 held-out windows of 64 are asked for."""
