@@ -482,6 +482,7 @@ class RSQPass(Pass):
             else:
                 pa, pb = (t.double().reshape(t.shape[0], -1, t.shape[-1]).mean(1) for t in (a, b))
                 moved.append(float(1 - torch.nn.functional.cosine_similarity(pa, pb, dim=-1).mean()))
+            del a, b   # before the next window's pair is made (a 512-token window's logits: 0.3 GB each at 152K)
         measure = "next-token KL" if "logits" in out.output_names[:1] else "1 - cosine"
         value = sum(moved) / len(moved)
         chosen = value <= self.options.int8_budget
