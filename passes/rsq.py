@@ -17,7 +17,8 @@
 Output: every quantized linear becomes ``tokopt::matmul_nbits`` (ONNX Runtime ``MatMulNBits``;
 standard blocked ``DequantizeLinear`` + ``MatMul`` for TensorRT). With ``embed_bits=8`` the
 embedding tables become ``tokopt::embedding_q8`` and the heads after the last layer (LM head,
-pooler), which GPTQ leaves alone as RSQ does, are rounded to 8 bits. The bundle gets
+pooler), which GPTQ leaves alone as RSQ does, are rounded to 8 bits (``head_bits=4``: 4, as
+onnxruntime-genai's int4 models round their LM head; faster, coarser). The bundle gets
 ``quant_log.csv``: per linear, the importance-weighted relative output error on the calibration
 data and the time taken. ``rotate=off,importance=none`` is plain GPTQ; add ``solver=rtn`` for
 round-to-nearest: the baselines, through the same lowering.
@@ -108,6 +109,9 @@ class RSQOptions:
     seq_len: int = opt(512, "tokens per window (at most the context; shorter if the text is short)", ">= 16")
     expand: int = opt(1, "each window also rolled expand-1 times (RSQ's dataset expansion)", ">= 1")
     embed_bits: int = opt(8, "int8 embedding tables and output heads, or keep them float", "8|0")
+    head_bits: int = opt(8, "with embed_bits=8: the output heads' bits (an LM head is the widest linear of a small "
+                         "model; 4 is onnxruntime-genai's int4 default: a smaller, faster head, rounded coarser)",
+                         "8|4")
     compute: str = opt("auto", "MatMulNBits on float activations, on int8-rounded ones (faster on CPUs), or "
                        "int8 where held-out outputs stay within int8_budget", "auto|float|int8")
     act_bits: int = opt(0, "activation bits of the body's linears: 0 keeps them float; 8 quantizes each linear's "
@@ -157,6 +161,9 @@ class RSQOptions:
             raise ValueError(f"act_range={self.act_range!r}: use minmax or mse")
         if self.embed_bits not in (0, 8):
             raise ValueError(f"embed_bits={self.embed_bits}: use 8 (int8 tables and heads) or 0 (keep float)")
+        if self.head_bits not in (4, 8) or (self.head_bits != 8 and not self.embed_bits):
+            raise ValueError(f"head_bits={self.head_bits}: use 8 or 4, with embed_bits=8 (embed_bits=0 keeps the "
+                             "heads float)")
 
 
 def _importance(q, k, mask, scale, causal, lo: float, hi: float) -> torch.Tensor:
@@ -390,7 +397,7 @@ class RSQPass(Pass):
         floats = {lin: rw.tensor(lin.args[1]).detach().clone() for lin in body} if opts.act_bits else {}
         key = {"version": CACHE_VERSION, "weights": model_hash, "options": {
             k: v for k, v in dataclasses.asdict(opts).items()
-            if k not in ("eval_windows", "compute", "int8_budget", "embed_bits")},
+            if k not in ("eval_windows", "compute", "int8_budget", "embed_bits", "head_bits")},
             "group_size": bs,
             "data": [hashlib.sha256(torch.cat(calib, 1).numpy().tobytes()).hexdigest()] if calib else None}
         result, hit = cached_tensors("rsq", key, lambda steps: self._solve(rw, body, calib, layer_of, names, bs,
@@ -403,7 +410,7 @@ class RSQPass(Pass):
         quantized = {by_name[name]: QuantizedWeight(codes, result["scales"][name], opts.bits,
                                                     codes.shape[1] if opts.act_bits else bs)
                      for name, codes in result["codes"].items()}
-        heads_q = {lin: quantize_rtn(rw.tensor(lin.args[1]).detach().float(), 8, bs)
+        heads_q = {lin: quantize_rtn(rw.tensor(lin.args[1]).detach().float(), opts.head_bits, bs)
                    for lin in (heads if opts.embed_bits else [])}
         if opts.act_bits:
             ranges = self._activation_ranges(rw, quantized, calib)
@@ -423,6 +430,7 @@ class RSQPass(Pass):
         if opts.compute == "auto":
             out, stats["compute"] = self._pick_compute(out, held_out)
         stats.update({"linears": len(body), "heads": len(heads) if opts.embed_bits else 0,
+                      **({"head_bits": opts.head_bits} if opts.embed_bits and heads else {}),
                       "mean_relative_error": sum(r["relative_error"] for r in rows) / len(rows),
                       "calibration": f"{len(calib)} windows of {calib[0].shape[1]} tokens" if calib else "none"})
         out.artifacts["quant_log.csv"] = _csv(rows)

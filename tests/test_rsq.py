@@ -276,6 +276,31 @@ def test_gptq_resumes_layer_by_layer(tmp_path, model_dir, monkeypatch):
     assert counts[1] < 0.8 * counts[0]
 
 
+def test_int4_lm_head(tmp_path):
+    """head_bits=4 rounds the LM head to 4 bits (onnxruntime-genai's int4 layout) and leaves the
+    rest as head_bits=8 has it: the lowered head is a 4-bit MatMulNBits over the vocabulary, the
+    embedding table stays int8, and on held-out text the 4-bit head moves the logits more than the
+    8-bit one while keeping most of the fp32 model's next-token choices (top-1 >= 0.85)."""
+    from transformers import AutoTokenizer
+    text = (REFERENCE_LM / "heldout.txt").read_text()[:2000]
+    feed = dict(AutoTokenizer.from_pretrained(REFERENCE_LM)(text, return_tensors="pt", truncation=True, max_length=256))
+    ref = tokopt.capture(REFERENCE_LM).run(feed)["logits"]
+    errors, agree = {}, {}
+    for bits in (8, 4):
+        res = tokopt.compile(REFERENCE_LM, out=tmp_path / f"h{bits}", generate=False, measure=False,
+                             passes=f"rsq:bits=4,head_bits={bits},solver=rtn,importance=none,rotate=off,compute=float")
+        assert res.report["passes"][-1]["stats"]["head_bits"] == bits
+        heads = [n for n in onnx.load(str(res.bundle / "model.onnx")).graph.node
+                 if n.op_type == "MatMulNBits" and onnx.helper.get_attribute_value(
+                     next(a for a in n.attribute if a.name == "N")) == 4096]
+        assert [onnx.helper.get_attribute_value(next(a for a in n.attribute if a.name == "bits")) for n in heads] == [bits]
+        assert res.program.count(EMBEDDING_Q8.overload) == 1
+        got = res.program.run(feed)["logits"]
+        errors[bits] = float((got - ref).abs().mean())
+        agree[bits] = float((got.argmax(-1) == ref.argmax(-1)).double().mean())
+    assert errors[4] > errors[8] and agree[4] >= 0.85, (errors, agree)   # measured 0.139 > 0.085; 0.91
+
+
 def test_an_interrupted_gptq_resumes_from_its_saved_steps(tmp_path, model_dir, monkeypatch):
     """GPTQ stopped mid-way (Ctrl-C while it solves layer 1's up projection) leaves every finished
     group on disk; the next compile with the same weights, data and options loads the whole layers
@@ -370,7 +395,9 @@ def test_bad_requests(tmp_path, model_dir, minilm_dir):
     short.write_text("def f(x):\n    return x + 1\n" * 200)
     with pytest.raises(UsageError, match=r"holds 2 windows of 1024 tokens; samples=40"):  # 2200 tokens
         tokopt.compile(REFERENCE_LM, out=tmp_path / "e", passes="rsq:samples=40,seq_len=1024", calib=short)
-    assert not any((tmp_path / n).exists() for n in "abcde")
+    with pytest.raises(UsageError, match="head_bits=4: use 8 or 4, with embed_bits=8"):
+        tokopt.compile(model_dir("llama"), out=tmp_path / "f", passes="rsq:embed_bits=0,head_bits=4,solver=rtn")
+    assert not any((tmp_path / n).exists() for n in "abcdef")
 
 
 @pytest.mark.parametrize("k", [64, 40])
