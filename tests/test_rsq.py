@@ -276,6 +276,7 @@ def test_gptq_resumes_layer_by_layer(tmp_path, model_dir, monkeypatch):
     assert counts[1] < 0.8 * counts[0]
 
 
+@pytest.mark.slow
 def test_int4_lm_head(tmp_path):
     """head_bits=4 rounds the LM head to 4 bits (onnxruntime-genai's int4 layout) and leaves the
     rest as head_bits=8 has it: the lowered head is a 4-bit MatMulNBits over the vocabulary, the
