@@ -290,45 +290,50 @@ class RSQPass(Pass):
         done = []
         while len(done) < len(groups) and (step := steps.load(len(done))) is not None:
             done.append(step)
-        while 0 < len(done) < len(groups) and layers[len(done)] is not None and layers[len(done)] == layers[len(done) - 1]:
+        while 0 < len(done) < len(groups) and layers[len(done)] is not None \
+                and layers[len(done)] == layers[len(done) - 1]:
             done.pop()
         gm = rw.module()
         out = {"codes": {}, "scales": {}, "rows": [], "resumed": len(done), "groups": len(groups)}
         weights_cache, marks, read_again = {}, [None] * len(feeds), []
-        bar = tqdm(total=len(groups), initial=len(done), desc="rsq: quantizing", leave=False, disable=not feeds)
-        for i, group in enumerate(groups):
-            layer = layer_of.get(group[0].name)
-            start = time.perf_counter()
-            if i < len(done):   # finished by an interrupted run
-                result = done[i]
-                for lin in group:
-                    qw = QuantizedWeight(result["codes"][lin.name], result["scales"][lin.name], opts.bits,
-                                         result["codes"][lin.name].shape[1] if opts.act_bits else bs)
-                    self._keep(rw, lin, qw, feeds, spill, read_again)
-                _page_out_all(read_again)   # not read before the first group this run computes
-            else:
-                h = None
-                if opts.solver == "gptq" and feeds:
-                    k = rw.tensor(group[0].args[1]).shape[1]
-                    h = self._hessians(gm, rw.input_names, group, k, attention_of.get(layer), feeds, weights_cache,
-                                       layer, marks, spill)
-                _page_out_all(read_again)   # the previous group's new weights, which this group's run read back in
-                result = {"codes": {}, "scales": {}, "rows": []}
-                for lin in group:
-                    w = rw.tensor(lin.args[1]).detach().float()
-                    name = names.get(lin.name, lin.name)
-                    qw = self._quantize(w, h, opts.bits, w.shape[1] if opts.act_bits else bs, name)
-                    deq = self._keep(rw, lin, qw, feeds, spill, read_again)
-                    result["codes"][lin.name], result["scales"][lin.name] = qw.codes, qw.scales
-                    result["rows"].append(self._log_row(name, layer, w, deq, h, qw, time.perf_counter() - start))
-                steps.save(i, result)
-                bar.update()
-            out["rows"] += result["rows"]
-            out["codes"].update(result["codes"])
-            out["scales"].update(result["scales"])
-            release_heap()   # each weight replaced by a new one and float64 Hessians freed: no holes kept
-        bar.close()
+        with tqdm(total=len(groups), initial=len(done), desc="rsq: quantizing", leave=False,
+                  disable=not feeds) as bar:
+            for i, group in enumerate(groups):
+                layer = layer_of.get(group[0].name)
+                start = time.perf_counter()
+                if i < len(done):   # finished by an interrupted run
+                    result = done[i]
+                    for lin in group:
+                        self._keep(rw, lin, self._restored(result, lin.name, bs), feeds, spill, read_again)
+                    _page_out_all(read_again)   # not read before the first group this run computes
+                else:
+                    h = None
+                    if opts.solver == "gptq" and feeds:
+                        k = rw.tensor(group[0].args[1]).shape[1]
+                        h = self._hessians(gm, rw.input_names, group, k, attention_of.get(layer), feeds, weights_cache,
+                                           layer, marks, spill)
+                    _page_out_all(read_again)   # the previous group's new weights, which this group's run read back in
+                    result = {"codes": {}, "scales": {}, "rows": []}
+                    for lin in group:
+                        w = rw.tensor(lin.args[1]).detach().float()
+                        name = names.get(lin.name, lin.name)
+                        qw = self._quantize(w, h, opts.bits, w.shape[1] if opts.act_bits else bs, name)
+                        deq = self._keep(rw, lin, qw, feeds, spill, read_again)
+                        result["codes"][lin.name], result["scales"][lin.name] = qw.codes, qw.scales
+                        result["rows"].append(self._log_row(name, layer, w, deq, h, qw, time.perf_counter() - start))
+                    steps.save(i, result)
+                    bar.update()
+                out["rows"] += result["rows"]
+                out["codes"].update(result["codes"])
+                out["scales"].update(result["scales"])
+                release_heap()   # each weight replaced by a new one and float64 Hessians freed: no holes kept
         return out
+
+    def _restored(self, result: dict, name: str, bs: int) -> QuantizedWeight:
+        """Linear ``name``'s quantized weight from a solve's (or a saved step's) codes and scales."""
+        codes = result["codes"][name]
+        return QuantizedWeight(codes, result["scales"][name], self.options.bits,
+                               codes.shape[1] if self.options.act_bits else bs)
 
     @staticmethod
     def _keep(rw: Rewrite, lin, qw: QuantizedWeight, feeds, spill, read_again: list) -> torch.Tensor:
@@ -407,9 +412,7 @@ class RSQPass(Pass):
             stats["resumed"] = f"{result['resumed']} of {result['groups']} groups from an interrupted run"
         rows = result["rows"]
         by_name = {n.name: n for n in body}
-        quantized = {by_name[name]: QuantizedWeight(codes, result["scales"][name], opts.bits,
-                                                    codes.shape[1] if opts.act_bits else bs)
-                     for name, codes in result["codes"].items()}
+        quantized = {by_name[name]: self._restored(result, name, bs) for name in result["codes"]}
         heads_q = {lin: quantize_rtn(rw.tensor(lin.args[1]).detach().float(), opts.head_bits, bs)
                    for lin in (heads if opts.embed_bits else [])}
         if opts.act_bits:
