@@ -337,7 +337,8 @@ class BoundDecoding:
     """Decoding with the cache in one preallocated buffer per layer's keys and values, bound
     through ORT's IOBinding as both the graph's past and its present: GroupQueryAttention
     writes each step's keys in place, nothing is copied or concatenated between steps. The
-    logits (one position per row, [B, 1, V]) land in a bound buffer too."""
+    logits (one position per row, [B, 1, V]) land in a bound buffer too; a call returns a view of
+    it, valid until the next call (a 152K vocabulary's copy per token cost more than its argmax)."""
 
     def __init__(self, session, spec, batch: int, capacity: int, inputs: set[str], right_padded: bool = False):
         import onnxruntime as ort
@@ -359,6 +360,10 @@ class BoundDecoding:
                 self.io.bind_ortvalue_output(f"present_{kv}_{i}", buf)
                 self.buffers.append(buf)
         self.spec, self.compaction, self.prefilled = spec, None, False
+        # a one-token step's ids (and positions) are written into buffers bound once
+        self.step_ids = np.zeros((batch, 1), dtype=np.int64)
+        self.step_pos = np.zeros((batch, 1), dtype=np.int64)
+        self.stepping = False   # whether those buffers are the bound inputs
         for name in spec.keep_names:   # tca select=prefill: what the prefill keeps, allocated by ORT
             self.io.bind_output(name)
 
@@ -375,7 +380,7 @@ class BoundDecoding:
             self.last = np.array([row])   # kept alive while bound
             self.io.bind_cpu_input(LOGITS_INDEX, self.last)
         self.session.run_with_iobinding(self.io)
-        return self._after(mask, self.logits[:, -1].copy())   # the buffer is the next call's output
+        return self._after(mask, self.logits[:, -1])
 
     def every(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray) -> np.ndarray:
         """The logits of every position of ``ids`` [B, S, V]: a step that verifies drafted tokens
@@ -389,10 +394,21 @@ class BoundDecoding:
         if mask.shape[1] > self.capacity:
             raise UsageError(f"the cache holds {self.capacity} tokens and this step would make it {mask.shape[1]}: "
                              "open the decoding with a larger capacity (prompt + new tokens).")
-        self.io.bind_cpu_input("input_ids", np.ascontiguousarray(ids))
+        if ids.shape == self.step_ids.shape:
+            self.step_ids[...] = ids
+            if self.positions:
+                self.step_pos[...] = pos
+            if not self.stepping:
+                self.io.bind_cpu_input("input_ids", self.step_ids)
+                if self.positions:
+                    self.io.bind_cpu_input("position_ids", self.step_pos)
+                self.stepping = True
+        else:
+            self.io.bind_cpu_input("input_ids", np.ascontiguousarray(ids))
+            if self.positions:
+                self.io.bind_cpu_input("position_ids", np.ascontiguousarray(pos))
+            self.stepping = False
         self.io.bind_cpu_input("attention_mask", np.ascontiguousarray(mask))
-        if self.positions:
-            self.io.bind_cpu_input("position_ids", np.ascontiguousarray(pos))
         return mask
 
     def _after(self, mask: np.ndarray, logits: np.ndarray) -> np.ndarray:

@@ -376,7 +376,7 @@ def generate_ids(step, spec: CacheSpec, input_ids, attention_mask=None, *,
     for t in range(int(max_new_tokens)):
         logits = decode(inputs, full[:, :length + t], pos, last)
         if on_logits is not None:
-            on_logits(logits)
+            on_logits(logits.copy())   # a decoding may hand out its own buffer, rewritten next step
         nxt = np.asarray(forced)[:, t] if forced is not None else _pick(logits, rng, temperature, top_k, top_p)
         nxt = (np.where(done, spec.pad_token_id, nxt) if stopped else nxt).astype(np.int64, copy=False)
         new.append(nxt)
@@ -438,7 +438,7 @@ def decode_lookup(decode, prompt: np.ndarray, max_new: int, k: int, stops: set[i
             tokens.append(int(row.argmax()))
             c = len(tokens) - n
             if on_logits is not None:
-                on_logits(row[None])
+                on_logits(row[None].copy())
             if on_token is not None:
                 on_token(np.array(tokens[-1:], dtype=np.int64))
             if c == max_new or tokens[-1] in stops:
