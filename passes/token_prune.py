@@ -175,16 +175,19 @@ def _keep_indices(scores, mask, num: int, den: int, keep_last: bool):
 
 
 def _gather_tokens(v, idx, dims: tuple[int, ...]):
-    """``v`` with every axis in ``dims`` (of length N) indexed by idx [B, K], per batch row."""
-    b = idx.shape[0]
+    """``v`` with every axis in ``dims`` (of length N) indexed by idx [B, K], per batch row: the
+    rows of a [B*N, ...] view picked at idx + b*N, one ONNX Gather. (A gather over an index
+    expanded to v's size is a GatherElements, a reference kernel in OpenVINO that reads an index
+    as large as the values; take_along_dim's meta specialises symbolic sizes.)"""
+    b, k = idx.shape
     if v.shape[0] == 1 and b != 1:
         v = v.expand(b, *v.shape[1:])
-    for d in dims:  # gather, not take_along_dim: the latter's meta specialises symbolic sizes
-        shape = [b] + [1] * (v.dim() - 1)
-        shape[d] = idx.shape[1]
-        size = list(v.shape)
-        size[d] = idx.shape[1]
-        v = v.gather(d, idx.view(shape).expand(size))
+    for d in dims:
+        moved = v.movedim(d, 1)
+        n = moved.shape[1]
+        flat = (idx + torch.arange(b, device=idx.device)[:, None] * n).reshape(-1)
+        picked = moved.reshape(b * n, *moved.shape[2:]).index_select(0, flat)
+        v = picked.reshape(b, k, *moved.shape[2:]).movedim(1, d)
     return v
 
 
