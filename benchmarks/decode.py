@@ -25,8 +25,10 @@ text cut to each length) greedily for ``--new`` tokens, batch 1, the same thread
                     with ``--genai-runs-ours``: each tokopt bundle exported for genai (``tokopt
                     export --to genai``) run by genai's generator (its C++ loop on tokopt's graph)
 Reported: time to the first token (prefill), decode tokens/s after it, ratios to the fp32
-tokopt bundle, and how many leading tokens each candidate shares with the fp32 tokopt bundle
-(which must equal eager's and plain ONNX's: checked). Each candidate first runs once (2 new
+tokopt bundle, how many leading tokens each candidate shares with the fp32 tokopt bundle
+(which must equal eager's and plain ONNX's: checked), and, where genai is timed, each tokopt
+candidate's decode speed against genai's build at its weights' precision as the median of the
+per-round ratios with its interquartile range. Each candidate first runs once (2 new
 tokens) so allocation and first-call costs are not timed, then candidates take turns for
 ``--rounds`` rounds (medians reported), each turn after a short pause and each round starting one
 candidate later, so a neighbour's busy threads favour nobody.
@@ -114,6 +116,17 @@ def _genai_decode(model):
     return decode
 
 
+def _paired(rounds: dict, name: str, peer: str | None) -> dict:
+    """Decode speed against ``peer`` round by round: each round times both back to back, so the
+    median of the per-round ratios (and its interquartile range) is steadier on a noisy machine
+    than the ratio of the two medians."""
+    if peer is None or peer not in rounds or peer == name:
+        return {}
+    ratio = np.array([a["decode_tok_s"] / b["decode_tok_s"] for a, b in zip(rounds[name], rounds[peer])])
+    return {"peer": peer, "vs_peer": float(np.median(ratio)),
+            "vs_peer_iqr": [float(np.percentile(ratio, 25)), float(np.percentile(ratio, 75))]}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", nargs="?", default=str(ROOT / "models" / "reference-lm"))
@@ -142,6 +155,7 @@ def main(argv=None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import tokopt
+    from tokopt.backends import genai as genai_peer
     from tokopt.backends.onnxruntime import export_baseline, make_session
     from tokopt.optimizer.generation import generate_ids
     from tokopt.optimizer.report import SETTLE
@@ -170,6 +184,15 @@ def main(argv=None):
         bundles = {"tokopt": res.bundle, **{name: r.bundle for name, r in quantized.items()}}
         genai.update({f"genai runs {name}": _genai_runs(b, work / f"genai-ours-{i}", args.threads)
                       for i, (name, b) in enumerate(bundles.items())})
+
+    # each candidate's peer: genai's own build at its weights' precision (a lookup candidate's: that
+    # build with n-gram drafting of the same K), for the paired per-round ratio
+    precision = {"tokopt": "fp32", **{name: genai_peer.precision_of(r.manifest["passes"]) for name, r in quantized.items()}}
+    peer_of = {}
+    for name, p in precision.items():
+        for who in (name, f"genai runs {name}"):
+            peer_of[who] = f"genai-{p}"
+            peer_of.update({f"{who} lookup={k}": f"genai-{p} ngram={k}" for k in args.lookup})
 
     def plain_step(feed):
         outs = plain.run(None, {n: feed[n] for n in names})
@@ -219,19 +242,22 @@ def main(argv=None):
             same = tokens[name][0, length:] == tokens["tokopt"][0, length:]
             rows.append({"prompt": length, "candidate": name, **t,
                          "vs_tokopt_decode": t["decode_tok_s"] / ours["decode_tok_s"],
-                         "leading_tokens_equal": int(same.argmin()) if not same.all() else len(same)})
+                         "leading_tokens_equal": int(same.argmin()) if not same.all() else len(same),
+                         **_paired(rounds, name, peer_of.get(name))})
         rows += [{"prompt": length, "candidate": name, "unavailable": why} for name, why in genai.items()
                  if not callable(why)]
 
     width = max(len(r["candidate"]) for r in rows) + 2
     print(f"{'prompt':>6}  {'candidate':<{width}}{'1st token ms':>13}{'decode tok/s':>13}{'vs tokopt':>10}"
-          f"{'same tokens':>12}")
+          f"{'same tokens':>12}  vs genai at its precision, per round (IQR)")
     for r in rows:
         if "unavailable" in r:
             print(f"{r['prompt']:>6}  {r['candidate']:<{width}}{'unavailable: ' + r['unavailable']}")
             continue
         print(f"{r['prompt']:>6}  {r['candidate']:<{width}}{r['first_token_ms']:>13.1f}{r['decode_tok_s']:>13.1f}"
-              f"{r['vs_tokopt_decode']:>9.2f}x{r['leading_tokens_equal']:>12}")
+              f"{r['vs_tokopt_decode']:>9.2f}x{r['leading_tokens_equal']:>12}"
+              + (f"  {r['vs_peer']:.3f}x ({r['vs_peer_iqr'][0]:.3f}-{r['vs_peer_iqr'][1]:.3f}) {r['peer']}"
+                 if "vs_peer" in r else ""))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"model": args.model, "threads": args.threads, "new_tokens": args.new,

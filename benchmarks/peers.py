@@ -4,8 +4,10 @@
 
 Every candidate is all-MiniLM-L6-v2 at batch 1 on the same real text cut to each length, the same
 thread count, timed interleaved (each round calls every candidate a few times, so the machine's
-drift hits all alike; each block of calls starts after a pause and an untimed call, so no
-candidate pays for the previous runtime's spinning threads; the median over rounds is reported):
+drift hits all alike; each round starts one candidate later; each block of calls starts after a
+pause and an untimed call, so no candidate pays for the previous runtime's spinning threads; the
+median over rounds is reported, and the speed against NNCF as the median of the per-round ratios
+with its interquartile range):
   tokopt fp32              ``tokopt compile``, no passes, ONNX Runtime: the ratio base
   tokopt w8a8 [ORT|OV|inductor]  ``rsq:bits=8,act_bits=8`` (SmoothQuant, static uint8 activations,
                            int8 weights per channel) on ONNX Runtime / OpenVINO / AOTInductor (oneDNN int8)
@@ -190,30 +192,35 @@ def main(argv=None):
     for n in args.lengths:
         feed = {k: stream[k][:, :n].astype(np.int64) for k in inputs}
         times = {name: [] for name in live}
-        for _ in range(args.rounds):
-            for name, run in live.items():
+        order = list(live.items())
+        for i in range(args.rounds):
+            # each round starts one candidate later, so none always follows the same neighbour
+            for name, run in order[i % len(order):] + order[:i % len(order)]:
                 times[name].append(time_calls(lambda run=run: run(feed), args.calls, warmup=1)["median_ms"])
+        nncf = times.get("openvino + nncf int8")
         for r in rows:
             if r["candidate"] in live:
                 r[f"ms@{n}"] = statistics.median(times[r["candidate"]])
+                if nncf:   # per round: both timed in the same round, steadier than a ratio of medians
+                    ratio = np.array(nncf) / np.array(times[r["candidate"]])
+                    r[f"vs_nncf@{n}"] = float(np.median(ratio))
+                    r[f"vs_nncf_iqr@{n}"] = [float(np.percentile(ratio, 25)), float(np.percentile(ratio, 75))]
     base = rows[0]
-    nncf_row = next((r for r in rows if r["candidate"] == "openvino + nncf int8" and "cosine" in r), None)
     for r in rows:
         for n in args.lengths:
             if f"ms@{n}" in r:
                 r[f"x@{n}"] = base[f"ms@{n}"] / r[f"ms@{n}"]
-                if nncf_row:
-                    r[f"vs_nncf@{n}"] = nncf_row[f"ms@{n}"] / r[f"ms@{n}"]
 
     head = f"{'candidate':<26}{'cosine':>8}{'min':>8}{'spearman':>9}" + "".join(
-        f"{'ms@' + str(n):>9}{'x fp32':>7}{'x nncf':>7}" for n in args.lengths)
+        f"{'ms@' + str(n):>9}{'x fp32':>7}{'x nncf':>7}{'IQR':>12}" for n in args.lengths)
     print(head)
     for r in rows:
         if "unavailable" in r:
             print(f"{r['candidate']:<26}{r['unavailable']}")
             continue
         print(f"{r['candidate']:<26}{r['cosine']:8.4f}{r['cosine_min']:8.4f}{r['spearman']:9.4f}" + "".join(
-            f"{r[f'ms@{n}']:9.2f}{r[f'x@{n}']:7.2f}{r.get(f'vs_nncf@{n}', float('nan')):7.2f}" for n in args.lengths))
+            f"{r[f'ms@{n}']:9.2f}{r[f'x@{n}']:7.2f}{r.get(f'vs_nncf@{n}', float('nan')):7.2f}"
+            f"{'{:.2f}-{:.2f}'.format(*r.get(f'vs_nncf_iqr@{n}', [float('nan')] * 2)):>12}" for n in args.lengths))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"model": "all-MiniLM-L6-v2", "threads": args.threads, "rounds": args.rounds,
