@@ -346,6 +346,7 @@ class BoundDecoding:
         self.right_padded = right_padded   # see generation.generate_ids
         self.index = LOGITS_INDEX in inputs   # the last position's logits are asked for (newer bundles)
         self.last = None   # the logits_index bound: the prompt's last row(s), then 0 at each step
+        self.last_row = None   # the row it holds when it holds one, as an int (a step compares it)
         self.io = session.io_binding()
         self.logits = np.zeros((batch, 1, spec.vocab_size), dtype=spec.dtype)
         self.buffers = [ort.OrtValue.ortvalue_from_numpy(self.logits)]   # kept alive while bound
@@ -364,6 +365,13 @@ class BoundDecoding:
         self.step_ids = np.zeros((batch, 1), dtype=np.int64)
         self.step_pos = np.zeros((batch, 1), dtype=np.int64)
         self.stepping = False   # whether those buffers are the bound inputs
+        # one-token steps of a graph that reads each row's length off the mask's sum (right padding)
+        # take the mask at full capacity, zeros past the tokens so far: bound once, each step writes
+        # its columns in place (a bind after a run costs 10-12 us of cold code, 3-4% of a small
+        # model's step). Several tokens after a cache need the exact length: ORT's kernel reads a
+        # longer mask as a continued prompt, which it takes for one row only.
+        self.wide_mask = np.zeros((batch, capacity), dtype=np.int64) if right_padded and not spec.keeps else None
+        self.wide_len, self.wide_bound = 0, False   # the columns written; whether it is the bound mask
         for name in spec.keep_names:   # tca select=prefill: what the prefill keeps, allocated by ORT
             self.io.bind_output(name)
 
@@ -376,8 +384,8 @@ class BoundDecoding:
             row = int(index[0])
         else:
             row = ids.shape[1] - 1
-        if self.index and (self.last is None or len(self.last) > 1 or self.last[0] != row):   # once a mode
-            self.last = np.array([row])   # kept alive while bound
+        if self.index and self.last_row != row:   # once a mode
+            self.last, self.last_row = np.array([row]), row   # kept alive while bound
             self.io.bind_cpu_input(LOGITS_INDEX, self.last)
         self.session.run_with_iobinding(self.io)
         return self._after(mask, self.logits[:, -1])
@@ -403,12 +411,23 @@ class BoundDecoding:
                 if self.positions:
                     self.io.bind_cpu_input("position_ids", self.step_pos)
                 self.stepping = True
+            if self.wide_mask is not None:
+                n = mask.shape[1]
+                self.wide_mask[:, :n] = mask
+                if self.wide_len > n:   # a rejected draft's columns
+                    self.wide_mask[:, n:self.wide_len] = 0
+                self.wide_len = n
+                if not self.wide_bound:
+                    self.io.bind_cpu_input("attention_mask", self.wide_mask)
+                    self.wide_bound = True
+                return mask
         else:
             self.io.bind_cpu_input("input_ids", np.ascontiguousarray(ids))
             if self.positions:
                 self.io.bind_cpu_input("position_ids", np.ascontiguousarray(pos))
             self.stepping = False
         self.io.bind_cpu_input("attention_mask", np.ascontiguousarray(mask))
+        self.wide_bound = False
         return mask
 
     def _after(self, mask: np.ndarray, logits: np.ndarray) -> np.ndarray:
@@ -432,7 +451,7 @@ class BoundDecoding:
         """The logits of the positions ``index`` (rows that end apart, drafts), [B, len(index), V], in
         a buffer of this call's own."""
         import onnxruntime as ort
-        self.last = index
+        self.last, self.last_row = index, None
         self.io.bind_cpu_input(LOGITS_INDEX, self.last)
         wide = np.zeros((self.logits.shape[0], len(index), self.logits.shape[-1]), dtype=self.logits.dtype)
         self.io.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(wide))

@@ -371,7 +371,7 @@ def generate_ids(step, spec: CacheSpec, input_ids, attention_mask=None, *,
     rows, column = np.arange(batch), (lengths if right else np.full(batch, length))
     one_column = column[0] if (column == column[0]).all() else None   # the rows' new tokens line up
     following = lengths if right else pos[:, -1] + 1   # each row's position after the prompt
-    positions = following + np.arange(int(max_new_tokens))[:, None]   # [T, B]: a step's row is contiguous
+    positions = (following + np.arange(int(max_new_tokens))[:, None])[..., None]   # [T, B, 1]: a step's, contiguous
     new = []
     for t in range(int(max_new_tokens)):
         logits = decode(inputs, full[:, :length + t], pos, last)
@@ -391,7 +391,7 @@ def generate_ids(step, spec: CacheSpec, input_ids, attention_mask=None, *,
             full[rows, column + t] = 1
         else:
             full[:, one_column + t] = 1
-        pos = positions[t][:, None]
+        pos = positions[t]
         inputs, last = nxt[:, None], None
     return np.concatenate([ids, np.stack(new, 1)], 1)
 
