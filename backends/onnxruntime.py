@@ -370,7 +370,7 @@ class BoundDecoding:
         # its columns in place (a bind after a run costs 10-12 us of cold code, 3-4% of a small
         # model's step). Several tokens after a cache need the exact length: ORT's kernel reads a
         # longer mask as a continued prompt, which it takes for one row only.
-        self.wide_mask = np.zeros((batch, capacity), dtype=np.int64) if right_padded and not spec.keeps else None
+        self.wide_mask = np.zeros((batch, capacity), dtype=np.int64) if right_padded else None
         self.wide_len, self.wide_bound = 0, False   # the columns written; whether it is the bound mask
         for name in spec.keep_names:   # tca select=prefill: what the prefill keeps, allocated by ORT
             self.io.bind_output(name)
