@@ -123,8 +123,12 @@ def _paired(rounds: dict, name: str, peer: str | None) -> dict:
     if peer is None or peer not in rounds or peer == name:
         return {}
     ratio = np.array([a["decode_tok_s"] / b["decode_tok_s"] for a, b in zip(rounds[name], rounds[peer])])
-    return {"peer": peer, "vs_peer": float(np.median(ratio)),
-            "vs_peer_iqr": [float(np.percentile(ratio, 25)), float(np.percentile(ratio, 75))]}
+    return {"peer": peer, **ratio_stats("vs_peer", ratio)}
+
+
+def ratio_stats(key: str, ratio: np.ndarray) -> dict:
+    """``key``: the median of per-round ratios; ``key_iqr``: their interquartile range."""
+    return {key: float(np.median(ratio)), f"{key}_iqr": [float(np.percentile(ratio, 25)), float(np.percentile(ratio, 75))]}
 
 
 def main(argv=None):
