@@ -15,10 +15,16 @@ runtime beside ONNX Runtime.
 Precision is a hint per target: ``auto`` is bf16 on a CPU that has it (AVX-512 BF16, AMX), fp32
 elsewhere; ``fp32`` and ``bf16`` can be asked for, and bf16 on a CPU without it is refused. The
 report measures the bundle's quality at the precision it runs.
+
+A device that compiles static shapes only (OpenVINO's NPU) gets one model per input shape,
+reshaped and compiled on first use, the last ``STATIC_MODELS`` kept; the CPU and GPU run the one
+dynamic model.
 """
 from __future__ import annotations
 
 import tempfile
+from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +40,8 @@ __all__ = ["OpenVinoBackend", "OpenVinoRunner", "require_openvino", "MODEL_FILE"
 
 MODEL_FILE = "model.xml"
 PRECISIONS = ("auto", "fp32", "bf16")
+STATIC_DEVICES = ("NPU",)   # OpenVINO devices that compile static shapes only
+STATIC_MODELS = 8   # the input shapes whose compiled models a static-shape runner keeps
 # tokopt ops whose ONNX form OpenVINO 2026.4's converter refuses, and why (checked before export)
 REFUSED = {
     "tokopt::tca_attention": "its per-KV-head gathers (GatherElements with indices narrower than the data "
@@ -63,7 +71,8 @@ def _hint(ov, core, device: str, precision: str) -> dict:
     return {"precision": precision, "config": {ov.properties.hint.inference_precision: types[precision]}}
 
 
-def _compile(path: Path, device: str, precision: str, threads: int | None):
+def _compile(path: Path, device: str, precision: str, threads: int | None, shapes: dict | None = None):
+    """The IR at ``path`` compiled for ``device``; ``shapes`` ({input: shape}): reshaped to them first."""
     ov = require_openvino()
     core = ov.Core()
     hint = _hint(ov, core, device, precision)
@@ -72,20 +81,58 @@ def _compile(path: Path, device: str, precision: str, threads: int | None):
     config = {**hint["config"], ov.properties.hint.dynamic_quantization_group_size: 0}
     if threads:
         config[ov.properties.inference_num_threads] = threads
-    return core.compile_model(core.read_model(str(path)), device, config)
+    return core.compile_model(_reshaped(core.read_model(str(path)), shapes), device, config)
+
+
+def _reshaped(model, shapes: dict | None):
+    if shapes is not None:
+        ov = require_openvino()
+        model.reshape({p.get_any_name(): ov.PartialShape(list(shapes[p.get_any_name()])) for p in model.inputs})
+    return model
+
+
+class Compiled:
+    """The compiled model and infer request for a feed: one dynamic model, or, with ``static``,
+    one model per input shape compiled on first use (``make(shapes)``), the last
+    ``STATIC_MODELS`` kept."""
+
+    def __init__(self, make: Callable[[dict | None], object], static: bool):
+        self.make, self.static, self.models = make, static, OrderedDict()
+        if not static:
+            self.models[None] = self._made(None)
+
+    def _made(self, shapes):
+        compiled = self.make(shapes)
+        return compiled, compiled.create_infer_request()
+
+    def __call__(self, feed: dict[str, np.ndarray]):
+        if not self.static:
+            return self.models[None]
+        key = tuple((k, v.shape) for k, v in sorted(feed.items()))
+        if key in self.models:
+            self.models.move_to_end(key)
+        else:
+            self.models[key] = self._made({k: v.shape for k, v in feed.items()})
+            if len(self.models) > STATIC_MODELS:
+                self.models.popitem(last=False)
+        return self.models[key]
 
 
 class OpenVinoRunner(Runner):
-    def __init__(self, bundle: Path, manifest: dict, threads: int | None = None):
+    def __init__(self, bundle: Path, manifest: dict, threads: int | None = None, static: bool | None = None):
+        """``static``: one model per input shape (default: where the device compiles no other)."""
         super().__init__(bundle, manifest)
-        lowering = manifest["lowering"]
-        self.compiled = _compile(Path(bundle) / MODEL_FILE, lowering["device"], lowering["precision"], threads)
-        self.request = self.compiled.create_infer_request()
-        self.graph_inputs = {i.get_any_name() for i in self.compiled.inputs}
+        device, precision = manifest["lowering"]["device"], manifest["lowering"]["precision"]
+        path = Path(bundle) / MODEL_FILE
+        self.models = Compiled(lambda shapes: _compile(path, device, precision, threads, shapes),
+                               device in STATIC_DEVICES if static is None else static)
+        self.graph_inputs = {i.get_any_name() for i in require_openvino().Core().read_model(str(path)).inputs}
 
     def _run(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
-        out = self.request.infer({k: v for k, v in feed.items() if k in self.graph_inputs})
-        return [out[o] for o in self.compiled.outputs]
+        feed = {k: v for k, v in feed.items() if k in self.graph_inputs}
+        compiled, request = self.models(feed)
+        out = request.infer(feed)
+        return [out[o] for o in compiled.outputs]
 
 
 def _check_runs(program: Program, path: Path) -> None:
@@ -165,19 +212,25 @@ class OpenVinoBackend(Backend):
         plain ``torch.onnx.export``, OpenVINO's default precision; same feed, same run, at each length."""
         ov = require_openvino()
         lowering = manifest["lowering"]
-        ours = _compile(bundle_dir / MODEL_FILE, lowering["device"], lowering["precision"], threads)
+        device, static = lowering["device"], lowering["device"] in STATIC_DEVICES
+        path = bundle_dir / MODEL_FILE
+        ours = Compiled(lambda shapes: _compile(path, device, lowering["precision"], threads, shapes), static)
+        names = {i.get_any_name() for i in ov.Core().read_model(str(path)).inputs}
         plain, size = None, None
         if bench.baseline:
             with tempfile.TemporaryDirectory() as tmp:
                 export_baseline(captured, Path(tmp) / "baseline.onnx")
-                core = ov.Core()
-                base = core.compile_model(ov.convert_model(str(Path(tmp) / "baseline.onnx")), lowering["device"],
-                                          {ov.properties.inference_num_threads: threads} if threads else {})
+                model = ov.convert_model(str(Path(tmp) / "baseline.onnx"))
                 size = sum(p.stat().st_size for p in Path(tmp).iterdir())
-            plain = base.create_infer_request()
-        names = {i.get_any_name() for i in ours.inputs}
-        own = ours.create_infer_request()
+            config = {ov.properties.inference_num_threads: threads} if threads else {}
+            plain = Compiled(lambda shapes: ov.Core().compile_model(_reshaped(model.clone(), shapes), device, config),
+                             static)
+
+        def call(models, feed):
+            request = models(feed)[1]
+            return lambda: request.infer(feed)
         return time_lengths(captured, lengths, bench,
-                            ours=lambda feed: lambda: own.infer({k: v for k, v in feed.items() if k in names}),
-                            baseline=None if plain is None else (lambda feed: lambda: plain.infer(feed)), baseline_bytes=size,
-                            threads=threads, device=lowering["device"], precision=lowering["precision"])
+                            ours=lambda feed: call(ours, {k: v for k, v in feed.items() if k in names}),
+                            baseline=None if plain is None else (lambda feed: call(plain, feed)), baseline_bytes=size,
+                            threads=threads, device=device, precision=lowering["precision"],
+                            **({"shapes": "static: one model compiled per input shape"} if static else {}))

@@ -34,6 +34,32 @@ def test_bundle_matches_eager(family, tmp_path, model_dir):
     assert err.max() < 1e-4
 
 
+def test_static_shapes_compile_one_model_per_input_shape(tmp_path, model_dir, monkeypatch):
+    """A device that compiles static shapes only (the NPU) gets one model per input shape: shown
+    on the CPU, whose static models give the dynamic model's outputs; a shape seen before reuses
+    its model, the oldest beyond STATIC_MODELS is dropped; the report's timing takes the same path."""
+    from tokopt.backends import openvino as backend
+    from tokopt.optimizer.report import Bench
+    res = tokopt.compile(model_dir("bert"), out=tmp_path / "b", backend="openvino", precision="fp32", measure=False)
+    dynamic = tokopt.load(res.bundle)
+    static = backend.OpenVinoRunner(res.bundle, res.manifest, static=True)
+    monkeypatch.setattr(backend, "STATIC_MODELS", 2)
+    for batch, length in [(1, 9), (2, 17), (1, 9), (3, 5)]:
+        feed = {k: v.numpy() for k, v in feed_for("bert", batch, length).items()}
+        want, got = dynamic(**feed)["last_hidden_state"], static(**feed)["last_hidden_state"]
+        assert np.abs(got - want).max() < 1e-5
+        compiled = static.models(feed)[0]
+        assert [list(i.get_shape()) for i in compiled.inputs][0] == [batch, length]   # static, not [?, ?]
+    assert [dict(k)["input_ids"] for k in static.models.models] == [(1, 9), (3, 5)]   # (2, 17) dropped
+    assert not dynamic.models.static and dynamic.models({})[0].inputs[0].get_partial_shape().is_dynamic
+    monkeypatch.setattr(backend, "STATIC_DEVICES", ("CPU",))
+    entries = backend.OpenVinoBackend().latency(tokopt.capture(model_dir("bert")), res.bundle,
+                                                backend.get_target("x86-cpu"), Bench(runs=2), [8, 16], None,
+                                                res.manifest)
+    assert [e["shapes"] for e in entries] == ["static: one model compiled per input shape"] * 2
+    assert all(e["tokopt"]["median_ms"] > 0 and e["baseline"]["median_ms"] > 0 for e in entries)
+
+
 @pytest.mark.slow
 def test_minilm_in_bf16_and_reference_lm_generation(tmp_path, minilm_dir):
     """Trained weights: MiniLM at the CPU's bf16 (auto here) keeps its embeddings (report, real
@@ -67,7 +93,7 @@ def test_passes_ops_convert(tmp_path, model_dir):
     # OpenVINO would round these MatMuls' activations to int8 per group on its own (0.056 off on
     # MiniLM's trained weights, 8-bit): the runner turns that off, compute=float means float
     hint = ov.properties.hint.dynamic_quantization_group_size
-    assert tokopt.load(res.bundle).compiled.get_property(hint) == 0
+    assert tokopt.load(res.bundle).models({})[0].get_property(hint) == 0
     with pytest.raises(BackendError, match="cannot take tokopt::tca_attention: its per-KV-head gathers"):
         tokopt.compile(model_dir("llama"), out=tmp_path / "t", backend="openvino", passes="tca:uniform=0.5,window=4",
                        generate=False)
