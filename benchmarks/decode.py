@@ -45,6 +45,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from paired import ratio_stats, rotated
 
 warnings.filterwarnings("ignore")
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,18 +118,11 @@ def _genai_decode(model):
 
 
 def _paired(rounds: dict, name: str, peer: str | None) -> dict:
-    """Decode speed against ``peer`` round by round: each round times both back to back, so the
-    median of the per-round ratios (and its interquartile range) is steadier on a noisy machine
-    than the ratio of the two medians."""
+    """Decode speed against ``peer``, per round (``paired``)."""
     if peer is None or peer not in rounds or peer == name:
         return {}
     ratio = np.array([a["decode_tok_s"] / b["decode_tok_s"] for a, b in zip(rounds[name], rounds[peer])])
     return {"peer": peer, **ratio_stats("vs_peer", ratio)}
-
-
-def ratio_stats(key: str, ratio: np.ndarray) -> dict:
-    """``key``: the median of per-round ratios; ``key_iqr``: their interquartile range."""
-    return {key: float(np.median(ratio)), f"{key}_iqr": [float(np.percentile(ratio, 25)), float(np.percentile(ratio, 75))]}
 
 
 def main(argv=None):
@@ -231,8 +225,7 @@ def main(argv=None):
                 run(2, _Clock())
             order = list(candidates.items())
             for r in range(args.rounds):
-                # each round starts one candidate later, so none always follows the same neighbour
-                for name, run in order[r % len(order):] + order[:r % len(order)]:
+                for name, run in rotated(order, r):
                     time.sleep(SETTLE)   # the last candidate's runtime threads stop spinning first
                     clock = _Clock()
                     tokens[name] = run(args.new, clock)

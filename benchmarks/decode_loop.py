@@ -28,7 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from decode import ROOT, _Clock, _genai_decode, ratio_stats
+from decode import ROOT, _Clock, _genai_decode
+from paired import ratio_stats, rotated
 
 
 def main(argv=None):
@@ -81,7 +82,7 @@ def main(argv=None):
             run(ids, 2, _Clock())
         rates, tokens = {name: [] for name in loops}, {}
         for r in range(args.rounds):
-            for name, run in order[r % len(order):] + order[:r % len(order)]:
+            for name, run in rotated(order, r):
                 time.sleep(SETTLE)
                 clock = _Clock()
                 tokens[name] = np.asarray(run(ids, args.new, clock))[0, length:]

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from paired import ratio_stats, rotated
 from token_prune import embeddings, spearman
 
 warnings.filterwarnings("ignore")
@@ -194,17 +195,14 @@ def main(argv=None):
         times = {name: [] for name in live}
         order = list(live.items())
         for i in range(args.rounds):
-            # each round starts one candidate later, so none always follows the same neighbour
-            for name, run in order[i % len(order):] + order[:i % len(order)]:
+            for name, run in rotated(order, i):
                 times[name].append(time_calls(lambda run=run: run(feed), args.calls, warmup=1)["median_ms"])
         nncf = times.get("openvino + nncf int8")
         for r in rows:
             if r["candidate"] in live:
                 r[f"ms@{n}"] = statistics.median(times[r["candidate"]])
-                if nncf:   # per round: both timed in the same round, steadier than a ratio of medians
-                    ratio = np.array(nncf) / np.array(times[r["candidate"]])
-                    r[f"vs_nncf@{n}"] = float(np.median(ratio))
-                    r[f"vs_nncf_iqr@{n}"] = [float(np.percentile(ratio, 25)), float(np.percentile(ratio, 75))]
+                if nncf:
+                    r.update(ratio_stats(f"vs_nncf@{n}", np.array(nncf) / np.array(times[r["candidate"]])))
     base = rows[0]
     for r in rows:
         for n in args.lengths:
@@ -220,7 +218,7 @@ def main(argv=None):
             continue
         print(f"{r['candidate']:<26}{r['cosine']:8.4f}{r['cosine_min']:8.4f}{r['spearman']:9.4f}" + "".join(
             f"{r[f'ms@{n}']:9.2f}{r[f'x@{n}']:7.2f}{r.get(f'vs_nncf@{n}', float('nan')):7.2f}"
-            f"{'{:.2f}-{:.2f}'.format(*r.get(f'vs_nncf_iqr@{n}', [float('nan')] * 2)):>12}" for n in args.lengths))
+            f"{'{:.2f}-{:.2f}'.format(*r.get(f'vs_nncf@{n}_iqr', [float('nan')] * 2)):>12}" for n in args.lengths))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"model": "all-MiniLM-L6-v2", "threads": args.threads, "rounds": args.rounds,
