@@ -71,8 +71,13 @@ def _hint(ov, core, device: str, precision: str) -> dict:
     return {"precision": precision, "config": {ov.properties.hint.inference_precision: types[precision]}}
 
 
-def _compile(path: Path, device: str, precision: str, threads: int | None, shapes: dict | None = None):
-    """The IR at ``path`` compiled for ``device``; ``shapes`` ({input: shape}): reshaped to them first."""
+def _read(path: Path):
+    return require_openvino().Core().read_model(str(path))
+
+
+def _compile(model, device: str, precision: str, threads: int | None, shapes: dict | None = None):
+    """``model`` (an IR read) compiled for ``device``; ``shapes`` ({input: shape}): a copy reshaped
+    to them first."""
     ov = require_openvino()
     core = ov.Core()
     hint = _hint(ov, core, device, precision)
@@ -81,13 +86,16 @@ def _compile(path: Path, device: str, precision: str, threads: int | None, shape
     config = {**hint["config"], ov.properties.hint.dynamic_quantization_group_size: 0}
     if threads:
         config[ov.properties.inference_num_threads] = threads
-    return core.compile_model(_reshaped(core.read_model(str(path)), shapes), device, config)
+    return core.compile_model(_reshaped(model, shapes), device, config)
 
 
 def _reshaped(model, shapes: dict | None):
-    if shapes is not None:
-        ov = require_openvino()
-        model.reshape({p.get_any_name(): ov.PartialShape(list(shapes[p.get_any_name()])) for p in model.inputs})
+    """``model`` itself, or a copy reshaped to ``shapes`` (the model stays dynamic for the next)."""
+    if shapes is None:
+        return model
+    ov = require_openvino()
+    model = model.clone()
+    model.reshape({p.get_any_name(): ov.PartialShape(list(shapes[p.get_any_name()])) for p in model.inputs})
     return model
 
 
@@ -123,10 +131,10 @@ class OpenVinoRunner(Runner):
         """``static``: one model per input shape (default: where the device compiles no other)."""
         super().__init__(bundle, manifest)
         device, precision = manifest["lowering"]["device"], manifest["lowering"]["precision"]
-        path = Path(bundle) / MODEL_FILE
-        self.models = Compiled(lambda shapes: _compile(path, device, precision, threads, shapes),
+        model = _read(Path(bundle) / MODEL_FILE)
+        self.models = Compiled(lambda shapes: _compile(model, device, precision, threads, shapes),
                                device in STATIC_DEVICES if static is None else static)
-        self.graph_inputs = {i.get_any_name() for i in require_openvino().Core().read_model(str(path)).inputs}
+        self.graph_inputs = {i.get_any_name() for i in model.inputs}
 
     def _run(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         feed = {k: v for k, v in feed.items() if k in self.graph_inputs}
@@ -140,7 +148,7 @@ def _check_runs(program: Program, path: Path) -> None:
     fp32, and reproduces the program (where the graph's rounding decisions allow it: a graph
     of quantizers or rank cuts is only required to run): else a BackendError before shipping."""
     from ..optimizer.ops import is_exact
-    compiled = _compile(path, "CPU", "fp32", None)
+    compiled = _compile(_read(path), "CPU", "fp32", None)
     names = {i.get_any_name() for i in compiled.inputs}
     exact = is_exact(program.graph)
     reference = program_reference(program) if exact else None
@@ -213,9 +221,9 @@ class OpenVinoBackend(Backend):
         ov = require_openvino()
         lowering = manifest["lowering"]
         device, static = lowering["device"], lowering["device"] in STATIC_DEVICES
-        path = bundle_dir / MODEL_FILE
-        ours = Compiled(lambda shapes: _compile(path, device, lowering["precision"], threads, shapes), static)
-        names = {i.get_any_name() for i in ov.Core().read_model(str(path)).inputs}
+        own = _read(bundle_dir / MODEL_FILE)
+        ours = Compiled(lambda shapes: _compile(own, device, lowering["precision"], threads, shapes), static)
+        names = {i.get_any_name() for i in own.inputs}
         plain, size = None, None
         if bench.baseline:
             with tempfile.TemporaryDirectory() as tmp:
@@ -223,8 +231,7 @@ class OpenVinoBackend(Backend):
                 model = ov.convert_model(str(Path(tmp) / "baseline.onnx"))
                 size = sum(p.stat().st_size for p in Path(tmp).iterdir())
             config = {ov.properties.inference_num_threads: threads} if threads else {}
-            plain = Compiled(lambda shapes: ov.Core().compile_model(_reshaped(model.clone(), shapes), device, config),
-                             static)
+            plain = Compiled(lambda shapes: ov.Core().compile_model(_reshaped(model, shapes), device, config), static)
 
         def call(models, feed):
             request = models(feed)[1]
