@@ -364,14 +364,14 @@ class BoundDecoding:
         # a one-token step's ids (and positions) are written into buffers bound once
         self.step_ids = np.zeros((batch, 1), dtype=np.int64)
         self.step_pos = np.zeros((batch, 1), dtype=np.int64)
-        self.stepping = False   # whether those buffers are the bound inputs
+        self.stepping = False   # whether those buffers (and wide_mask, below) are the bound inputs
         # one-token steps of a graph that reads each row's length off the mask's sum (right padding)
         # take the mask at full capacity, zeros past the tokens so far: bound once, each step writes
         # its columns in place (a bind after a run costs 10-12 us of cold code, 3-4% of a small
         # model's step). Several tokens after a cache need the exact length: ORT's kernel reads a
         # longer mask as a continued prompt, which it takes for one row only.
         self.wide_mask = np.zeros((batch, capacity), dtype=np.int64) if right_padded else None
-        self.wide_len, self.wide_bound = 0, False   # the columns written; whether it is the bound mask
+        self.wide_len = 0   # the columns written
         for name in spec.keep_names:   # tca select=prefill: what the prefill keeps, allocated by ORT
             self.io.bind_output(name)
 
@@ -406,20 +406,20 @@ class BoundDecoding:
             self.step_ids[...] = ids
             if self.positions:
                 self.step_pos[...] = pos
-            if not self.stepping:
-                self.io.bind_cpu_input("input_ids", self.step_ids)
-                if self.positions:
-                    self.io.bind_cpu_input("position_ids", self.step_pos)
-                self.stepping = True
             if self.wide_mask is not None:
                 n = mask.shape[1]
                 self.wide_mask[:, :n] = mask
                 if self.wide_len > n:   # a rejected draft's columns
                     self.wide_mask[:, n:self.wide_len] = 0
                 self.wide_len = n
-                if not self.wide_bound:
+            if not self.stepping:
+                self.io.bind_cpu_input("input_ids", self.step_ids)
+                if self.positions:
+                    self.io.bind_cpu_input("position_ids", self.step_pos)
+                if self.wide_mask is not None:
                     self.io.bind_cpu_input("attention_mask", self.wide_mask)
-                    self.wide_bound = True
+                self.stepping = True
+            if self.wide_mask is not None:
                 return mask
         else:
             self.io.bind_cpu_input("input_ids", np.ascontiguousarray(ids))
@@ -427,7 +427,6 @@ class BoundDecoding:
                 self.io.bind_cpu_input("position_ids", np.ascontiguousarray(pos))
             self.stepping = False
         self.io.bind_cpu_input("attention_mask", np.ascontiguousarray(mask))
-        self.wide_bound = False
         return mask
 
     def _after(self, mask: np.ndarray, logits: np.ndarray) -> np.ndarray:

@@ -122,7 +122,7 @@ def test_decoding_writes_the_cache_in_place(llama_bundle):
         ids, pos = a.argmax(-1)[:, None], pos[:, -1:] + 1
         mask = np.concatenate([mask, np.ones((2, 1), np.int64)], 1)
     # one-token steps read the mask from a full-capacity buffer bound once: the mask, then zeros
-    assert bound.wide_bound and bound.wide_mask.shape == (2, 12)
+    assert bound.stepping and bound.wide_mask.shape == (2, 12)
     assert (bound.wide_mask[:, :mask.shape[1] - 1] == 1).all() and not bound.wide_mask[:, mask.shape[1] - 1:].any()
     bound(ids, mask, pos)  # 11 tokens
     full = np.concatenate([mask, np.ones((2, 1), np.int64)], 1)
