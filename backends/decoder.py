@@ -31,9 +31,10 @@ import operator
 import torch
 
 from ..optimizer.errors import BackendError
-from ..optimizer.ops import ATTENTION, CACHED_ATTENTION, MATMUL_NBITS, TCA_KEEP, TCA_KEEP_PACKED
+from ..optimizer.ops import ATTENTION, CACHED_ATTENTION, TCA_KEEP, TCA_KEEP_PACKED
 from ..optimizer.patterns import PASS_THROUGH
 from ..optimizer.program import Program, Rewrite, inherit_meta
+from .projections import fused_projection
 
 __all__ = ["lower_decoder", "decoder_feeds"]
 
@@ -187,21 +188,9 @@ def _packed(rw: Rewrite, projections: list, name: str):
     if len(splits) == 1 and [p.args[1] for p in lins] == [0, 1, 2] and next(iter(splits)).target in (
             aten.split.Tensor, aten.split_with_sizes.default) and next(iter(splits)).args[2] in (-1, 2):
         return next(iter(splits)).args[0]    # already one projection, split into q, k, v (GPT-2's c_attn)
-    x = lins[0].args[0]
-    if all(p.target == aten.linear.default and p.args[0] is x and rw.tensor(p.args[1]) is not None for p in lins):
-        biases = [rw.tensor(p.args[2]) if len(p.args) > 2 and p.args[2] is not None else None for p in lins]
-        if all(b is None for b in biases) or all(b is not None for b in biases):
-            w = rw.constant(f"{name}_qkv_weight", torch.cat([rw.tensor(p.args[1]) for p in lins]))
-            b = rw.constant(f"{name}_qkv_bias", torch.cat(biases)) if biases[0] is not None else None
-            with g.inserting_after(lins[-1]):
-                return g.call_function(aten.linear.default, (x, w, b) if b is not None else (x, w))
-    if all(MATMUL_NBITS.matches(p) and p.args[0] is x and p.args[4:6] == lins[0].args[4:6]
-           and p.args[8:] == lins[0].args[8:] and p.args[3] is None for p in lins):
-        qw = rw.constant(f"{name}_qkv_qweight", torch.cat([rw.tensor(p.args[1]) for p in lins]))
-        sc = rw.constant(f"{name}_qkv_scales", torch.cat([rw.tensor(p.args[2]) for p in lins]))
-        n = sum(p.args[7] for p in lins)
-        with g.inserting_after(lins[-1]):
-            return g.call_function(MATMUL_NBITS.overload, (x, qw, sc, None, *lins[0].args[4:7], n, *lins[0].args[8:]))
+    fused = fused_projection(rw, lins, f"{name}_qkv")
+    if fused is not None:
+        return fused
     with g.inserting_after(max(projections, key=list(g.nodes).index)):
         return g.call_function(aten.cat.default, (list(projections), -1))
 

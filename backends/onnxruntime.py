@@ -23,6 +23,7 @@ from ..optimizer.generation import LOGITS_INDEX, CacheSpec, Compaction, logit_ro
 from ..optimizer.report import Bench, time_lengths, verification_feeds
 from ..optimizer.runtime import Backend, Runner, register_backend
 from .decoder import decoder_feeds, lower_decoder
+from .projections import fuse_projections
 from .onnx_shapes import drop_unread_outputs, merge_ifs, static_reshapes
 from .ort_options import DISABLED_OPTIMIZERS, session_options
 from .targets import Target, get_target, host_arch, host_providers
@@ -478,12 +479,14 @@ class OnnxRuntimeBackend(Backend):
         decoder = {}
         if program.cache is not None and target.contrib_fusions:
             program, decoder = lower_decoder(program)
+        program, fused = fuse_projections(program)
         primitive = primitive_attention(target)
         feeds = decoder_feeds(program) if decoder.get("cached_attention") else verification_feeds(program)
         info = export_onnx(program, out_dir / MODEL_FILE, fusions=target.contrib_fusions, check_feeds=feeds,
                            primitive=primitive, int8_activations=target.int8_activations)
         shared = len(decoder.get("cached_attention", ())) == (program.cache.layers if program.cache else -1)
         lowered = {"model": MODEL_FILE, **info, **({"decoder": decoder} if decoder else {}),
+                   **({"fused_projections": fused} if fused else {}),
                    **({"shared_buffer": True} if shared else {}), "target_profile": target.profile(),
                    **({"attention": f"MatMul/Softmax (TensorRT {target.tensorrt} parses no fused Attention)"}
                       if primitive else {})}

@@ -16,6 +16,16 @@ Precision is a hint per target: ``auto`` is bf16 on a CPU that has it (AVX-512 B
 elsewhere; ``fp32`` and ``bf16`` can be asked for, and bf16 on a CPU without it is refused. The
 report measures the bundle's quality at the precision it runs.
 
+Attention: OpenVINO's ONNX frontend follows each ``Attention`` by ``Select(IsNaN(y), 0, y)``, so a
+query row with no key to attend to (SDPA's NaN) gives zeros; on this CPU those two nodes cost 6-7%
+of a W8A8 MiniLM call. The lowering makes such rows impossible instead: each attention's mask
+keeps every key in a row where it kept none (the row then averages the values, as attention with
+a large negative additive mask does, where SDPA gives zeros: a sequence of padding only, or a
+left-padded row's padding, whose outputs nothing reads; finite, so no NaN reaches later layers
+through the values), and the guards are dropped from the converted model. An attention whose
+causality is a flag beside its mask (the frontend folds the two into one mask) cannot be fixed
+that way: a graph with one keeps every guard.
+
 A device that compiles static shapes only (OpenVINO's NPU) gets one model per input shape,
 reshaped and compiled on first use, the last ``STATIC_MODELS`` kept; the CPU and GPU run the one
 dynamic model.
@@ -143,6 +153,59 @@ class OpenVinoRunner(Runner):
         return [out[o] for o in compiled.outputs]
 
 
+def _keeps_a_key(mask):
+    """``mask`` with each row that keeps no key keeping every key (see the module docstring)."""
+    import torch
+    if mask.dtype == torch.bool:
+        return mask | ~mask.any(-1, keepdim=True)
+    masked = mask == float("-inf")
+    return mask.masked_fill(masked.all(-1, keepdim=True), 0.0)
+
+
+def rows_keep_a_key(program: Program) -> tuple[Program, int, int]:
+    """``program`` with every non-causal attention's mask through ``_keeps_a_key`` (once per mask
+    tensor), how many attention ops read such a mask, and how many causal ones with a mask were
+    left as they are (their causality is a flag the frontend folds into the mask, past a fix)."""
+    import torch
+
+    from ..optimizer.ops import ATTENTION
+    from ..optimizer.program import call_function_nodes
+    rw = program.rewrite()
+    made, count, left = {}, 0, 0
+    for node in list(call_function_nodes(rw.graph)):
+        if not ATTENTION.matches(node):
+            continue
+        args = ATTENTION.attention(node.args)
+        if not isinstance(args.mask, torch.fx.Node):
+            continue
+        if args.causal:
+            left += 1
+            continue
+        if args.mask not in made:
+            with rw.graph.inserting_after(args.mask):
+                made[args.mask] = rw.graph.call_function(_keeps_a_key, (args.mask,))
+        node.replace_input_with(args.mask, made[args.mask])
+        count += 1
+    return (rw.commit("making every attention row keep a key"), count, left) if count else (program, 0, left)
+
+
+def drop_nan_guards(model) -> int:
+    """Remove the frontend's ``Select(IsNaN(y), 0, y)`` after each attention ``y`` (see the module
+    docstring: only where every attention's mask keeps a key in each row); returns how many."""
+    dropped = 0
+    for op in model.get_ordered_ops():
+        if op.get_type_name() != "Select":
+            continue
+        cond, other = op.input_value(0).get_node(), op.input_value(2)
+        if cond.get_type_name() != "IsNaN" or cond.input_value(0) != other \
+                or other.get_node().get_type_name() != "ScaledDotProductAttention":
+            continue
+        for user in list(op.output(0).get_target_inputs()):
+            user.replace_source_output(other)
+        dropped += 1
+    return dropped
+
+
 def _check_runs(program: Program, path: Path) -> None:
     """OpenVINO's CPU device runs the IR on the probe and on shapes the export never saw, in
     fp32, and reproduces the program (where the graph's rounding decisions allow it: a graph
@@ -199,6 +262,9 @@ class OpenVinoBackend(Backend):
             if any(OPS[name].matches(n) for n in program.graph.nodes):
                 raise BackendError(f"the openvino backend cannot take {name}: {why}. Use --backend onnxruntime "
                                    "for this pass.")
+        # projections stay apart: a fused one's split is a reference kernel in OpenVINO (VariadicSplit,
+        # 16 us a layer on MiniLM), which costs what the wider GEMM saves
+        program, keyed, causal = rows_keep_a_key(program)
         with tempfile.TemporaryDirectory() as tmp:
             onnx_path = Path(tmp) / "model.onnx"
             # low-bit weights stay MatMulNBits / GatherBlockQuantized, which OpenVINO's ONNX frontend
@@ -209,10 +275,12 @@ class OpenVinoBackend(Backend):
                 model = ov.convert_model(str(onnx_path))
             except Exception as e:  # the converter's messages name the op it has no rule for
                 raise BackendError(f"OpenVINO cannot convert tokopt's ONNX: {str(e).strip().splitlines()[0]}") from e
+            guards = 0 if causal else drop_nan_guards(model)
             ov.save_model(model, str(out_dir / MODEL_FILE), compress_to_fp16=False)  # weights as they are
         _check_runs(program, out_dir / MODEL_FILE)
         hint = _hint(ov, ov.Core(), target.openvino_device, precision)
-        return {"model": MODEL_FILE, "device": target.openvino_device, "precision": hint["precision"]}
+        return {"model": MODEL_FILE, "device": target.openvino_device, "precision": hint["precision"],
+                **({"nan_guards_dropped": guards, "masks_keep_a_key": keyed} if guards or keyed else {})}
 
     def latency(self, captured: Program, bundle_dir: Path, target: Target, bench: Bench, lengths: list[int],
                 threads: int | None, manifest: dict) -> list[dict]:

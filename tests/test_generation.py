@@ -88,7 +88,7 @@ def test_graph_structure(llama_bundle, tmp_path):
     assert ops.count("ReduceSum") == 1 and "Where" not in ops and "Greater" not in ops
     assert all(len(n.input) < 11 or n.input[10] == "" for n in graph.node if n.op_type == "GroupQueryAttention")
     assert not [n for n in graph.node if n.op_type == "Concat" and any(i.startswith("past_") for i in n.input)]
-    assert ops.count("MatMul") == 2 * 5 + 1  # per layer q/k/v packed, o, gate, up, down; the LM head
+    assert ops.count("MatMul") == 2 * 4 + 1  # per layer q/k/v packed, o, gate/up fused, down; the LM head
     norms = [n for n in graph.node if n.op_type == "SkipSimplifiedLayerNormalization"]
     assert len(norms) == 2 * 2 and [len(n.output) for n in norms] == [4, 4, 4, 1], [n.output for n in norms]
     assert all(n.output[1] == n.output[2] == "" and n.output[3] for n in norms[:-1])

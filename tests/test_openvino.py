@@ -21,7 +21,9 @@ def test_bundle_matches_eager(family, tmp_path, model_dir):
     """fp32 (asked for): within float tolerance of eager at a batch and length never seen; the
     IR is in the bundle and the runner is the same API as ONNX Runtime's."""
     res = tokopt.compile(model_dir(family), out=tmp_path / "b", backend="openvino", precision="fp32", measure=False)
-    assert res.manifest["lowering"] == {"model": "model.xml", "device": "CPU", "precision": "fp32"}
+    # each layer's attention reads a mask (a Llama's carries causality): it keeps a key in every row
+    assert res.manifest["lowering"] == {"model": "model.xml", "device": "CPU", "precision": "fp32",
+                                        "nan_guards_dropped": 2, "masks_keep_a_key": 2}
     assert {"model.xml", "model.bin"} <= set(res.manifest["files"])
     feed = feed_for(family, 3, 29)
     got = tokopt.load(res.bundle)(**{k: v.numpy() for k, v in feed.items()})
@@ -32,6 +34,40 @@ def test_bundle_matches_eager(family, tmp_path, model_dir):
     if "attention_mask" in feed and not feed["attention_mask"].all():
         err = err[feed["attention_mask"].bool().numpy()]
     assert err.max() < 1e-4
+
+
+def test_attention_rows_without_keys_need_no_nan_guard(tmp_path, model_dir):
+    """OpenVINO's frontend guards each Attention with Select(IsNaN(y), 0, y); tokopt's IR has none
+    for an encoder (a mask row with no key keeps every key instead). A sequence of padding only is
+    finite and the other rows are eager's within fp32 tolerance. What the guard removal matches: the
+    frontend's Select(IsNaN) after a masked Attention, and nothing in a graph without a mask."""
+    import onnx
+    import onnx.helper as oh
+    from onnx import TensorProto
+
+    from tokopt.backends.openvino import drop_nan_guards
+    import openvino as ov
+    res = tokopt.compile(model_dir("bert"), out=tmp_path / "b", backend="openvino", precision="fp32", measure=False)
+    ops = [op.get_type_name() for op in ov.Core().read_model(str(res.bundle / "model.xml")).get_ordered_ops()]
+    assert ops.count("ScaledDotProductAttention") == 2 and "IsNaN" not in ops
+    feed = feed_for("bert", 3, 17)
+    feed["attention_mask"][1] = 0
+    got = tokopt.load(res.bundle)(**{k: v.numpy() for k, v in feed.items()})["last_hidden_state"]
+    with torch.no_grad():
+        ref = res.program.module(**feed)["last_hidden_state"].numpy()
+    assert np.isfinite(got).all()
+    keep = feed["attention_mask"].bool().numpy()
+    assert np.abs(got - ref)[keep].max() < 1e-4
+    for masked in (True, False):
+        inputs = [oh.make_tensor_value_info(n, TensorProto.FLOAT, ["b", 2, "s", 8]) for n in "qkv"]
+        inputs += [oh.make_tensor_value_info("m", TensorProto.BOOL, ["b", 1, 1, "s"])] if masked else []
+        graph = oh.make_graph([oh.make_node("Attention", [i.name for i in inputs], ["y"])], "g", inputs,
+                              [oh.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+        onnx.save(oh.make_model(graph, opset_imports=[oh.make_opsetid("", 23)]), tmp_path / "att.onnx")
+        model = ov.convert_model(str(tmp_path / "att.onnx"))
+        assert [op.get_type_name() for op in model.get_ordered_ops()].count("IsNaN") == masked
+        assert drop_nan_guards(model) == masked
+        assert "IsNaN" not in [op.get_type_name() for op in model.get_ordered_ops()]
 
 
 def test_static_shapes_compile_one_model_per_input_shape(tmp_path, model_dir, monkeypatch):
