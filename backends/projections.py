@@ -3,11 +3,13 @@
 Attention's q, k and v projections, and a gated MLP's gate and up, read the same tensor. Each
 is a small GEMM (384 wide in MiniLM, a GEMV per decode step in an LM): a CPU kernel fills its
 tiles or its threads better with one [K, N1+N2+N3] weight than with three, and the runtime
-runs one node instead of three. The fused weight is the members' weights side by side, so
-the output is the same arithmetic, bit for bit, for float linears, W8A8 (one activation scale:
-the members already share their input's) and ``matmul_nbits`` (rows are independent blocks).
+runs one node instead of three. The fused weight is the members' weights side by side, so each
+output is the same dot product (a kernel may order a sum differently for a wider weight) for
+float linears, W8A8 (one activation scale: the members already share their input's) and
+``matmul_nbits`` (rows are independent blocks; with ``accuracy_level`` 4 the input is also
+quantized once instead of once per member).
 
-Run at lowering, after every pass: the passes address projections by the attention index's
+Run at lowering (ONNX Runtime's; OpenVINO's split is a reference kernel), after every pass: the passes address projections by the attention index's
 weight names (q_proj, gate_proj ...), which a fused weight no longer has. A large fused weight is
 mapped from a file and paged out (``resources.file_backed``): in anonymous memory a 0.5B model's
 gate/up copies kept 0.9 GiB resident through the lowering and the measurement.
