@@ -12,7 +12,7 @@ with its interquartile range):
   tokopt w8a8 [ORT|OV|inductor]  ``rsq:bits=8,act_bits=8`` (SmoothQuant, static uint8 activations,
                            int8 weights per channel) on ONNX Runtime / OpenVINO / AOTInductor (oneDNN int8)
   tokopt w8a8 tokens [..]  the same with ``outlier_tokens=2,smooth=0.5`` (token-adaptive activations)
-  tokopt prune+w8a8 [..]   ``token_prune:keep=0.7,layers=3,score=head_weighted`` stacked under W8A8
+  tokopt prune+w8a8 [..]   ``token_prune:keep=0.7,layers=2,score=head_weighted,align=16,recover=100`` stacked under W8A8
   tokopt OV                no passes on OpenVINO at its default precision (bf16 on this CPU)
   ort dynamic int8         onnxruntime.quantization.quantize_dynamic (per channel) on the plain export
   ort static int8 (QDQ)    onnxruntime.quantization.quantize_static, MatMuls, per channel, calibrated on the
@@ -42,7 +42,7 @@ from token_prune import embeddings, spearman
 warnings.filterwarnings("ignore")
 W8A8 = "rsq:bits=8,act_bits=8,samples=16,seq_len=128"
 TOKENS = f"{W8A8},outlier_tokens=2,smooth=0.5"
-PRUNE = "token_prune:keep=0.7,layers=3,score=head_weighted"
+PRUNE = "token_prune:keep=0.7,layers=2,score=head_weighted,align=16,recover=100"
 
 
 def _tokopt(model, work: Path, threads: int) -> dict:

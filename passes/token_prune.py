@@ -3,7 +3,8 @@ network on them only (a rewrite of the exported graph; no model code is patched)
 
     h_l = block_l(h_{l-1})                      (attention of block l: tokopt.attention(q, k, ...))
     s   = score(q, k, mask)                     [B, N]   from block l's own q and k
-    idx = sort(top_K(s)),  K = ceil(keep * N)   [B, K]   K from the *actual* length
+    idx = sort(top_K(s)),  K = ceil(keep * N)   [B, K]   K from the *actual* length (``align``:
+                                                         N - K rounded down to a multiple of it, >= 1)
     every value the later layers read with a token axis -> gathered by idx
         (hidden states, attention masks on both axes, RoPE cos/sin, position ids)
     every later use of the symbolic length N -> K
@@ -72,10 +73,11 @@ __all__ = ["TokenPrunePass", "TokenPruneOptions", "kept_length"]
 MODES = ("drop", "fuse", "merge")
 
 
-def kept_length(n: int, keep: float) -> int:
-    """Tokens left after one pruning step at length ``n`` (at least 1)."""
+def kept_length(n: int, keep: float, align: int = 1) -> int:
+    """Tokens left after one pruning step at length ``n`` (at least 1; ``align``: see the option)."""
     f = Fraction(keep).limit_denominator(1000)
-    return max(1, (n * f.numerator + f.denominator - 1) // f.denominator)
+    k = max(1, (n * f.numerator + f.denominator - 1) // f.denominator)
+    return k if align == 1 else max(1, n - max((n - k) // align * align, 1))
 
 
 def merged_length(n: int, keep: float) -> int:
@@ -120,6 +122,9 @@ class TokenPruneOptions:
     schedule: str = opt("", "keep@layer list, overrides keep and layers", "e.g. 0.7@2/0.5@4")
     score: str = opt("cls", "how a token's importance is read", "|".join(SCORES))
     mode: str = opt("drop", "what happens to the tokens not kept", "|".join(MODES))
+    align: int = opt(1, "tokens dropped in multiples of this (fewer, never more; at least one), so a length that "
+                     "fills whole tiles still does: a CPU's int8/bf16 kernels work in tiles of 16 rows, and a ragged "
+                     "count costs a whole tile (16 for OpenVINO on x86)", ">= 1")
     restore: bool = opt(False, "give every pruned token its last representation back after the last layer "
                         "(token-level heads need it)", "true|false")
     recover: int = opt(0, "steps tuning norms and biases towards the unpruned model", ">= 0; 0: off")
@@ -136,6 +141,9 @@ class TokenPruneOptions:
                              "the other, and the first token never merges")
         if self.mode not in MODES:
             raise ValueError(f"mode={self.mode!r} is unknown; choose one of {', '.join(MODES)}")
+        if self.align < 1 or (self.align > 1 and self.mode == "merge"):
+            raise ValueError(f"align={self.align} must be >= 1, and 1 with mode=merge (ToMe's length follows "
+                             "its pairs)")
         if self.recover < 0 or self.recover_lr <= 0:
             raise ValueError("recover must be >= 0 steps and recover_lr positive")
 
@@ -157,11 +165,14 @@ class TokenPruneOptions:
 # --- the functions the rewritten graph calls (traced into ATen ops on re-export) ---------
 
 
-def _keep_indices(scores, mask, num: int, den: int, keep_last: bool):
-    """Sorted indices of the K = ceil(num/den * N) best tokens; first (and last) forced in.
-    A key no query may attend to (padding) scores -inf, read from the layer's own mask."""
+def _keep_indices(scores, mask, num: int, den: int, keep_last: bool, align: int = 1):
+    """Sorted indices of the K = ceil(num/den * N) best tokens (``align``: N - K rounded down to a
+    multiple of it, at least 1); first (and last) forced in. A key no query may attend to (padding)
+    scores -inf, read from the layer's own mask."""
     n = scores.shape[1]
     k = (n * num + den - 1) // den
+    if align > 1:   # drop a multiple of align (at least one token: a graph that may keep N takes a guard)
+        k = n - torch.sym_max((n - k) // align * align, 1)
     s = scores
     if mask is not None:
         allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
@@ -331,7 +342,8 @@ def _prune_once(rw: Rewrite, layer: int, keep: float, opts: TokenPruneOptions, c
                 score = f"{score}@{'last' if causal else 'cls'}"
             extra = (att[0],) if opts.score == "head_weighted" else ()
             scores = graph.call_function(TOKEN_SCORES.overload, (q, k, mask, scale, is_causal, score, *extra))
-            idx = graph.call_function(_keep_indices, (scores, mask, frac.numerator, frac.denominator, causal))
+            idx = graph.call_function(_keep_indices, (scores, mask, frac.numerator, frac.denominator, causal,
+                                                      opts.align))
             new_len = graph.call_function(torch.ops.aten.sym_size.int, (idx, 1))
             if opts.mode == "fuse":
                 new_len = graph.call_function(operator.add, (new_len, 1))
@@ -391,7 +403,7 @@ def _prune_once(rw: Rewrite, layer: int, keep: float, opts: TokenPruneOptions, c
             hidden, after_cut = value, gathered
     if not seq.free_symbols:
         n = int(seq)
-        kept = merged_length(n, keep) if opts.mode == "merge" else kept_length(n, keep) + (opts.mode == "fuse")
+        kept = merged_length(n, keep) if opts.mode == "merge" else kept_length(n, keep, opts.align) + (opts.mode == "fuse")
         _rewrite_fixed_length(after, n, kept)
     if opts.restore:
         if hidden is None:

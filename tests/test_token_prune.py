@@ -16,7 +16,7 @@ from tokopt.optimizer.errors import UsageError
 from tokopt.optimizer.pass_manager import PassManager, resolve
 from tokopt.backends.onnxruntime import for_onnx
 from tokopt.optimizer.ops import TOKEN_SCORES, onnx_translation_table
-from tokopt.passes.token_prune import _keep_indices, kept_length, merged_length
+from tokopt.passes.token_prune import TokenPruneOptions, _keep_indices, kept_length, merged_length
 
 from .conftest import feed_for
 
@@ -55,6 +55,24 @@ def test_token_counts_follow_schedule(scheduled, n):
     assert one.run(feed)["last_hidden_state"].shape[1] == kept_length(n, 0.5)
     assert two.run(feed)["logits"].shape[1] == kept_length(kept_length(n, 0.7), 0.5)
     assert one.history[-1]["stats"]["token_layer_fraction"] == pytest.approx(0.75)
+
+
+def test_aligned_counts_round_up_to_the_tile(bert, tmp_path, model_dir):
+    """align=8: tokens are dropped in multiples of 8 (N - ceil(keep * N) rounded down; fewer than 8
+    to drop: one dropped), so a length of whole tiles keeps whole tiles, at lengths the export
+    never saw; the same in ONNX Runtime. align=0 and align with merge refused."""
+    out = _run(bert, "token_prune:keep=0.5,layers=0,align=8")
+    for n, want in ((9, 8), (21, 13), (32, 16), (40, 24), (48, 24), (5, 4)):
+        ids = torch.randint(10, 256, (2, n))
+        got = out.run({"input_ids": ids, "attention_mask": torch.ones_like(ids)})["last_hidden_state"].shape[1]
+        assert got == want == kept_length(n, 0.5, 8), n
+    res = tokopt.compile(model_dir("bert"), out=tmp_path / "b", passes="token_prune:keep=0.5,layers=0,align=8",
+                         measure=False)
+    feed = feed_for("bert", 2, 21)
+    assert tokopt.load(res.bundle)(**{k: v.numpy() for k, v in feed.items()})["last_hidden_state"].shape == (2, 13, 64)
+    for bad in ({"align": 0}, {"keep": 0.7, "mode": "merge", "align": 16}):
+        with pytest.raises(ValueError, match="align"):
+            TokenPruneOptions(**bad)
 
 
 def test_head_weighted_and_diverse_scores_prune(bert, llama):
