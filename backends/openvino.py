@@ -162,31 +162,33 @@ def _keeps_a_key(mask):
     return mask.masked_fill(masked.all(-1, keepdim=True), 0.0)
 
 
-def rows_keep_a_key(program: Program) -> tuple[Program, int, int]:
-    """``program`` with every non-causal attention's mask through ``_keeps_a_key`` (once per mask
-    tensor), how many attention ops read such a mask, and how many causal ones with a mask were
-    left as they are (their causality is a flag the frontend folds into the mask, past a fix)."""
+def rows_keep_a_key(program: Program) -> tuple[Program, int]:
+    """``program`` with every attention's mask through ``_keeps_a_key`` (once per mask tensor), and
+    how many attention ops read such a mask; unchanged, and 0, where none has a mask or one is
+    causal beside its mask (the frontend folds that flag into the mask, past a fix, so the guards
+    must all stay and fixing the others would buy nothing)."""
     import torch
 
     from ..optimizer.ops import ATTENTION
     from ..optimizer.program import call_function_nodes
     rw = program.rewrite()
-    made, count, left = {}, 0, 0
-    for node in list(call_function_nodes(rw.graph)):
-        if not ATTENTION.matches(node):
-            continue
-        args = ATTENTION.attention(node.args)
-        if not isinstance(args.mask, torch.fx.Node):
+    masked = []   # (attention, its mask)
+    for node in call_function_nodes(rw.graph):
+        args = ATTENTION.attention(node.args) if ATTENTION.matches(node) else None
+        if args is None or not isinstance(args.mask, torch.fx.Node):
             continue
         if args.causal:
-            left += 1
-            continue
-        if args.mask not in made:
-            with rw.graph.inserting_after(args.mask):
-                made[args.mask] = rw.graph.call_function(_keeps_a_key, (args.mask,))
-        node.replace_input_with(args.mask, made[args.mask])
-        count += 1
-    return (rw.commit("making every attention row keep a key"), count, left) if count else (program, 0, left)
+            return program, 0
+        masked.append((node, args.mask))
+    if not masked:
+        return program, 0
+    made = {}
+    for att, mask in masked:
+        if mask not in made:
+            with rw.graph.inserting_after(mask):
+                made[mask] = rw.graph.call_function(_keeps_a_key, (mask,))
+        att.replace_input_with(mask, made[mask])
+    return rw.commit("making every attention row keep a key"), len(masked)
 
 
 def drop_nan_guards(model) -> int:
@@ -264,7 +266,7 @@ class OpenVinoBackend(Backend):
                                    "for this pass.")
         # projections stay apart: a fused one's split is a reference kernel in OpenVINO (VariadicSplit,
         # 16 us a layer on MiniLM), which costs what the wider GEMM saves
-        program, keyed, causal = rows_keep_a_key(program)
+        program, keyed = rows_keep_a_key(program)
         with tempfile.TemporaryDirectory() as tmp:
             onnx_path = Path(tmp) / "model.onnx"
             # low-bit weights stay MatMulNBits / GatherBlockQuantized, which OpenVINO's ONNX frontend
@@ -275,7 +277,7 @@ class OpenVinoBackend(Backend):
                 model = ov.convert_model(str(onnx_path))
             except Exception as e:  # the converter's messages name the op it has no rule for
                 raise BackendError(f"OpenVINO cannot convert tokopt's ONNX: {str(e).strip().splitlines()[0]}") from e
-            guards = 0 if causal else drop_nan_guards(model)
+            guards = drop_nan_guards(model) if keyed else 0
             ov.save_model(model, str(out_dir / MODEL_FILE), compress_to_fp16=False)  # weights as they are
         _check_runs(program, out_dir / MODEL_FILE)
         hint = _hint(ov, ov.Core(), target.openvino_device, precision)

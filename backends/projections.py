@@ -65,7 +65,8 @@ def _biases(rw: Rewrite, nodes: list, index: int) -> torch.Tensor | None:
     found = [rw.tensor(n.args[index]) if len(n.args) > index and n.args[index] is not None else None for n in nodes]
     if all(b is None for b in found):
         return None
-    return torch.cat([b if b is not None else torch.zeros(_width(rw, n)) for b, n in zip(found, nodes)])
+    like = next(b for b in found if b is not None)
+    return torch.cat([b if b is not None else like.new_zeros(_width(rw, n)) for b, n in zip(found, nodes)])
 
 
 def _side_by_side(tensors: list, dim: int = 0) -> torch.Tensor:
