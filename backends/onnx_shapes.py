@@ -5,8 +5,12 @@ torch.onnx spells ``x.view(B, S, 11, 64)`` with symbolic B and S as
 before every such Reshape at every call. Where each computed piece is the size of ``x``'s own
 dimension at the same position, ONNX's ``0`` (copy that dimension) says the same thing, and the
 shape becomes a constant: ``Reshape(x, [0, 0, 11, 64])`` (``allowzero`` dropped, which is safe
-when no literal size is 0). At one token per decode step these
-small nodes are a visible part of the step (see the README's decode table).
+when no literal size is 0). One size computed otherwise (the token count a pruning layer kept)
+becomes ``-1``, the size left once the others are known; where the pieces do not tell (torch.onnx
+writes a pruned layer's head count as a literal ``-1`` beside the computed token count), the
+sizes torch inferred for the result do. At one token per decode step these small nodes are a
+visible part of the step (see the README's decode table); OpenVINO, given a shape it cannot
+evaluate, loses every size of the result (a pruned layer's heads became ``?``).
 
 Also, optional outputs no node reads: onnxscript's fusions name every output of the norms they
 make (``SkipSimplifiedLayerNormalization``'s mean and inverse deviation too), and ONNX Runtime
@@ -66,6 +70,34 @@ def _same(a, b) -> bool:
                                                 and a.value == b.value)
 
 
+def _pieces(concat: ir.Node, x: ir.Value) -> list[int] | None:
+    """The Concat's shape as constants, 0 (a copy of ``x``'s size at that position) and -1 (any
+    other computed size); None where a piece is none of those."""
+    dims = []
+    for piece in concat.inputs:
+        if piece.const_value is not None:
+            dims += [int(v) for v in piece.const_value.numpy().reshape(-1)]
+            continue
+        source = _one_dim(piece)
+        if source is not None and len(dims) < x.shape.rank() and source[0].shape is not None \
+                and _same(source[0].shape[source[1]], x.shape[len(dims)]):
+            dims.append(0)
+        elif piece.shape is not None and piece.shape.is_static() and int(np.prod(piece.shape.numpy())) == 1:
+            dims.append(-1)
+        else:
+            return None
+    return dims
+
+
+def _from_result(x: ir.Value, out: ir.Value) -> list[int] | None:
+    """The shape from the sizes the exporter inferred for the result (torch's own symbolic
+    shapes): a literal, 0 where it is ``x``'s size at that position, else -1."""
+    if out.shape is None or x.shape is None:
+        return None
+    return [d if isinstance(d, int) else
+            0 if i < x.shape.rank() and _same(d, x.shape[i]) else -1 for i, d in enumerate(out.shape)]
+
+
 def static_reshapes(model: ir.Model) -> int:
     """Rewrite such Reshapes in place (see the module docstring); returns how many."""
     count, made = 0, {}
@@ -76,30 +108,24 @@ def static_reshapes(model: ir.Model) -> int:
         concat = shape.producer() if shape is not None else None
         if concat is None or concat.op_type != "Concat" or x.shape is None:
             continue
-        dims = []
-        for pos, piece in enumerate(concat.inputs):
-            if piece.const_value is not None:
-                dims += [int(v) for v in piece.const_value.numpy().reshape(-1)]
-                continue
-            source = _one_dim(piece)
-            if source is None or len(dims) >= x.shape.rank() or source[0].shape is None:
-                break
-            src, axis = source
-            if not _same(src.shape[axis], x.shape[len(dims)]):
-                break
-            dims.append(0)
-        else:
-            # torch.onnx writes allowzero=1 (a 0 is an empty dimension); the copies need 0 to mean
-            # "copy", which is safe when no literal size is 0
-            if dims.count(-1) <= 1 and not any(piece.const_value is not None and 0 in piece.const_value.numpy().reshape(-1)
-                            for piece in concat.inputs):
-                node.attributes.pop("allowzero", None)
-                if shape.name not in made:
-                    made[shape.name] = ir.Value(name=f"{shape.name}_static", const_value=ir.tensor(
-                        np.array(dims, np.int64), name=f"{shape.name}_static"))
-                    model.graph.register_initializer(made[shape.name])
-                node.replace_input_with(1, made[shape.name])
-                count += 1
+        # torch.onnx writes allowzero=1 (a 0 is an empty dimension); the copies need 0 to mean
+        # "copy", which is safe when no literal size is 0
+        out = node.outputs[0].shape
+        if any(p.const_value is not None and 0 in p.const_value.numpy() for p in concat.inputs) \
+                or (out is not None and 0 in out):
+            continue
+        found = [d for d in (_pieces(concat, x), _from_result(x, node.outputs[0])) if d is not None and d.count(-1) <= 1]
+        if not found:
+            continue
+        dims = min(found, key=lambda d: d.count(-1))
+        node.attributes.pop("allowzero", None)
+        key = (shape.name, tuple(dims))
+        if key not in made:
+            name = f"{shape.name}_static" + (f"_{len(made)}" if any(k[0] == shape.name for k in made) else "")
+            made[key] = ir.Value(name=name, const_value=ir.tensor(np.array(dims, np.int64), name=name))
+            model.graph.register_initializer(made[key])
+        node.replace_input_with(1, made[key])
+        count += 1
     if count:
         ir.passes.common.RemoveUnusedNodesPass()(model)
     return count

@@ -70,6 +70,15 @@ def test_aligned_counts_round_up_to_the_tile(bert, tmp_path, model_dir):
                          measure=False)
     feed = feed_for("bert", 2, 21)
     assert tokopt.load(res.bundle)(**{k: v.numpy() for k, v in feed.items()})["last_hidden_state"].shape == (2, 13, 64)
+    # the kept count is computed, yet each view to and from heads (before and after the cut) has a
+    # constant shape: -1 for the kept count, 0 for sizes copied from its input (static_reshapes)
+    graph = onnx.load(res.bundle / "model.onnx", load_external_data=False).graph
+    consts = {i.name for i in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    outputs = {v.name: [d.dim_value or d.dim_param for d in v.type.tensor_type.shape.dim] for v in graph.value_info}
+    heads = [n for n in graph.node if n.op_type == "Reshape" and any((outputs.get(v) or [None])[-1] == 16 for v in
+                                                                    (n.input[0], n.output[0]))]
+    pruned = [n for n in heads if any("Max" in str(d) for d in outputs[n.output[0]])]
+    assert len(heads) == 10 and len(pruned) == 5 and all(n.input[1] in consts for n in heads)
     for bad in ({"align": 0}, {"keep": 0.7, "mode": "merge", "align": 16}):
         with pytest.raises(ValueError, match="align"):
             TokenPruneOptions(**bad)
