@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop timing a candidate after this many seconds of calls (at least 3 calls)")
     c.add_argument("--bench-len", type=int, default=128, help="tokens per sequence for the latency probe")
     c.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    c.add_argument("--static-shapes", action="store_true",
+                   help="OpenVINO: the runner compiles one model per input shape on first use (that call pays "
+                        "the compile); faster calls where lengths repeat (padded buckets)")
     c.add_argument("--generate", action=argparse.BooleanOptionalAction, default=None,
                    help="causal LMs compile to one prefill/decode graph with a KV cache by default (runner.generate, "
                         "`tokopt run --max-new-tokens`; a plain call still gives every position's logits); "
@@ -120,7 +123,7 @@ def _cmd_compile(args) -> int:
         measure=not args.no_measure, bench_runs=args.bench_runs, bench_time=args.bench_time, max_memory=args.max_memory, bench_len=args.bench_len,
         threads=args.threads, generate=args.generate, progress=not (args.quiet or args.json),
         precision=args.precision, max_drop=args.max_drop, optimize=args.optimize, search_time=args.search_time,
-        search_trials=args.search_trials, seed=args.seed)
+        search_trials=args.search_trials, seed=args.seed, static_shapes=args.static_shapes)
     if args.json:
         print(json.dumps(result.report, indent=1, default=float))
     else:

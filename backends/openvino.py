@@ -28,7 +28,8 @@ that way: a graph with one keeps every guard.
 
 A device that compiles static shapes only (OpenVINO's NPU) gets one model per input shape,
 reshaped and compiled on first use, the last ``STATIC_MODELS`` kept; the CPU and GPU run the one
-dynamic model.
+dynamic model unless the bundle was compiled with ``--static-shapes``. Static shapes let OpenVINO
+fold every shape computation and plan memory once; a length's first call pays the compile.
 """
 from __future__ import annotations
 
@@ -109,6 +110,11 @@ def _reshaped(model, shapes: dict | None):
     return model
 
 
+def _static(lowering: dict) -> bool:
+    """Whether the bundle runs one model per input shape: its device's only way, or --static-shapes."""
+    return lowering["device"] in STATIC_DEVICES or lowering.get("shapes") == "static"
+
+
 class Compiled:
     """The compiled model and infer request for a feed: one dynamic model, or, with ``static``,
     one model per input shape compiled on first use (``make(shapes)``), the last
@@ -143,7 +149,7 @@ class OpenVinoRunner(Runner):
         device, precision = manifest["lowering"]["device"], manifest["lowering"]["precision"]
         model = _read(Path(bundle) / MODEL_FILE)
         self.models = Compiled(lambda shapes: _compile(model, device, precision, threads, shapes),
-                               device in STATIC_DEVICES if static is None else static)
+                               _static(manifest["lowering"]) if static is None else static)
         self.graph_inputs = {i.get_any_name() for i in model.inputs}
 
     def _run(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -237,6 +243,7 @@ def _check_runs(program: Program, path: Path) -> None:
 class OpenVinoBackend(Backend):
     name = "openvino"
     runner_cls = OpenVinoRunner
+    static_shapes = True
 
     def target(self, name: str) -> Target:
         target = get_target(name)
@@ -290,7 +297,7 @@ class OpenVinoBackend(Backend):
         plain ``torch.onnx.export``, OpenVINO's default precision; same feed, same run, at each length."""
         ov = require_openvino()
         lowering = manifest["lowering"]
-        device, static = lowering["device"], lowering["device"] in STATIC_DEVICES
+        device, static = lowering["device"], _static(lowering)
         own = _read(bundle_dir / MODEL_FILE)
         ours = Compiled(lambda shapes: _compile(own, device, lowering["precision"], threads, shapes), static)
         names = {i.get_any_name() for i in own.inputs}

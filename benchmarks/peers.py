@@ -14,11 +14,13 @@ with its interquartile range):
   tokopt w8a8 tokens [..]  the same with ``outlier_tokens=2,smooth=0.5`` (token-adaptive activations)
   tokopt prune+w8a8 [..]   ``token_prune:keep=0.7,layers=2,score=head_weighted,align=16,recover=100`` stacked under W8A8
   tokopt OV                no passes on OpenVINO at its default precision (bf16 on this CPU)
+  ... OV static            the same bundle compiled with ``--static-shapes`` (one model per input shape)
   ort dynamic int8         onnxruntime.quantization.quantize_dynamic (per channel) on the plain export
   ort static int8 (QDQ)    onnxruntime.quantization.quantize_static, MatMuls, per channel, calibrated on the
                            same passages as tokopt
   openvino fp32 / default  ``ov.convert_model`` of the plain export, f32 hint / OpenVINO's default
   openvino + nncf int8     ``nncf.quantize(model_type=TRANSFORMER)`` on it, same calibration passages
+  ... nncf int8 static     the same model reshaped to each input shape and compiled on first use
   ort transformer optimizer  onnxruntime.transformers.optimizer (optimum's O3) on the plain export
   optimum                  a row saying why not, when optimum is not installed
 Calibration reads the shipped passages' calibration split; quality (cosine of mean-pooled
@@ -54,12 +56,13 @@ def _tokopt(model, work: Path, threads: int) -> dict:
              "tokopt prune+w8a8 OV": (f"{PRUNE},{W8A8}", "openvino"),
              "tokopt w8a8 inductor": (W8A8, "inductor"),
              "tokopt prune+w8a8 inductor": (f"{PRUNE},{W8A8}", "inductor"),
-             "tokopt OV": ("canonicalize", "openvino")}
+             "tokopt OV": ("canonicalize", "openvino"),
+             "tokopt w8a8 OV static": (W8A8, "openvino"), "tokopt prune+w8a8 OV static": (f"{PRUNE},{W8A8}", "openvino")}
     out = {}
     for name, (passes, backend) in specs.items():
         try:
             res = tokopt.compile(model, out=work / name.replace(" ", "_"), passes=passes, backend=backend,
-                                 measure=False, progress=False)
+                                 measure=False, progress=False, static_shapes=name.endswith(" static"))
         except Exception as e:  # noqa: BLE001 - a backend missing here is a row saying so
             out[name] = f"{type(e).__name__}: {e}"
             continue
@@ -120,7 +123,31 @@ def _openvino_peers(plain: Path, calib: list[dict], threads: int) -> dict:
         compiled = core.compile_model(item[0], "CPU", {**props, **item[1]})
         req = compiled.create_infer_request()
         out[name] = lambda feed, req=req: {"last_hidden_state": req.infer(feed)[0]}
+    if not isinstance(models["openvino + nncf int8"], str):
+        out["openvino + nncf int8 static"] = _static(core, models["openvino + nncf int8"][0], props)
     return out
+
+
+def _static(core, model, props):
+    """``model`` reshaped to each feed's shapes and compiled on first use (what ``--static-shapes``
+    gives a tokopt bundle)."""
+    from collections import OrderedDict
+
+    import openvino as ov
+
+    from tokopt.backends.openvino import STATIC_MODELS
+    requests = OrderedDict()
+
+    def run(feed):
+        key = tuple((k, v.shape) for k, v in sorted(feed.items()))
+        if key not in requests:
+            one = model.clone()
+            one.reshape({k: ov.PartialShape(list(v.shape)) for k, v in feed.items()})
+            requests[key] = core.compile_model(one, "CPU", props).create_infer_request()
+            if len(requests) > STATIC_MODELS:
+                requests.popitem(last=False)
+        return {"last_hidden_state": requests[key].infer(feed)[0]}
+    return run
 
 
 def _ort_optimizer(plain: Path, work: Path, threads: int) -> dict:

@@ -103,15 +103,19 @@ def compile(model, example_inputs=None, *, out=None, passes=None, recipe=None, b
             bench_time: float | None = 10.0, bench_len: int = 128, threads: int | None = None, texts: list[str] | None = None,
             generate: bool | None = None, progress: bool = False, precision: str = "auto", max_drop: str | None = None,
             optimize: str = "latency", search_time="20m", search_trials: int | None = None, seed: int = 0,
-            max_memory: str | int | None = None,
+            max_memory: str | int | None = None, static_shapes: bool = False,
             extra_files: dict | None = None, extra_report: dict | None = None) -> CompileResult:
     """Compile ``model`` into a bundle at ``out`` and measure it. See ``tokopt compile --help``.
     A causal LM is compiled as one prefill/decode graph with a KV cache and the bundle's runner
     gets ``generate()`` unless ``generate=False`` (``None``: wherever the model and every pass
     allow it; ``True``: refuse where they do not). With ``max_drop`` (e.g. ``"cosine=0.002"``), the passes
     and backend are searched for the fastest (``optimize="latency"``) or smallest bundle within that
-    quality budget (``optimizer/search.py``); ``backend`` then fixes the backend."""
+    quality budget (``optimizer/search.py``); ``backend`` then fixes the backend. ``static_shapes``
+    (OpenVINO): the bundle's runner compiles one model per input shape, on first use."""
     if max_drop is not None:
+        if static_shapes:
+            raise UsageError("--static-shapes with --max-drop: the search times every candidate with dynamic "
+                             "shapes; compile its recipe again with --static-shapes.")
         if passes is not None or recipe is not None:
             raise UsageError("--max-drop searches the passes itself: leave out --passes and --recipe (the search "
                              "writes the recipe it found to the bundle's recipe.yaml).")
@@ -129,6 +133,9 @@ def compile(model, example_inputs=None, *, out=None, passes=None, recipe=None, b
     if generate is None and refusing:
         generate = False   # a causal LM keeps its full-sequence forward; the plan says why below
     be = get_backend(backend)
+    if static_shapes and not be.static_shapes:
+        raise UsageError(f"--static-shapes: the {be.name} backend runs one model for every input shape; static "
+                         "shapes are an OpenVINO option (--backend openvino).")
     tgt = be.target(target)
     be.check_precision(tgt, precision)
     if tgt.tensorrt is not None:   # no ONNX Runtime contrib ops there: a pass that asks for one adapts or refuses
@@ -171,6 +178,8 @@ def compile(model, example_inputs=None, *, out=None, passes=None, recipe=None, b
         page_out(captured, keep=program)   # the original's weights a pass replaced: not read until the report's probe
         with stage("lowering", stages, progress, f"lowering to {be.name} for {tgt.name}{note}"):
             lowered = be.lower(program, tmp, tgt, precision)
+        if static_shapes:
+            lowered["shapes"] = "static"
         if program.tokenizer_dir:
             (tmp / "tokenizer").mkdir()
             for name in _TOKENIZER_FILES:

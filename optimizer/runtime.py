@@ -213,6 +213,7 @@ class Backend:
     name: ClassVar[str]
     runner_cls: ClassVar[type[Runner]]
     lowering_note: ClassVar[str] = ""   # what the progress line says of a slow lowering
+    static_shapes: ClassVar[bool] = False   # can run a model compiled per input shape (--static-shapes)
 
     def target(self, name: str):
         """The target profile ``name``, checked for this machine (raises if unusable)."""

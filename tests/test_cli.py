@@ -61,6 +61,7 @@ def test_inspect_model_and_bundle(capsys, model_dir, tmp_path):
     (["--bench-time", "0"], 2, "--bench-time 0.0: give the seconds"),
     (["--max-memory", "lots"], 2, "--max-memory 'lots': give a size such as 16GB"),
     (["--max-memory", "1MB"], 2, "is the --max-memory budget"),
+    (["--static-shapes"], 2, "--static-shapes: the onnxruntime backend runs one model for every input shape"),
 ])
 def test_bad_options(capsys, model_dir, tmp_path, argv, code, message):
     if "cuda" in argv or "tensorrt" in argv:

@@ -71,14 +71,16 @@ def test_attention_rows_without_keys_need_no_nan_guard(tmp_path, model_dir):
 
 
 def test_static_shapes_compile_one_model_per_input_shape(tmp_path, model_dir, monkeypatch):
-    """A device that compiles static shapes only (the NPU) gets one model per input shape: shown
-    on the CPU, whose static models give the dynamic model's outputs; a shape seen before reuses
-    its model, the oldest beyond STATIC_MODELS is dropped; the report's timing takes the same path."""
+    """--static-shapes (and a device that compiles static shapes only, the NPU): one model per
+    input shape, whose outputs are the dynamic model's; a shape seen before reuses its model, the
+    oldest beyond STATIC_MODELS is dropped; the report's timing takes the same path."""
     from tokopt.backends import openvino as backend
     from tokopt.optimizer.report import Bench
-    res = tokopt.compile(model_dir("bert"), out=tmp_path / "b", backend="openvino", precision="fp32", measure=False)
-    dynamic = tokopt.load(res.bundle)
-    static = backend.OpenVinoRunner(res.bundle, res.manifest, static=True)
+    res = tokopt.compile(model_dir("bert"), out=tmp_path / "b", backend="openvino", precision="fp32", measure=False,
+                         static_shapes=True)
+    assert res.manifest["lowering"]["shapes"] == "static"
+    static = tokopt.load(res.bundle)
+    dynamic = backend.OpenVinoRunner(res.bundle, res.manifest, static=False)
     monkeypatch.setattr(backend, "STATIC_MODELS", 2)
     for batch, length in [(1, 9), (2, 17), (1, 9), (3, 5)]:
         feed = {k: v.numpy() for k, v in feed_for("bert", batch, length).items()}
@@ -88,7 +90,7 @@ def test_static_shapes_compile_one_model_per_input_shape(tmp_path, model_dir, mo
         assert [list(i.get_shape()) for i in compiled.inputs][0] == [batch, length]   # static, not [?, ?]
     assert [dict(k)["input_ids"] for k in static.models.models] == [(1, 9), (3, 5)]   # (2, 17) dropped
     assert not dynamic.models.static and dynamic.models({})[0].inputs[0].get_partial_shape().is_dynamic
-    monkeypatch.setattr(backend, "STATIC_DEVICES", ("CPU",))
+    assert backend._static({"device": "NPU"}) and not backend._static({"device": "CPU"})
     entries = backend.OpenVinoBackend().latency(tokopt.capture(model_dir("bert")), res.bundle,
                                                 backend.get_target("x86-cpu"), Bench(runs=2), [8, 16], None,
                                                 res.manifest)
@@ -139,6 +141,10 @@ def test_passes_ops_convert(tmp_path, model_dir):
 def test_what_openvino_cannot_serve_is_refused(tmp_path, model_dir, monkeypatch):
     with pytest.raises(UsageError, match="bf16 is an OpenVINO precision"):
         tokopt.compile(model_dir("bert"), out=tmp_path / "a", precision="bf16")
+    with pytest.raises(UsageError, match="--static-shapes: the onnxruntime backend runs one model.*--backend openvino"):
+        tokopt.compile(model_dir("bert"), out=tmp_path / "a", static_shapes=True)
+    with pytest.raises(UsageError, match="--static-shapes with --max-drop"):
+        tokopt.compile(model_dir("bert"), out=tmp_path / "a", static_shapes=True, max_drop="cosine=0.01")
     with pytest.raises(BackendError, match="not one OpenVINO serves; choose one of x86-cpu, arm64-cpu"):
         tokopt.compile(model_dir("bert"), out=tmp_path / "b", backend="openvino", target="tensorrt")
     import openvino as ov
