@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
     c.add_argument("--static-shapes", action="store_true",
                    help="OpenVINO: the runner compiles one model per input shape on first use (that call pays "
-                        "the compile); faster calls where lengths repeat (padded buckets)")
+                        "the compile); faster calls where lengths repeat (padded buckets). A causal LM then "
+                        "compiles its full-sequence forward")
     c.add_argument("--generate", action=argparse.BooleanOptionalAction, default=None,
                    help="causal LMs compile to one prefill/decode graph with a KV cache by default (runner.generate, "
                         "`tokopt run --max-new-tokens`; a plain call still gives every position's logits); "

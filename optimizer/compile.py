@@ -136,6 +136,11 @@ def compile(model, example_inputs=None, *, out=None, passes=None, recipe=None, b
     if static_shapes and not be.static_shapes:
         raise UsageError(f"--static-shapes: the {be.name} backend runs one model for every input shape; static "
                          "shapes are an OpenVINO option (--backend openvino).")
+    if static_shapes and generate:
+        raise UsageError("--static-shapes with --generate: a generation graph's shapes change at every decode "
+                         "step, each a compile; leave one of them out.")
+    if static_shapes and generate is None:
+        generate = False   # as a refusing pass does; the plan says why below
     tgt = be.target(target)
     be.check_precision(tgt, precision)
     if tgt.tensorrt is not None:   # no ONNX Runtime contrib ops there: a pass that asks for one adapts or refuses
@@ -166,6 +171,9 @@ def compile(model, example_inputs=None, *, out=None, passes=None, recipe=None, b
     if captured.task == "causal-lm" and captured.cache is None and refusing:
         the_plan.notes.append(f"compiled as the full-sequence forward, without generate(): {refusing[0].name} "
                               f"cannot run on a generation graph ({refusing[0].on_generate})")
+    elif captured.task == "causal-lm" and captured.cache is None and static_shapes:
+        the_plan.notes.append("compiled as the full-sequence forward, without generate(): with --static-shapes "
+                              "each decode step's new shape would be a compile")
     weights = weights_bytes(captured)
     check_disk(out.parent, weights + 2**26, f"the bundle ({weights / 2**30:.1f} GiB of weights)")
     with stage("passes", None, progress, f"running passes: {', '.join(p.name for p in pass_list)}"):

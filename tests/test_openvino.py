@@ -96,6 +96,9 @@ def test_static_shapes_compile_one_model_per_input_shape(tmp_path, model_dir, mo
                                                 res.manifest)
     assert [e["shapes"] for e in entries] == ["static: one model compiled per input shape"] * 2
     assert all(e["tokopt"]["median_ms"] > 0 and e["baseline"]["median_ms"] > 0 for e in entries)
+    # a causal LM keeps its full-sequence forward: a decode step's new shape would be a compile
+    lm = tokopt.compile(model_dir("llama"), out=tmp_path / "lm", backend="openvino", measure=False, static_shapes=True)
+    assert "generation" not in lm.manifest and "--static-shapes" in " ".join(lm.report["plan"])
 
 
 @pytest.mark.slow
@@ -145,6 +148,8 @@ def test_what_openvino_cannot_serve_is_refused(tmp_path, model_dir, monkeypatch)
         tokopt.compile(model_dir("bert"), out=tmp_path / "a", static_shapes=True)
     with pytest.raises(UsageError, match="--static-shapes with --max-drop"):
         tokopt.compile(model_dir("bert"), out=tmp_path / "a", static_shapes=True, max_drop="cosine=0.01")
+    with pytest.raises(UsageError, match="--static-shapes with --generate: a generation graph's shapes change"):
+        tokopt.compile(model_dir("llama"), out=tmp_path / "a", backend="openvino", static_shapes=True, generate=True)
     with pytest.raises(BackendError, match="not one OpenVINO serves; choose one of x86-cpu, arm64-cpu"):
         tokopt.compile(model_dir("bert"), out=tmp_path / "b", backend="openvino", target="tensorrt")
     import openvino as ov
