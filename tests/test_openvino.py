@@ -73,9 +73,9 @@ def test_attention_rows_without_keys_need_no_nan_guard(tmp_path, model_dir):
 def test_static_shapes_compile_one_model_per_input_shape(tmp_path, model_dir, monkeypatch):
     """--static-shapes (and a device that compiles static shapes only, the NPU): one model per
     input shape, whose outputs are the dynamic model's; a shape seen before reuses its model, the
-    oldest beyond STATIC_MODELS is dropped; the report's timing takes the same path."""
+    oldest beyond STATIC_MODELS is dropped; the report's timing takes the same path and says so."""
     from tokopt.backends import openvino as backend
-    from tokopt.optimizer.report import Bench
+    from tokopt.optimizer.report import Bench, format_report
     res = tokopt.compile(model_dir("bert"), out=tmp_path / "b", backend="openvino", precision="fp32", measure=False,
                          static_shapes=True)
     assert res.manifest["lowering"]["shapes"] == "static"
@@ -96,6 +96,9 @@ def test_static_shapes_compile_one_model_per_input_shape(tmp_path, model_dir, mo
                                                 res.manifest)
     assert [e["shapes"] for e in entries] == ["static: one model compiled per input shape"] * 2
     assert all(e["tokopt"]["median_ms"] > 0 and e["baseline"]["median_ms"] > 0 for e in entries)
+    text = format_report({"source": "bert", "backend": "openvino", "target": "x86-cpu", "latency": entries[0],
+                          "size_bytes": {"tokopt": 1}})
+    assert text.count("; shapes static)") == 1
     # a causal LM keeps its full-sequence forward: a decode step's new shape would be a compile
     lm = tokopt.compile(model_dir("llama"), out=tmp_path / "lm", backend="openvino", measure=False, static_shapes=True)
     assert "generation" not in lm.manifest and "--static-shapes" in " ".join(lm.report["plan"])
