@@ -11,6 +11,7 @@ import contextlib
 import io
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,7 @@ from .onnx_shapes import drop_unread_outputs, merge_ifs, static_reshapes
 from .ort_options import DISABLED_OPTIMIZERS, session_options
 from .targets import Target, get_target, host_arch, host_providers
 
-__all__ = ["OnnxRuntimeBackend", "OnnxRuntimeRunner", "BoundDecoding", "export_onnx", "for_onnx", "export_baseline", "make_session",
+__all__ = ["OnnxRuntimeBackend", "OnnxRuntimeRunner", "BoundDecoding", "decode_step", "export_onnx", "for_onnx", "export_baseline", "make_session",
            "disagreement", "program_reference", "session_disagreement", "MODEL_FILE"]
 
 MODEL_FILE = "model.onnx"
@@ -460,6 +461,22 @@ class BoundDecoding:
         return wide
 
 
+def decode_step(session, manifest: dict, names: set[str], feed: dict) -> tuple[BoundDecoding, Callable]:
+    """A decode step as generate() runs it, to time: the cache in the buffers bound as past and
+    present, the greedy pick included (as in the peer's generate_next_token). A cache the prefill
+    compacts (tca select=prefill) is first filled by a prefill of the step's context, so the step
+    attends to what it keeps, as it does in generate()."""
+    ids, mask = feed["input_ids"], feed["attention_mask"]
+    spec = CacheSpec.from_json(manifest["generation"]["cache"])
+    step = BoundDecoding(session, spec, 1, mask.shape[1], names)
+    if spec.keeps:
+        n = mask.shape[1] - 1
+        prompt = np.random.default_rng(0).integers(spec.vocab_size // 10, spec.vocab_size, (1, n))
+        step(prompt, np.ones((1, n), dtype=np.int64), np.arange(n)[None])
+    pos = feed.get("position_ids", np.array([[mask.shape[1] - 1]]))
+    return step, lambda: step(ids, mask, pos).argmax(-1)
+
+
 @register_backend
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
@@ -526,12 +543,7 @@ class OnnxRuntimeBackend(Backend):
             fed = {k: v for k, v in with_positions(feed, names).items() if k in names}
             ids, mask = fed["input_ids"], fed.get("attention_mask")
             if bound and ids.shape[1] == 1 and mask is not None and mask.shape[1] > 1:
-                # a decode step as generate() runs it: the cache in the buffers bound as past and present,
-                # the greedy pick included (as in the peer's generate_next_token)
-                step = BoundDecoding(ours, CacheSpec.from_json(manifest["generation"]["cache"]), 1, mask.shape[1],
-                                     set(names))
-                pos = fed.get("position_ids", np.array([[mask.shape[1] - 1]]))
-                return lambda: step(ids, mask, pos).argmax(-1)
+                return decode_step(ours, manifest, set(names), fed)[1]
             return lambda: ours.run(None, fed)
         with tempfile.TemporaryDirectory() as tmp:
             others, fields = {}, {}

@@ -11,9 +11,10 @@ import torch
 from torch.export import Dim
 
 import tokopt
+from tokopt.backends.onnxruntime import decode_step
 from tokopt.optimizer.compile import plan_passes
 from tokopt.optimizer.errors import UsageError
-from tokopt.optimizer.generation import generate_ids
+from tokopt.optimizer.generation import LOGITS_INDEX, generate_ids
 from tokopt.optimizer.ops import OPSET, TCA_KEEP, TCA_KEEP_PACKED, onnx_translation_table
 from tokopt.optimizer.ops.gqa import rotate
 from tokopt.optimizer.ops.tca import compact_size
@@ -189,6 +190,12 @@ def test_bundle_decodes_on_the_kernel_as_the_program(tmp_path, tiny_llama):
     np.testing.assert_array_equal(generate_ids(bundle, bundle.runner.cache_spec(), row, max_new_tokens=24,
                                                prompt_lookup=6), plain)
     assert bundle.opened.compaction.shrink > 0
+    # the report times a decode step after a prefill of its context, on the entries that prefill keeps
+    session = bundle.runner.session
+    feed = {"input_ids": np.array([[7]]), "attention_mask": np.ones((1, 91), dtype=np.int64),
+            "position_ids": np.array([[90]]), LOGITS_INDEX: np.array([0])}
+    timed, call = decode_step(session, manifest, {i.name for i in session.get_inputs()}, feed)
+    assert call().shape == (1,) and timed.compaction.shrink == 90 - (4 + 8 + 9)
 
 
 class _Opened:
