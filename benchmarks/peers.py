@@ -129,25 +129,11 @@ def _openvino_peers(plain: Path, calib: list[dict], threads: int) -> dict:
 
 
 def _static(core, model, props):
-    """``model`` reshaped to each feed's shapes and compiled on first use (what ``--static-shapes``
-    gives a tokopt bundle)."""
-    from collections import OrderedDict
-
-    import openvino as ov
-
-    from tokopt.backends.openvino import STATIC_MODELS
-    requests = OrderedDict()
-
-    def run(feed):
-        key = tuple((k, v.shape) for k, v in sorted(feed.items()))
-        if key not in requests:
-            one = model.clone()
-            one.reshape({k: ov.PartialShape(list(v.shape)) for k, v in feed.items()})
-            requests[key] = core.compile_model(one, "CPU", props).create_infer_request()
-            if len(requests) > STATIC_MODELS:
-                requests.popitem(last=False)
-        return {"last_hidden_state": requests[key].infer(feed)[0]}
-    return run
+    """``model`` reshaped to each feed's shapes and compiled on first use, the last few kept: the
+    runner ``--static-shapes`` gives a tokopt bundle."""
+    from tokopt.backends.openvino import Compiled, _reshaped
+    models = Compiled(lambda shapes: core.compile_model(_reshaped(model, shapes), "CPU", props), static=True)
+    return lambda feed: {"last_hidden_state": models(feed)[1].infer(feed)[0]}
 
 
 def _ort_optimizer(plain: Path, work: Path, threads: int) -> dict:
