@@ -271,9 +271,9 @@ class OpenVinoBackend(Backend):
             if any(OPS[name].matches(n) for n in program.graph.nodes):
                 raise BackendError(f"the openvino backend cannot take {name}: {why}. Use --backend onnxruntime "
                                    "for this pass.")
-        # projections stay apart: a fused one's split is a reference kernel in OpenVINO (VariadicSplit,
-        # 16 us a layer on MiniLM), which costs what the wider GEMM saves
         program, keyed = rows_keep_a_key(program)
+        # no fuse_projections here: a fused projection's split is a reference kernel in OpenVINO
+        # (VariadicSplit, 16 us a layer on MiniLM), which costs what the wider GEMM saves
         with tempfile.TemporaryDirectory() as tmp:
             onnx_path = Path(tmp) / "model.onnx"
             # low-bit weights stay MatMulNBits / GatherBlockQuantized, which OpenVINO's ONNX frontend
