@@ -26,6 +26,12 @@ through the values), and the guards are dropped from the converted model. An att
 causality is a flag beside its mask (the frontend folds the two into one mask) cannot be fixed
 that way: a graph with one keeps every guard.
 
+W8A8 under a bf16 hint: the CPU plugin runs LayerNorm in fp32 and SmoothQuant's per-channel multiply
+after it in bf16, with a Reorder between, only for the FakeQuantize after the multiply to make
+uint8 of it. Those multiplies (``quantizer_inputs_kept_fp32``) are marked ``precise`` in the IR and
+stay fp32: one node fewer before each quantized linear (1.02x on MiniLM's W8A8 at 128 tokens, the
+pruned stack 1.02x / 1.04x at 128 / 256).
+
 A device that compiles static shapes only (OpenVINO's NPU) gets one model per input shape,
 reshaped and compiled on first use, the last ``STATIC_MODELS`` kept; the CPU and GPU run the one
 dynamic model unless the bundle was compiled with ``--static-shapes``. Static shapes let OpenVINO
@@ -214,6 +220,50 @@ def drop_nan_guards(model) -> int:
     return dropped
 
 
+def _fed_by_layer_norm(op) -> bool:
+    """Is ``op``'s data input an ``MVN``, through its affine (Multiply and Add by constants) and
+    any gather or reshape of its rows (token_prune's cut)?"""
+    node = op.input_value(0).get_node()
+    while node.get_type_name() in ("Multiply", "Add", "Gather", "Reshape"):
+        if node.get_type_name() in ("Gather", "Reshape"):
+            node = node.input_value(0).get_node()
+            continue
+        data = [v for v in node.input_values() if v.get_node().get_type_name() != "Constant"]
+        if len(data) != 1:
+            return False
+        node = data[0].get_node()
+    return node.get_type_name() == "MVN"
+
+
+def quantizer_inputs_kept_fp32(model) -> list[str]:
+    """The per-channel Multiplies (SmoothQuant's scales) between a LayerNorm and the FakeQuantize
+    of the linears it feeds: named to be kept at fp32 under a bf16 hint (``mark_precise``). The
+    CPU plugin runs the norm in fp32 and the multiply in bf16, with a Reorder between; kept fp32,
+    the multiply reads the norm's output as it is and the quantizer makes its uint8 from it."""
+    return [op.get_friendly_name() for op in model.get_ordered_ops()
+            if op.get_type_name() == "Multiply" and _fed_by_layer_norm(op)
+            and all(i.get_node().get_type_name() == "FakeQuantize" for i in op.output(0).get_target_inputs())]
+
+
+def mark_precise(xml: Path, names: list[str]) -> None:
+    """Give the named layers of a saved IR OpenVINO's ``precise`` runtime attribute (its
+    ``DisablePrecisionConversion``: the plugin keeps the layer in its original precision under an
+    inference-precision hint). The Python API cannot set it (the plugin reads it as that C++
+    type), so it is written as OpenVINO's serializer writes it."""
+    import xml.etree.ElementTree as ET
+    tree = ET.parse(xml)
+    wanted = set(names)
+    for layer in tree.getroot().iter("layer"):
+        if layer.get("name") not in wanted:
+            continue
+        info = layer.find("rt_info")
+        if info is None:
+            info = ET.Element("rt_info")
+            layer.insert(1 if layer.find("data") is not None else 0, info)
+        ET.SubElement(info, "attribute", {"name": "precise", "version": "0"})
+    tree.write(xml, encoding="utf-8", xml_declaration=True)
+
+
 def _check_runs(program: Program, path: Path) -> None:
     """OpenVINO's CPU device runs the IR on the probe and on shapes the export never saw, in
     fp32, and reproduces the program (where the graph's rounding decisions allow it: a graph
@@ -285,11 +335,14 @@ class OpenVinoBackend(Backend):
             except Exception as e:  # the converter's messages name the op it has no rule for
                 raise BackendError(f"OpenVINO cannot convert tokopt's ONNX: {str(e).strip().splitlines()[0]}") from e
             guards = drop_nan_guards(model) if keyed else 0
+            fp32 = quantizer_inputs_kept_fp32(model)
             ov.save_model(model, str(out_dir / MODEL_FILE), compress_to_fp16=False)  # weights as they are
+        mark_precise(out_dir / MODEL_FILE, fp32)
         _check_runs(program, out_dir / MODEL_FILE)
         hint = _hint(ov, ov.Core(), target.openvino_device, precision)
         return {"model": MODEL_FILE, "device": target.openvino_device, "precision": hint["precision"],
-                **({"nan_guards_dropped": guards, "masks_keep_a_key": keyed} if guards or keyed else {})}
+                **({"nan_guards_dropped": guards, "masks_keep_a_key": keyed} if guards or keyed else {}),
+                **({"fp32_quantizer_inputs": len(fp32)} if fp32 else {})}
 
     def latency(self, captured: Program, bundle_dir: Path, target: Target, bench: Bench, lengths: list[int],
                 threads: int | None, manifest: dict) -> list[dict]:

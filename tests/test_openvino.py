@@ -166,3 +166,33 @@ def test_what_openvino_cannot_serve_is_refused(tmp_path, model_dir, monkeypatch)
     with pytest.raises(BackendError, match="needs OpenVINO, which is not installed.*tokopt\\[openvino\\]"):
         tokopt.compile(model_dir("bert"), out=tmp_path / "e", backend="openvino")
     assert not any((tmp_path / n).exists() for n in "abcde")
+
+
+def test_norm_fed_quantizer_scales_stay_fp32(tmp_path, model_dir):
+    """W8A8 under bf16: SmoothQuant's per-channel multiply between a LayerNorm and its linears'
+    FakeQuantize is marked ``precise`` in the IR (through token_prune's row gather too), so the CPU
+    plugin reads the norm's fp32 output without a Reorder to bf16 (the last place one stood before
+    each quantized linear); the bundle still reproduces the program."""
+    import openvino as ov
+    np.save(tmp_path / "ids.npy", np.random.default_rng(0).integers(0, 256, (4, 32)))
+    res = tokopt.compile(model_dir("bert"), out=tmp_path / "b", backend="openvino", measure=False,
+                         calib=tmp_path / "ids.npy", passes="token_prune:keep=0.5,layers=0,align=4,"
+                         "rsq:bits=8,act_bits=8,solver=rtn,importance=none,samples=4,seq_len=32")
+    assert res.manifest["lowering"]["fp32_quantizer_inputs"] == 2 * 2   # two norms feed linears, two layers
+    model = ov.Core().read_model(str(res.bundle / "model.xml"))
+    marked = [op for op in model.get_ops() if "DisablePrecisionConversion_0" in op.get_rt_info()]
+    assert len(marked) == 4 and all(op.get_type_name() == "Multiply" for op in marked)
+    assert all(i.get_node().get_type_name() == "FakeQuantize" for op in marked for i in op.output(0).get_target_inputs())
+    names = {op.get_friendly_name() for op in marked}
+    feed = feed_for("bert", 1, 24)
+    got = tokopt.load(res.bundle)(**{k: v.numpy() for k, v in feed.items()})["last_hidden_state"]
+    want = res.program.run(feed)["last_hidden_state"].numpy()
+    cos = (got * want).sum(-1) / np.linalg.norm(got, axis=-1) / np.linalg.norm(want, axis=-1)
+    assert got.shape == want.shape and cos.min() > 0.99
+    core = ov.Core()
+    if "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        pytest.skip("this CPU has no bf16: the marks change nothing at fp32")
+    compiled = core.compile_model(model, "CPU", {ov.properties.hint.inference_precision: ov.Type.bf16})
+    reorders = [op.get_friendly_name() for op in compiled.get_runtime_model().get_ordered_ops()
+                if op.get_rt_info()["layerType"].astype(str) == "Reorder"]
+    assert reorders and not [r for r in reorders if any(r.endswith(f"_{n}") for n in names)]
