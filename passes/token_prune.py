@@ -179,9 +179,9 @@ def _keep_indices(scores, mask, num: int, den: int, keep_last: bool, align: int 
     s = scores
     if mask is not None:
         allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
-        # keys some query may attend to: the rows first (any over dims (1, 2) exports as a reduction over
-        # a [B, 1, N, N] map's size-1 head axis first, three times slower in OpenVINO)
-        valid = allowed.any(dim=-2).any(dim=1).expand(s.shape[0], n)
+        # keys some query may attend to, as one reduction over rows and heads (any(dim=(1, 2)) exports
+        # as two, the size-1 head axis first: a copy of the whole map, three times slower in OpenVINO)
+        valid = (allowed.to(torch.int64).amax(dim=(1, 2)) > 0).expand(s.shape[0], n)
         s = torch.where(valid, s, float("-inf"))
     pos = torch.arange(n, device=s.device)
     forced = (pos == 0) | (pos == n - 1) if keep_last else pos == 0
