@@ -29,8 +29,7 @@ that way: a graph with one keeps every guard.
 W8A8 under a bf16 hint: the CPU plugin runs LayerNorm in fp32 and SmoothQuant's per-channel multiply
 after it in bf16, with a Reorder between, only for the FakeQuantize after the multiply to make
 uint8 of it. Those multiplies (``quantizer_inputs_kept_fp32``) are marked ``precise`` in the IR and
-stay fp32: one node fewer before each quantized linear (1.02x on MiniLM's W8A8 at 128 tokens, the
-pruned stack 1.02x / 1.04x at 128 / 256).
+stay fp32: one node fewer before each quantized linear (measured in the README, peers section).
 
 A device that compiles static shapes only (OpenVINO's NPU) gets one model per input shape,
 reshaped and compiled on first use, the last ``STATIC_MODELS`` kept; the CPU and GPU run the one

@@ -180,7 +180,7 @@ def _keep_indices(scores, mask, num: int, den: int, keep_last: bool, align: int 
     if mask is not None:
         allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
         # keys some query may attend to, as one reduction over rows and heads (any(dim=(1, 2)) exports
-        # as two, the size-1 head axis first: a copy of the whole map, three times slower in OpenVINO)
+        # as two, the size-1 head axis first: a copy of the whole map)
         valid = (allowed.to(torch.int64).amax(dim=(1, 2)) > 0).expand(s.shape[0], n)
         s = torch.where(valid, s, float("-inf"))
     pos = torch.arange(n, device=s.device)
