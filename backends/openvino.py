@@ -250,6 +250,8 @@ def mark_precise(xml: Path, names: list[str]) -> None:
     inference-precision hint). The Python API cannot set it (the plugin reads it as that C++
     type), so it is written as OpenVINO's serializer writes it."""
     import xml.etree.ElementTree as ET
+    if not names:
+        return
     tree = ET.parse(xml)
     wanted = set(names)
     for layer in tree.getroot().iter("layer"):
