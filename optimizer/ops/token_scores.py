@@ -40,7 +40,9 @@ def _token_scores(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, s
     rows = {"cls": q[:, :, :1], "last": q[:, :, -1:]}.get(row, q)
     r = rows.shape[2]
     grouped = rows.reshape(b, k.shape[1], -1, d)                  # [B, Hkv, rep*R, d]
-    logits = (grouped * scale) @ k.transpose(-2, -1)              # [B, Hkv, rep*R, N]; scaled on the few rows
+    # [B, Hkv, rep*R, N]; a one-row score is scaled on its row (OpenVINO moved the scale onto all of
+    # k); the full map keeps the product's order, which rsq's importance weights were measured with
+    logits = (grouped * scale) @ k.transpose(-2, -1) if r == 1 else grouped @ k.transpose(-2, -1) * scale
     if mask is not None:
         m = {"cls": mask[:, :, :1], "last": mask[:, :, -1:]}.get(row, mask)
         m = m.repeat(1, 1, grouped.shape[2] // r, 1)
