@@ -191,26 +191,26 @@ def _keep_indices(scores, mask, num: int, den: int, keep_last: bool, align: int 
 
 
 def _gather_tokens(v, idx, dims: tuple[int, ...]):
-    """``v`` with every axis in ``dims`` (of length N) indexed by idx [B, K], per batch row: the
-    rows of a [B*N, ...] view picked at idx + b*N, one ONNX Gather. (A gather over an index
-    expanded to v's size is a GatherElements, a reference kernel in OpenVINO that reads an index
-    as large as the values; take_along_dim's meta specialises symbolic sizes.)"""
+    """``v`` with every axis in ``dims`` (of length N) indexed by idx [B, K], per batch row, in one
+    ONNX Gather: the token axes moved next to the batch's, the rows of that [B*N^m, ...] view
+    picked at b*N^m plus the kept positions' flat index (a mask's K x K entries at once). (A
+    gather over an index expanded to v's size is a GatherElements, a reference kernel in OpenVINO
+    that reads an index as large as the values; take_along_dim's meta specialises symbolic sizes.)"""
     b, k = idx.shape
     if v.shape[0] == 1 and b != 1:
         v = v.expand(b, *v.shape[1:])
-    if v.dim() == 4 and dims == (2, 3):
-        # a [B, H, N, N] map (an attention mask): its K x K entries picked at once, one Gather
-        h, n = v.shape[1], v.shape[2]
-        pair = idx[:, :, None] * n + idx[:, None, :] + torch.arange(b, device=idx.device)[:, None, None] * (n * n)
-        picked = v.movedim(1, 3).reshape(b * n * n, h).index_select(0, pair.reshape(-1))
-        return picked.reshape(b, k, k, h).movedim(3, 1)
-    for d in dims:
-        moved = v.movedim(d, 1)
-        n = moved.shape[1]
-        flat = (idx + torch.arange(b, device=idx.device)[:, None] * n).reshape(-1)
-        picked = moved.reshape(b * n, *moved.shape[2:]).index_select(0, flat)
-        v = picked.reshape(b, k, *moved.shape[2:]).movedim(1, d)
-    return v
+    m, at = len(dims), tuple(range(1, len(dims) + 1))
+    moved = v.movedim(dims, at)
+    n, rest = moved.shape[1], moved.shape[m + 1:]
+    flat, stride = None, None   # the flat index, built from the last token axis (stride 1) back
+    for j in reversed(range(m)):
+        along = idx[(slice(None),) + (None,) * j + (slice(None),) + (None,) * (m - 1 - j)]
+        along = along if stride is None else along * stride
+        flat = along if flat is None else flat + along
+        stride = n if stride is None else stride * n
+    batch = torch.arange(b, device=idx.device)[(slice(None),) + (None,) * m] * stride
+    picked = moved.reshape(b * stride, *rest).index_select(0, (flat + batch).reshape(-1))
+    return picked.reshape(b, *[k] * m, *rest).movedim(at, dims)
 
 
 def _fuse_hidden(x, idx, scores):
