@@ -115,6 +115,19 @@ def test_recovery_on_a_causal_lm(tmp_path, llama):
         _run(llama, "token_prune:keep=0.5,layers=0,score=last,recover=2")
 
 
+def test_recovery_trains_through_the_fused_tokens_scores(tmp_path, bert):
+    """mode=fuse weights the dropped tokens by their scores: recover= back-propagates through
+    token_scores (its reference's gradient, checked against finite differences)."""
+    prog = bert.copy()
+    np.save(tmp_path / "ids.npy", np.random.default_rng(0).integers(10, 256, (1, 256)))
+    prog.calib = str(tmp_path / "ids.npy")
+    out = _run(prog, "token_prune:keep=0.5,layers=0,mode=fuse,score=head_weighted,recover=4,recover_lr=0.01")
+    assert out.history[-1]["stats"]["recovery"]["steps"] == 4
+    q, k, o = (torch.randn(1, 2, 6, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    assert torch.autograd.gradcheck(lambda q, k, o: TOKEN_SCORES.op(q, k, None, 0.5, False, "head_weighted", o),
+                                    (q, k, o))
+
+
 def test_fuse_appends_one_token_and_respects_padding(bert):
     fused = _run(bert, "token_prune:keep=0.5,layers=0,mode=fuse")
     drop = _run(bert, "token_prune:keep=0.5,layers=0")

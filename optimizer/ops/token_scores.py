@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .registry import define_op
+from .registry import define_op, differentiable
 
 __all__ = ["TOKEN_SCORES", "SCORES", "DIVERSITY"]
 
@@ -90,4 +90,6 @@ def _token_scores_fake(q, k, mask, scale, causal, score, o=None):
 # No hand lowering: torch.onnx's export of the decomposed reference is as fast in ONNX Runtime
 # (MiniLM, token_prune keep=0.7 after layer 3, 256 tokens: 49.6 vs 49.8 ms median, outputs equal).
 TOKEN_SCORES = define_op("tokopt::token_scores", _token_scores, _token_scores_fake, tags=("scores",))
+# token_prune's mode=fuse weights the dropped tokens by their scores, so recover= trains through them
+differentiable("tokopt::token_scores", _token_scores, grads_for=7)
 
