@@ -192,7 +192,7 @@ def _keep_indices(scores, mask, num: int, den: int, keep_last: bool, align: int 
 
 def _gather_tokens(v, idx, dims: tuple[int, ...]):
     """``v`` with every axis in ``dims`` (of length N) indexed by idx [B, K], per batch row, in one
-    ONNX Gather: the token axes moved next to the batch's, the rows of that [B*N^m, ...] view
+    ONNX GatherND: the token axes moved next to the batch's, the rows of that [B*N^m, ...] view
     picked at b*N^m plus the kept positions' flat index (a mask's K x K entries at once). (A
     gather over an index expanded to v's size is a GatherElements, a reference kernel in OpenVINO
     that reads an index as large as the values; take_along_dim's meta specialises symbolic sizes.)"""
@@ -209,8 +209,10 @@ def _gather_tokens(v, idx, dims: tuple[int, ...]):
         flat = along if flat is None else flat + along
         stride = n if stride is None else stride * n
     batch = torch.arange(b, device=idx.device)[(slice(None),) + (None,) * m] * stride
-    picked = moved.reshape(b * stride, *rest).index_select(0, (flat + batch).reshape(-1))
-    return picked.reshape(b, *[k] * m, *rest).movedim(at, dims)
+    # indexed by the [B, K, ...] index itself, so the result's shape is the index's (a reshape of a
+    # flat pick to K x K left an unsimplified K**2 // K that a second cut could not prune)
+    picked = moved.reshape(b * stride, *rest)[flat + batch]
+    return picked.movedim(at, dims)
 
 
 def _fuse_hidden(x, idx, scores):

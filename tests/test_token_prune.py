@@ -43,17 +43,23 @@ def test_keep_one_is_identity(bert):
 
 
 @pytest.fixture(scope="module")
-def scheduled(bert, llama):
-    return _run(bert, "token_prune:keep=0.5,layers=0"), _run(llama, "token_prune:schedule=0.7@0/0.5@1,score=last")
+def scheduled(bert, llama, minilm_dir):
+    # MiniLM's second cut gathers the [B, 1, K, K] mask the first cut made (its length must read
+    # as K, not an expression of it, or the second cut is refused)
+    minilm = PassManager(resolve(plan_passes())).run(tokopt.capture(minilm_dir))
+    return (_run(bert, "token_prune:keep=0.5,layers=0"), _run(llama, "token_prune:schedule=0.7@0/0.5@1,score=last"),
+            _run(minilm, "token_prune:schedule=0.7@0/0.5@1,score=head_weighted"))
 
 
 @pytest.mark.parametrize("n", [9, 16, 33, 70])
 def test_token_counts_follow_schedule(scheduled, n):
-    one, two = scheduled
+    one, two, encoder_two = scheduled
     ids = torch.randint(10, 256, (3, n))
     feed = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     assert one.run(feed)["last_hidden_state"].shape[1] == kept_length(n, 0.5)
     assert two.run(feed)["logits"].shape[1] == kept_length(kept_length(n, 0.7), 0.5)
+    feed["token_type_ids"] = torch.zeros_like(ids)
+    assert encoder_two.run(feed)["last_hidden_state"].shape[1] == kept_length(kept_length(n, 0.7), 0.5)
     assert one.history[-1]["stats"]["token_layer_fraction"] == pytest.approx(0.75)
 
 
@@ -330,10 +336,10 @@ def test_pruned_bundle_runs_in_onnxruntime(tmp_path, model_dir):
     assert got.shape == (3, kept_length(31, 0.5), 256)
     assert np.abs(got - want).max() < 1e-4
     assert not any(r.reason for r in res.program.rejected), res.program.rejected
-    # kept tokens are picked by row Gathers over a flattened batch, not GatherElements over an
+    # kept tokens are picked by row GatherNDs over a flattened batch, not GatherElements over an
     # index as large as the hidden states (OpenVINO runs the latter on a reference kernel)
     ops = [n.op_type for n in onnx.load(str(res.bundle / "model.onnx"), load_external_data=False).graph.node]
-    assert "GatherElements" not in ops and "Gather" in ops and "TopK" in ops
+    assert "GatherElements" not in ops and "GatherND" in ops and "TopK" in ops
 
 
 @pytest.mark.slow
