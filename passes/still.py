@@ -96,7 +96,8 @@ class StillOptions:
                          "loss", "kd|lm")
     batch: int = opt(2, "windows per training step", ">= 1")
     seq_len: int = opt(1024, "tokens per training window (at most the model's context)", ">= 2 chunks")
-    train_windows: int = opt(16, "training windows from --calib", ">= batch")
+    train_windows: int = opt(16, "training windows from --calib (at most: what the text holds past eval_windows)",
+                             ">= batch")
     eval_windows: int = opt(4, "held-out windows for perplexity", ">= 0")
     seed: int = opt(0, "random seed", "int")
 
@@ -166,11 +167,14 @@ class StillPass(Pass):
                                             "ids.npy, or a model folder with a tokenizer and --calib text.")
         length = min(opts.seq_len, limit)
         windows = token_windows(source, tok, seq_len=length)
-        need = opts.train_windows + opts.eval_windows
-        if len(windows) < need:
+        # a shorter text trains on what is left after the held-out windows (the shipped passages hold
+        # 16 windows of 1024 tokens: 12 train with the default 4 held out); too few to train is refused
+        train = min(opts.train_windows, len(windows) - opts.eval_windows)
+        if train < max(opts.batch, 1):
             raise UsageError(f"still: {source} holds {len(windows)} windows of {length} tokens; distillation needs "
-                             f"{need} (train_windows + eval_windows). Give more text or lower them.")
-        return windows[:opts.train_windows], windows[len(windows) - opts.eval_windows:], tok
+                             f"eval_windows={opts.eval_windows} held out and at least batch={opts.batch} to train on. "
+                             "Give more text or lower eval_windows or seq_len.")
+        return windows[:train], windows[len(windows) - opts.eval_windows:], tok
 
     # -- the rewrite -------------------------------------------------------------------------
     def _rewrite(self, rw: Rewrite, blocks) -> dict[int, dict[str, torch.Tensor]]:
@@ -304,7 +308,7 @@ class StillPass(Pass):
                "data": hashlib.sha256(torch.cat(train, 1).numpy().tobytes()).hexdigest() if train else None,
                "options": {k: v for k, v in opts.__dict__.items() if k not in STAGE2 + ("eval_windows",)}}
         start = time.perf_counter()
-        stats: dict = {"converted_layers": [b.layer for b in blocks],
+        stats: dict = {"converted_layers": [b.layer for b in blocks], "train_windows": len(train),
                        "dense_layers": [layer for layer in range(depth) if layer not in params],
                        "exact_keys_per_query": round(exact_keys(min(opts.seq_len, limit), opts.chunk, opts.top_k,
                                                                 bool(blocks[0].causal), opts.exact_window), 1),

@@ -96,6 +96,18 @@ def test_onnx_lowering_matches_reference(tmp_path, causal, top_k, feature, exact
         assert np.abs(got - ref.numpy()).max() < 1e-5
 
 
+def test_training_windows_are_what_the_text_holds():
+    """The shipped passages hold 16 windows of 1024 tokens: the default 16 + 4 trains on the 12
+    before the 4 held out (not refused); a text with nothing left to train on is refused by name."""
+    from tokopt.passes.still import StillOptions, StillPass
+    captured = tokopt.capture(REFERENCE_LM)
+    train, held, _ = StillPass(StillOptions())._data(captured, 1024)
+    assert (len(train), len(held)) == (12, 4) and all(w.shape == (1, 1024) for w in train + held)
+    assert not any(torch.equal(a, b) for a in train for b in held)
+    with pytest.raises(UsageError, match="eval_windows=16 held out and at least batch=2"):
+        StillPass(StillOptions(eval_windows=16))._data(captured, 1024)
+
+
 @pytest.mark.slow
 def test_exact_routing_leaves_the_model_unchanged(tmp_path, model_dir):
     """Structural and numerical: every attention replaced, and with every token salient the
