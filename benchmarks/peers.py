@@ -1,6 +1,7 @@
 """MiniLM against the int8 tools a user already has, in one run, as ratios.
 
     python benchmarks/peers.py [--lengths 128 256] [--threads 2] [--rounds 8] [--calls 4]
+                               [--prune SPEC ...] [--only REGEX]
 
 Every candidate is all-MiniLM-L6-v2 at batch 1 on the same real text cut to each length, the same
 thread count, timed interleaved (each round calls every candidate a few times, so the machine's
@@ -23,6 +24,9 @@ with its interquartile range):
   ... nncf int8 static     the same model reshaped to each input shape and compiled on first use
   ort transformer optimizer  onnxruntime.transformers.optimizer (optimum's O3) on the plain export
   optimum                  a row saying why not, when optimum is not installed
+  tokopt prune+w8a8 OV: S  ``--prune``: other token_prune schedules S, each stacked under W8A8 on OpenVINO
+``--only REGEX`` keeps the candidates whose name it matches (``re.search``), besides tokopt fp32
+(the ratio base) and OpenVINO + NNCF int8 (the peer).
 Calibration reads the shipped passages' calibration split; quality (cosine of mean-pooled
 embeddings to tokopt fp32, its minimum, and the Spearman of all pairwise similarities) is on
 the evaluation split, which no calibration saw. Prints a table, writes bench-out/peers.json.
@@ -31,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import tempfile
 import warnings
@@ -47,7 +52,7 @@ TOKENS = f"{W8A8},outlier_tokens=2,smooth=0.5"
 PRUNE = "token_prune:keep=0.7,layers=2,score=head_weighted,align=16,recover=100"
 
 
-def _tokopt(model, work: Path, threads: int) -> dict:
+def _tokopt(model, work: Path, threads: int, prune: list[str], keep) -> dict:
     import tokopt
     specs = {"tokopt fp32": ("canonicalize", "onnxruntime"),
              "tokopt w8a8 ORT": (W8A8, "onnxruntime"), "tokopt w8a8 OV": (W8A8, "openvino"),
@@ -57,11 +62,14 @@ def _tokopt(model, work: Path, threads: int) -> dict:
              "tokopt w8a8 inductor": (W8A8, "inductor"),
              "tokopt prune+w8a8 inductor": (f"{PRUNE},{W8A8}", "inductor"),
              "tokopt OV": ("canonicalize", "openvino"),
-             "tokopt w8a8 OV static": (W8A8, "openvino"), "tokopt prune+w8a8 OV static": (f"{PRUNE},{W8A8}", "openvino")}
+             "tokopt w8a8 OV static": (W8A8, "openvino"), "tokopt prune+w8a8 OV static": (f"{PRUNE},{W8A8}", "openvino"),
+             **{f"tokopt prune+w8a8 OV: {p}": (f"{p},{W8A8}", "openvino") for p in prune}}
     out = {}
-    for name, (passes, backend) in specs.items():
+    for i, (name, (passes, backend)) in enumerate(specs.items()):
+        if not keep(name):
+            continue
         try:
-            res = tokopt.compile(model, out=work / name.replace(" ", "_"), passes=passes, backend=backend,
+            res = tokopt.compile(model, out=work / f"tokopt{i}", passes=passes, backend=backend,
                                  measure=False, progress=False, static_shapes=name.endswith(" static"))
         except Exception as e:  # noqa: BLE001 - a backend missing here is a row saying so
             out[name] = f"{type(e).__name__}: {e}"
@@ -165,6 +173,9 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--calls", type=int, default=4, help="calls per candidate per round")
+    ap.add_argument("--prune", nargs="*", default=[], metavar="SPEC",
+                    help="other token_prune schedules to stack under W8A8 on OpenVINO, each a row")
+    ap.add_argument("--only", metavar="REGEX", help="keep only the candidates whose name matches")
     ap.add_argument("--out", default="bench-out/peers.json")
     args = ap.parse_args(argv)
 
@@ -185,9 +196,13 @@ def main(argv=None):
     export_baseline(tokopt.capture(model), plain)
     inputs = [i.name for i in __import__("onnx").load(str(plain), load_external_data=False).graph.input]
     calib = [{k: v for k, v in c.items() if k in inputs} for c in calib]
-    runs = {**_tokopt(model, work, args.threads), **_ort_optimizer(plain, work, args.threads),
+    def keep(name):
+        return args.only is None or name in ("tokopt fp32", "openvino + nncf int8") or re.search(args.only, name)
+
+    runs = {**_tokopt(model, work, args.threads, args.prune, keep), **_ort_optimizer(plain, work, args.threads),
             **_ort_peers(plain, work, calib, args.threads),
             **_openvino_peers(plain, calib, args.threads), **_optimum()}
+    runs = {k: v for k, v in runs.items() if keep(k)}
     live = {k: v for k, v in runs.items() if callable(v)}
 
     texts = default_texts("eval")
@@ -222,14 +237,15 @@ def main(argv=None):
             if f"ms@{n}" in r:
                 r[f"x@{n}"] = base[f"ms@{n}"] / r[f"ms@{n}"]
 
-    head = f"{'candidate':<26}{'cosine':>8}{'min':>8}{'spearman':>9}" + "".join(
+    w = max(26, *(len(r["candidate"]) + 1 for r in rows))
+    head = f"{'candidate':<{w}}{'cosine':>8}{'min':>8}{'spearman':>9}" + "".join(
         f"{'ms@' + str(n):>9}{'x fp32':>7}{'x nncf':>7}{'IQR':>12}" for n in args.lengths)
     print(head)
     for r in rows:
         if "unavailable" in r:
-            print(f"{r['candidate']:<26}{r['unavailable']}")
+            print(f"{r['candidate']:<{w}}{r['unavailable']}")
             continue
-        print(f"{r['candidate']:<26}{r['cosine']:8.4f}{r['cosine_min']:8.4f}{r['spearman']:9.4f}" + "".join(
+        print(f"{r['candidate']:<{w}}{r['cosine']:8.4f}{r['cosine_min']:8.4f}{r['spearman']:9.4f}" + "".join(
             f"{r[f'ms@{n}']:9.2f}{r[f'x@{n}']:7.2f}{r.get(f'vs_nncf@{n}', float('nan')):7.2f}"
             f"{'{:.2f}-{:.2f}'.format(*r.get(f'vs_nncf@{n}_iqr', [float('nan')] * 2)):>12}" for n in args.lengths))
     out = Path(args.out)
