@@ -65,6 +65,22 @@ def test_pt2_source(tmp_path, model_dir):
     assert torch.allclose(again.run(feed)["output"], prog.run(feed)["logits"], atol=1e-6)
 
 
+def test_pt2_with_export_asserts_compiles(tmp_path, model_dir):
+    """A saved BERT holds aten._assert_tensor_metadata nodes (its mask's dtype casts), which a
+    .pt2 loads without a value: canonicalize and the lowering take it (they refused it)."""
+    prog = tokopt.capture(model_dir("bert"))
+    path = tmp_path / "bert.pt2"
+    torch.export.save(prog.ep, path)
+    loaded = tokopt.capture(path)
+    assert any(n.target == torch.ops.aten._assert_tensor_metadata.default for n in loaded.graph.nodes)
+    res = tokopt.compile(path, out=tmp_path / "b", measure=False)
+    feed = {"input_ids": torch.randint(10, 256, (2, 19)), "attention_mask": torch.ones(2, 19, dtype=torch.int64)}
+    got = tokopt.load(res.bundle)(**{k: v.numpy() for k, v in feed.items()})
+    want = res.program.run(feed)   # a .pt2 keeps no output names: output_0, ...
+    assert got["output_0"].shape == (2, 19, 64) and np.abs(got["output_0"] - want["output_0"].numpy()).max() < 1e-5
+    assert np.abs(want["output_0"].numpy() - prog.run(feed)["last_hidden_state"].numpy()).max() < 1e-5
+
+
 def test_callable_source(tmp_path, monkeypatch):
     (tmp_path / "my_models.py").write_text(
         "import torch\nfrom tests.conftest import _tiny\n"
