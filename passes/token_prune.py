@@ -199,20 +199,15 @@ def _gather_tokens(v, idx, dims: tuple[int, ...]):
     b, k = idx.shape
     if v.shape[0] == 1 and b != 1:
         v = v.expand(b, *v.shape[1:])
-    m, at = len(dims), tuple(range(1, len(dims) + 1))
+    at = tuple(range(1, len(dims) + 1))
     moved = v.movedim(dims, at)
-    n, rest = moved.shape[1], moved.shape[m + 1:]
-    flat, stride = None, None   # the flat index, built from the last token axis (stride 1) back
-    for j in reversed(range(m)):
-        along = idx[(slice(None),) + (None,) * j + (slice(None),) + (None,) * (m - 1 - j)]
-        along = along if stride is None else along * stride
-        flat = along if flat is None else flat + along
-        stride = n if stride is None else stride * n
-    batch = torch.arange(b, device=idx.device)[(slice(None),) + (None,) * m] * stride
+    n = moved.shape[1]
+    flat = torch.arange(b, device=idx.device)   # the row's flat position, one token axis at a time
+    for j in range(len(dims)):
+        flat = flat[..., None] * n + idx[(slice(None),) + (None,) * j]
     # indexed by the [B, K, ...] index itself, so the result's shape is the index's (a reshape of a
     # flat pick to K x K left an unsimplified K**2 // K that a second cut could not prune)
-    picked = moved.reshape(b * stride, *rest)[flat + batch]
-    return picked.movedim(at, dims)
+    return moved.flatten(0, len(dims))[flat].movedim(at, dims)
 
 
 def _fuse_hidden(x, idx, scores):
