@@ -222,9 +222,10 @@ def drop_nan_guards(model) -> int:
 def _fed_by_layer_norm(op) -> bool:
     """Is ``op``'s data input an ``MVN``, through its affine (Multiply and Add by constants) and
     any gather or reshape of its rows (token_prune's cut)?"""
+    rows = ("Gather", "GatherND", "Reshape")
     node = op.input_value(0).get_node()
-    while node.get_type_name() in ("Multiply", "Add", "Gather", "GatherND", "Reshape"):
-        if node.get_type_name() in ("Gather", "GatherND", "Reshape"):
+    while node.get_type_name() in ("Multiply", "Add", *rows):
+        if node.get_type_name() in rows:
             node = node.input_value(0).get_node()
             continue
         data = [v for v in node.input_values() if v.get_node().get_type_name() != "Constant"]

@@ -373,7 +373,7 @@ class Edit:
         self.graph.lint()
         # an op that returns nothing (an export assert) has no value; a .pt2's loader leaves it no "val"
         bare = [n.name for n in self.graph.nodes if n.op == "call_function" and "val" not in n.meta
-                and not (isinstance(n.target, torch._ops.OpOverload) and not n.target._schema.returns)]
+                and getattr(getattr(n.target, "_schema", None), "returns", True)]
         if bare:
             raise PassError(f"{what} left nodes without export's metadata: {bare[:5]}")
         gm = torch.fx.GraphModule(ep.graph_module, self.graph)

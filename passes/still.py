@@ -170,7 +170,7 @@ class StillPass(Pass):
         # a shorter text trains on what is left after the held-out windows (the shipped passages hold
         # 16 windows of 1024 tokens: 12 train with the default 4 held out); too few to train is refused
         train = min(opts.train_windows, len(windows) - opts.eval_windows)
-        if train < max(opts.batch, 1):
+        if train < opts.batch:
             raise UsageError(f"still: {source} holds {len(windows)} windows of {length} tokens; distillation needs "
                              f"eval_windows={opts.eval_windows} held out and at least batch={opts.batch} to train on. "
                              "Give more text or lower eval_windows or seq_len.")
