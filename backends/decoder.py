@@ -5,7 +5,8 @@ cache input with this call's keys appended (``cat(past_key_i, k)``), the attenti
 walk over the graph find:
 
     q, k, v   the token-major projection outputs [B,S,H*d] the attention's inputs are views of
-              (through the view to heads, the transpose and, for q and k, RoPE)
+              (through the view to heads, the transpose and, for q and k, RoPE), or, where a
+              per-head norm comes between (Qwen3, Gemma 3), the normed heads viewed token-major
     RoPE      ``x cos + rotate_half(x) sin``; cos and sin are functions of ``position_ids`` alone,
               evaluated once over every position the model supports into a [M, d/2] cache
     out       the token-major [B,S,H*d] the output projection reads
@@ -125,14 +126,34 @@ def _rotates_half(rot, x) -> bool:
 
 
 def _token_major(node):
-    """The [B,S,H*d] tensor that ``transpose(view(it, [B,S,H,d]), 1, 2)`` makes ``node`` of."""
+    """How to read ``node`` ([B,H,S,d], the attention's q, k or v before RoPE) token-major, for
+    ``_flat``: the [B,S,H*d] projection output it is ``transpose(view(., [B,S,H,d]), 1, 2)`` of; else
+    (a per-head norm between, as Qwen3's before the transpose and Gemma 3's after it) the [B,S,H,d]
+    tensor it is the transpose of, or itself."""
     node = _strip(node)
+    if node.meta["val"].dim() != 4:
+        return None
     if node.target != aten.transpose.int or sorted(a % 4 for a in node.args[1:]) != [1, 2]:
-        return None
-    view = _strip(node.args[0])
-    if view.target not in _VIEWS or view.args[0].meta["val"].dim() != 3:
-        return None
-    return view.args[0]
+        return node, "heads"
+    heads = _strip(node.args[0])
+    if heads.target in _VIEWS and heads.args[0].meta["val"].dim() == 3:
+        return heads.args[0], "flat"
+    return heads, "tokens"
+
+
+def _flat(rw: Rewrite, found):
+    """The [B,S,H*d] tensor ``_token_major`` found, viewed (or transposed) where it is per head."""
+    t, layout = found
+    if layout == "flat":
+        return t
+    with rw.graph.inserting_after(t):
+        if layout == "heads":
+            t = rw.graph.call_function(aten.transpose.int, (t, 1, 2))
+            t.meta["val"] = t.args[0].meta["val"].transpose(1, 2)
+        with rw.graph.inserting_after(t):
+            flat = rw.graph.call_function(aten.flatten.using_ints, (t, 2))
+    flat.meta["val"] = t.meta["val"].flatten(2)
+    return flat
 
 
 def _output_flat(att):
@@ -242,14 +263,15 @@ def lower_decoder(program: Program) -> tuple[Program, dict]:
             kept[block.layer] = why
             continue
         layer = kc[0].removeprefix("past_key_")
-        qkv = _packed(rw, [q, k, v], f"layer{layer}")
+        qkv = _packed(rw, [_flat(rw, found) for found in (q, k, v)], f"layer{layer}")
         c, s = rotary[(cos, sin)] if cos is not None else (None, None)
         keep = keeps.get(q_arg)
-        positions = (inputs["position_ids"],) if keep is not None and c is not None else ()
+        window = spec.windows[int(layer)] if spec.windows else 0
+        positions = inputs["position_ids"] if keep is not None and c is not None else None
         with rw.graph.inserting_before(out):
             call = rw.graph.call_function(CACHED_ATTENTION.overload, (
                 qkv, inputs[kc[0]], inputs[vc[0]], inputs["attention_mask"], c, s, block.heads,
-                block.kv_heads, float(block.scale), *positions))
+                block.kv_heads, float(block.scale), *((positions, window) if window or positions else ())))
             parts = [rw.graph.call_function(operator.getitem, (call, i)) for i in range(3)]
         inherit_meta(call, att)
         if keep is not None:

@@ -2,7 +2,8 @@
 
 Sources:
     HF folder       config.json + safetensors; the class from ``architectures`` (else the Auto
-                    class for ``model_type``); ``attn_implementation="sdpa"`` unless asked
+                    class for ``model_type``); ``attn_implementation="sdpa"`` unless asked (``eager``
+                    for a class without SDPA attention)
     nn.Module       with example inputs (Python API)
     *.pt2           a saved ``ExportedProgram``
     "pkg.mod:fn"    a callable returning ``(module, example_inputs)``
@@ -321,6 +322,10 @@ def _from_hf_folder(folder: Path, *, seq_len: int, max_seq_len: int | None, trus
     cls = _model_class(config, folder)
     stored = getattr(config, "dtype", None)
     stored = stored if isinstance(stored, torch.dtype) else torch.float32
+    if attn_implementation == "sdpa" and not getattr(cls, "_supports_sdpa", True):
+        # no SDPA path in the class (Gemma 2, MPNet, DeBERTa-v2): its own attention, which transformers
+        # would otherwise refuse to load; the source records what was loaded
+        attn_implementation = "eager"
     try:
         # half-precision checkpoints become fp32: the lowering's check and the CPU targets run fp32 kernels
         model = cls.from_pretrained(load_from, local_files_only=True, attn_implementation=attn_implementation,

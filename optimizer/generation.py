@@ -63,6 +63,7 @@ class CacheSpec:
     pad_token_id: int = 0
     index: bool = False            # the graph compacts its cache and carries past_index_i
     keeps: bool = False            # a prefill returns keep_i: the entries the runner keeps (tca select=prefill)
+    windows: tuple[int, ...] = ()  # per layer: the keys a query sees (sliding-window attention), 0: all
 
     @property
     def _parts(self) -> tuple[str, ...]:
@@ -112,7 +113,7 @@ class CacheSpec:
     @classmethod
     def from_json(cls, data: dict) -> "CacheSpec":
         return cls(**{**data, "kv_heads": tuple(data["kv_heads"]), "head_dim": tuple(data["head_dim"]),
-                      "eos_token_ids": tuple(data.get("eos_token_ids", ()))})
+                      "eos_token_ids": tuple(data.get("eos_token_ids", ())), "windows": tuple(data.get("windows", ()))})
 
 
 class GenerateEntry(torch.nn.Module):
@@ -129,7 +130,7 @@ class GenerateEntry(torch.nn.Module):
 
     def call(self, input_ids, attention_mask, position_ids, logits_index, **past):
         from transformers import DynamicCache
-        cache = DynamicCache(config=self.model.config)
+        cache = DynamicCache()
         for i in range(self.layers):
             cache.update(past[f"past_key_{i}"], past[f"past_value_{i}"], i)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -167,7 +168,22 @@ def cache_spec(model: torch.nn.Module, max_length: int | None) -> CacheSpec:
     return CacheSpec(layers=layers, vocab_size=int(cfg.vocab_size), kv_heads=tuple(int(k.shape[1]) for k in keys),
                      head_dim=tuple(int(k.shape[3]) for k in keys),
                      dtype=str(keys[0].dtype).removeprefix("torch."), max_length=max_length,
-                     eos_token_ids=eos, pad_token_id=int(pad if pad is not None else (eos or (0,))[0]))
+                     eos_token_ids=eos, pad_token_id=int(pad if pad is not None else (eos or (0,))[0]),
+                     windows=_windows(cfg, layers, max_length))
+
+
+def _windows(cfg, layers: int, max_length: int | None) -> tuple[int, ...]:
+    """Per layer, how many keys (itself included) a query attends to where the model's config
+    gives it a sliding window (transformers' ``sliding_window`` and ``layer_types``: Mistral's every
+    layer, Gemma 2/3's "sliding_attention" ones), 0 for all; () where no layer's window is shorter
+    than the longest sequence. The graph computes the window's mask itself; the decoder kernel is
+    told it (``backends/decoder.py``)."""
+    window = getattr(cfg, "sliding_window", None)
+    if not window or (getattr(cfg, "use_sliding_window", True) is False):
+        return ()
+    types = getattr(cfg, "layer_types", None) or ["sliding_attention"] * layers
+    windows = tuple(int(window) if t == "sliding_attention" else 0 for t in types[:layers])
+    return windows if max_length is None or any(0 < w < max_length for w in windows) else ()
 
 
 def example_feed(spec: CacheSpec, batch: int, seq: int, past: int, seed: int = 0,

@@ -186,6 +186,10 @@ def _keep_indices(scores, mask, num: int, den: int, keep_last: bool, align: int 
     pos = torch.arange(n, device=s.device)
     forced = (pos == 0) | (pos == n - 1) if keep_last else pos == 0
     s = s.masked_fill(forced, float("inf"))  # not an in-place store: that lifts a constant tensor
+    # equal scores (keys the score's rows never see: outside a local attention's window) go to the
+    # earlier position, as ONNX's TopK breaks ties and torch's topk need not: pos * 2^-40 is exact
+    # in both runtimes and below any score's rounding but an exact tie's
+    s = s - pos * 2.0 ** -40
     # the K best, then in order (the smallest K indices, sorted): two TopKs on the K already computed
     return s.topk(k, dim=1).indices.topk(k, dim=1, largest=False).values
 
@@ -333,7 +337,11 @@ def _prune_once(rw: Rewrite, layer: int, keep: float, opts: TokenPruneOptions, c
     in_layer = [i for i, n in enumerate(nodes) if _layer_of(n) == layer]
     att = [n for n in nodes if ATTENTION.matches(n) and _layer_of(n) == layer]
     if not in_layer or len(att) != 1:
-        raise PassError(f"token_prune: cannot find exactly one attention in layer {layer} (found {len(att)})")
+        layers = [_layer_of(n) for n in nodes if ATTENTION.matches(n)]
+        shared = sorted({x for x in layers if layers.count(x) > 1 and x is not None})
+        why = (f"; the graph runs one layer's module {layers.count(shared[0])} times (weights shared across "
+               "layers, as ALBERT's), and layers are told apart by module" if shared else "")
+        raise PassError(f"token_prune: cannot find exactly one attention in layer {layer} (found {len(att)}){why}")
     cut = nodes[in_layer[-1] + 1]
     before = set(nodes[: in_layer[-1] + 1])
     after = set(nodes[in_layer[-1] + 1:])

@@ -163,3 +163,23 @@ def test_a_one_sequence_example_keeps_batch_and_sequence_dynamic(tmp_path):
         with torch.no_grad():
             want = model(input_ids=x).logits.numpy()
         assert np.abs(got - want).max() < 1e-4
+
+
+def test_a_class_without_sdpa_loads_its_own_attention(tmp_path):
+    """MPNet (all-mpnet-base-v2's class) has no SDPA attention, and transformers refuses to load it
+    with one: the folder is loaded eager, says so in the manifest, and compiles exactly."""
+    import transformers as tf
+    torch.manual_seed(0)
+    model = tf.MPNetModel(tf.MPNetConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, vocab_size=256)).eval()
+    model.save_pretrained(tmp_path / "m")
+    res = tokopt.compile(tmp_path / "m", out=tmp_path / "b", measure=False)
+    assert res.manifest["source"]["attn_implementation"] == "eager"
+    ids = torch.randint(3, 256, (2, 13), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, -4:] = 0
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask).last_hidden_state.numpy()
+    got = tokopt.load(res.bundle)(input_ids=ids.numpy(), attention_mask=mask.numpy())["last_hidden_state"]
+    np.testing.assert_allclose(got[0], ref[0], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(got[1, :9], ref[1, :9], atol=1e-4, rtol=0)   # padding's rows are not compared

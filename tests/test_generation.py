@@ -380,3 +380,52 @@ def test_right_padded_rows_match_the_kernel(llama_bundle):
     assert np.abs(got["logits"] - want["logits"]).max() < 1e-4
     for b, n in enumerate(lengths + 1):
         assert np.abs(got["present_value_0"][b, :, :n] - want["present_value_0"][b, :, :n]).max() < 1e-4
+
+
+@pytest.mark.parametrize("arch", ["Gemma2", "Gemma3"])
+def test_sliding_window_decoders_generate_past_their_window(arch, tmp_path):
+    """Gemma 2 (a class without SDPA attention: loaded eager) and Gemma 3 attend through an 8-token
+    window; the prompt and the new tokens run well past it. The bundle keeps the whole cache and the
+    window is the mask's (transformers' cache trims it, a branch on the cache length that export
+    would specialise) or, on the decoder kernel, its ``local_window_size``; greedy decoding equals
+    transformers'. The same model without the window decodes differently, so the window is there."""
+    import transformers as tf
+    torch.manual_seed(0)
+    config_cls = tf.Gemma3TextConfig if arch == "Gemma3" else tf.Gemma2Config
+    kw = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              head_dim=16, vocab_size=256, max_position_embeddings=512)
+    model = _no_eos(getattr(tf, f"{arch}ForCausalLM")(config_cls(**kw, sliding_window=8)).eval())
+    model.save_pretrained(tmp_path / "m")
+    res = tokopt.compile(tmp_path / "m", out=tmp_path / "b", measure=False)
+    assert res.manifest["source"]["attn_implementation"] == ("eager" if arch == "Gemma2" else "sdpa")
+    # Gemma 2 alternates sliding and full layers, Gemma 3 slides five in six
+    assert list(res.manifest["generation"]["cache"]["windows"]) == ([8, 0] if arch == "Gemma2" else [8, 8])
+    if arch == "Gemma3":   # its q and k norms and the window go on the decoder kernel (local_window_size)
+        assert res.manifest["lowering"]["decoder"]["cached_attention"] == [0, 1]
+        gqa = [n for n in onnx.load(res.bundle / "model.onnx").graph.node if n.op_type == "GroupQueryAttention"]
+        assert [a.i for n in gqa for a in n.attribute if a.name == "local_window_size"] == [8, 8]
+    ids = np.random.default_rng(5).integers(10, 256, (1, 20))
+    got = tokopt.load(res.bundle).generate(input_ids=ids, max_new_tokens=24)
+    np.testing.assert_array_equal(got, _hf_greedy(model, ids, n=24))
+    wide = _no_eos(getattr(tf, f"{arch}ForCausalLM")(config_cls(**kw, sliding_window=512)).eval())
+    wide.load_state_dict(model.state_dict())
+    assert (_hf_greedy(wide, ids, n=24) != got).any()
+
+
+def test_qk_norm_decoders_go_on_the_decoder_kernel(tmp_path):
+    """Qwen3 normalises each head's q and k before RoPE: the normed heads are viewed token-major
+    and packed for the decoder kernel (GroupQueryAttention, the cache shared in place), and
+    greedy decoding equals transformers'."""
+    import transformers as tf
+    torch.manual_seed(0)
+    model = _no_eos(tf.Qwen3ForCausalLM(tf.Qwen3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                                       num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                                       vocab_size=256, max_position_embeddings=512)).eval())
+    res = tokopt.compile(model, out=tmp_path / "b", generate=True, measure=False)
+    assert res.manifest["lowering"]["decoder"] == {"cached_attention": [0, 1], "padding_side": "right"}
+    assert res.manifest["generation"]["shared_buffer"]
+    ids = np.random.default_rng(2).integers(10, 256, (2, 9))
+    mask = np.ones_like(ids)
+    mask[1, :3] = 0
+    got = tokopt.load(res.bundle).generate(input_ids=ids, attention_mask=mask, max_new_tokens=24)
+    np.testing.assert_array_equal(got, _hf_greedy(model, ids, mask, n=24))

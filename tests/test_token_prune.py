@@ -312,6 +312,18 @@ def test_causal_refusals(llama, spec, message):
         _run(llama, spec)
 
 
+def test_layers_sharing_one_module_are_refused_by_name():
+    """ALBERT runs one layer's module for every layer: a cut after layer 1 is refused, saying so."""
+    import transformers as tf
+    from tokopt.optimizer.errors import PassError
+    torch.manual_seed(0)
+    model = tf.AlbertModel(tf.AlbertConfig(embedding_size=32, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                           num_attention_heads=4, vocab_size=256)).eval()
+    program = tokopt.capture(model, {"input_ids": torch.randint(3, 256, (2, 16))})
+    with pytest.raises(PassError, match="runs one layer's module 2 times"):
+        _run(program, "token_prune:keep=0.7,layers=1")
+
+
 @pytest.mark.parametrize("mode,keep,length", [
     ("fuse", 0.5, lambda n: kept_length(n, 0.5) + 1),
     ("merge", 0.7, lambda n: merged_length(n, 0.7)),
@@ -451,3 +463,23 @@ def test_vision_transformer_with_a_fixed_token_count(tmp_path, model_dir):
         with pytest.raises(UsageError, match=f"{spec.split(':')[0]} calibrates on token sequences; this model "
                                              "takes pixel_values"):
             _run(vit, spec)
+
+
+def test_local_attention_scores_tie_as_onnx_breaks_ties(tmp_path):
+    """ModernBERT's layer 1 attends through an 8-token window: its first row scores every key
+    outside it exactly 0, so which of them the cut keeps is a tie. The program breaks ties
+    towards earlier positions, as ONNX's TopK does, and the bundle reproduces it (it was refused:
+    torch's topk kept other tied tokens than ONNX Runtime's)."""
+    import transformers as tf
+    torch.manual_seed(0)
+    model = tf.ModernBertModel(tf.ModernBertConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                                   num_attention_heads=4, vocab_size=256, pad_token_id=0,
+                                                   max_position_embeddings=512, local_attention=8,
+                                                   global_attn_every_n_layers=2)).eval()
+    model.save_pretrained(tmp_path / "m")
+    res = tokopt.compile(tmp_path / "m", out=tmp_path / "b", passes="token_prune:keep=0.5,layers=1", measure=False)
+    ids = torch.randint(3, 256, (1, 24), generator=torch.Generator().manual_seed(2))
+    out = tokopt.load(res.bundle)(input_ids=ids.numpy(), attention_mask=np.ones((1, 24), np.int64))
+    assert out["last_hidden_state"].shape == (1, 12, 64)
+    scores = torch.tensor([[5.0, 0.0, 0.0, 0.0, 0.0, 3.0, 0.0, 0.0]])
+    assert _keep_indices(scores, None, 1, 2, False).tolist() == [[0, 1, 2, 5]]   # the earlier zeros
