@@ -31,6 +31,7 @@ __all__ = ["AttentionMatch", "match_attention", "index_attention", "unrepeat_kv"
 aten = torch.ops.aten
 SDPA = aten.scaled_dot_product_attention.default
 SOFTMAX = (aten.softmax.int, aten._softmax.default, aten._safe_softmax.default)
+_SUM = (aten.add.Tensor, aten.add_.Tensor)
 MATMUL = (aten.matmul.default, aten.bmm.default)
 LINEAR = (aten.linear.default, aten.addmm.default, aten.mm.default)
 PASS_THROUGH = (aten.to.dtype, aten.dropout.default, aten.clone.default, aten.contiguous.default,
@@ -47,7 +48,7 @@ class AttentionMatch:
     q: torch.fx.Node
     k: torch.fx.Node                 # as fed to attention (may be repeated for GQA)
     v: torch.fx.Node
-    mask: torch.fx.Node | None
+    mask: torch.fx.Node | tuple[torch.fx.Node, ...] | None   # several: additive terms to sum (a bias and a mask)
     scale: float | None
     causal_flag: bool
 
@@ -94,19 +95,34 @@ def unrepeat_kv(node: torch.fx.Node) -> tuple[torch.fx.Node, int]:
     return node, 1
 
 
+def _terms(x) -> list:
+    """The terms of ``x`` where it is a sum (through sums nothing else reads), else [x]."""
+    if not (isinstance(x, torch.fx.Node) and x.target in _SUM) or x.kwargs.get("alpha", 1) != 1:
+        return [x]
+    return [t for a in x.args[:2]
+            for t in (_terms(a) if isinstance(a, torch.fx.Node) and len(a.users) == 1 else [a])]
+
+
 def _match_eager(sm: torch.fx.Node) -> AttentionMatch | str:
     dim = sm.args[1] if len(sm.args) > 1 else -1
     if dim not in (-1, 3):
         return f"softmax over dim {dim}, not the key dimension"
-    x, mask, scale = sm.args[0], None, None
+    x, scale = sm.args[0], None
     while x.target in PASS_THROUGH:
         x = x.args[0]
-    if x.target == aten.add.Tensor:
-        a, b = x.args
-        a_is_scores = isinstance(a, torch.fx.Node) and a.target in (aten.mul.Tensor, aten.div.Tensor, *MATMUL)
-        x, mask = (a, b) if a_is_scores else (b, a)
-        if not isinstance(mask, torch.fx.Node):
-            return "softmax input is a sum with a constant, not a mask"
+    # scores + mask, or scores + bias + mask (MPNet's relative position bias)
+    terms = _terms(x)
+    scores = [t for t in terms if isinstance(t, torch.fx.Node) and t.target in (aten.mul.Tensor, aten.div.Tensor, *MATMUL)]
+    if len(terms) > 1 and len(scores) != 1:
+        return "softmax input is a sum without one q @ k^T term"
+    if any(not isinstance(t, torch.fx.Node) for t in terms):
+        return "softmax input is a sum with a constant, not a mask"
+    if len(terms) > 1:
+        x = scores[0]
+        rest = tuple(t for t in terms if t is not x)
+        mask = rest[0] if len(rest) == 1 else rest
+    else:
+        mask = None
     if x.target in (aten.mul.Tensor, aten.div.Tensor):
         c = _scalar(x.args[1])
         if c is None:
@@ -249,6 +265,7 @@ def index_attention(program: Program) -> tuple[list[AttentionBlock], list[Reject
             spelling=m.spelling, heads=int(heads), kv_heads=int(kv_heads), head_dim=int(head_dim),
             causal=_causal(program, m, path), q_proj=qw, k_proj=kw, v_proj=vw,
             o_proj=_find_forward(program, m.out), fused_qkv=qw is not None and qw == kw == vw,
-            rope=rope, mask=m.mask.name if isinstance(m.mask, torch.fx.Node) else None,
+            rope=rope, mask=m.mask.name if isinstance(m.mask, torch.fx.Node) else
+            m.mask[-1].name if isinstance(m.mask, tuple) else None,
             scale=m.scale if m.scale is not None else head_dim ** -0.5))
     return blocks, rejected

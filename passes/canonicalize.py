@@ -20,6 +20,8 @@ from ..optimizer.pass_manager import Pass, PassResult, register_pass
 from ..optimizer.patterns import match_attention, module_path, unrepeat_kv
 from ..optimizer.program import META_BLOCK, Program, call_function_nodes, inherit_meta
 
+aten = torch.ops.aten
+
 __all__ = ["CanonicalizePass"]
 
 
@@ -44,8 +46,15 @@ class CanonicalizePass(Pass):
             if rep_k != rep_v:
                 k, v = m.k, m.v  # asymmetric repeat: keep the repeated tensors
             scale = m.scale if m.scale is not None else m.q.meta["val"].shape[-1] ** -0.5
+            mask = m.mask
+            if isinstance(mask, tuple):   # a bias beside the mask: one additive mask
+                with graph.inserting_before(m.out):
+                    for term in mask[1:]:
+                        total = graph.call_function(aten.add.Tensor, (mask[0] if term is mask[1] else total, term))
+                        total.meta["val"] = total.args[0].meta["val"] + term.meta["val"]
+                mask = total
             with graph.inserting_before(m.out):
-                new = graph.call_function(ATTENTION.overload, (m.q, k, v, m.mask, float(scale), m.causal_flag))
+                new = graph.call_function(ATTENTION.overload, (m.q, k, v, mask, float(scale), m.causal_flag))
             inherit_meta(new, m.out)
             new.meta.setdefault("custom", {})[META_BLOCK] = {
                 "causal": causal.get(m.out.name), "module": module_path(m.out, prefix), "spelling": m.spelling}

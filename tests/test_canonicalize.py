@@ -121,3 +121,23 @@ def test_edits_commit_without_a_re_export(model_dir):
     node.replace_all_uses_with(bare, delete_user_cb=lambda user: user is not bare)
     with pytest.raises(PassError, match="without export's metadata"):
         edit.commit("an edit")
+
+
+def test_relative_position_bias_joins_the_mask(tmp_path):
+    """MPNet (all-mpnet-base-v2's class; no SDPA, so eager) adds a relative position bias to its
+    scores beside the padding mask: the two terms become the canonical op's one additive mask
+    (exact on padded rows), so a cut runs on it and lowers to ONNX Runtime."""
+    import transformers as tf
+    torch.manual_seed(0)
+    model = tf.MPNetModel(tf.MPNetConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                         num_attention_heads=4, vocab_size=256)).eval()
+    model.save_pretrained(tmp_path / "m")
+    feed = feed_for("bert", 2, 23)
+    out = prove_pass(tokopt.capture(tmp_path / "m"), CanonicalizePass(), target=ATTENTION.overload, before=0,
+                     after=3, tolerance=TOL, feed=feed)
+    assert out.history[-1]["stats"]["eager"] == 3
+    mask = next(n for n in out.graph.nodes if ATTENTION.matches(n)).args[3]
+    assert mask.target == torch.ops.aten.add.Tensor and mask.meta["val"].shape[1] == 4   # the bias's heads
+    res = tokopt.compile(tmp_path / "m", out=tmp_path / "b", passes="token_prune:keep=0.5,layers=0", measure=False)
+    got = tokopt.load(res.bundle)(**{k: v.numpy() for k, v in feed.items()})["last_hidden_state"]
+    assert got.shape == (2, 12, 64)
