@@ -48,9 +48,10 @@ class CanonicalizePass(Pass):
             scale = m.scale if m.scale is not None else m.q.meta["val"].shape[-1] ** -0.5
             mask = m.mask
             if isinstance(mask, tuple):   # a bias beside the mask: one additive mask
+                total = mask[0]
                 with graph.inserting_before(m.out):
                     for term in mask[1:]:
-                        total = graph.call_function(aten.add.Tensor, (mask[0] if term is mask[1] else total, term))
+                        total = graph.call_function(aten.add.Tensor, (total, term))
                         total.meta["val"] = total.args[0].meta["val"] + term.meta["val"]
                 mask = total
             with graph.inserting_before(m.out):
