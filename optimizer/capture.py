@@ -102,8 +102,20 @@ def _export(entry: torch.nn.Module, names, inputs, dynamic_axes) -> torch.export
     except Exception as e:  # torch raises many types here; the user needs the first line
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UnsupportedModelError(
-            f"torch.export could not capture the model: {first}. tokopt needs a model that "
-            "torch.export can trace; try --attn eager, or export it yourself and pass the .pt2.") from e
+            f"torch.export could not capture the model: {first}. {_untraceable(entry) or ''}tokopt needs a "
+            "model that torch.export can trace; try --attn eager, or export it yourself and pass the .pt2.") from e
+
+
+def _untraceable(entry: torch.nn.Module) -> str | None:
+    """What in the model's config makes a graph depend on the data, where it is known."""
+    cfg = getattr(entry, "config", None) or getattr(getattr(entry, "model", None), "config", None)
+    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    kinds = [rope] + [v for v in rope.values() if isinstance(v, dict)] if isinstance(rope, dict) else []
+    if any(k.get("rope_type", k.get("type")) == "dynamic" for k in kinds):
+        return ("Its RoPE scaling is 'dynamic' (NTK): each call recomputes the frequencies from the longest "
+                "position it sees, a branch on the data that no one graph holds; a fixed scaling ('linear', "
+                "'yarn', 'llama3') traces. ")
+    return None
 
 
 def _actual_axes(ep, names, wanted) -> dict[str, dict[int, str]]:

@@ -183,3 +183,14 @@ def test_a_class_without_sdpa_loads_its_own_attention(tmp_path):
     got = tokopt.load(res.bundle)(input_ids=ids.numpy(), attention_mask=mask.numpy())["last_hidden_state"]
     np.testing.assert_allclose(got[0], ref[0], atol=1e-4, rtol=0)
     np.testing.assert_allclose(got[1, :9], ref[1, :9], atol=1e-4, rtol=0)   # padding's rows are not compared
+
+
+def test_dynamic_rope_is_refused_by_name(tmp_path):
+    """Dynamic NTK RoPE recomputes its frequencies from the data: refused, saying why."""
+    import transformers as tf
+    model = tf.LlamaForCausalLM(tf.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                               num_attention_heads=4, vocab_size=256, max_position_embeddings=64,
+                                               rope_parameters={"rope_type": "dynamic", "rope_theta": 1e4,
+                                                                "factor": 2.0}))
+    with pytest.raises(UnsupportedModelError, match="RoPE scaling is 'dynamic'"):
+        tokopt.capture(model.eval(), generate=True)
