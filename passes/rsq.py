@@ -216,9 +216,10 @@ class RSQPass(Pass):
     # -- calibration ----------------------------------------------------------------------
     def _data(self, program: Program) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         opts = self.options
+        no_data = ("act_bits quantizes activations, whose ranges come from data" if opts.act_bits else
+                   "or pass solver=rtn,importance=none,rotate=off, which needs no data")
         source, tok = token_source(program, "rsq", "rsq: calibration needs token ids: give --calib ids.npy, or a model "
-                                            "folder with a tokenizer and --calib text (or pass solver=rtn,"
-                                            "importance=none,rotate=off, which needs no data).")
+                                            f"folder with a tokenizer and --calib text ({no_data}).")
         limit = (program.seq_range or (1, None))[1] or opts.seq_len
         length = min(opts.seq_len, limit)
         want = opts.samples + opts.eval_windows

@@ -389,8 +389,11 @@ def test_bad_requests(tmp_path, model_dir, minilm_dir):
         tokopt.compile(model_dir("llama"), out=tmp_path / "a", passes="rsq:bits=3")
     with pytest.raises(UsageError, match="group_size=48 must be a power of two"):
         tokopt.compile(model_dir("llama"), out=tmp_path / "b", passes="rsq:group_size=48")
-    with pytest.raises(UsageError, match="calibration needs token ids"):
+    with pytest.raises(UsageError, match="calibration needs token ids.*which needs no data"):
         tokopt.compile(model_dir("llama"), out=tmp_path / "c", passes="rsq")
+    with pytest.raises(UsageError, match="calibration needs token ids.*activations, whose ranges come from data"):
+        tokopt.compile(model_dir("llama"), out=tmp_path / "c", passes="rsq:bits=8,act_bits=8,solver=rtn,importance=none,"
+                                                                      "rotate=off")
     with pytest.raises(UsageError, match="rotate=on, but this graph cannot be rotated: 3 embedding"):
         tokopt.compile(minilm_dir, out=tmp_path / "d", passes="rsq:rotate=on,solver=rtn,importance=none")
     short = tmp_path / "short.txt"
