@@ -5,6 +5,9 @@
     matmul(dropout(softmax(q @ k^T * c + mask)), v)
         -> tokopt.attention(q, k, v, mask, c, False)
 
+    matmul(x, W.T)                      (W a 2-D weight: a linear spelled out, Falcon's)
+        -> linear(x, W)
+
 GQA's repeat_kv (unsqueeze/expand/reshape) is folded into the op, which takes k and v with
 their own kv-head count. Exact: the op's reference is SDPA itself. Blocks the index refused
 (see ``tokopt inspect``) are left as they are. Runs first in every pipeline, so later passes
@@ -25,11 +28,27 @@ aten = torch.ops.aten
 __all__ = ["CanonicalizePass"]
 
 
+def _transposed_weight(program: Program, node):
+    """W where ``node`` is ``x @ W.T`` with W a 2-D weight (a linear spelled out, as Falcon's), else
+    None: it becomes ``linear(x, W)``, the one spelling the passes that quantize weights find."""
+    if node.target != aten.matmul.default or not isinstance(node.args[1], torch.fx.Node):
+        return None
+    t = node.args[1]
+    swapped = t.op == "call_function" and (
+        t.target in (aten.numpy_T.default, aten.t.default)
+        or (t.target == aten.transpose.int and sorted(d % 2 for d in t.args[1:]) == [0, 1])
+        or (t.target == aten.permute.default and list(t.args[1]) == [1, 0]))
+    w = t.args[0] if swapped else None
+    weight = program.tensor(w) if isinstance(w, torch.fx.Node) else None
+    return w if weight is not None and weight.dim() == 2 else None
+
+
 @register_pass
 class CanonicalizePass(Pass):
     name = "canonicalize"
     tolerance = 1e-4
-    summary = "every attention spelling (SDPA, eager softmax, GQA repeat_kv) -> tokopt.attention"
+    summary = ("every attention spelling (SDPA, eager softmax, GQA repeat_kv) -> tokopt.attention; "
+               "x @ W.T -> linear")
 
     def call(self, program: Program) -> PassResult:
         rw = program.edit()   # one node for another of the same value: no re-export
@@ -62,8 +81,19 @@ class CanonicalizePass(Pass):
             m.out.replace_all_uses_with(new)
             counts[m.spelling] += 1
             counts["gqa_folded"] += k is not m.k
-        modified = counts["sdpa"] + counts["eager"] > 0
-        stats = {"attention_canonicalized": counts["sdpa"] + counts["eager"], **counts}
+        linears = 0
+        for node in list(call_function_nodes(graph)):
+            w = _transposed_weight(program, node)
+            if w is None:
+                continue
+            with graph.inserting_before(node):
+                new = graph.call_function(aten.linear.default, (node.args[0], w))
+            inherit_meta(new, node)
+            node.replace_all_uses_with(new)
+            linears += 1
+        modified = counts["sdpa"] + counts["eager"] + linears > 0
+        stats = {"attention_canonicalized": counts["sdpa"] + counts["eager"], **counts,
+                 **({"linears": linears} if linears else {})}
         return PassResult(rw.commit("canonicalize") if modified else program, modified, stats)
 
     def ensures(self, program: Program, stats: dict) -> None:

@@ -141,3 +141,21 @@ def test_relative_position_bias_joins_the_mask(tmp_path):
     res = tokopt.compile(tmp_path / "m", out=tmp_path / "b", passes="token_prune:keep=0.5,layers=0", measure=False)
     got = tokopt.load(res.bundle)(**{k: v.numpy() for k, v in feed.items()})["last_hidden_state"]
     assert got.shape == (2, 12, 64)
+
+
+def test_a_linear_spelled_out_becomes_linear():
+    """Falcon's projections are ``x @ W.T``: canonicalize makes them ``linear`` (exact), the spelling
+    rsq quantizes (it found none before)."""
+    import transformers as tf
+    torch.manual_seed(0)
+    model = tf.FalconForCausalLM(tf.FalconConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                                 vocab_size=256, new_decoder_architecture=True, num_kv_heads=2)).eval()
+    ids = torch.randint(3, 256, (2, 11))
+    prog = tokopt.capture(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    out = prove_pass(prog, CanonicalizePass(), target=torch.ops.aten.linear.default, before=1, after=9, tolerance=TOL,
+                     feed={"input_ids": ids[:, :7], "attention_mask": torch.ones(2, 7, dtype=torch.long)})
+    assert out.history[-1]["stats"]["linears"] == 8
+    from tokopt.optimizer.compile import plan_passes
+    from tokopt.optimizer.pass_manager import PassManager, resolve
+    quantized = PassManager(resolve(plan_passes("rsq:bits=4,solver=rtn,importance=none,rotate=off"))).run(prog)
+    assert quantized.count("tokopt.matmul_nbits.default") == 9   # and the LM head
