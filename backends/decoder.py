@@ -299,9 +299,15 @@ def lower_decoder(program: Program) -> tuple[Program, dict]:
 
 
 def decoder_feeds(program: Program) -> list[dict]:
-    """Inputs a lowered decoder takes (see FEEDS), as numpy."""
+    """Inputs a lowered decoder takes (see FEEDS), as numpy; with sliding windows, also a step
+    after a cache one longer than the widest, where the kernel's window must agree with the mask's."""
     from ..optimizer.generation import example_feed
-    return [{k: v.numpy() for k, v in example_feed(program.cache, *shape, seed=2).items()} for shape in FEEDS]
+    spec = program.cache
+    shapes = list(FEEDS)
+    widest = max(spec.windows, default=0)
+    if widest and (spec.max_length is None or widest + 2 <= spec.max_length):
+        shapes.append((1, 1, widest + 1))
+    return [{k: v.numpy() for k, v in example_feed(spec, *shape, seed=2).items()} for shape in shapes]
 
 
 def _check(program: Program, lowered: Program) -> None:

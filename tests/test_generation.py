@@ -429,3 +429,25 @@ def test_qk_norm_decoders_go_on_the_decoder_kernel(tmp_path):
     mask[1, :3] = 0
     got = tokopt.load(res.bundle).generate(input_ids=ids, attention_mask=mask, max_new_tokens=24)
     np.testing.assert_array_equal(got, _hf_greedy(model, ids, mask, n=24))
+
+
+def test_a_window_the_kernel_would_get_wrong_is_caught(tmp_path, monkeypatch):
+    """Mistral-style: every layer slides through a 16-token window, longer than the lowering's
+    usual check feeds reach. Greedy decoding past it equals transformers'; and the lowering's check
+    steps once after a cache longer than the window, so a window the kernel would apply wrongly (here
+    told 32) fails the compile instead of decoding wrongly past it."""
+    import transformers as tf
+    from tokopt.optimizer import generation
+    from tokopt.optimizer.errors import BackendError
+    torch.manual_seed(0)
+    model = _no_eos(tf.MistralForCausalLM(tf.MistralConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, vocab_size=256, max_position_embeddings=512, sliding_window=16)).eval())
+    res = tokopt.compile(model, out=tmp_path / "b", generate=True, measure=False)
+    assert res.manifest["lowering"]["decoder"]["cached_attention"] == [0, 1]
+    ids = np.random.default_rng(4).integers(10, 256, (1, 30))
+    np.testing.assert_array_equal(tokopt.load(res.bundle).generate(input_ids=ids, max_new_tokens=16),
+                                  _hf_greedy(model, ids, n=16))
+    monkeypatch.setattr(generation, "_windows", lambda *a: (32, 32))
+    with pytest.raises(BackendError, match="decoder lowering changed the graph's outputs"):
+        tokopt.compile(model, out=tmp_path / "wrong", generate=True, measure=False)
