@@ -146,12 +146,12 @@ def _flat(rw: Rewrite, found):
     t, layout = found
     if layout == "flat":
         return t
-    with rw.graph.inserting_after(t):
-        if layout == "heads":
-            t = rw.graph.call_function(aten.transpose.int, (t, 1, 2))
-            t.meta["val"] = t.args[0].meta["val"].transpose(1, 2)
+    if layout == "heads":
         with rw.graph.inserting_after(t):
-            flat = rw.graph.call_function(aten.flatten.using_ints, (t, 2))
+            t = rw.graph.call_function(aten.transpose.int, (t, 1, 2))
+        t.meta["val"] = t.args[0].meta["val"].transpose(1, 2)
+    with rw.graph.inserting_after(t):
+        flat = rw.graph.call_function(aten.flatten.using_ints, (t, 2))
     flat.meta["val"] = t.meta["val"].flatten(2)
     return flat
 

@@ -199,8 +199,11 @@ def main(argv=None):
     def keep(name):
         return args.only is None or name in ("tokopt fp32", "openvino + nncf int8") or re.search(args.only, name)
 
-    runs = {**_tokopt(model, work, args.threads, args.prune, keep), **_ort_optimizer(plain, work, args.threads),
-            **_ort_peers(plain, work, calib, args.threads),
+    # a peer --only leaves out is not built (ORT's static quantizer calibrates); OpenVINO's holds NNCF's
+    runs = {**_tokopt(model, work, args.threads, args.prune, keep),
+            **(_ort_optimizer(plain, work, args.threads) if keep("ort transformer optimizer") else {}),
+            **(_ort_peers(plain, work, calib, args.threads)
+               if keep("ort dynamic int8") or keep("ort static int8 (QDQ)") else {}),
             **_openvino_peers(plain, calib, args.threads), **_optimum()}
     runs = {k: v for k, v in runs.items() if keep(k)}
     live = {k: v for k, v in runs.items() if callable(v)}
