@@ -71,6 +71,34 @@ def _private_cache(tmp_path_factory):
         yield
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _capture_each_folder_once():
+    """A folder is captured once per worker for each set of capture options: later captures of it
+    get a copy of that Program (Programs are never edited in place; compile sets ``calib`` on
+    its copy only). A folder whose files change is captured again; module sources always are.
+    Capture's own tests check what capture makes; the other tests were spending a fifth of the
+    suite re-exporting the same few folders."""
+    from tokopt.optimizer import capture as capture_module, compile as compile_module
+    real = capture_module.capture
+    made = {}
+
+    def capture(source, example_inputs=None, **options):
+        path = Path(str(source)) if isinstance(source, (str, Path)) else None
+        if path is None or example_inputs is not None or not path.exists():
+            return real(source, example_inputs, **options)
+        files = sorted(path.rglob("*")) if path.is_dir() else [path]
+        key = (str(path.resolve()), tuple((str(f), f.stat().st_mtime_ns) for f in files if f.is_file()),
+               repr(sorted(options.items())))
+        if key not in made:
+            made[key] = real(source, **options)
+        return made[key].copy()
+
+    with pytest.MonkeyPatch.context() as mp:
+        for module in (tokopt, capture_module, compile_module):
+            mp.setattr(module, "capture", capture)
+        yield
+
+
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory):
     """model_dir(family, attn="sdpa") -> a saved HF folder (made once per session)."""
