@@ -22,7 +22,7 @@ import torch
 
 from ..calibration.stats import cache_dir
 from ..optimizer.ops import LINEAR_W8A8, MATMUL_NBITS
-from ..optimizer.program import Program, Rewrite, call_function_nodes, remove_dead_code
+from ..optimizer.program import Edit, Program, Rewrite, call_function_nodes, remove_dead_code
 from ..optimizer.resources import check_disk, file_backed, page_out_tensor
 
 __all__ = ["fuse_projections", "fuse_siblings", "fused_projection"]
@@ -31,7 +31,7 @@ aten = torch.ops.aten
 MAPPED_BYTES = 16 << 20   # a fused weight this large lives in a file, not in anonymous memory
 
 
-def _signature(rw: Rewrite, node) -> tuple | None:
+def _signature(rw: Rewrite | Edit, node) -> tuple | None:
     """What must match for ``node`` to share a fused weight with another reading the same
     input, or None when it cannot be fused (a weight that is not a constant)."""
     if node.target == aten.linear.default:
@@ -52,7 +52,7 @@ def _signature(rw: Rewrite, node) -> tuple | None:
     return None
 
 
-def _width(rw: Rewrite, node) -> int:
+def _width(rw: Rewrite | Edit, node) -> int:
     if node.target == aten.linear.default:
         return rw.tensor(node.args[1]).shape[0]
     if LINEAR_W8A8.matches(node):
@@ -60,7 +60,7 @@ def _width(rw: Rewrite, node) -> int:
     return node.args[7]
 
 
-def _biases(rw: Rewrite, nodes: list, index: int) -> torch.Tensor | None:
+def _biases(rw: Rewrite | Edit, nodes: list, index: int) -> torch.Tensor | None:
     """The members' biases side by side (zeros for a member without one), or None if none has one."""
     found = [rw.tensor(n.args[index]) if len(n.args) > index and n.args[index] is not None else None for n in nodes]
     if all(b is None for b in found):
@@ -82,7 +82,7 @@ def _side_by_side(tensors: list, dim: int = 0) -> torch.Tensor:
     return out
 
 
-def fused_projection(rw: Rewrite, nodes: list, name: str):
+def fused_projection(rw: Rewrite | Edit, nodes: list, name: str):
     """One node computing ``nodes``' outputs side by side (inserted before the first of them),
     or None when they do not share an input and a kernel. Their own nodes are left in place."""
     kinds = {_signature(rw, n) for n in nodes}
@@ -117,14 +117,14 @@ def fused_projection(rw: Rewrite, nodes: list, name: str):
 def fuse_projections(program: Program) -> tuple[Program, int]:
     """``program`` with every group of projections that read one input fused (see the module
     docstring), and how many groups were."""
-    rw = program.rewrite()
+    rw = program.edit()   # new weights and nodes, no input or output changes: no re-export
     count = fuse_siblings(rw)
     return (rw.commit("fusing sibling projections"), count) if count else (program, 0)
 
 
-def fuse_siblings(rw: Rewrite) -> int:
-    """``fuse_projections`` in an open rewrite, so that another rewrite of the lowering shares its
-    re-export (a second or more per compile of a small LM); how many groups were fused."""
+def fuse_siblings(rw: Rewrite | Edit) -> int:
+    """``fuse_projections`` in an open rewrite or edit, so that another rewrite of the lowering
+    (the decoder's) shares its re-export; how many groups were fused."""
     remove_dead_code(rw.graph)   # a projection another rewrite replaced still reads the input
     groups: dict = {}
     for node in call_function_nodes(rw.graph):

@@ -13,10 +13,10 @@ weight values, inputs and outputs), may run it to calibrate, and ``commit``s: th
 exported again with ``torch.export`` at the program's probe and dynamic axes, which derives every
 node's ``meta["val"]``, the graph signature and the state dict anew, and a new Program comes
 back, its analyses computed afresh. (ExecuTorch's ``ExportPass`` re-traces instead; re-export
-gives the same guarantee through public torch API only.) An edit that only swaps nodes for
-others of the same value (canonicalize's) opens an ``Edit`` instead: a copy of the exported graph
-itself, committed beside the program's signature and weights without a re-export (a second or
-more per compile). tokopt's own node annotations live under ``node.meta["custom"]``, which export
+gives the same guarantee through public torch API only.) An edit that changes no input or output
+(canonicalize's swaps, the lowering's projection fusion) opens an ``Edit`` instead: a copy of the
+exported graph itself, committed beside the program's signature and weights without a re-export
+(a second or more per compile), new nodes' values derived on export's fake tensors. tokopt's own node annotations live under ``node.meta["custom"]``, which export
 carries through.
 """
 from __future__ import annotations
@@ -26,6 +26,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
+from torch.export.graph_signature import ExportGraphSignature, InputKind, InputSpec, TensorArgument
 
 from .errors import PassError, UsageError
 
@@ -187,9 +188,8 @@ class Program:
         return Rewrite(self)
 
     def edit(self) -> "Edit":
-        """A copy of the exported graph itself, for edits that change no input, weight or output
-        and give every new node its value's metadata (``inherit_meta``): its ``commit`` skips the
-        re-export a ``rewrite`` pays."""
+        """A copy of the exported graph itself, for edits that change no input or output (see
+        ``Edit``): its ``commit`` skips the re-export a ``rewrite`` pays."""
         return Edit(self)
 
     def with_tensors(self, values: dict[str, torch.Tensor], what: str) -> "Program":
@@ -344,14 +344,36 @@ class Rewrite:
 class Edit:
     """A copy of a Program's exported graph (lifted: weights are placeholders), nodes named as
     the program's. ``commit`` puts it in a new ``ExportedProgram`` beside the program's own
-    signature, weights and shape ranges, as torch's own graph passes do (``run_decompositions``),
-    after checking that every node still carries the value export derived (``meta["val"]``)."""
+    signature, weights and shape ranges, as torch's own graph passes do (``run_decompositions``).
+    A node that replaces another of the same value takes its metadata (``inherit_meta``); a new
+    computation gets its value (``meta["val"]``) by running its op on the fake tensors export
+    left on its inputs, in export's own fake mode. New weights (``constant``) join as buffers, and
+    weights no node reads any longer leave the program."""
 
     def __init__(self, program: Program):
         self.program = program
         self.graph = torch.fx.Graph()
         self.graph.output(self.graph.graph_copy(program.graph, {}))
         self.tensors: dict[str, torch.Tensor] = {}
+        self.added: dict[str, torch.Tensor] = {}    # new buffers, by placeholder name
+        self._read = {n.name for n in self.graph.nodes if n.op == "placeholder" and n.users}
+
+    def _target(self, node) -> str | None:
+        """The state-dict name of the weight a placeholder stands for (None for user inputs)."""
+        if not isinstance(node, torch.fx.Node) or node.op != "placeholder":
+            return None
+        if node.name in self.added:
+            return node.name
+        spec = next((s for s in self.program.ep.graph_signature.input_specs if s.arg.name == node.name), None)
+        return None if spec is None or spec.kind == InputKind.USER_INPUT else spec.target
+
+    def tensor(self, node) -> torch.Tensor | None:
+        """The weight or buffer a placeholder reads, as this edit leaves it (None for anything else)."""
+        target = self._target(node)
+        if target is None:
+            return None
+        ep = self.program.ep
+        return self.added.get(target, self.tensors.get(target, ep.state_dict.get(target, ep.constants.get(target))))
 
     def set_tensor(self, target: str, value: torch.Tensor) -> None:
         """A new value, of the same shape and dtype, for weight or buffer ``target``."""
@@ -365,21 +387,69 @@ class Edit:
         self.tensors[target] = torch.nn.Parameter(value, requires_grad=False) if isinstance(
             old, torch.nn.Parameter) else value
 
+    def constant(self, name: str, tensor: torch.Tensor) -> torch.fx.Node:
+        """A new buffer holding ``tensor`` and the placeholder that reads it (after the program's own)."""
+        target = f"tokopt_{name}"
+        if target in self.added or target in self.program.ep.state_dict:
+            raise ValueError(f"constant {target} exists already")
+        weights = [n for n in self.graph.nodes if n.op == "placeholder" and self._target(n) is not None]
+        users = [n for n in self.graph.nodes if n.op == "placeholder" and self._target(n) is None]
+        with self.graph.inserting_after(weights[-1]) if weights else self.graph.inserting_before(users[0]):
+            node = self.graph.placeholder(target)
+        node.meta["val"] = self._fake_mode().from_tensor(tensor.detach(), static_shapes=True)   # no new symbols
+        self.added[node.name] = tensor.detach()
+        return node
+
+    def _fake_mode(self):
+        return next(n.meta["val"].fake_mode for n in self.program.graph.nodes
+                    if n.op == "placeholder" and hasattr(n.meta.get("val"), "fake_mode"))
+
+    def _derive_values(self) -> None:
+        """``meta["val"]`` for each new node, from its op run on its inputs' fake tensors."""
+        mode = None
+        for node in self.graph.nodes:
+            if node.op != "call_function" or "val" in node.meta:
+                continue
+            if not all("val" in a.meta for a in node.all_input_nodes):
+                continue   # its input has none either: reported below
+            mode = mode or self._fake_mode()
+            try:
+                with mode:
+                    node.meta["val"] = node.target(*torch.fx.node.map_arg(node.args, lambda a: a.meta["val"]),
+                                                   **torch.fx.node.map_arg(node.kwargs, lambda a: a.meta["val"]))
+            except Exception:   # an op its inputs do not fit: refused by name below
+                continue
+
     def commit(self, what: str, **fields) -> Program:
         ep = self.program.ep
-        state = {k: self.tensors.get(k, v) for k, v in ep.state_dict.items()}
-        constants = {k: self.tensors.get(k, v) for k, v in ep.constants.items()}
         remove_dead_code(self.graph)
+        self._derive_values()
+        specs = {s.arg.name: s for s in ep.graph_signature.input_specs}
+        for node in [n for n in self.graph.nodes if n.op == "placeholder" and not n.users]:
+            if self._target(node) is not None and (node.name in self._read or node.name in self.added):
+                self.added.pop(node.name, None)   # a weight this edit left unread
+                self.graph.erase_node(node)
         self.graph.lint()
+        placeholders = [n for n in self.graph.nodes if n.op == "placeholder"]
+        inputs = [specs.get(n.name) or InputSpec(kind=InputKind.BUFFER, arg=TensorArgument(name=n.name),
+                                                 target=n.name, persistent=True) for n in placeholders]
+        kept = {s.target for s in inputs}
+        state = {k: self.tensors.get(k, v) for k, v in ep.state_dict.items() if k in kept}
+        state.update(self.added)
+        constants = {k: self.tensors.get(k, v) for k, v in ep.constants.items() if k in kept}
         # an op that returns nothing (an export assert) has no value; a .pt2's loader leaves it no "val"
         bare = [n.name for n in self.graph.nodes if n.op == "call_function" and "val" not in n.meta
                 and getattr(getattr(n.target, "_schema", None), "returns", True)]
         if bare:
-            raise PassError(f"{what} left nodes without export's metadata: {bare[:5]}")
+            raise PassError(f"{what} left nodes without export's metadata, whose op cannot give a value on their "
+                            f"inputs' fake tensors: {bare[:5]}")
         gm = torch.fx.GraphModule(ep.graph_module, self.graph)
+        outputs = [replace(spec, arg=TensorArgument(name=node.name)) if isinstance(spec.arg, TensorArgument) else spec
+                   for spec, node in zip(ep.graph_signature.output_specs, self.graph.output_node().args[0])]
+        signature = ExportGraphSignature(input_specs=inputs, output_specs=outputs)
         try:
             new = torch.export.ExportedProgram(
-                root=gm, graph=gm.graph, graph_signature=ep.graph_signature, state_dict=state,
+                root=gm, graph=gm.graph, graph_signature=signature, state_dict=state,
                 range_constraints=ep.range_constraints, module_call_graph=ep.module_call_graph,
                 example_inputs=ep.example_inputs, constants=constants, verifiers=ep.verifiers)
         except Exception as e:

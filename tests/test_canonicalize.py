@@ -99,8 +99,10 @@ def test_attention_op_gradients_match_sdpa():
 def test_edits_commit_without_a_re_export(model_dir):
     """canonicalize and weight updates edit a copy of the exported graph itself: the committed
     program shares the weights' tensors (a re-export would have lifted them anew), its nodes keep
-    the program's names; a node left without export's value and a weight of another shape are
-    refused, and the program edited from is unchanged."""
+    the program's names; a weight of another shape is refused, and the program edited from is
+    unchanged. A new node's value is derived on export's fake tensors (symbolic batch and length
+    kept); one whose op does not fit its inputs is refused by name. A new weight joins as a buffer,
+    and the one it replaces leaves the program: the result is the weight update's, bit for bit."""
     from tokopt.optimizer.errors import PassError
     prog = tokopt.capture(model_dir("llama"))
     out = CanonicalizePass().call(prog).program
@@ -117,10 +119,29 @@ def test_edits_commit_without_a_re_export(model_dir):
     edit = out.edit()
     node = next(n for n in edit.graph.nodes if ATTENTION.matches(n))
     with edit.graph.inserting_after(node):
-        bare = edit.graph.call_function(torch.ops.aten.neg.default, (node,))
-    node.replace_all_uses_with(bare, delete_user_cb=lambda user: user is not bare)
-    with pytest.raises(PassError, match="without export's metadata"):
+        new = edit.graph.call_function(torch.ops.aten.neg.default, (node,))
+    node.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
+    negated = edit.commit("an edit")
+    got = next(n for n in negated.graph.nodes if n.name == new.name).meta["val"]
+    assert str(got.shape) == str(node.meta["val"].shape) and not all(isinstance(d, int) for d in got.shape)
+
+    edit = out.edit()
+    node = next(n for n in edit.graph.nodes if ATTENTION.matches(n))
+    with edit.graph.inserting_after(node):
+        bad = edit.graph.call_function(torch.ops.aten.mm.default, (node, node))   # 4-D: mm takes 2-D
+    node.replace_all_uses_with(bad, delete_user_cb=lambda user: user is not bad)
+    with pytest.raises(PassError, match=f"without export's metadata.*{bad.name}"):
         edit.commit("an edit")
+
+    edit = out.edit()
+    placeholder = next(n for n in edit.graph.nodes if n.op == "placeholder" and edit.tensor(n) is weight)
+    doubled = edit.constant("doubled", weight * 2)
+    placeholder.replace_all_uses_with(doubled)
+    twice = edit.commit("an edit")
+    assert name not in twice.ep.state_dict and torch.equal(twice.ep.state_dict["tokopt_doubled"], weight * 2)
+    feed = feed_for("llama", 2, 23)
+    want = out.with_tensors({name: weight * 2}, "test").run(feed)["logits"]
+    assert torch.equal(twice.run(feed)["logits"], want)
 
 
 def test_relative_position_bias_joins_the_mask(tmp_path):
