@@ -71,16 +71,21 @@ def _private_cache(tmp_path_factory):
         yield
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _capture_each_folder_once():
+_CAPTURED: dict = {}
+
+
+@pytest.fixture(autouse=True)
+def _capture_each_folder_once(request):
     """A folder is captured once per worker for each set of capture options: later captures of it
     get a copy of that Program (Programs are never edited in place; compile sets ``calib`` on
     its copy only). A folder whose files change is captured again; module sources always are.
-    Capture's own tests check what capture makes; the other tests were spending a fifth of the
-    suite re-exporting the same few folders."""
+    Tests marked ``fresh_capture`` (capture's own, the stage timings') capture every time; the
+    others were spending a fifth of the suite re-exporting the same few folders."""
+    if request.node.get_closest_marker("fresh_capture"):
+        yield
+        return
     from tokopt.optimizer import capture as capture_module, compile as compile_module
-    real = capture_module.capture
-    made = {}
+    real, made = capture_module.capture, _CAPTURED
 
     def capture(source, example_inputs=None, **options):
         path = Path(str(source)) if isinstance(source, (str, Path)) else None

@@ -12,6 +12,8 @@ from tokopt.optimizer.errors import CaptureError, UnsupportedModelError, UsageEr
 
 from .conftest import EXPECT, FAMILIES, _tiny
 
+pytestmark = pytest.mark.fresh_capture   # what capture makes and costs, every time
+
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("family", FAMILIES)

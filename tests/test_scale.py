@@ -17,6 +17,8 @@ from tokopt.optimizer.resources import check_disk, checkpoint_bytes, parse_bytes
 
 from .conftest import _tiny, feed_for
 
+pytestmark = pytest.mark.fresh_capture   # what capture makes and costs, every time
+
 
 def _outputs(bundle, feed):
     return tokopt.load(bundle)(**{k: v.numpy() for k, v in feed.items()})
