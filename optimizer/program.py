@@ -16,8 +16,8 @@ back, its analyses computed afresh. (ExecuTorch's ``ExportPass`` re-traces inste
 gives the same guarantee through public torch API only.) An edit that changes no input or output
 (canonicalize's swaps, the lowering's projection fusion) opens an ``Edit`` instead: a copy of the
 exported graph itself, committed beside the program's signature and weights without a re-export
-(a second or more per compile), new nodes' values derived on export's fake tensors. tokopt's own node annotations live under ``node.meta["custom"]``, which export
-carries through.
+(a second or more per compile), new nodes' values derived on export's fake tensors. tokopt's own
+node annotations live under ``node.meta["custom"]``, which export carries through.
 """
 from __future__ import annotations
 

@@ -237,7 +237,8 @@ def _score_oracle(score, q, k, o, mask, causal, kv):
 @pytest.mark.parametrize("kv,mask_kind", [(4, "bool"), (2, "float"), (1, "none"), (2, "causal")])
 def test_score_op_reference_and_onnx(tmp_path, kv, mask_kind):
     """Every score against an oracle over the full attention map (1e-5), then all of them in one
-    exported graph in ONNX Runtime at shapes the export never saw, against the reference."""
+    exported graph in ONNX Runtime at shapes the export never saw, against the reference: the
+    op's hand lowering (nothing is decomposed before export)."""
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(2, 4, 10, 8, generator=g), torch.randn(2, kv, 10, 8, generator=g)
     o = torch.randn(2, 4, 10, 8, generator=g)   # per-head outputs: head_weighted reads them
@@ -264,7 +265,9 @@ def test_score_op_reference_and_onnx(tmp_path, kv, mask_kind):
     seq = {0: Dim.AUTO, 2: Dim.AUTO}
     args, shapes = ((q, k, mask, o), (seq, seq, {0: Dim.AUTO, 2: Dim.AUTO, 3: Dim.AUTO}, seq)) if mask is not None \
         else ((q, k, o), (seq, seq, seq))
-    ep = for_onnx(torch.export.export(M() if mask is not None else NoMask(), args, dynamic_shapes=shapes))
+    exported = torch.export.export(M() if mask is not None else NoMask(), args, dynamic_shapes=shapes)
+    ep = for_onnx(exported)
+    assert ep is exported
     torch.onnx.export(ep, dynamo=True, opset_version=23, optimize=False,
                       custom_translation_table=onnx_translation_table()).save(str(tmp_path / "s.onnx"))
     sess = ort.InferenceSession(str(tmp_path / "s.onnx"), providers=["CPUExecutionProvider"])

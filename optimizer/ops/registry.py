@@ -2,8 +2,9 @@
 
 A tokopt op is a ``torch.library`` custom op declared with ``define_op``: its eager body is the
 plain-torch reference (the oracle for tests, the CPU fallback, and what a backend without a
-kernel for it compiles, decomposed into ATen ops), a fake kernel for tracing, and, only where it
-buys a runtime kernel, a hand-written ONNX lowering (an onnxscript function handed to
+kernel for it compiles, decomposed into ATen ops), a fake kernel for tracing, and, where it
+buys a runtime kernel or saves the export a decomposition (a re-trace of the whole graph, seconds
+per compile), a hand-written ONNX lowering (an onnxscript function handed to
 ``torch.onnx.export(custom_translation_table=...)``). Backends register further kernels for an
 op by name (``register_kernel``: a Triton kernel, later others) and look them up with ``kernel``;
 nothing here imports a backend or a pass.

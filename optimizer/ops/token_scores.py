@@ -14,7 +14,9 @@ GQA without repeating k: q's heads are grouped by the kv head they share.
 from __future__ import annotations
 
 import torch
+from onnxscript import opset23 as op
 
+from .onnx_build import arange, dim, ints
 from .registry import define_op, differentiable
 
 __all__ = ["TOKEN_SCORES", "SCORES", "DIVERSITY"]
@@ -87,9 +89,63 @@ def _token_scores_fake(q, k, mask, scale, causal, score, o=None):
     return q.new_empty((q.shape[0], k.shape[2]))
 
 
-# No hand lowering: torch.onnx's export of the decomposed reference is as fast in ONNX Runtime
-# (MiniLM, token_prune keep=0.7 after layer 3, 256 tokens: 49.6 vs 49.8 ms median, outputs equal).
-TOKEN_SCORES = define_op("tokopt::token_scores", _token_scores, _token_scores_fake, tags=("scores",))
+def _token_scores_onnx(q, k, mask=None, scale: float = 1.0, causal: bool = False, score: str = "mean", o=None):
+    # the reference, node for node: the decomposed reference runs as fast in ONNX Runtime, but
+    # decomposing it re-traces the whole graph (2.2 s of a 15 s MiniLM token_prune compile)
+    row, base = _row(score), score.partition("@")[0]
+
+    def const(x: float):
+        return op.CastLike(op.Constant(value_float=x), q)
+    rows = {"cls": op.Slice(q, ints(0), ints(1), ints(2)),
+            "last": op.Slice(q, ints(-1), ints(2**62), ints(2))}.get(row, q)
+    # one kv head per query head (no GQA) where the shapes say so: no regrouping nodes, as torch's
+    # decomposition leaves none for a reshape to the same shape
+    plain = q.shape is not None and k.shape is not None and isinstance(q.shape[1], int) and q.shape[1] == k.shape[1]
+    rep = op.Div(dim(q, 1), dim(k, 1))
+    # [B, Hkv, rep*R, d]
+    grouped = rows if plain else op.Reshape(rows, op.Concat(ints(0), dim(k, 1), ints(-1, 0), axis=0))
+    kt = op.Transpose(k, perm=[0, 1, 3, 2])
+    logits = op.MatMul(op.Mul(grouped, const(scale)), kt) if row else op.Mul(op.MatMul(grouped, kt), const(scale))
+    if mask is not None:
+        m = {"cls": op.Slice(mask, ints(0), ints(1), ints(2)),
+             "last": op.Slice(mask, ints(-1), ints(2**62), ints(2))}.get(row, mask)
+        m = m if plain else op.Tile(m, op.Concat(ints(1, 1), rep, ints(1), axis=0))
+        logits = op.Where(m, logits, const(float("-inf"))) if mask.dtype is not None and \
+            mask.dtype.name == "BOOL" else op.Add(logits, m)
+    if causal and row != "last":
+        allowed = op.LessOrEqual(op.Unsqueeze(arange(dim(k, 2)), ints(0)),
+                                 op.Unsqueeze(arange(dim(rows, 2)), ints(1)))     # [R, N]: key <= query
+        allowed = allowed if plain else op.Tile(allowed, op.Concat(rep, ints(1), axis=0))
+        logits = op.Where(allowed, logits, const(float("-inf")))
+    probs = op.Softmax(logits, axis=-1)
+    probs = op.Where(op.IsNaN(probs), const(0.0), probs)
+    if base == "head_weighted":
+        w = op.ReduceL2(o, ints(-1), keepdims=0)
+        w = op.Div(w, op.Max(op.ReduceSum(w, ints(1), keepdims=1), const(1e-30)))
+        w = op.Reshape(w, op.Concat(dim(q, 0), dim(k, 1), ints(-1), dim(w, 2), axis=0))
+        return op.ReduceSum(op.Mul(probs, w), ints(1, 2), keepdims=0)
+    if base == "diverse":
+        imp = op.ReduceMean(probs, ints(1, 2), keepdims=0)
+        metric = op.ReduceMean(k, ints(1), keepdims=0)
+        metric = op.Div(metric, op.Max(op.ReduceL2(metric, ints(-1), keepdims=1), const(1e-12)))
+        sim = op.MatMul(metric, op.Transpose(metric, perm=[0, 2, 1]))
+        above = op.Greater(op.Unsqueeze(imp, ints(1)), op.Unsqueeze(imp, ints(2)))
+        redundancy = op.Max(op.ReduceMax(op.Where(above, sim, const(-1.0)), ints(-1), keepdims=0), const(0.0))
+        top = op.Max(op.ReduceMax(imp, ints(-1), keepdims=1), const(1e-30))
+        return op.Sub(op.Div(imp, top), op.Mul(const(DIVERSITY), redundancy))
+    if score != "debiased":
+        return op.ReduceMean(probs, ints(1, 2), keepdims=0)
+    not_sink = op.CastLike(op.Greater(arange(dim(k, 2)), op.Constant(value_int=0)), q)
+    seen = op.Mul(op.CastLike(op.Greater(logits, const(-1e30)), q), not_sink)
+    rest = op.Mul(probs, not_sink)
+    rest = op.Div(rest, op.Max(op.ReduceSum(rest, ints(-1), keepdims=1), const(1e-30)))
+    relative = op.Mul(rest, op.Max(op.ReduceSum(seen, ints(-1), keepdims=1), const(1.0)))
+    return op.ReduceMean(op.Div(op.ReduceSum(relative, ints(2), keepdims=0),
+                                op.Max(op.ReduceSum(seen, ints(2), keepdims=0), const(1.0))), ints(1), keepdims=0)
+
+
+TOKEN_SCORES = define_op("tokopt::token_scores", _token_scores, _token_scores_fake, onnx=_token_scores_onnx,
+                         tags=("scores",))
 # token_prune's mode=fuse weights the dropped tokens by their scores, so recover= trains through them
 differentiable("tokopt::token_scores", _token_scores, grads_for=7)
 
