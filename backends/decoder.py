@@ -35,7 +35,7 @@ from ..optimizer.errors import BackendError
 from ..optimizer.ops import ATTENTION, CACHED_ATTENTION, TCA_KEEP, TCA_KEEP_PACKED
 from ..optimizer.patterns import PASS_THROUGH
 from ..optimizer.program import Program, Rewrite, inherit_meta
-from .projections import fuse_siblings, fused_projection
+from .projections import fused_projection
 
 __all__ = ["lower_decoder", "decoder_feeds"]
 
@@ -216,12 +216,10 @@ def _packed(rw: Rewrite, projections: list, name: str):
         return g.call_function(aten.cat.default, (list(projections), -1))
 
 
-def lower_decoder(program: Program, fuse: bool = False) -> tuple[Program, dict]:
+def lower_decoder(program: Program) -> tuple[Program, dict]:
     """``program`` with its decoder attention on ``cached_attention`` (see the module
     docstring), and what was done: {"cached_attention": layers, "padding_side": "right"} (rows then
-    take right padding), or where some layer cannot be lowered none is: {"kept": {layer: why}}.
-    ``fuse``: sibling projections are fused in the same rewrite (``fuse_siblings``; one re-export
-    for both), and {"fused_projections": groups} says how many."""
+    take right padding), or where some layer cannot be lowered none is: {"kept": {layer: why}}."""
     spec = program.cache
     if spec is None or spec.index:
         return program, {}
@@ -296,10 +294,9 @@ def lower_decoder(program: Program, fuse: bool = False) -> tuple[Program, dict]:
         return program, {"kept": kept, "lowered": "no layer: every layer goes on the kernel or none (one padding "
                                                   "convention for the graph)"}
     rw.set_outputs(outputs)
-    fused = {"fused_projections": fuse_siblings(rw)} if fuse else {}
     lowered = rw.commit("lowering the decoder attention")
     _check(program, lowered)
-    return lowered, {"cached_attention": done, "padding_side": "right", **fused}
+    return lowered, {"cached_attention": done, "padding_side": "right"}
 
 
 def decoder_feeds(program: Program) -> list[dict]:

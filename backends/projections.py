@@ -22,10 +22,10 @@ import torch
 
 from ..calibration.stats import cache_dir
 from ..optimizer.ops import LINEAR_W8A8, MATMUL_NBITS
-from ..optimizer.program import Edit, Program, Rewrite, call_function_nodes, remove_dead_code
+from ..optimizer.program import Edit, Program, Rewrite, call_function_nodes
 from ..optimizer.resources import check_disk, file_backed, page_out_tensor
 
-__all__ = ["fuse_projections", "fuse_siblings", "fused_projection"]
+__all__ = ["fuse_projections", "fused_projection"]
 
 aten = torch.ops.aten
 MAPPED_BYTES = 16 << 20   # a fused weight this large lives in a file, not in anonymous memory
@@ -118,14 +118,6 @@ def fuse_projections(program: Program) -> tuple[Program, int]:
     """``program`` with every group of projections that read one input fused (see the module
     docstring), and how many groups were."""
     rw = program.edit()   # new weights and nodes, no input or output changes: no re-export
-    count = fuse_siblings(rw)
-    return (rw.commit("fusing sibling projections"), count) if count else (program, 0)
-
-
-def fuse_siblings(rw: Rewrite | Edit) -> int:
-    """``fuse_projections`` in an open rewrite or edit, so that another rewrite of the lowering
-    (the decoder's) shares its re-export; how many groups were fused."""
-    remove_dead_code(rw.graph)   # a projection another rewrite replaced still reads the input
     groups: dict = {}
     for node in call_function_nodes(rw.graph):
         key = _signature(rw, node)
@@ -148,4 +140,4 @@ def fuse_siblings(rw: Rewrite | Edit) -> int:
             node.replace_all_uses_with(at)
             rw.graph.erase_node(node)
         count += 1
-    return count
+    return (rw.commit("fusing sibling projections"), count) if count else (program, 0)
