@@ -360,20 +360,16 @@ class Edit:
 
     def _target(self, node) -> str | None:
         """The state-dict name of the weight a placeholder stands for (None for user inputs)."""
-        if not isinstance(node, torch.fx.Node) or node.op != "placeholder":
-            return None
-        if node.name in self.added:
+        if isinstance(node, torch.fx.Node) and node.name in self.added:
             return node.name
-        spec = next((s for s in self.program.ep.graph_signature.input_specs if s.arg.name == node.name), None)
-        return None if spec is None or spec.kind == InputKind.USER_INPUT else spec.target
+        return self.program.weight_name(node)   # placeholders keep the program's names
 
     def tensor(self, node) -> torch.Tensor | None:
         """The weight or buffer a placeholder reads, as this edit leaves it (None for anything else)."""
         target = self._target(node)
-        if target is None:
-            return None
-        ep = self.program.ep
-        return self.added.get(target, self.tensors.get(target, ep.state_dict.get(target, ep.constants.get(target))))
+        if target in self.added or target in self.tensors:
+            return self.added.get(target, self.tensors.get(target))
+        return self.program.tensor(node)
 
     def set_tensor(self, target: str, value: torch.Tensor) -> None:
         """A new value, of the same shape and dtype, for weight or buffer ``target``."""

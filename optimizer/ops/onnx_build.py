@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from onnxscript import opset23 as op
 
-__all__ = ["ints", "arange", "dim"]
+__all__ = ["ints", "arange", "dim", "is_bool"]
 
 
 def ints(*x):
@@ -19,3 +19,8 @@ def arange(n):
 def dim(x, axis: int):
     """Axis ``axis`` of ``x``'s shape, as a 1-element tensor."""
     return op.Shape(x, start=axis, end=axis + 1)
+
+
+def is_bool(x) -> bool:
+    """Whether traced value ``x`` is a bool tensor (a keep-mask rather than an additive one)."""
+    return x.dtype is not None and x.dtype.name == "BOOL"

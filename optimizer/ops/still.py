@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from onnxscript import opset23 as op
 
 from .registry import AttentionArgs, define_op, differentiable
-from .onnx_build import arange, dim, ints
+from .onnx_build import arange, dim, ints, is_bool
 from .tca import valid_keys
 
 __all__ = ["STILL", "still_reference", "route", "linear_state", "feature_map", "FEATURES", "EPS"]
@@ -280,7 +280,7 @@ def _still_onnx(q, k, v, x, gate_w, fq_u=None, fq_w=None, fk_u=None, fk_w=None, 
     else:
         last = op.Gather(mask, op.Sub(dim(mask, 2), one), axis=2)
         last = op.Reshape(last, op.Concat(dim(mask, 0), n, axis=0))
-        ok = last if mask.dtype is not None and mask.dtype.name == "BOOL" else \
+        ok = last if is_bool(mask) else \
             op.Greater(last, op.CastLike(op.Constant(value_float=-1e30), last))
         valid = op.Expand(op.Cast(ok, to=1), op.Concat(b, n, axis=0))
     valid_f = op.Reshape(op.Pad(valid, op.Concat(ints(0, 0, 0), room, axis=0)),

@@ -32,7 +32,7 @@ import onnxscript
 import torch
 from onnxscript import opset23 as op
 
-from .onnx_build import arange, dim, ints
+from .onnx_build import arange, dim, ints, is_bool
 from .registry import OPSET, AttentionArgs, define_op, differentiable
 
 __all__ = ["TCA", "TCA_CACHE", "tca_reference", "tca_cache_reference", "compact_size", "budget_counts", "valid_keys",
@@ -217,7 +217,7 @@ def _tca_onnx(q, k, v, mask=None, scale: float = 1.0, causal: bool = True, budge
     else:
         last = op.Gather(mask, op.Sub(dim(mask, 2), one), axis=2)                 # [B',1,1,Nk]
         last = op.Reshape(last, op.Concat(dim(mask, 0), nk, axis=0))
-        valid = last if mask.dtype is not None and mask.dtype.name == "BOOL" else \
+        valid = last if is_bool(mask) else \
             op.Greater(last, op.CastLike(op.Constant(value_float=-1e30), last))
         valid = op.Expand(valid, bk)
     def few():

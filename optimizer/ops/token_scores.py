@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from onnxscript import opset23 as op
 
-from .onnx_build import arange, dim, ints
+from .onnx_build import arange, dim, ints, is_bool
 from .registry import define_op, differentiable
 
 __all__ = ["TOKEN_SCORES", "SCORES", "DIVERSITY"]
@@ -96,22 +96,25 @@ def _token_scores_onnx(q, k, mask=None, scale: float = 1.0, causal: bool = False
 
     def const(x: float):
         return op.CastLike(op.Constant(value_float=x), q)
-    rows = {"cls": op.Slice(q, ints(0), ints(1), ints(2)),
-            "last": op.Slice(q, ints(-1), ints(2**62), ints(2))}.get(row, q)
+
+    def pick(x):   # the query rows the score reads (axis 2): one Slice, or all of x
+        if row is None:
+            return x
+        start, end = (0, 1) if row == "cls" else (-1, 2**62)
+        return op.Slice(x, ints(start), ints(end), ints(2))
+    rows = pick(q)
     # one kv head per query head (no GQA) where the shapes say so: no regrouping nodes, as torch's
     # decomposition leaves none for a reshape to the same shape
     plain = q.shape is not None and k.shape is not None and isinstance(q.shape[1], int) and q.shape[1] == k.shape[1]
-    rep = op.Div(dim(q, 1), dim(k, 1))
+    rep = None if plain else op.Div(dim(q, 1), dim(k, 1))
     # [B, Hkv, rep*R, d]
     grouped = rows if plain else op.Reshape(rows, op.Concat(ints(0), dim(k, 1), ints(-1, 0), axis=0))
     kt = op.Transpose(k, perm=[0, 1, 3, 2])
     logits = op.MatMul(op.Mul(grouped, const(scale)), kt) if row else op.Mul(op.MatMul(grouped, kt), const(scale))
     if mask is not None:
-        m = {"cls": op.Slice(mask, ints(0), ints(1), ints(2)),
-             "last": op.Slice(mask, ints(-1), ints(2**62), ints(2))}.get(row, mask)
+        m = pick(mask)
         m = m if plain else op.Tile(m, op.Concat(ints(1, 1), rep, ints(1), axis=0))
-        logits = op.Where(m, logits, const(float("-inf"))) if mask.dtype is not None and \
-            mask.dtype.name == "BOOL" else op.Add(logits, m)
+        logits = op.Where(m, logits, const(float("-inf"))) if is_bool(mask) else op.Add(logits, m)
     if causal and row != "last":
         allowed = op.LessOrEqual(op.Unsqueeze(arange(dim(k, 2)), ints(0)),
                                  op.Unsqueeze(arange(dim(rows, 2)), ints(1)))     # [R, N]: key <= query
