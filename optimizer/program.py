@@ -21,6 +21,8 @@ node annotations live under ``node.meta["custom"]``, which export carries throug
 """
 from __future__ import annotations
 
+import re
+
 import copy
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -384,8 +386,9 @@ class Edit:
             old, torch.nn.Parameter) else value
 
     def constant(self, name: str, tensor: torch.Tensor) -> torch.fx.Node:
-        """A new buffer holding ``tensor`` and the placeholder that reads it (after the program's own)."""
-        target = f"tokopt_{name}"
+        """A new buffer holding ``tensor`` and the placeholder that reads it (after the program's own),
+        named ``tokopt_`` and ``name`` made an identifier (a placeholder is an argument of the code)."""
+        target = "tokopt_" + re.sub(r"\W", "_", name)
         if target in self.added or target in self.program.ep.state_dict:
             raise ValueError(f"constant {target} exists already")
         weights = [n for n in self.graph.nodes if n.op == "placeholder" and self._target(n) is not None]

@@ -7,6 +7,8 @@
 
     matmul(x, W.T)                      (W a 2-D weight: a linear spelled out, Falcon's)
         -> linear(x, W)
+    addmm(b, x, W), mm(x, W)            (W a 2-D weight stored [in, out]: GPT-2's Conv1D)
+        -> linear(x, W.T, b)            (W.T a new weight, the old one dropped)
 
 GQA's repeat_kv (unsqueeze/expand/reshape) is folded into the op, which takes k and v with
 their own kv-head count. Exact: the op's reference is SDPA itself. Blocks the index refused
@@ -43,12 +45,29 @@ def _transposed_weight(program: Program, node):
     return w if weight is not None and weight.dim() == 2 else None
 
 
+def _input_major_weight(program: Program, node):
+    """(W, bias) where ``node`` is ``addmm(b, x, W)`` or ``mm(x, W)`` with W a 2-D weight stored
+    [in, out] and b a vector (GPT-2's Conv1D), else None: it becomes ``linear(x, W.T, b)``."""
+    if node.target == aten.addmm.default and not node.kwargs and len(node.args) == 3:
+        bias, x, w = node.args
+        if not (isinstance(bias, torch.fx.Node) and bias.meta["val"].dim() == 1):
+            return None
+    elif node.target == aten.mm.default:
+        (x, w), bias = node.args, None
+    else:
+        return None
+    weight = program.tensor(w) if isinstance(w, torch.fx.Node) else None
+    if weight is None or weight.dim() != 2 or program.tensor(x) is not None:
+        return None
+    return w, bias
+
+
 @register_pass
 class CanonicalizePass(Pass):
     name = "canonicalize"
     tolerance = 1e-4
     summary = ("every attention spelling (SDPA, eager softmax, GQA repeat_kv) -> tokopt.attention; "
-               "x @ W.T -> linear")
+               "x @ W.T and GPT-2's addmm(b, x, W) -> linear")
 
     def call(self, program: Program) -> PassResult:
         rw = program.edit()   # one node for another of the same value: no re-export
@@ -88,6 +107,21 @@ class CanonicalizePass(Pass):
                 continue
             with graph.inserting_before(node):
                 new = graph.call_function(aten.linear.default, (node.args[0], w))
+            inherit_meta(new, node)
+            node.replace_all_uses_with(new)
+            linears += 1
+        transposed = {}   # one new weight per stored one (a weight two nodes read is transposed once)
+        for node in list(call_function_nodes(graph)):
+            found = _input_major_weight(program, node)
+            if found is None:
+                continue
+            w, bias = found
+            if w.name not in transposed:
+                # a view of the stored weight: no copy in memory (written contiguous where it is saved)
+                transposed[w.name] = rw.constant(f"{program.weight_name(w)}.T", program.tensor(w).t())
+            with graph.inserting_before(node):
+                new = graph.call_function(aten.linear.default, (node.args[1] if bias is not None else node.args[0],
+                                                                transposed[w.name], *([bias] if bias is not None else [])))
             inherit_meta(new, node)
             node.replace_all_uses_with(new)
             linears += 1

@@ -180,3 +180,26 @@ def test_a_linear_spelled_out_becomes_linear():
     from tokopt.optimizer.pass_manager import PassManager, resolve
     quantized = PassManager(resolve(plan_passes("rsq:bits=4,solver=rtn,importance=none,rotate=off"))).run(prog)
     assert quantized.count("tokopt.matmul_nbits.default") == 9   # and the LM head
+
+
+def test_gpt2_conv1d_becomes_linear():
+    """GPT-2's projections are ``addmm(b, x, W)`` with W stored [in, out] (its Conv1D): canonicalize
+    makes them ``linear(x, W.T, b)`` (exact; W.T a new weight, the stored one dropped), the spelling
+    rsq quantizes (it found no linear in GPT-2 before)."""
+    import transformers as tf
+    torch.manual_seed(0)
+    model = tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=256)).eval()
+    ids = torch.randint(3, 256, (2, 11))
+    prog = tokopt.capture(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    out = prove_pass(prog, CanonicalizePass(), target=torch.ops.aten.linear.default, before=1, after=9, tolerance=TOL,
+                     feed={"input_ids": ids[:, :7], "attention_mask": torch.ones(2, 7, dtype=torch.long)})
+    assert out.history[-1]["stats"]["linears"] == 8
+    assert not any(n.target in (torch.ops.aten.addmm.default, torch.ops.aten.mm.default) for n in out.graph.nodes)
+    weights = out.ep.state_dict
+    assert not any(k.endswith("c_attn.weight") for k in weights)   # the stored [in, out] weights left
+    stored = model.transformer.h[0].attn.c_attn.weight
+    assert torch.equal(next(v for k, v in weights.items() if "h_0_attn_c_attn" in k), stored.detach().t())
+    from tokopt.optimizer.compile import plan_passes
+    from tokopt.optimizer.pass_manager import PassManager, resolve
+    quantized = PassManager(resolve(plan_passes("rsq:bits=4,solver=rtn,importance=none,rotate=off"))).run(prog)
+    assert quantized.count("tokopt.matmul_nbits.default") == 9   # and the LM head
