@@ -12,8 +12,8 @@ network on them only (a rewrite of the exported graph; no model code is patched)
 The rewritten graph is re-exported with ``torch.export`` (dynamic batch and sequence), so every
 downstream view, reshape and mask is re-derived on the new length.
 
-Scores: ``cls`` (row of the first token, EViT), ``last`` (row of the last token, FastV; the
-choice for causal models), ``mean`` (attention received, averaged over heads and queries;
+Scores (``auto``, the default: ``cls``, or ``last`` in a causal model): ``cls`` (row of the first
+token, EViT), ``last`` (row of the last token, FastV), ``mean`` (attention received, averaged over heads and queries;
 computes this layer's full map once), ``debiased`` (``mean`` without the biases that make it
 favour some positions: the sink column is dropped and rows renormalised, each probability is
 measured against a uniform row over the keys that row sees, and a key's score is averaged over
@@ -57,7 +57,7 @@ from __future__ import annotations
 
 import operator
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fractions import Fraction
 
 import torch
@@ -120,7 +120,8 @@ class TokenPruneOptions:
     keep: float = opt(0.5, "fraction of the tokens kept at each cut (at least one)", "(0, 1]")
     layers: tuple[int, ...] = opt((1,), "layers after which tokens are cut", "'/'-separated, increasing")
     schedule: str = opt("", "keep@layer list, overrides keep and layers", "e.g. 0.7@2/0.5@4")
-    score: str = opt("cls", "how a token's importance is read", "|".join(SCORES))
+    score: str = opt("auto", "how a token's importance is read (auto: cls, or last in a causal model)",
+                     "auto|" + "|".join(SCORES))
     mode: str = opt("drop", "what happens to the tokens not kept", "|".join(MODES))
     align: int = opt(1, "tokens dropped in multiples of this (fewer, never more; at least one), so a length that "
                      "fills whole tiles still does: a CPU's int8/bf16 kernels work in tiles of 16 rows, and a ragged "
@@ -134,7 +135,7 @@ class TokenPruneOptions:
         for keep, _ in self.steps():
             if not 0 < keep <= 1:
                 raise ValueError(f"keep={keep} must be in (0, 1]")
-        if self.score not in SCORES:
+        if self.score != "auto" and self.score not in SCORES:
             raise ValueError(f"score={self.score!r} is unknown; choose one of {', '.join(SCORES)}")
         if self.mode == "merge" and any(keep <= 0.5 for keep, _ in self.steps()):
             raise ValueError("mode=merge needs keep > 0.5: ToMe merges tokens of one half (its set A) into "
@@ -513,6 +514,8 @@ class TokenPrunePass(Pass):
             if not 0 <= layer < depth:
                 raise UsageError(f"token_prune: layer {layer} is past the model's depth ({depth} attention "
                                  f"layers: 0-{depth - 1}).")
+        if opts.score == "auto":
+            opts = replace(opts, score="last" if causal else "cls")
         if causal and opts.score == "cls":
             raise UsageError("token_prune: score=cls needs a bidirectional model; in a causal model the first "
                              "token attends only to itself. Use score=last or score=mean.")
@@ -543,7 +546,7 @@ class TokenPrunePass(Pass):
         for i in range(n_layers):
             work += frac
             frac *= dict((layer, keep) for keep, layer in steps).get(i, 1.0)
-        stats = {"pruned_layers": [layer for _, layer in steps], "keep": [keep for keep, _ in steps],
+        stats = {"pruned_layers": [layer for _, layer in steps], "keep": [keep for keep, _ in steps], "score": opts.score,
                  "token_layer_fraction": round(work / n_layers, 4)}
         if opts.recover:
             stats["recovery"], program = recover(original, program, opts.recover, opts.recover_lr)

@@ -27,7 +27,8 @@ def test_passes_and_targets(capsys):
         for o in describe_options(cls):
             assert o["help"] and o["values"], f"{cls.name}:{o['name']} has no help or no values"
             assert f"    {o['name']}=" in out
-    assert "    score=cls  how a token's importance is read; values: cls|last|mean|debiased|head_weighted|diverse" in out
+    assert ("    score=auto  how a token's importance is read (auto: cls, or last in a causal model); values: "
+            "auto|cls|last|mean|debiased|head_weighted|diverse") in out
     assert "    layers=1  layers after which tokens are cut" in out and "compact=true" in out
     code, out, _ = _run(capsys, "targets")
     assert code == 0 and "x86-cpu" in out and "tensorrt" in out

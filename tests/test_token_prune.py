@@ -47,8 +47,17 @@ def scheduled(bert, llama, minilm_dir):
     # MiniLM's second cut gathers the [B, 1, K, K] mask the first cut made (its length must read
     # as K, not an expression of it, or the second cut is refused)
     minilm = PassManager(resolve(plan_passes())).run(tokopt.capture(minilm_dir))
-    return (_run(bert, "token_prune:keep=0.5,layers=0"), _run(llama, "token_prune:schedule=0.7@0/0.5@1,score=last"),
+    return (_run(bert, "token_prune:keep=0.5,layers=0"), _run(llama, "token_prune:schedule=0.7@0/0.5@1"),
             _run(minilm, "token_prune:schedule=0.7@0/0.5@1,score=head_weighted"))
+
+
+def test_the_default_score_follows_causality(scheduled):
+    """score=auto (the default): the first token's row in an encoder, the last one's in a causal LM
+    (whose first token attends only to itself), as the stats and the graph's score nodes say."""
+    one, two, _ = scheduled
+    for program, score in ((one, "cls"), (two, "last")):
+        assert program.history[-1]["stats"]["score"] == score
+        assert {n.args[5] for n in program.graph.nodes if TOKEN_SCORES.matches(n)} == {score}
 
 
 @pytest.mark.parametrize("n", [9, 16, 33, 70])
