@@ -81,7 +81,7 @@ def int8_linears(program: Program) -> tuple[Program, int]:
     from ..optimizer.ops import LINEAR_W8A8
     from ..optimizer.program import inherit_meta
     qd = torch.ops.quantized_decomposed
-    rw = program.rewrite()
+    rw = program.edit()   # new weights and nodes, no input or output changes: no re-export
     nodes = [n for n in rw.graph.nodes if LINEAR_W8A8.matches(n)]
     for i, n in enumerate(nodes):
         x, w, w_scale, x_scale, x_zero, *bias = n.args
@@ -96,7 +96,6 @@ def int8_linears(program: Program) -> tuple[Program, int]:
             y = rw.graph.call_function(torch.ops.aten.linear.default, (xd, wd, bias[0] if bias else None))
         inherit_meta(y, n)
         n.replace_all_uses_with(y)
-        rw.graph.erase_node(n)
     return (rw.commit("the inductor backend's int8 linears") if nodes else program), len(nodes)
 
 
