@@ -3,8 +3,9 @@
 Spellings recognised:
 
     sdpa:      aten.scaled_dot_product_attention(q, k, v, mask?, is_causal?, scale?)
-    eager:     matmul(softmax((matmul(q, k^T) [*|/ c]) [+ mask]) [-> to/dropout], v)
-    canonical: tokopt.attention(q, k, v, mask?, scale, causal)   (after the canonicalize pass)
+    eager:     matmul(softmax(cap(matmul(q, k^T) [*|/ c]) [+ mask]) [-> to/dropout], v)
+               cap(s) = tanh(s / cap) * cap where present (Gemma 2's attention logit soft cap)
+    canonical: tokopt.attention(q, k, v, mask?, scale, causal, softcap?)   (after the canonicalize pass)
     any other tokopt attention op (tca_attention, still_attention ...), which a pass put in
     place of a canonical one: the spelling is the op's name
 
@@ -51,6 +52,7 @@ class AttentionMatch:
     mask: torch.fx.Node | tuple[torch.fx.Node, ...] | None   # several: additive terms to sum (a bias and a mask)
     scale: float | None
     causal_flag: bool
+    softcap: float = 0.0
 
 
 def module_path(node: torch.fx.Node, prefix: str = "") -> str:
@@ -103,6 +105,20 @@ def _terms(x) -> list:
             for t in (_terms(a) if isinstance(a, torch.fx.Node) and len(a.users) == 1 else [a])]
 
 
+def _soft_cap(x) -> tuple[torch.fx.Node, float] | None:
+    """(s, c) where ``x`` is ``tanh(s / c) * c`` (or ``tanh(s * (1/c)) * c``), else None."""
+    if x.target != aten.mul.Tensor or _scalar(x.args[1]) is None:
+        return None
+    t = x.args[0]
+    if not (isinstance(t, torch.fx.Node) and t.target == aten.tanh.default and len(_users(t)) == 1):
+        return None
+    d, cap = t.args[0], float(x.args[1])
+    if not (isinstance(d, torch.fx.Node) and len(_users(d)) == 1 and _scalar(d.args[1]) is not None and cap > 0):
+        return None
+    inner = {aten.div.Tensor: float(d.args[1]), aten.mul.Tensor: 1.0 / float(d.args[1]) if d.args[1] else 0.0}
+    return (d.args[0], cap) if d.target in inner and abs(inner[d.target] - cap) <= 1e-6 * cap else None
+
+
 def _match_eager(sm: torch.fx.Node) -> AttentionMatch | str:
     dim = sm.args[1] if len(sm.args) > 1 else -1
     if dim not in (-1, 3):
@@ -123,6 +139,8 @@ def _match_eager(sm: torch.fx.Node) -> AttentionMatch | str:
         mask = rest[0] if len(rest) == 1 else rest
     else:
         mask = None
+    capped = _soft_cap(x)
+    x, softcap = capped if capped is not None else (x, 0.0)
     if x.target in (aten.mul.Tensor, aten.div.Tensor):
         c = _scalar(x.args[1])
         if c is None:
@@ -148,7 +166,7 @@ def _match_eager(sm: torch.fx.Node) -> AttentionMatch | str:
         val = _val(t)
         if val is None or val.dim() != 4:
             return "attention tensors are not 4-D [batch, heads, tokens, head_dim]"
-    return AttentionMatch("eager", out, q, k, v, mask, scale if scale is not None else 1.0, False)
+    return AttentionMatch("eager", out, q, k, v, mask, scale if scale is not None else 1.0, False, softcap)
 
 
 def match_attention(node: torch.fx.Node) -> AttentionMatch | str | None:
@@ -160,7 +178,7 @@ def match_attention(node: torch.fx.Node) -> AttentionMatch | str | None:
     if spec is not None:
         a = spec.attention(node.args)
         return AttentionMatch("canonical" if spec is ATTENTION else spec.short, node, a.q, a.k, a.v, a.mask, a.scale,
-                              a.causal)
+                              a.causal, a.softcap)
     if node.target == SDPA:
         a = list(node.args) + [None] * (7 - len(node.args))
         kw = node.kwargs
@@ -267,5 +285,5 @@ def index_attention(program: Program) -> tuple[list[AttentionBlock], list[Reject
             o_proj=_find_forward(program, m.out), fused_qkv=qw is not None and qw == kw == vw,
             rope=rope, mask=m.mask.name if isinstance(m.mask, torch.fx.Node) else
             m.mask[-1].name if isinstance(m.mask, tuple) else None,
-            scale=m.scale if m.scale is not None else head_dim ** -0.5))
+            scale=m.scale if m.scale is not None else head_dim ** -0.5, softcap=m.softcap))
     return blocks, rejected

@@ -61,6 +61,7 @@ class AttentionBlock:
     rope: bool = False
     mask: str | None = None        # node feeding the mask, if any
     scale: float | None = None
+    softcap: float = 0.0           # attention logit soft cap (Gemma 2): tanh(s / c) * c; 0: none
 
     def row(self) -> dict:
         return {k: v for k, v in self.__dict__.items()}
@@ -137,6 +138,11 @@ class Program:
     def attention_blocks(self, who: str) -> list[AttentionBlock]:
         """The canonical attention blocks a pass rewrites; a UsageError naming ``who`` if none."""
         blocks = [b for b in self.attention if b.spelling == "canonical"]
+        capped = [b.module for b in blocks if b.softcap]
+        if capped:
+            raise UsageError(f"{who} does not model an attention logit soft cap (tanh(s / c) * c, Gemma 2's), which "
+                             f"{len(capped)} of the {len(blocks)} attention blocks have ({capped[0]}, ...). Compile "
+                             "without it; the weight passes (rsq) and the lowering keep the cap.")
         if not blocks:
             replaced = sorted({b.spelling for b in self.attention})
             why = (f"every attention was already replaced ({', '.join(replaced)})" if replaced else

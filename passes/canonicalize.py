@@ -4,6 +4,8 @@
         -> tokopt.attention(q, k, v, mask, scale, causal)
     matmul(dropout(softmax(q @ k^T * c + mask)), v)
         -> tokopt.attention(q, k, v, mask, c, False)
+    matmul(softmax(tanh(q @ k^T * c / cap) * cap + mask), v)      (Gemma 2's soft cap)
+        -> tokopt.attention(q, k, v, mask, c, False, cap)
 
     matmul(x, W.T)                      (W a 2-D weight: a linear spelled out, Falcon's)
         -> linear(x, W)
@@ -93,7 +95,8 @@ class CanonicalizePass(Pass):
                         total.meta["val"] = total.args[0].meta["val"] + term.meta["val"]
                 mask = total
             with graph.inserting_before(m.out):
-                new = graph.call_function(ATTENTION.overload, (m.q, k, v, mask, float(scale), m.causal_flag))
+                new = graph.call_function(ATTENTION.overload, (m.q, k, v, mask, float(scale), m.causal_flag,
+                                                               *([m.softcap] if m.softcap else [])))
             inherit_meta(new, m.out)
             new.meta.setdefault("custom", {})[META_BLOCK] = {
                 "causal": causal.get(m.out.name), "module": module_path(m.out, prefix), "spelling": m.spelling}

@@ -262,7 +262,8 @@ class RSQPass(Pass):
             if need:
                 if fresh:
                     spec = attention_spec(next(n for n in gm.graph.nodes if n.name == attention))
-                    q, kk, _, mask, scale, causal = spec.attention(tap.args[attention])
+                    # importance from the scores before any soft cap (a monotone squash of them)
+                    q, kk, _, mask, scale, causal = spec.attention(tap.args[attention])[:6]
                     causal = causal or bool(block.causal)  # an HF mask carries the causality while the flag stays False
                     per_sample[i] = _importance(q, kk, mask, scale, causal, self.options.min_value,
                                                 self.options.max_value)

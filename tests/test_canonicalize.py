@@ -80,6 +80,33 @@ def test_attention_op_reference_and_onnx(tmp_path, kv, mask_kind):
     np.testing.assert_allclose(out, ATTENTION.op(q2, k2, v2, m2, 0.3, causal).numpy(), atol=2e-6)
 
 
+def test_soft_capped_attention_op_and_onnx(tmp_path):
+    """softcap c: the scaled scores become tanh(s / c) * c before the mask (Gemma 2), in the
+    reference and in the ONNX lowering (Attention's softcap), at a length the export never saw."""
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, h, 11, 8, generator=g) * 3 for h in (4, 2, 2))
+    scores = (q @ k.repeat_interleave(2, 1).transpose(-1, -2)) * 0.3
+    capped = (torch.tanh(scores / 2.0) * 2.0).masked_fill(~torch.ones(11, 11, dtype=torch.bool).tril(), float("-inf"))
+    want = capped.softmax(-1) @ v.repeat_interleave(2, 1)
+    assert torch.allclose(ATTENTION.op(q, k, v, None, 0.3, True, 2.0), want, atol=1e-6)
+    assert not torch.allclose(ATTENTION.op(q, k, v, None, 0.3, True), want, atol=1e-2)   # the cap matters here
+
+    class M(torch.nn.Module):
+        def forward(self, q, k, v):
+            return ATTENTION.op(q, k, v, None, 0.3, True, 2.0)
+
+    seq = {0: Dim.AUTO, 2: Dim.AUTO}
+    ep = torch.export.export(M(), (q, k, v), dynamic_shapes=(seq, seq, seq))
+    torch.onnx.export(ep, dynamo=True, opset_version=23, optimize=False,
+                      custom_translation_table=onnx_translation_table()).save(str(tmp_path / "a.onnx"))
+    node = next(n for n in __import__("onnx").load(str(tmp_path / "a.onnx")).graph.node if n.op_type == "Attention")
+    assert [a.f for a in node.attribute if a.name == "softcap"] == [2.0]
+    sess = ort.InferenceSession(str(tmp_path / "a.onnx"), providers=["CPUExecutionProvider"])
+    q2, k2, v2 = (torch.randn(3, h, 17, 8, generator=g) * 3 for h in (4, 2, 2))
+    out = sess.run(None, {i.name: t.numpy() for i, t in zip(sess.get_inputs(), (q2, k2, v2))})[0]
+    np.testing.assert_allclose(out, ATTENTION.op(q2, k2, v2, None, 0.3, True, 2.0).numpy(), atol=2e-6)
+
+
 def test_attention_op_gradients_match_sdpa():
     """The op is differentiable through its reference, so passes can fine-tune graphs holding it."""
     g = torch.Generator().manual_seed(0)

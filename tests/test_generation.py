@@ -386,9 +386,11 @@ def test_right_padded_rows_match_the_kernel(llama_bundle):
 def test_sliding_window_decoders_generate_past_their_window(arch, tmp_path):
     """Gemma 2 (a class without SDPA attention: loaded eager) and Gemma 3 attend through an 8-token
     window; the prompt and the new tokens run well past it. The bundle keeps the whole cache and the
-    window is the mask's (transformers' cache trims it, a branch on the cache length that export
-    would specialise) or, on the decoder kernel, its ``local_window_size``; greedy decoding equals
-    transformers'. The same model without the window decodes differently, so the window is there."""
+    window is the decoder kernel's ``local_window_size`` (transformers' cache trims it, a branch on
+    the cache length that export would specialise); Gemma 2's attention logit soft cap (tanh(s / 50)
+    * 50) is recognised and goes on the kernel too (its ``softcap``), and passes that do not model
+    it refuse it by name. Greedy decoding equals transformers'. The same model without the window
+    decodes differently, so the window is there."""
     import transformers as tf
     torch.manual_seed(0)
     config_cls = tf.Gemma3TextConfig if arch == "Gemma3" else tf.Gemma2Config
@@ -400,10 +402,18 @@ def test_sliding_window_decoders_generate_past_their_window(arch, tmp_path):
     assert res.manifest["source"]["attn_implementation"] == ("eager" if arch == "Gemma2" else "sdpa")
     # Gemma 2 alternates sliding and full layers, Gemma 3 slides five in six
     assert list(res.manifest["generation"]["cache"]["windows"]) == ([8, 0] if arch == "Gemma2" else [8, 8])
-    if arch == "Gemma3":   # its q and k norms and the window go on the decoder kernel (local_window_size)
-        assert res.manifest["lowering"]["decoder"]["cached_attention"] == [0, 1]
-        gqa = [n for n in onnx.load(res.bundle / "model.onnx").graph.node if n.op_type == "GroupQueryAttention"]
-        assert [a.i for n in gqa for a in n.attribute if a.name == "local_window_size"] == [8, 8]
+    # Gemma 3's q and k norms, Gemma 2's soft cap and the windows go on the decoder kernel
+    assert res.manifest["lowering"]["decoder"]["cached_attention"] == [0, 1]
+    gqa = [n for n in onnx.load(res.bundle / "model.onnx").graph.node if n.op_type == "GroupQueryAttention"]
+    assert [a.i for n in gqa for a in n.attribute if a.name == "local_window_size"] == (
+        [8, -1] if arch == "Gemma2" else [8, 8])
+    caps = [a.f for n in gqa for a in n.attribute if a.name == "softcap"]
+    assert caps == ([50.0, 50.0] if arch == "Gemma2" else [0.0, 0.0])
+    if arch == "Gemma2":
+        from tokopt.optimizer.errors import UsageError
+        with pytest.raises(UsageError, match=r"token_prune does not model an attention logit soft cap"):
+            tokopt.compile(tmp_path / "m", out=tmp_path / "pruned", passes="token_prune", generate=False,
+                           measure=False)
     ids = np.random.default_rng(5).integers(10, 256, (1, 20))
     got = tokopt.load(res.bundle).generate(input_ids=ids, max_new_tokens=24)
     np.testing.assert_array_equal(got, _hf_greedy(model, ids, n=24))

@@ -1,7 +1,7 @@
 """``tokopt::cached_attention``: a decoder layer's attention with its KV cache, in one op.
 
     cached_attention(qkv[B,S,(H+2Hkv)d], past_k[B,Hkv,P,d], past_v[B,Hkv,P,d], attention_mask[B,T],
-                     cos?[M,r/2], sin?[M,r/2], heads, kv_heads, scale, position_ids?[B,S], window=0)
+                     cos?[M,r/2], sin?[M,r/2], heads, kv_heads, scale, position_ids?[B,S], window=0, softcap=0)
         -> out[B,S,H*d], present_k[B,Hkv,T,d], present_v[B,Hkv,T,d]          (T = P + S)
 
 q, k and v arrive packed, as the projections compute them (token-major). Rows are right-padded,
@@ -15,7 +15,8 @@ row, or at ``position_ids`` where given (a cache compacted after the prefill, wh
 longer the position: ``tca:select=prefill``). Every query attends to the keys at or before its
 index (causal), and with ``window`` W only the last W of them, itself included (sliding-window
 attention as transformers masks it; the kernel's ``local_window_size`` W gives the same, checked
-at lowering); a padding query's output is whatever the kernel leaves (nothing reads it).
+at lowering); ``softcap`` c > 0 caps the scaled scores at tanh(s / c) * c (Gemma 2; the kernel's
+``softcap``). A padding query's output is whatever the kernel leaves (nothing reads it).
 
 The hand lowering is the point of the op: one ``com.microsoft.GroupQueryAttention`` node
 (rotary fused, GQA without repeating k/v, the cache written into a preallocated buffer when the
@@ -48,7 +49,7 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 def cached_attention_reference(qkv: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor,
                                attention_mask: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
                                heads: int, kv_heads: int, scale: float, position_ids: torch.Tensor | None = None,
-                               window: int = 0):
+                               window: int = 0, softcap: float = 0.0):
     b, s, _ = qkv.shape
     d, p = past_k.shape[-1], past_k.shape[2]
     q, k, v = qkv.split([heads * d, kv_heads * d, kv_heads * d], -1)
@@ -66,20 +67,20 @@ def cached_attention_reference(qkv: torch.Tensor, past_k: torch.Tensor, past_v: 
     if window:
         hidden = hidden | (keys <= index[:, :, None] - window)
     bias = qkv.new_zeros(hidden.shape).masked_fill(hidden, float("-inf"))[:, None]
-    out = attention_reference(q, present_k, present_v, bias, scale, False)
+    out = attention_reference(q, present_k, present_v, bias, scale, False, softcap)
     return out.transpose(1, 2).reshape(b, s, heads * d), present_k, present_v
 
 
 def _cached_attention(qkv: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor, attention_mask: torch.Tensor,
                       cos: torch.Tensor | None, sin: torch.Tensor | None, heads: int, kv_heads: int, scale: float,
-                      position_ids: torch.Tensor | None = None, window: int = 0
+                      position_ids: torch.Tensor | None = None, window: int = 0, softcap: float = 0.0
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return cached_attention_reference(qkv, past_k, past_v, attention_mask, cos, sin, heads, kv_heads, scale,
-                                      position_ids, window)
+                                      position_ids, window, softcap)
 
 
 def _cached_attention_fake(qkv, past_k, past_v, attention_mask, cos, sin, heads, kv_heads, scale, position_ids=None,
-                           window=0):
+                           window=0, softcap=0.0):
     b, s, _ = qkv.shape
     t = attention_mask.shape[1]
     return (qkv.new_empty((b, s, heads * past_k.shape[-1])), past_k.new_empty((b, kv_heads, t, past_k.shape[-1])),
@@ -101,14 +102,16 @@ def _gqa_schema() -> onnx.defs.OpSchema:
                           ("P", ["tensor(int64)"], "")],
         attributes=[a("num_heads", t.INT, ""), a("kv_num_heads", t.INT, ""), a("scale", t.FLOAT, ""),
                     a("do_rotary", onnx.helper.make_attribute("do_rotary", 0), ""),
-                    a("local_window_size", onnx.helper.make_attribute("local_window_size", -1), "")])
+                    a("local_window_size", onnx.helper.make_attribute("local_window_size", -1), ""),
+                    a("softcap", onnx.helper.make_attribute("softcap", 0.0), "")])
 
 
 GroupQueryAttention = Op(Opset("com.microsoft", 1), "GroupQueryAttention", _gqa_schema())
 
 
 def _cached_attention_onnx(qkv, past_k, past_v, attention_mask, cos=None, sin=None, heads: int = 1,
-                           kv_heads: int = 1, scale: float = 1.0, position_ids=None, window: int = 0):
+                           kv_heads: int = 1, scale: float = 1.0, position_ids=None, window: int = 0,
+                           softcap: float = 0.0):
     # seqlens_k = each row's tokens - 1 (right padding), total = the mask's width; shared by all
     # layers once the optimizer merges the identical subgraphs
     seqlens = op.Cast(op.Sub(op.ReduceSum(attention_mask, ints(1), keepdims=0), ints(1)), to=6)          # [B] int32
@@ -116,7 +119,7 @@ def _cached_attention_onnx(qkv, past_k, past_v, attention_mask, cos=None, sin=No
     return GroupQueryAttention(qkv, None, None, past_k, past_v, seqlens, total, cos, sin,
                                *([] if position_ids is None or cos is None else [position_ids]),
                                num_heads=heads, kv_num_heads=kv_heads, scale=scale, do_rotary=int(cos is not None),
-                               local_window_size=window if window else -1)
+                               local_window_size=window if window else -1, softcap=softcap)
 
 
 # Hand lowering: ONNX Runtime's decoder kernel (see the module docstring; measured in the README's

@@ -9,7 +9,7 @@ per compile), a hand-written ONNX lowering (an onnxscript function handed to
 op by name (``register_kernel``: a Triton kernel, later others) and look them up with ``kernel``;
 nothing here imports a backend or a pass.
 
-Ops that compute attention also say where their q, k, v, mask, scale and causal flag sit among
+Ops that compute attention also say where their q, k, v, mask, scale, causal flag (and soft cap) sit among
 their arguments (``attention``), so that analyses (token importance, value taps, the attention
 index) read any of them, not only the canonical one.
 """
@@ -38,6 +38,7 @@ class AttentionArgs(NamedTuple):
     mask: Any
     scale: float
     causal: bool
+    softcap: float = 0.0   # scores become tanh(s / c) * c before the mask (Gemma 2); 0: none
 
 
 @dataclass(frozen=True)
