@@ -113,10 +113,12 @@ def _soft_cap(x) -> tuple[torch.fx.Node, float] | None:
     if not (isinstance(t, torch.fx.Node) and t.target == aten.tanh.default and len(_users(t)) == 1):
         return None
     d, cap = t.args[0], float(x.args[1])
-    if not (isinstance(d, torch.fx.Node) and len(_users(d)) == 1 and _scalar(d.args[1]) is not None and cap > 0):
+    if not (isinstance(d, torch.fx.Node) and len(_users(d)) == 1 and len(d.args) == 2 and cap > 0
+            and _scalar(d.args[1])):
         return None
-    inner = {aten.div.Tensor: float(d.args[1]), aten.mul.Tensor: 1.0 / float(d.args[1]) if d.args[1] else 0.0}
-    return (d.args[0], cap) if d.target in inner and abs(inner[d.target] - cap) <= 1e-6 * cap else None
+    inner = float(d.args[1]) if d.target == aten.div.Tensor else \
+        1.0 / float(d.args[1]) if d.target == aten.mul.Tensor else None
+    return (d.args[0], cap) if inner is not None and abs(inner - cap) <= 1e-6 * cap else None
 
 
 def _match_eager(sm: torch.fx.Node) -> AttentionMatch | str:

@@ -10,7 +10,7 @@
     matmul(x, W.T)                      (W a 2-D weight: a linear spelled out, Falcon's)
         -> linear(x, W)
     addmm(b, x, W), mm(x, W)            (W a 2-D weight stored [in, out]: GPT-2's Conv1D)
-        -> linear(x, W.T, b)            (W.T a new weight, the old one dropped)
+        -> linear(x, W.T, b)            (W.T a new weight, a view of the stored one)
 
 GQA's repeat_kv (unsqueeze/expand/reshape) is folded into the op, which takes k and v with
 their own kv-head count. Exact: the op's reference is SDPA itself. Blocks the index refused
