@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,9 @@ __all__ = ["PEER", "build", "export", "generator", "load", "missing", "precision
 
 PEER = "onnxruntime-genai"
 CONFIG = "genai_config.json"
+# a loaded model -> the tokens its generator's cache must hold at least: a sliding-window build's
+# window (genai's runtime refuses a smaller cache)
+_ROOM: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def precision_of(passes: list[dict]) -> str:
@@ -57,20 +61,26 @@ def build(folder: Path, precision: str, out: Path, threads: int | None):
 def load(folder: Path, threads: int | None):
     """genai's model of a folder it loads (its builder's or ``export``'s), on ``threads`` threads."""
     import onnxruntime_genai as og
+    config = json.loads((folder / CONFIG).read_text())
     if threads:
-        config = json.loads((folder / CONFIG).read_text())
         config["model"]["decoder"]["session_options"]["intra_op_num_threads"] = threads
         (folder / CONFIG).write_text(json.dumps(config, indent=1))
-    return og.Model(str(folder))
+    model = og.Model(str(folder))
+    window = (config["model"]["decoder"].get("sliding_window") or {}).get("window_size") or 0
+    if window > 0:
+        _ROOM[model] = int(window)
+    return model
 
 
 def generator(model, ids: np.ndarray, total: int, speculative: dict | None = None):
-    """A greedy generator that has read ``ids`` and runs to exactly ``total`` tokens;
-    ``speculative``: its speculative decoding options (``ngram_size``, ``max_draft_tokens``: n-gram
-    lookup in the tokens so far, the peer of ``runner.generate(prompt_lookup=K)``)."""
+    """A greedy generator that has read ``ids`` and runs to at least ``total`` tokens: exactly that
+    many, but where a sliding-window build's cache must hold its window, to the window (the caller
+    stops at ``total``); ``speculative``: its speculative decoding options (``ngram_size``,
+    ``max_draft_tokens``: n-gram lookup in the tokens so far, the peer of
+    ``runner.generate(prompt_lookup=K)``)."""
     import onnxruntime_genai as og
     params = og.GeneratorParams(model)
-    params.set_search_options(max_length=total, min_length=total, do_sample=False)
+    params.set_search_options(max_length=max(total, _ROOM.get(model, 0)), min_length=total, do_sample=False)
     if speculative:
         params.set_speculative_options(**speculative)
     gen = og.Generator(model, params)
@@ -105,11 +115,12 @@ def step_calls(model, vocab: int, context: int | None, headroom: int = 64):
         state = {}
 
         def step():
-            gen = state.get("gen")
-            if gen is None or gen.is_done():
-                gen = state["gen"] = generator(model, prompt, past + steps)
-                gen.generate_next_token()   # the prompt's own token: the steps after it decode
-            gen.generate_next_token()
+            if state.get("left", 0) == 0:
+                state["gen"] = generator(model, prompt, past + steps)
+                state["gen"].generate_next_token()   # the prompt's own token: the steps after it decode
+                state["left"] = steps - 1
+            state["gen"].generate_next_token()
+            state["left"] -= 1
         return step
     return call
 

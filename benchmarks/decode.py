@@ -109,7 +109,7 @@ def _genai_decode(model):
     def decode(ids: np.ndarray, n: int, clock, speculative: dict | None = None) -> np.ndarray:
         gen = genai.generator(model, ids, ids.shape[1] + n, speculative)
         new = []
-        while not gen.is_done():
+        while not gen.is_done() and len(new) < n:   # a sliding-window build may run on to its window
             gen.generate_next_token()
             new.append(int(gen.get_next_tokens()[0]))
             clock.tick()

@@ -78,3 +78,27 @@ def test_export_refusals(bundle, tmp_path, capsys):
     with pytest.raises(UsageError, match="not a generation bundle"):
         tokopt.export(plain, tmp_path / "p")
     assert not (tmp_path / "p").exists()
+
+
+def test_the_peer_runs_a_sliding_window_build_short_of_its_window(tmp_path):
+    """genai's runtime refuses a generator whose cache is smaller than a sliding-window build's
+    window; the peer's generator then takes the window as its length and its callers stop at the
+    tokens asked for (a Gemma 2 with a 64-token window, 12 + 8 tokens)."""
+    if genai.missing():
+        pytest.skip(genai.missing())
+    import transformers as tf
+    model = tf.Gemma2ForCausalLM(tf.Gemma2Config(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, vocab_size=256, max_position_embeddings=512, sliding_window=64, bos_token_id=0,
+        eos_token_id=None, pad_token_id=1))
+    model.save_pretrained(tmp_path / "m")
+    peer = genai.build(tmp_path / "m", "fp32", tmp_path / "g", None)
+    assert not isinstance(peer, str), peer
+    ids = np.random.default_rng(0).integers(10, 256, (1, 12))
+    gen = genai.generator(peer, ids, 12 + 8)
+    for _ in range(8):
+        gen.generate_next_token()
+    assert len(gen.get_sequence(0)) == 20 and not gen.is_done()   # room to the window, stopped by the caller
+    call = genai.step_calls(peer, vocab=256, context=512)({"input_ids": ids[:, :1], "attention_mask": np.ones((1, 13))})
+    for _ in range(5):   # steps past a fresh generator's end
+        call()
