@@ -263,8 +263,9 @@ def _cmd_inspect(args) -> int:
         for r in rows:
             r["projections"] = "fused qkv" if r["fused_qkv"] else ("q/k/v" if r["q_proj"] else "?")
             r["o"] = "yes" if r["o_proj"] else "?"
+        capped = ["softcap"] if any(r["softcap"] for r in rows) else []   # Gemma 2's logit soft cap
         print(_table(rows, ["layer", "module", "spelling", "heads", "kv_heads", "head_dim", "causal",
-                            "rope", "projections", "o"]))
+                            "rope", "projections", "o", *capped]))
     for r in prog.rejected:
         print(f"not recognised: {r.module} ({r.node}): {r.reason}")
     if heads:

@@ -383,7 +383,7 @@ def test_right_padded_rows_match_the_kernel(llama_bundle):
 
 
 @pytest.mark.parametrize("arch", ["Gemma2", "Gemma3"])
-def test_sliding_window_decoders_generate_past_their_window(arch, tmp_path):
+def test_sliding_window_decoders_generate_past_their_window(arch, tmp_path, capsys):
     """Gemma 2 (a class without SDPA attention: loaded eager) and Gemma 3 attend through an 8-token
     window; the prompt and the new tokens run well past it. The bundle keeps the whole cache and the
     window is the decoder kernel's ``local_window_size`` (transformers' cache trims it, a branch on
@@ -410,7 +410,11 @@ def test_sliding_window_decoders_generate_past_their_window(arch, tmp_path):
     caps = [a.f for n in gqa for a in n.attribute if a.name == "softcap"]
     assert caps == ([50.0, 50.0] if arch == "Gemma2" else [0.0, 0.0])
     if arch == "Gemma2":
+        from tokopt.cli import main
         from tokopt.optimizer.errors import UsageError
+        assert main(["inspect", str(tmp_path / "m")]) == 0
+        table = capsys.readouterr().out.splitlines()
+        assert table[2].split()[-1] == "softcap" and table[3].split()[-1] == "50.0"   # the index shows the cap
         with pytest.raises(UsageError, match=r"token_prune does not model an attention logit soft cap"):
             tokopt.compile(tmp_path / "m", out=tmp_path / "pruned", passes="token_prune", generate=False,
                            measure=False)
