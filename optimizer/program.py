@@ -21,9 +21,8 @@ node annotations live under ``node.meta["custom"]``, which export carries throug
 """
 from __future__ import annotations
 
-import re
-
 import copy
+import re
 from dataclasses import dataclass, field, replace
 from typing import Any
 

@@ -5,8 +5,9 @@
 SDPA's semantics (a bool mask keeps True, a float mask is added; GQA when Hkv < H; ``causal``
 is bottom-right aligned when Nq < Nk). ``softcap`` c > 0 (Gemma 2's attention logit soft cap)
 makes the scaled scores tanh(s / c) * c before the mask, as ONNX's ``Attention`` and ONNX
-Runtime's ``GroupQueryAttention`` do with their ``softcap``. Hand lowering: ONNX's opset-23 ``Attention``, one fused
-kernel in ONNX Runtime where the decomposition is a chain of MatMul/Softmax/Where nodes.
+Runtime's ``GroupQueryAttention`` do with their ``softcap``. Hand lowering: ONNX's opset-23
+``Attention``, one fused kernel in ONNX Runtime where the decomposition is a chain of
+MatMul/Softmax/Where nodes.
 """
 from __future__ import annotations
 
