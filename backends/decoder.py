@@ -268,9 +268,9 @@ def lower_decoder(program: Program) -> tuple[Program, dict]:
         keep = keeps.get(q_arg)
         window = spec.windows[int(layer)] if spec.windows else 0
         positions = inputs["position_ids"] if keep is not None and c is not None else None
-        # the op's optional arguments, as far as one is set
-        tail = ((positions, window, block.softcap) if block.softcap else
-                (positions, window) if window or positions is not None else ())
+        tail = [positions, window, block.softcap]   # the op's optional arguments, as far as one is set
+        while tail and tail[-1] in (None, 0):
+            tail.pop()
         with rw.graph.inserting_before(out):
             call = rw.graph.call_function(CACHED_ATTENTION.overload, (
                 qkv, inputs[kc[0]], inputs[vc[0]], inputs["attention_mask"], c, s, block.heads,

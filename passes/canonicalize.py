@@ -48,7 +48,7 @@ def _transposed_weight(program: Program, node):
 
 
 def _input_major_weight(program: Program, node):
-    """(W, bias) where ``node`` is ``addmm(b, x, W)`` or ``mm(x, W)`` with W a 2-D weight stored
+    """(x, W, bias) where ``node`` is ``addmm(b, x, W)`` or ``mm(x, W)`` with W a 2-D weight stored
     [in, out] and b a vector (GPT-2's Conv1D), else None: it becomes ``linear(x, W.T, b)``."""
     if node.target == aten.addmm.default and not node.kwargs and len(node.args) == 3:
         bias, x, w = node.args
@@ -61,7 +61,7 @@ def _input_major_weight(program: Program, node):
     weight = program.tensor(w) if isinstance(w, torch.fx.Node) else None
     if weight is None or weight.dim() != 2 or program.tensor(x) is not None:
         return None
-    return w, bias
+    return x, w, bias
 
 
 @register_pass
@@ -103,28 +103,21 @@ class CanonicalizePass(Pass):
             m.out.replace_all_uses_with(new)
             counts[m.spelling] += 1
             counts["gqa_folded"] += k is not m.k
-        linears = 0
+        linears, transposed = 0, {}   # a stored [in, out] weight two nodes read is transposed once
         for node in list(call_function_nodes(graph)):
             w = _transposed_weight(program, node)
-            if w is None:
+            if w is not None:
+                args = (node.args[0], w)
+            elif (found := _input_major_weight(program, node)) is not None:
+                x, w, bias = found
+                if w.name not in transposed:
+                    # a view of the stored weight: no copy in memory (written contiguous where it is saved)
+                    transposed[w.name] = rw.constant(f"{program.weight_name(w)}.T", program.tensor(w).t())
+                args = (x, transposed[w.name], *([bias] if bias is not None else []))
+            else:
                 continue
             with graph.inserting_before(node):
-                new = graph.call_function(aten.linear.default, (node.args[0], w))
-            inherit_meta(new, node)
-            node.replace_all_uses_with(new)
-            linears += 1
-        transposed = {}   # one new weight per stored one (a weight two nodes read is transposed once)
-        for node in list(call_function_nodes(graph)):
-            found = _input_major_weight(program, node)
-            if found is None:
-                continue
-            w, bias = found
-            if w.name not in transposed:
-                # a view of the stored weight: no copy in memory (written contiguous where it is saved)
-                transposed[w.name] = rw.constant(f"{program.weight_name(w)}.T", program.tensor(w).t())
-            with graph.inserting_before(node):
-                new = graph.call_function(aten.linear.default, (node.args[1] if bias is not None else node.args[0],
-                                                                transposed[w.name], *([bias] if bias is not None else [])))
+                new = graph.call_function(aten.linear.default, args)
             inherit_meta(new, node)
             node.replace_all_uses_with(new)
             linears += 1

@@ -13,8 +13,8 @@ The rewritten graph is re-exported with ``torch.export`` (dynamic batch and sequ
 downstream view, reshape and mask is re-derived on the new length.
 
 Scores (``auto``, the default: ``cls``, or ``last`` in a causal model): ``cls`` (row of the first
-token, EViT), ``last`` (row of the last token, FastV), ``mean`` (attention received, averaged over heads and queries;
-computes this layer's full map once), ``debiased`` (``mean`` without the biases that make it
+token, EViT), ``last`` (row of the last token, FastV), ``mean`` (attention received, averaged over
+heads and queries; computes this layer's full map once), ``debiased`` (``mean`` without the biases that make it
 favour some positions: the sink column is dropped and rows renormalised, each probability is
 measured against a uniform row over the keys that row sees, and a key's score is averaged over
 the rows that can see it, so early tokens in causal models are no longer inflated),
@@ -546,8 +546,8 @@ class TokenPrunePass(Pass):
         for i in range(n_layers):
             work += frac
             frac *= dict((layer, keep) for keep, layer in steps).get(i, 1.0)
-        stats = {"pruned_layers": [layer for _, layer in steps], "keep": [keep for keep, _ in steps], "score": opts.score,
-                 "token_layer_fraction": round(work / n_layers, 4)}
+        stats = {"pruned_layers": [layer for _, layer in steps], "keep": [keep for keep, _ in steps],
+                 "score": opts.score, "token_layer_fraction": round(work / n_layers, 4)}
         if opts.recover:
             stats["recovery"], program = recover(original, program, opts.recover, opts.recover_lr)
         return PassResult(program, True, stats)
