@@ -10,11 +10,12 @@ import platform
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # ort_options.py, beside this file
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # ort_options.py, windowed_cache.py
 
 import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 from ort_options import DISABLED_OPTIMIZERS, session_options  # noqa: E402
+from windowed_cache import WINDOWED_KEY, WindowedSession  # noqa: E402
 
 
 def main(model, feeds_path, out_path, info_path):
@@ -24,6 +25,9 @@ def main(model, feeds_path, out_path, info_path):
     start = time.perf_counter()
     session = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"], disabled_optimizers=DISABLED_OPTIMIZERS)
     loaded = time.perf_counter() - start
+    windowed = session.get_modelmeta().custom_metadata_map.get(WINDOWED_KEY)
+    if windowed:   # full-length pasts, as tokopt's make_session takes them
+        session = WindowedSession(session, json.loads(windowed))
     names = {i.name for i in session.get_inputs()}
     data = np.load(feeds_path)
     count = 1 + max(int(k.split("/")[0]) for k in data.files)

@@ -173,6 +173,10 @@ def export(bundle, out, force: bool = False) -> Path:
     source = manifest.get("source", {})
     kind = source.get("class", "").replace("ForCausalLM", "").lower() or "llama"
     context = cache.max_length or 4096
+    local = [i for i, w in enumerate(cache.windows) if w]
+    if len({cache.windows[i] for i in local}) > 1:
+        raise UsageError(f"{bundle} cannot be exported for {PEER}: its layers' sliding windows differ "
+                         f"({sorted({cache.windows[i] for i in local})}), and genai's config takes one.")
     config = {"model": {
         "context_length": context,
         "decoder": {"session_options": {"log_id": PEER, "provider_options": []}, "filename": "model.onnx",
@@ -182,7 +186,11 @@ def export(bundle, out, force: bool = False) -> Path:
                     "outputs": {"logits": "logits", "present_key_names": "present_key_%d",
                                 "present_value_names": "present_value_%d"},
                     "num_attention_heads": heads, "num_hidden_layers": cache.layers,
-                    "num_key_value_heads": cache.kv_heads[0]},
+                    "num_key_value_heads": cache.kv_heads[0],
+                    # its runtime sizes these layers' buffers to the window, as for its own builds
+                    **({"sliding_window": {"window_size": cache.windows[local[0]], "slide_key_value_cache": False,
+                                           "slide_inputs": False, "layers": local, "cache_slack": 0}}
+                       if local else {})},
         "eos_token_id": list(cache.eos_token_ids) if len(cache.eos_token_ids) > 1 else
         (cache.eos_token_ids[0] if cache.eos_token_ids else 0),
         "pad_token_id": cache.pad_token_id, "type": kind, "vocab_size": cache.vocab_size},

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -28,6 +29,7 @@ from .projections import fuse_projections
 from .onnx_shapes import drop_unread_outputs, merge_ifs, static_reshapes
 from .ort_options import DISABLED_OPTIMIZERS, session_options
 from .targets import Target, get_target, host_arch, host_providers
+from .windowed_cache import WINDOWED_KEY, WindowedSession, mark_windowed, windowed_rows
 
 __all__ = ["OnnxRuntimeBackend", "OnnxRuntimeRunner", "BoundDecoding", "decode_step", "export_onnx", "for_onnx", "export_baseline", "make_session",
            "disagreement", "program_reference", "session_disagreement", "MODEL_FILE"]
@@ -53,6 +55,7 @@ def _save(model, path: Path) -> None:
     serialized copy of them in memory) at 64 KiB-aligned offsets, which ONNX Runtime maps instead of
     reading."""
     import onnx_ir as ir
+    mark_windowed(model)
     size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
     path.parent.mkdir(parents=True, exist_ok=True)
     if size > EXTERNAL_BYTES:
@@ -302,12 +305,15 @@ def export_baseline(program: Program, path: Path) -> None:
 
 
 def make_session(path: Path, providers: list[str], threads: int | None = None, prepack: bool = True):
+    """An ONNX Runtime session of ``path``; a ``WindowedSession`` where it has windowed caches."""
     import onnxruntime as ort
     try:
-        return ort.InferenceSession(str(path), session_options(ort, threads, prepack), providers=providers,
-                                    disabled_optimizers=DISABLED_OPTIMIZERS)
+        session = ort.InferenceSession(str(path), session_options(ort, threads, prepack), providers=providers,
+                                       disabled_optimizers=DISABLED_OPTIMIZERS)
     except Exception as e:
         raise BackendError(f"ONNX Runtime cannot load {path}: {str(e).strip().splitlines()[0]}") from e
+    windowed = session.get_modelmeta().custom_metadata_map.get(WINDOWED_KEY)
+    return WindowedSession(session, json.loads(windowed)) if windowed else session
 
 
 def bundle_model(manifest: dict | None) -> str:
@@ -329,10 +335,11 @@ class OnnxRuntimeRunner(Runner):
         # an input the lowering made unused (position_ids, once RoPE reads cache indices) is gone
         return self.session.run(None, {k: v for k, v in feed.items() if k in self.graph_inputs})
 
-    def decoding(self, batch: int, capacity: int):
+    def decoding(self, batch: int, capacity: int, drafts: bool = False):
         if not (self.manifest.get("generation") or {}).get("shared_buffer"):
-            return super().decoding(batch, capacity)
-        return BoundDecoding(self.session, self.cache_spec(), batch, capacity, self.graph_inputs, self.right_padded)
+            return super().decoding(batch, capacity, drafts)
+        return BoundDecoding(self.session, self.cache_spec(), batch, capacity, self.graph_inputs, self.right_padded,
+                             drafts)
 
 
 class BoundDecoding:
@@ -340,11 +347,16 @@ class BoundDecoding:
     through ORT's IOBinding as both the graph's past and its present: GroupQueryAttention
     writes each step's keys in place, nothing is copied or concatenated between steps. The
     logits (one position per row, [B, 1, V]) land in a bound buffer too; a call returns a view of
-    it, valid until the next call (a 152K vocabulary's copy per token cost more than its argmax)."""
+    it, valid until the next call (a 152K vocabulary's copy per token cost more than its argmax).
+    A windowed layer's buffers (``windowed_cache``) hold its window and a slack, not ``capacity``,
+    unless ``drafts`` may be taken back (``every``) or the prefill compacts the cache."""
 
-    def __init__(self, session, spec, batch: int, capacity: int, inputs: set[str], right_padded: bool = False):
+    def __init__(self, session, spec, batch: int, capacity: int, inputs: set[str], right_padded: bool = False,
+                 drafts: bool = False):
         import onnxruntime as ort
         self.session, self.positions, self.capacity = session, "position_ids" in inputs, capacity
+        self.drafts = drafts
+        windowed = getattr(session, "windowed", {})
         self.right_padded = right_padded   # see generation.generate_ids
         self.index = LOGITS_INDEX in inputs   # the last position's logits are asked for (newer bundles)
         self.last = None   # the logits_index bound: the prompt's last row(s), then 0 at each step
@@ -356,10 +368,12 @@ class BoundDecoding:
         self.cache = {}   # the buffers' memory, as numpy (an OrtValue made from a CPU array shares it)
         for i in range(spec.layers):
             for kv in ("key", "value"):
-                self.cache[f"past_{kv}_{i}"] = np.zeros((batch, spec.kv_heads[i], capacity, spec.head_dim[i]),
-                                                        dtype=spec.dtype)
-                buf = ort.OrtValue.ortvalue_from_numpy(self.cache[f"past_{kv}_{i}"])
-                self.io.bind_ortvalue_input(f"past_{kv}_{i}", buf)
+                name = f"past_{kv}_{i}"
+                rows = (windowed_rows(capacity, windowed[name][1], drafts or spec.keeps) if name in windowed
+                        else capacity)
+                self.cache[name] = np.zeros((batch, spec.kv_heads[i], rows, spec.head_dim[i]), dtype=spec.dtype)
+                buf = ort.OrtValue.ortvalue_from_numpy(self.cache[name])
+                self.io.bind_ortvalue_input(name, buf)
                 self.io.bind_ortvalue_output(f"present_{kv}_{i}", buf)
                 self.buffers.append(buf)
         self.spec, self.compaction, self.prefilled = spec, None, False
@@ -395,6 +409,9 @@ class BoundDecoding:
     def every(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray) -> np.ndarray:
         """The logits of every position of ``ids`` [B, S, V]: a step that verifies drafted tokens
         (the kernel writes them all into the buffers; the next call's mask says which count)."""
+        if not self.drafts:
+            raise UsageError("this decoding was not opened for drafts (decoding(..., drafts=True)): a windowed "
+                             "layer's cache may have evicted what taking drafts back needs.")
         mask = self._bind(ids, mask, pos)
         return self._after(mask, self._wide(np.arange(ids.shape[1])))
 

@@ -314,9 +314,12 @@ class FeedDecoding:
         return np.asarray(out["logits"])
 
 
-def open_decoding(step, spec: CacheSpec, batch: int, capacity: int):
-    """The decoding ``step`` holds its cache in (``step.decoding``), or a feed loop over it."""
-    return step.decoding(batch, capacity) if hasattr(step, "decoding") else FeedDecoding(step, spec)
+def open_decoding(step, spec: CacheSpec, batch: int, capacity: int, drafts: bool = False):
+    """The decoding ``step`` holds its cache in (``step.decoding``), or a feed loop over it;
+    ``drafts``: one whose steps may be taken back (prompt lookup)."""
+    if not hasattr(step, "decoding"):
+        return FeedDecoding(step, spec)
+    return step.decoding(batch, capacity, drafts=True) if drafts else step.decoding(batch, capacity)
 
 
 def generate_ids(step, spec: CacheSpec, input_ids, attention_mask=None, *,
@@ -352,7 +355,7 @@ def generate_ids(step, spec: CacheSpec, input_ids, attention_mask=None, *,
     mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, dtype=np.int64)
     if mask.shape != ids.shape:
         raise UsageError(f"attention_mask has shape {list(mask.shape)}; it must match input_ids {list(ids.shape)}.")
-    decode = open_decoding(step, spec, batch, length + int(max_new_tokens))
+    decode = open_decoding(step, spec, batch, length + int(max_new_tokens), drafts=bool(prompt_lookup))
     stop = np.array(sorted(set(_token_ids(stop_tokens)) | set(spec.eos_token_ids)) or [-1])
     stops = set(stop.tolist())
     if prompt_lookup:

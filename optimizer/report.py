@@ -238,8 +238,8 @@ def _lookup_check(step, spec, ids: np.ndarray, mask: np.ndarray, own: np.ndarray
     prefill (1 without it)."""
     opened = []
 
-    def decoding(batch, capacity):
-        opened.append(_Counted(open_decoding(step, spec, batch, capacity)))
+    def decoding(batch, capacity, drafts=False):
+        opened.append(_Counted(open_decoding(step, spec, batch, capacity, drafts)))
         return opened[-1]
     counting = SimpleNamespace(decoding=decoding)
     same, new = [], 0

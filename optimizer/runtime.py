@@ -120,9 +120,10 @@ class Runner:
                              "(a tokenizer's padding_side='right'); generate() does this itself.")
         return dict(zip(self.output_names, self._run(feed)))
 
-    def decoding(self, batch: int, capacity: int):
+    def decoding(self, batch: int, capacity: int, drafts: bool = False):
         """A decoding session (see ``generation.generate_ids``) for ``batch`` rows of at most
-        ``capacity`` tokens; this one feeds the cache through the bundle's inputs and outputs."""
+        ``capacity`` tokens, ``drafts``: whose steps may be taken back (prompt lookup); this one
+        feeds the cache through the bundle's inputs and outputs."""
         from .generation import LOGITS_INDEX, FeedDecoding
         return FeedDecoding(lambda feed: self(**feed), self.cache_spec(), index=LOGITS_INDEX in self.inputs,
                             right_padded=self.right_padded)

@@ -102,3 +102,27 @@ def test_the_peer_runs_a_sliding_window_build_short_of_its_window(tmp_path):
     call = genai.step_calls(peer, vocab=256, context=512)({"input_ids": ids[:, :1], "attention_mask": np.ones((1, 13))})
     for _ in range(5):   # steps past a fresh generator's end
         call()
+
+
+def test_a_sliding_window_bundle_exports_its_window(tmp_path):
+    """A Gemma 2 bundle (an 8-token window on layer 0, a windowed cache on the kernel) exports with
+    genai's sliding-window config, whose runtime then sizes that layer's cache itself; its
+    generator decodes past the window as the bundle's runner does."""
+    import transformers as tf
+    model = tf.Gemma2ForCausalLM(tf.Gemma2Config(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, vocab_size=256, max_position_embeddings=512, sliding_window=8, bos_token_id=0,
+        eos_token_id=None, pad_token_id=1)).eval()
+    model.generation_config.eos_token_id = None
+    bundle = tokopt.compile(model, out=tmp_path / "b", generate=True, measure=False).bundle
+    out = tokopt.export(bundle, tmp_path / "g", to="genai")
+    window = json.loads((out / "genai_config.json").read_text())["model"]["decoder"]["sliding_window"]
+    assert (window["window_size"], window["layers"]) == (8, [0])
+    if genai.missing():
+        pytest.skip(f"{genai.missing()}: its generator is not run")
+    ids = np.random.default_rng(3).integers(10, 256, (1, 12))
+    gen = genai.generator(genai.load(out, None), ids, 12 + 16)
+    while not gen.is_done():
+        gen.generate_next_token()
+    np.testing.assert_array_equal(np.asarray(gen.get_sequence(0)),
+                                  tokopt.load(bundle).generate(input_ids=ids, max_new_tokens=16)[0])

@@ -385,12 +385,13 @@ def test_right_padded_rows_match_the_kernel(llama_bundle):
 @pytest.mark.parametrize("arch", ["Gemma2", "Gemma3"])
 def test_sliding_window_decoders_generate_past_their_window(arch, tmp_path, capsys):
     """Gemma 2 (a class without SDPA attention: loaded eager) and Gemma 3 attend through an 8-token
-    window; the prompt and the new tokens run well past it. The bundle keeps the whole cache and the
+    window; the prompt and the new tokens run well past it. The graph takes the whole cache and the
     window is the decoder kernel's ``local_window_size`` (transformers' cache trims it, a branch on
     the cache length that export would specialise); Gemma 2's attention logit soft cap (tanh(s / 50)
     * 50) is recognised and goes on the kernel too (its ``softcap``), and passes that do not model
     it refuse it by name. Greedy decoding equals transformers'. The same model without the window
-    decodes differently, so the window is there."""
+    decodes differently, so the window is there. The windowed layers' buffers hold the window and a
+    slack, not the whole decoding (ONNX Runtime's windowed cache, evicting inside the kernel)."""
     import transformers as tf
     torch.manual_seed(0)
     config_cls = tf.Gemma3TextConfig if arch == "Gemma3" else tf.Gemma2Config
@@ -418,9 +419,18 @@ def test_sliding_window_decoders_generate_past_their_window(arch, tmp_path, caps
         with pytest.raises(UsageError, match=r"token_prune does not model an attention logit soft cap"):
             tokopt.compile(tmp_path / "m", out=tmp_path / "pruned", passes="token_prune", generate=False,
                            measure=False)
+    # a windowed layer's node keeps a window-sized cache: the runner's buffers hold the window and a
+    # slack (8 + sqrt(16) rows, not the 44 tokens), the whole decoding where drafts may be taken back
+    assert [next((a.i for a in n.attribute if a.name == "sliding_window_cache"), 0) for n in gqa] == (
+        [1, 0] if arch == "Gemma2" else [1, 1])
+    run = tokopt.load(res.bundle)
+    rows = [run.decoding(1, 44, drafts=drafts).cache["past_key_1"].shape[2] for drafts in (False, True)]
+    assert run.decoding(1, 44).cache["past_key_0"].shape[2] == 12
+    assert rows == ([44, 44] if arch == "Gemma2" else [12, 44])
     ids = np.random.default_rng(5).integers(10, 256, (1, 20))
-    got = tokopt.load(res.bundle).generate(input_ids=ids, max_new_tokens=24)
+    got = run.generate(input_ids=ids, max_new_tokens=24)
     np.testing.assert_array_equal(got, _hf_greedy(model, ids, n=24))
+    np.testing.assert_array_equal(run.generate(input_ids=ids, max_new_tokens=24, prompt_lookup=3), got)
     wide = _no_eos(getattr(tf, f"{arch}ForCausalLM")(config_cls(**kw, sliding_window=512)).eval())
     wide.load_state_dict(model.state_dict())
     assert (_hf_greedy(wide, ids, n=24) != got).any()

@@ -39,8 +39,8 @@ class _Counted:
     def __init__(self, run):
         self.run, self.widths = run, []
 
-    def decoding(self, batch, capacity):
-        inner, widths = self.run.decoding(batch, capacity), self.widths
+    def decoding(self, batch, capacity, drafts=False):
+        inner, widths = self.run.decoding(batch, capacity, drafts), self.widths
 
         class Decoding:
             index, right_padded = True, getattr(inner, "right_padded", False)
@@ -82,7 +82,7 @@ def test_lookup_gives_greedy_tokens_in_fewer_calls(res):
     def step(feed):
         return {k: v.numpy() for k, v in step_run({k: torch.as_tensor(np.asarray(v)) for k, v in feed.items()}).items()}
     plain = FeedDecoding(step, prog.cache)
-    feed = _Counted(type("R", (), {"decoding": lambda self, b, c: plain})())
+    feed = _Counted(type("R", (), {"decoding": lambda self, b, c, drafts: plain})())
     np.testing.assert_array_equal(generate_ids(feed, prog.cache, ids, max_new_tokens=48, prompt_lookup=6), want)
     assert any(w > 1 for w in feed.widths[1:])
     # the CLI streams the same tokens

@@ -204,6 +204,6 @@ class _Opened:
     def __init__(self, runner):
         self.runner, self.opened = runner, None
 
-    def decoding(self, batch, capacity):
-        self.opened = self.runner.decoding(batch, capacity)
+    def decoding(self, batch, capacity, drafts=False):
+        self.opened = self.runner.decoding(batch, capacity, drafts)
         return self.opened

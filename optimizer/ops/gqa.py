@@ -18,12 +18,21 @@ attention as transformers masks it; the kernel's ``local_window_size`` W gives t
 at lowering); ``softcap`` c > 0 caps the scaled scores at tanh(s / c) * c (Gemma 2; the kernel's
 ``softcap``). A padding query's output is whatever the kernel leaves (nothing reads it).
 
+A windowed layer's node also sets ``sliding_window_cache`` (where ONNX Runtime has it): its
+past/present buffer may then be window-sized (at least W rows), the kernel keeping the most
+recent positions at its start and evicting the rest, so a step reads about W keys instead of all
+T (onnxruntime-genai's CPU builds do the same). Such a buffer must hold W rows even before it
+fills: ``backends.windowed_cache.WindowedSession`` feeds a full-length past through a buffer of
+max(T, W) rows, where nothing is evicted and the layout is the op's above.
+
 The hand lowering is the point of the op: one ``com.microsoft.GroupQueryAttention`` node
 (rotary fused, GQA without repeating k/v, the cache written into a preallocated buffer when the
 runner binds one buffer as both past and present) in place of the reshapes, transposes, RoPE,
 concatenations, mask construction and attention of the exported decoder layer.
 """
 from __future__ import annotations
+
+import functools
 
 import onnx
 import torch
@@ -103,10 +112,23 @@ def _gqa_schema() -> onnx.defs.OpSchema:
         attributes=[a("num_heads", t.INT, ""), a("kv_num_heads", t.INT, ""), a("scale", t.FLOAT, ""),
                     a("do_rotary", onnx.helper.make_attribute("do_rotary", 0), ""),
                     a("local_window_size", onnx.helper.make_attribute("local_window_size", -1), ""),
-                    a("softcap", onnx.helper.make_attribute("softcap", 0.0), "")])
+                    a("softcap", onnx.helper.make_attribute("softcap", 0.0), ""),
+                    a("sliding_window_cache", onnx.helper.make_attribute("sliding_window_cache", 0), "")])
 
 
 GroupQueryAttention = Op(Opset("com.microsoft", 1), "GroupQueryAttention", _gqa_schema())
+
+
+@functools.cache
+def windowed_cache_supported() -> bool:
+    """Whether the installed ONNX Runtime's GroupQueryAttention takes ``sliding_window_cache``
+    (added in 2026; an older one refuses the attribute, and its layers keep the whole cache)."""
+    try:
+        from onnxruntime.capi.onnxruntime_pybind11_state import get_all_operator_schema
+        return any(s.name == "GroupQueryAttention" and "sliding_window_cache" in s.attributes
+                   for s in get_all_operator_schema())
+    except Exception:
+        return False
 
 
 def _cached_attention_onnx(qkv, past_k, past_v, attention_mask, cos=None, sin=None, heads: int = 1,
@@ -119,7 +141,8 @@ def _cached_attention_onnx(qkv, past_k, past_v, attention_mask, cos=None, sin=No
     return GroupQueryAttention(qkv, None, None, past_k, past_v, seqlens, total, cos, sin,
                                *([] if position_ids is None or cos is None else [position_ids]),
                                num_heads=heads, kv_num_heads=kv_heads, scale=scale, do_rotary=int(cos is not None),
-                               local_window_size=window if window else -1, softcap=softcap)
+                               local_window_size=window if window else -1, softcap=softcap,
+                               sliding_window_cache=int(window > 0 and windowed_cache_supported()))
 
 
 # Hand lowering: ONNX Runtime's decoder kernel (see the module docstring; measured in the README's
