@@ -88,7 +88,7 @@ aten = torch.ops.aten
 # is the FFN-down inputs of layers 0-3, spreads 3.2-7.8; taking 9 inputs (spread >= 1.5) gained
 # 0.0001 cosine and cost 0.4 ms at 128 tokens on OpenVINO.
 OUTLIER_SPREAD = 3.0
-CACHE_VERSION = 2  # part of the cache key: bump when the solver or its statistics change
+CACHE_VERSION = 3  # part of the cache key: bump when the solver or its statistics change
 
 
 @dataclass(frozen=True)
@@ -176,8 +176,10 @@ def _importance(q, k, mask, scale, causal, lo: float, hi: float) -> torch.Tensor
     return r / r.sum(-1, keepdim=True) * r.shape[-1]
 
 
-# the windows' resume states past this many bytes go to disk between groups (a wide MLP's at 0.5B: 0.38 GiB)
-SPILL_BYTES = 2**28
+# the windows' resume states go to disk between groups past this many bytes or this share of the
+# weights, whichever is larger (a wide MLP's at 0.5B: 0.38 GiB; at 8B: 1.2 GiB of 30). Writing them is
+# disk-bound (on a 1.1B-wide model, a seventh of the pass): states small next to the weights stay
+SPILL_BYTES, SPILL_SHARE = 2**28, 1 / 4
 
 
 def _spilled(state: tuple[str, dict] | None, folder: Path, limit: int) -> tuple[str, dict] | None:
@@ -235,7 +237,7 @@ class RSQPass(Pass):
         return calib, windows[opts.samples:]
 
     def _hessians(self, gm, input_names, group, k: int, block, feeds, weights_cache: dict, layer, marks: list,
-                  spill: Path):
+                  spill: Path, spill_limit: int):
         """2 X^T diag(w) X / tokens of the group's input X over the calibration feeds, each token
         weighted by its importance at the layer's attention (computed once per layer and sample),
         and the state each feed's run reached at the group's first linear (``marks``: where the
@@ -250,15 +252,15 @@ class RSQPass(Pass):
         stop = max([group[-1].name] + ([attention] if fresh else []), key=order.__getitem__)  # needs both
         mark = min((lin.name for lin in group), key=order.__getitem__)
         tap = Tap(gm, values=[x_node], args=[attention] if fresh else [], stop=stop, mark=mark)
-        h = torch.zeros(k, k, dtype=torch.float64)
+        h = torch.zeros(k, k)   # float32, as GPTQ's own: float64 took twice the time
         count = 0
         for i, feed in enumerate(feeds):
             # an attention op's arguments before the resume point were not kept: run from the inputs
             resume = marks[i] if marks[i] is not None and not (fresh and order[attention] < order[marks[i][0]]) else None
             with torch.no_grad():
                 tap.run_feed(feed, input_names, resume=resume)
-            marks[i] = _spilled(tap.marked, spill, SPILL_BYTES // len(feeds))
-            x = tap.values[x_node].double().reshape(-1, k)
+            marks[i] = _spilled(tap.marked, spill, spill_limit // len(feeds))
+            x = tap.values[x_node].float().reshape(-1, k)
             if need:
                 if fresh:
                     spec = attention_spec(next(n for n in gm.graph.nodes if n.name == attention))
@@ -267,14 +269,15 @@ class RSQPass(Pass):
                     causal = causal or bool(block.causal)  # an HF mask carries the causality while the flag stays False
                     per_sample[i] = _importance(q, kk, mask, scale, causal, self.options.min_value,
                                                 self.options.max_value)
-                x = x * per_sample[i].reshape(-1).sqrt()[:, None]
-            h.addmm_(x.T, x)   # in place: no k x k temporary (1.6 GB for a 14336-wide input)
+                x = x * per_sample[i].reshape(-1).sqrt().float()[:, None]
+            h.addmm_(x.T, x)   # in place: no k x k temporary (0.8 GB for a 14336-wide input)
             count += x.shape[0]
             del x
             release_heap()   # each window's freed activations, which malloc would keep resident to the next
         return h.mul_(2).div_(max(count, 1))
 
-    def _solve(self, rw: Rewrite, body, calib, layer_of: dict, names: dict, bs: int, spill, steps: Steps) -> dict:
+    def _solve(self, rw: Rewrite, body, calib, layer_of: dict, names: dict, bs: int, spill, spill_limit: int,
+               steps: Steps) -> dict:
         """Quantize the body group by group, each on inputs from the already-quantized graph:
         {"codes": {node: codes}, "scales": {node: scales}, "rows": the log, "resumed": groups}.
         Each group's result is saved to ``steps`` as it ends; the groups of whole layers an
@@ -313,7 +316,7 @@ class RSQPass(Pass):
                     if opts.solver == "gptq" and feeds:
                         k = rw.tensor(group[0].args[1]).shape[1]
                         h = self._hessians(gm, rw.input_names, group, k, attention_of.get(layer), feeds, weights_cache,
-                                           layer, marks, spill)
+                                           layer, marks, spill, spill_limit)
                     _page_out_all(read_again)   # the previous group's new weights, which this group's run read back in
                     result = {"codes": {}, "scales": {}, "rows": []}
                     for lin in group:
@@ -328,7 +331,7 @@ class RSQPass(Pass):
                 out["rows"] += result["rows"]
                 out["codes"].update(result["codes"])
                 out["scales"].update(result["scales"])
-                release_heap()   # each weight replaced by a new one and float64 Hessians freed: no holes kept
+                release_heap()   # each weight replaced by a new one and Hessians freed: no holes kept
         return out
 
     def _restored(self, result: dict, name: str, bs: int) -> QuantizedWeight:
@@ -386,7 +389,8 @@ class RSQPass(Pass):
         # checkpoint's do: what stays resident is the layer being calibrated, not the model twice
         spill = cache_dir() / "spill"
         # new weights in fp32, and codes (a byte per weight) twice: the steps as they end, then the whole result
-        check_disk(spill, weights_bytes(program) * 3 // 2 + 2**28, "rsq's new weights (mapped from disk to leave "
+        weights = weights_bytes(program)
+        check_disk(spill, weights * 3 // 2 + 2**28, "rsq's new weights (mapped from disk to leave "
                    "memory) and its saved steps",
                    "set TOKOPT_CACHE_DIR to a folder on a larger disk")
         stats["rotation"] = self._rotate(program, rw, spill)
@@ -407,8 +411,9 @@ class RSQPass(Pass):
             if k not in ("eval_windows", "compute", "int8_budget", "embed_bits", "head_bits")},
             "group_size": bs,
             "data": [hashlib.sha256(torch.cat(calib, 1).numpy().tobytes()).hexdigest()] if calib else None}
+        spill_limit = max(SPILL_BYTES, int(weights * SPILL_SHARE))
         result, hit = cached_tensors("rsq", key, lambda steps: self._solve(rw, body, calib, layer_of, names, bs,
-                                                                           spill, steps), steps=True)
+                                                                           spill, spill_limit, steps), steps=True)
         stats["cached"] = hit
         if result.get("resumed") and not hit:
             stats["resumed"] = f"{result['resumed']} of {result['groups']} groups from an interrupted run"
@@ -467,11 +472,11 @@ class RSQPass(Pass):
 
     @staticmethod
     def _log_row(name, layer, w, deq, h, qw: QuantizedWeight, seconds: float) -> dict:
-        d = (w - deq).double()
+        d = w - deq
         if h is not None:  # importance-weighted output error on the calibration inputs
-            rel = float((d @ h * d).sum() / (w.double() @ h * w.double()).sum().clamp_min(1e-30))
+            rel = float((d @ h * d).sum() / (w @ h * w).sum().clamp_min(1e-30))
         else:
-            rel = float(d.pow(2).sum() / w.double().pow(2).sum().clamp_min(1e-30))
+            rel = float(d.pow(2).sum() / w.pow(2).sum().clamp_min(1e-30))
         return {"weight": name, "layer": layer, "rows": w.shape[0], "cols": w.shape[1], "bits": qw.bits,
                 "block_size": qw.block_size, "relative_error": max(rel, 0.0) ** 0.5, "seconds": round(seconds, 3)}
 

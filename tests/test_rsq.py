@@ -236,7 +236,8 @@ def test_gptq_resumes_layer_by_layer(tmp_path, model_dir, monkeypatch):
     """Each GPTQ group's calibration run resumes where the previous group's stopped (its linears
     recomputed with their quantized weights) instead of running the graph from its inputs: the
     codes are bit-identical to the from-the-inputs runs, with fewer nodes run; and again when every
-    resume state is moved to disk between groups (as a wide model's are, past rsq.SPILL_BYTES)."""
+    resume state is moved to disk between groups (as a wide model's are,
+    past rsq.SPILL_BYTES and SPILL_SHARE)."""
     import tokopt.passes.rsq as rsq_module
     from tokopt.optimizer.ops.taps import Tap
     ids = tmp_path / "ids.npy"
@@ -264,6 +265,7 @@ def test_gptq_resumes_layer_by_layer(tmp_path, model_dir, monkeypatch):
     for from_start, spill in ((True, False), (False, False), (False, True)):
         monkeypatch.setenv("TOKOPT_CACHE_DIR", str(tmp_path / f"cache{from_start}{spill}"))   # no cached result
         monkeypatch.setattr(rsq_module, "SPILL_BYTES", 0 if spill else 2**28)
+        monkeypatch.setattr(rsq_module, "SPILL_SHARE", 0 if spill else 1 / 4)
         backed.clear()
         captured = tokopt.capture(model_dir("llama"))
         captured.calib = str(ids)
