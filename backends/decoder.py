@@ -33,6 +33,7 @@ import torch
 
 from ..optimizer.errors import BackendError
 from ..optimizer.ops import ATTENTION, CACHED_ATTENTION, TCA_KEEP, TCA_KEEP_PACKED
+from ..optimizer.ops.gqa import windowed_cache_supported
 from ..optimizer.patterns import PASS_THROUGH
 from ..optimizer.program import Program, Rewrite, inherit_meta
 from .projections import fused_projection
@@ -298,7 +299,9 @@ def lower_decoder(program: Program) -> tuple[Program, dict]:
     rw.set_outputs(outputs)
     lowered = rw.commit("lowering the decoder attention")
     _check(program, lowered)
-    return lowered, {"cached_attention": done, "padding_side": "right"}
+    windowed = {str(layer): w for layer, w in enumerate(spec.windows) if w} if windowed_cache_supported() else {}
+    return lowered, {"cached_attention": done, "padding_side": "right",
+                     **({"windowed_cache": windowed} if windowed else {})}
 
 
 def decoder_feeds(program: Program) -> list[dict]:

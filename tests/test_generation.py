@@ -405,6 +405,7 @@ def test_sliding_window_decoders_generate_past_their_window(arch, tmp_path, caps
     assert list(res.manifest["generation"]["cache"]["windows"]) == ([8, 0] if arch == "Gemma2" else [8, 8])
     # Gemma 3's q and k norms, Gemma 2's soft cap and the windows go on the decoder kernel
     assert res.manifest["lowering"]["decoder"]["cached_attention"] == [0, 1]
+    assert res.manifest["lowering"]["decoder"]["windowed_cache"] == ({"0": 8} if arch == "Gemma2" else {"0": 8, "1": 8})
     gqa = [n for n in onnx.load(res.bundle / "model.onnx").graph.node if n.op_type == "GroupQueryAttention"]
     assert [a.i for n in gqa for a in n.attribute if a.name == "local_window_size"] == (
         [8, -1] if arch == "Gemma2" else [8, 8])
