@@ -95,7 +95,7 @@ def main() -> None:
     ap.add_argument("--recipes", nargs="+", default=["none", "rsq:bits=4"])
     ap.add_argument("--work", type=Path, default=Path("/tmp/tokopt-scale"), help="where the models and bundles go")
     ap.add_argument("--extra", default="--bench-runs 5", help="more tokopt compile options")
-    ap.add_argument("--json", type=Path, default=ROOT / "bench-out" / "scale.json")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench-out" / "scale.json")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -107,8 +107,8 @@ def main() -> None:
                    **run(folder, recipe, args.work / f"bundle-{size}", args.extra.split())}
             rows.append(row)
             _print(row)
-            args.json.parent.mkdir(exist_ok=True)
-            args.json.write_text(json.dumps(rows, indent=1) + "\n")
+            args.out.parent.mkdir(exist_ok=True)
+            args.out.write_text(json.dumps(rows, indent=1) + "\n")
 
 
 def _print(row: dict) -> None:
