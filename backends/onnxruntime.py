@@ -349,7 +349,7 @@ class BoundDecoding:
     logits (one position per row, [B, 1, V]) land in a bound buffer too; a call returns a view of
     it, valid until the next call (a 152K vocabulary's copy per token cost more than its argmax).
     A windowed layer's buffers (``windowed_cache``) hold its window and a slack, not ``capacity``,
-    unless ``drafts`` may be taken back (``every``) or the prefill compacts the cache."""
+    unless ``drafts`` may be taken back (``every``) or tca compacts the cache."""
 
     def __init__(self, session, spec, batch: int, capacity: int, inputs: set[str], right_padded: bool = False,
                  drafts: bool = False):
@@ -366,11 +366,11 @@ class BoundDecoding:
         self.buffers = [ort.OrtValue.ortvalue_from_numpy(self.logits)]   # kept alive while bound
         self.io.bind_ortvalue_output("logits", self.buffers[0])
         self.cache = {}   # the buffers' memory, as numpy (an OrtValue made from a CPU array shares it)
+        exact = drafts or spec.keeps or spec.index   # every position kept (see windowed_rows)
         for i in range(spec.layers):
             for kv in ("key", "value"):
                 name = f"past_{kv}_{i}"
-                rows = (windowed_rows(capacity, windowed[name][1], drafts or spec.keeps) if name in windowed
-                        else capacity)
+                rows = windowed_rows(capacity, windowed[name][1], exact) if name in windowed else capacity
                 self.cache[name] = np.zeros((batch, spec.kv_heads[i], rows, spec.head_dim[i]), dtype=spec.dtype)
                 buf = ort.OrtValue.ortvalue_from_numpy(self.cache[name])
                 self.io.bind_ortvalue_input(name, buf)
