@@ -432,6 +432,11 @@ def test_sliding_window_decoders_generate_past_their_window(arch, tmp_path, caps
     got = run.generate(input_ids=ids, max_new_tokens=24)
     np.testing.assert_array_equal(got, _hf_greedy(model, ids, n=24))
     np.testing.assert_array_equal(run.generate(input_ids=ids, max_new_tokens=24, prompt_lookup=3), got)
+    two = np.random.default_rng(2).integers(10, 256, (2, 21))
+    pad = np.ones_like(two)
+    pad[1, :6] = 0   # a ragged batch: the windowed kernel takes each row's new tokens (query_seqlens)
+    np.testing.assert_array_equal(run.generate(input_ids=two, attention_mask=pad, max_new_tokens=24),
+                                  _hf_greedy(model, two, pad, n=24))
     with pytest.raises(tokopt.UsageError, match="not opened for drafts"):   # drafts taken back need every row
         run.decoding(1, 44).every(ids[:, :3], np.ones((1, 3), np.int64), np.arange(3)[None])
     wide = _no_eos(getattr(tf, f"{arch}ForCausalLM")(config_cls(**kw, sliding_window=512)).eval())

@@ -105,7 +105,10 @@ def _gqa_schema() -> onnx.defs.OpSchema:
         inputs=[P("query", "T"), P("key", "T", param_option=S), P("value", "T", param_option=S),
                 P("past_key", "T", param_option=S), P("past_value", "T", param_option=S), P("seqlens_k", "M"),
                 P("total_sequence_length", "M"), P("cos_cache", "T", param_option=S),
-                P("sin_cache", "T", param_option=S), P("position_ids", "P", param_option=S)],
+                P("sin_cache", "T", param_option=S), P("position_ids", "P", param_option=S),
+                *(P(name, "T", param_option=S) for name in ("attention_bias", "head_sink", "k_scale", "v_scale",
+                                                           "q_norm_weight", "k_norm_weight")),
+                P("query_seqlens", "M", param_option=S)],
         outputs=[P("output", "T"), P("present_key", "T"), P("present_value", "T")],
         type_constraints=[("T", ["tensor(float)", "tensor(float16)"], ""), ("M", ["tensor(int32)"], ""),
                           ("P", ["tensor(int64)"], "")],
@@ -138,11 +141,17 @@ def _cached_attention_onnx(qkv, past_k, past_v, attention_mask, cos=None, sin=No
     # layers once the optimizer merges the identical subgraphs
     seqlens = op.Cast(op.Sub(op.ReduceSum(attention_mask, ints(1), keepdims=0), ints(1)), to=6)          # [B] int32
     total = op.Cast(op.Squeeze(dim(attention_mask, 1)), to=6)
-    return GroupQueryAttention(qkv, None, None, past_k, past_v, seqlens, total, cos, sin,
-                               *([] if position_ids is None or cos is None else [position_ids]),
+    tail = [] if position_ids is None or cos is None else [position_ids]
+    windowed = window > 0 and windowed_cache_supported()
+    if windowed:
+        # a windowed cache reads each row's new tokens off query_seqlens, not off seqlens_k: a ragged
+        # prefill's row holds min(S, its length) of the S (a step's rows one each, a draft's all S)
+        lengths = op.ReduceSum(attention_mask, ints(1), keepdims=0)
+        tail = [*(tail or [None]), None, None, None, None, None, None, op.Cast(op.Min(lengths, dim(qkv, 1)), to=6)]
+    return GroupQueryAttention(qkv, None, None, past_k, past_v, seqlens, total, cos, sin, *tail,
                                num_heads=heads, kv_num_heads=kv_heads, scale=scale, do_rotary=int(cos is not None),
                                local_window_size=window if window else -1, softcap=softcap,
-                               sliding_window_cache=int(window > 0 and windowed_cache_supported()))
+                               sliding_window_cache=int(windowed))
 
 
 # Hand lowering: ONNX Runtime's decoder kernel (see the module docstring; measured in the README's
