@@ -444,6 +444,29 @@ def test_sliding_window_decoders_generate_past_their_window(arch, tmp_path, caps
     assert (_hf_greedy(wide, ids, n=24) != got).any()
 
 
+def test_an_onnx_runtime_without_windowed_caches_keeps_the_whole_cache(tmp_path, monkeypatch):
+    """Where ONNX Runtime's GroupQueryAttention lacks ``sliding_window_cache`` (before 2026), a
+    window layer's node leaves it out, the manifest lists no windowed layers, the runner's buffers
+    hold the whole decoding and greedy decoding still equals transformers' past the window."""
+    import transformers as tf
+    from tokopt.backends import decoder
+    from tokopt.optimizer.ops import gqa
+    monkeypatch.setattr(gqa, "windowed_cache_supported", lambda: False)
+    monkeypatch.setattr(decoder, "windowed_cache_supported", lambda: False)
+    torch.manual_seed(0)
+    model = _no_eos(tf.Gemma2ForCausalLM(tf.Gemma2Config(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, vocab_size=256, max_position_embeddings=512, sliding_window=8)).eval())
+    res = tokopt.compile(model, out=tmp_path / "b", generate=True, measure=False)
+    assert "windowed_cache" not in res.manifest["lowering"]["decoder"]
+    nodes = [n for n in onnx.load(res.bundle / "model.onnx").graph.node if n.op_type == "GroupQueryAttention"]
+    assert not [a for n in nodes for a in n.attribute if a.name == "sliding_window_cache" and a.i]
+    run = tokopt.load(res.bundle)
+    assert run.decoding(1, 44).cache["past_key_0"].shape[2] == 44
+    ids = np.random.default_rng(5).integers(10, 256, (1, 20))
+    np.testing.assert_array_equal(run.generate(input_ids=ids, max_new_tokens=24), _hf_greedy(model, ids, n=24))
+
+
 def test_qk_norm_decoders_go_on_the_decoder_kernel(tmp_path):
     """Qwen3 normalises each head's q and k before RoPE: the normed heads are viewed token-major
     and packed for the decoder kernel (GroupQueryAttention, the cache shared in place), and

@@ -124,12 +124,12 @@ GroupQueryAttention = Op(Opset("com.microsoft", 1), "GroupQueryAttention", _gqa_
 
 @functools.cache
 def windowed_cache_supported() -> bool:
-    """Whether the installed ONNX Runtime's GroupQueryAttention takes ``sliding_window_cache``
-    (added in 2026; an older one refuses the attribute, and its layers keep the whole cache)."""
+    """Whether the installed ONNX Runtime's GroupQueryAttention takes ``sliding_window_cache`` and
+    ``query_seqlens`` (added in 2026; an older one refuses them, and its layers keep the whole cache)."""
     try:
         from onnxruntime.capi.onnxruntime_pybind11_state import get_all_operator_schema
         return any(s.name == "GroupQueryAttention" and "sliding_window_cache" in s.attributes
-                   for s in get_all_operator_schema())
+                   and "query_seqlens" in [i.name for i in s.inputs] for s in get_all_operator_schema())
     except Exception:
         return False
 
