@@ -24,10 +24,9 @@ def mark_windowed(model) -> None:
     import onnx_ir as ir
     found = {}
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
-        attrs = node.attributes
-        if node.op_type == "GroupQueryAttention" and attrs.get("sliding_window_cache") is not None \
-                and attrs["sliding_window_cache"].value == 1:
-            window = attrs["local_window_size"].value
+        windowed = node.attributes.get("sliding_window_cache")
+        if node.op_type == "GroupQueryAttention" and windowed is not None and windowed.value == 1:
+            window = node.attributes["local_window_size"].value
             for past, present in ((node.inputs[3], node.outputs[1]), (node.inputs[4], node.outputs[2])):
                 found[past.name] = [present.name, window]
     if found:

@@ -317,9 +317,7 @@ class FeedDecoding:
 def open_decoding(step, spec: CacheSpec, batch: int, capacity: int, drafts: bool = False):
     """The decoding ``step`` holds its cache in (``step.decoding``), or a feed loop over it;
     ``drafts``: one whose steps may be taken back (prompt lookup)."""
-    if not hasattr(step, "decoding"):
-        return FeedDecoding(step, spec)
-    return step.decoding(batch, capacity, drafts=True) if drafts else step.decoding(batch, capacity)
+    return step.decoding(batch, capacity, drafts) if hasattr(step, "decoding") else FeedDecoding(step, spec)
 
 
 def generate_ids(step, spec: CacheSpec, input_ids, attention_mask=None, *,

@@ -139,14 +139,14 @@ def _cached_attention_onnx(qkv, past_k, past_v, attention_mask, cos=None, sin=No
                            softcap: float = 0.0):
     # seqlens_k = each row's tokens - 1 (right padding), total = the mask's width; shared by all
     # layers once the optimizer merges the identical subgraphs
-    seqlens = op.Cast(op.Sub(op.ReduceSum(attention_mask, ints(1), keepdims=0), ints(1)), to=6)          # [B] int32
+    lengths = op.ReduceSum(attention_mask, ints(1), keepdims=0)                                    # [B]
+    seqlens = op.Cast(op.Sub(lengths, ints(1)), to=6)                                              # int32
     total = op.Cast(op.Squeeze(dim(attention_mask, 1)), to=6)
     tail = [] if position_ids is None or cos is None else [position_ids]
     windowed = window > 0 and windowed_cache_supported()
     if windowed:
         # a windowed cache reads each row's new tokens off query_seqlens, not off seqlens_k: a ragged
         # prefill's row holds min(S, its length) of the S (a step's rows one each, a draft's all S)
-        lengths = op.ReduceSum(attention_mask, ints(1), keepdims=0)
         tail = [*(tail or [None]), None, None, None, None, None, None, op.Cast(op.Min(lengths, dim(qkv, 1)), to=6)]
     return GroupQueryAttention(qkv, None, None, past_k, past_v, seqlens, total, cos, sin, *tail,
                                num_heads=heads, kv_num_heads=kv_heads, scale=scale, do_rotary=int(cos is not None),
