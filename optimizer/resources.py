@@ -20,7 +20,7 @@ from pathlib import Path
 from .errors import UsageError
 
 __all__ = ["stage", "peak_rss", "weights_bytes", "page_out", "page_out_tensor", "release_heap", "file_backed", "checkpoint_bytes", "available_memory", "parse_bytes",
-           "check_fits", "check_disk", "widen_to_fp32", "PEAK_SOURCE", "COPIES"]
+           "check_fits", "check_disk", "widen_to_fp32", "cpu_has_bf16", "PEAK_SOURCE", "COPIES"]
 
 _STATUS, _CLEAR = Path("/proc/self/status"), Path("/proc/self/clear_refs")
 
@@ -227,6 +227,16 @@ def widen_to_fp32(folder: Path, files: list[Path], into: Path) -> Path:
     (into / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
                                                                    "weight_map": weight_map}))
     return into
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX-512 BF16 or AMX), as its flags in
+    ``/proc/cpuinfo`` say; elsewhere bf16 matmuls are emulated, slower than fp32."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return bool({"avx512_bf16", "amx_bf16"} & set(line.split(":", 1)[1].split()))
+    return False
 
 
 def available_memory() -> int | None:

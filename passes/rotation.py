@@ -211,7 +211,8 @@ def rotate(rw: Rewrite, seed: int = 0, online: bool = True, heads: bool = True, 
             for node in (xs, y, z, flat):
                 node.meta["nn_module_stack"] = lin.meta.get("nn_module_stack", {})
             lin.replace_input_with(x, flat)
-            then(lin, lambda w, a=a, b=b: w @ torch.kron(a, b))
+            # w @ kron(a, b) by its factors, as the graph applies it: k (k/two + two) products a row, not k^2
+            then(lin, lambda w, a=a, b=b: (a.T @ (w.reshape(-1, len(a), len(b)) @ b)).reshape(w.shape))
             online_count += 1
     # the embedding: a new table (a tied LM head keeps the old parameter, rotated above)
     for node, idx, name, steps in [(emb, 0, "rot_embedding", [(lambda e: e @ q, True)]), *(

@@ -76,7 +76,8 @@ from ..optimizer.ops.nbits import pack, quantize_table
 from ..optimizer.pass_manager import CANONICAL_ATTENTION, FLOAT_WEIGHTS, Pass, PassResult, max_abs_error, opt, \
     register_pass
 from ..optimizer.program import Program, Rewrite, call_function_nodes, inherit_meta
-from ..optimizer.resources import check_disk, file_backed, page_out, page_out_tensor, release_heap, weights_bytes
+from ..optimizer.resources import check_disk, cpu_has_bf16, file_backed, page_out, page_out_tensor, release_heap, \
+    weights_bytes
 from .linears import layer_of_linears, linear_layers, replace_linear
 from .rotation import NotRotatable, rotate
 
@@ -89,6 +90,10 @@ aten = torch.ops.aten
 # 0.0001 cosine and cost 0.4 ms at 128 tokens on OpenVINO.
 OUTLIER_SPREAD = 3.0
 CACHE_VERSION = 3  # part of the cache key: bump when the solver or its statistics change
+# calib_dtype=auto: bf16 calibration from this size of weights on (smaller models calibrate in
+# minutes, and keep the fp32 codes their measured quality was reported on)
+BF16_CALIB_BYTES = 2**30
+HESSIAN_ROWS = 2048   # rows of a bf16 Hessian's product at a time
 
 
 @dataclass(frozen=True)
@@ -130,6 +135,9 @@ class RSQOptions:
     int8_budget: float = opt(0.01, "compute=auto: how far int8 compute may move held-out outputs (KL in nats for "
                              "language models, 1 - cosine otherwise)", ">= 0")
     eval_windows: int = opt(4, "held-out windows for the reported perplexity (causal LMs)", ">= 0")
+    calib_dtype: str = opt("auto", "dtype of the linears in GPTQ's calibration runs (the Hessians still add up in "
+                           "fp32); auto: bf16 for models of at least 1 GiB of weights on a CPU with bf16 units "
+                           "(AVX-512 BF16, AMX), fp32 otherwise", "auto|fp32|bf16")
     seed: int = opt(0, "random seed of the rotations", "int")
 
     def __post_init__(self):
@@ -159,11 +167,19 @@ class RSQOptions:
             raise ValueError(f"outlier_tokens={self.outlier_tokens}: use 0 (off) or K >= 1 with act_bits=8")
         if self.act_range not in ("minmax", "mse"):
             raise ValueError(f"act_range={self.act_range!r}: use minmax or mse")
+        if self.calib_dtype not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"calib_dtype={self.calib_dtype!r}: use auto, fp32 or bf16")
         if self.embed_bits not in (0, 8):
             raise ValueError(f"embed_bits={self.embed_bits}: use 8 (int8 tables and heads) or 0 (keep float)")
         if self.head_bits not in (4, 8) or (self.head_bits != 8 and not self.embed_bits):
             raise ValueError(f"head_bits={self.head_bits}: use 8 or 4, with embed_bits=8 (embed_bits=0 keeps the "
                              "heads float)")
+
+
+def bf16_calibration(calib_dtype: str, weights: int) -> bool:
+    """Whether GPTQ's calibration runs in bf16: asked for, or ``auto`` with ``weights`` bytes of at
+    least ``BF16_CALIB_BYTES`` on a CPU with bf16 units."""
+    return calib_dtype == "bf16" or (calib_dtype == "auto" and weights >= BF16_CALIB_BYTES and cpu_has_bf16())
 
 
 def _importance(q, k, mask, scale, causal, lo: float, hi: float) -> torch.Tensor:
@@ -237,12 +253,14 @@ class RSQPass(Pass):
         return calib, windows[opts.samples:]
 
     def _hessians(self, gm, input_names, group, k: int, block, feeds, weights_cache: dict, layer, marks: list,
-                  spill: Path, spill_limit: int):
+                  spill: Path, spill_limit: int, bf16: bool):
         """2 X^T diag(w) X / tokens of the group's input X over the calibration feeds, each token
         weighted by its importance at the layer's attention (computed once per layer and sample),
         and the state each feed's run reached at the group's first linear (``marks``: where the
         next group's run resumes, this group's linears then computed with their quantized weights;
-        layer by layer, not the whole graph again for each group)."""
+        layer by layer, not the whole graph again for each group). ``bf16``: the runs' linears
+        in bf16 under autocast (elementwise ops promote back to fp32, so the residual stream stays
+        fp32), and each window's X^T X from bf16 inputs, added to the fp32 sum."""
         attention = block.node if block is not None else None
         need = self.options.importance == "attncon" and layer is not None and attention is not None
         per_sample = weights_cache.setdefault(layer, [None] * len(feeds)) if layer is not None else None
@@ -257,7 +275,7 @@ class RSQPass(Pass):
         for i, feed in enumerate(feeds):
             # an attention op's arguments before the resume point were not kept: run from the inputs
             resume = marks[i] if marks[i] is not None and not (fresh and order[attention] < order[marks[i][0]]) else None
-            with torch.no_grad():
+            with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
                 tap.run_feed(feed, input_names, resume=resume)
             marks[i] = _spilled(tap.marked, spill, spill_limit // len(feeds))
             x = tap.values[x_node].float().reshape(-1, k)
@@ -270,14 +288,20 @@ class RSQPass(Pass):
                     per_sample[i] = _importance(q, kk, mask, scale, causal, self.options.min_value,
                                                 self.options.max_value)
                 x = x * per_sample[i].reshape(-1).sqrt().float()[:, None]
-            h.addmm_(x.T, x)   # in place: no k x k temporary (0.8 GB for a 14336-wide input)
+            if bf16:   # by row blocks: a bf16 product has a bf16 result, so no k x k temporary either
+                xb = x.bfloat16()
+                for r in range(0, k, HESSIAN_ROWS):
+                    h[r:r + HESSIAN_ROWS].add_(xb[:, r:r + HESSIAN_ROWS].T @ xb)
+                del xb
+            else:
+                h.addmm_(x.T, x)   # in place: no k x k temporary (0.8 GB for a 14336-wide input)
             count += x.shape[0]
             del x
             release_heap()   # each window's freed activations, which malloc would keep resident to the next
         return h.mul_(2).div_(max(count, 1))
 
     def _solve(self, rw: Rewrite, body, calib, layer_of: dict, names: dict, bs: int, spill, spill_limit: int,
-               steps: Steps) -> dict:
+               bf16: bool, steps: Steps) -> dict:
         """Quantize the body group by group, each on inputs from the already-quantized graph:
         {"codes": {node: codes}, "scales": {node: scales}, "rows": the log, "resumed": groups}.
         Each group's result is saved to ``steps`` as it ends; the groups of whole layers an
@@ -316,7 +340,7 @@ class RSQPass(Pass):
                     if opts.solver == "gptq" and feeds:
                         k = rw.tensor(group[0].args[1]).shape[1]
                         h = self._hessians(gm, rw.input_names, group, k, attention_of.get(layer), feeds, weights_cache,
-                                           layer, marks, spill, spill_limit)
+                                           layer, marks, spill, spill_limit, bf16)
                     _page_out_all(read_again)   # the previous group's new weights, which this group's run read back in
                     result = {"codes": {}, "scales": {}, "rows": []}
                     for lin in group:
@@ -390,6 +414,9 @@ class RSQPass(Pass):
         spill = cache_dir() / "spill"
         # new weights in fp32, and codes (a byte per weight) twice: the steps as they end, then the whole result
         weights = weights_bytes(program)
+        bf16 = bf16_calibration(opts.calib_dtype, weights)
+        if opts.solver == "gptq" and calib:
+            stats["calib_dtype"] = "bf16" if bf16 else "fp32"
         check_disk(spill, weights * 3 // 2 + 2**28, "rsq's new weights (mapped from disk to leave "
                    "memory) and its saved steps",
                    "set TOKOPT_CACHE_DIR to a folder on a larger disk")
@@ -408,12 +435,13 @@ class RSQPass(Pass):
         floats = {lin: rw.tensor(lin.args[1]).detach().clone() for lin in body} if opts.act_bits else {}
         key = {"version": CACHE_VERSION, "weights": model_hash, "options": {
             k: v for k, v in dataclasses.asdict(opts).items()
-            if k not in ("eval_windows", "compute", "int8_budget", "embed_bits", "head_bits")},
-            "group_size": bs,
+            if k not in ("eval_windows", "compute", "int8_budget", "embed_bits", "head_bits", "calib_dtype")},
+            "group_size": bs, "bf16": bf16,
             "data": [hashlib.sha256(torch.cat(calib, 1).numpy().tobytes()).hexdigest()] if calib else None}
         spill_limit = max(SPILL_BYTES, int(weights * SPILL_SHARE))
         result, hit = cached_tensors("rsq", key, lambda steps: self._solve(rw, body, calib, layer_of, names, bs,
-                                                                           spill, spill_limit, steps), steps=True)
+                                                                           spill, spill_limit, bf16, steps),
+                                     steps=True)
         stats["cached"] = hit
         if result.get("resumed") and not hit:
             stats["resumed"] = f"{result['resumed']} of {result['groups']} groups from an interrupted run"

@@ -345,6 +345,35 @@ def test_an_interrupted_gptq_resumes_from_its_saved_steps(tmp_path, model_dir, m
     assert not list((tmp_path / "cut" / "rsq").glob("*.steps")) and list((tmp_path / "cut" / "rsq").glob("*.pt"))
 
 
+def test_bf16_calibration(tmp_path, monkeypatch):
+    """calib_dtype=bf16: GPTQ's calibration runs the linears in bf16 and adds each window's X^T X
+    from bf16 inputs. On the trained reference LM and held-out text the codes differ from fp32
+    calibration's and the int4 perplexity stays within 1% of theirs (measured: 26.45 against 26.48,
+    fp32 26.34).
+    ``auto`` calibrates in bf16 only from rsq.BF16_CALIB_BYTES of weights on a CPU with bf16 units."""
+    import tokopt.passes.rsq as rsq_module
+    monkeypatch.setenv("TOKOPT_CACHE_DIR", str(tmp_path))
+    runs = {}
+    for dtype in ("auto", "bf16"):
+        captured = tokopt.capture(REFERENCE_LM)
+        captured.calib = str(REFERENCE_LM / "heldout.txt")
+        out = PassManager(resolve(plan_passes(f"rsq:samples=4,eval_windows=2,compute=float,calib_dtype={dtype}"))
+                          ).run(captured)
+        runs[dtype] = out.history[-1]["stats"], dict(out.ep.state_dict)
+    (fp32, a), (bf16, b) = runs["auto"], runs["bf16"]
+    assert fp32["calib_dtype"] == "fp32" and bf16["calib_dtype"] == "bf16"   # a 15 MB model: auto keeps fp32
+    assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)
+    assert abs(bf16["perplexity_quantized"] / fp32["perplexity_quantized"] - 1) < 0.01, (fp32, bf16)
+    monkeypatch.setattr(rsq_module, "cpu_has_bf16", lambda: True)
+    big = rsq_module.BF16_CALIB_BYTES
+    assert rsq_module.bf16_calibration("auto", big) and not rsq_module.bf16_calibration("auto", big - 1)
+    assert not rsq_module.bf16_calibration("fp32", big)
+    monkeypatch.setattr(rsq_module, "cpu_has_bf16", lambda: False)
+    assert not rsq_module.bf16_calibration("auto", big) and rsq_module.bf16_calibration("bf16", 0)
+    with pytest.raises(UsageError, match="calib_dtype='fp16': use auto, fp32 or bf16"):
+        resolve(plan_passes("rsq:calib_dtype=fp16"))
+
+
 def test_short_text_gives_shorter_windows(tmp_path, model_dir):
     """Text too short for samples x seq_len calibrates on as many shorter windows (>= 64 tokens):
     600 ids hold 4 windows of 128, and 4 + 4 held-out windows of 64 are asked for."""
