@@ -65,9 +65,29 @@ def random_orthogonal(n: int, gen: torch.Generator) -> torch.Tensor:
 def random_hadamard(n: int, gen: torch.Generator) -> torch.Tensor:
     """An orthogonal ``n x n`` matrix: a Hadamard with random signs, times a random orthogonal
     matrix of the odd part of ``n`` (Kronecker product) when ``n`` is not a power of two."""
+    signs, factors = random_hadamard_factors(n, gen)
+    return kron_right(torch.eye(n, dtype=torch.float64), factors) * signs[:, None]
+
+
+def random_hadamard_factors(n: int, gen: torch.Generator) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """``random_hadamard``'s (signs, Kronecker factors): the matrix is diag(signs) kron(*factors),
+    the Hadamard split in two (Sylvester's H_ab = H_a x H_b), so ``kron_right`` applies it with
+    about 2 sqrt(n) products a value instead of n."""
     two = n & -n
     signs = torch.randint(0, 2, (n,), generator=gen).double() * 2 - 1
-    return torch.kron(random_orthogonal(n // two, gen), hadamard(two)) * signs[:, None]
+    half = 1 << (two.bit_length() - 1) // 2
+    factors = [random_orthogonal(n // two, gen), hadamard(half), hadamard(two // half)]
+    return signs, [f for f in factors if len(f) > 1]
+
+
+def kron_right(x: torch.Tensor, factors: list[torch.Tensor]) -> torch.Tensor:
+    """``x @ kron(*factors)`` over ``x``'s last axis, one factor's axis at a time."""
+    shape, k = x.shape, len(factors)
+    x = x.reshape(*shape[:-1], *(len(f) for f in factors))
+    for i, f in enumerate(factors):
+        axis = x.dim() - k + i
+        x = (x.movedim(axis, -1) @ f).movedim(-1, axis)
+    return x.reshape(shape)
 
 
 def _through(node, forward: bool):
@@ -149,7 +169,10 @@ def rotate(rw: Rewrite, seed: int = 0, online: bool = True, heads: bool = True, 
     if not norm_inputs <= stream:
         raise NotRotatable("a norm reads something other than the residual stream")
     readers = {w_mul: _readers(w_mul) for w_mul in norms}
-    q = random_hadamard(d, gen)
+    signs, factors = random_hadamard_factors(d, gen)
+
+    def rotated(x):   # x @ q, q = random_hadamard(d) applied by its factors
+        return kron_right(x * signs, factors)
     # each weight's transforms are planned first and applied at the end one weight at a time, so
     # one float64 weight is alive at once instead of the whole model in float64 (4x its fp32 size)
     plan: dict = {}   # (linear node, "weight" | "bias") -> [(float64 -> float64 transform, by rows), in order]
@@ -164,15 +187,15 @@ def rotate(rw: Rewrite, seed: int = 0, online: bool = True, heads: bool = True, 
     for w_mul, (x, wnode) in norms.items():
         gvec = rw.tensor(wnode).detach().double()
         for lin in readers[w_mul]:
-            then(lin, lambda w, gvec=gvec: w * gvec[None] @ q)
+            then(lin, lambda w, gvec=gvec: rotated(w * gvec[None]))
         # the folded norm keeps a weight of ones: the same function, in the form runtimes fuse
         # into one RMSNorm kernel (ONNX Runtime's SimplifiedLayerNormalization)
         w_mul.replace_input_with(wnode, ones)
         folded += 1
     for lin in writers:
-        then(lin, lambda w: q.T @ w, rows=False)
+        then(lin, lambda w: rotated(w.T).T, rows=False)
         if len(lin.args) > 2 and lin.args[2] is not None:
-            then(lin, lambda b: b @ q, "bias", rows=False)
+            then(lin, rotated, "bias", rows=False)
     head_count = 0
     by_weight = {}
     for lin in call_function_nodes(g):
@@ -212,10 +235,10 @@ def rotate(rw: Rewrite, seed: int = 0, online: bool = True, heads: bool = True, 
                 node.meta["nn_module_stack"] = lin.meta.get("nn_module_stack", {})
             lin.replace_input_with(x, flat)
             # w @ kron(a, b) by its factors, as the graph applies it: k (k/two + two) products a row, not k^2
-            then(lin, lambda w, a=a, b=b: (a.T @ (w.reshape(-1, len(a), len(b)) @ b)).reshape(w.shape))
+            then(lin, lambda w, a=a, b=b: kron_right(w, [a, b]))
             online_count += 1
     # the embedding: a new table (a tied LM head keeps the old parameter, rotated above)
-    for node, idx, name, steps in [(emb, 0, "rot_embedding", [(lambda e: e @ q, True)]), *(
+    for node, idx, name, steps in [(emb, 0, "rot_embedding", [(rotated, True)]), *(
             (lin, 2 if what == "bias" else 1, f"rot_{lin.name}_{what}", steps) for (lin, what), steps in plan.items())]:
         old = rw.tensor(node.args[idx])
         new = _apply(old, steps, torch.empty if spill is None else lambda shape: file_backed(shape, spill))
