@@ -32,7 +32,7 @@ from ..optimizer.program import Rewrite, call_function_nodes
 from ..optimizer.resources import file_backed, page_out_tensor, release_heap
 from .linears import is_weight
 
-__all__ = ["rotate", "NotRotatable", "random_hadamard", "hadamard"]
+__all__ = ["rotate", "NotRotatable", "random_hadamard_factors", "hadamard", "hadamard_factors", "kron_right"]
 
 aten = torch.ops.aten
 _VIEWS = PASS_THROUGH + (aten.view.default, aten.reshape.default, aten._unsafe_view.default,
@@ -62,22 +62,20 @@ def random_orthogonal(n: int, gen: torch.Generator) -> torch.Tensor:
     return (q * torch.sign(r.diagonal())).contiguous()
 
 
-def random_hadamard(n: int, gen: torch.Generator) -> torch.Tensor:
-    """An orthogonal ``n x n`` matrix: a Hadamard with random signs, times a random orthogonal
-    matrix of the odd part of ``n`` (Kronecker product) when ``n`` is not a power of two."""
-    signs, factors = random_hadamard_factors(n, gen)
-    return kron_right(torch.eye(n, dtype=torch.float64), factors) * signs[:, None]
-
-
 def random_hadamard_factors(n: int, gen: torch.Generator) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """``random_hadamard``'s (signs, Kronecker factors): the matrix is diag(signs) kron(*factors),
-    the Hadamard split in two (Sylvester's H_ab = H_a x H_b), so ``kron_right`` applies it with
-    about 2 sqrt(n) products a value instead of n."""
+    """An orthogonal ``n x n`` matrix diag(signs) kron(*factors), as (signs, factors): a Hadamard
+    with random signs, times a random orthogonal matrix of the odd part of ``n`` (Kronecker
+    product) when ``n`` is not a power of two; ``kron_right`` applies it."""
     two = n & -n
     signs = torch.randint(0, 2, (n,), generator=gen).double() * 2 - 1
-    half = 1 << (two.bit_length() - 1) // 2
-    factors = [random_orthogonal(n // two, gen), hadamard(half), hadamard(two // half)]
-    return signs, [f for f in factors if len(f) > 1]
+    return signs, [f for f in [random_orthogonal(n // two, gen), *hadamard_factors(two)] if len(f) > 1]
+
+
+def hadamard_factors(n: int) -> list[torch.Tensor]:
+    """``hadamard(n)`` as two Kronecker factors (Sylvester's H_ab = H_a x H_b): ``kron_right``
+    then takes about 2 sqrt(n) products a value instead of n."""
+    half = 1 << (n.bit_length() - 1) // 2
+    return [hadamard(half), hadamard(n // half)]
 
 
 def kron_right(x: torch.Tensor, factors: list[torch.Tensor]) -> torch.Tensor:
@@ -171,7 +169,7 @@ def rotate(rw: Rewrite, seed: int = 0, online: bool = True, heads: bool = True, 
     readers = {w_mul: _readers(w_mul) for w_mul in norms}
     signs, factors = random_hadamard_factors(d, gen)
 
-    def rotated(x):   # x @ q, q = random_hadamard(d) applied by its factors
+    def rotated(x):   # x @ q, the stream's random orthogonal q applied by its factors
         return kron_right(x * signs, factors)
     # each weight's transforms are planned first and applied at the end one weight at a time, so
     # one float64 weight is alive at once instead of the whole model in float64 (4x its fp32 size)
@@ -234,8 +232,8 @@ def rotate(rw: Rewrite, seed: int = 0, online: bool = True, heads: bool = True, 
             for node in (xs, y, z, flat):
                 node.meta["nn_module_stack"] = lin.meta.get("nn_module_stack", {})
             lin.replace_input_with(x, flat)
-            # w @ kron(a, b) by its factors, as the graph applies it: k (k/two + two) products a row, not k^2
-            then(lin, lambda w, a=a, b=b: kron_right(w, [a, b]))
+            # w @ kron(a, b) by its factors (b's too), not a k x k product
+            then(lin, lambda w, a=a, two=two: kron_right(w, [a, *hadamard_factors(two)]))
             online_count += 1
     # the embedding: a new table (a tied LM head keeps the old parameter, rotated above)
     for node, idx, name, steps in [(emb, 0, "rot_embedding", [(rotated, True)]), *(

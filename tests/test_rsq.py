@@ -23,7 +23,8 @@ from tokopt.optimizer.pass_manager import PassManager, resolve
 from tokopt.optimizer.report import format_report
 from tokopt.optimizer.ops import LINEAR_W8A8
 from tokopt.optimizer.ops.nbits import EMBEDDING_Q8, MATMUL_NBITS, dequantize, pack
-from tokopt.passes.rotation import NotRotatable, hadamard, kron_right, random_hadamard, random_hadamard_factors, rotate
+from tokopt.passes.rotation import NotRotatable, hadamard, hadamard_factors, kron_right, random_hadamard_factors, \
+    rotate
 
 from .conftest import REFERENCE_LM, feed_for, onnx_ops
 
@@ -32,19 +33,24 @@ def _canonical(source):
     return PassManager(resolve(plan_passes("canonicalize"))).run(tokopt.capture(source))
 
 
+def _random_hadamard(n: int) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """The rotation's random orthogonal matrix, dense (by torch.kron), with its signs and factors."""
+    signs, factors = random_hadamard_factors(n, torch.Generator().manual_seed(0))
+    return functools.reduce(torch.kron, factors) * signs[:, None], signs, factors
+
+
 def test_hadamards_are_orthogonal():
     for n in (16, 704, 96):
-        q = random_hadamard(n, torch.Generator().manual_seed(0))
+        q = _random_hadamard(n)[0]
         assert torch.allclose(q @ q.T, torch.eye(n, dtype=q.dtype), atol=1e-10)
     assert torch.allclose(hadamard(8) @ hadamard(8), torch.eye(8, dtype=torch.float64), atol=1e-12)
     # applied by its Kronecker factors, as the rotation applies it to weights: the same matrix
     assert torch.equal(torch.kron(hadamard(4), hadamard(8)), hadamard(32))   # Sylvester's H_ab = H_a x H_b
+    assert torch.equal(torch.kron(*hadamard_factors(2048)), hadamard(2048))
     for n in (2048, 896, 7):
-        signs, factors = random_hadamard_factors(n, torch.Generator().manual_seed(0))
+        dense, signs, factors = _random_hadamard(n)
         assert math.prod(len(f) for f in factors) == n and all(len(f) < n for f in factors[1:])
         x = torch.randn(5, n, dtype=torch.float64)
-        dense = functools.reduce(torch.kron, factors) * signs[:, None]
-        assert torch.allclose(random_hadamard(n, torch.Generator().manual_seed(0)), dense, atol=1e-15)
         assert torch.allclose(kron_right(x * signs, factors), x @ dense, atol=1e-12)
 
 
