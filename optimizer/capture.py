@@ -26,7 +26,7 @@ import torch
 from torch.export import Dim
 
 from .errors import CaptureError, UnsupportedModelError, UsageError
-from .generation import LOGITS_INDEX, CacheSpec, GenerateEntry, cache_spec, example_feed
+from .generation import HALF, LOGITS_INDEX, CacheSpec, GenerateEntry, cache_spec, example_feed, run_model
 from .program import Program
 from .resources import COPIES, check_disk, check_fits, checkpoint_bytes, widen_to_fp32
 
@@ -41,12 +41,12 @@ _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 class _Entry(torch.nn.Module):
     """Calls the model with named inputs and returns a flat tuple of the chosen outputs."""
 
-    def __init__(self, model: torch.nn.Module, outputs: list[str], extra: dict[str, Any]):
+    def __init__(self, model: torch.nn.Module, outputs: list[str], extra: dict[str, Any], widen: bool = False):
         super().__init__()
-        self.model, self.outputs, self.extra = model, outputs, extra
+        self.model, self.outputs, self.extra, self.widen = model, outputs, extra, widen
 
     def call(self, **inputs):
-        out = self.model(**inputs, **self.extra)
+        out = run_model(self.model, {**inputs, **self.extra}, self.widen)
         if isinstance(out, torch.Tensor):
             return (out,)
         if isinstance(out, dict):
@@ -97,13 +97,32 @@ def _export(entry: torch.nn.Module, names, inputs, dynamic_axes) -> torch.export
     spec = {n: {ax: Dim.AUTO for ax in dynamic_axes.get(n, {})} or None for n in names}
     try:
         with torch.no_grad():
-            return torch.export.export(entry, tuple(inputs[n] for n in names), dynamic_shapes=spec,
-                                       strict=False)
+            ep = torch.export.export(entry, tuple(inputs[n] for n in names), dynamic_shapes=spec, strict=False)
     except Exception as e:  # torch raises many types here; the user needs the first line
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UnsupportedModelError(
             f"torch.export could not capture the model: {first}. {_untraceable(entry) or ''}tokopt needs a "
             "model that torch.export can trace; try --attn eager, or export it yourself and pass the .pt2.") from e
+    _casts_at_use(ep)
+    return ep
+
+
+def _casts_at_use(ep: torch.export.ExportedProgram) -> None:
+    """Each cast of a half-precision weight to fp32 (``run_model`` casts them all before the model
+    runs) moved to just before the op that reads it, one per reader: a run then holds one
+    widened weight at a time, not the whole model in fp32."""
+    graph = ep.graph_module.graph
+    weights = {n for n in graph.nodes if n.op == "placeholder" and getattr(n.meta.get("val"), "dtype", None) in HALF}
+    casts = [n for n in graph.nodes if n.target is torch.ops.aten.to.dtype and n.args[0] in weights]
+    for cast in casts:
+        for user in list(cast.users):
+            with graph.inserting_before(user):
+                mine = graph.call_function(torch.ops.aten.to.dtype, cast.args, cast.kwargs)
+            mine.meta.update(cast.meta)
+            user.replace_input_with(cast, mine)
+        graph.erase_node(cast)
+    if casts:
+        ep.graph_module.recompile()
 
 
 def _untraceable(entry: torch.nn.Module) -> str | None:
@@ -155,17 +174,17 @@ def _distinct_sizes(example: dict[str, torch.Tensor], axes: dict[str, dict[int, 
 
 def _from_module(model: torch.nn.Module, example: dict[str, torch.Tensor], *, source: dict,
                  task: str = "generic", extra: dict | None = None, seq_range=None,
-                 tokenizer_dir=None, dynamic_axes=None) -> Program:
+                 tokenizer_dir=None, dynamic_axes=None, widen: bool = False) -> Program:
     model.eval()
     names = list(example)
     extra = extra or {}
-    with torch.no_grad():
+    with torch.no_grad():   # for the output names, as the model is: widened, it would hold every weight in fp32
         out = model(**example, **extra)
     outputs = _output_names(out)
     if not outputs:
         raise UnsupportedModelError("the model returns no tensors; tokopt compiles models that "
                                     "return a tensor, a tuple of tensors or a ModelOutput.")
-    entry = _named(_Entry, names)(model, outputs, extra)
+    entry = _named(_Entry, names)(model, outputs, extra, widen)
     wanted = dynamic_axes or {n: _default_dynamic(n, t) for n, t in example.items()}
     example = _distinct_sizes(example, wanted)
     ep = _export(entry, names, example, wanted)
@@ -177,18 +196,18 @@ def _from_module(model: torch.nn.Module, example: dict[str, torch.Tensor], *, so
 
 
 def _generate_program(model: torch.nn.Module, *, source: dict, max_len: int | None,
-                      tokenizer_dir=None, spec: CacheSpec | None = None) -> Program:
+                      tokenizer_dir=None, spec: CacheSpec | None = None, widen: bool = False) -> Program:
     """The one-graph prefill/decode program of a causal LM (see ``optimizer/generation.py``);
     ``spec``: its cache layout where already read (``_plain_cache``)."""
     model.eval()
-    spec = cache_spec(model, max_len) if spec is None else replace(spec, max_length=max_len)
+    spec = cache_spec(model, max_len, widen) if spec is None else replace(spec, max_length=max_len)
     names = ["input_ids", "attention_mask", "position_ids", LOGITS_INDEX, *spec.input_names]
     # Distinct example sizes (batch 2, 4 new tokens, 5 cached, logits of 3), so no two axes share a symbol.
     example = example_feed(spec, batch=2, seq=4, past=5, logits=3)
     wanted = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "total_sequence"},
               "position_ids": {0: "batch", 1: "sequence"}, LOGITS_INDEX: {0: "logits"},
               **{n: {0: "batch", 2: "past_sequence"} for n in spec.input_names}}
-    ep = _export(_named(GenerateEntry, names)(model, spec.layers), names, example, wanted)
+    ep = _export(_named(GenerateEntry, names)(model, spec.layers, widen), names, example, wanted)
     _select_logit_rows(ep)
     prog = Program(ep=ep, input_names=names, output_names=["logits", *spec.output_names],
                    dynamic_axes=_actual_axes(ep, names, wanted), probe=example, task="causal-lm",
@@ -222,13 +241,13 @@ def _is_causal_lm(model: torch.nn.Module) -> bool:
     return hasattr(model, "config") and _task(model, type(model).__name__) == "causal-lm"
 
 
-def _plain_cache(model: torch.nn.Module) -> CacheSpec | None:
+def _plain_cache(model: torch.nn.Module, widen: bool = False) -> CacheSpec | None:
     """The cache layout of a causal LM with a plain per-layer KV cache (what the generation graph
     needs; read by an eager prefill, so read once); None for any other model."""
     if not _is_causal_lm(model):
         return None
     try:
-        return cache_spec(model, None)
+        return cache_spec(model, None, widen)
     except UnsupportedModelError:
         return None
 
@@ -304,7 +323,7 @@ def _task(model, cls_name: str) -> str:
 
 def _from_hf_folder(folder: Path, *, seq_len: int, max_seq_len: int | None, trust_pickle: bool,
                     attn_implementation: str, generate: bool | None = False, max_memory: int | None = None,
-                    copies: float = COPIES) -> Program:
+                    copies: float = COPIES, keep_half: bool = False) -> Program:
     cfg_path = folder / "config.json"
     if not cfg_path.exists():
         raise CaptureError(f"{folder} has no config.json, so it is not a Hugging Face model "
@@ -314,11 +333,12 @@ def _from_hf_folder(folder: Path, *, seq_len: int, max_seq_len: int | None, trus
     except json.JSONDecodeError as e:
         raise CaptureError(f"{cfg_path} is not valid JSON ({e}). Restore the file.") from e
     weights = _check_weights(folder, trust_pickle)
-    load_from, widened = folder, None
+    load_from, widened, half = folder, None, False
     if weights[0].suffix == ".safetensors":
         stored_bytes, as_fp32, largest = checkpoint_bytes(weights)
+        half = keep_half and stored_bytes != as_fp32
         check_fits(as_fp32, largest, max_memory, str(folder), copies)
-        if stored_bytes != as_fp32:   # half precision: an fp32 copy on disk, mapped like any checkpoint
+        if stored_bytes != as_fp32 and not half:   # half precision: an fp32 copy on disk, mapped like any checkpoint
             widened = tempfile.TemporaryDirectory(prefix="tokopt-fp32-")
             check_disk(Path(widened.name), as_fp32, f"the fp32 copy of {folder}'s half-precision weights")
             load_from = widen_to_fp32(folder, weights, Path(widened.name))
@@ -339,9 +359,11 @@ def _from_hf_folder(folder: Path, *, seq_len: int, max_seq_len: int | None, trus
         # would otherwise refuse to load; the source records what was loaded
         attn_implementation = "eager"
     try:
-        # half-precision checkpoints become fp32: the lowering's check and the CPU targets run fp32 kernels
+        # the graph computes in fp32 (the lowering's check and the CPU targets run fp32 kernels): a
+        # half-precision checkpoint is widened, or, for passes that replace the weights (``keep_half``),
+        # kept as it is and read through casts (``run_model``)
         model = cls.from_pretrained(load_from, local_files_only=True, attn_implementation=attn_implementation,
-                                    dtype=torch.float32, config=config)
+                                    dtype="auto" if half else torch.float32, config=config)
     except Exception as e:
         raise CaptureError(f"{folder}: loading the weights into {cls.__name__} failed "
                            f"({str(e).strip().splitlines()[0]}). Check that the weights belong "
@@ -350,6 +372,8 @@ def _from_hf_folder(folder: Path, *, seq_len: int, max_seq_len: int | None, trus
         if widened is not None:
             widened.cleanup()   # the mapped files stay readable until unmapped
     model.eval()
+    if half:   # what the files hold, whatever the config says
+        stored = next(p.dtype for p in model.parameters() if p.dtype in HALF)
     limit = _context_limit(config)
     if max_seq_len is not None and limit is not None and max_seq_len > limit:
         raise UsageError(f"--max-seq-len {max_seq_len} is longer than the model's "
@@ -361,14 +385,16 @@ def _from_hf_folder(folder: Path, *, seq_len: int, max_seq_len: int | None, trus
                                                         "vocab.txt")) else None
     source = {"kind": "hf-folder", "path": str(folder.resolve()), "class": cls.__name__,
               "sha256": sha256_files(weights), "attn_implementation": attn_implementation,
-              **({"converted": f"{str(stored).removeprefix('torch.')} -> float32"} if stored != torch.float32 else {})}
-    spec = _plain_cache(model) if generate is None else None
+              **({"half_weights": f"{str(stored).removeprefix('torch.')}, read as float32 by the graph"} if half
+                 else {"converted": f"{str(stored).removeprefix('torch.')} -> float32"} if stored != torch.float32
+                 else {})}
+    spec = _plain_cache(model, half) if generate is None else None
     if generate is None:
         generate = spec is not None
     if generate:
         _require_causal_lm(model, str(folder))
         return _generate_program(model, source=source, max_len=max_len, tokenizer_dir=str(tok) if tok else None,
-                                 spec=spec)
+                                 spec=spec, widen=half)
     gen = torch.Generator().manual_seed(0)
     params = inspect.signature(model.forward).parameters
     if getattr(model, "main_input_name", "input_ids") == "pixel_values":
@@ -379,7 +405,7 @@ def _from_hf_folder(folder: Path, *, seq_len: int, max_seq_len: int | None, trus
     if "use_cache" in params:
         extra["use_cache"] = False
     return _from_module(model, example, source=source, task=_task(model, cls.__name__), extra=extra,
-                        seq_range=seq_range, tokenizer_dir=str(tok) if tok else None)
+                        seq_range=seq_range, tokenizer_dir=str(tok) if tok else None, widen=half)
 
 
 # --- other sources --------------------------------------------------------------------------
@@ -440,13 +466,14 @@ def _from_callable(spec: str, **kw) -> Program:
 def capture(source, example_inputs=None, *, seq_len: int = DEFAULT_SEQ_LEN, max_seq_len: int | None = None,
             trust_pickle: bool = False, attn_implementation: str = "sdpa",
             dynamic_axes: dict[str, dict[int, str]] | None = None, generate: bool | None = False,
-            max_memory: int | None = None, copies: float = COPIES) -> Program:
+            max_memory: int | None = None, copies: float = COPIES, keep_half: bool = False) -> Program:
     """Capture ``source`` into a Program (see the module docstring for the accepted sources).
     With ``generate``, a causal LM becomes the prefill/decode graph with a KV cache; with
     ``generate=None``, a causal LM with a plain KV cache does (a folder, or a module given without
     example inputs), anything else its forward. A folder whose
     compile would not fit ``max_memory`` bytes (default: the memory available) is refused unread
-    (``copies``: see ``resources.check_fits``)."""
+    (``copies``: see ``resources.check_fits``). ``keep_half``: a folder's half-precision weights stay
+    as they are, read through casts by a graph that computes in fp32 (for passes that replace them)."""
     if isinstance(source, torch.export.ExportedProgram):
         raise UsageError("pass a saved .pt2 path (torch.export.save), not an ExportedProgram object.")
     spec = None
@@ -475,7 +502,7 @@ def capture(source, example_inputs=None, *, seq_len: int = DEFAULT_SEQ_LEN, max_
     if path.is_dir():
         return _from_hf_folder(path, seq_len=seq_len, max_seq_len=max_seq_len, trust_pickle=trust_pickle,
                                attn_implementation=attn_implementation, generate=generate, max_memory=max_memory,
-                               copies=copies)
+                               copies=copies, keep_half=keep_half)
     if ":" in text and not path.exists() and not text.startswith((".", "/")):
         return _from_callable(text, seq_len=seq_len, max_seq_len=max_seq_len, generate=generate)
     if path.exists():

@@ -162,11 +162,14 @@ def compile(model, example_inputs=None, *, out=None, passes=None, recipe=None, b
 
     budget = parse_bytes(max_memory) if isinstance(max_memory, str) else max_memory
     # measured, ONNX Runtime's sessions hold their own (prepacked) copy; passes that make weights hold theirs
-    copies = COPIES if measure or any(FLOAT_WEIGHTS in p.requires for p in pass_list) else 0.0
+    share = min([p.weight_share() for p in pass_list] or [1.0])   # of the fp32 weights, in the bundle
+    copies = COPIES * share if measure or any(FLOAT_WEIGHTS in p.requires for p in pass_list) else 0.0
+    # passes that replace every weight they read: a half-precision checkpoint stays half
+    keep_half = all(p.half_weights for p in pass_list) and any(p.quantizes_weights for p in pass_list)
     with stage("capture", stages, progress, f"capturing {model if isinstance(model, (str, Path)) else type(model).__name__}"):
         captured = capture(model, example_inputs, seq_len=seq_len, max_seq_len=max_seq_len,
                            trust_pickle=trust_pickle, attn_implementation=attn_implementation,
-                           generate=generate, max_memory=budget, copies=copies)
+                           generate=generate, max_memory=budget, copies=copies, keep_half=keep_half)
     captured.calib = str(calib) if calib is not None else None
     if captured.task == "causal-lm" and captured.cache is None and refusing:
         the_plan.notes.append(f"compiled as the full-sequence forward, without generate(): {refusing[0].name} "
@@ -175,7 +178,8 @@ def compile(model, example_inputs=None, *, out=None, passes=None, recipe=None, b
         the_plan.notes.append("compiled as the full-sequence forward, without generate(): with --static-shapes "
                               "each decode step's new shape would be a compile")
     weights = weights_bytes(captured)
-    check_disk(out.parent, weights + 2**26, f"the bundle ({weights / 2**30:.1f} GiB of weights)")
+    held = int(weights_bytes(captured, as_fp32=True) * share)   # fp32 floats; an int4 bundle's (bits + 1)/32 of them
+    check_disk(out.parent, held + 2**26, f"the bundle ({held / 2**30:.1f} GiB of weights)")
     with stage("passes", None, progress, f"running passes: {', '.join(p.name for p in pass_list)}"):
         program = PassManager(pass_list, verify=verify_each, source_hint=str(model)).run(captured)
     stages += [{"stage": f"pass {h['name']}", "seconds": h["seconds"], "peak_rss_bytes": h["peak_rss_bytes"]}

@@ -36,18 +36,20 @@ attended in full at every step, so a step would cost ``max_len`` instead of the 
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import asdict, dataclass
 from typing import Callable
 
 import numpy as np
 import torch
+from torch.func import functional_call
 
 from .errors import UsageError
 
 LOGITS_INDEX = "logits_index"
 
 __all__ = ["LOGITS_INDEX", "CacheSpec", "GenerateEntry", "cache_spec", "example_feed", "with_positions", "generate_ids", "decode_text", "logit_rows",
-           "FeedDecoding", "Compaction", "Drafts", "decode_lookup", "open_decoding"]
+           "FeedDecoding", "Compaction", "Drafts", "decode_lookup", "open_decoding", "run_model", "HALF"]
 
 
 @dataclass(frozen=True)
@@ -116,13 +118,25 @@ class CacheSpec:
                       "eos_token_ids": tuple(data.get("eos_token_ids", ())), "windows": tuple(data.get("windows", ()))})
 
 
+HALF = (torch.bfloat16, torch.float16)
+
+
+def run_model(model: torch.nn.Module, kwargs: dict, widen: bool):
+    """``model(**kwargs)``; with ``widen``, the weights it keeps in half precision read as fp32.
+    Exported, each read is a cast after its weight: the graph computes in fp32 while the program
+    holds the checkpoint's own half-precision tensors (mapped from its files, not widened into a copy)."""
+    half = {n: t.float() for n, t in itertools.chain(model.named_parameters(), model.named_buffers())
+            if t.dtype in HALF} if widen else {}
+    return functional_call(model, half, (), kwargs) if half else model(**kwargs)
+
+
 class GenerateEntry(torch.nn.Module):
     """Calls a transformers causal LM with a cache rebuilt from flat tensors and returns the
     last position's logits and the flat updated cache."""
 
-    def __init__(self, model: torch.nn.Module, layers: int):
+    def __init__(self, model: torch.nn.Module, layers: int, widen: bool = False):
         super().__init__()
-        self.model, self.layers = model, layers
+        self.model, self.layers, self.widen = model, layers, widen
         import inspect
         params = inspect.signature(model.forward).parameters
         self.cache_kw = "cache" if "cache" in params else "past_key_values"
@@ -133,9 +147,9 @@ class GenerateEntry(torch.nn.Module):
         cache = DynamicCache()
         for i in range(self.layers):
             cache.update(past[f"past_key_{i}"], past[f"past_value_{i}"], i)
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         use_cache=True, return_dict=True, **{self.cache_kw: cache},
-                         **({"logits_to_keep": logits_index} if self.keeps else {}))
+        out = run_model(self.model, dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                         use_cache=True, return_dict=True, **{self.cache_kw: cache},
+                                         **({"logits_to_keep": logits_index} if self.keeps else {})), self.widen)
         present = getattr(out, "cache", None) or out.past_key_values
         flat = [t for layer in present.layers[: self.layers] for t in (layer.keys, layer.values)]
         return (out.logits if self.keeps else out.logits[:, logits_index], *flat)
@@ -147,8 +161,11 @@ def _token_ids(value) -> tuple[int, ...]:
     return tuple(int(v) for v in value) if isinstance(value, (list, tuple)) else (int(value),)
 
 
-def cache_spec(model: torch.nn.Module, max_length: int | None) -> CacheSpec:
-    """Read the cache layout off one eager prefill (no per-architecture code)."""
+def cache_spec(model: torch.nn.Module, max_length: int | None, widen: bool = False) -> CacheSpec:
+    """Read the cache layout off one eager prefill (no per-architecture code); ``widen``: the
+    graph will read the model's half-precision weights as fp32 (``run_model``), and so keep an
+    fp32 cache. The prefill itself runs as the model is: widened, it would hold every weight in
+    fp32 at once."""
     cfg = model.config
     layers = int(getattr(cfg, "num_hidden_layers", 0) or getattr(cfg, "n_layer", 0))
     ids = torch.zeros(1, 2, dtype=torch.long)
@@ -167,7 +184,7 @@ def cache_spec(model: torch.nn.Module, max_length: int | None) -> CacheSpec:
     pad = getattr(stops, "pad_token_id", None)
     return CacheSpec(layers=layers, vocab_size=int(cfg.vocab_size), kv_heads=tuple(int(k.shape[1]) for k in keys),
                      head_dim=tuple(int(k.shape[3]) for k in keys),
-                     dtype=str(keys[0].dtype).removeprefix("torch."), max_length=max_length,
+                     dtype="float32" if widen else str(keys[0].dtype).removeprefix("torch."), max_length=max_length,
                      eos_token_ids=eos, pad_token_id=int(pad if pad is not None else (eos or (0,))[0]),
                      windows=_windows(cfg, layers, max_length))
 

@@ -139,9 +139,17 @@ class Pass:
     changes_tokens: ClassVar[bool] = False       # later layers see fewer tokens
     needs_positions: ClassVar[bool] = False      # reads every position's output
     on_generate: ClassVar[str | None] = None     # why it refuses a --generate graph (None: it runs there)
+    # reads weights kept in half precision (through the graph's casts to fp32) and makes its own: a
+    # half-precision checkpoint compiled with such passes only is not widened to fp32 first
+    half_weights: ClassVar[bool] = False
 
     def __init__(self, options=None):
         self.options = options if options is not None else self.Options()
+
+    def weight_share(self) -> float:
+        """The share of its input's fp32 weight bytes the pass's output holds (a runtime's copy of
+        them, which the memory check counts before a compile starts)."""
+        return 1.0
 
     def layers(self) -> tuple[int, ...] | None:
         """The attention layers the pass replaces; None: every one it finds."""

@@ -32,7 +32,7 @@ from torch.export.graph_signature import ExportGraphSignature, InputKind, InputS
 from .errors import PassError, UsageError
 
 __all__ = ["AttentionBlock", "Rejected", "Program", "Rewrite", "Edit", "META_BLOCK", "block_meta", "call_function_nodes",
-           "inherit_meta", "remove_dead_code"]
+           "inherit_meta", "remove_dead_code", "stored", "run_paged"]
 
 # node.meta["custom"] key under which passes find what canonicalize read of an attention block
 META_BLOCK = "tokopt.block"
@@ -180,6 +180,7 @@ class Program:
         return None if name is None else self.ep.state_dict.get(name, self.ep.constants.get(name))
 
     def weight_name(self, node) -> str | None:
+        node = stored(node)
         if not isinstance(node, torch.fx.Node) or node.op != "placeholder":
             return None
         spec = next((s for s in self.ep.graph_signature.input_specs if s.arg.name == node.name), None)
@@ -214,6 +215,34 @@ def _runner(module, input_names, output_names):
         out = out if isinstance(out, (tuple, list)) else (out,)
         return dict(zip(output_names, out))
     return run
+
+
+class _PagedRun(torch.fx.Interpreter):
+    """Runs a module's graph, each weight paged out after the last op that reads it
+    (``resources.page_out_tensor``): a check over the whole model holds about one weight at a
+    time, not every mapped weight it has read (an 8B model's rotated ones are 32 GB)."""
+
+    def __init__(self, module: torch.fx.GraphModule):
+        super().__init__(module)
+        last = {a: node for node in module.graph.nodes for a in node.all_input_nodes if a.op == "get_attr"}
+        self.after: dict = {}
+        for weight, node in last.items():
+            self.after.setdefault(node, []).append(weight)
+
+    def run_node(self, node):
+        from .resources import page_out_tensor
+        out = super().run_node(node)
+        for weight in self.after.get(node, ()):
+            if isinstance(self.env.get(weight), torch.Tensor):
+                page_out_tensor(self.env[weight])
+        return out
+
+
+def run_paged(module: torch.fx.GraphModule, input_names, output_names, inputs: dict) -> dict[str, torch.Tensor]:
+    """``module`` on ``inputs`` as ``_PagedRun`` runs it: outputs by name."""
+    with torch.no_grad():
+        out = _PagedRun(module).run(*[inputs[n] for n in input_names])
+    return dict(zip(output_names, out if isinstance(out, (tuple, list)) else (out,)))
 
 
 def _keeps_positions(program: Program) -> bool:
@@ -280,6 +309,7 @@ class Rewrite:
 
     def tensor(self, node) -> torch.Tensor | None:
         """The tensor a ``get_attr`` node reads (None for anything else)."""
+        node = stored(node)
         if not isinstance(node, torch.fx.Node) or node.op != "get_attr":
             return None
         value = self.gm
@@ -288,6 +318,7 @@ class Rewrite:
         return value if isinstance(value, torch.Tensor) else None
 
     def weight_name(self, node) -> str | None:
+        node = stored(node)
         return node.target if isinstance(node, torch.fx.Node) and node.op == "get_attr" else None
 
     def constant(self, name: str, tensor: torch.Tensor) -> torch.fx.Node:
@@ -367,6 +398,7 @@ class Edit:
 
     def _target(self, node) -> str | None:
         """The state-dict name of the weight a placeholder stands for (None for user inputs)."""
+        node = stored(node)
         if isinstance(node, torch.fx.Node) and node.name in self.added:
             return node.name
         return self.program.weight_name(node)   # placeholders keep the program's names
@@ -467,6 +499,16 @@ def inherit_meta(new: torch.fx.Node, old: torch.fx.Node) -> None:
     and tokopt's annotations); export derives the rest."""
     new.meta.update({key: copy.copy(old.meta[key]) for key in ("val", "nn_module_stack", "stack_trace", "custom")
                      if key in old.meta})
+
+
+def stored(node):
+    """The weight node behind ``node`` where the graph reads a weight kept in half precision
+    through a cast to fp32 (``aten.to.dtype``; see ``capture``), else ``node``: the views answer
+    ``tensor`` and ``weight_name`` for the weight as the ops read it."""
+    if (isinstance(node, torch.fx.Node) and node.target is torch.ops.aten.to.dtype and node.args[1] == torch.float32
+            and isinstance(node.args[0], torch.fx.Node) and node.args[0].op in ("placeholder", "get_attr")):
+        return node.args[0]
+    return node
 
 
 def call_function_nodes(graph: torch.fx.Graph):

@@ -77,17 +77,19 @@ def stage(name: str, rows: list | None = None, progress: bool = False, what: str
               flush=True)
 
 
-def weights_bytes(program) -> int:
-    """The bytes of the program's parameters and buffers (what a checkpoint of it holds)."""
-    return sum(size for _, size in _storages(program))
+def weights_bytes(program, as_fp32: bool = False) -> int:
+    """The bytes of the program's parameters and buffers (what a checkpoint of it holds);
+    ``as_fp32``: their half-precision ones counted as fp32 (what a pass's new weights take)."""
+    return sum(size * (4 // dtype.itemsize if as_fp32 and dtype.is_floating_point and dtype.itemsize < 4 else 1)
+               for _, (size, dtype) in _storages(program).items())
 
 
-def _storages(program):
+def _storages(program) -> dict:
     seen = {}
     for t in [*program.ep.state_dict.values(), *program.ep.constants.values()]:
         if hasattr(t, "untyped_storage"):
-            seen.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
-    return seen.items()
+            seen.setdefault(t.untyped_storage().data_ptr(), (t.untyped_storage().nbytes(), t.dtype))
+    return seen
 
 
 def page_out(program, keep=None) -> None:
@@ -96,8 +98,8 @@ def page_out(program, keep=None) -> None:
     leave the resident set and fault back in when torch next reads them; nothing is lost. Memory
     that is not file-backed stays (there is no swap to page it to). Weights ``keep`` (a program)
     shares stay. Linux 5.4+; elsewhere nothing."""
-    kept = {ptr for ptr, _ in _storages(keep)} if keep is not None else set()
-    _advise_out([(ptr, size) for ptr, size in _storages(program) if ptr not in kept])
+    kept = set(_storages(keep)) if keep is not None else set()
+    _advise_out([(ptr, size) for ptr, (size, _) in _storages(program).items() if ptr not in kept])
 
 
 def page_out_tensor(t) -> None:
@@ -185,7 +187,7 @@ def check_fits(fp32_bytes: int, largest: int, max_memory: int | None, source: st
     needed = copies * fp32_bytes + 2**28 + 2 * largest
     if budget is not None and needed > budget:
         where = "is the --max-memory budget" if max_memory is not None else "are available"
-        held = (f"a compile holds {copies:g} times that at its peak (ONNX Runtime's prepacked copy, while torch's "
+        held = (f"a compile holds {copies:.2g} times that at its peak (ONNX Runtime's prepacked copy, while torch's "
                 "are paged out)" if copies else f"its largest tensor is {largest / 2**30:.2f} GiB")
         raise UsageError(f"{source}: its weights are {fp32_bytes / 2**30:.1f} GiB as fp32 and {held}, about "
                          f"{needed / 2**30:.1f} GiB with the runtimes' own; {budget / 2**30:.1f} GiB {where}. Use a "

@@ -68,6 +68,7 @@ def _input_major_weight(program: Program, node):
 class CanonicalizePass(Pass):
     name = "canonicalize"
     tolerance = 1e-4
+    half_weights = True
     summary = ("every attention spelling (SDPA, eager softmax, GQA repeat_kv) -> tokopt.attention; "
                "x @ W.T and GPT-2's addmm(b, x, W) -> linear")
 

@@ -57,6 +57,7 @@ models at least 2048 wide and 32 below (RSQ's per-channel scales suit 4096-wide 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import time
 from dataclasses import dataclass
@@ -75,7 +76,7 @@ from ..optimizer.ops.int8 import outlier_rows, quantize_activation_range, row_fa
 from ..optimizer.ops.nbits import pack, quantize_table
 from ..optimizer.pass_manager import CANONICAL_ATTENTION, FLOAT_WEIGHTS, Pass, PassResult, max_abs_error, opt, \
     register_pass
-from ..optimizer.program import Program, Rewrite, call_function_nodes, inherit_meta
+from ..optimizer.program import Program, Rewrite, call_function_nodes, inherit_meta, run_paged
 from ..optimizer.resources import check_disk, cpu_has_bf16, file_backed, page_out, page_out_tensor, release_heap, \
     weights_bytes
 from .linears import layer_of_linears, linear_layers, replace_linear
@@ -89,7 +90,7 @@ aten = torch.ops.aten
 # is the FFN-down inputs of layers 0-3, spreads 3.2-7.8; taking 9 inputs (spread >= 1.5) gained
 # 0.0001 cosine and cost 0.4 ms at 128 tokens on OpenVINO.
 OUTLIER_SPREAD = 3.0
-CACHE_VERSION = 3  # part of the cache key: bump when the solver or its statistics change
+CACHE_VERSION = 4  # part of the cache key: bump when the solver, its statistics or their layout change
 # calib_dtype=auto: bf16 calibration from this size of weights on (smaller models calibrate in
 # minutes, and keep the fp32 codes their measured quality was reported on)
 BF16_CALIB_BYTES = 2**30
@@ -229,6 +230,7 @@ class RSQPass(Pass):
     Options = RSQOptions
     requires = (CANONICAL_ATTENTION, FLOAT_WEIGHTS)
     quantizes_weights = True
+    half_weights = True
     summary = "RSQ: rotate, scale by token importance (AttnCon), GPTQ; packed int4/int8 weights (MatMulNBits)"
 
     # -- calibration ----------------------------------------------------------------------
@@ -303,7 +305,8 @@ class RSQPass(Pass):
     def _solve(self, rw: Rewrite, body, calib, layer_of: dict, names: dict, bs: int, spill, spill_limit: int,
                bf16: bool, steps: Steps) -> dict:
         """Quantize the body group by group, each on inputs from the already-quantized graph:
-        {"codes": {node: codes}, "scales": {node: scales}, "rows": the log, "resumed": groups}.
+        {"codes": {node: codes, two 4-bit codes a byte}, "cols": {node: columns}, "scales": {node: scales},
+        "rows": the log, "resumed": groups}.
         Each group's result is saved to ``steps`` as it ends; the groups of whole layers an
         interrupted run finished are loaded instead (a layer's importance is measured at its
         first group, before its own linears are quantized, so a run resumes at a layer's start)."""
@@ -323,7 +326,7 @@ class RSQPass(Pass):
                 and layers[len(done)] == layers[len(done) - 1]:
             done.pop()
         gm = rw.module()
-        out = {"codes": {}, "scales": {}, "rows": [], "resumed": len(done), "groups": len(groups)}
+        out = {"codes": {}, "cols": {}, "scales": {}, "rows": [], "resumed": len(done), "groups": len(groups)}
         weights_cache, marks, read_again = {}, [None] * len(feeds), []
         with tqdm(total=len(groups), initial=len(done), desc="rsq: quantizing", leave=False,
                   disable=not feeds) as bar:
@@ -342,34 +345,37 @@ class RSQPass(Pass):
                         h = self._hessians(gm, rw.input_names, group, k, attention_of.get(layer), feeds, weights_cache,
                                            layer, marks, spill, spill_limit, bf16)
                     _page_out_all(read_again)   # the previous group's new weights, which this group's run read back in
-                    result = {"codes": {}, "scales": {}, "rows": []}
+                    result = {"codes": {}, "cols": {}, "scales": {}, "rows": []}
                     for lin in group:
                         w = rw.tensor(lin.args[1]).detach().float()
                         name = names.get(lin.name, lin.name)
                         qw = self._quantize(w, h, opts.bits, w.shape[1] if opts.act_bits else bs, name)
                         deq = self._keep(rw, lin, qw, feeds, spill, read_again)
-                        result["codes"][lin.name], result["scales"][lin.name] = qw.codes, qw.scales
+                        result["codes"][lin.name], result["scales"][lin.name] = _packed(qw.codes, qw.bits), qw.scales
+                        result["cols"][lin.name] = qw.codes.shape[1]
                         result["rows"].append(self._log_row(name, layer, w, deq, h, qw, time.perf_counter() - start))
                     steps.save(i, result)
                     bar.update()
                 out["rows"] += result["rows"]
                 out["codes"].update(result["codes"])
+                out["cols"].update(result["cols"])
                 out["scales"].update(result["scales"])
                 release_heap()   # each weight replaced by a new one and Hessians freed: no holes kept
         return out
 
-    def _restored(self, result: dict, name: str, bs: int) -> QuantizedWeight:
-        """Linear ``name``'s quantized weight from a solve's (or a saved step's) codes and scales."""
-        codes = result["codes"][name]
-        return QuantizedWeight(codes, result["scales"][name], self.options.bits,
-                               codes.shape[1] if self.options.act_bits else bs)
+    def _restored(self, result: dict, name: str, bs: int, release: bool = False) -> QuantizedWeight:
+        """Linear ``name``'s quantized weight from a solve's (or a saved step's) codes and scales;
+        ``release``: its codes leave ``result``."""
+        k = result["cols"][name]
+        codes = _unpacked(result["codes"].pop(name) if release else result["codes"][name], self.options.bits, k)
+        return QuantizedWeight(codes, result["scales"][name], self.options.bits, k if self.options.act_bits else bs)
 
     @staticmethod
     def _keep(rw: Rewrite, lin, qw: QuantizedWeight, feeds, spill, read_again: list) -> torch.Tensor:
         """Replace ``lin``'s weight by its dequantized value, which later groups calibrate on."""
         deq = qw.dequantize()
-        if feeds:
-            mapped = file_backed(deq.shape, spill)
+        if feeds:   # in the weight's dtype: a half-precision model's stay half
+            mapped = file_backed(deq.shape, spill, rw.tensor(lin.args[1]).dtype)
             rw.set_tensor(rw.weight_name(lin.args[1]), mapped.copy_(deq))
             read_again.append(mapped)
         return deq
@@ -381,6 +387,9 @@ class RSQPass(Pass):
         return quantize_gptq(w, h, bits, bs, damp=opts.damp, act_order=opts.act_order, clip=opts.clip, name=name)
 
     # -- the pass -------------------------------------------------------------------------
+    def weight_share(self) -> float:
+        return (self.options.bits + 1) / 32   # the codes, and a scale a block
+
     def for_standard_onnx(self, target: str) -> tuple[Pass, str | None]:
         if self.options.compute == "int8":
             raise UsageError(f"rsq:compute=int8 runs MatMulNBits on int8 activations (accuracy_level 4), an ONNX "
@@ -412,13 +421,14 @@ class RSQPass(Pass):
         # new weights (rotated, then dequantized) are mapped from files, so they leave memory as the
         # checkpoint's do: what stays resident is the layer being calibrated, not the model twice
         spill = cache_dir() / "spill"
-        # new weights in fp32, and codes (a byte per weight) twice: the steps as they end, then the whole result
-        weights = weights_bytes(program)
+        # new weights in fp32 (a half-precision model's too), and codes twice (the steps as they end, then
+        # the whole result: half a byte per 4-bit weight, a byte per other one)
+        weights = weights_bytes(program, as_fp32=True)
         bf16 = bf16_calibration(opts.calib_dtype, weights)
         if opts.solver == "gptq" and calib:
             stats["calib_dtype"] = "bf16" if bf16 else "fp32"
-        check_disk(spill, weights * 3 // 2 + 2**28, "rsq's new weights (mapped from disk to leave "
-                   "memory) and its saved steps",
+        check_disk(spill, weights + weights * (1 if opts.bits == 4 else 2) // 4 + 2**28,
+                   "rsq's new weights (mapped from disk to leave memory) and its saved steps",
                    "set TOKOPT_CACHE_DIR to a folder on a larger disk")
         stats["rotation"] = self._rotate(program, rw, spill)
         page_out(program)
@@ -432,7 +442,7 @@ class RSQPass(Pass):
         stats["group_size"] = bs
         if opts.act_bits and opts.smooth:
             stats["smoothed"] = self._smooth(rw, body, calib)
-        floats = {lin: rw.tensor(lin.args[1]).detach().clone() for lin in body} if opts.act_bits else {}
+        floats = {lin: rw.tensor(lin.args[1]).detach().to(torch.float32, copy=True) for lin in body} if opts.act_bits else {}
         key = {"version": CACHE_VERSION, "weights": model_hash, "options": {
             k: v for k, v in dataclasses.asdict(opts).items()
             if k not in ("eval_windows", "compute", "int8_budget", "embed_bits", "head_bits", "calib_dtype")},
@@ -447,10 +457,13 @@ class RSQPass(Pass):
             stats["resumed"] = f"{result['resumed']} of {result['groups']} groups from an interrupted run"
         rows = result["rows"]
         by_name = {n.name: n for n in body}
-        quantized = {by_name[name]: self._restored(result, name, bs) for name in result["codes"]}
+        # made one at a time as the rewrite packs them (an 8B model's codes are 7 GB a byte each)
+        quantized = {by_name[name]: functools.partial(self._restored, result, name, bs, release=True)
+                     for name in result["codes"]}
         heads_q = {lin: quantize_rtn(rw.tensor(lin.args[1]).detach().float(), opts.head_bits, bs)
                    for lin in (heads if opts.embed_bits else [])}
         if opts.act_bits:
+            quantized = {lin: restore() for lin, restore in quantized.items()}
             ranges = self._activation_ranges(rw, quantized, calib)
             stats["activations"] = {"bits": 8, "tensors": len(ranges), "range": opts.act_range}
             if opts.outlier_tokens:
@@ -481,7 +494,9 @@ class RSQPass(Pass):
         opts = self.options
         if opts.rotate == "off":
             return "off"
-        ref = program.run()   # before: the rotation pages the original weights out as it replaces them
+        # before: the rotation pages the original weights out as it replaces them; both runs page each
+        # weight out once read, so neither holds the model (the rotated one is fp32 files)
+        ref = run_paged(program.unlifted(), program.input_names, program.output_names, program.probe)
         try:
             info = rotate(rw, seed=opts.seed, online=opts.online, heads=program.cache is None, spill=spill)
         except NotRotatable as e:  # raised before the graph is touched
@@ -489,13 +504,12 @@ class RSQPass(Pass):
                 raise UsageError(f"rsq: rotate=on, but this graph cannot be rotated: {e}. Use rotate=auto "
                                  "or rotate=off.") from e
             return f"skipped: {e}"
-        got = rw.runner()(program.probe)  # a --generate graph's cache layout is unchanged too
+        got = run_paged(rw.module(), rw.input_names, rw.output_names, program.probe)  # the cache layout too
         err = max_abs_error(ref, got)
         scale = max(float(v.abs().max()) for v in ref.values() if v.is_floating_point())
         if err > 1e-3 * max(scale, 1.0):
             raise PassError(f"rsq: the rotated graph does not reproduce the original (max abs error {err:.3g}); "
                             "this is a tokopt bug. Use rotate=off meanwhile.")
-        _page_out(rw)   # the check read every weight back in
         return {**info, "max_abs_error": err}
 
     @staticmethod
@@ -659,8 +673,10 @@ class RSQPass(Pass):
         return made
 
     def _rewrite(self, rw: Rewrite, quantized: dict, level: int) -> None:
-        """Each linear -> matmul_nbits (``level``: MatMulNBits' accuracy_level)."""
+        """Each linear -> matmul_nbits (``level``: MatMulNBits' accuracy_level); a weight may be
+        given as the call that makes it."""
         for lin, qw in quantized.items():
+            qw = qw() if callable(qw) else qw
             n, k = qw.codes.shape
             packed = rw.constant(f"{lin.name}_qweight", pack(qw.codes, qw.bits, qw.block_size))
             scales = rw.constant(f"{lin.name}_scales", qw.scales.contiguous())
@@ -691,6 +707,22 @@ class RSQPass(Pass):
         left = [n.name for n in linear_layers(program)[0]]
         if left:
             raise PassError(f"rsq left linear layers unquantized: {', '.join(left[:5])}")
+
+
+def _packed(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes as the cache and the solve's result hold them: 4-bit ones two a byte (an 8B model's
+    are 7 GB a byte each, written twice: its saved steps, then the whole result)."""
+    if bits != 4:
+        return codes
+    if codes.shape[1] % 2:
+        codes = torch.cat([codes, codes[:, :1]], 1)
+    return codes[:, 0::2] | (codes[:, 1::2] << 4)
+
+
+def _unpacked(stored: torch.Tensor, bits: int, k: int) -> torch.Tensor:
+    if bits != 4:
+        return stored
+    return torch.stack((stored & 15, stored >> 4), -1).reshape(stored.shape[0], -1)[:, :k]
 
 
 def _page_out(rw: Rewrite) -> None:
