@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from ..optimizer.patterns import PASS_THROUGH
-from ..optimizer.program import Rewrite, call_function_nodes
+from ..optimizer.program import Rewrite, call_function_nodes, remove_dead_code
 from ..optimizer.resources import file_backed, page_out_tensor, release_heap
 from .linears import is_weight
 
@@ -248,6 +248,9 @@ def rotate(rw: Rewrite, seed: int = 0, online: bool = True, heads: bool = True, 
         page_out_tensor(old)
         page_out_tensor(new)
         release_heap()
+    # the replaced weights' reads go: a run executes dead nodes too, and a half-precision weight's
+    # read is a cast, an fp32 copy of it held to the run's end (an 8B model's 32 GB)
+    remove_dead_code(g)
     return {"hidden": d, "norms_folded": folded, "writers": len(writers), "head_rotations": head_count,
             "online_rotations": online_count}
 

@@ -143,6 +143,9 @@ def test_too_big_refused_before_reading(model_dir, tmp_path):
     with pytest.raises(UsageError, match=r"weights are 0\.0 GiB as fp32 .* 1\.5 times that .* is the --max-memory budget"):
         tokopt.compile(model_dir("llama"), out=tmp_path / "b", max_memory="64MB")
     assert not (tmp_path / "b").exists()
+    # an int4 bundle's runtime holds (4 + 1)/32 of the fp32 weights, not the whole of them
+    with pytest.raises(UsageError, match=r"0\.23 times that"):
+        tokopt.compile(model_dir("llama"), out=tmp_path / "c", max_memory="64MB", passes="rsq:bits=4")
 
 
 @pytest.mark.parametrize("bad", ["lots", "-1GB", "12XB", "0"])
