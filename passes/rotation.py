@@ -239,8 +239,7 @@ def rotate(rw: Rewrite, seed: int = 0, online: bool = True, heads: bool = True, 
     for node, idx, name, steps in [(emb, 0, "rot_embedding", [(rotated, True)]), *(
             (lin, 2 if what == "bias" else 1, f"rot_{lin.name}_{what}", steps) for (lin, what), steps in plan.items())]:
         old = rw.tensor(node.args[idx])
-        # fp32, a half-precision checkpoint's too: rounded to bf16, the rotated weights cost the reference
-        # LM's int4 model 0.36% of perplexity against 0.07% (GPTQ's whole cost)
+        # fp32, a half-precision checkpoint's too: rounded to bf16, the rotated weights cost int4 quality (README)
         new = _apply(old, steps, torch.empty if spill is None else lambda shape: file_backed(shape, spill))
         node.replace_input_with(node.args[idx], rw.constant(name, new))
         # the old weight's pages (and the new one's, on disk) leave memory as the next is made, and

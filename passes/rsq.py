@@ -73,7 +73,7 @@ from ..optimizer.data import token_source, token_windows
 from ..optimizer.errors import PassError, UsageError
 from ..optimizer.ops import BITS, EMBEDDING_Q8, LINEAR_W8A8, MATMUL_NBITS, TOKEN_SCORES, Tap, attention_spec
 from ..optimizer.ops.int8 import outlier_rows, quantize_activation_range, row_factors, scale_rows
-from ..optimizer.ops.nbits import pack, quantize_table
+from ..optimizer.ops.nbits import pack, quantize_table, unpack
 from ..optimizer.pass_manager import CANONICAL_ATTENTION, FLOAT_WEIGHTS, Pass, PassResult, max_abs_error, opt, \
     register_pass
 from ..optimizer.program import Program, Rewrite, call_function_nodes, inherit_meta, run_paged
@@ -305,7 +305,7 @@ class RSQPass(Pass):
     def _solve(self, rw: Rewrite, body, calib, layer_of: dict, names: dict, bs: int, spill, spill_limit: int,
                bf16: bool, steps: Steps) -> dict:
         """Quantize the body group by group, each on inputs from the already-quantized graph:
-        {"codes": {node: codes, two 4-bit codes a byte}, "cols": {node: columns}, "scales": {node: scales},
+        {"codes": {node: codes as MatMulNBits packs them}, "cols": {node: columns}, "scales": {node: scales},
         "rows": the log, "resumed": groups}.
         Each group's result is saved to ``steps`` as it ends; the groups of whole layers an
         interrupted run finished are loaded instead (a layer's importance is measured at its
@@ -351,7 +351,10 @@ class RSQPass(Pass):
                         name = names.get(lin.name, lin.name)
                         qw = self._quantize(w, h, opts.bits, w.shape[1] if opts.act_bits else bs, name)
                         deq = self._keep(rw, lin, qw, feeds, spill, read_again)
-                        result["codes"][lin.name], result["scales"][lin.name] = _packed(qw.codes, qw.bits), qw.scales
+                        # MatMulNBits' bytes (4-bit codes two a byte): an 8B model's codes are 7 GB a byte,
+                        # written twice (the saved steps, then the whole result)
+                        result["codes"][lin.name] = pack(qw.codes, qw.bits, qw.block_size)
+                        result["scales"][lin.name] = qw.scales
                         result["cols"][lin.name] = qw.codes.shape[1]
                         result["rows"].append(self._log_row(name, layer, w, deq, h, qw, time.perf_counter() - start))
                     steps.save(i, result)
@@ -367,7 +370,7 @@ class RSQPass(Pass):
         """Linear ``name``'s quantized weight from a solve's (or a saved step's) codes and scales;
         ``release``: its codes leave ``result``."""
         k = result["cols"][name]
-        codes = _unpacked(result["codes"].pop(name) if release else result["codes"][name], self.options.bits, k)
+        codes = unpack(result["codes"].pop(name) if release else result["codes"][name], self.options.bits)[:, :k]
         return QuantizedWeight(codes, result["scales"][name], self.options.bits, k if self.options.act_bits else bs)
 
     @staticmethod
@@ -707,22 +710,6 @@ class RSQPass(Pass):
         left = [n.name for n in linear_layers(program)[0]]
         if left:
             raise PassError(f"rsq left linear layers unquantized: {', '.join(left[:5])}")
-
-
-def _packed(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Codes as the cache and the solve's result hold them: 4-bit ones two a byte (an 8B model's
-    are 7 GB a byte each, written twice: its saved steps, then the whole result)."""
-    if bits != 4:
-        return codes
-    if codes.shape[1] % 2:
-        codes = torch.cat([codes, codes[:, :1]], 1)
-    return codes[:, 0::2] | (codes[:, 1::2] << 4)
-
-
-def _unpacked(stored: torch.Tensor, bits: int, k: int) -> torch.Tensor:
-    if bits != 4:
-        return stored
-    return torch.stack((stored & 15, stored >> 4), -1).reshape(stored.shape[0], -1)[:, :k]
 
 
 def _page_out(rw: Rewrite) -> None:
