@@ -41,6 +41,8 @@ _VIEWS = PASS_THROUGH + (aten.view.default, aten.reshape.default, aten._unsafe_v
 
 
 _CASTS = PASS_THROUGH + (aten._to_copy.default,)
+# the online rotation's Hadamard order from which its graph applies two Kronecker factors
+_FACTOR_FROM = 1024
 
 
 class NotRotatable(Exception):
@@ -220,17 +222,24 @@ def rotate(rw: Rewrite, seed: int = 0, online: bool = True, heads: bool = True, 
                 continue
             k = rw.tensor(lin.args[1]).shape[1]
             two = k & -k
-            a, b = random_orthogonal(k // two, gen), hadamard(two)
+            a = random_orthogonal(k // two, gen)
+            # a large Hadamard by its two factors (2 sqrt(n) products a value, not n; and not a dense
+            # n x n constant: 256 MB a layer at 8192); a small one in one product, one op fewer
+            bs = hadamard_factors(two) if two >= _FACTOR_FROM else [hadamard(two)]
             x = lin.args[0]
             ca = rw.constant(f"rot_{lin.name}_a", a.T.float().contiguous())
-            cb = rw.constant(f"rot_{lin.name}_b", b.float().contiguous())
+            cbs = [rw.constant(f"rot_{lin.name}_b{i}", b.float().contiguous()) for i, b in enumerate(bs)]
             with g.inserting_before(lin):
-                xs = g.call_function(aten.unflatten.int, (x, -1, [k // two, two]))
-                y = g.call_function(aten.matmul.default, (xs, cb))
-                z = g.call_function(aten.matmul.default, (ca, y))
-                flat = g.call_function(aten.flatten.using_ints, (z, -2, -1))
-            for node in (xs, y, z, flat):
+                made = [g.call_function(aten.unflatten.int, (x, -1, [k // two, *(len(b) for b in bs)]))]
+                made.append(g.call_function(aten.matmul.default, (made[-1], cbs[-1])))
+                if len(bs) == 2:   # H_a x H_b: H_b on the last axis, then H_a (symmetric) on the one before
+                    made.append(g.call_function(aten.matmul.default, (cbs[0], made[-1])))
+                    made.append(g.call_function(aten.flatten.using_ints, (made[-1], -2, -1)))
+                made.append(g.call_function(aten.matmul.default, (ca, made[-1])))
+                made.append(g.call_function(aten.flatten.using_ints, (made[-1], -2, -1)))
+            for node in made:
                 node.meta["nn_module_stack"] = lin.meta.get("nn_module_stack", {})
+            flat = made[-1]
             lin.replace_input_with(x, flat)
             # w @ kron(a, b) by its factors (b's too), not a k x k product
             then(lin, lambda w, a=a, two=two: kron_right(w, [a, *hadamard_factors(two)]))

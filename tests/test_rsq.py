@@ -23,6 +23,7 @@ from tokopt.optimizer.pass_manager import PassManager, resolve
 from tokopt.optimizer.report import format_report
 from tokopt.optimizer.ops import LINEAR_W8A8
 from tokopt.optimizer.ops.nbits import EMBEDDING_Q8, MATMUL_NBITS, dequantize, pack
+from tokopt.passes import rotation
 from tokopt.passes.rotation import NotRotatable, hadamard, hadamard_factors, kron_right, random_hadamard_factors, \
     rotate
 
@@ -54,10 +55,13 @@ def test_hadamards_are_orthogonal():
         assert torch.allclose(kron_right(x * signs, factors), x @ dense, atol=1e-12)
 
 
-@pytest.mark.parametrize("source", ["reference-lm", "qwen2"])
-def test_rotation_keeps_the_function(source, model_dir):
+@pytest.mark.parametrize("source,factored", [("reference-lm", False), ("reference-lm", True), ("qwen2", False)])
+def test_rotation_keeps_the_function(source, factored, model_dir, monkeypatch):
     """Trained reference LM (tied embeddings, GQA) and Qwen2 (q/k/v biases): folded norms,
-    rotated stream, per-head V/O and online MLP rotations; the outputs stay the same in float32."""
+    rotated stream, per-head V/O and online MLP rotations (their Hadamard dense, or by its two
+    Kronecker factors as large models' are); the outputs stay the same in float32."""
+    if factored:
+        monkeypatch.setattr(rotation, "_FACTOR_FROM", 2)
     program = _canonical(REFERENCE_LM if source == "reference-lm" else model_dir(source))
     rw = program.rewrite()
     info = rotate(rw)
@@ -65,8 +69,8 @@ def test_rotation_keeps_the_function(source, model_dir):
     layers = len(program.attention)
     assert info == {"hidden": info["hidden"], "norms_folded": 2 * layers + 1, "writers": 2 * layers,
                     "head_rotations": layers, "online_rotations": layers}
-    # no norm weight multiplies left; one extra pair of matmuls per MLP
-    assert rotated.count("aten.matmul.default") == program.count("aten.matmul.default") + 2 * layers
+    # no norm weight multiplies left; one extra pair of matmuls per MLP, a third for the factored Hadamard
+    assert rotated.count("aten.matmul.default") == program.count("aten.matmul.default") + (3 if factored else 2) * layers
     feed = feed_for("llama", 2, 37) if source != "reference-lm" else {
         "input_ids": torch.randint(0, 4096, (2, 37)), "attention_mask": torch.ones(2, 37, dtype=torch.long)}
     a, b = program.run(feed)["logits"], rotated.run(feed)["logits"]
