@@ -28,7 +28,7 @@ from torch.export import Dim
 from .errors import CaptureError, UnsupportedModelError, UsageError
 from .generation import HALF, LOGITS_INDEX, CacheSpec, GenerateEntry, cache_spec, example_feed, run_model
 from .program import Program
-from .resources import COPIES, check_disk, check_fits, checkpoint_bytes, widen_to_fp32
+from .resources import COPIES, check_disk, check_fits, checkpoint_bytes, releasing_mapped, widen_to_fp32
 
 __all__ = ["capture", "sha256_files", "DEFAULT_SEQ_LEN"]
 
@@ -178,7 +178,8 @@ def _from_module(model: torch.nn.Module, example: dict[str, torch.Tensor], *, so
     model.eval()
     names = list(example)
     extra = extra or {}
-    with torch.no_grad():   # for the output names, as the model is: widened, it would hold every weight in fp32
+    # for the output names, as the model is: widened, it would hold every weight in fp32
+    with torch.no_grad(), releasing_mapped(model):
         out = model(**example, **extra)
     outputs = _output_names(out)
     if not outputs:

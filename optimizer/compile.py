@@ -278,7 +278,7 @@ def _measure(be, tgt, captured: Program, bundle_dir: Path, data: dict, texts, be
 
 def _encoder_quality(captured: Program, open_runner, texts, length: int, batch: int) -> dict:
     feed, desc = probe_inputs(captured, texts, length=length, batch=batch)
-    reference = captured.run(feed)
+    reference = captured.runner(release_mapped=True)(feed)
     page_out(captured)   # the original's weights leave memory before the bundle's are loaded
     runner = open_runner()
     got = runner(**{k: v.numpy() for k, v in feed.items()})

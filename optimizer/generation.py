@@ -45,6 +45,7 @@ import torch
 from torch.func import functional_call
 
 from .errors import UsageError
+from .resources import releasing_mapped
 
 LOGITS_INDEX = "logits_index"
 
@@ -169,7 +170,7 @@ def cache_spec(model: torch.nn.Module, max_length: int | None, widen: bool = Fal
     cfg = model.config
     layers = int(getattr(cfg, "num_hidden_layers", 0) or getattr(cfg, "n_layer", 0))
     ids = torch.zeros(1, 2, dtype=torch.long)
-    with torch.no_grad():
+    with torch.no_grad(), releasing_mapped(model):
         out = model(input_ids=ids, use_cache=True, return_dict=True)
     present = getattr(out, "cache", None) or out.past_key_values
     keys = [layer.keys for layer in present.layers[:layers]]

@@ -22,6 +22,7 @@ node annotations live under ``node.meta["custom"]``, which export carries throug
 from __future__ import annotations
 
 import copy
+import functools
 import re
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -169,8 +170,15 @@ class Program:
         # specialisation leaves out of its guards but the graph handles.
         return self.ep.module(check_guards=self.cache is None)
 
-    def runner(self):
-        """``run`` for many calls: the module is built once."""
+    def runner(self, release_mapped: bool = False):
+        """``run`` for many calls: the module is built once. ``release_mapped``: each call lets
+        every weight mapped from the checkpoint leave the resident set after its last reader
+        (``resources.mapped_releaser``; it stays in the page cache): a check of a large model
+        holds about one weight, not every one it has read."""
+        if release_mapped:
+            from .resources import mapped_releaser
+            return functools.partial(run_paged, self.unlifted(), self.input_names, self.output_names,
+                                     release=mapped_releaser())
         return _runner(self.unlifted(), self.input_names, self.output_names)
 
     # -- reading weights ---------------------------------------------------------------------
@@ -219,29 +227,34 @@ def _runner(module, input_names, output_names):
 
 class _PagedRun(torch.fx.Interpreter):
     """Runs a module's graph, each weight paged out after the last op that reads it
-    (``resources.page_out_tensor``): a check over the whole model holds about one weight at a
-    time, not every mapped weight it has read (an 8B model's rotated ones are 32 GB)."""
+    (``release``; ``resources.page_out_tensor`` evicts it): a check over the whole model holds
+    about one weight at a time, not every mapped weight it has read (an 8B model's rotated ones
+    are 32 GB)."""
 
-    def __init__(self, module: torch.fx.GraphModule):
+    def __init__(self, module: torch.fx.GraphModule, release):
         super().__init__(module)
+        self.release = release
         last = {a: node for node in module.graph.nodes for a in node.all_input_nodes if a.op == "get_attr"}
         self.after: dict = {}
         for weight, node in last.items():
             self.after.setdefault(node, []).append(weight)
 
     def run_node(self, node):
-        from .resources import page_out_tensor
         out = super().run_node(node)
         for weight in self.after.get(node, ()):
             if isinstance(self.env.get(weight), torch.Tensor):
-                page_out_tensor(self.env[weight])
+                self.release(self.env[weight])
         return out
 
 
-def run_paged(module: torch.fx.GraphModule, input_names, output_names, inputs: dict) -> dict[str, torch.Tensor]:
-    """``module`` on ``inputs`` as ``_PagedRun`` runs it: outputs by name."""
+def run_paged(module: torch.fx.GraphModule, input_names, output_names, inputs: dict,
+              release=None) -> dict[str, torch.Tensor]:
+    """``module`` on ``inputs`` as ``_PagedRun`` runs it (``release`` defaults to
+    ``resources.page_out_tensor``): outputs by name."""
+    if release is None:
+        from .resources import page_out_tensor as release
     with torch.no_grad():
-        out = _PagedRun(module).run(*[inputs[n] for n in input_names])
+        out = _PagedRun(module, release).run(*[inputs[n] for n in input_names])
     return dict(zip(output_names, out if isinstance(out, (tuple, list)) else (out,)))
 
 

@@ -199,7 +199,7 @@ def generation_quality(program: Program, open_bundle, ids: np.ndarray, mask: np.
     runner, which ``open_bundle()`` opens once the original has run and its weights have left
     memory (one copy of the weights resident at a time). ``bundle_spec``: the bundle's cache, where
     it differs from the original's (a compacting one)."""
-    run = program.runner()
+    run = program.runner(release_mapped=True)
 
     def reference_step(feed):
         out = run({k: torch.from_numpy(np.asarray(v)) for k, v in feed.items()})

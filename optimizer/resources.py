@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .errors import UsageError
 
-__all__ = ["stage", "peak_rss", "weights_bytes", "page_out", "page_out_tensor", "release_heap", "file_backed", "checkpoint_bytes", "available_memory", "parse_bytes",
+__all__ = ["stage", "peak_rss", "weights_bytes", "page_out", "page_out_tensor", "mapped_releaser", "releasing_mapped", "release_heap", "file_backed", "checkpoint_bytes", "available_memory", "parse_bytes",
            "check_fits", "check_disk", "widen_to_fp32", "cpu_has_bf16", "PEAK_SOURCE", "COPIES"]
 
 _STATUS, _CLEAR = Path("/proc/self/status"), Path("/proc/self/clear_refs")
@@ -120,7 +120,64 @@ def _advise_out(spans, write: bool = False) -> None:
             _LIBC.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_PAGEOUT)   # a hint: an old kernel refuses it
 
 
-_MADV_PAGEOUT, _MS_SYNC = 21, 4
+_MADV_DONTNEED, _MADV_PAGEOUT, _MS_SYNC = 4, 21, 4
+
+
+def mapped_releaser():
+    """A function that takes a tensor out of the resident set where its pages are a file's, none
+    of them written here (a checkpoint's weight, memory-mapped): they stay in the page cache, so the
+    next read faults them back without the disk (``MADV_DONTNEED``; ``page_out`` evicts them).
+    Anything else it leaves: DONTNEED would zero anonymous memory and a private mapping's writes."""
+    spans = _clean_file_mappings()
+
+    def release(t) -> None:
+        ptr, size = t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()
+        if _LIBC is not None and any(lo <= ptr and ptr + size <= hi for lo, hi in spans):
+            page = mmap.PAGESIZE
+            lo, hi = -(-ptr // page) * page, (ptr + size) // page * page
+            if hi > lo:
+                _LIBC.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED)
+    return release
+
+
+@contextlib.contextmanager
+def releasing_mapped(model):
+    """While open, each module of ``model`` lets its own mapped weights leave the resident set
+    after its forward (``mapped_releaser``): an eager run of a large model holds about one layer's
+    weights, not every one it has read."""
+    release = mapped_releaser()
+
+    def hook(module, args, out):
+        for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
+            release(t)
+    handles = [m.register_forward_hook(hook) for m in model.modules()
+               if next(m.parameters(recurse=False), None) is not None]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _clean_file_mappings() -> list[tuple[int, int]]:
+    """This process's file mappings none of whose pages this process wrote (no anonymous, that is
+    copied-on-write, memory; a page the file's writer left dirty is still the page cache's)."""
+    spans, span, dirty = [], None, 0
+    try:
+        lines = Path("/proc/self/smaps").read_text().splitlines()
+    except OSError:
+        return []
+    for line in [*lines, "0-0 ---p 0 0 0"]:
+        head = line.split()
+        if head and "-" in head[0] and ":" not in head[0]:   # a mapping's first line: range perms offset dev inode [path]
+            if span is not None and dirty == 0:
+                spans.append(span)
+            lo, _, hi = head[0].partition("-")
+            span = (int(lo, 16), int(hi, 16)) if len(head) >= 6 and head[4] != "0" and head[5].startswith("/") else None
+            dirty = 0
+        elif head and head[0] == "Anonymous:":
+            dirty += int(head[1])
+    return spans
 
 
 def file_backed(shape, folder: Path, dtype=None):

@@ -168,30 +168,47 @@ def test_bench_time_must_be_positive(model_dir, tmp_path):
         tokopt.compile(model_dir("llama"), out=tmp_path / "b", bench_time=0)
 
 
-def _rss_file() -> int:
-    for line in open("/proc/self/status"):
-        if line.startswith("RssFile:"):
-            return int(line.split()[1]) * 1024
-    return 0
+def _resident_of(path) -> int:
+    """Bytes of ``path``'s mappings in this process's resident set."""
+    total, inside = 0, False
+    for line in open("/proc/self/smaps"):
+        head = line.split()
+        if "-" in head[0] and ":" not in head[0]:
+            inside = len(head) >= 6 and head[5] == str(path)
+        elif inside and head[0] == "Rss:":
+            total += int(head[1]) * 1024
+    return total
 
 
 def test_page_out_releases_mapped_weights(tmp_path):
-    """A folder's weights are mapped from its safetensors file; paged out they leave the resident
-    set and come back unchanged when the program runs again."""
+    """A folder's weights are mapped from its safetensors file; paged out, or released by a run
+    (capture's eager one too) after each weight's last reader, they leave the resident set and
+    come back unchanged when the program runs again."""
     import transformers
     from tokopt.optimizer.capture import capture
-    from tokopt.optimizer.resources import page_out, weights_bytes
+    from tokopt.optimizer.resources import mapped_releaser, page_out
     torch.manual_seed(0)
     config = transformers.LlamaConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
                                       num_key_value_heads=2, vocab_size=8000, max_position_embeddings=256)
     transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "m")
+    file = tmp_path / "m" / "model.safetensors"
+    stored = file.stat().st_size
     program = capture(tmp_path / "m")
+    assert _resident_of(file) < 0.05 * stored
     feed = feed_for("llama", 1, 13)
     before = program.run(feed)["logits"]
-    resident = _rss_file()
+    assert _resident_of(file) > 0.7 * stored   # all but the embedding's unread rows
     page_out(program)
-    assert resident - _rss_file() > 0.8 * weights_bytes(program)
+    assert _resident_of(file) < 0.1 * stored   # (the kernel keeps a few pages the file's writer left dirty)
+    assert torch.equal(program.runner(release_mapped=True)(feed)["logits"], before)
+    assert _resident_of(file) < 0.05 * stored
     assert torch.equal(program.run(feed)["logits"], before)
+    assert _resident_of(file) > 0.7 * stored
+    # memory that is not a file's stays: released, an anonymous tensor keeps its values
+    t = torch.randn(1 << 20)
+    kept = t.clone()
+    mapped_releaser()(t)
+    assert torch.equal(t, kept)
 
 
 def _memory_cgroup(name: str):
