@@ -60,13 +60,13 @@ def token_kl(ref: torch.Tensor, got: torch.Tensor) -> torch.Tensor:
 
 
 def perplexity(program: Program, windows: list[torch.Tensor], run=None) -> float:
-    """``run(feed) -> outputs`` (default: the program's runner) computes the logits, e.g. a
-    ``Rewrite``'s module while a pass is editing the program."""
+    """``run(feed) -> outputs`` (default: the program's runner, releasing its mapped weights as it
+    goes) computes the logits, e.g. a ``Rewrite``'s module while a pass is editing the program."""
     if not program.keeps_positions:
         raise UsageError("perplexity needs every position's logits, and this graph drops tokens (token_prune); "
                          "the compile report measures the last position's logits instead.")
     nll, n = 0.0, 0
-    run = run or program.runner()
+    run = run or program.runner(release_mapped=True)
     for ids in windows:
         nll += _nll(run(full_feed(program, ids))["logits"][0, :-1], ids[0, 1:])
         n += ids.shape[1] - 1

@@ -29,6 +29,7 @@ from tqdm import tqdm
 from ..optimizer.errors import UsageError
 from ..optimizer.ops import Tap, attention_reference
 from ..optimizer.program import AttentionBlock, Program
+from ..optimizer.resources import mapped_releaser
 
 __all__ = ["head_errors", "cheapest_within", "program_hash", "cache_dir", "cached", "cached_tensors", "Steps"]
 
@@ -39,9 +40,11 @@ def program_hash(program: Program) -> str:
     activation downstream while the weights stay the same)."""
     h = hashlib.sha256(json.dumps([[p["name"], p["options"]] for p in program.history], sort_keys=True,
                                   default=str).encode())
+    release = mapped_releaser()   # each mapped weight leaves memory once read: an 8B model's are 16 GB
     for name, t in sorted(program.ep.state_dict.items()):
         h.update(name.encode())
         h.update(t.detach().contiguous().view(torch.uint8).numpy())   # the buffer itself, not a copy
+        release(t)
     return h.hexdigest()
 
 
