@@ -97,22 +97,23 @@ def test_half_precision_checkpoint_runs_as_fp32(tmp_path):
     assert np.abs(_outputs(res.bundle, feed)["logits"] - want).max() < 1e-4
 
 
-def test_half_precision_checkpoint_with_rsq_stays_half(tmp_path, monkeypatch):
-    """Compiled with passes that replace its weights (rsq), a bf16 checkpoint is not widened: the
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_checkpoint_with_rsq_stays_half(tmp_path, monkeypatch, dtype):
+    """Compiled with passes that replace its weights (rsq), a bf16 or fp16 checkpoint is not widened: the
     captured program holds the checkpoint's own bf16 tensors, mapped from its file, and the graph
     reads each through a cast to fp32 just before its reader, which the views see through (every
     linear is found). rsq
     rotates into fp32 as from widened weights, so the bundle is byte-identical to the widened path's."""
     from tokopt.passes.linears import linear_layers
     from tokopt.passes.rsq import RSQPass
-    model = _tiny("llama").to(torch.bfloat16)
-    model.save_pretrained(tmp_path / "bf16")
-    captured = tokopt.capture(tmp_path / "bf16", keep_half=True)
+    model = _tiny("llama").to(dtype)
+    model.save_pretrained(tmp_path / "half")
+    captured = tokopt.capture(tmp_path / "half", keep_half=True)
     weight = captured.ep.state_dict["model.model.layers.0.mlp.up_proj.weight"]
-    assert weight.dtype == torch.bfloat16 and "model.safetensors" in _mapping_of(weight.data_ptr())
+    assert weight.dtype == dtype and "model.safetensors" in _mapping_of(weight.data_ptr())
     body, heads = linear_layers(captured)
     assert len(body) == 14 and len(heads) == 1
-    assert all(captured.tensor(n.args[1]).dtype == torch.bfloat16 for n in body)
+    assert all(captured.tensor(n.args[1]).dtype == dtype for n in body)
     casts = [n for n in captured.graph.find_nodes(op="call_function", target=torch.ops.aten.to.dtype)
              if n.args[0].op == "placeholder"]
     # one cast per reader, just before it: a run widens one weight at a time
@@ -123,7 +124,7 @@ def test_half_precision_checkpoint_with_rsq_stays_half(tmp_path, monkeypatch):
     for half in (True, False):
         monkeypatch.setattr(RSQPass, "half_weights", half)
         monkeypatch.setenv("TOKOPT_CACHE_DIR", str(tmp_path / f"cache-{half}"))
-        res = tokopt.compile(tmp_path / "bf16", out=tmp_path / f"b-{half}", calib=ids, measure=False,
+        res = tokopt.compile(tmp_path / "half", out=tmp_path / f"b-{half}", calib=ids, measure=False,
                              passes="rsq:samples=4,seq_len=64,group_size=16,eval_windows=0")
         assert ("half_weights" in res.manifest["source"]) == half
         assert ("converted" in res.manifest["source"]) != half
