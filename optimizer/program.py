@@ -31,6 +31,7 @@ import torch
 from torch.export.graph_signature import ExportGraphSignature, InputKind, InputSpec, TensorArgument
 
 from .errors import PassError, UsageError
+from .resources import mapped_releaser, page_out_tensor
 
 __all__ = ["AttentionBlock", "Rejected", "Program", "Rewrite", "Edit", "META_BLOCK", "block_meta", "call_function_nodes",
            "inherit_meta", "remove_dead_code", "stored", "run_paged"]
@@ -176,7 +177,6 @@ class Program:
         (``resources.mapped_releaser``; it stays in the page cache): a check of a large model
         holds about one weight, not every one it has read."""
         if release_mapped:
-            from .resources import mapped_releaser
             return functools.partial(run_paged, self.unlifted(), self.input_names, self.output_names,
                                      release=mapped_releaser())
         return _runner(self.unlifted(), self.input_names, self.output_names)
@@ -248,11 +248,8 @@ class _PagedRun(torch.fx.Interpreter):
 
 
 def run_paged(module: torch.fx.GraphModule, input_names, output_names, inputs: dict,
-              release=None) -> dict[str, torch.Tensor]:
-    """``module`` on ``inputs`` as ``_PagedRun`` runs it (``release`` defaults to
-    ``resources.page_out_tensor``): outputs by name."""
-    if release is None:
-        from .resources import page_out_tensor as release
+              release=page_out_tensor) -> dict[str, torch.Tensor]:
+    """``module`` on ``inputs`` as ``_PagedRun`` runs it: outputs by name."""
     with torch.no_grad():
         out = _PagedRun(module, release).run(*[inputs[n] for n in input_names])
     return dict(zip(output_names, out if isinstance(out, (tuple, list)) else (out,)))

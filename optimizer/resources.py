@@ -108,7 +108,8 @@ def page_out_tensor(t) -> None:
     _advise_out([(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())], write=True)
 
 
-def _advise_out(spans, write: bool = False) -> None:
+def _advise_out(spans, write: bool = False, advice: int | None = None) -> None:
+    """``advice`` (``MADV_PAGEOUT`` by default) over the whole pages inside each (address, bytes)."""
     if _LIBC is None:
         return
     page = mmap.PAGESIZE
@@ -117,7 +118,8 @@ def _advise_out(spans, write: bool = False) -> None:
         if hi > lo:
             if write:   # a shared file mapping's dirty pages; anywhere else a no-op
                 _LIBC.msync(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MS_SYNC)
-            _LIBC.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_PAGEOUT)   # a hint: an old kernel refuses it
+            # a hint: an old kernel refuses PAGEOUT
+            _LIBC.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_PAGEOUT if advice is None else advice)
 
 
 _MADV_DONTNEED, _MADV_PAGEOUT, _MS_SYNC = 4, 21, 4
@@ -132,11 +134,8 @@ def mapped_releaser():
 
     def release(t) -> None:
         ptr, size = t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()
-        if _LIBC is not None and any(lo <= ptr and ptr + size <= hi for lo, hi in spans):
-            page = mmap.PAGESIZE
-            lo, hi = -(-ptr // page) * page, (ptr + size) // page * page
-            if hi > lo:
-                _LIBC.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED)
+        if any(lo <= ptr and ptr + size <= hi for lo, hi in spans):
+            _advise_out([(ptr, size)], advice=_MADV_DONTNEED)
     return release
 
 
