@@ -104,6 +104,51 @@ def test_static_shapes_compile_one_model_per_input_shape(tmp_path, model_dir, mo
     assert "generation" not in lm.manifest and "--static-shapes" in " ".join(lm.report["plan"])
 
 
+def test_dynamic_runner_specializes_frequent_shapes(tmp_path, model_dir, monkeypatch):
+    """A dynamic bundle's runner serves every shape from its dynamic model and compiles a model of
+    their own for shapes it is called with SPECIALIZE_AFTER times, in the background; once made,
+    calls at those shapes run it (static input shapes) with the dynamic model's outputs; the
+    oldest beyond STATIC_MODELS is dropped and counted afresh. Not where asked not to, not for a
+    generation bundle or one with more weights than SPECIALIZE_MAX_BYTES; the report times both
+    sides specialized and says so. ``specialize`` is refused for a backend without it."""
+    from tokopt.backends import openvino as backend
+    from tokopt.optimizer.report import Bench, format_report
+    res = tokopt.compile(model_dir("bert"), out=tmp_path / "b", backend="openvino", precision="fp32", measure=False)
+    run, plain = tokopt.load(res.bundle), tokopt.load(res.bundle, specialize=False)
+    monkeypatch.setattr(backend, "STATIC_MODELS", 2)
+
+    def static_shape(feed):
+        return [list(i.get_partial_shape()) for i in run.models(feed)[0].inputs][0]
+    feeds = {n: {k: v.numpy() for k, v in feed_for("bert", 1, n).items()} for n in (9, 17, 5)}
+    for n in (9, 9):
+        run(**feeds[n])
+    assert not run.models.pending and run.models(feeds[9])[0] is run.models.dynamic[0]   # this was the third call
+    run.settle()
+    want = plain(**feeds[9])["last_hidden_state"]
+    assert np.abs(run(**feeds[9])["last_hidden_state"] - want).max() < 1e-5
+    assert static_shape(feeds[9]) == [1, 9]   # its own model now, not [?, ?]
+    for n in (17, 17, 17, 5, 5, 5):
+        run(**feeds[n])
+        run.settle()
+    run(**feeds[17]), run(**feeds[5])
+    assert [dict(k)["input_ids"] for k in run.models.models] == [(1, 17), (1, 5)]   # (1, 9) dropped
+    assert not plain.models.models and plain.models(feeds[9]) is plain.models.dynamic
+    assert backend.specializes(res.manifest, res.bundle)
+    assert not backend.specializes({**res.manifest, "generation": {"cache": {}}}, res.bundle)
+    monkeypatch.setattr(backend, "SPECIALIZE_MAX_BYTES", 1)
+    assert not backend.specializes(res.manifest, res.bundle) and not tokopt.load(res.bundle).models.pool
+    monkeypatch.setattr(backend, "SPECIALIZE_MAX_BYTES", 2**30)
+    entries = backend.OpenVinoBackend().latency(tokopt.capture(model_dir("bert")), res.bundle,
+                                                backend.get_target("x86-cpu"), Bench(runs=2), [8], None, res.manifest)
+    assert entries[0]["shapes"].startswith("specialized:") and entries[0]["baseline"]["median_ms"] > 0
+    text = format_report({"source": "bert", "backend": "openvino", "target": "x86-cpu", "latency": entries[0],
+                          "size_bytes": {"tokopt": 1}})
+    assert text.count("; shapes specialized)") == 1
+    ort = tokopt.compile(model_dir("bert"), out=tmp_path / "o", measure=False)
+    with pytest.raises(UsageError, match="specialize: the onnxruntime backend runs one model"):
+        tokopt.load(ort.bundle, specialize=True)
+
+
 @pytest.mark.slow
 def test_minilm_in_bf16_and_reference_lm_generation(tmp_path, minilm_dir):
     """Trained weights: MiniLM at the CPU's bf16 (auto here) keeps its embeddings (report, real
@@ -196,3 +241,32 @@ def test_norm_fed_quantizer_scales_stay_fp32(tmp_path, model_dir):
     reorders = [op.get_friendly_name() for op in compiled.get_runtime_model().get_ordered_ops()
                 if op.get_rt_info()["layerType"].astype(str) == "Reorder"]
     assert reorders and not [r for r in reorders if any(r.endswith(f"_{n}") for n in names)]
+
+
+def test_activation_grids_run_on_unsigned_kernels():
+    """An activation grid whose zero point would be 128 ([-128, 127] steps) is one OpenVINO reads
+    as signed int8, which its CPU plugin runs on a slower int8 x int8 kernel where there is no
+    AMX; tokopt's grids never have it: each covers its range, keeps zero exact, is at most 1/127
+    coarser than the plain grid (ends within half a step), and reaches OpenVINO's FullyConnected as uint8."""
+    import openvino as ov
+    from openvino import opset13 as ops
+
+    from tokopt.optimizer.ops.int8 import SIGNED_ZERO, quantize_activation_range
+    for low, high in [(-1.0, 127 / 128), (-0.88, 0.873), (-0.897, 0.876), (0.0, 2.0), (-3.0, 0.0), (-1.0, 1.0)]:
+        scale, zero = quantize_activation_range(low, high)
+        assert zero != SIGNED_ZERO and -zero * scale <= low + scale / 2 and (255 - zero) * scale >= high - scale / 2
+        assert scale <= (high - low) / 255 * (1 + 1 / 127) + 1e-12
+
+    def runtime_precision(low, high):
+        x = ops.parameter([1, 16, 64], np.float32)
+        lo, hi = (ops.constant(np.full((1, 1, 1), v, np.float32)) for v in (low, high))
+        w = np.random.default_rng(0).integers(-127, 128, (32, 64)).astype(np.int8)
+        wd = ops.multiply(ops.convert(ops.constant(w), np.float32), ops.constant(np.full((32, 1), 0.01, np.float32)))
+        y = ops.matmul(ops.fake_quantize(x, lo, hi, lo, hi, 256), wd, False, True)
+        runtime = ov.Core().compile_model(ov.Model([y], [x]), "CPU").get_runtime_model()
+        return [op.get_rt_info()["runtimePrecision"].astype(str) for op in runtime.get_ordered_ops()
+                if op.get_rt_info()["layerType"].astype(str).startswith("FullyConnected")]
+
+    assert runtime_precision(-128 / 127, 1.0) == ["i8"]   # the grid avoided: OpenVINO goes signed
+    scale, zero = quantize_activation_range(-128 / 127, 1.0)
+    assert runtime_precision(-zero * scale, (255 - zero) * scale) == ["u8"]

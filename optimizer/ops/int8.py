@@ -23,12 +23,22 @@ from .registry import define_op, round_values
 
 __all__ = ["LINEAR_W8A8", "outlier_rows", "quantize_activation_range", "row_factors", "scale_rows"]
 
+SIGNED_ZERO = 128   # the uint8 zero point that makes a grid read as signed int8
+
 
 def quantize_activation_range(low: float, high: float) -> tuple[float, int]:
-    """(scale, zero point) of the uint8 grid over [low, high], zero exactly representable."""
+    """(scale, zero point) of the uint8 grid over [low, high], zero exactly representable.
+
+    The zero point is never 128: OpenVINO reads a grid of [-128, 127] steps as signed int8
+    (its low-precision rule: low / high = -128 / 127), and its CPU plugin runs int8 x int8 on a
+    slower kernel than uint8 x int8 where there is no AMX. 127 or 129 instead, the step widened
+    to cover both ends (at most 1/127 coarser)."""
     low, high = min(low, 0.0), max(high, 0.0)
     scale = max((high - low) / 255, 1e-12)
-    return scale, int(min(255, max(0, round(-low / scale))))
+    zero = int(min(255, max(0, round(-low / scale))))
+    if zero != SIGNED_ZERO:
+        return scale, zero
+    return min((max(-low / z, high / (255 - z), 1e-12), z) for z in (SIGNED_ZERO - 1, SIGNED_ZERO + 1))
 
 
 def _linear_w8a8(x: torch.Tensor, weight: torch.Tensor, w_scale: torch.Tensor, x_scale: torch.Tensor,
