@@ -32,15 +32,20 @@ uint8 of it. Those multiplies (``quantizer_inputs_kept_fp32``) are marked ``prec
 stay fp32: one node fewer before each quantized linear (measured in the README, peers section).
 
 A device that compiles static shapes only (OpenVINO's NPU) gets one model per input shape,
-reshaped and compiled on first use, the last ``STATIC_MODELS`` kept; the CPU and GPU run the one
-dynamic model unless the bundle was compiled with ``--static-shapes``. Static shapes let OpenVINO
-fold every shape computation and plan memory once; a length's first call pays the compile.
+reshaped and compiled on first use, the last ``STATIC_MODELS`` kept, as does a bundle compiled
+with ``--static-shapes``. Static shapes let OpenVINO fold every shape computation and plan memory
+once; a length's first call pays the compile. The CPU and GPU run one dynamic model, and the
+runner of an encoder-sized bundle compiles the shapes it is called with often as models of their
+own in a background thread (``specialize``), so no call waits for a compile and the frequent
+lengths run as fast as static ones.
 """
 from __future__ import annotations
 
 import tempfile
-from collections import OrderedDict
+import warnings
+from collections import Counter, OrderedDict
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +63,8 @@ MODEL_FILE = "model.xml"
 PRECISIONS = ("auto", "fp32", "bf16")
 STATIC_DEVICES = ("NPU",)   # OpenVINO devices that compile static shapes only
 STATIC_MODELS = 8   # the input shapes whose compiled models a static-shape runner keeps
+SPECIALIZE_AFTER = 3   # calls at one input shape before the dynamic runner compiles a model for it
+SPECIALIZE_MAX_BYTES = 256 * 2**20   # larger models are not specialized by default: GEMMs dominate their calls
 # tokopt ops whose ONNX form OpenVINO 2026.4's converter refuses, and why (checked before export)
 REFUSED = {
     "tokopt::tca_attention": "its per-KV-head gathers (GatherElements with indices narrower than the data "
@@ -121,40 +128,89 @@ def _static(lowering: dict) -> bool:
 
 
 class Compiled:
-    """The compiled model and infer request for a feed: one dynamic model, or, with ``static``,
-    one model per input shape compiled on first use (``make(shapes)``), the last
-    ``STATIC_MODELS`` kept."""
+    """The compiled model and infer request for a feed. ``static``: one model per input shape,
+    compiled on first use (that call waits for it). Else one dynamic model, and with
+    ``specialize`` a shape called ``SPECIALIZE_AFTER`` times gets a model of its own, compiled in
+    a background thread while the dynamic one keeps serving: OpenVINO folds a static model's
+    shape arithmetic and plans its memory once, which the dynamic model redoes at every call
+    (measured in the README, peers section). Either way the last ``STATIC_MODELS`` shapes' models
+    are kept."""
 
-    def __init__(self, make: Callable[[dict | None], object], static: bool):
+    def __init__(self, make: Callable[[dict | None], object], static: bool, specialize: bool = False):
         self.make, self.static, self.models = make, static, OrderedDict()
-        if not static:
-            self.models[None] = self._made(None)
+        self.dynamic = None if static else self._made(None)
+        self.calls: Counter = Counter()   # calls at each shape not yet specialized
+        self.pending: dict = {}           # shape -> its compile in the background
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="tokopt-openvino") if specialize and not static else None
 
     def _made(self, shapes):
         compiled = self.make(shapes)
         return compiled, compiled.create_infer_request()
 
+    def _kept(self, key, made):
+        self.models[key] = made
+        if len(self.models) > STATIC_MODELS:
+            self.models.popitem(last=False)
+        return made
+
     def __call__(self, feed: dict[str, np.ndarray]):
-        if not self.static:
-            return self.models[None]
+        if self.pool is None and not self.static:
+            return self.dynamic
         key = tuple((k, v.shape) for k, v in sorted(feed.items()))
         if key in self.models:
             self.models.move_to_end(key)
-        else:
-            self.models[key] = self._made({k: v.shape for k, v in feed.items()})
-            if len(self.models) > STATIC_MODELS:
-                self.models.popitem(last=False)
-        return self.models[key]
+            return self.models[key]
+        if self.static:
+            return self._kept(key, self._made({k: v.shape for k, v in feed.items()}))
+        job = self.pending.get(key)
+        if job is None:
+            self.calls[key] += 1
+            if self.calls[key] == SPECIALIZE_AFTER:
+                if len(self.calls) > 64 * STATIC_MODELS:   # many shapes seen once: forget the counts
+                    self.calls = Counter({key: SPECIALIZE_AFTER})
+                self.pending[key] = self.pool.submit(self._made, {k: v.shape for k, v in feed.items()})
+        elif job.done():
+            del self.pending[key]
+            if job.exception() is None:
+                self.calls.pop(key)   # counted afresh should it be dropped from the kept models
+                return self._kept(key, job.result())
+            warnings.warn(f"OpenVINO could not compile the model for input shapes {dict(key)} ({job.exception()}); "
+                          "those calls keep the dynamic model.", stacklevel=3)
+        return self.dynamic
+
+    def settle(self) -> None:
+        """Wait for the models being compiled in the background; the next call at their shapes uses them."""
+        for job in list(self.pending.values()):
+            job.exception()
+
+    def warm(self, feed: dict[str, np.ndarray]):
+        """What a runner that has seen ``feed``'s shapes often calls: its specialized model,
+        compiled now where it is not yet made."""
+        if self.pool is not None:
+            key = tuple((k, v.shape) for k, v in sorted(feed.items()))
+            if key not in self.models:
+                job, _ = self.pending.pop(key, None), self.calls.pop(key, None)
+                self._kept(key, job.result() if job is not None else self._made({k: v.shape for k, v in feed.items()}))
+        return self(feed)
 
 
 class OpenVinoRunner(Runner):
-    def __init__(self, bundle: Path, manifest: dict, threads: int | None = None, static: bool | None = None):
-        """``static``: one model per input shape (default: where the device compiles no other)."""
+    def __init__(self, bundle: Path, manifest: dict, threads: int | None = None, static: bool | None = None,
+                 specialize: bool | None = None):
+        """``static``: one model per input shape (default: where the device compiles no other).
+        ``specialize``: the dynamic model's frequent shapes get models of their own, compiled in
+        the background (default: for a bundle that is not a generation graph, whose decode steps
+        change shape at every call, with weights of ``SPECIALIZE_MAX_BYTES`` or less, where the
+        per-call shape work is a noticeable share; each specialized model holds its own copy)."""
         super().__init__(bundle, manifest)
-        device, precision = manifest["lowering"]["device"], manifest["lowering"]["precision"]
+        lowering = manifest["lowering"]
+        device, precision = lowering["device"], lowering["precision"]
         model = _read(Path(bundle) / MODEL_FILE)
-        self.models = Compiled(lambda shapes: _compile(model, device, precision, threads, shapes),
-                               _static(manifest["lowering"]) if static is None else static)
+        static = _static(lowering) if static is None else static
+        if specialize is None:
+            specialize = specializes(manifest, Path(bundle))
+        self.models = Compiled(lambda shapes: _compile(model, device, precision, threads, shapes), static,
+                               specialize=specialize and not static)
         self.graph_inputs = {i.get_any_name() for i in model.inputs}
 
     def _run(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -162,6 +218,16 @@ class OpenVinoRunner(Runner):
         compiled, request = self.models(feed)
         out = request.infer(feed)
         return [out[o] for o in compiled.outputs]
+
+    def settle(self) -> None:
+        """Wait for the shape-specialized models being compiled (a benchmark's warm-up ends here)."""
+        self.models.settle()
+
+
+def specializes(manifest: dict, bundle: Path) -> bool:
+    """Whether a bundle's runner specializes its frequent input shapes by default (see OpenVinoRunner)."""
+    weights = sum(p.stat().st_size for p in bundle.glob("*.bin"))
+    return not manifest.get("generation") and not _static(manifest["lowering"]) and weights <= SPECIALIZE_MAX_BYTES
 
 
 def _keeps_a_key(mask):
@@ -352,9 +418,9 @@ class OpenVinoBackend(Backend):
         plain ``torch.onnx.export``, OpenVINO's default precision; same feed, same run, at each length."""
         ov = require_openvino()
         lowering = manifest["lowering"]
-        device, static = lowering["device"], _static(lowering)
+        device, static, specialize = lowering["device"], _static(lowering), specializes(manifest, bundle_dir)
         own = _read(bundle_dir / MODEL_FILE)
-        ours = Compiled(lambda shapes: _compile(own, device, lowering["precision"], threads, shapes), static)
+        ours = Compiled(lambda shapes: _compile(own, device, lowering["precision"], threads, shapes), static, specialize)
         names = {i.get_any_name() for i in own.inputs}
         plain, size = None, None
         if bench.baseline:
@@ -363,13 +429,16 @@ class OpenVinoBackend(Backend):
                 model = ov.convert_model(str(Path(tmp) / "baseline.onnx"))
                 size = sum(p.stat().st_size for p in Path(tmp).iterdir())
             config = {ov.properties.inference_num_threads: threads} if threads else {}
-            plain = Compiled(lambda shapes: ov.Core().compile_model(_reshaped(model, shapes), device, config), static)
+            plain = Compiled(lambda shapes: ov.Core().compile_model(_reshaped(model, shapes), device, config), static,
+                             specialize)
 
-        def call(models, feed):
-            request = models(feed)[1]
+        def call(models, feed):   # both sides as a runner that has seen the feed's shapes often runs them
+            request = models.warm(feed)[1]
             return lambda: request.infer(feed)
         return time_lengths(captured, lengths, bench,
                             ours=lambda feed: call(ours, {k: v for k, v in feed.items() if k in names}),
                             baseline=None if plain is None else (lambda feed: call(plain, feed)), baseline_bytes=size,
                             threads=threads, device=device, precision=lowering["precision"],
-                            **({"shapes": "static: one model compiled per input shape"} if static else {}))
+                            **({"shapes": "static: one model compiled per input shape"} if static else
+                               {"shapes": "specialized: the dynamic model's frequent shapes compiled as their own"}
+                               if specialize else {}))

@@ -14,6 +14,9 @@ with its interquartile range):
                            int8 weights per channel) on ONNX Runtime / OpenVINO / AOTInductor (oneDNN int8)
   tokopt w8a8 tokens [..]  the same with ``outlier_tokens=2,smooth=0.5`` (token-adaptive activations)
   tokopt prune+w8a8 [..]   ``token_prune:keep=0.7,layers=2,score=head_weighted,align=16,recover=100`` stacked under W8A8
+  ... OV dynamic           the same OpenVINO bundle run on its dynamic model only (``tokopt.load(B, specialize=False)``);
+                           the rows without it run as a bundle's runner does by default, the length's
+                           shapes specialized once called often (compiled in the warm-up)
   tokopt OV                no passes on OpenVINO at its default precision (bf16 on this CPU)
   ... OV static            the same bundle compiled with ``--static-shapes`` (one model per input shape)
   ort dynamic int8         onnxruntime.quantization.quantize_dynamic (per channel) on the plain export
@@ -64,9 +67,10 @@ def _tokopt(model, work: Path, threads: int, prune: list[str], keep) -> dict:
              "tokopt OV": ("canonicalize", "openvino"),
              "tokopt w8a8 OV static": (W8A8, "openvino"), "tokopt prune+w8a8 OV static": (f"{PRUNE},{W8A8}", "openvino"),
              **{f"tokopt prune+w8a8 OV: {p}": (f"{p},{W8A8}", "openvino") for p in prune}}
-    out = {}
+    dynamic = {f"{name} dynamic": name for name in ("tokopt w8a8 OV", "tokopt prune+w8a8 OV")}
+    out, bundles = {}, {}
     for i, (name, (passes, backend)) in enumerate(specs.items()):
-        if not keep(name):
+        if not keep(name) and not any(keep(d) for d, of in dynamic.items() if of == name):
             continue
         try:
             res = tokopt.compile(model, out=work / f"tokopt{i}", passes=passes, backend=backend,
@@ -74,9 +78,21 @@ def _tokopt(model, work: Path, threads: int, prune: list[str], keep) -> dict:
         except Exception as e:  # noqa: BLE001 - a backend missing here is a row saying so
             out[name] = f"{type(e).__name__}: {e}"
             continue
-        run = tokopt.load(res.bundle, threads=threads)
-        out[name] = lambda feed, run=run: run(**feed)
+        bundles[name] = res.bundle
+        if keep(name):
+            out[name] = _called(tokopt.load(res.bundle, threads=threads))
+    for name, of in dynamic.items():
+        if keep(name) and of in bundles:
+            out[name] = _called(tokopt.load(bundles[of], threads=threads, specialize=False))
     return out
+
+
+def _called(run):
+    """``run`` as a candidate: called with a feed; ``settle`` waits for the shapes it specializes."""
+    def call(feed):
+        return run(**feed)
+    call.settle = getattr(run, "settle", lambda: None)
+    return call
 
 
 def _ort_peers(plain: Path, work: Path, calib: list[dict], threads: int) -> dict:
@@ -225,6 +241,10 @@ def main(argv=None):
         feed = {k: stream[k][:, :n].astype(np.int64) for k in inputs}
         times = {name: [] for name in live}
         order = list(live.items())
+        for name, run in order:   # warm: a runner that specializes shapes has compiled this length's
+            for _ in range(4):
+                run(feed)
+            getattr(run, "settle", lambda: None)()
         for i in range(args.rounds):
             for name, run in rotated(order, i):
                 times[name].append(time_calls(lambda run=run: run(feed), args.calls, warmup=1)["median_ms"])

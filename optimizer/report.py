@@ -370,7 +370,8 @@ def format_report(report: dict) -> str:
             continue
         shape = lat.get("label") or ", ".join(f"{k} {v}" for k, v in lat["feed"].items())
         base = lat.get("baseline")
-        static = "; shapes static" if lat.get("shapes") else ""   # both sides compiled for this feed's shapes
+        # both sides compiled for this feed's shapes (static, or specialized as a runner's frequent ones)
+        static = f"; shapes {lat['shapes'].split(':')[0]}" if lat.get("shapes") else ""
         lines.append(f"latency ({shape}; {lat['tokopt']['runs']} runs, {lat['threads'] or 'default'} "
                      f"threads{static})".ljust(38) + "tokopt".rjust(10) + ("baseline".rjust(10) + "ratio".rjust(8) if base else ""))
         for key in ("median_ms", "p90_ms"):

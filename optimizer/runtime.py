@@ -263,8 +263,10 @@ def check_threads(threads: int | None) -> None:
                          "Runtime's default.")
 
 
-def load(bundle, threads: int | None = None) -> Runner:
-    """Open a bundle written by ``tokopt compile``; refuses a tampered or incompatible one."""
+def load(bundle, threads: int | None = None, specialize: bool | None = None) -> Runner:
+    """Open a bundle written by ``tokopt compile``; refuses a tampered or incompatible one.
+    ``specialize`` (OpenVINO bundles): whether the runner compiles models of their own for the
+    input shapes it is called with often, in the background (default: see OpenVinoRunner)."""
     from .bundle import verify_bundle
     check_threads(threads)
     path = Path(bundle)
@@ -272,8 +274,14 @@ def load(bundle, threads: int | None = None) -> Runner:
     backend = manifest.get("backend")
     if backend not in BACKENDS:
         raise BundleError(f"{path} was built for backend '{backend}', which this tokopt does not have.")
+    options = {}
+    if specialize is not None:
+        if backend != "openvino":
+            raise UsageError(f"specialize: the {backend} backend runs one model for every input shape; "
+                             "specializing shapes is an OpenVINO runner option.")
+        options["specialize"] = specialize
     try:
-        return BACKENDS[backend].runner_cls(path, manifest, threads=threads)
+        return BACKENDS[backend].runner_cls(path, manifest, threads=threads, **options)
     except BackendError:
         raise
     except Exception as e:
