@@ -110,7 +110,8 @@ def test_dynamic_runner_specializes_frequent_shapes(tmp_path, model_dir, monkeyp
     calls at those shapes run it (static input shapes) with the dynamic model's outputs; the
     oldest beyond STATIC_MODELS is dropped and counted afresh. Not where asked not to, not for a
     generation bundle or one with more weights than SPECIALIZE_MAX_BYTES; the report times both
-    sides specialized and says so. ``specialize`` is refused for a backend without it."""
+    sides specialized and says so; a shape OpenVINO fails to compile stays on the dynamic model
+    with a warning. ``specialize`` is refused for a backend without it."""
     from tokopt.backends import openvino as backend
     from tokopt.optimizer.report import Bench, format_report
     res = tokopt.compile(model_dir("bert"), out=tmp_path / "b", backend="openvino", precision="fp32", measure=False)
@@ -144,6 +145,19 @@ def test_dynamic_runner_specializes_frequent_shapes(tmp_path, model_dir, monkeyp
     text = format_report({"source": "bert", "backend": "openvino", "target": "x86-cpu", "latency": entries[0],
                           "size_bytes": {"tokopt": 1}})
     assert text.count("; shapes specialized)") == 1
+    model = backend._read(res.bundle / backend.MODEL_FILE)
+
+    def refusing(shapes):   # a shape OpenVINO cannot compile: its calls stay on the dynamic model
+        if shapes is not None:
+            raise RuntimeError("no such shape")
+        return backend._compile(model, "CPU", "fp32", None)
+    models = backend.Compiled(refusing, static=False, specialize=True)
+    for _ in range(backend.SPECIALIZE_AFTER):
+        models(feeds[9])
+    models.settle()
+    with pytest.warns(UserWarning, match="could not compile the model for input shapes.*keep the dynamic model"):
+        assert models(feeds[9]) is models.dynamic
+    assert models(feeds[9]) is models.dynamic and not models.pending and not models.models   # not tried again
     ort = tokopt.compile(model_dir("bert"), out=tmp_path / "o", measure=False)
     with pytest.raises(UsageError, match="specialize: the onnxruntime backend runs one model"):
         tokopt.load(ort.bundle, specialize=True)
