@@ -156,19 +156,19 @@ class Compiled:
     def __call__(self, feed: dict[str, np.ndarray]):
         if self.pool is None and not self.static:
             return self.dynamic
-        key = tuple((k, v.shape) for k, v in sorted(feed.items()))
+        key = _shape_key(feed)
         if key in self.models:
             self.models.move_to_end(key)
             return self.models[key]
         if self.static:
-            return self._kept(key, self._made({k: v.shape for k, v in feed.items()}))
+            return self._kept(key, self._made(dict(key)))
         job = self.pending.get(key)
         if job is None:
             self.calls[key] += 1
             if self.calls[key] == SPECIALIZE_AFTER:
                 if len(self.calls) > 64 * STATIC_MODELS:   # many shapes seen once: forget the counts
                     self.calls = Counter({key: SPECIALIZE_AFTER})
-                self.pending[key] = self.pool.submit(self._made, {k: v.shape for k, v in feed.items()})
+                self.pending[key] = self.pool.submit(self._made, dict(key))
         elif job.done():
             del self.pending[key]
             if job.exception() is None:
@@ -186,12 +186,16 @@ class Compiled:
     def warm(self, feed: dict[str, np.ndarray]):
         """What a runner that has seen ``feed``'s shapes often calls: its specialized model,
         compiled now where it is not yet made."""
-        if self.pool is not None:
-            key = tuple((k, v.shape) for k, v in sorted(feed.items()))
-            if key not in self.models:
-                job, _ = self.pending.pop(key, None), self.calls.pop(key, None)
-                self._kept(key, job.result() if job is not None else self._made({k: v.shape for k, v in feed.items()}))
+        key = _shape_key(feed)
+        if self.pool is not None and key not in self.models:
+            job, _ = self.pending.pop(key, None), self.calls.pop(key, None)
+            self._kept(key, job.result() if job is not None else self._made(dict(key)))
         return self(feed)
+
+
+def _shape_key(feed: dict[str, np.ndarray]) -> tuple:
+    """The feed's input shapes as a key (``dict(key)`` gives them back, as ``make`` takes them)."""
+    return tuple((k, v.shape) for k, v in sorted(feed.items()))
 
 
 class OpenVinoRunner(Runner):
