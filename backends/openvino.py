@@ -164,15 +164,15 @@ class Compiled:
             return self._kept(key, self._made(dict(key)))
         job = self.pending.get(key)
         if job is None:
+            if len(self.calls) >= 64 * STATIC_MODELS:   # many shapes, each seen once or twice: count afresh
+                self.calls.clear()
             self.calls[key] += 1
             if self.calls[key] == SPECIALIZE_AFTER:
-                if len(self.calls) > 64 * STATIC_MODELS:   # many shapes seen once: forget the counts
-                    self.calls = Counter({key: SPECIALIZE_AFTER})
                 self.pending[key] = self.pool.submit(self._made, dict(key))
         elif job.done():
             del self.pending[key]
             if job.exception() is None:
-                self.calls.pop(key)   # counted afresh should it be dropped from the kept models
+                self.calls.pop(key, None)   # counted afresh should it be dropped from the kept models
                 return self._kept(key, job.result())
             warnings.warn(f"OpenVINO could not compile the model for input shapes {dict(key)} ({job.exception()}); "
                           "those calls keep the dynamic model.", stacklevel=3)

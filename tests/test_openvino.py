@@ -158,6 +158,9 @@ def test_dynamic_runner_specializes_frequent_shapes(tmp_path, model_dir, monkeyp
     with pytest.warns(UserWarning, match="could not compile the model for input shapes.*keep the dynamic model"):
         assert models(feeds[9]) is models.dynamic
     assert models(feeds[9]) is models.dynamic and not models.pending and not models.models   # not tried again
+    for n in range(1, 300):   # shapes each called once: their counts stay bounded
+        models({"input_ids": np.zeros((1, n), np.int64)})
+    assert len(models.calls) <= 64 * backend.STATIC_MODELS and not models.pending
     ort = tokopt.compile(model_dir("bert"), out=tmp_path / "o", measure=False)
     with pytest.raises(UsageError, match="specialize: the onnxruntime backend runs one model"):
         tokopt.load(ort.bundle, specialize=True)
