@@ -214,7 +214,7 @@ class OpenVinoRunner(Runner):
         if specialize is None:
             specialize = specializes(manifest, Path(bundle))
         self.models = Compiled(lambda shapes: _compile(model, device, precision, threads, shapes), static,
-                               specialize=specialize and not static)
+                               specialize=specialize)
         self.graph_inputs = {i.get_any_name() for i in model.inputs}
 
     def _run(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:

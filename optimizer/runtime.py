@@ -276,7 +276,7 @@ def load(bundle, threads: int | None = None, specialize: bool | None = None) -> 
         raise BundleError(f"{path} was built for backend '{backend}', which this tokopt does not have.")
     options = {}
     if specialize is not None:
-        if backend != "openvino":
+        if not BACKENDS[backend].static_shapes:   # the backends that compile per input shape can specialize
             raise UsageError(f"specialize: the {backend} backend runs one model for every input shape; "
                              "specializing shapes is an OpenVINO runner option.")
         options["specialize"] = specialize
