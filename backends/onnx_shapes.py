@@ -10,7 +10,9 @@ becomes ``-1``, the size left once the others are known; where the pieces do not
 writes a pruned layer's head count as a literal ``-1`` beside the computed token count), the
 sizes torch inferred for the result do. At one token per decode step these small nodes are a
 visible part of the step (see the README's decode table); OpenVINO, given a shape it cannot
-evaluate, loses every size of the result (a pruned layer's heads became ``?``).
+evaluate, loses every size of the result (a pruned layer's heads became ``?``). A Reshape whose
+constant shape is its input's own (``logits_index`` flattened to the 1-D it already is) is
+dropped: ONNX Runtime runs it as a node at every step.
 
 Also, optional outputs no node reads: onnxscript's fusions name every output of the norms they
 make (``SkipSimplifiedLayerNormalization``'s mean and inverse deviation too), and ONNX Runtime
@@ -98,13 +100,32 @@ def _from_result(x: ir.Value, out: ir.Value) -> list[int] | None:
             0 if i < x.shape.rank() and _same(d, x.shape[i]) else -1 for i, d in enumerate(out.shape)]
 
 
+def _keeps_shape(node: ir.Node) -> bool:
+    """Whether a Reshape's constant shape gives its input's own shape back: each size 0 (copy;
+    not with ``allowzero``) or the input's static size, at most one -1 standing for the rest."""
+    x, shape = node.inputs[0], node.inputs[1]
+    if shape is None or shape.const_value is None or x.shape is None:
+        return False
+    dims = [int(d) for d in shape.const_value.numpy().reshape(-1)]
+    zero_copies = "allowzero" not in node.attributes or node.attributes["allowzero"].as_int() == 0
+    return len(dims) == x.shape.rank() and dims.count(-1) <= 1 and all(
+        d == -1 or (d == 0 and zero_copies) or (d > 0 and d == x.shape[i]) for i, d in enumerate(dims))
+
+
 def static_reshapes(model: ir.Model) -> int:
-    """Rewrite such Reshapes in place (see the module docstring); returns how many."""
+    """Rewrite such Reshapes in place, and drop those that keep their input's shape (see the
+    module docstring); returns how many."""
     count, made = 0, {}
+    outputs = set(model.graph.outputs)
     for node in list(model.graph):
         if node.op_type != "Reshape" or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
             continue
         x, shape = node.inputs[0], node.inputs[1]
+        if _keeps_shape(node) and node.outputs[0] not in outputs:
+            node.outputs[0].replace_all_uses_with(x)
+            model.graph.remove(node, safe=True)
+            count += 1
+            continue
         concat = shape.producer() if shape is not None else None
         if concat is None or concat.op_type != "Concat" or x.shape is None:
             continue

@@ -143,3 +143,43 @@ def test_pass_failure_in_compile_is_named(tmp_path, model_dir, monkeypatch):
         tokopt.compile(model_dir("bert"), out=tmp_path / "b", measure=False)
     assert not (tmp_path / "b").exists()
     assert "canonicalize" in PASSES
+
+
+def test_reshapes_that_keep_their_input_shape_are_dropped():
+    """``static_reshapes`` drops a Reshape whose constant shape is its input's own (a 1-D input
+    flattened, sizes copied by 0 or repeated), and keeps those that change the shape, read 0 as
+    an empty dimension (``allowzero``), or give a graph output; the graph computes the same."""
+    import onnx_ir as ir
+    import onnxruntime as ort
+
+    from tokopt.backends.onnx_shapes import static_reshapes
+
+    def const(name, values):
+        return ir.Value(name=name, const_value=ir.tensor(np.array(values, np.int64), name=name))
+
+    batch = ir.SymbolicDim("batch")
+    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([batch]))
+    y = ir.Value(name="y", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([batch, 4]))
+    z = ir.Value(name="z", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([ir.SymbolicDim("rows"), 4]))
+    shapes = [const("flat", [-1]), const("copy", [0, 4]), const("merge", [-1]), const("empty", [0, 4])]
+    nodes = [ir.node("Reshape", [x, shapes[0]], name="flat_x"), ir.node("Reshape", [y, shapes[1]], name="copy_y"),
+             ir.node("Reshape", [y, shapes[2]], name="merge_y"),
+             ir.node("Reshape", [z, shapes[3]], attributes={"allowzero": 1}, name="empty_z"),
+             ir.node("Reshape", [x, shapes[0]], name="output_x")]
+    total = ir.node("ReduceSum", [nodes[0].outputs[0]], attributes={"keepdims": 0}, name="sum_x")
+    doubled = ir.node("Add", [nodes[1].outputs[0], nodes[1].outputs[0]], name="add_y")
+    outs = [total.outputs[0], doubled.outputs[0], nodes[2].outputs[0], nodes[3].outputs[0], nodes[4].outputs[0]]
+    for i, o in enumerate(outs):
+        o.name = f"out{i}"
+    graph = ir.Graph([x, y, z], outs, nodes=[*nodes, total, doubled], initializers=shapes, opset_imports={"": 23})
+    model = ir.Model(graph, ir_version=10)
+
+    def run(m):
+        s = ort.InferenceSession(ir.to_proto(m).SerializeToString(), providers=["CPUExecutionProvider"])
+        return s.run(None, {"x": np.arange(5, dtype=np.float32), "y": np.arange(12, dtype=np.float32).reshape(3, 4),
+                            "z": np.zeros((0, 4), np.float32)})
+    want = run(model)
+    assert static_reshapes(model) == 2
+    assert sorted(n.name for n in model.graph if n.op_type == "Reshape") == ["empty_z", "merge_y", "output_x"]
+    for a, b in zip(run(model), want):
+        np.testing.assert_array_equal(a, b)
