@@ -200,6 +200,7 @@ def main(argv=None):
 
     import tokopt
     from tokopt.backends.onnxruntime import export_baseline
+    from tokopt.backends.openvino import SPECIALIZE_AFTER
     from tokopt.optimizer.data import default_texts
     from tokopt.optimizer.report import time_calls
 
@@ -242,7 +243,7 @@ def main(argv=None):
         times = {name: [] for name in live}
         order = list(live.items())
         for name, run in order:   # warm: a runner that specializes shapes has compiled this length's
-            for _ in range(4):
+            for _ in range(SPECIALIZE_AFTER + 1):
                 run(feed)
             getattr(run, "settle", lambda: None)()
         for i in range(args.rounds):
