@@ -162,8 +162,11 @@ class Program:
 
     # -- running -----------------------------------------------------------------------------
     def run(self, inputs: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        """Run the exported graph eagerly (reference kernels for tokopt ops)."""
-        return self.runner()(self.probe if inputs is None else inputs)
+        """Run the exported graph eagerly (reference kernels for tokopt ops); the module is built
+        at the first call and kept with the program's analyses."""
+        if "run" not in self._analyses:
+            self._analyses["run"] = self.runner()
+        return self._analyses["run"](self.probe if inputs is None else inputs)
 
     def unlifted(self) -> torch.fx.GraphModule:
         """The graph as a callable module (~0.2 s to build)."""
