@@ -2,7 +2,7 @@
 
     python benchmarks/decode_loop.py BUNDLE [BUNDLE ...] [--model models/reference-lm]
                                      [--precision fp32|int4|int8] [--prompts 256 896] [--new 128]
-                                     [--threads 2] [--rounds 40]
+                                     [--threads 2] [--rounds 40] [--general-loop]
 
 The bundles are compiled beforehand (``tokopt compile MODEL --out BUNDLE ...``), and this process
 does nothing else before timing, as a deployment runs them (``benchmarks/decode.py`` compiles its
@@ -13,6 +13,8 @@ bundles and runs the eager model in the process it times in). The loops decode t
                     (the peer; default: the precision of the first bundle's weights)
     genai on BUNDLE genai's generator on the first bundle exported for it (``tokopt export --to
                     genai``): the same graph in genai's C++ loop (where the bundle exports)
+    BUNDLE, general loop   (``--general-loop``) the first bundle stepped by ``generate``'s general
+                    loop, not its decoding's own greedy loop (``BoundDecoding.greedy``): what that loop saves
 Each round times them back to back in rotating order; reported: decode tokens/s (median), each
 loop's ratio to the peer and to the first bundle as the median of the per-round ratios with its
 interquartile range, and the leading tokens each shares with the first bundle's. Prints a table,
@@ -32,6 +34,19 @@ from decode import ROOT, _Clock, _genai_decode
 from paired import ratio_stats, rotated
 
 
+class _GeneralLoop:
+    """A runner whose decodings have no greedy loop of their own: ``generate_ids`` steps them
+    through its general loop."""
+
+    def __init__(self, runner):
+        self.runner = runner
+
+    def decoding(self, batch: int, capacity: int, drafts: bool = False):
+        decoding = self.runner.decoding(batch, capacity, drafts)
+        decoding.greedy = None
+        return decoding
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("bundles", nargs="+")
@@ -41,6 +56,7 @@ def main(argv=None):
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=40)
+    ap.add_argument("--general-loop", action="store_true")
     ap.add_argument("--out", default="bench-out/decode-loop.json")
     args = ap.parse_args(argv)
 
@@ -65,6 +81,12 @@ def main(argv=None):
     for b in args.bundles:
         runner = tokopt.load(b, threads=args.threads)
         loops[b] = lambda ids, n, clock, r=runner: r.generate(input_ids=ids, max_new_tokens=n, on_token=clock.tick)
+    if args.general_loop:
+        from tokopt.optimizer.generation import generate_ids
+        runner = tokopt.load(first, threads=args.threads)
+        general, spec = _GeneralLoop(runner), runner.cache_spec()
+        loops[f"{first}, general loop"] = lambda ids, n, clock: generate_ids(general, spec, ids, max_new_tokens=n,
+                                                                            on_token=clock.tick)
     peer_name = f"genai-{precision}"
     loops[peer_name] = _genai_decode(peer)
     try:

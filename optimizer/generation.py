@@ -407,6 +407,9 @@ def generate_ids(step, spec: CacheSpec, input_ids, attention_mask=None, *,
     one_column = column[0] if (column == column[0]).all() else None   # the rows' new tokens line up
     following = lengths if right else pos[:, -1] + 1   # each row's position after the prompt
     positions = (following + np.arange(int(max_new_tokens))[:, None])[..., None]   # [T, B, 1]: a step's, contiguous
+    # one greedy row on a decoding that steps itself: its own loop after the first one-token step
+    fast = right and batch == 1 and bool(mask.all()) and rng is None and forced is None and on_logits is None \
+        and getattr(decode, "greedy", None) is not None
     new = []
     for t in range(int(max_new_tokens)):
         logits = decode(inputs, full[:, :length + t], pos, last)
@@ -421,6 +424,10 @@ def generate_ids(step, spec: CacheSpec, input_ids, attention_mask=None, *,
             done |= np.isin(nxt, stop)
             stopped = bool(done.any())
         if t == max_new_tokens - 1 or (stopped and done.all()):
+            break
+        if fast and t == 1:
+            new += [np.array([x], dtype=np.int64) for x in decode.greedy(int(nxt[0]), int(max_new_tokens) - 2,
+                                                                          stops, on_token)]
             break
         if one_column is None:
             full[rows, column + t] = 1

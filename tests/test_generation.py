@@ -16,7 +16,7 @@ import torch
 import tokopt
 from tokopt.cli import main
 from tokopt.optimizer.errors import UsageError
-from tokopt.optimizer.generation import _pick, example_feed
+from tokopt.optimizer.generation import _pick, example_feed, generate_ids
 
 from .conftest import REFERENCE_LM, _tiny
 
@@ -129,6 +129,37 @@ def test_decoding_writes_the_cache_in_place(llama_bundle):
     bound(ids, full, pos + 1)  # 12: the buffer is full
     with pytest.raises(UsageError, match="the cache holds 12 tokens and this step would make it 13"):
         bound(ids, np.concatenate([full, np.ones((2, 1), np.int64)], 1), pos + 2)
+
+
+def test_a_greedy_row_steps_in_its_decodings_own_loop(llama_bundle, monkeypatch):
+    """One greedy row hands its steps after the first one-token step to the decoding's own loop
+    (``BoundDecoding.greedy``): the same tokens, stops and streamed tokens as the general loop
+    (which ``on_logits`` keeps), the mask written one column a step, and misuse refused."""
+    from tokopt.backends.onnxruntime import BoundDecoding
+    run = tokopt.load(llama_bundle[1].bundle)
+    spec = run.cache_spec()
+    ids = np.random.default_rng(8).integers(10, 256, (1, 9))
+    opened, greedy = [], BoundDecoding.greedy
+    monkeypatch.setattr(BoundDecoding, "greedy", lambda self, *a, **k: opened.append(self) or greedy(self, *a, **k))
+    for n in (1, 2, 3, 20):
+        general = generate_ids(run, spec, ids, max_new_tokens=n, on_logits=lambda logits: None)
+        np.testing.assert_array_equal(run.generate(input_ids=ids, max_new_tokens=n), general)
+    assert len(opened) == 2   # n = 3 and 20: the first two tokens come from the general loop's calls
+    assert (opened[-1].wide_mask[0, :9 + 19] == 1).all() and not opened[-1].wide_mask[0, 9 + 19:].any()
+    stop = int(general[0, 9 + 6])
+    streams = [], []
+    for stream, kw in zip(streams, ({}, {"on_logits": lambda logits: None})):
+        out = generate_ids(run, spec, ids, max_new_tokens=20, stop_tokens=[stop],
+                           on_token=lambda t, stream=stream: stream.append(int(t[0])), **kw)
+        assert out.shape[1] <= 9 + 7 and out[0, -1] == stop
+    assert streams[0] == streams[1]
+    fresh = run.decoding(1, 12)
+    with pytest.raises(UsageError, match="continues one row's one-token steps"):
+        fresh.greedy(5, 2, set())
+    fresh(ids, np.ones_like(ids), np.arange(9)[None])
+    fresh(ids[:, :1], np.ones((1, 10), np.int64), np.array([[9]]))
+    with pytest.raises(UsageError, match="the cache holds 12 tokens and 3 more steps would make it 13"):
+        fresh.greedy(5, 3, set())
 
 
 def test_standard_targets_keep_the_standard_attention(llama_bundle, tmp_path):
