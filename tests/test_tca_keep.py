@@ -190,6 +190,10 @@ def test_bundle_decodes_on_the_kernel_as_the_program(tmp_path, tiny_llama):
     np.testing.assert_array_equal(generate_ids(bundle, bundle.runner.cache_spec(), row, max_new_tokens=24,
                                                prompt_lookup=6), plain)
     assert bundle.opened.compaction.shrink > 0
+    # one greedy row steps in the decoding's own loop (BoundDecoding.greedy) on the compacted cache
+    np.testing.assert_array_equal(generate_ids(bundle, bundle.runner.cache_spec(), row, max_new_tokens=24), plain)
+    shrink = bundle.opened.compaction.shrink
+    assert shrink > 0 and bundle.opened.wide_len == 90 - shrink + 23
     # the report times a decode step after a prefill of its context, on the entries that prefill keeps
     session = bundle.runner.session
     feed = {"input_ids": np.array([[7]]), "attention_mask": np.ones((1, 91), dtype=np.int64),
