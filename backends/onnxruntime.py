@@ -408,10 +408,10 @@ class BoundDecoding:
 
     def greedy(self, token: int, steps: int, stops: set[int], on_token=None) -> list[int]:
         """Up to ``steps`` more greedy one-token steps of one row whose last call was a one-token
-        step that picked ``token``, ending after a token in ``stops``: each is the call that call
-        would make with a mask one column wider (written in place), and nothing else between runs:
-        generate's loop for a greedy row, whose general loop's numpy work per step is a few percent
-        of a small model's step. ``on_token`` gets each new token as a [1] array."""
+        step that picked ``token``, ending after a token in ``stops``. Each is the call ``__call__``
+        would make with the mask one column wider (written in place), with nothing else between
+        runs: generate's loop for one greedy row (its general loop's numpy work is a few percent of
+        a small model's step). ``on_token`` gets each new token as a [1] array."""
         if not (self.stepping and self.wide_mask is not None and self.wide_len) or self.step_ids.shape[0] != 1:
             raise UsageError("greedy() continues one row's one-token steps after such a step, on a graph whose "
                              "rows take right padding.")
