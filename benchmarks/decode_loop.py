@@ -77,14 +77,12 @@ def main(argv=None):
     peer = genai.build(Path(args.model), precision, work / f"genai-{precision}", args.threads)
     if isinstance(peer, str):
         raise SystemExit(peer)
-    loops = {}
-    for b in args.bundles:
-        runner = tokopt.load(b, threads=args.threads)
+    loops, runners = {}, {b: tokopt.load(b, threads=args.threads) for b in args.bundles}
+    for b, runner in runners.items():
         loops[b] = lambda ids, n, clock, r=runner: r.generate(input_ids=ids, max_new_tokens=n, on_token=clock.tick)
-    if args.general_loop:
+    if args.general_loop:   # the first bundle's session, stepped by the general loop
         from tokopt.optimizer.generation import generate_ids
-        runner = tokopt.load(first, threads=args.threads)
-        general, spec = _GeneralLoop(runner), runner.cache_spec()
+        general, spec = _GeneralLoop(runners[first]), runners[first].cache_spec()
         loops[f"{first}, general loop"] = lambda ids, n, clock: generate_ids(general, spec, ids, max_new_tokens=n,
                                                                             on_token=clock.tick)
     peer_name = f"genai-{precision}"
