@@ -146,7 +146,7 @@ def run(model: Path, feeds: list[dict[str, np.ndarray]]) -> tuple[list[list[np.n
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         # the script and the session settings, copied beside the data (qemu's root hides nothing else)
-        for name in ("emulated_run.py", "ort_options.py", "windowed_cache.py"):
+        for name in ("emulated_run.py", "ort_options.py", "windowed_cache.py", "lengths.py"):
             shutil.copy2(here / name, tmp / name)
         np.savez(tmp / "feeds.npz", **{f"{i}/{k}": v for i, feed in enumerate(feeds) for k, v in feed.items()})
         proc = _emulate(emulator_dir(), [str(tmp / "emulated_run.py"), str(Path(model).resolve()), str(tmp / "feeds.npz"),

@@ -10,10 +10,11 @@ import platform
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # ort_options.py, windowed_cache.py
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # ort_options.py, windowed_cache.py, lengths.py
 
 import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402
+from lengths import graph_feed  # noqa: E402
 from ort_options import DISABLED_OPTIMIZERS, session_options  # noqa: E402
 from windowed_cache import WINDOWED_KEY, WindowedSession  # noqa: E402
 
@@ -33,7 +34,7 @@ def main(model, feeds_path, out_path, info_path):
     count = 1 + max(int(k.split("/")[0]) for k in data.files)
     outs, start = {}, time.perf_counter()
     for i in range(count):
-        feed = {k.split("/", 1)[1]: data[k] for k in data.files if k.startswith(f"{i}/") and k.split("/", 1)[1] in names}
+        feed = graph_feed({k.split("/", 1)[1]: data[k] for k in data.files if k.startswith(f"{i}/")}, names)
         for j, y in enumerate(session.run(None, feed)):
             outs[f"{i}/{j}"] = y
     ran = time.perf_counter() - start

@@ -129,7 +129,8 @@ def export(bundle, out, force: bool = False) -> Path:
     """``bundle`` (a generation bundle lowered onto ONNX Runtime's GroupQueryAttention, its cache
     in shared buffers) written to ``out`` as a folder onnxruntime-genai loads: the same graph but
     for the logits, which genai reads at every prompt position of the prefill (the bundle's graph
-    gathers the positions its runner asks for, ``logits_index``), ``genai_config.json`` naming
+    gathers the positions its runner asks for, ``logits_index``) and for the rows' lengths, which it
+    computes from the mask genai feeds (see ``lengths.py``), ``genai_config.json`` naming
     the graph's inputs and outputs, and the tokenizer's files beside them."""
     import shutil
 
@@ -139,6 +140,7 @@ def export(bundle, out, force: bool = False) -> Path:
     from ..optimizer.errors import UsageError
     from ..optimizer.generation import LOGITS_INDEX, CacheSpec
     from ..optimizer.runtime import read_manifest
+    from .lengths import LENGTHS
     bundle, out = Path(bundle), Path(out)
     manifest = read_manifest(bundle)
     gen = manifest.get("generation") or {}
@@ -168,6 +170,8 @@ def export(bundle, out, force: bool = False) -> Path:
         for node in chain:
             graph.node.remove(node)
         graph.input.remove(index[0])
+    if any(i.name == LENGTHS[0] for i in graph.input):
+        _lengths_from_mask(graph)
     gqa = next(n for n in graph.node if n.op_type == "GroupQueryAttention")
     heads = next(a.i for a in gqa.attribute if a.name == "num_heads")
     source = manifest.get("source", {})
@@ -205,3 +209,28 @@ def export(bundle, out, force: bool = False) -> Path:
             shutil.copy2(f, tmp / f.name)
         (tmp / CONFIG).write_text(json.dumps(config, indent=1) + "\n")
     return out
+
+
+def _lengths_from_mask(graph) -> None:
+    """The graph's ``LENGTHS`` inputs (see ``lengths.py``) computed from an ``attention_mask`` input in
+    their place, as genai's own builds compute them: its runtime feeds the mask."""
+    from onnx import TensorProto, helper
+
+    from .lengths import LENGTHS
+    at = next(i for i, v in enumerate(graph.input) if v.name == LENGTHS[0])
+    batch = graph.input[at].type.tensor_type.shape.dim[0]
+    for name in LENGTHS:
+        graph.input.remove(next(v for v in graph.input if v.name == name))
+    mask = helper.make_tensor_value_info("attention_mask", TensorProto.INT64, [None, "total_sequence_length"])
+    mask.type.tensor_type.shape.dim[0].CopyFrom(batch)
+    graph.input.insert(at, mask)
+    one = helper.make_tensor("tokopt_one", TensorProto.INT64, [1], [1])
+    graph.initializer.append(one)
+    nodes = [helper.make_node("ReduceSum", ["attention_mask", "tokopt_one"], ["tokopt_lengths"], keepdims=0),
+             helper.make_node("Sub", ["tokopt_lengths", "tokopt_one"], ["tokopt_seqlens"]),
+             helper.make_node("Cast", ["tokopt_seqlens"], [LENGTHS[0]], to=TensorProto.INT32),
+             helper.make_node("Shape", ["attention_mask"], ["tokopt_width"], start=1, end=2),
+             helper.make_node("Squeeze", ["tokopt_width"], ["tokopt_total"]),
+             helper.make_node("Cast", ["tokopt_total"], [LENGTHS[1]], to=TensorProto.INT32)]
+    for i, node in enumerate(nodes):
+        graph.node.insert(i, node)

@@ -22,6 +22,10 @@ LM's decode step took 2.7x the time of genai's, which leave them out).
 And ``If`` nodes on one condition whose results are only graph outputs (TCA's per-layer
 ``tca_keep``: a selection after a prefill, nothing at a decode step): one ``If`` runs both
 branches' nodes, so a decode step starts one subgraph instead of one per layer.
+
+And the lengths GroupQueryAttention reads (``seqlens_k``, ``total_sequence_length``), computed
+from ``attention_mask`` by six small nodes at every step, become graph inputs where the mask
+feeds nothing else: the runner knows them (``lengths.graph_feed``).
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common
 
-__all__ = ["static_reshapes", "drop_unread_outputs", "merge_ifs"]
+__all__ = ["static_reshapes", "drop_unread_outputs", "merge_ifs", "lengths_inputs"]
 
 # (domain, op) -> the output positions a node may leave empty
 OPTIONAL_OUTPUTS = {("com.microsoft", "SkipSimplifiedLayerNormalization"): (1, 2, 3),
@@ -203,3 +207,78 @@ def merge_ifs(model: ir.Model) -> int:
         graph.remove(nodes, safe=True)
         merged += len(nodes) - 1
     return merged
+
+
+def _op(value: ir.Value | None, op_type: str) -> ir.Node | None:
+    node = value.producer() if value is not None else None
+    return node if node is not None and node.op_type == op_type and node.domain in ("", "ai.onnx") else None
+
+
+def _const(value: ir.Value | None) -> list[int] | None:
+    return None if value is None or value.const_value is None else \
+        [int(v) for v in value.const_value.numpy().reshape(-1)]
+
+
+def _int32(value: ir.Value, of) -> ir.Value | None:
+    """What ``value`` is the int32 cast of, where ``of`` says it is what it must be."""
+    cast = _op(value, "Cast")
+    ok = cast is not None and cast.attributes["to"].as_int() == ir.DataType.INT32 and of(cast.inputs[0])
+    return cast.inputs[0] if ok else None
+
+
+def _seqlens_of(value: ir.Value, mask: ir.Value) -> bool:
+    """Whether ``value`` is Sub(ReduceSum(mask, [1], keepdims=0), 1): each row's tokens minus one."""
+    sub = _op(value, "Sub")
+    total = _op(sub.inputs[0], "ReduceSum") if sub is not None and _const(sub.inputs[1]) == [1] else None
+    return total is not None and total.inputs[0] is mask and len(total.inputs) > 1 \
+        and _const(total.inputs[1]) == [1] and total.attributes.get_int("keepdims", 1) == 0
+
+
+def _width_of(value: ir.Value, mask: ir.Value) -> bool:
+    """Whether ``value`` is the mask's width, squeezed to a scalar or one element."""
+    squeeze = _op(value, "Squeeze")
+    return _one_dim(squeeze.inputs[0] if squeeze is not None else value) == (mask, 1)
+
+
+def lengths_inputs(model: ir.Model) -> int:
+    """Where every GroupQueryAttention node reads ``seqlens_k`` and ``total_sequence_length`` as the
+    casts of the mask's row sums minus one and of its width, and the mask feeds nothing else, the
+    graph takes those two as inputs in the mask's place (see the module docstring); returns how
+    many nodes read them then, 0 where the graph is left as it was."""
+    from .lengths import LENGTHS
+    graph = model.graph
+    mask = next((v for v in graph.inputs if v.name == "attention_mask"), None)
+    nodes = [n for n in graph if n.op_type == "GroupQueryAttention" and n.domain == "com.microsoft"]
+    names = {v.name for n in graph for v in (*n.inputs, *n.outputs) if v is not None}
+    if mask is None or not nodes or names & set(LENGTHS) or mask.shape is None or mask.is_graph_output():
+        return 0
+    if not all(_int32(n.inputs[5], lambda v: _seqlens_of(v, mask)) and _int32(n.inputs[6], lambda v: _width_of(v, mask))
+               for n in nodes):
+        return 0
+    # the chains' own nodes, from the mask's uses forward: each must end at those two inputs
+    chain, frontier, ends = set(), [u.node for u in mask.uses()], {(id(n), 5) for n in nodes} | {(id(n), 6) for n in nodes}
+    while frontier:
+        node = frontier.pop()
+        if node in chain:
+            continue
+        if node.op_type == "GroupQueryAttention":
+            return 0   # the mask reaches the node other than through the lengths
+        chain.add(node)
+        for out in node.outputs:
+            if out.is_graph_output():
+                return 0
+            for use in out.uses():
+                if use.node.op_type == "GroupQueryAttention" and (id(use.node), use.idx) in ends:
+                    continue
+                frontier.append(use.node)
+    seqlens = ir.Value(name=LENGTHS[0], type=ir.TensorType(ir.DataType.INT32), shape=ir.Shape([mask.shape[0]]))
+    total = ir.Value(name=LENGTHS[1], type=ir.TensorType(ir.DataType.INT32), shape=ir.Shape([]))
+    for node in nodes:
+        node.replace_input_with(5, seqlens)
+        node.replace_input_with(6, total)
+    graph.remove([n for n in graph if n in chain], safe=True)
+    at = graph.inputs.index(mask)
+    graph.inputs.remove(mask)
+    graph.inputs.insert(at, total)
+    graph.inputs.insert(at, seqlens)
+    return len(nodes)

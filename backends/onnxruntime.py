@@ -26,7 +26,8 @@ from ..optimizer.report import Bench, time_lengths, verification_feeds
 from ..optimizer.runtime import Backend, Runner, register_backend
 from .decoder import decoder_feeds, lower_decoder
 from .projections import fuse_projections
-from .onnx_shapes import drop_unread_outputs, merge_ifs, static_reshapes
+from .lengths import LENGTHS, graph_feed
+from .onnx_shapes import drop_unread_outputs, lengths_inputs, merge_ifs, static_reshapes
 from .ort_options import DISABLED_OPTIMIZERS, session_options
 from .targets import Target, get_target, host_arch, host_providers
 from .windowed_cache import WINDOWED_KEY, WindowedSession, mark_windowed, windowed_rows
@@ -124,8 +125,7 @@ def session_disagreement(path: Path, feeds: list[dict], reference, exact: bool, 
     except BackendError as e:
         return str(e)
     names = {i.name for i in session.get_inputs()}
-    return disagreement(lambda feed: session.run(None, {k: v for k, v in feed.items() if k in names}),
-                        feeds, reference, exact)
+    return disagreement(lambda feed: session.run(None, graph_feed(feed, names)), feeds, reference, exact)
 
 
 def _needs_packing(model) -> bool:
@@ -194,17 +194,19 @@ def export_onnx(program: Program, path: Path, *, fusions: bool = True, standard:
     into standard ONNX (TensorRT); OpenVINO takes the contrib ``MatMulNBits`` and
     ``GatherBlockQuantized`` as they are. ``primitive``: see ``for_onnx``. ``int8_activations="int8"``
     re-encodes W8A8's activations as int8 (``signed_activations``; ARM). Returns {"fusions": counts}
-    or {"fusions_rejected": reason}, with {"int8_activations": count} where it re-encoded some."""
+    or {"fusions_rejected": reason}, with {"int8_activations": count} where it re-encoded some and
+    {"lengths_inputs": count} where that many attention nodes read the rows' lengths as inputs
+    (``onnx_shapes.lengths_inputs``)."""
     import onnxscript.optimizer
     model = _torch_export(program, primitive)
     feeds, exact = check_feeds or [], is_exact(program.graph)
     reference = _computed(program_reference(program), feeds, exact)
 
-    signed = {}
+    extra = {}
 
     def save(candidate, where: Path) -> None:
         if int8_activations == "int8":
-            signed["int8_activations"] = signed_activations(candidate)
+            extra["int8_activations"] = signed_activations(candidate)
         _save(candidate, where)
 
     # each candidate is dropped once saved: its folded weights (transposed linears) are then on disk,
@@ -216,6 +218,7 @@ def export_onnx(program: Program, path: Path, *, fusions: bool = True, standard:
         static_reshapes(model)
         drop_unread_outputs(model)
         merge_ifs(model)
+        extra["lengths_inputs"] = lengths_inputs(model)
         with tempfile.TemporaryDirectory() as tmp:
             save(model, Path(tmp) / path.name)
             packing, model = _needs_packing(model), None
@@ -224,11 +227,12 @@ def export_onnx(program: Program, path: Path, *, fusions: bool = True, standard:
             if rejected is None:
                 for f in Path(tmp).iterdir():
                     shutil.move(str(f), path.parent / f.name)
-                return {"fusions": {k: v for k, v in fused.items() if v}, **_nonzero(signed)}
+                return {"fusions": {k: v for k, v in fused.items() if v}, **_nonzero(extra)}
         model = _torch_export(program, primitive)   # again rather than a copy kept: the weights once in memory
     onnxscript.optimizer.optimize(model)
     static_reshapes(model)
     merge_ifs(model)
+    extra["lengths_inputs"] = lengths_inputs(model)
     standardized = standardize(model) if (not fusions if standard is None else standard) else {}
     save(model, path)
     packing = _needs_packing(model)
@@ -239,8 +243,8 @@ def export_onnx(program: Program, path: Path, *, fusions: bool = True, standard:
         raise BackendError(f"the ONNX lowering does not reproduce the graph: {why}. This is a tokopt "
                            "bug; rerun with --debug and report it.")
     if rejected is not None:
-        return {"fusions_rejected": rejected, **_nonzero(signed)}
-    return {"fusions": {}, **({"standardized": standardized} if standardized else {}), **_nonzero(signed)}
+        return {"fusions_rejected": rejected, **_nonzero(extra)}
+    return {"fusions": {}, **({"standardized": standardized} if standardized else {}), **_nonzero(extra)}
 
 
 def _torch_export(program: Program, primitive: dict | None):
@@ -332,8 +336,9 @@ class OnnxRuntimeRunner(Runner):
         self.graph_inputs = {i.name for i in self.session.get_inputs()}
 
     def _run(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
-        # an input the lowering made unused (position_ids, once RoPE reads cache indices) is gone
-        return self.session.run(None, {k: v for k, v in feed.items() if k in self.graph_inputs})
+        # an input the lowering made unused (position_ids, once RoPE reads cache indices) is gone, and
+        # a graph that reads each row's length gets it from the mask
+        return self.session.run(None, graph_feed(feed, self.graph_inputs))
 
     def decoding(self, batch: int, capacity: int, drafts: bool = False):
         if not (self.manifest.get("generation") or {}).get("shared_buffer"):
@@ -386,8 +391,14 @@ class BoundDecoding:
         # its columns in place (a bind after a run costs 10-12 us of cold code, 3-4% of a small
         # model's step). Several tokens after a cache need the exact length: ORT's kernel reads a
         # longer mask as a continued prompt, which it takes for one row only.
-        self.wide_mask = np.zeros((batch, capacity), dtype=np.int64) if right_padded else None
+        # a graph that reads each row's length instead (lengths.py) takes them in two buffers bound once
+        self.lengths = LENGTHS[0] in inputs
+        self.wide_mask = np.zeros((batch, capacity), dtype=np.int64) if right_padded and not self.lengths else None
         self.wide_len = 0   # the columns written
+        if self.lengths:
+            self.seqlens, self.total = np.zeros(batch, dtype=np.int32), np.zeros((), dtype=np.int32)
+            self.io.bind_cpu_input(LENGTHS[0], self.seqlens)
+            self.io.bind_cpu_input(LENGTHS[1], self.total)
         for name in spec.keep_names:   # tca select=prefill: what the prefill keeps, allocated by ORT
             self.io.bind_output(name)
 
@@ -409,24 +420,32 @@ class BoundDecoding:
     def greedy(self, token: int, steps: int, stops: set[int], on_token=None) -> list[int]:
         """Up to ``steps`` more greedy one-token steps of one row whose last call was a one-token
         step that picked ``token``, ending after a token in ``stops``. Each is the call ``__call__``
-        would make with the mask one column wider (written in place), with nothing else between
-        runs: generate's loop for one greedy row (its general loop's numpy work is a few percent of
-        a small model's step). ``on_token`` gets each new token as a [1] array."""
-        if not (self.stepping and self.wide_mask is not None and self.wide_len) or self.step_ids.shape[0] != 1:
+        would make with the row one token longer (its mask column or its length written in place),
+        with nothing else between runs: generate's loop for one greedy row (its general loop's numpy
+        work is a few percent of a small model's step). ``on_token`` gets each new token as a [1]
+        array."""
+        lengths = self.lengths
+        n = int(self.total) if lengths else self.wide_len
+        if not (self.stepping and (lengths or self.wide_mask is not None) and n) or self.step_ids.shape[0] != 1:
             raise UsageError("greedy() continues one row's one-token steps after such a step, on a graph whose "
                              "rows take right padding.")
-        n = self.wide_len
-        if n + steps > self.wide_mask.shape[1]:
+        if n + steps > self.capacity:
             raise UsageError(f"the cache holds {self.capacity} tokens and {steps} more steps would make it "
                              f"{n + steps}: open the decoding with a larger capacity (prompt + new tokens).")
-        ids, pos, wide, row, picked = self.step_ids, self.step_pos, self.wide_mask[0], self.logits[0, -1], []
+        ids, pos, row, picked = self.step_ids, self.step_pos, self.logits[0, -1], []
+        seqlens, total, wide = (self.seqlens, self.total, None) if lengths else (None, None, self.wide_mask[0])
         for _ in range(steps):
             ids[0, 0] = token
             if self.positions:
                 pos[0, 0] += 1
-            wide[n] = 1
-            n += 1
-            self.wide_len = n
+            if lengths:
+                seqlens[0] = n
+                n += 1
+                total[()] = n
+            else:
+                wide[n] = 1
+                n += 1
+                self.wide_len = n
             self.session.run_with_iobinding(self.io)
             token = int(row.argmax())
             picked.append(token)
@@ -475,7 +494,11 @@ class BoundDecoding:
             if self.positions:
                 self.io.bind_cpu_input("position_ids", np.ascontiguousarray(pos))
             self.stepping = False
-        self.io.bind_cpu_input("attention_mask", np.ascontiguousarray(mask))
+        if self.lengths:
+            self.seqlens[...] = mask.sum(1) - 1
+            self.total[...] = mask.shape[1]
+        else:
+            self.io.bind_cpu_input("attention_mask", np.ascontiguousarray(mask))
         return mask
 
     def _after(self, mask: np.ndarray, logits: np.ndarray) -> np.ndarray:
@@ -589,10 +612,11 @@ class OnnxRuntimeBackend(Backend):
         bound = ((manifest or {}).get("generation") or {}).get("shared_buffer")
 
         def own(feed):
-            fed = {k: v for k, v in with_positions(feed, names).items() if k in names}
-            ids, mask = fed["input_ids"], fed.get("attention_mask")
+            feed = with_positions(feed, names)
+            fed = graph_feed(feed, names)
+            ids, mask = feed["input_ids"], feed.get("attention_mask")
             if bound and ids.shape[1] == 1 and mask is not None and mask.shape[1] > 1:
-                return decode_step(ours, manifest, set(names), fed)[1]
+                return decode_step(ours, manifest, set(names), feed)[1]
             return lambda: ours.run(None, fed)
         with tempfile.TemporaryDirectory() as tmp:
             others, fields = {}, {}

@@ -83,11 +83,12 @@ def _ort_rtn(src: Path, dst: Path, block: int) -> None:
 
 
 def _perplexity(session, windows) -> float:
+    from tokopt.backends.lengths import graph_feed
     names = [i.name for i in session.get_inputs()]
     nll, n = 0.0, 0
     for ids in windows:
         feed = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
-        logits = session.run(None, {k: feed[k] for k in names})[0][0, :-1].astype(np.float64)
+        logits = session.run(None, graph_feed(feed, names))[0][0, :-1].astype(np.float64)
         logits -= logits.max(-1, keepdims=True)
         logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
         nll -= float(logp[np.arange(len(ids[0]) - 1), ids[0, 1:]].sum())
@@ -207,6 +208,7 @@ def edgeqat_quality(args, work: Path, make_session) -> list[dict]:
 
 def lm_speed(args, work: Path, make_session) -> list[dict]:
     import tokopt
+    from tokopt.backends.lengths import graph_feed
     from tokopt.optimizer.report import time_calls
     fp32 = tokopt.compile(LM, out=work / "gen-fp32", generate=True, measure=False)
     q = tokopt.compile(LM, out=work / "gen-rsq", generate=True, measure=False, calib=LM / "heldout.txt",
@@ -225,10 +227,13 @@ def lm_speed(args, work: Path, make_session) -> list[dict]:
              "rsq-int4, compute=int8": q8.bundle / "model.onnx"}
     sessions = {name: make_session(path, ["CPUExecutionProvider"], args.threads) for name, path in paths.items()}
     times = {name: {"prefill": [], "decode": []} for name in sessions}
+    feeds = {name: [graph_feed(f, {i.name for i in s.get_inputs()}) for f in (prefill, decode)]
+             for name, s in sessions.items()}
     for _ in range(3):  # interleaved rounds
         for name, s in sessions.items():
-            times[name]["prefill"].append(time_calls(lambda: s.run(None, prefill), args.runs, warmup=1)["median_ms"])
-            times[name]["decode"].append(time_calls(lambda: s.run(None, decode), args.runs * 5, warmup=1)["median_ms"])
+            first, step = feeds[name]
+            times[name]["prefill"].append(time_calls(lambda: s.run(None, first), args.runs, warmup=1)["median_ms"])
+            times[name]["decode"].append(time_calls(lambda: s.run(None, step), args.runs * 5, warmup=1)["median_ms"])
     rows = []
     for name, t in times.items():
         rows.append({"candidate": name, "prefill_256_ms": float(np.median(t["prefill"])),

@@ -4,7 +4,8 @@ Proof: numerically, the exported graph's prefill logits at the last position equ
 (1e-5: the same graph but for a gather), and, where onnxruntime-genai is installed, its
 generator decodes the same greedy tokens as the bundle's runner; structurally, the export has
 no ``logits_index`` input and gives every prompt position's logits (genai reads [B, S, V] at the
-prefill), and its config names the graph's inputs and outputs.
+prefill), reads the mask genai feeds where the bundle reads each row's length, and its config
+names the graph's inputs and outputs.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import pytest
 
 import tokopt
 from tokopt.backends import genai
+from tokopt.backends.lengths import graph_feed
 from tokopt.cli import main
 from tokopt.optimizer.errors import UsageError
 
@@ -36,8 +38,7 @@ def _prefill(path, ids, extra=None):
     for i in sess.get_inputs():
         if i.name.startswith("past_"):
             feed[i.name] = np.zeros((ids.shape[0], i.shape[1], 0, i.shape[3]), np.float32)
-    names = {i.name for i in sess.get_inputs()}
-    return sess.run(["logits"], {k: v for k, v in feed.items() if k in names})[0]
+    return sess.run(["logits"], graph_feed(feed, {i.name for i in sess.get_inputs()}))[0]
 
 
 def test_export_is_the_bundles_graph_with_every_positions_logits(bundle, tmp_path):
@@ -46,6 +47,9 @@ def test_export_is_the_bundles_graph_with_every_positions_logits(bundle, tmp_pat
     sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     inputs, outputs = [i.name for i in sess.get_inputs()], [o.name for o in sess.get_outputs()]
     assert "logits_index" not in inputs
+    # the bundle reads each row's length, the export the mask genai feeds (and computes them from it)
+    assert "seqlens_k" in [i.name for i in ort.InferenceSession(str(bundle / "model.onnx")).get_inputs()]
+    assert "attention_mask" in inputs and "seqlens_k" not in inputs
     dec = config["decoder"]
     assert [n for n in inputs if n.startswith("past_key")] == [dec["inputs"]["past_key_names"] % i
                                                              for i in range(dec["num_hidden_layers"])]

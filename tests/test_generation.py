@@ -84,8 +84,11 @@ def test_graph_structure(llama_bundle, tmp_path):
     graph = onnx.load(str(res.bundle / "model.onnx")).graph
     ops = [n.op_type for n in graph.node]
     assert ops.count("GroupQueryAttention") == 2 and "Attention" not in ops
-    # rows right-padded: seqlens_k is the mask's sum - 1 and no bias is built or fed (genai's layout)
-    assert ops.count("ReduceSum") == 1 and "Where" not in ops and "Greater" not in ops
+    # rows right-padded, no bias built or fed (genai's layout); each row's length (seqlens_k, the
+    # mask's sum - 1) and the mask's width are the graph's inputs: no node computes them at a step
+    assert [i.name for i in graph.input][:3] == ["input_ids", "seqlens_k", "total_sequence_length"]
+    assert not {"ReduceSum", "Shape", "Where", "Greater"} & set(ops)
+    assert res.manifest["lowering"]["lengths_inputs"] == 2
     assert all(len(n.input) < 11 or n.input[10] == "" for n in graph.node if n.op_type == "GroupQueryAttention")
     assert not [n for n in graph.node if n.op_type == "Concat" and any(i.startswith("past_") for i in n.input)]
     assert ops.count("MatMul") == 2 * 4 + 1  # per layer q/k/v packed, o, gate/up fused, down; the LM head
@@ -121,9 +124,10 @@ def test_decoding_writes_the_cache_in_place(llama_bundle):
         assert [o.data_ptr() for o in outputs] == [buf.data_ptr() for buf in bound.buffers]  # logits too
         ids, pos = a.argmax(-1)[:, None], pos[:, -1:] + 1
         mask = np.concatenate([mask, np.ones((2, 1), np.int64)], 1)
-    # one-token steps read the mask from a full-capacity buffer bound once: the mask, then zeros
-    assert bound.stepping and bound.wide_mask.shape == (2, 12)
-    assert (bound.wide_mask[:, :mask.shape[1] - 1] == 1).all() and not bound.wide_mask[:, mask.shape[1] - 1:].any()
+    # the graph reads each row's length and the mask's width (no mask), from two buffers bound once
+    # that each step writes (the last step's mask was 10 wide)
+    assert bound.stepping and bound.lengths and bound.wide_mask is None
+    assert bound.seqlens.tolist() == [mask.shape[1] - 2] * 2 and int(bound.total) == mask.shape[1] - 1
     bound(ids, mask, pos)  # 11 tokens
     full = np.concatenate([mask, np.ones((2, 1), np.int64)], 1)
     bound(ids, full, pos + 1)  # 12: the buffer is full
@@ -134,7 +138,7 @@ def test_decoding_writes_the_cache_in_place(llama_bundle):
 def test_a_greedy_row_steps_in_its_decodings_own_loop(llama_bundle, monkeypatch):
     """One greedy row hands its steps after the first one-token step to the decoding's own loop
     (``BoundDecoding.greedy``): the same tokens, stops and streamed tokens as the general loop
-    (which ``on_logits`` keeps), the mask written one column a step, and misuse refused."""
+    (which ``on_logits`` keeps), the row's length written a step, and misuse refused."""
     from tokopt.backends.onnxruntime import BoundDecoding
     run = tokopt.load(llama_bundle[1].bundle)
     spec = run.cache_spec()
@@ -145,7 +149,7 @@ def test_a_greedy_row_steps_in_its_decodings_own_loop(llama_bundle, monkeypatch)
         general = generate_ids(run, spec, ids, max_new_tokens=n, on_logits=lambda logits: None)
         np.testing.assert_array_equal(run.generate(input_ids=ids, max_new_tokens=n), general)
     assert len(opened) == 2   # n = 3 and 20: the first two tokens come from the general loop's calls
-    assert (opened[-1].wide_mask[0, :9 + 19] == 1).all() and not opened[-1].wide_mask[0, 9 + 19:].any()
+    assert int(opened[-1].total) == 9 + 19 and opened[-1].seqlens.tolist() == [9 + 18]   # a token a step
     stop = int(general[0, 9 + 6])
     streams = [], []
     for stream, kw in zip(streams, ({}, {"on_logits": lambda logits: None})):
@@ -456,6 +460,9 @@ def test_sliding_window_decoders_generate_past_their_window(arch, tmp_path, caps
     assert [next((a.i for a in n.attribute if a.name == "sliding_window_cache"), 0) for n in gqa] == (
         [1, 0] if arch == "Gemma2" else [1, 1])
     run = tokopt.load(res.bundle)
+    # the windowed kernel also reads each row's new tokens off the mask: the graph keeps it, and a step
+    # writes its column into a full-capacity mask bound once
+    assert "attention_mask" in run.graph_inputs and run.decoding(1, 44).wide_mask.shape == (1, 44)
     rows = [run.decoding(1, 44, drafts=drafts).cache["past_key_1"].shape[2] for drafts in (False, True)]
     assert run.decoding(1, 44).cache["past_key_0"].shape[2] == 12
     assert rows == ([44, 44] if arch == "Gemma2" else [12, 44])
