@@ -219,14 +219,13 @@ def _const(value: ir.Value | None) -> list[int] | None:
         [int(v) for v in value.const_value.numpy().reshape(-1)]
 
 
-def _int32(value: ir.Value, of) -> ir.Value | None:
-    """What ``value`` is the int32 cast of, where ``of`` says it is what it must be."""
+def _int32_of(value: ir.Value) -> ir.Value | None:
+    """What ``value`` is the int32 cast of (None where it is no such cast)."""
     cast = _op(value, "Cast")
-    ok = cast is not None and cast.attributes["to"].as_int() == ir.DataType.INT32 and of(cast.inputs[0])
-    return cast.inputs[0] if ok else None
+    return cast.inputs[0] if cast is not None and cast.attributes["to"].as_int() == ir.DataType.INT32 else None
 
 
-def _seqlens_of(value: ir.Value, mask: ir.Value) -> bool:
+def _seqlens_of(value: ir.Value | None, mask: ir.Value) -> bool:
     """Whether ``value`` is Sub(ReduceSum(mask, [1], keepdims=0), 1): each row's tokens minus one."""
     sub = _op(value, "Sub")
     total = _op(sub.inputs[0], "ReduceSum") if sub is not None and _const(sub.inputs[1]) == [1] else None
@@ -234,10 +233,10 @@ def _seqlens_of(value: ir.Value, mask: ir.Value) -> bool:
         and _const(total.inputs[1]) == [1] and total.attributes.get_int("keepdims", 1) == 0
 
 
-def _width_of(value: ir.Value, mask: ir.Value) -> bool:
+def _width_of(value: ir.Value | None, mask: ir.Value) -> bool:
     """Whether ``value`` is the mask's width, squeezed to a scalar or one element."""
     squeeze = _op(value, "Squeeze")
-    return _one_dim(squeeze.inputs[0] if squeeze is not None else value) == (mask, 1)
+    return value is not None and _one_dim(squeeze.inputs[0] if squeeze is not None else value) == (mask, 1)
 
 
 def lengths_inputs(model: ir.Model) -> int:
@@ -252,8 +251,7 @@ def lengths_inputs(model: ir.Model) -> int:
     names = {v.name for n in graph for v in (*n.inputs, *n.outputs) if v is not None}
     if mask is None or not nodes or names & set(LENGTHS) or mask.shape is None or mask.is_graph_output():
         return 0
-    if not all(_int32(n.inputs[5], lambda v: _seqlens_of(v, mask)) and _int32(n.inputs[6], lambda v: _width_of(v, mask))
-               for n in nodes):
+    if not all(_seqlens_of(_int32_of(n.inputs[5]), mask) and _width_of(_int32_of(n.inputs[6]), mask) for n in nodes):
         return 0
     # the chains' own nodes, from the mask's uses forward: each must end at those two inputs
     chain, frontier, ends = set(), [u.node for u in mask.uses()], {(id(n), 5) for n in nodes} | {(id(n), 6) for n in nodes}
