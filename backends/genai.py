@@ -212,14 +212,15 @@ def export(bundle, out, force: bool = False) -> Path:
 
 
 def _lengths_from_mask(graph) -> None:
-    """The graph's ``LENGTHS`` inputs (see ``lengths.py``) computed from an ``attention_mask`` input in
+    """The graph's lengths inputs (see ``lengths.py``) computed from an ``attention_mask`` input in
     their place, as genai's own builds compute them: its runtime feeds the mask."""
     from onnx import TensorProto, helper
 
-    from .lengths import LENGTHS
+    from .lengths import LENGTHS, NEW_TOKENS
     at = next(i for i, v in enumerate(graph.input) if v.name == LENGTHS[0])
     batch = graph.input[at].type.tensor_type.shape.dim[0]
-    for name in LENGTHS:
+    windowed = any(v.name == NEW_TOKENS for v in graph.input)
+    for name in (*LENGTHS, *([NEW_TOKENS] if windowed else [])):
         graph.input.remove(next(v for v in graph.input if v.name == name))
     mask = helper.make_tensor_value_info("attention_mask", TensorProto.INT64, [None, "total_sequence_length"])
     mask.type.tensor_type.shape.dim[0].CopyFrom(batch)
@@ -232,5 +233,9 @@ def _lengths_from_mask(graph) -> None:
              helper.make_node("Shape", ["attention_mask"], ["tokopt_width"], start=1, end=2),
              helper.make_node("Squeeze", ["tokopt_width"], ["tokopt_total"]),
              helper.make_node("Cast", ["tokopt_total"], [LENGTHS[1]], to=TensorProto.INT32)]
+    if windowed:   # each row's new tokens: min(its length, the call's tokens)
+        nodes += [helper.make_node("Shape", ["input_ids"], ["tokopt_new"], start=1, end=2),
+                  helper.make_node("Min", ["tokopt_lengths", "tokopt_new"], ["tokopt_query"]),
+                  helper.make_node("Cast", ["tokopt_query"], [NEW_TOKENS], to=TensorProto.INT32)]
     for i, node in enumerate(nodes):
         graph.node.insert(i, node)

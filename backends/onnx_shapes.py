@@ -23,9 +23,10 @@ And ``If`` nodes on one condition whose results are only graph outputs (TCA's pe
 ``tca_keep``: a selection after a prefill, nothing at a decode step): one ``If`` runs both
 branches' nodes, so a decode step starts one subgraph instead of one per layer.
 
-And the lengths GroupQueryAttention reads (``seqlens_k``, ``total_sequence_length``), computed
-from ``attention_mask`` by six small nodes at every step, become graph inputs where the mask
-feeds nothing else: the runner knows them (``lengths.graph_feed``).
+And the lengths GroupQueryAttention reads (``seqlens_k``, ``total_sequence_length``, and a windowed
+node's ``query_seqlens``), computed from ``attention_mask`` by six small nodes at every step (three
+more per windowed layer), become graph inputs where the mask feeds nothing else: the runner knows
+them (``lengths.graph_feed``).
 """
 from __future__ import annotations
 
@@ -34,6 +35,9 @@ import onnx_ir as ir
 import onnx_ir.passes.common
 
 __all__ = ["static_reshapes", "drop_unread_outputs", "merge_ifs", "lengths_inputs"]
+
+# GroupQueryAttention's input of each row's new tokens (a windowed node's, see ops.gqa)
+_QUERY_SEQLENS = 16
 
 # (domain, op) -> the output positions a node may leave empty
 OPTIONAL_OUTPUTS = {("com.microsoft", "SkipSimplifiedLayerNormalization"): (1, 2, 3),
@@ -225,12 +229,25 @@ def _int32_of(value: ir.Value) -> ir.Value | None:
     return cast.inputs[0] if cast is not None and cast.attributes["to"].as_int() == ir.DataType.INT32 else None
 
 
+def _row_sums(value: ir.Value | None, mask: ir.Value) -> bool:
+    """Whether ``value`` is ReduceSum(mask, [1], keepdims=0): each row's tokens."""
+    node = _op(value, "ReduceSum")
+    return node is not None and node.inputs[0] is mask and len(node.inputs) > 1 \
+        and _const(node.inputs[1]) == [1] and node.attributes.get_int("keepdims", 1) == 0
+
+
 def _seqlens_of(value: ir.Value | None, mask: ir.Value) -> bool:
-    """Whether ``value`` is Sub(ReduceSum(mask, [1], keepdims=0), 1): each row's tokens minus one."""
+    """Whether ``value`` is each row's tokens minus one."""
     sub = _op(value, "Sub")
-    total = _op(sub.inputs[0], "ReduceSum") if sub is not None and _const(sub.inputs[1]) == [1] else None
-    return total is not None and total.inputs[0] is mask and len(total.inputs) > 1 \
-        and _const(total.inputs[1]) == [1] and total.attributes.get_int("keepdims", 1) == 0
+    return sub is not None and _const(sub.inputs[1]) == [1] and _row_sums(sub.inputs[0], mask)
+
+
+def _new_tokens_of(value: ir.Value | None, mask: ir.Value, qkv: ir.Value) -> bool:
+    """Whether ``value`` is Min(each row's tokens, the node's new tokens): a windowed node's
+    ``query_seqlens`` (see ``ops.gqa``)."""
+    low = _op(value, "Min")
+    return low is not None and len(low.inputs) == 2 and _row_sums(low.inputs[0], mask) \
+        and _one_dim(low.inputs[1]) == (qkv, 1)
 
 
 def _width_of(value: ir.Value | None, mask: ir.Value) -> bool:
@@ -241,20 +258,25 @@ def _width_of(value: ir.Value | None, mask: ir.Value) -> bool:
 
 def lengths_inputs(model: ir.Model) -> int:
     """Where every GroupQueryAttention node reads ``seqlens_k`` and ``total_sequence_length`` as the
-    casts of the mask's row sums minus one and of its width, and the mask feeds nothing else, the
-    graph takes those two as inputs in the mask's place (see the module docstring); returns how
-    many nodes read them then, 0 where the graph is left as it was."""
-    from .lengths import LENGTHS
+    casts of the mask's row sums minus one and of its width (and a windowed node its
+    ``query_seqlens`` as the cast of the row sums capped at its new tokens), and the mask feeds
+    nothing else, the graph takes those as inputs in the mask's place (see the module docstring);
+    returns how many nodes read them then, 0 where the graph is left as it was."""
+    from .lengths import LENGTHS, NEW_TOKENS
     graph = model.graph
     mask = next((v for v in graph.inputs if v.name == "attention_mask"), None)
     nodes = [n for n in graph if n.op_type == "GroupQueryAttention" and n.domain == "com.microsoft"]
     names = {v.name for n in graph for v in (*n.inputs, *n.outputs) if v is not None}
-    if mask is None or not nodes or names & set(LENGTHS) or mask.shape is None or mask.is_graph_output():
+    if mask is None or not nodes or names & {*LENGTHS, NEW_TOKENS} or mask.shape is None or mask.is_graph_output():
         return 0
     if not all(_seqlens_of(_int32_of(n.inputs[5]), mask) and _width_of(_int32_of(n.inputs[6]), mask) for n in nodes):
         return 0
-    # the chains' own nodes, from the mask's uses forward: each must end at those two inputs
-    chain, frontier, ends = set(), [u.node for u in mask.uses()], {(id(n), 5) for n in nodes} | {(id(n), 6) for n in nodes}
+    windowed = [n for n in nodes if len(n.inputs) > _QUERY_SEQLENS and n.inputs[_QUERY_SEQLENS] is not None]
+    if not all(_new_tokens_of(_int32_of(n.inputs[_QUERY_SEQLENS]), mask, n.inputs[0]) for n in windowed):
+        return 0
+    # the chains' own nodes, from the mask's uses forward: each must end at those inputs
+    ends = {(id(n), i) for n in nodes for i in (5, 6)} | {(id(n), _QUERY_SEQLENS) for n in windowed}
+    chain, frontier = set(), [u.node for u in mask.uses()]
     while frontier:
         node = frontier.pop()
         if node in chain:
@@ -269,14 +291,19 @@ def lengths_inputs(model: ir.Model) -> int:
                 if use.node.op_type == "GroupQueryAttention" and (id(use.node), use.idx) in ends:
                     continue
                 frontier.append(use.node)
-    seqlens = ir.Value(name=LENGTHS[0], type=ir.TensorType(ir.DataType.INT32), shape=ir.Shape([mask.shape[0]]))
-    total = ir.Value(name=LENGTHS[1], type=ir.TensorType(ir.DataType.INT32), shape=ir.Shape([]))
+    int32 = ir.TensorType(ir.DataType.INT32)
+    seqlens = ir.Value(name=LENGTHS[0], type=int32, shape=ir.Shape([mask.shape[0]]))
+    total = ir.Value(name=LENGTHS[1], type=int32, shape=ir.Shape([]))
+    new_tokens = ir.Value(name=NEW_TOKENS, type=int32, shape=ir.Shape([mask.shape[0]]))
     for node in nodes:
         node.replace_input_with(5, seqlens)
         node.replace_input_with(6, total)
+    for node in windowed:
+        node.replace_input_with(_QUERY_SEQLENS, new_tokens)
     graph.remove([n for n in graph if n in chain], safe=True)
     at = graph.inputs.index(mask)
     graph.inputs.remove(mask)
-    graph.inputs.insert(at, total)
-    graph.inputs.insert(at, seqlens)
+    for value in reversed([seqlens, total, *([new_tokens] if windowed else [])]):
+        graph.inputs.insert(at, value)
+    ir.passes.common.RemoveUnusedNodesPass()(model)   # a windowed node's count of new tokens
     return len(nodes)

@@ -26,7 +26,7 @@ from ..optimizer.report import Bench, time_lengths, verification_feeds
 from ..optimizer.runtime import Backend, Runner, register_backend
 from .decoder import decoder_feeds, lower_decoder
 from .projections import fuse_projections
-from .lengths import LENGTHS, graph_feed
+from .lengths import LENGTHS, NEW_TOKENS, graph_feed
 from .onnx_shapes import drop_unread_outputs, lengths_inputs, merge_ifs, static_reshapes
 from .ort_options import DISABLED_OPTIMIZERS, session_options
 from .targets import Target, get_target, host_arch, host_providers
@@ -399,6 +399,9 @@ class BoundDecoding:
             self.seqlens, self.total = np.zeros(batch, dtype=np.int32), np.zeros((), dtype=np.int32)
             self.io.bind_cpu_input(LENGTHS[0], self.seqlens)
             self.io.bind_cpu_input(LENGTHS[1], self.total)
+        self.new_tokens = np.zeros(batch, dtype=np.int32) if NEW_TOKENS in inputs else None   # windowed layers'
+        if self.new_tokens is not None:
+            self.io.bind_cpu_input(NEW_TOKENS, self.new_tokens)
         for name in spec.keep_names:   # tca select=prefill: what the prefill keeps, allocated by ORT
             self.io.bind_output(name)
 
@@ -495,8 +498,11 @@ class BoundDecoding:
                 self.io.bind_cpu_input("position_ids", np.ascontiguousarray(pos))
             self.stepping = False
         if self.lengths:
-            self.seqlens[...] = mask.sum(1) - 1
+            rows = mask.sum(1)
+            self.seqlens[...] = rows - 1
             self.total[...] = mask.shape[1]
+            if self.new_tokens is not None:
+                self.new_tokens[...] = np.minimum(rows, ids.shape[1])
         else:
             self.io.bind_cpu_input("attention_mask", np.ascontiguousarray(mask))
         return mask

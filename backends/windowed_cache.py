@@ -60,7 +60,8 @@ class WindowedSession:
 
     def run(self, output_names, feed: dict, run_options=None):
         import onnxruntime as ort
-        total = feed["attention_mask"].shape[1]
+        # the tokens so far: the mask's width, or where the graph reads lengths instead (lengths.py) theirs
+        total = feed["attention_mask"].shape[1] if "attention_mask" in feed else int(feed["total_sequence_length"])
         io, buffers, kept = self._session.io_binding(), {}, []
         for name, value in feed.items():
             if name in self.windowed:

@@ -460,9 +460,9 @@ def test_sliding_window_decoders_generate_past_their_window(arch, tmp_path, caps
     assert [next((a.i for a in n.attribute if a.name == "sliding_window_cache"), 0) for n in gqa] == (
         [1, 0] if arch == "Gemma2" else [1, 1])
     run = tokopt.load(res.bundle)
-    # the windowed kernel also reads each row's new tokens off the mask: the graph keeps it, and a step
-    # writes its column into a full-capacity mask bound once
-    assert "attention_mask" in run.graph_inputs and run.decoding(1, 44).wide_mask.shape == (1, 44)
+    # the windowed kernel also reads each row's new tokens (min(its length, S)): an input as the lengths are
+    assert {"seqlens_k", "query_seqlens"} <= run.graph_inputs and "attention_mask" not in run.graph_inputs
+    assert run.decoding(1, 44).new_tokens is not None
     rows = [run.decoding(1, 44, drafts=drafts).cache["past_key_1"].shape[2] for drafts in (False, True)]
     assert run.decoding(1, 44).cache["past_key_0"].shape[2] == 12
     assert rows == ([44, 44] if arch == "Gemma2" else [12, 44])
