@@ -158,6 +158,8 @@ def test_bundle_decodes_on_the_kernel_as_the_program(tmp_path, tiny_llama):
     gqa = [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
     assert len(gqa) == 2 and all(n.input[9] == "position_ids" for n in gqa)
     assert not [n for n in model.graph.node if n.op_type == "TopK"]   # the selection sits in the If only
+    # the prefill's selection reads the mask itself: the graph keeps it, and the lengths stay computed
+    assert "attention_mask" in [i.name for i in model.graph.input] and "lengths_inputs" not in manifest["lowering"]
 
     ids = np.random.default_rng(3).integers(10, 256, (2, 90))
     mask = np.ones_like(ids)
