@@ -25,8 +25,8 @@ branches' nodes, so a decode step starts one subgraph instead of one per layer.
 
 And the lengths GroupQueryAttention reads (``seqlens_k``, ``total_sequence_length``, and a windowed
 node's ``query_seqlens``), computed from ``attention_mask`` by six small nodes at every step (three
-more per windowed layer), become graph inputs where the mask feeds nothing else: the runner knows
-them (``lengths.graph_feed``).
+more per windowed layer), become graph inputs, the runner knows them (``lengths.graph_feed``); the
+mask leaves the graph where nothing else reads it.
 """
 from __future__ import annotations
 
@@ -259,38 +259,21 @@ def _width_of(value: ir.Value | None, mask: ir.Value) -> bool:
 def lengths_inputs(model: ir.Model) -> int:
     """Where every GroupQueryAttention node reads ``seqlens_k`` and ``total_sequence_length`` as the
     casts of the mask's row sums minus one and of its width (and a windowed node its
-    ``query_seqlens`` as the cast of the row sums capped at its new tokens), and the mask feeds
-    nothing else, the graph takes those as inputs in the mask's place (see the module docstring);
-    returns how many nodes read them then, 0 where the graph is left as it was."""
+    ``query_seqlens`` as the cast of the row sums capped at its new tokens), the graph takes those
+    as inputs, in the mask's place where nothing else reads it (tca's selection does); see the
+    module docstring. Returns how many nodes read them then, 0 where the graph is left as it was."""
     from .lengths import LENGTHS, NEW_TOKENS
     graph = model.graph
     mask = next((v for v in graph.inputs if v.name == "attention_mask"), None)
     nodes = [n for n in graph if n.op_type == "GroupQueryAttention" and n.domain == "com.microsoft"]
     names = {v.name for n in graph for v in (*n.inputs, *n.outputs) if v is not None}
-    if mask is None or not nodes or names & {*LENGTHS, NEW_TOKENS} or mask.shape is None or mask.is_graph_output():
+    if mask is None or not nodes or names & {*LENGTHS, NEW_TOKENS} or mask.shape is None:
         return 0
     if not all(_seqlens_of(_int32_of(n.inputs[5]), mask) and _width_of(_int32_of(n.inputs[6]), mask) for n in nodes):
         return 0
     windowed = [n for n in nodes if len(n.inputs) > _QUERY_SEQLENS and n.inputs[_QUERY_SEQLENS] is not None]
     if not all(_new_tokens_of(_int32_of(n.inputs[_QUERY_SEQLENS]), mask, n.inputs[0]) for n in windowed):
         return 0
-    # the chains' own nodes, from the mask's uses forward: each must end at those inputs
-    ends = {(id(n), i) for n in nodes for i in (5, 6)} | {(id(n), _QUERY_SEQLENS) for n in windowed}
-    chain, frontier = set(), [u.node for u in mask.uses()]
-    while frontier:
-        node = frontier.pop()
-        if node in chain:
-            continue
-        if node.op_type == "GroupQueryAttention":
-            return 0   # the mask reaches the node other than through the lengths
-        chain.add(node)
-        for out in node.outputs:
-            if out.is_graph_output():
-                return 0
-            for use in out.uses():
-                if use.node.op_type == "GroupQueryAttention" and (id(use.node), use.idx) in ends:
-                    continue
-                frontier.append(use.node)
     int32 = ir.TensorType(ir.DataType.INT32)
     seqlens = ir.Value(name=LENGTHS[0], type=int32, shape=ir.Shape([mask.shape[0]]))
     total = ir.Value(name=LENGTHS[1], type=int32, shape=ir.Shape([]))
@@ -300,10 +283,10 @@ def lengths_inputs(model: ir.Model) -> int:
         node.replace_input_with(6, total)
     for node in windowed:
         node.replace_input_with(_QUERY_SEQLENS, new_tokens)
-    graph.remove([n for n in graph if n in chain], safe=True)
+    ir.passes.common.RemoveUnusedNodesPass()(model)   # the nodes that computed them
     at = graph.inputs.index(mask)
-    graph.inputs.remove(mask)
+    if not mask.uses() and not mask.is_graph_output():
+        graph.inputs.remove(mask)
     for value in reversed([seqlens, total, *([new_tokens] if windowed else [])]):
         graph.inputs.insert(at, value)
-    ir.passes.common.RemoveUnusedNodesPass()(model)   # a windowed node's count of new tokens
     return len(nodes)

@@ -391,9 +391,10 @@ class BoundDecoding:
         # its columns in place (a bind after a run costs 10-12 us of cold code, 3-4% of a small
         # model's step). Several tokens after a cache need the exact length: ORT's kernel reads a
         # longer mask as a continued prompt, which it takes for one row only.
-        # a graph that reads each row's length instead (lengths.py) takes them in two buffers bound once
-        self.lengths = LENGTHS[0] in inputs
-        self.wide_mask = np.zeros((batch, capacity), dtype=np.int64) if right_padded and not self.lengths else None
+        # a graph that reads each row's length (lengths.py) takes them in two buffers bound once, and
+        # the mask only where something else reads it (tca's selection)
+        self.lengths, self.reads_mask = LENGTHS[0] in inputs, "attention_mask" in inputs
+        self.wide_mask = np.zeros((batch, capacity), dtype=np.int64) if right_padded and self.reads_mask else None
         self.wide_len = 0   # the columns written
         if self.lengths:
             self.seqlens, self.total = np.zeros(batch, dtype=np.int32), np.zeros((), dtype=np.int32)
@@ -427,28 +428,27 @@ class BoundDecoding:
         with nothing else between runs: generate's loop for one greedy row (its general loop's numpy
         work is a few percent of a small model's step). ``on_token`` gets each new token as a [1]
         array."""
-        lengths = self.lengths
-        n = int(self.total) if lengths else self.wide_len
-        if not (self.stepping and (lengths or self.wide_mask is not None) and n) or self.step_ids.shape[0] != 1:
+        lengths, wide = self.lengths, None if self.wide_mask is None else self.wide_mask[0]
+        n = self.wide_len if wide is not None else int(self.total) if lengths else 0
+        if not (self.stepping and n) or self.step_ids.shape[0] != 1 or (self.reads_mask and wide is None):
             raise UsageError("greedy() continues one row's one-token steps after such a step, on a graph whose "
                              "rows take right padding.")
         if n + steps > self.capacity:
             raise UsageError(f"the cache holds {self.capacity} tokens and {steps} more steps would make it "
                              f"{n + steps}: open the decoding with a larger capacity (prompt + new tokens).")
         ids, pos, row, picked = self.step_ids, self.step_pos, self.logits[0, -1], []
-        seqlens, total, wide = (self.seqlens, self.total, None) if lengths else (None, None, self.wide_mask[0])
+        seqlens, total = (self.seqlens, self.total) if lengths else (None, None)
         for _ in range(steps):
             ids[0, 0] = token
             if self.positions:
                 pos[0, 0] += 1
             if lengths:
                 seqlens[0] = n
-                n += 1
-                total[()] = n
-            else:
+                total[()] = n + 1
+            if wide is not None:
                 wide[n] = 1
-                n += 1
-                self.wide_len = n
+                self.wide_len = n + 1
+            n += 1
             self.session.run_with_iobinding(self.io)
             token = int(row.argmax())
             picked.append(token)
@@ -490,8 +490,6 @@ class BoundDecoding:
                 if self.wide_mask is not None:
                     self.io.bind_cpu_input("attention_mask", self.wide_mask)
                 self.stepping = True
-            if self.wide_mask is not None:
-                return mask
         else:
             self.io.bind_cpu_input("input_ids", np.ascontiguousarray(ids))
             if self.positions:
@@ -503,7 +501,7 @@ class BoundDecoding:
             self.total[...] = mask.shape[1]
             if self.new_tokens is not None:
                 self.new_tokens[...] = np.minimum(rows, ids.shape[1])
-        else:
+        if self.reads_mask and not (self.stepping and self.wide_mask is not None):
             self.io.bind_cpu_input("attention_mask", np.ascontiguousarray(mask))
         return mask
 

@@ -158,8 +158,10 @@ def test_bundle_decodes_on_the_kernel_as_the_program(tmp_path, tiny_llama):
     gqa = [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
     assert len(gqa) == 2 and all(n.input[9] == "position_ids" for n in gqa)
     assert not [n for n in model.graph.node if n.op_type == "TopK"]   # the selection sits in the If only
-    # the prefill's selection reads the mask itself: the graph keeps it, and the lengths stay computed
-    assert "attention_mask" in [i.name for i in model.graph.input] and "lengths_inputs" not in manifest["lowering"]
+    # the kernel's lengths are inputs; the prefill's selection reads the mask itself, so the graph keeps it
+    inputs = [i.name for i in model.graph.input]
+    assert {"seqlens_k", "total_sequence_length", "attention_mask"} <= set(inputs)
+    assert manifest["lowering"]["lengths_inputs"] == 2 and "ReduceSum" not in {n.op_type for n in model.graph.node}
 
     ids = np.random.default_rng(3).integers(10, 256, (2, 90))
     mask = np.ones_like(ids)
