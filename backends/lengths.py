@@ -4,9 +4,10 @@ GroupQueryAttention reads a right-padded batch's lengths as ``seqlens_k`` (each 
 one, int32 [B]) and ``total_sequence_length`` (the mask's width, an int32 scalar), and a windowed
 node each row's new tokens too (``query_seqlens``, int32 [B]). A graph that computes them from
 ``attention_mask`` runs six small nodes at every decode step (onnxruntime-genai's CPU builds do),
-three more per windowed layer; tokopt's runner knows these numbers, so a graph whose mask feeds
-nothing else takes them as inputs instead (``onnx_shapes.lengths_inputs``). ``graph_feed`` turns a feed in the
-transformers convention (``attention_mask``) into what such a graph reads.
+three more per windowed layer; tokopt's runner knows these numbers, so its graphs take them as
+inputs instead, and the mask only where something else reads it (``onnx_shapes.lengths_inputs``).
+``graph_feed`` turns a feed in the transformers convention (``attention_mask``) into what such a
+graph reads.
 
 Standalone on purpose (numpy only): the emulated aarch64 Python imports it by path.
 """
