@@ -135,6 +135,35 @@ def test_decoding_writes_the_cache_in_place(llama_bundle):
         bound(ids, np.concatenate([full, np.ones((2, 1), np.int64)], 1), pos + 2)
 
 
+def test_a_graph_that_reads_the_mask_decodes_the_same(llama_bundle, tmp_path):
+    """A generation graph that computes the kernel's lengths from the mask (a bundle compiled
+    before they were inputs; the graph genai export writes) decodes the same tokens through the
+    runner, which then binds the mask at full capacity and marks a column a step: greedy (the
+    decoding's own loop), a left-padded batch and prompt lookup."""
+    import shutil
+
+    from tokopt.backends.genai import _lengths_from_mask
+    from tokopt.optimizer.bundle import file_sha256
+    bundle = llama_bundle[1].bundle
+    shutil.copytree(bundle, tmp_path / "mask")
+    model = onnx.load(str(tmp_path / "mask" / "model.onnx"))
+    _lengths_from_mask(model.graph)
+    onnx.save(model, str(tmp_path / "mask" / "model.onnx"))
+    manifest = json.loads((tmp_path / "mask" / "manifest.json").read_text())
+    manifest["files"]["model.onnx"] = file_sha256(tmp_path / "mask" / "model.onnx")   # as its compile wrote it
+    (tmp_path / "mask" / "manifest.json").write_text(json.dumps(manifest))
+    lengths, mask = tokopt.load(bundle), tokopt.load(tmp_path / "mask")
+    assert "attention_mask" in mask.graph_inputs and "seqlens_k" not in mask.graph_inputs
+    opened = mask.decoding(1, 40)
+    assert opened.wide_mask.shape == (1, 40) and not opened.lengths
+    ids = np.random.default_rng(4).integers(10, 256, (2, 11))
+    pad = np.ones_like(ids)
+    pad[1, :4] = 0
+    for kw in ({"input_ids": ids[:1]}, {"input_ids": ids, "attention_mask": pad},
+               {"input_ids": np.tile(ids[:1, :5], 3), "prompt_lookup": 3}):
+        np.testing.assert_array_equal(mask.generate(max_new_tokens=20, **kw), lengths.generate(max_new_tokens=20, **kw))
+
+
 def test_a_greedy_row_steps_in_its_decodings_own_loop(llama_bundle, monkeypatch):
     """One greedy row hands its steps after the first one-token step to the decoding's own loop
     (``BoundDecoding.greedy``): the same tokens, stops and streamed tokens as the general loop
