@@ -222,10 +222,9 @@ def _lengths_from_mask(graph) -> None:
     windowed = any(v.name == NEW_TOKENS for v in graph.input)
     for name in (*LENGTHS, *([NEW_TOKENS] if windowed else [])):
         graph.input.remove(next(v for v in graph.input if v.name == name))
-    if not any(v.name == "attention_mask" for v in graph.input):   # tca's graphs keep theirs
-        mask = helper.make_tensor_value_info("attention_mask", TensorProto.INT64, [None, "total_sequence_length"])
-        mask.type.tensor_type.shape.dim[0].CopyFrom(batch)
-        graph.input.insert(at, mask)
+    mask = helper.make_tensor_value_info("attention_mask", TensorProto.INT64, [None, "total_sequence_length"])
+    mask.type.tensor_type.shape.dim[0].CopyFrom(batch)
+    graph.input.insert(at, mask)
     one = helper.make_tensor("tokopt_one", TensorProto.INT64, [1], [1])
     graph.initializer.append(one)
     nodes = [helper.make_node("ReduceSum", ["attention_mask", "tokopt_one"], ["tokopt_lengths"], keepdims=0),

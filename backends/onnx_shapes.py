@@ -46,6 +46,12 @@ OPTIONAL_OUTPUTS = {("com.microsoft", "SkipSimplifiedLayerNormalization"): (1, 2
                     ("", "LayerNormalization"): (1, 2)}
 
 
+def _const(value: ir.Value | None) -> list[int] | None:
+    """A constant's values as ints, flattened (None where ``value`` is not a constant)."""
+    return None if value is None or value.const_value is None else \
+        [int(v) for v in value.const_value.numpy().reshape(-1)]
+
+
 def _one_dim(value: ir.Value) -> tuple[ir.Value, int] | None:
     """(tensor, axis) when ``value`` is that tensor's size along ``axis`` as a 1-element shape."""
     node = value.producer()
@@ -86,7 +92,7 @@ def _pieces(concat: ir.Node, x: ir.Value) -> list[int] | None:
     dims = []
     for piece in concat.inputs:
         if piece.const_value is not None:
-            dims += [int(v) for v in piece.const_value.numpy().reshape(-1)]
+            dims += _const(piece)
             continue
         source = _one_dim(piece)
         if source is not None and len(dims) < x.shape.rank() and source[0].shape is not None \
@@ -112,9 +118,9 @@ def _keeps_shape(node: ir.Node) -> bool:
     """Whether a Reshape's constant shape gives its input's own shape back: each size 0 (copy;
     not with ``allowzero``) or the input's static size, at most one -1 standing for the rest."""
     x, shape = node.inputs[0], node.inputs[1]
-    if shape is None or shape.const_value is None or x.shape is None:
+    dims = _const(shape)
+    if dims is None or x.shape is None:
         return False
-    dims = [int(d) for d in shape.const_value.numpy().reshape(-1)]
     zero_copies = "allowzero" not in node.attributes or node.attributes["allowzero"].as_int() == 0
     return len(dims) == x.shape.rank() and dims.count(-1) <= 1 and all(
         d == -1 or (d == 0 and zero_copies) or (d > 0 and d == x.shape[i]) for i, d in enumerate(dims))
@@ -216,11 +222,6 @@ def merge_ifs(model: ir.Model) -> int:
 def _op(value: ir.Value | None, op_type: str) -> ir.Node | None:
     node = value.producer() if value is not None else None
     return node if node is not None and node.op_type == op_type and node.domain in ("", "ai.onnx") else None
-
-
-def _const(value: ir.Value | None) -> list[int] | None:
-    return None if value is None or value.const_value is None else \
-        [int(v) for v in value.const_value.numpy().reshape(-1)]
 
 
 def _int32_of(value: ir.Value) -> ir.Value | None:
